@@ -1,0 +1,151 @@
+"""Coordinate frames: the one place where voxel, RAS and LPS (ITK / Slicer) conversions live.
+
+Frames used in brainshift:
+
+- ``voxel``: 0-based continuous voxel indices ``(i, j, k)`` in nibabel's on-disk axis order; the centre of
+  voxel ``i`` is at ``i`` (not ``i + 0.5``).
+- ``ras``: world millimetres, x to the Right, y to the Anterior, z to the Superior (nibabel, NIfTI).
+- ``lps``: world millimetres, x to the Left, y to the Posterior, z to the Superior (ITK, DICOM, Slicer
+  files that declare LPS). ``lps = diag(-1, -1, 1) @ ras``.
+
+A 4x4 ``affine`` always maps voxel ``(i, j, k, 1)`` to RAS mm (nibabel's convention).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, GeometryError
+
+Frame = Literal["voxel", "ras", "lps"]
+FRAMES: tuple[str, ...] = ("voxel", "ras", "lps")
+
+#: Flip between RAS and LPS; its own inverse.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def check_affine(affine: np.ndarray) -> np.ndarray:
+    """Return ``affine`` as a float64 4x4 array, raising :class:`GeometryError` if it is not invertible."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise GeometryError(f"expected a 4x4 voxel-to-RAS affine, got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise GeometryError("expected an invertible, finite 4x4 voxel-to-RAS affine, got a singular one")
+    return a
+
+
+def check_frame(frame: str) -> str:
+    """Validate a frame name (``voxel``, ``ras`` or ``lps``)."""
+    f = str(frame).lower()
+    if f not in FRAMES:
+        raise BrainshiftError(f"expected a coordinate frame in {FRAMES}, got {frame!r}")
+    return f
+
+
+def _apply(matrix4: np.ndarray, points: np.ndarray) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise GeometryError(f"expected points of shape (N, 3), got {p.shape}")
+    return p @ matrix4[:3, :3].T + matrix4[:3, 3]
+
+
+def voxel_to_ras(points_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Map ``(N, 3)`` continuous voxel indices to ``(N, 3)`` RAS mm with the voxel-to-RAS ``affine``."""
+    return _apply(check_affine(affine), points_vox)
+
+
+def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Map ``(N, 3)`` RAS mm to ``(N, 3)`` continuous 0-based voxel indices (inverse of the affine)."""
+    return _apply(np.linalg.inv(check_affine(affine)), points_ras)
+
+
+def ras_to_lps(points: np.ndarray) -> np.ndarray:
+    """Flip ``(N, 3)`` points (or vectors) between RAS and LPS; the map is its own inverse."""
+    p = np.asarray(points, dtype=np.float64)
+    return p * np.array([-1.0, -1.0, 1.0])
+
+
+lps_to_ras = ras_to_lps
+
+
+def points_to_voxel(points: np.ndarray, frame: str, affine: np.ndarray) -> np.ndarray:
+    """Convert ``(N, 3)`` points given in ``frame`` (voxel | ras | lps) to continuous voxel indices."""
+    frame = check_frame(frame)
+    p = np.asarray(points, dtype=np.float64)
+    if frame == "voxel":
+        return p.copy()
+    if frame == "lps":
+        p = lps_to_ras(p)
+    return ras_to_voxel(p, affine)
+
+
+def vectors_to_voxel(vectors: np.ndarray, frame: str, affine: np.ndarray) -> np.ndarray:
+    """Convert ``(N, 3)`` displacement vectors given in ``frame`` to voxel units along ``i, j, k``.
+
+    A world displacement ``d_ras`` corresponds to ``A^-1 d_ras`` in voxel units, ``A`` the affine's 3x3 part.
+    """
+    frame = check_frame(frame)
+    v = np.asarray(vectors, dtype=np.float64)
+    if frame == "voxel":
+        return v.copy()
+    if frame == "lps":
+        v = lps_to_ras(v)
+    a = check_affine(affine)
+    return v @ np.linalg.inv(a[:3, :3]).T
+
+
+def voxel_vectors_to_ras(vectors_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Convert ``(N, 3)`` voxel-unit displacement vectors to RAS mm: ``d_ras = A @ d_vox``."""
+    a = check_affine(affine)
+    return np.asarray(vectors_vox, dtype=np.float64) @ a[:3, :3].T
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along ``i, j, k``: the norms of the affine's first three columns."""
+    a = check_affine(affine)
+    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+
+
+def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """ITK geometry ``(origin, spacing, direction)`` in LPS for a voxel-to-RAS ``affine``.
+
+    ITK indexes an image as ``(x, y, z) = (i, j, k)`` (the same axis order as nibabel), so no axis is
+    permuted here; only the world frame is flipped. ``direction`` is the row-major 3x3 matrix.
+    """
+    a = RAS_TO_LPS_4 @ check_affine(affine)
+    spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    direction = a[:3, :3] / spacing
+    return tuple(a[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
+
+
+def affine_from_itk(origin, spacing, direction) -> np.ndarray:
+    """Voxel-to-RAS 4x4 affine from ITK ``origin`` (LPS mm), ``spacing`` (mm) and row-major ``direction``."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = d * np.asarray(spacing, dtype=np.float64)
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return RAS_TO_LPS_4 @ lps
+
+
+def array_to_itk_order(array: np.ndarray) -> np.ndarray:
+    """nibabel ``(I, J, K[, C])`` array -> the ``(K, J, I[, C])`` array SimpleITK's GetImageFromArray expects.
+
+    SimpleITK's NumPy view is C-ordered ``(z, y, x)`` while its index is ``(x, y, z) = (i, j, k)``.
+    """
+    if array.ndim == 3:
+        return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
+    if array.ndim == 4:
+        return np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3)))
+    raise GeometryError(f"expected a 3-D array (I, J, K) or a 4-D vector array (I, J, K, C), got {array.shape}")
+
+
+def array_from_itk_order(array: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`array_to_itk_order`: SimpleITK ``(K, J, I[, C])`` -> nibabel ``(I, J, K[, C])``."""
+    if array.ndim == 3:
+        return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
+    if array.ndim == 4:
+        return np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3)))
+    raise GeometryError(f"expected a 3-D or 4-D SimpleITK array, got {array.shape}")
