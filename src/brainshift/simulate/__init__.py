@@ -1,0 +1,1 @@
+"""Biomechanical ground-truth simulator: subject synthesis, meshing, materials, loads, FEM solve, rasterise."""

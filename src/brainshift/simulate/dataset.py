@@ -1,0 +1,179 @@
+"""On-disk layout of a simulated dataset: what ``brainshift simulate`` / ``simulate-batch`` write and the
+training and evaluation loaders read.
+
+Layout::
+
+    DATASET/
+      subjects/<subject_id>/
+        t1.nii.gz               preop image (intensity)
+        brain_mask.nii.gz       uint8 0/1
+        tumour_mask.nii.gz      uint8 0/1
+        ventricles_mask.nii.gz  uint8 0/1 (may be all zero)
+        subject.json            how the subject was made (seed, source, synthesis parameters)
+      cases/<case_id>/          one simulation of one subject
+        field.npz               ``field`` float32 (3, I, J, K) on the subject's grid, ``affine`` (4, 4)
+        cavity_mask.nii.gz      uint8 0/1: resection cavity (the removed tumour), preop grid
+        meta.json               every simulation parameter, seed, solver iterations, residual, time,
+                                max / median displacement (mm), and ``"subject": <subject_id>``
+
+Convention (``field.npz``): forward Lagrangian, voxel units along ``i, j, k`` of the subject grid: the preop
+point at voxel ``p`` moves to ``p + u(p)`` after brain shift; zero outside the brain.
+
+A case directory is complete only when its ``meta.json`` exists (written last, atomically), which is what
+makes batch generation resumable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import InputFileError
+from brainshift.volume import Volume
+
+SUBJECT_FILES = {
+    "image": "t1.nii.gz",
+    "brain_mask": "brain_mask.nii.gz",
+    "tumour_mask": "tumour_mask.nii.gz",
+    "ventricles_mask": "ventricles_mask.nii.gz",
+}
+
+
+@dataclass
+class Subject:
+    """A preop subject: image and masks on one grid (all :class:`Volume`)."""
+
+    subject_id: str
+    image: Volume
+    brain_mask: Volume
+    tumour_mask: Volume
+    ventricles_mask: Volume
+    info: dict = dc_field(default_factory=dict)
+
+
+@dataclass
+class SimCase:
+    """One simulation: the subject plus the ground-truth field.
+
+    ``field`` is float32 ``(3, I, J, K)``. Convention: forward Lagrangian, voxel units along ``i, j, k``
+    of ``subject.image``'s grid.
+    """
+
+    case_id: str
+    subject: Subject
+    field: np.ndarray
+    cavity_mask: Volume
+    meta: dict
+
+
+def _read_nifti(path: Path, kind: str) -> Volume:
+    import nibabel as nib
+
+    if not path.exists():
+        raise InputFileError(f"expected dataset file {path}, it does not exist")
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    if kind == "label":
+        data = (data > 0).astype(np.uint8)
+    else:
+        data = data.astype(np.float32)
+    return Volume(data, img.affine, kind)  # type: ignore[arg-type]
+
+
+def _write_nifti(vol: Volume, path: Path) -> None:
+    import nibabel as nib
+
+    from brainshift.io.atomic import atomic_output
+
+    data = vol.data.astype(np.uint8 if vol.kind == "label" else np.float32)
+    img = nib.Nifti1Image(data, vol.affine)
+    img.header.set_xyzt_units("mm")
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    from brainshift.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_subject(root: str | Path, subject: Subject) -> Path:
+    """Write ``subject`` under ``root/subjects/<subject_id>/`` (``subject.json`` last). Returns its folder."""
+    d = Path(root) / "subjects" / subject.subject_id
+    d.mkdir(parents=True, exist_ok=True)
+    for attr, name in SUBJECT_FILES.items():
+        _write_nifti(getattr(subject, attr), d / name)
+    _write_json({"subject_id": subject.subject_id, **subject.info}, d / "subject.json")
+    return d
+
+
+def write_case(root: str | Path, case_id: str, subject_id: str, field: np.ndarray, affine: np.ndarray,
+               cavity_mask: Volume, meta: dict) -> Path:
+    """Write one simulation under ``root/cases/<case_id>/``; ``meta.json`` is written last.
+
+    Convention: ``field`` float32 (3, I, J, K), forward Lagrangian, voxel units on the subject grid.
+    """
+    from brainshift.io.atomic import atomic_output
+
+    d = Path(root) / "cases" / case_id
+    d.mkdir(parents=True, exist_ok=True)
+    with atomic_output(d / "field.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, field=np.asarray(field, dtype=np.float32), affine=np.asarray(affine, np.float64))
+    _write_nifti(cavity_mask, d / "cavity_mask.nii.gz")
+    _write_json({**meta, "case_id": case_id, "subject": subject_id}, d / "meta.json")
+    return d
+
+
+def read_subject(root: str | Path, subject_id: str) -> Subject:
+    """Read ``root/subjects/<subject_id>``."""
+    d = Path(root) / "subjects" / subject_id
+    if not (d / "subject.json").exists():
+        raise InputFileError(f"expected a subject folder with subject.json at {d}, found none")
+    vols = {attr: _read_nifti(d / name, "intensity" if attr == "image" else "label")
+            for attr, name in SUBJECT_FILES.items()}
+    info = json.loads((d / "subject.json").read_text())
+    return Subject(subject_id=subject_id, info=info, **vols)
+
+
+def list_cases(root: str | Path) -> list[str]:
+    """Sorted ids of the complete cases (those with ``meta.json``) under ``root/cases``."""
+    d = Path(root) / "cases"
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if (p / "meta.json").exists())
+
+
+def case_subject_id(root: str | Path, case_id: str) -> str:
+    """The subject id a case was simulated from (from its ``meta.json``)."""
+    return json.loads((Path(root) / "cases" / case_id / "meta.json").read_text())["subject"]
+
+
+def read_case(root: str | Path, case_id: str, subject: Subject | None = None) -> SimCase:
+    """Read one complete case (and its subject, unless given)."""
+    d = Path(root) / "cases" / case_id
+    if not (d / "meta.json").exists():
+        raise InputFileError(f"expected a complete case with meta.json at {d}, found none")
+    meta = json.loads((d / "meta.json").read_text())
+    if subject is None or subject.subject_id != meta["subject"]:
+        subject = read_subject(root, meta["subject"])
+    with np.load(d / "field.npz") as z:
+        field = z["field"].astype(np.float32)
+    return SimCase(case_id=case_id, subject=subject, field=field,
+                   cavity_mask=_read_nifti(d / "cavity_mask.nii.gz", "label"), meta=meta)
