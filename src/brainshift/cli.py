@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -56,6 +57,59 @@ def version() -> None:
     from brainshift import __version__
 
     typer.echo(__version__)
+
+
+@app.command()
+@cli_errors
+def infer(
+    preop_scan: Path = typer.Option(..., "-p", "--preop_scan", "--preop-scan",
+                                    help="Preop image (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)."),
+    init_disp: Path | None = typer.Option(None, "-i", "--init_disp", "--init-disp",
+                                          help="Initial displacement field (.h5, .nii/.nii.gz vector, .npz); "
+                                               "replaces interpolation."),
+    kpt_disps: Path | None = typer.Option(None, "-k", "--kpt_disps", "--kpt-disps",
+                                          help="Keypoints: table x,y,z,dx,dy,dz (.csv/.txt), or preop Slicer "
+                                               "markups (.fcsv/.mrk.json) with --kpt-intraop."),
+    kpt_intraop: Path | None = typer.Option(None, "--kpt-intraop",
+                                            help="Intraop Slicer markups matching -k (by label or order)."),
+    interp_mode: str = typer.Option("linear", "-m", "--interp_mode", "--interp-mode",
+                                    help="Interpolator: linear | tps | tps3d."),
+    device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
+    output_fmt: str = typer.Option("h5", "-f", "--output_fmt", "--output-fmt", help="Field format: h5 | npz | nii."),
+    weights: Path | None = typer.Option(None, "-w", "--weights",
+                                        help="Network weights (.safetensors, or a published .pt checkpoint)."),
+    coords: str = typer.Option("voxel", "--coords", help="Frame of the keypoint table: voxel | ras | lps."),
+    refine: bool | None = typer.Option(None, "--refine/--no-refine",
+                                       help="Refine with the network (default: when weights are available)."),
+    save_inverse: bool = typer.Option(False, "--save-inverse", help="Also write the inverse field."),
+    save_warped: bool = typer.Option(False, "--save-warped", help="Also write the preop image warped to intraop."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+) -> None:
+    """Turn a preop image plus matched keypoints (or an initial field) into a dense displacement field."""
+    from brainshift.pipeline import InferOptions, run_infer
+
+    summary = run_infer(InferOptions(
+        preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
+        interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
+        refine=refine, save_inverse=save_inverse, save_warped=save_warped, verbose=not quiet))
+    final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
+    typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
+    typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
+               f"det J <= 0 in {final['pct_jacobian_nonpositive']:.4f} % of voxels, "
+               f"total {summary['timings_s']['total']:.2f} s")
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Path = typer.Option(Path("demo_output"), "--out", "-o", help="Output directory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw."),
+) -> None:
+    """Run the method end to end on the built-in MNI152 brain and print each method's error."""
+    from brainshift.demo import run_demo
+
+    run_demo(out, seed=seed)
 
 
 # --- commands registered from their modules (each module imports its heavy dependencies lazily) ---

@@ -1,0 +1,277 @@
+"""The main job as plain functions: keypoints -> initial field -> (refined field) -> outputs.
+
+``run_infer`` is what ``brainshift infer`` calls. Every input is read and validated, and every field
+computed, before the first output file is written; each output is written atomically, so bad input never
+leaves partial files behind.
+
+Convention: all fields in memory are float32 ``(3, I, J, K)`` on the preop image grid, forward Lagrangian
+(the preop point at voxel ``p`` moves to ``p + u(p)`` intraoperatively), components in voxel units along
+``i, j, k``. Output files convert at the boundary (see README, "Displacement-field files").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, InputFileError
+from brainshift.progress import StepTimer
+from brainshift.volume import Volume
+
+OUTPUT_FORMATS = ("h5", "npz", "nii")
+_EXT = {"h5": ".h5", "npz": ".npz", "nii": ".nii.gz"}
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "default.safetensors"
+
+
+@dataclass
+class InferOptions:
+    """Options of :func:`run_infer` (the ``brainshift infer`` command); see the README for each."""
+
+    preop_scan: Path
+    output: Path = Path(".")
+    init_disp: Path | None = None
+    kpt_disps: Path | None = None
+    kpt_intraop: Path | None = None
+    interp_mode: str = "linear"
+    coords: str = "voxel"
+    device: str = "auto"
+    output_fmt: str = "h5"
+    weights: Path | None = None
+    refine: bool | None = None
+    save_inverse: bool = False
+    save_warped: bool = False
+    verbose: bool = True
+    interp_options: dict = dc_field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible to torch, else ``cpu``; ``cuda`` without a GPU is an error.
+
+    Raises:
+        BrainshiftError: unknown device name, or ``cuda`` requested but torch sees no GPU.
+    """
+    d = str(device).lower()
+    if d not in ("auto", "cpu", "cuda") and not d.startswith("cuda:"):
+        raise BrainshiftError(f"expected --device auto, cpu or cuda, got {device!r}")
+    if d == "cpu":
+        return "cpu"
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if d == "auto":
+        return "cuda" if has_gpu else "cpu"
+    if not has_gpu:
+        raise BrainshiftError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu")
+    return d
+
+
+def foreground_mask(image: Volume) -> np.ndarray:
+    """Boolean ``(I, J, K)`` mask of voxels above the image minimum (the published method's background rule)."""
+    data = image.data
+    return data > data.min()
+
+
+def initial_field_from_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, method: str,
+                                 **options) -> np.ndarray:
+    """Validate the keypoints on ``image``'s grid and interpolate them to a dense field.
+
+    Args:
+        image: the preop image (defines the grid).
+        points_vox, disps_vox: ``(N, 3)`` keypoints and their displacements, voxel units (0-based i, j, k).
+        method: interpolator name (``linear``, ``tps``, ``tps3d``; see ``brainshift.interpolate``).
+
+    Returns:
+        float32 ``(3, I, J, K)``. Convention: forward Lagrangian, voxel units along i, j, k.
+
+    Raises:
+        KeypointError: non-finite, outside the image, conflicting duplicates, fewer than 4, coplanar.
+    """
+    from brainshift.interpolate import interpolate
+    from brainshift.io.keypoints import validate_keypoints
+
+    points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape)
+    return interpolate(method, points_vox, disps_vox, image.shape, image.affine, **options)
+
+
+def field_summary(field_vox: np.ndarray, image: Volume, mask: np.ndarray | None = None) -> dict:
+    """Max / mean displacement (mm) over ``mask`` (default: the image foreground) and % voxels with det J <= 0.
+
+    Convention: ``field_vox`` forward Lagrangian, voxel units on ``image``'s grid.
+    """
+    from brainshift.field import displacement_magnitude_mm, jacobian_determinant
+
+    m = foreground_mask(image) if mask is None else mask.astype(bool)
+    mag = displacement_magnitude_mm(field_vox, image.affine)
+    jac = jacobian_determinant(field_vox)
+    sel = mag[m] if m.any() else mag.ravel()
+    return {
+        "max_displacement_mm": float(sel.max()),
+        "mean_displacement_mm": float(sel.mean()),
+        "pct_jacobian_nonpositive": float(100.0 * np.mean(jac[m] <= 0) if m.any() else 100.0 * np.mean(jac <= 0)),
+        "min_jacobian": float(jac[m].min() if m.any() else jac.min()),
+    }
+
+
+def run_infer(opts: InferOptions) -> dict:
+    """Run ``brainshift infer``: read, interpolate, optionally refine, write fields and ``summary.json``.
+
+    Returns:
+        The summary dictionary that is also written to ``output/summary.json``.
+
+    Raises:
+        BrainshiftError (and subclasses): any bad input, with a one-line message.
+    """
+    from brainshift.io.fields import invert_field, read_field, warp_image, write_field
+    from brainshift.io.images import read_image
+
+    t_start = time.perf_counter()
+    steps = StepTimer(opts.verbose)
+    fmt = opts.output_fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise BrainshiftError(f"expected --output_fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
+    if opts.init_disp is None and opts.kpt_disps is None:
+        raise BrainshiftError("expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got neither")
+    refine = opts.refine
+    weights = opts.weights
+    if refine is None:  # default: refine when weights are given or the default model ships
+        refine = weights is not None or DEFAULT_WEIGHTS.exists()
+    if refine and weights is None:
+        if not DEFAULT_WEIGHTS.exists():
+            raise BrainshiftError(
+                f"--refine needs network weights: pass -w/--weights FILE (no default model at {DEFAULT_WEIGHTS.name} "
+                "yet); use --no-refine for the classical interpolation only")
+        weights = DEFAULT_WEIGHTS
+    if weights is not None and not Path(weights).is_file():
+        raise InputFileError(f"expected a weights file at {weights}, it does not exist")
+    # resolve the device when it matters (refinement) or when a GPU is explicitly requested
+    device = resolve_device(opts.device) if (refine or opts.device.lower().startswith("cuda")) else "cpu"
+
+    with steps.step("load preop image"):
+        image = read_image(opts.preop_scan)
+
+    n_kpts = None
+    if opts.init_disp is not None:
+        if opts.kpt_disps is not None:
+            warnings.warn("both an initial field and keypoints were given: the initial field is used", stacklevel=2)
+        with steps.step("load initial field"):
+            init_field, _ = read_field(opts.init_disp, reference=image)
+        method = "given"
+    else:
+        from brainshift.io.keypoints import read_keypoints
+
+        with steps.step("load keypoints"):
+            points_vox, disps_vox = read_keypoints(opts.kpt_disps, frame=opts.coords, affine=image.affine,
+                                                   intraop_path=opts.kpt_intraop)
+        with steps.step(f"interpolate ({opts.interp_mode})"):
+            init_field = initial_field_from_keypoints(image, points_vox, disps_vox, opts.interp_mode,
+                                                      **opts.interp_options)
+        n_kpts = int(len(points_vox))
+        method = opts.interp_mode
+
+    fields = {"initial_disp_field": init_field}
+    loaded = None
+    if refine:
+        from brainshift.model.checkpoint import load_weights
+        from brainshift.model.inference import refine_field
+
+        with steps.step("load network weights"):
+            loaded = load_weights(weights, device=device)
+        with steps.step(f"refine with the network ({device})"):
+            fields["corrected_disp_field"] = refine_field(image, init_field, loaded, device=device,
+                                                          progress=opts.verbose)
+    final_key = "corrected_disp_field" if refine else "initial_disp_field"
+    final = fields[final_key]
+
+    inverse = None
+    if opts.save_inverse or opts.save_warped:
+        with steps.step("invert the field"):
+            inverse = invert_field(final, image.affine)
+    warped = None
+    if opts.save_warped:
+        with steps.step("warp the preop image into intraop space"):
+            warped = warp_image(image, final, image.affine, inverse_field=inverse)
+
+    with steps.step("field statistics"):
+        stats = {k: field_summary(v, image) for k, v in fields.items()}
+
+    out = Path(opts.output)
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"expected -o/--output to be a directory, got an existing file {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with steps.step("write outputs"):
+        for name, fld in fields.items():
+            path = out / f"{name}{_EXT[fmt]}"
+            write_field(path, fld, image.affine)
+            written.append(path.name)
+        if inverse is not None and opts.save_inverse:
+            path = out / f"{final_key.replace('_disp_field', '')}_inverse_disp_field{_EXT[fmt]}"
+            write_field(path, inverse, image.affine)
+            written.append(path.name)
+        if warped is not None:
+            from brainshift.io.images import write_image
+
+            path = out / "preop_warped_to_intraop.nii.gz"
+            write_image(warped, path)
+            written.append(path.name)
+
+    summary = {
+        "brainshift_version": _version(),
+        "inputs": {
+            "preop_scan": str(opts.preop_scan),
+            "init_disp": str(opts.init_disp) if opts.init_disp else None,
+            "kpt_disps": str(opts.kpt_disps) if opts.kpt_disps else None,
+            "kpt_intraop": str(opts.kpt_intraop) if opts.kpt_intraop else None,
+            "weights": str(weights) if refine else None,
+        },
+        "image": {"shape": list(image.shape), "spacing_mm": [round(float(s), 6) for s in image.spacing],
+                  "affine_voxel_to_ras": image.affine.round(6).tolist()},
+        "frames": {
+            "keypoint_table": opts.coords,
+            "fields_in_memory": "forward Lagrangian, voxel units along i, j, k of the preop grid",
+            "output_files": _format_note(fmt),
+        },
+        "interpolation": method,
+        "refined": bool(refine),
+        "device": device,
+        "keypoint_count": n_kpts,
+        "fields": stats,
+        "outputs": written + ["summary.json"],
+        "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
+    }
+    if loaded is not None:
+        summary["network"] = {"config": _jsonable(getattr(loaded, "config", None))}
+    summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
+    from brainshift.io.atomic import atomic_output
+
+    with atomic_output(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _format_note(fmt: str) -> str:
+    return {
+        "h5": "ITK DisplacementFieldTransform on the preop grid, LPS mm; TransformPoint(preop point) = intraop point",
+        "nii": "NIfTI 5-D vector field on the preop grid (see README for intent code and component frame)",
+        "npz": "field float32 (3, I, J, K) voxel units along i, j, k, forward Lagrangian, plus affine",
+    }[fmt]
+
+
+def _jsonable(obj):
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def _version() -> str:
+    from brainshift import __version__
+
+    return __version__
