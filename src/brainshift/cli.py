@@ -113,6 +113,9 @@ def demo(
 
 
 # --- commands registered from their modules (each module imports its heavy dependencies lazily) ---
+from brainshift.evaluate.commands import evaluate_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:  # console-script entry point

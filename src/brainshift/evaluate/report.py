@@ -1,0 +1,252 @@
+"""Tables and plots of evaluation rows (:func:`brainshift.evaluate.run.evaluate_dataset` output).
+
+- :func:`write_per_case_csv` / :func:`read_per_case_csv`: one line per (case, method), every metric.
+- :func:`summarize` / :func:`summary_markdown`: mean ± sample standard deviation (``ddof=1``; 0 for a
+  single case) per method over the cases, NaNs ignored, and the ratio of each method's mean MSE to that of
+  the best classical interpolator (lowest mean MSE among ``linear``, ``tps``, ``tps3d`` that were run).
+- :func:`plot_boxplots`: MSE, TRE and % det J <= 0 per method (matplotlib, Agg canvas, no pyplot state).
+- :func:`sweep_markdown` / :func:`plot_sweep`: how MSE and TRE vary with a setting (``n_keypoints`` or
+  ``noise_mm``) across runs, per method (the accuracy benchmark's keypoint-count and noise studies).
+- :func:`write_report`: ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` in one folder.
+
+Every file is written atomically (:func:`brainshift.io.atomic.atomic_output`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError
+from brainshift.evaluate.run import CLASSICAL_METHODS, ROW_COLUMNS
+from brainshift.io.atomic import atomic_output
+
+#: Summarised metrics: column -> table header.
+SUMMARY_METRICS = {
+    "mse_mm2": "MSE (mm^2)",
+    "mae_mm": "MAE (mm)",
+    "p95_mm": "P95 (mm)",
+    "tre_mm": "TRE (mm)",
+    "pct_nonpositive_jac": "det J <= 0 (%)",
+    "std_log_jac": "std log det J",
+    "dice_brain": "Dice brain",
+    "hd95_brain_mm": "HD95 brain (mm)",
+    "dice_tumour": "Dice tumour",
+    "hd95_tumour_mm": "HD95 tumour (mm)",
+    "time_s": "time (s)",
+}
+_TEXT_COLUMNS = ("case", "subject", "method")
+_INT_COLUMNS = ("n_keypoints", "n_heldout", "seed")
+
+
+def _check_rows(rows: Sequence[dict]) -> None:
+    if not rows:
+        raise BrainshiftError("expected at least one evaluation row, got none")
+    missing = [c for c in ("method", "mse_mm2") if c not in rows[0]]
+    if missing:
+        raise BrainshiftError(f"expected evaluation rows with columns {', '.join(missing)}, got {sorted(rows[0])}")
+
+
+def _methods(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows))
+
+
+def _values(rows: Sequence[dict], method: str, column: str) -> np.ndarray:
+    return np.asarray([float(r[column]) for r in rows if r["method"] == method and column in r], dtype=np.float64)
+
+
+def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write one CSV line per row (columns :data:`~brainshift.evaluate.run.ROW_COLUMNS` first, then any
+    extra keys); floats at full precision, NaN as ``nan``. Returns ``path``."""
+    _check_rows(rows)
+    columns = [c for c in ROW_COLUMNS if c in rows[0]]
+    columns += [c for r in rows for c in r if c not in columns]
+    columns = list(dict.fromkeys(columns))
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: repr(float(v)) if isinstance(v, float | np.floating) else v for k, v in r.items()})
+    return path
+
+
+def read_per_case_csv(path: str | Path) -> list[dict]:
+    """Read a :func:`write_per_case_csv` file back (numbers as float/int, ``case/subject/method`` as str)."""
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            out: dict = {}
+            for k, v in r.items():
+                if k in _TEXT_COLUMNS or v == "":
+                    out[k] = v
+                elif k in _INT_COLUMNS:
+                    out[k] = int(float(v))
+                else:
+                    try:
+                        out[k] = float(v)
+                    except ValueError:
+                        out[k] = v
+            rows.append(out)
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Per method (first-seen order): ``n_cases`` (its row count), ``<metric>_mean``, ``<metric>_std`` for each of
+    :data:`SUMMARY_METRICS` present, and ``mse_ratio_to_best_classical`` (mean MSE / the lowest mean MSE of
+    the classical methods run; NaN when none ran), ``best_classical`` (its name or "")."""
+    _check_rows(rows)
+    out = []
+    for method in _methods(rows):
+        s: dict = {"method": method, "n_cases": sum(r["method"] == method for r in rows)}
+        for col in SUMMARY_METRICS:
+            if col in rows[0]:
+                s[f"{col}_mean"], s[f"{col}_std"] = _mean_std(_values(rows, method, col))
+        out.append(s)
+    classical = [s for s in out if s["method"] in CLASSICAL_METHODS and np.isfinite(s["mse_mm2_mean"])]
+    best = min(classical, key=lambda s: s["mse_mm2_mean"]) if classical else None
+    for s in out:
+        s["best_classical"] = best["method"] if best else ""
+        ok = best is not None and best["mse_mm2_mean"] > 0
+        s["mse_ratio_to_best_classical"] = s["mse_mm2_mean"] / best["mse_mm2_mean"] if ok else float("nan")
+    return out
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"
+    return f"{x:.4g}"
+
+
+def summary_markdown(rows: Sequence[dict], title: str | None = None) -> str:
+    """A Markdown table: one line per method, ``mean ± std`` of each metric over cases, and the MSE ratio to
+    the best classical method. Metrics that are NaN for every row (e.g. Dice when overlap was skipped) are
+    left out."""
+    summary = summarize(rows)
+    cols = [c for c in SUMMARY_METRICS if f"{c}_mean" in summary[0]
+            and any(math.isfinite(s[f"{c}_mean"]) for s in summary)]
+    best = summary[0]["best_classical"]
+    ratio_header = f"MSE / {best}" if best else "MSE / best classical"
+    header = ["method", "cases", *[SUMMARY_METRICS[c] for c in cols], ratio_header]
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for s in summary:
+        cells = [s["method"], str(s["n_cases"])]
+        cells += [f"{_fmt(s[f'{c}_mean'])} ± {_fmt(s[f'{c}_std'])}" if math.isfinite(s[f"{c}_mean"]) else "-"
+                  for c in cols]
+        cells.append(_fmt(s["mse_ratio_to_best_classical"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Mean ± sample std over cases. MSE/MAE/P95 over brain minus cavity (Euclidean error in mm); "
+                  f"TRE = mean over held-out keypoints per case; ratio = method's mean MSE / "
+                  f"{best or 'best classical'} mean MSE."]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(ncols: int, width_per: float = 4.2, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_per * ncols, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_boxplots(rows: Sequence[dict], path: str | Path) -> Path:
+    """Box plots per method of MSE (mm^2), TRE (mm) and % det J <= 0 over cases, saved as PNG."""
+    _check_rows(rows)
+    methods = _methods(rows)
+    panels = [("mse_mm2", "MSE (mm$^2$)"), ("tre_mm", "TRE (mm)"), ("pct_nonpositive_jac", "det J <= 0 (%)")]
+    fig, axes = _figure(len(panels))
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        data = [(_values(rows, m, col)) for m in methods]
+        data = [v[np.isfinite(v)] for v in data]
+        ax.boxplot([v if len(v) else [np.nan] for v in data], showmeans=True)
+        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30, ha="right")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def _sweep_groups(rows: Sequence[dict], param: str) -> tuple[list, list[str]]:
+    _check_rows(rows)
+    if param not in rows[0]:
+        raise BrainshiftError(f"expected rows with a {param!r} column to sweep over, got {sorted(rows[0])}")
+    values = sorted({float(r[param]) for r in rows})
+    return values, _methods(rows)
+
+
+def sweep_markdown(rows: Sequence[dict], param: str, metrics: Sequence[str] = ("mse_mm2", "tre_mm")) -> str:
+    """Markdown tables of ``mean ± std`` of each metric per value of ``param`` (rows) and method (columns)."""
+    values, methods = _sweep_groups(rows, param)
+    lines = []
+    for metric in metrics:
+        lines += [f"#### {SUMMARY_METRICS.get(metric, metric)} vs {param}", "",
+                  "| " + " | ".join([param, *methods]) + " |", "|" + "|".join(["---"] * (len(methods) + 1)) + "|"]
+        for v in values:
+            sub = [r for r in rows if float(r[param]) == v]
+            cells = []
+            for m in methods:
+                mean, std = _mean_std(_values(sub, m, metric))
+                cells.append(f"{_fmt(mean)} ± {_fmt(std)}" if math.isfinite(mean) else "-")
+            lines.append("| " + " | ".join([f"{v:g}", *cells]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[dict], param: str, path: str | Path,
+               metrics: Sequence[str] = ("mse_mm2", "tre_mm")) -> Path:
+    """Mean (± std error bars) of each metric against ``param``, one line per method, saved as PNG."""
+    values, methods = _sweep_groups(rows, param)
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for m in methods:
+            stats = [_mean_std(_values([r for r in rows if float(r[param]) == v], m, metric)) for v in values]
+            means = np.array([s[0] for s in stats])
+            stds = np.array([s[1] for s in stats])
+            ok = np.isfinite(means)
+            if ok.any():
+                ax.errorbar(np.asarray(values)[ok], means[ok], yerr=stds[ok], marker="o", capsize=3, label=m)
+        ax.set_xlabel(param)
+        ax.set_ylabel(SUMMARY_METRICS.get(metric, metric))
+        ax.set_title(f"{SUMMARY_METRICS.get(metric, metric)} vs {param}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def write_report(rows: Sequence[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """Write ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` into ``out_dir`` (created).
+
+    Returns:
+        ``{"csv": path, "summary": path, "boxplots": path}``.
+    """
+    _check_rows(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": write_per_case_csv(rows, out / "metrics_per_case.csv")}
+    with atomic_output(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(rows, title=title))
+    paths["summary"] = out / "summary.md"
+    paths["boxplots"] = plot_boxplots(rows, out / "boxplots.png")
+    return paths

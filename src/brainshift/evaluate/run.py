@@ -1,0 +1,335 @@
+"""Evaluate interpolators and the refinement network on a simulated dataset (``brainshift evaluate``).
+
+For every complete case of a dataset (:mod:`brainshift.simulate.dataset` layout) and every method, the
+ground-truth field is sampled at a seeded keypoint draw, the method turns the keypoints into a dense field,
+and :mod:`brainshift.evaluate.metrics` scores it against the ground truth. All methods of a case see the
+SAME keypoints (and the same noise), so their differences are the methods' own.
+
+Per case:
+
+- keypoint candidates: the subject's detected keypoints when ``subjects/<id>/keypoints.csv`` exists (first
+  three columns ``x, y, z`` in the voxel frame, as ``brainshift keypoints`` writes them), else
+  ``n_keypoints + n_heldout`` distinct random voxels; only candidates inside brain minus tumour minus cavity
+  are used. ``n_keypoints`` of them drive the interpolation
+  (:func:`brainshift.keypoints.sampling.sample_keypoints`, ground truth sampled trilinearly), the others are
+  the held-out targets for TRE;
+- optional Gaussian noise on the driving keypoints' displacements: independent, zero mean, standard
+  deviation ``noise_mm`` per world (RAS mm) component, drawn after the keypoint choice, so a noise study
+  keeps the keypoints of the noise-free run; held-out targets keep their true displacements;
+- the random generator of a case is ``numpy.random.default_rng([seed, crc32(case_id)])``: results do not
+  depend on which other cases are evaluated or in which order.
+
+Methods: ``none`` (zero field: how far the tissue moved), ``linear``, ``tps``, ``tps3d`` (classical
+interpolators, :func:`brainshift.interpolate.interpolate` with their defaults), ``net-linear`` and
+``net-tps`` (network refinement, :func:`brainshift.model.inference.refine_field`, of the linear / TPS
+field). A ``net-*`` method's time includes its initial interpolation.
+
+Metrics (see :mod:`brainshift.evaluate.metrics`): MSE / MAE / 95th-percentile error (mm) and the Jacobian
+statistics over brain minus cavity; TRE over the held-out keypoints (mean, median, max); Dice and HD95
+(mm) of the brain and tumour masks warped into intraop space by the method's field vs by the ground truth.
+
+Convention: every field is float32 ``(3, I, J, K)`` on the subject grid, forward Lagrangian, voxel units.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, InputFileError, KeypointError
+
+CLASSICAL_METHODS = ("linear", "tps", "tps3d")
+NETWORK_METHODS = ("net-linear", "net-tps")
+METHODS = ("none", *CLASSICAL_METHODS, *NETWORK_METHODS)
+KEYPOINTS_FILE = "keypoints.csv"
+
+#: Columns of every result row, in CSV order.
+ROW_COLUMNS = (
+    "case", "subject", "method", "n_keypoints", "n_heldout", "noise_mm", "seed",
+    "mse_mm2", "mae_mm", "p95_mm", "tre_mm", "tre_median_mm", "tre_max_mm",
+    "pct_nonpositive_jac", "std_log_jac",
+    "dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm",
+    "gt_max_mm", "gt_mean_mm", "time_s",
+)
+
+
+@dataclass
+class CaseKeypoints:
+    """One case's keypoint draw (voxel frame, voxel units).
+
+    ``points_vox``/``disps_vox`` ``(k, 3)`` drive the interpolation (``disps_vox`` includes the noise);
+    ``heldout_points_vox``/``heldout_disps_vox`` ``(M, 3)`` are the TRE targets with true displacements.
+    """
+
+    points_vox: np.ndarray
+    disps_vox: np.ndarray
+    heldout_points_vox: np.ndarray
+    heldout_disps_vox: np.ndarray
+
+
+def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Validate method names (a comma-separated string or a list); keep their order, drop repeats.
+
+    Raises:
+        BrainshiftError: empty list or an unknown name (the message lists the choices).
+    """
+    names = [m.strip().lower() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    names = [m for m in dict.fromkeys(names) if m]
+    if not names:
+        raise BrainshiftError(f"expected at least one method among {', '.join(METHODS)}, got none")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise BrainshiftError(f"expected methods among {', '.join(METHODS)}, got {', '.join(unknown)}")
+    return names
+
+
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """The random generator of one case: ``default_rng([seed, crc32(case_id)])``."""
+    return np.random.default_rng([int(seed), zlib.crc32(case_id.encode("utf-8"))])
+
+
+def evaluation_mask(case) -> np.ndarray:
+    """Boolean ``(I, J, K)``: brain minus the resection cavity (where dense errors are measured)."""
+    return (case.subject.brain_mask.data > 0) & ~(case.cavity_mask.data > 0)
+
+
+def keypoint_mask(case) -> np.ndarray:
+    """Boolean ``(I, J, K)``: brain minus tumour minus cavity (where keypoints may lie)."""
+    return evaluation_mask(case) & ~(case.subject.tumour_mask.data > 0)
+
+
+def read_candidates(path: str | Path) -> np.ndarray:
+    """``(M, 3)`` keypoint positions (voxel frame) from the first three columns of a CSV table.
+
+    Lines starting with ``#`` and a header line (non-numeric first field) are skipped.
+
+    Raises:
+        InputFileError: a data line with fewer than three numeric fields.
+    """
+    pts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        fields = [f.strip() for f in s.replace(";", ",").split(",")]
+        try:
+            xyz = [float(f) for f in fields[:3]]
+        except ValueError:
+            if not pts:  # header
+                continue
+            raise InputFileError(f"expected numeric x,y,z in {path} line {n}, got {s!r}") from None
+        if len(xyz) < 3:
+            raise InputFileError(f"expected at least 3 columns x,y,z in {path} line {n}, got {s!r}")
+        pts.append(xyz)
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 3)
+
+
+def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine: np.ndarray, *,
+                        rng: np.random.Generator, n_keypoints: int = 20, n_heldout: int = 100,
+                        noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None) -> CaseKeypoints:
+    """Draw the driving and held-out keypoints of one case from its ground-truth field.
+
+    Candidates inside ``allowed_mask`` (the detected ``candidates_vox`` if given, else ``n_keypoints +
+    n_heldout`` distinct random voxels of the mask) go to
+    :func:`brainshift.keypoints.sampling.sample_keypoints` with ``k_min = k_max = n_keypoints``; then noise
+    ``N(0, noise_mm^2)`` per world component is added to the driving displacements (converted to voxel units
+    with the affine).
+
+    Convention: ``field_vox`` forward Lagrangian, voxel units ``(3, I, J, K)``.
+
+    Raises:
+        KeypointError: fewer allowed voxels/candidates than ``n_keypoints``, or ``n_keypoints < 1``.
+    """
+    from brainshift.io.frames import vectors_to_voxel
+    from brainshift.keypoints.sampling import sample_keypoints
+
+    if n_keypoints < 1 or n_heldout < 0:
+        raise KeypointError(f"expected n_keypoints >= 1 and n_heldout >= 0, got {n_keypoints} and {n_heldout}")
+    allowed = np.asarray(allowed_mask, dtype=bool)
+    if candidates_vox is None:
+        idx = np.flatnonzero(allowed)
+        want = n_keypoints + n_heldout
+        if len(idx) < n_keypoints:
+            raise KeypointError(f"expected at least {n_keypoints} voxels in brain minus tumour and cavity, "
+                                f"got {len(idx)}")
+        pick = rng.choice(idx, size=min(want, len(idx)), replace=False)
+        candidates_vox = np.stack(np.unravel_index(pick, allowed.shape), axis=1).astype(np.float64)
+    pts, disps, held_pts, held_disps = sample_keypoints(field_vox, candidates_vox, allowed, k_min=n_keypoints,
+                                                        k_max=n_keypoints, rng=rng)
+    disps = np.asarray(disps, dtype=np.float64)
+    if noise_mm > 0:
+        noise_ras = rng.normal(0.0, float(noise_mm), size=disps.shape)
+        disps = disps + vectors_to_voxel(noise_ras, "ras", affine)
+    return CaseKeypoints(np.asarray(pts, np.float64), disps, np.asarray(held_pts, np.float64).reshape(-1, 3),
+                         np.asarray(held_disps, np.float64).reshape(-1, 3))
+
+
+def resolve_weights(weights: str | Path | None) -> Path:
+    """The weights file for ``net-*`` methods: ``weights`` or the shipped default model.
+
+    Raises:
+        InputFileError: the file (or, with ``weights=None``, the default model) does not exist.
+    """
+    from brainshift.pipeline import DEFAULT_WEIGHTS
+
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    if not path.is_file():
+        if weights is None:
+            raise InputFileError(f"expected network weights for the net-* methods: pass --weights FILE (no default "
+                                 f"model at {DEFAULT_WEIGHTS})")
+        raise InputFileError(f"expected a weights file at {path}, it does not exist")
+    return path
+
+
+def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
+                  noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
+                  device: str = "cpu", overlap: bool = True) -> list[dict]:
+    """Evaluate ``methods`` on one :class:`~brainshift.simulate.dataset.SimCase` (rows in ``methods`` order).
+
+    Args:
+        case: the case (subject, ground-truth field, cavity).
+        methods: validated method names (:func:`parse_methods`).
+        seed: global seed (the case's generator is :func:`case_rng`).
+        n_keypoints: driving keypoints per case.
+        n_heldout: held-out TRE targets when random candidates are drawn.
+        noise_mm: std of the Gaussian displacement noise per world component (mm).
+        candidates_vox: ``(M, 3)`` detected keypoints of the subject (voxel frame), or None for random ones.
+        loaded: the network (:func:`brainshift.model.checkpoint.load_weights`), needed by ``net-*``.
+        device: torch device of the network.
+        overlap: compute Dice/HD95 (one field inversion per method; ``nan`` columns when False).
+
+    Returns:
+        One dict per method with the keys :data:`ROW_COLUMNS`.
+    """
+    from brainshift.evaluate import metrics
+    from brainshift.field import displacement_magnitude_mm
+    from brainshift.interpolate import interpolate
+
+    gt = case.field
+    subject = case.subject
+    affine = subject.image.affine
+    shape = subject.image.shape
+    eval_mask = evaluation_mask(case)
+    kp = draw_case_keypoints(gt, keypoint_mask(case), affine, rng=case_rng(seed, case.case_id),
+                             n_keypoints=n_keypoints, n_heldout=n_heldout, noise_mm=noise_mm,
+                             candidates_vox=candidates_vox)
+    masks = {"brain": subject.brain_mask, "tumour": subject.tumour_mask}
+    gt_warped = metrics.warp_masks(gt, masks) if overlap else None
+    gt_mag = displacement_magnitude_mm(gt, affine)[eval_mask]
+
+    init_cache: dict[str, tuple[np.ndarray, float]] = {}
+
+    def initial(kind: str) -> tuple[np.ndarray, float]:
+        if kind not in init_cache:
+            t0 = time.perf_counter()
+            fld = interpolate(kind, kp.points_vox, kp.disps_vox, shape, affine)
+            init_cache[kind] = (np.asarray(fld, dtype=np.float32), time.perf_counter() - t0)
+        return init_cache[kind]
+
+    rows = []
+    for method in methods:
+        if method == "none":
+            pred, dt = np.zeros_like(gt), 0.0
+        elif method in CLASSICAL_METHODS:
+            pred, dt = initial(method)
+        else:
+            from brainshift.model.inference import refine_field
+
+            if loaded is None:
+                raise BrainshiftError(f"expected a loaded network for method {method!r}, got none")
+            init, t_init = initial(method.removeprefix("net-"))
+            t0 = time.perf_counter()
+            pred = refine_field(subject.image, init, loaded, mask=subject.brain_mask.data > 0, device=device,
+                                progress=False)
+            dt = t_init + time.perf_counter() - t0
+        pred = np.asarray(pred, dtype=np.float32)
+        tre = metrics.tre_mm(pred, kp.heldout_points_vox, kp.heldout_disps_vox, affine)
+        row = {
+            "case": case.case_id, "subject": subject.subject_id, "method": method,
+            "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(tre)), "noise_mm": float(noise_mm),
+            "seed": int(seed),
+            **metrics.field_errors_mm(pred, gt, affine, eval_mask),
+            "tre_mm": float(tre.mean()) if len(tre) else float("nan"),
+            "tre_median_mm": float(np.median(tre)) if len(tre) else float("nan"),
+            "tre_max_mm": float(tre.max()) if len(tre) else float("nan"),
+        }
+        jac = metrics.jacobian_stats(pred, eval_mask)
+        row["pct_nonpositive_jac"] = jac["pct_nonpositive"]
+        row["std_log_jac"] = jac["std_log_jac"]
+        if overlap:
+            row.update(metrics.mask_overlap(metrics.warp_masks(pred, masks), gt_warped, subject.image.spacing))
+        else:
+            row.update({k: float("nan") for k in ("dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm")})
+        row["gt_max_mm"] = float(gt_mag.max())
+        row["gt_mean_mm"] = float(gt_mag.mean())
+        row["time_s"] = float(dt)
+        rows.append({k: row[k] for k in ROW_COLUMNS})
+    return rows
+
+
+def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights: str | Path | None = None,
+                     seed: int = 0, n_keypoints: int = 20, noise_mm: float = 0.0, cases: int | None = None,
+                     device: str = "cpu", progress: bool = True, n_heldout: int = 100,
+                     overlap: bool = True) -> list[dict]:
+    """Evaluate methods on every complete case of a simulated dataset.
+
+    Args:
+        data_dir: dataset root (``subjects/`` and ``cases/``, see :mod:`brainshift.simulate.dataset`).
+        methods: names among :data:`METHODS` (list or comma-separated string).
+        weights: network weights for ``net-*`` (default: the shipped ``weights/default.safetensors``).
+        seed: global seed; every draw of a case comes from :func:`case_rng`.
+        n_keypoints: driving keypoints per case (the published setting: 20).
+        noise_mm: std (mm) of Gaussian noise per world component on the driving displacements.
+        cases: evaluate only the first ``cases`` case ids (sorted); None = all.
+        device: ``cpu``, ``cuda`` or ``auto`` for the network.
+        progress: tqdm progress bar over cases.
+        n_heldout: held-out targets per case when no detected keypoints exist.
+        overlap: compute Dice/HD95 (the slowest metrics).
+
+    Returns:
+        One dict per (case, method), keys :data:`ROW_COLUMNS`, cases in sorted order, methods in the
+        given order. Deterministic given ``seed`` except ``time_s``.
+
+    Raises:
+        InputFileError: no complete case in ``data_dir``, or missing weights for ``net-*``.
+        BrainshiftError: unknown method, bad counts, or a device that is not available.
+    """
+    from brainshift.pipeline import resolve_device
+    from brainshift.simulate.dataset import list_cases, read_case
+
+    names = parse_methods(methods)
+    if n_keypoints < 1:
+        raise KeypointError(f"expected --num-kpts >= 1, got {n_keypoints}")
+    if noise_mm < 0 or not np.isfinite(noise_mm):
+        raise BrainshiftError(f"expected a noise level >= 0 mm, got {noise_mm}")
+    if cases is not None and cases < 1:
+        raise BrainshiftError(f"expected --cases >= 1, got {cases}")
+    ids = list_cases(data_dir)
+    if not ids:
+        raise InputFileError(f"expected a dataset with complete cases under {Path(data_dir) / 'cases'}, found none")
+    ids = ids[:cases] if cases is not None else ids
+    loaded = None
+    if any(m in NETWORK_METHODS for m in names):
+        from brainshift.model.checkpoint import load_weights
+
+        device = resolve_device(device)
+        loaded = load_weights(resolve_weights(weights), device=device)
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    subject = None
+    candidates = None
+    for case_id in tqdm(ids, desc="evaluate", unit="case", disable=not progress):
+        case = read_case(data_dir, case_id, subject=subject)
+        if subject is None or case.subject.subject_id != subject.subject_id:
+            cand_file = Path(data_dir) / "subjects" / case.subject.subject_id / KEYPOINTS_FILE
+            candidates = read_candidates(cand_file) if cand_file.is_file() else None
+        subject = case.subject
+        rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
+                                  noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
+                                  overlap=overlap))
+    return rows
