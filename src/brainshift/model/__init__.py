@@ -1,1 +1,45 @@
-"""brainshift.model"""
+"""brainshift.model: the refinement network, its weights files, warping and the inference path.
+
+Public API:
+
+- :class:`NetworkConfig`, :data:`PRESETS`, :func:`get_preset`, :func:`build_network` (``network``)
+- :class:`LoadedModel`, :func:`save_weights`, :func:`load_weights` (``checkpoint``)
+- :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`
+  (``grid``: the pre/post-processing shared with training)
+- :func:`refine_field`, :func:`resolve_device` (``inference``)
+- :func:`warp`, :func:`compose`, :func:`jacobian_determinant_torch` (``warp``)
+"""
+
+from brainshift.model.checkpoint import LoadedModel, load_weights, save_weights
+from brainshift.model.grid import (
+    NetworkInput,
+    field_to_network_grid,
+    from_network_grid,
+    network_field_to_voxel,
+    to_network_grid,
+)
+from brainshift.model.inference import predict, refine_field, resolve_device
+from brainshift.model.network import PRESETS, NetworkConfig, build_network, count_parameters, get_preset
+from brainshift.model.warp import compose, jacobian_determinant_torch, warp
+
+__all__ = [
+    "PRESETS",
+    "LoadedModel",
+    "NetworkConfig",
+    "NetworkInput",
+    "build_network",
+    "compose",
+    "count_parameters",
+    "field_to_network_grid",
+    "from_network_grid",
+    "get_preset",
+    "jacobian_determinant_torch",
+    "load_weights",
+    "network_field_to_voxel",
+    "predict",
+    "refine_field",
+    "resolve_device",
+    "save_weights",
+    "to_network_grid",
+    "warp",
+]

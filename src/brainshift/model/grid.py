@@ -1,0 +1,333 @@
+"""Pre- and post-processing between an image grid and the network grid (shared by inference and training).
+
+Training (:mod:`brainshift.train`) and inference (:mod:`brainshift.model.inference`) both go through
+:func:`to_network_grid` / :func:`field_to_network_grid` / :func:`from_network_grid`, so the two can never
+diverge. Steps, in order:
+
+1. **Network grid**: the input grid's field of view at ``config.spacing_mm`` isotropic, same orientation
+   (:func:`brainshift.volume.grid_with_spacing`). When that grid equals the input grid (1 mm input, 1 mm
+   network) nothing is resampled.
+2. **Field units**: the voxel-unit field of the input grid goes to world mm (``A_in @ u``, the convention),
+   then into the network grid's axes (``A_net^-1``) and, for ``field_units="mm"``, times the network spacing:
+   ``u_net = S A_net^-1 A_in u`` with ``S = diag(spacing)`` (mm) or the identity (voxel).
+3. **Resampling** (image, field components and mask together): trilinear ``grid_sample`` (align_corners=True
+   on voxel centres) with border padding, so the half voxel at the edge of the field of view repeats the edge
+   value. The mask is resampled trilinearly and thresholded at 0.5.
+4. **Region**: the brain mask if given, else the foreground ``image > image.min()`` on the network grid.
+5. **Z-score** of the image over the region (mean and standard deviation of the region's voxels, applied to
+   the whole volume; a standard deviation below 1e-6 counts as 1). The published script normalised over the
+   whole padded volume instead.
+6. **Zero the field outside the region** (the published script zeroed it where the image is at its
+   minimum).
+7. **Pad** at both ends (``before = total // 2``) to multiples of ``2 ** (levels - 1)``: the image with its
+   normalised minimum (background), field and mask with zeros. The pad is recorded and removed exactly by
+   :func:`from_network_grid`.
+
+All resampling here maps voxel centres through the affines: voxel ``q`` of the target samples the source at
+``A_src^-1 A_dst q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from brainshift.errors import GeometryError
+from brainshift.field import check_field
+from brainshift.io.frames import check_affine, spacing_from_affine
+from brainshift.model.network import NetworkConfig
+from brainshift.model.warp import voxel_to_grid_sample
+from brainshift.volume import Volume, grid_with_spacing
+
+Pad = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass
+class NetworkInput:
+    """An image and initial field prepared for the network, with what is needed to map results back.
+
+    Attributes:
+        tensor: ``(1, 4, I', J', K')`` float32: field channels (network units) then the z-scored image,
+            padded; spatial axes are our ``(i, j, k)``.
+        mask: ``(I', J', K')`` bool: region where the field was kept (False in the padding).
+        pad: ``((before, after),) * 3`` voxels added along ``i, j, k`` on the network grid.
+        net_shape: ``(I_n, J_n, K_n)`` network grid before padding.
+        net_affine: 4x4 voxel-to-RAS affine of the (unpadded) network grid.
+        input_shape: the input image's grid shape.
+        input_affine: the input image's affine.
+        config: the network configuration used.
+        image_mean: mean of the image over the region (before normalisation).
+        image_std: standard deviation used to normalise.
+        same_grid: True when the network grid is the input grid (no resampling).
+
+    Convention: the field channels hold a forward Lagrangian field on the network grid in
+    ``config.field_units`` along the network grid's axes.
+    """
+
+    tensor: torch.Tensor
+    mask: torch.Tensor
+    pad: Pad
+    net_shape: tuple[int, int, int]
+    net_affine: np.ndarray
+    input_shape: tuple[int, int, int]
+    input_affine: np.ndarray
+    config: NetworkConfig
+    image_mean: float
+    image_std: float
+    same_grid: bool
+
+    @property
+    def field(self) -> torch.Tensor:
+        """``(1, 3, I', J', K')`` view of the field channels (network units, padded)."""
+        return self.tensor[:, :3]
+
+    @property
+    def image(self) -> torch.Tensor:
+        """``(1, 1, I', J', K')`` view of the z-scored padded image."""
+        return self.tensor[:, 3:]
+
+    @property
+    def padded_affine(self) -> np.ndarray:
+        """Voxel-to-RAS affine of the padded network grid (origin moved by the leading pad)."""
+        a = self.net_affine.copy()
+        a[:3, 3] = self.net_affine[:3, :3] @ -np.array([p[0] for p in self.pad], dtype=np.float64) + a[:3, 3]
+        return a
+
+
+def network_grid(shape, affine, config: NetworkConfig) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The network grid for an input grid: same field of view, ``config.spacing_mm`` isotropic.
+
+    Returns the input grid itself (its exact affine) when they coincide to 1e-6 mm.
+    """
+    a = check_affine(affine)
+    shape = tuple(int(s) for s in shape)
+    new_shape, new_aff = grid_with_spacing(shape, a, float(config.spacing_mm))
+    if new_shape == shape and np.allclose(new_aff, a, atol=1e-6):
+        return shape, a
+    return new_shape, new_aff
+
+
+def _units_scale(affine: np.ndarray, units: str) -> np.ndarray:
+    return spacing_from_affine(affine) if units == "mm" else np.ones(3)
+
+
+def field_vox_to_network_matrix(input_affine, net_affine, units: str) -> np.ndarray:
+    """3x3 matrix taking an input-grid voxel-unit vector to network units: ``S A_net^-1 A_in``.
+
+    ``S`` is ``diag(network spacing)`` for ``units="mm"`` (mm along the network grid's axes), else identity.
+    """
+    a_in = check_affine(input_affine)[:3, :3]
+    a_net = check_affine(net_affine)[:3, :3]
+    return np.diag(_units_scale(net_affine, units)) @ np.linalg.inv(a_net) @ a_in
+
+
+def _apply_matrix(m: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """Apply a 3x3 matrix to the component axis of a ``(B, 3, ...)`` or ``(3, ...)`` tensor."""
+    if np.allclose(m, np.eye(3), atol=1e-12, rtol=0):
+        return field
+    mt = torch.as_tensor(m, dtype=field.dtype, device=field.device)
+    if field.ndim == 4:
+        return torch.einsum("ab,b...->a...", mt, field)
+    return torch.einsum("ab,nb...->na...", mt, field)
+
+
+def resample_channels(data: torch.Tensor, src_affine, dst_shape, dst_affine,
+                      mode: str = "bilinear") -> torch.Tensor:
+    """Resample a ``(C, I, J, K)`` tensor from its grid ``src_affine`` onto ``(dst_shape, dst_affine)``.
+
+    Voxel ``q`` of the destination samples the source at ``A_src^-1 A_dst q`` (trilinear for ``bilinear``,
+    border padding). Each channel is resampled as a scalar image (vector components are not rotated: convert
+    them first, see :func:`field_vox_to_network_matrix`).
+
+    Returns:
+        ``(C, *dst_shape)`` tensor of ``data``'s dtype (float32 / float64).
+    """
+    if data.ndim != 4:
+        raise GeometryError(f"expected a (C, I, J, K) tensor to resample, got {tuple(data.shape)}")
+    m = np.linalg.inv(check_affine(src_affine)) @ check_affine(dst_affine)
+    dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    axes = [torch.arange(int(s), dtype=dtype, device=data.device) for s in dst_shape]
+    shapes = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
+    coords = []
+    for a in range(3):
+        c = float(m[a, 3]) + sum(float(m[a, b]) * axes[b].reshape(shapes[b]) for b in range(3))
+        coords.append(c.expand(*[int(s) for s in dst_shape]))
+    grid = voxel_to_grid_sample(torch.stack(coords)[None], data.shape[1:])
+    out = F.grid_sample(data[None].to(dtype), grid, mode=mode, padding_mode="border", align_corners=True)
+    return out[0]
+
+
+def pad_to_multiple(tensor: torch.Tensor, multiple: int, value: float = 0.0) -> tuple[torch.Tensor, Pad]:
+    """Pad the last three dims of ``tensor`` at both ends up to multiples of ``multiple``.
+
+    Returns:
+        ``(padded, pad)`` with ``pad = ((before, after),) * 3`` along ``i, j, k``; ``before = total // 2``.
+    """
+    pad = []
+    for s in tensor.shape[-3:]:
+        total = (-int(s)) % int(multiple)
+        pad.append((total // 2, total - total // 2))
+    flat = []
+    for before, after in reversed(pad):  # F.pad lists the last dimension first
+        flat += [before, after]
+    if any(flat):
+        tensor = F.pad(tensor, flat, mode="constant", value=float(value))
+    return tensor, tuple(pad)  # type: ignore[return-value]
+
+
+def crop_pad(tensor: torch.Tensor, pad: Pad) -> torch.Tensor:
+    """Remove ``pad`` (from :func:`pad_to_multiple`) from the last three dims of ``tensor`` exactly."""
+    sl = [slice(b, int(s) - a) for (b, a), s in zip(pad, tensor.shape[-3:], strict=True)]
+    return tensor[(..., *sl)]
+
+
+def zscore(image: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Z-score ``image`` with the mean and standard deviation of its voxels in ``region`` (bool, same shape).
+
+    An empty region uses the whole image; a standard deviation below 1e-6 counts as 1.
+
+    Returns:
+        ``(normalised, mean, std)``.
+    """
+    vals = image[region] if bool(region.any()) else image.reshape(-1)
+    vals = vals.double()
+    mean = float(vals.mean())
+    std = float(vals.std(unbiased=False)) if vals.numel() > 1 else 0.0
+    if not std > 1e-6:
+        std = 1.0
+    return ((image - mean) / std).to(image.dtype), mean, std
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
+
+
+def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: NetworkConfig) -> NetworkInput:
+    """Prepare an image and its initial field for the network (steps 1-7 of the module docstring).
+
+    Args:
+        image: the preop image (intensity :class:`~brainshift.volume.Volume`).
+        field_vox: ``(3, I, J, K)`` initial displacement on ``image``'s grid, voxel units.
+        mask: optional ``(I, J, K)`` brain mask (nonzero = brain) on ``image``'s grid.
+        config: the network's configuration (``spacing_mm``, ``field_units``, ``features`` for the padding).
+
+    Returns:
+        A :class:`NetworkInput` (CPU tensors).
+
+    Raises:
+        GeometryError: a field or mask not on the image grid, non-finite values, or a network expecting a
+            channel count other than 4.
+
+    Convention: ``field_vox`` is forward Lagrangian in voxel units of the input grid; the result's field
+    channels are forward Lagrangian in ``config.field_units`` on the network grid.
+    """
+    if config.in_channels != 4:
+        raise GeometryError(f"expected a network with 4 input channels (field + image), got {config.in_channels}")
+    shape = image.shape
+    f = check_field(_as_tensor(field_vox).numpy(), shape)
+    img = np.asarray(image.data, dtype=np.float32)
+    if not np.all(np.isfinite(img)):
+        raise GeometryError("expected a finite image, found NaN or inf values")
+    net_shape, net_affine = network_grid(shape, image.affine, config)
+    same = net_shape == shape and np.array_equal(net_affine, image.affine)
+    m = field_vox_to_network_matrix(image.affine, net_affine, config.field_units)
+    field_t = _apply_matrix(m, torch.from_numpy(np.ascontiguousarray(f)))
+    chans = [field_t, torch.from_numpy(np.ascontiguousarray(img))[None]]
+    if mask is not None:
+        mk = np.asarray(mask)
+        if mk.shape != shape:
+            raise GeometryError(f"expected a brain mask on the image grid {shape}, got {mk.shape}")
+        chans.append(torch.from_numpy((mk != 0).astype(np.float32))[None])
+    data = torch.cat(chans)
+    if not same:
+        data = resample_channels(data, image.affine, net_shape, net_affine)
+    field_n, img_n = data[:3], data[3]
+    if mask is not None:
+        region = data[4] >= 0.5
+    else:
+        region = img_n > img_n.min()
+    img_n, mean, std = zscore(img_n, region)
+    field_n = field_n * region
+    background = float(img_n.min())
+    mult = config.size_multiple
+    field_p, pad = pad_to_multiple(field_n, mult, 0.0)
+    img_p, _ = pad_to_multiple(img_n[None], mult, background)
+    region_p, _ = pad_to_multiple(region[None].to(torch.uint8), mult, 0)
+    tensor = torch.cat([field_p, img_p])[None].contiguous()
+    return NetworkInput(tensor=tensor, mask=region_p[0].bool(), pad=pad, net_shape=tuple(net_shape),
+                        net_affine=net_affine, input_shape=tuple(shape), input_affine=image.affine.copy(),
+                        config=config, image_mean=mean, image_std=std, same_grid=same)
+
+
+def field_to_network_grid(field_vox, net_input: NetworkInput, zero_outside: bool = False) -> torch.Tensor:
+    """Take another field on the input grid (e.g. the ground truth for training) to the network grid.
+
+    Same unit conversion, resampling and padding as the initial field in :func:`to_network_grid`.
+
+    Args:
+        field_vox: ``(3, I, J, K)`` forward displacement on the input grid, voxel units.
+        net_input: from :func:`to_network_grid` for the same input grid.
+        zero_outside: also zero it outside ``net_input.mask``.
+
+    Returns:
+        ``(1, 3, I', J', K')`` float32 tensor in ``config.field_units`` on the padded network grid.
+
+    Convention: forward Lagrangian in both; see :func:`to_network_grid`.
+    """
+    f = check_field(_as_tensor(field_vox).numpy(), net_input.input_shape)
+    m = field_vox_to_network_matrix(net_input.input_affine, net_input.net_affine, net_input.config.field_units)
+    out = _apply_matrix(m, torch.from_numpy(np.ascontiguousarray(f)))
+    if not net_input.same_grid:
+        out = resample_channels(out, net_input.input_affine, net_input.net_shape, net_input.net_affine)
+    out, _ = pad_to_multiple(out, net_input.config.size_multiple, 0.0)
+    if zero_outside:
+        out = out * net_input.mask
+    return out[None].contiguous()
+
+
+def from_network_grid(pred, net_input: NetworkInput) -> np.ndarray:
+    """Map a network output back to the input grid: crop the pad, convert units, resample.
+
+    Args:
+        pred: ``(1, 3, I', J', K')`` or ``(3, I', J', K')`` field on the padded network grid in
+            ``config.field_units`` (tensor on any device, or array). Linear in ``pred``, so a residual
+            (output minus input field) maps back the same way.
+        net_input: the :class:`NetworkInput` it was computed from.
+
+    Returns:
+        ``(3, I, J, K)`` float32 field on the input grid, voxel units of the input grid.
+
+    Raises:
+        GeometryError: if ``pred`` is not on ``net_input``'s padded grid.
+
+    Convention: forward Lagrangian in, forward Lagrangian out (voxel units of the input grid).
+    """
+    p = _as_tensor(pred)
+    if p.ndim == 5 and p.shape[0] == 1:
+        p = p[0]
+    padded = tuple(net_input.tensor.shape[2:])
+    if p.ndim != 4 or p.shape[0] != 3 or tuple(p.shape[1:]) != padded:
+        raise GeometryError(f"expected a network output of shape (1, 3, {', '.join(map(str, padded))}), "
+                            f"got {tuple(pred.shape)}")
+    p = crop_pad(p, net_input.pad)
+    m = np.linalg.inv(field_vox_to_network_matrix(net_input.input_affine, net_input.net_affine,
+                                                  net_input.config.field_units))
+    p = _apply_matrix(m, p.contiguous())
+    if not net_input.same_grid:
+        p = resample_channels(p, net_input.net_affine, net_input.input_shape, net_input.input_affine)
+    return np.ascontiguousarray(p.numpy(), dtype=np.float32)
+
+
+def network_field_to_voxel(field: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
+    """Network-unit field ``(B, 3, ...)`` -> voxel units of the (isotropic) network grid, e.g. for :func:`warp`.
+
+    Convention: forward Lagrangian; ``mm`` fields are divided by ``config.spacing_mm``.
+    """
+    if config.field_units == "mm":
+        return field / float(config.spacing_mm)
+    return field

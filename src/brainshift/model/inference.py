@@ -1,0 +1,100 @@
+"""Inference: refine an initial (interpolated) displacement field with the trained network.
+
+``refine_field`` = :func:`~brainshift.model.grid.to_network_grid` (resample to the model's spacing, convert
+field units through world mm, z-score, zero the field outside the brain, pad) -> network under
+``torch.inference_mode`` -> :func:`~brainshift.model.grid.from_network_grid` (crop the pad exactly, convert
+units, resample back). What is mapped back is the network's *residual* (output minus its input field), added
+to the full-resolution initial field: with a network working on a coarser grid, the initial field keeps its
+own fine detail (e.g. exact interpolation at the keypoints) and only the learnt correction is interpolated;
+at the network's own grid this equals the network output itself. A network that returns its input unchanged
+therefore gives back the initial field exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from brainshift.errors import BrainshiftError
+from brainshift.field import check_field
+from brainshift.model.checkpoint import LoadedModel
+from brainshift.model.grid import NetworkInput, from_network_grid, to_network_grid
+from brainshift.volume import Volume
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """The torch device for ``device`` (``cpu``, ``cuda``, ``cuda:1``...).
+
+    Raises:
+        BrainshiftError: an unknown device name, or CUDA asked for but not available (never a silent CPU
+            fallback).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BrainshiftError(f"expected a torch device such as 'cpu' or 'cuda', got {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BrainshiftError(f"expected a CUDA GPU for device {device!r}, got none (torch.cuda.is_available() "
+                                  f"is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BrainshiftError(f"expected a CUDA device index below {torch.cuda.device_count()}, got {dev.index}")
+    elif dev.type != "cpu":
+        raise BrainshiftError(f"expected device 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Run ``model`` on a prepared input without gradients.
+
+    Returns:
+        ``(1, 3, I', J', K')`` float32 CPU tensor on the padded network grid, ``config.field_units``.
+
+    Convention: forward Lagrangian field on the network grid.
+    """
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    with torch.inference_mode():
+        out = model(net_input.tensor.to(dev))
+    return out.float().cpu()
+
+
+def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
+                 progress: bool = False) -> np.ndarray:
+    """Refine an initial displacement field with the network (see the module docstring).
+
+    Args:
+        image: preop intensity image; any grid / orientation / spacing.
+        init_field_vox: ``(3, I, J, K)`` initial field on ``image``'s grid (voxel units), e.g. the Delaunay-
+            linear or thin-plate-spline interpolation of the keypoints.
+        loaded: from :func:`brainshift.model.checkpoint.load_weights`; its model is moved to ``device``.
+        mask: optional ``(I, J, K)`` brain mask (z-score region and where the initial field is kept for the
+            network); default: the foreground ``image > min``.
+        device: ``cpu`` or ``cuda[:N]``; CUDA asked for but absent raises.
+        progress: show a tqdm bar (only if the run lasts more than a second).
+
+    Returns:
+        ``(3, I, J, K)`` float32 refined field on ``image``'s grid.
+
+    Raises:
+        BrainshiftError: bad device; GeometryError: a field or mask not on the image grid.
+
+    Convention: forward Lagrangian (preop voxel ``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``
+    of ``image``'s grid, in and out.
+    """
+    from tqdm.auto import tqdm
+
+    init = check_field(init_field_vox, image.shape)
+    dev = resolve_device(device)
+    with tqdm(total=3, desc="refine", unit="step", delay=1.0, disable=not progress) as bar:
+        bar.set_postfix_str("resample")
+        net_input = to_network_grid(image, init, mask, loaded.config)
+        bar.update()
+        bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
+        out = predict(loaded.model, net_input, dev)
+        bar.update()
+        bar.set_postfix_str("resample back")
+        residual = out[:, :3] - net_input.field
+        refined = init + from_network_grid(residual, net_input)
+        bar.update()
+    return refined.astype(np.float32, copy=False)
