@@ -12,6 +12,8 @@ voxel-to-RAS affine is given (or carried by the masks).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from brainshift.errors import GeometryError, KeypointError
@@ -167,7 +169,9 @@ def warp_masks(field_vox: np.ndarray, masks: dict[str, Volume], *,
     preop point of intraop voxel ``y``, comes from :func:`brainshift.io.fields.invert_field` (SimpleITK),
     and each mask is resampled by nearest neighbour at ``y + v(y)``
     (:func:`brainshift.io.fields.warp_image`). Unlike a nearest-voxel push-forward this leaves no holes
-    where tissue stretches. Use the same function for prediction and ground truth.
+    where tissue stretches. Use the same function for prediction and ground truth. SimpleITK's warning about
+    a large inversion residual (where the field folds) is silenced here: :func:`jacobian_stats` reports
+    folding.
 
     Convention: ``field_vox`` forward Lagrangian, voxel units, ``(3, I, J, K)`` on the masks' grid.
 
@@ -193,7 +197,9 @@ def warp_masks(field_vox: np.ndarray, masks: dict[str, Volume], *,
             raise GeometryError(f"expected mask {name!r} on the field's grid {tuple(f.shape[1:])} and affine, "
                                 f"got shape {vol.shape}")
     if inverse_field is None:
-        inverse_field = invert_field(f, ref.affine)
+        with warnings.catch_warnings():  # folding is reported by jacobian_stats; one warning per call is noise
+            warnings.filterwarnings("ignore", message="the inverse field's worst residual", category=UserWarning)
+            inverse_field = invert_field(f, ref.affine)
     out = {}
     for name, vol in masks.items():
         label = Volume((vol.data > 0).astype(np.uint8), vol.affine, "label")
@@ -244,7 +250,9 @@ def mask_overlap(pred_masks: dict[str, np.ndarray], gt_masks: dict[str, np.ndarr
         dice = DiceMetric(include_background=True, reduction="mean")
         dice(y_pred=yp, y=yt)
         hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean")
-        hd(y_pred=yp, y=yt, spacing=spacing)
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument its own code passes internally
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy")
+            hd(y_pred=yp, y=yt, spacing=spacing)
         out[f"dice_{name}"] = float(dice.aggregate().item())
         out[f"hd95_{name}_mm"] = float(hd.aggregate().item())
     return out

@@ -1,0 +1,34 @@
+"""`brainshift evaluate` through typer's CliRunner."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+from brainshift.evaluate.report import read_per_case_csv
+
+runner = CliRunner()
+
+
+def test_evaluate_command_writes_report_and_prints_table(tiny_dataset, tmp_path):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear,tps", "--out", str(out),
+                              "--num-kpts", "8", "--cases", "2", "--seed", "1", "--no-overlap", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "| linear | 2 |" in res.output and "| tps | 2 |" in res.output
+    assert "MSE / " in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["boxplots.png", "metrics_per_case.csv", "summary.md"]
+    rows = read_per_case_csv(out / "metrics_per_case.csv")
+    assert [(r["case"], r["method"], r["n_keypoints"]) for r in rows] == [
+        ("a_000", "linear", 8), ("a_000", "tps", 8), ("a_001", "linear", 8), ("a_001", "tps", 8)]
+    assert "| linear | 2 |" in (out / "summary.md").read_text()
+
+
+def test_evaluate_command_bad_input_is_one_line_error(tiny_dataset, tmp_path):
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear,spline", "-q"])
+    assert res.exit_code == 2
+    assert "error: expected methods among" in res.output
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "net-tps", "-q",
+                              "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "expected a weights file" in res.output
+    assert not (tmp_path / "o").exists()
