@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +158,8 @@ def _load_published(p: Path, device, config: NetworkConfig | None) -> LoadedMode
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        first = f"it references {match.group(1)}" if match else type(exc).__name__
         raise InputFileError(
             f"expected a torch checkpoint loadable with weights_only=True (tensors and plain containers only), "
             f"got {p.name}, which needs arbitrary unpickling; refusing to load it ({first})") from None

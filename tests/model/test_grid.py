@@ -1,0 +1,190 @@
+"""Tests of the network-grid pre/post-processing (brainshift.model.grid) shared by training and inference."""
+
+import numpy as np
+import pytest
+import torch
+
+from brainshift.errors import GeometryError
+from brainshift.model.grid import (
+    crop_pad,
+    field_to_network_grid,
+    field_vox_to_network_matrix,
+    from_network_grid,
+    network_field_to_voxel,
+    network_grid,
+    pad_to_multiple,
+    resample_channels,
+    to_network_grid,
+    zscore,
+)
+from brainshift.model.network import NetworkConfig
+from brainshift.volume import Volume
+
+FAST = NetworkConfig(features=(4, 8, 16, 32), spacing_mm=2.0)  # multiple 8, 2 mm grid
+FULL = NetworkConfig(features=(4, 8, 16, 32), spacing_mm=1.0)
+
+
+def _oblique_affine(spacing=(1.0, 1.2, 0.9), angle=0.3):
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag(spacing)
+    a[:3, 3] = [-20.0, 15.0, 3.0]
+    return a
+
+
+def _image(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.float32)
+    sl = tuple(slice(2, s - 2) for s in shape)
+    img[sl] = rng.uniform(1.0, 3.0, size=img[sl].shape)
+    return img
+
+
+def test_pad_and_crop_are_exact_inverses():
+    t = torch.arange(5 * 9 * 6, dtype=torch.float32).reshape(1, 5, 9, 6)
+    padded, pad = pad_to_multiple(t, 8, value=-1.0)
+    assert padded.shape == (1, 8, 16, 8)
+    assert pad == ((1, 2), (3, 4), (1, 1))
+    assert padded[0, 0, 0, 0].item() == -1.0
+    assert torch.equal(crop_pad(padded, pad), t)
+    same, pad0 = pad_to_multiple(torch.zeros(8, 16, 8), 8)
+    assert pad0 == ((0, 0), (0, 0), (0, 0)) and same.shape == (8, 16, 8)
+
+
+def test_network_grid_is_input_grid_at_same_spacing():
+    aff = _oblique_affine((1.0, 1.0, 1.0))
+    shape, a = network_grid((11, 13, 7), aff, FULL)
+    assert shape == (11, 13, 7) and np.array_equal(a, aff)
+    shape2, a2 = network_grid((11, 13, 7), aff, FAST)
+    assert shape2 == (6, 6, 4)  # round(11 / 2), round(13 / 2), round(7 / 2) (round half to even)
+    np.testing.assert_allclose(np.linalg.norm(a2[:3, :3], axis=0), [2.0, 2.0, 2.0])
+
+
+def test_field_unit_matrix_goes_through_world_mm():
+    aff_in = _oblique_affine((1.0, 1.2, 0.9))
+    _, aff_net = network_grid((20, 20, 20), aff_in, FAST)
+    m_mm = field_vox_to_network_matrix(aff_in, aff_net, "mm")
+    m_vox = field_vox_to_network_matrix(aff_in, aff_net, "voxel")
+    u = np.array([1.0, -2.0, 0.5])
+    world = aff_in[:3, :3] @ u
+    # mm along the network axes: the world vector expressed in the network's (orthonormal) axis directions
+    np.testing.assert_allclose(m_mm @ u, (aff_net[:3, :3] / 2.0).T @ world, atol=1e-12)
+    np.testing.assert_allclose(m_vox @ u, np.linalg.solve(aff_net[:3, :3], world), atol=1e-12)
+    # same orientation: a 1-voxel step along j of the 1.2 mm input = 1.2 mm = 0.6 network voxel
+    np.testing.assert_allclose(m_mm @ [0, 1, 0], [0, 1.2, 0], atol=1e-12)
+    np.testing.assert_allclose(m_vox @ [0, 1, 0], [0, 0.6, 0], atol=1e-12)
+
+
+def test_resample_channels_matches_nibabel_in_interior():
+    aff = _oblique_affine((1.0, 1.2, 0.9))
+    img = np.random.default_rng(3).standard_normal((14, 12, 16)).astype(np.float32)
+    vol = Volume(img, aff)
+    shape, net_aff = network_grid(vol.shape, aff, FAST)
+    ours = resample_channels(torch.from_numpy(img)[None], aff, shape, net_aff)[0].numpy()
+    ref = vol.resample_to_grid(shape, net_aff).data  # nibabel / scipy map_coordinates, order 1
+    inner = (slice(1, -1),) * 3  # the border half-voxel differs by design (border vs constant padding)
+    np.testing.assert_allclose(ours[inner], ref[inner], atol=1e-4)
+
+
+def test_to_network_grid_normalises_masks_and_pads():
+    shape = (13, 17, 11)
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    img = _image(shape)
+    mask = np.zeros(shape, bool)
+    mask[3:10, 4:14, 3:8] = True
+    field = np.random.default_rng(1).standard_normal((3, *shape)).astype(np.float32)
+    ni = to_network_grid(Volume(img, aff), field, mask, FULL)
+    assert ni.tensor.shape == (1, 4, 16, 24, 16) and ni.same_grid
+    assert ni.pad == ((1, 2), (3, 4), (2, 3))
+    region = crop_pad(ni.mask, ni.pad).numpy()
+    assert np.array_equal(region, mask)
+    z = crop_pad(ni.image[0, 0], ni.pad).numpy()
+    assert z[mask].mean() == pytest.approx(0.0, abs=1e-5) and z[mask].std() == pytest.approx(1.0, abs=1e-4)
+    f = crop_pad(ni.field[0], ni.pad).numpy()
+    np.testing.assert_array_equal(f[:, mask], field[:, mask])  # 1 mm grid, mm units = voxel units
+    assert np.all(f[:, ~mask] == 0.0)
+    assert torch.all(ni.field[0, :, 0] == 0) and ni.image[0, 0, 0, 0, 0].item() == pytest.approx(z.min())
+    np.testing.assert_allclose(ni.padded_affine[:3, 3], -np.array([1.0, 3.0, 2.0]))
+
+
+def test_foreground_region_without_mask():
+    shape = (8, 8, 8)
+    img = _image(shape)
+    field = np.ones((3, *shape), np.float32)
+    ni = to_network_grid(Volume(img, np.eye(4)), field, None, FULL)
+    region = crop_pad(ni.mask, ni.pad).numpy()
+    assert np.array_equal(region, img > img.min())
+    assert torch.equal(ni.field[0, 0], ni.mask.float())
+
+
+@pytest.mark.parametrize("shape", [(13, 17, 11), (9, 10, 7)])
+def test_round_trip_shapes_and_constant_fields_are_exact_on_coarse_oblique_grid(shape):
+    aff = _oblique_affine((1.0, 1.2, 0.9))
+    img = np.ones(shape, np.float32)  # constant: the whole grid is the region (empty foreground -> all)
+    world = np.array([1.5, -0.7, 2.0])
+    u = np.linalg.solve(aff[:3, :3], world)
+    field = np.broadcast_to(u[:, None, None, None], (3, *shape)).astype(np.float32)
+    ni = to_network_grid(Volume(img, aff), field, np.ones(shape, bool), FAST)
+    assert not ni.same_grid
+    assert all(s % 8 == 0 for s in ni.tensor.shape[2:])
+    # network units: mm along the network axes
+    f_net = crop_pad(ni.field[0], ni.pad).numpy()
+    expected_net = field_vox_to_network_matrix(aff, ni.net_affine, "mm") @ u
+    np.testing.assert_allclose(f_net.reshape(3, -1).T, np.broadcast_to(expected_net, (f_net[0].size, 3)), atol=1e-5)
+    back = from_network_grid(ni.field, ni)
+    assert back.shape == (3, *shape) and back.dtype == np.float32
+    np.testing.assert_allclose(back, field, atol=1e-5)
+
+
+def test_linear_field_survives_round_trip_up_to_resampling_error():
+    shape = (21, 19, 15)
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    field = 0.05 * g[[1, 2, 0]] + 0.3  # linear: trilinear interpolation reproduces it inside the grid
+    ni = to_network_grid(Volume(np.ones(shape, np.float32), aff), field, np.ones(shape, bool), FAST)
+    back = from_network_grid(ni.field, ni)
+    # Exact (linear reproduced) away from the border. Within 2 voxels of it the border padding acts: the 2 mm
+    # grid over an odd extent (19 mm -> 10 voxels = 20 mm) has a last centre half a voxel outside the input,
+    # sampled at the edge value instead of extrapolated, and the first input centres lie a quarter network voxel
+    # before the first network centre. Bound: 1.5 input voxels x the slope 0.05 per voxel.
+    inner = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    np.testing.assert_allclose(back[inner], field[inner], atol=1e-4)
+    assert np.abs(back - field).max() <= 1.5 * 0.05 + 1e-4
+
+
+def test_field_to_network_grid_matches_input_channels():
+    shape = (12, 9, 10)
+    field = np.random.default_rng(5).standard_normal((3, *shape)).astype(np.float32)
+    img = _image(shape)
+    ni = to_network_grid(Volume(img, _oblique_affine()), field, None, FAST)
+    target = field_to_network_grid(field, ni)
+    assert target.shape == ni.field.shape
+    assert torch.allclose(target * ni.mask, ni.field, atol=1e-6)
+    assert torch.equal(field_to_network_grid(field, ni, zero_outside=True), target * ni.mask)
+
+
+def test_network_field_to_voxel():
+    f = torch.ones(1, 3, 2, 2, 2)
+    assert torch.equal(network_field_to_voxel(f, FAST), f / 2.0)
+    assert torch.equal(network_field_to_voxel(f, NetworkConfig(field_units="voxel", spacing_mm=2.0)), f)
+
+
+def test_zscore_degenerate_cases():
+    img = torch.full((3, 3, 3), 5.0)
+    z, mean, std = zscore(img, img > 5.0)  # empty region -> whole image; zero std -> 1
+    assert mean == 5.0 and std == 1.0 and torch.equal(z, torch.zeros_like(img))
+
+
+def test_bad_inputs_raise():
+    shape = (8, 8, 8)
+    vol = Volume(_image(shape), np.eye(4))
+    with pytest.raises(GeometryError, match="image grid"):
+        to_network_grid(vol, np.zeros((3, 8, 8, 7), np.float32), None, FULL)
+    with pytest.raises(GeometryError, match="brain mask"):
+        to_network_grid(vol, np.zeros((3, *shape), np.float32), np.ones((8, 8, 9)), FULL)
+    with pytest.raises(GeometryError, match="4 input channels"):
+        to_network_grid(vol, np.zeros((3, *shape), np.float32), None, NetworkConfig(in_channels=5))
+    ni = to_network_grid(vol, np.zeros((3, *shape), np.float32), None, FULL)
+    with pytest.raises(GeometryError, match="network output"):
+        from_network_grid(torch.zeros(1, 3, 8, 8, 16), ni)

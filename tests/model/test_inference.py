@@ -1,0 +1,94 @@
+"""Tests of the inference path (brainshift.model.inference.refine_field)."""
+
+import numpy as np
+import pytest
+import torch
+
+from brainshift.errors import BrainshiftError, GeometryError
+from brainshift.model.checkpoint import LoadedModel, load_weights, save_weights
+from brainshift.model.inference import refine_field, resolve_device
+from brainshift.model.network import NetworkConfig, build_network
+from brainshift.volume import Volume
+
+FAST = NetworkConfig(features=(4, 8, 16, 32), spacing_mm=2.0)
+FULL = NetworkConfig(features=(4, 8, 16, 32), spacing_mm=1.0)
+
+
+class _Identity(torch.nn.Module):
+    """A 'network' returning its input displacement channels unchanged."""
+
+    def forward(self, x):
+        return x[:, :3].clone()
+
+
+class _AddConstant(torch.nn.Module):
+    """Adds a constant vector (network units) to the input displacement channels."""
+
+    def __init__(self, vec):
+        super().__init__()
+        self.vec = torch.tensor(vec, dtype=torch.float32)
+
+    def forward(self, x):
+        return x[:, :3] + self.vec[None, :, None, None, None]
+
+
+def _case(shape, spacing=(1.0, 1.0, 1.0), seed=0):
+    rng = np.random.default_rng(seed)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = [-30.0, 10.0, 5.0]
+    img = np.zeros(shape, np.float32)
+    img[2:-2, 2:-2, 2:-2] = rng.uniform(1, 2, size=tuple(s - 4 for s in shape))
+    field = rng.standard_normal((3, *shape)).astype(np.float32)
+    return Volume(img, aff), field
+
+
+@pytest.mark.parametrize("config", [FULL, FAST], ids=["1mm", "2mm"])
+@pytest.mark.parametrize("shape", [(17, 13, 11), (16, 24, 8)])
+def test_identity_network_returns_initial_field_exactly_with_exact_shape(config, shape):
+    image, field = _case(shape)
+    out = refine_field(image, field, LoadedModel(_Identity(), config, {}))
+    assert out.shape == (3, *shape) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, field)  # residual 0 -> exactly the initial field, odd sizes included
+
+
+def test_constant_correction_comes_back_in_input_voxel_units():
+    # input spacing (1, 2, 0.5) mm, network at 2 mm with field_units mm: +1 mm along each network axis
+    # (same orientation as the input) is +1, +0.5, +2 voxels of the input grid.
+    image, field = _case((15, 9, 21), spacing=(1.0, 2.0, 0.5))
+    out = refine_field(image, field, LoadedModel(_AddConstant([1.0, 1.0, 1.0]), FAST, {}))
+    np.testing.assert_allclose(out - field, np.broadcast_to(np.array([1.0, 0.5, 2.0])[:, None, None, None],
+                                                            field.shape), atol=1e-5)
+    voxel_units = NetworkConfig(features=(4, 8), spacing_mm=2.0, field_units="voxel")
+    out_v = refine_field(image, field, LoadedModel(_AddConstant([1.0, 1.0, 1.0]), voxel_units, {}))
+    # one 2 mm network voxel = 2, 1, 4 input voxels
+    np.testing.assert_allclose(out_v - field, np.broadcast_to(np.array([2.0, 1.0, 4.0])[:, None, None, None],
+                                                              field.shape), atol=1e-5)
+
+
+def test_real_network_from_weights_file_runs_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "fast.safetensors"
+    save_weights(path, build_network(FAST), FAST, {"epoch": 1})
+    loaded = load_weights(path)
+    image, field = _case((19, 22, 15), spacing=(1.0, 1.0, 1.2))
+    mask = image.data > 0
+    a = refine_field(image, field, loaded, mask=mask, progress=True)
+    b = refine_field(image, field, loaded, mask=mask)
+    assert a.shape == field.shape and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)  # deterministic
+    assert np.abs(a - field).max() > 0  # random weights do change the field
+
+
+def test_bad_device_and_inputs():
+    image, field = _case((8, 8, 8))
+    loaded = LoadedModel(_Identity(), FULL, {})
+    if not torch.cuda.is_available():
+        with pytest.raises(BrainshiftError, match="expected a CUDA GPU"):
+            refine_field(image, field, loaded, device="cuda")
+    with pytest.raises(BrainshiftError, match="expected a torch device|expected device"):
+        resolve_device("tpu")
+    with pytest.raises(GeometryError, match="image grid"):
+        refine_field(image, field[:, :7], loaded)
+    with pytest.raises(GeometryError, match="brain mask"):
+        refine_field(image, field, loaded, mask=np.ones((8, 8, 9), bool))
+    assert resolve_device("cpu") == torch.device("cpu")
