@@ -116,6 +116,9 @@ def demo(
 from brainshift.evaluate.commands import evaluate_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)
+from brainshift.keypoints.commands import keypoints_command  # noqa: E402
+
+app.command("keypoints")(keypoints_command)
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,90 @@
+"""The ``brainshift keypoints`` command: detect 3-D keypoints in an image, write ``PREFIX.csv`` and ``PREFIX.key``.
+
+Top-level imports are light (typer, pathlib); numpy/scipy and the detector are imported inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from brainshift.cli import cli_errors
+
+
+@cli_errors
+def keypoints_command(
+    image: Path = typer.Argument(..., help="Image to detect keypoints in (NIfTI, NRRD or MetaImage)."),
+    mask: Path | None = typer.Option(None, "--mask", "-m", help="Region to restrict keypoints to (non-zero inside)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output prefix; writes PREFIX.csv and PREFIX.key (default: IMAGE stem + _keypoints)."
+    ),
+    max_keypoints: int | None = typer.Option(None, "--max", help="Keep at most N keypoints (strongest first)."),
+    sigma_min_mm: float = typer.Option(1.6, "--sigma-min-mm", help="Sigma (mm) of the first pyramid level."),
+    n_octaves: int = typer.Option(4, "--octaves", help="Number of octaves (each doubles sigma)."),
+    n_scales: int = typer.Option(3, "--scales", help="DoG levels searched per octave."),
+    contrast_threshold: float = typer.Option(0.05, "--contrast", help="Minimum normalised DoG response."),
+    edge_ratio: float = typer.Option(10.0, "--edge-ratio", help="Maximum Hessian eigenvalue ratio."),
+    min_distance_mm: float = typer.Option(3.0, "--min-distance-mm", help="Duplicate radius (mm)."),
+    border_mm: float = typer.Option(5.0, "--border-mm", help="Minimum distance from the mask boundary (mm)."),
+) -> None:
+    """Detect 3-D scale-space keypoints (DoG extrema, 3D SIFT-Rank style) and write them as CSV and .key.
+
+    PREFIX.csv has columns x,y,z,scale_mm,response in the voxel frame (0-based i, j, k); PREFIX.key uses the
+    3D SIFT-Rank text layout (voxel coordinates + 0.5 and scales in voxels, as that tool writes them).
+    """
+    import time
+
+    from brainshift.io.images import read_image
+    from brainshift.io.keypoints import write_sift_key
+    from brainshift.keypoints.detect import detect_keypoints
+
+    volume = read_image(image)
+    mask_volume = read_image(mask, kind="label") if mask is not None else None
+    start = time.perf_counter()
+    kp = detect_keypoints(
+        volume, mask_volume, sigma_min_mm=sigma_min_mm, n_octaves=n_octaves, n_scales=n_scales,
+        contrast_threshold=contrast_threshold, edge_ratio=edge_ratio, min_distance_mm=min_distance_mm,
+        border_mm=border_mm, max_keypoints=max_keypoints,
+    )
+    elapsed = time.perf_counter() - start
+    prefix = out if out is not None else image.parent / f"{_stem(image)}_keypoints"
+    if prefix.suffix.lower() in (".csv", ".key"):
+        prefix = prefix.with_suffix("")
+    csv_path = prefix.parent / f"{prefix.name}.csv"
+    key_path = prefix.parent / f"{prefix.name}.key"
+    write_keypoint_csv(csv_path, kp)
+    # .key scales are in voxels (SIFT-Rank ignores the voxel size): mm over the geometric-mean spacing
+    spacing = volume.spacing
+    write_sift_key(key_path, kp.points_vox, kp.scales_mm / float(spacing.prod() ** (1 / 3)), shape=volume.shape,
+                   spacing_mm=tuple(float(s) for s in spacing))
+    n_bright = int((kp.polarity > 0).sum())
+    typer.echo(f"{len(kp)} keypoints ({n_bright} bright, {len(kp) - n_bright} dark) in {elapsed:.2f} s; "
+               f"wrote {csv_path} and {key_path}")
+
+
+def write_keypoint_csv(path: Path, keypoints) -> Path:
+    """Write detected keypoints as CSV: a ``#`` comment line, then ``x,y,z,scale_mm,response`` rows.
+
+    ``x, y, z`` are 0-based voxel indices ``i, j, k`` of the image (voxel frame); ``scale_mm`` the DoG sigma in
+    mm; ``response`` the normalised DoG contrast (see :class:`brainshift.keypoints.detect.Keypoints`).
+    Written atomically.
+    """
+    import numpy as np
+
+    from brainshift.io.atomic import atomic_output
+
+    table = np.column_stack([keypoints.points_vox, keypoints.scales_mm, keypoints.responses])
+    with atomic_output(path) as tmp:
+        np.savetxt(tmp, table, fmt="%.4f", delimiter=",", comments="",
+                   header="# brainshift keypoints: frame voxel (0-based i,j,k); scale_mm = DoG sigma in mm; "
+                          "response = normalised DoG contrast\nx,y,z,scale_mm,response")
+    return Path(path)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem

@@ -1,0 +1,54 @@
+"""Tests of the ``brainshift keypoints`` command (typer CliRunner)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+
+from .test_detect import AFFINE, CENTRES, SHAPE, blob_image
+
+runner = CliRunner()
+
+
+def test_keypoints_command_writes_csv_and_key(tmp_path):
+    from brainshift.io.keypoints import read_sift_key
+
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    mask = tmp_path / "mask.nii.gz"
+    inside = np.zeros(SHAPE, dtype=np.uint8)
+    inside[:24] = 1  # blobs 0 and 2 only
+    nib.save(nib.Nifti1Image(inside, AFFINE), mask)
+
+    result = runner.invoke(app, ["keypoints", str(image), "--out", str(tmp_path / "kp")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("4 keypoints (3 bright, 1 dark)")
+    lines = (tmp_path / "kp.csv").read_text().splitlines()
+    assert lines[0].startswith("#") and "voxel" in lines[0]
+    assert lines[1] == "x,y,z,scale_mm,response"
+    table = np.loadtxt(tmp_path / "kp.csv", delimiter=",", skiprows=2)
+    assert table.shape == (4, 5)
+    for c in CENTRES:  # CSV points are 0-based voxel indices
+        assert np.min(np.linalg.norm(table[:, :3] - c, axis=1)) < 0.1
+    key_points = read_sift_key(tmp_path / "kp.key")  # the .key round trip gives the same voxel points
+    np.testing.assert_allclose(key_points, table[:, :3], atol=1e-3)
+
+    result = runner.invoke(app, ["keypoints", str(image), "--mask", str(mask), "--max", "1"])
+    assert result.exit_code == 0, result.output
+    default_csv = tmp_path / "blobs_keypoints.csv"  # default prefix: beside the image
+    table = np.loadtxt(default_csv, delimiter=",", skiprows=2, ndmin=2)
+    assert table.shape == (1, 5) and table[0, 0] < 24
+
+
+def test_keypoints_command_bad_input_exits_2(tmp_path):
+    result = runner.invoke(app, ["keypoints", str(tmp_path / "missing.nii.gz")])
+    assert result.exit_code == 2
+    assert "error:" in result.output
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    result = runner.invoke(app, ["keypoints", str(image), "--edge-ratio", "0.5"])
+    assert result.exit_code == 2 and "edge_ratio" in result.output
+    assert not list(tmp_path.glob("*.csv"))  # nothing written on error
