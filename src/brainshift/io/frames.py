@@ -149,3 +149,61 @@ def array_from_itk_order(array: np.ndarray) -> np.ndarray:
     if array.ndim == 4:
         return np.ascontiguousarray(np.transpose(array, (2, 1, 0, 3)))
     raise GeometryError(f"expected a 3-D or 4-D SimpleITK array, got {array.shape}")
+
+
+def field_to_world_vectors(field_vox: np.ndarray, affine: np.ndarray, frame: str = "lps") -> np.ndarray:
+    """Voxel-unit field ``(3, I, J, K)`` -> ``(I, J, K, 3)`` float64 world displacement vectors in ``frame``.
+
+    ``frame`` is ``"ras"`` (``A @ u``) or ``"lps"`` (``diag(-1, -1, 1) @ A @ u``, what ITK stores).
+
+    Convention: forward or backward alike; only the component frame and the axis layout change (components
+    move from the first to the last axis, the layout of ITK vector images and NIfTI vector intents).
+    """
+    frame = check_frame(frame)
+    if frame == "voxel":
+        raise GeometryError("expected a world frame 'ras' or 'lps' for field vectors, got 'voxel'")
+    m = check_affine(affine)[:3, :3]
+    if frame == "lps":
+        m = RAS_TO_LPS @ m
+    f = np.asarray(field_vox)
+    if f.ndim != 4 or f.shape[0] != 3:
+        raise GeometryError(f"expected a displacement field of shape (3, I, J, K), got {f.shape}")
+    return np.einsum("ab,bijk->ijka", m, f.astype(np.float64, copy=False))
+
+
+def world_vectors_to_field(vectors: np.ndarray, affine: np.ndarray, frame: str = "lps") -> np.ndarray:
+    """Inverse of :func:`field_to_world_vectors`: ``(I, J, K, 3)`` world vectors -> ``(3, I, J, K)`` float32.
+
+    Convention: the components become voxel units along ``i, j, k`` (``A^-1 @ d_ras``); forward or backward
+    alike.
+    """
+    frame = check_frame(frame)
+    if frame == "voxel":
+        raise GeometryError("expected a world frame 'ras' or 'lps' for field vectors, got 'voxel'")
+    m = check_affine(affine)[:3, :3]
+    if frame == "lps":
+        m = RAS_TO_LPS @ m
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim != 4 or v.shape[3] != 3:
+        raise GeometryError(f"expected world vectors of shape (I, J, K, 3), got {v.shape}")
+    return np.einsum("ab,ijkb->aijk", np.linalg.inv(m), v).astype(np.float32)
+
+
+def points_from_voxel(points_vox: np.ndarray, frame: str, affine: np.ndarray | None) -> np.ndarray:
+    """Inverse of :func:`points_to_voxel`: ``(N, 3)`` voxel indices -> points in ``frame`` (voxel | ras | lps)."""
+    frame = check_frame(frame)
+    p = np.asarray(points_vox, dtype=np.float64)
+    if frame == "voxel":
+        return p.copy()
+    ras = voxel_to_ras(p, affine)
+    return ras_to_lps(ras) if frame == "lps" else ras
+
+
+def vectors_from_voxel(vectors_vox: np.ndarray, frame: str, affine: np.ndarray | None) -> np.ndarray:
+    """Inverse of :func:`vectors_to_voxel`: ``(N, 3)`` voxel-unit vectors -> vectors in ``frame``."""
+    frame = check_frame(frame)
+    v = np.asarray(vectors_vox, dtype=np.float64)
+    if frame == "voxel":
+        return v.copy()
+    ras = voxel_vectors_to_ras(v, affine)
+    return ras_to_lps(ras) if frame == "lps" else ras

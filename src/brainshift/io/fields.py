@@ -1,0 +1,407 @@
+"""Displacement-field files, ITK transforms, inversion and warping.
+
+Convention (every field in memory, argument or return value here): float32 ``(3, I, J, K)`` on a grid with a
+voxel-to-RAS ``affine``, components in voxel units along ``i, j, k``; a *forward Lagrangian* field ``u``
+moves the preop point at voxel ``p`` to ``p + u(p)`` (intraop). :func:`invert_field` returns the *backward*
+field ``v`` on the same grid: the intraop point at voxel ``y`` came from the preop point ``y + v(y)``.
+
+On disk (details and the reasons in ``docs/fields.md``):
+
+- ``.h5``: an ITK ``DisplacementFieldTransform`` (HDF5 transform file, written by SimpleITK) whose
+  displacement image lies on the field's grid with vectors in LPS mm, so ``TransformPoint(x_lps)`` of a
+  preop point returns its intraop position ``x_lps + flip(A u)``.
+- ``.nii`` / ``.nii.gz``: 5-D ``(I, J, K, 1, 3)`` float64 NIfTI, intent ``NIFTI_INTENT_VECTOR`` (1007),
+  vector components in LPS mm: exactly what ITK's own NIfTI writer (and so ANTs) produces, so ITK-based
+  tools read it back unchanged as a displacement field.
+- ``.npz``: ``field`` float32 ``(3, I, J, K)`` in voxel units and ``affine`` float64 ``(4, 4)``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import GeometryError, InputFileError
+from brainshift.field import check_field
+from brainshift.io.atomic import atomic_output
+from brainshift.io.frames import (
+    affine_from_itk,
+    affine_to_itk,
+    array_from_itk_order,
+    array_to_itk_order,
+    check_affine,
+    field_to_world_vectors,
+    spacing_from_affine,
+    world_vectors_to_field,
+)
+from brainshift.volume import Volume
+
+FIELD_SUFFIXES = (".h5", ".hdf5", ".nii", ".nii.gz", ".npz")
+
+#: NIfTI intent codes for vector images (nifti1.h)
+NIFTI_INTENT_DISPVECT = 1006
+NIFTI_INTENT_VECTOR = 1007
+
+#: SimpleITK ``InvertDisplacementField`` settings (measured in bench/bench_io.py): iterations, max and mean
+#: residual tolerance in mm. ITK stops as soon as *either* tolerance is met, so the mean tolerance is set so
+#: low that the max tolerance decides (with a mean tolerance of 1e-4 mm it stopped at a 0.04 mm max residual).
+#: ``IterativeInverseDisplacementField`` was slower and less accurate on 160 x 192 x 144.
+INVERT_ITERATIONS = 50
+INVERT_MAX_ERROR_MM = 0.01
+INVERT_MEAN_ERROR_MM = 1e-6
+#: an inverse whose worst residual exceeds this (mm) is reported with a warning (the forward field may fold)
+INVERT_WARN_MM = 0.1
+
+
+def field_suffix(path: str | os.PathLike[str]) -> str:
+    """The lower-case field suffix of ``path`` (``.nii.gz`` counted as one), or ``""`` if unsupported."""
+    name = Path(path).name.lower()
+    for suffix in sorted(FIELD_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _check_suffix(path: Path) -> str:
+    suffix = field_suffix(path)
+    if not suffix:
+        raise InputFileError(f"expected a displacement field file ending in {', '.join(FIELD_SUFFIXES)}, "
+                             f"got {str(path)!r}")
+    return suffix
+
+
+# ----------------------------------------------------------------------------------------------- SimpleITK
+
+
+def _field_image(field_vox: np.ndarray, affine: np.ndarray):
+    """SimpleITK float64 vector image of LPS mm displacements on the grid ``(field.shape[1:], affine)``."""
+    import SimpleITK as sitk
+
+    vectors_lps = field_to_world_vectors(field_vox, affine, "lps")  # (I, J, K, 3)
+    img = sitk.GetImageFromArray(array_to_itk_order(vectors_lps), isVector=True)
+    origin, spacing, direction = affine_to_itk(affine)
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    return img
+
+
+def _field_from_image(img) -> tuple[np.ndarray, np.ndarray]:
+    """``(field_vox, affine)`` from a 3-D SimpleITK vector image of LPS mm displacements."""
+    import SimpleITK as sitk
+
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
+        raise InputFileError(f"expected a 3-D displacement field with 3 components, got dimension "
+                             f"{img.GetDimension()} with {img.GetNumberOfComponentsPerPixel()} components")
+    affine = affine_from_itk(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    vectors_lps = array_from_itk_order(sitk.GetArrayFromImage(img))  # (I, J, K, 3)
+    return world_vectors_to_field(vectors_lps, affine, "lps"), affine
+
+
+def field_to_sitk_transform(field_vox: np.ndarray, affine: np.ndarray):
+    """The ITK ``DisplacementFieldTransform`` of a field (SimpleITK object, float64, linear interpolation).
+
+    Args:
+        field_vox: ``(3, I, J, K)`` field in voxel units.
+        affine: 4x4 voxel-to-RAS affine of the field's grid.
+
+    Returns:
+        ``sitk.DisplacementFieldTransform`` whose displacement image is the field's grid in ITK (LPS) geometry
+        with vectors ``diag(-1, -1, 1) @ A @ u`` in mm, so ``TransformPoint(x)`` returns ``x + flip(A u(x))``
+        (linearly interpolated; zero displacement outside the grid). For a forward field this maps a preop
+        LPS point to its intraop position; resampling an image with it pulls the *intraop* image into preop
+        space. For the backward field of :func:`invert_field` it maps intraop points to preop points and
+        resampling the *preop* image with it gives the preop image warped into intraop space.
+
+    Convention: field forward (or backward) Lagrangian in voxel units along ``i, j, k``; transform in LPS mm.
+
+    Raises:
+        GeometryError: malformed field or affine.
+    """
+    import SimpleITK as sitk
+
+    f = check_field(field_vox)
+    a = check_affine(affine)
+    return sitk.DisplacementFieldTransform(_field_image(f, a))
+
+
+def _displacement_transform(tx, path: Path):
+    """The ``DisplacementFieldTransform`` inside ``tx`` (itself, or the only transform of a composite)."""
+    import SimpleITK as sitk
+
+    name = tx.GetName()
+    if name == "CompositeTransform":
+        comp = sitk.CompositeTransform(tx)
+        n = comp.GetNumberOfTransforms()
+        inner = [comp.GetNthTransform(i) for i in range(n)]
+        names = [t.GetName() for t in inner]
+        if n != 1 or names[0] != "DisplacementFieldTransform":
+            raise InputFileError(f"expected a DisplacementFieldTransform (or a composite holding exactly one) in "
+                                 f"{str(path)!r}, got a composite of {names}")
+        tx, name = inner[0], names[0]
+    if name != "DisplacementFieldTransform":
+        raise InputFileError(f"expected a DisplacementFieldTransform in {str(path)!r}, got a {name}")
+    return sitk.DisplacementFieldTransform(tx)
+
+
+# ---------------------------------------------------------------------------------------------- write / read
+
+
+def write_field(path: str | os.PathLike[str], field_vox: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a displacement field atomically; the format follows the extension.
+
+    - ``.h5`` / ``.hdf5``: ITK ``DisplacementFieldTransform`` (see :func:`field_to_sitk_transform` for what
+      ``TransformPoint`` returns), written with ``sitk.WriteTransform``.
+    - ``.nii`` / ``.nii.gz``: float64 ``(I, J, K, 1, 3)`` vector image, intent ``NIFTI_INTENT_VECTOR``
+      (1007), components LPS mm (``diag(-1, -1, 1) @ A @ u``, ``A`` as stored in the header's float32 sform,
+      so :func:`read_field` returns ``u`` bit for bit), sform and qform = ``affine`` (code 1), units mm.
+      This is the layout ITK's NIfTI writer produces for a vector image (ANTs warps included); SimpleITK 2.5
+      reads such a file back without touching the components. (Intent ``DISPVECT`` (1006)
+      would make ITK >= 5.4 flip the first two components on reading, i.e. 1006 files hold RAS vectors.)
+    - ``.npz``: ``field`` float32 ``(3, I, J, K)`` (voxel units), ``affine`` float64 ``(4, 4)``.
+
+    Args:
+        path: output path.
+        field_vox: ``(3, I, J, K)`` field in voxel units.
+        affine: 4x4 voxel-to-RAS affine of the field's grid.
+
+    Returns:
+        The path written.
+
+    Convention: forward (or backward) Lagrangian field in voxel units along ``i, j, k``; stored as such in
+    ``.npz``, as LPS mm vectors in ``.h5`` and ``.nii``.
+
+    Raises:
+        InputFileError: unsupported extension. GeometryError: malformed field or affine.
+    """
+    p = Path(path)
+    suffix = _check_suffix(p)
+    f = check_field(field_vox)
+    a = check_affine(affine)
+    if suffix in (".h5", ".hdf5"):
+        import SimpleITK as sitk
+
+        tx = field_to_sitk_transform(f, a)
+        with atomic_output(p) as tmp:
+            sitk.WriteTransform(tx, str(tmp))
+    elif suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        from brainshift.io.images import set_nifti_affine
+
+        img = nib.Nifti1Image(np.zeros((1, 1, 1, 1, 3), np.float64), a)
+        set_nifti_affine(img, a)
+        # components from the affine exactly as the header stores it (float32 sform) and kept in float64, so
+        # that read_field(write_field(u)) == u bit for bit
+        a_stored = img.header.get_best_affine()
+        vectors_lps = field_to_world_vectors(f, a_stored, "lps")[:, :, :, None, :]
+        img = nib.Nifti1Image(vectors_lps, a_stored, header=img.header)
+        set_nifti_affine(img, a_stored)
+        img.header.set_intent(NIFTI_INTENT_VECTOR, (), name="")
+        img.header.set_xyzt_units("mm", "sec")
+        with atomic_output(p) as tmp:
+            nib.save(img, str(tmp))
+    else:  # .npz
+        with atomic_output(p) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, field=f, affine=a)
+    return p
+
+
+def read_field(path: str | os.PathLike[str], reference: Volume | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a displacement field written by :func:`write_field` or by ITK-based tools.
+
+    - ``.h5`` / ``.hdf5``: ``sitk.ReadTransform``; a ``DisplacementFieldTransform`` or a composite holding
+      exactly one; its displacement image gives the grid and the LPS mm vectors.
+    - ``.nii`` / ``.nii.gz``: 5-D ``(I, J, K, 1, 3)`` vector NIfTI read with nibabel (grid = nibabel's affine).
+      Components are read the way ITK 5.4 reads them: intent ``DISPVECT`` (1006) holds RAS mm vectors,
+      any other intent (``VECTOR`` 1007, as written by ITK/ANTs and by :func:`write_field`) LPS mm vectors.
+    - ``.npz``: arrays ``field`` ``(3, I, J, K)`` (voxel units) and ``affine`` ``(4, 4)``.
+
+    Args:
+        path: field file.
+        reference: if given, the field's grid must be this volume's grid (shape equal, affine to 1e-3 mm).
+
+    Returns:
+        ``(field_vox, affine)``: float32 ``(3, I, J, K)`` field in voxel units and its 4x4 voxel-to-RAS affine.
+
+    Convention: the field is returned exactly as stored (forward Lagrangian for brainshift's own outputs),
+    components converted to voxel units along ``i, j, k``.
+
+    Raises:
+        InputFileError: missing, unreadable or unsupported file, or not a 3-D 3-component field.
+        GeometryError: the field's grid differs from ``reference``'s.
+    """
+    p = Path(path)
+    suffix = _check_suffix(p)
+    if not p.is_file():
+        raise InputFileError(f"expected an existing displacement field file, got {str(p)!r} (not found)")
+    if suffix in (".h5", ".hdf5"):
+        field, affine = _read_h5(p)
+    elif suffix in (".nii", ".nii.gz"):
+        field, affine = _read_nifti_field(p)
+    else:
+        field, affine = _read_npz(p)
+    try:
+        field = check_field(field)
+        affine = check_affine(affine)
+    except GeometryError as exc:
+        raise InputFileError(f"expected a valid displacement field in {str(p)!r}: {exc}") from None
+    if reference is not None:
+        check_same_grid(field.shape[1:], affine, reference, what=f"field {str(p)!r}")
+    return field, affine
+
+
+def check_same_grid(shape, affine: np.ndarray, reference: Volume, what: str = "field") -> None:
+    """Raise :class:`GeometryError` unless ``(shape, affine)`` is ``reference``'s grid (affine to 1e-3 mm)."""
+    shape = tuple(int(s) for s in shape)
+    a = check_affine(affine)
+    if shape == reference.shape and np.allclose(a, reference.affine, atol=1e-3, rtol=0):
+        return
+    sp_ref = tuple(round(float(s), 4) for s in reference.spacing)
+    sp = tuple(round(float(s), 4) for s in spacing_from_affine(a))
+    detail = ""
+    if shape == reference.shape and sp == sp_ref:
+        diff = float(np.abs(a - reference.affine).max())
+        detail = f" (same shape and spacing but the affines differ by up to {diff:.4g} mm)"
+    raise GeometryError(f"expected a field on the image grid (shape {reference.shape}, spacing {sp_ref} mm), "
+                        f"got {what} with shape {shape}, spacing {sp} mm{detail}")
+
+
+def _read_h5(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        tx = sitk.ReadTransform(str(p))
+    except RuntimeError as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise InputFileError(f"expected a readable ITK transform file, got {str(p)!r}: "
+                             f"{lines[-1].strip() if lines else exc}") from None
+    dft = _displacement_transform(tx, p)
+    return _field_from_image(dft.GetDisplacementField())
+
+
+def _read_nifti_field(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        data = np.asarray(img.dataobj, dtype=np.float64)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        intent = int(img.header["intent_code"])
+    except Exception as exc:  # nibabel raises many types
+        raise InputFileError(f"expected a readable NIfTI vector field, got {str(p)!r}: {exc}") from None
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != 3:
+        raise InputFileError(f"expected a 5-D NIfTI vector field of shape (I, J, K, 1, 3), got shape {data.shape} "
+                             f"in {str(p)!r}")
+    frame = "ras" if intent == NIFTI_INTENT_DISPVECT else "lps"
+    try:
+        return world_vectors_to_field(data[:, :, :, 0, :], affine, frame), affine
+    except GeometryError as exc:
+        raise InputFileError(f"expected a valid NIfTI vector field in {str(p)!r}: {exc}") from None
+
+
+def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            if not {"field", "affine"} <= keys:
+                raise InputFileError(f"expected arrays 'field' and 'affine' in {str(p)!r}, got {sorted(keys)}")
+            return np.asarray(z["field"]), np.asarray(z["affine"], dtype=np.float64)
+    except InputFileError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, OSError, ValueError (pickled arrays)
+        raise InputFileError(f"expected a readable .npz field file, got {str(p)!r}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ invert and warp
+
+
+def invert_field(field_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse (backward, Eulerian) field of a forward field, on the same grid.
+
+    Uses SimpleITK ``InvertDisplacementField`` (ITK ``InvertDisplacementFieldImageFilter``, fixed-point
+    iteration of Chen et al. 2008 as implemented for ANTs; boundary displacement held at zero) with
+    ``INVERT_ITERATIONS`` iterations and tolerances ``INVERT_MAX_ERROR_MM`` / ``INVERT_MEAN_ERROR_MM``.
+    It was measured more accurate and faster than ``IterativeInverseDisplacementField`` on 160 x 192 x 144
+    (bench/bench_io.py). A warning is issued if the worst residual stays above ``INVERT_WARN_MM`` mm, which
+    happens where the forward field folds (no inverse exists there).
+
+    Args:
+        field_vox: ``(3, I, J, K)`` forward field in voxel units.
+        affine: 4x4 voxel-to-RAS affine of its grid.
+
+    Returns:
+        ``(3, I, J, K)`` float32 backward field ``v`` in voxel units on the same grid: the intraop point at
+        voxel ``y`` is the preop point ``y + v(y)``; equivalently ``p + u(p) + v(p + u(p)) = p``.
+
+    Convention: input forward Lagrangian (preop ``p`` -> intraop ``p + u(p)``); output backward Eulerian
+    (intraop ``y`` -> preop ``y + v(y)``), both voxel units along ``i, j, k``.
+
+    Raises:
+        GeometryError: malformed field or affine.
+    """
+    import SimpleITK as sitk
+
+    f = check_field(field_vox)
+    a = check_affine(affine)
+    flt = sitk.InvertDisplacementFieldImageFilter()
+    flt.SetMaximumNumberOfIterations(INVERT_ITERATIONS)
+    flt.SetMaxErrorToleranceThreshold(INVERT_MAX_ERROR_MM)
+    flt.SetMeanErrorToleranceThreshold(INVERT_MEAN_ERROR_MM)
+    flt.SetEnforceBoundaryCondition(True)
+    inv_img = flt.Execute(_field_image(f, a))
+    if flt.GetMaxErrorNorm() > INVERT_WARN_MM:
+        warnings.warn(f"the inverse field's worst residual is {flt.GetMaxErrorNorm():.3g} mm (tolerance "
+                      f"{INVERT_MAX_ERROR_MM} mm): the forward field may fold or be too large to invert there",
+                      stacklevel=2)
+    inv, _ = _field_from_image(inv_img)
+    return inv
+
+
+def warp_image(volume: Volume, field_vox: np.ndarray, affine: np.ndarray, *,
+               inverse_field: np.ndarray | None = None) -> Volume:
+    """The preop image resampled into intraop space: ``out(y) = volume(y + v(y))``.
+
+    The backward field ``v`` (``inverse_field``, or :func:`invert_field` of ``field_vox`` if not given) is
+    turned into an ITK ``DisplacementFieldTransform`` and ``sitk.Resample`` pulls ``volume`` through it onto
+    the field's grid: linear interpolation for intensity volumes, nearest neighbour for labels; points that
+    fall outside ``volume`` get 0.
+
+    Args:
+        volume: the preop image (any grid; usually the field's grid).
+        field_vox: ``(3, I, J, K)`` forward field in voxel units on the grid ``affine``.
+        affine: 4x4 voxel-to-RAS affine of the field's grid (also the output grid).
+        inverse_field: the backward field of ``field_vox`` on the same grid, if already computed.
+
+    Returns:
+        A :class:`Volume` on the field's grid (float32 for intensity, the input's integer type for labels).
+
+    Convention: ``field_vox`` forward Lagrangian, ``inverse_field`` backward Eulerian (intraop ``y`` ->
+    preop ``y + v(y)``), both in voxel units along ``i, j, k``.
+
+    Raises:
+        GeometryError: malformed fields, or an inverse field on another grid.
+    """
+    import SimpleITK as sitk
+
+    from brainshift.io.images import volume_from_sitk, volume_to_sitk
+
+    f = check_field(field_vox)
+    a = check_affine(affine)
+    inv = invert_field(f, a) if inverse_field is None else check_field(inverse_field, f.shape[1:])
+    tx = field_to_sitk_transform(inv, a)
+    ref = sitk.Image([int(s) for s in f.shape[1:]], sitk.sitkUInt8)
+    origin, spacing, direction = affine_to_itk(a)
+    ref.SetOrigin(origin)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(direction)
+    if volume.kind == "label":
+        src = volume_to_sitk(volume)
+        out = sitk.Resample(src, ref, tx, sitk.sitkNearestNeighbor, 0, src.GetPixelID())
+    else:
+        src = volume_to_sitk(Volume(np.asarray(volume.data, dtype=np.float32), volume.affine))
+        out = sitk.Resample(src, ref, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return volume_from_sitk(out, volume.kind)

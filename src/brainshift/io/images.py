@@ -1,0 +1,202 @@
+"""Read and write 3-D images as :class:`~brainshift.volume.Volume`.
+
+Readers:
+
+- NIfTI (``.nii``, ``.nii.gz``) through nibabel; the affine is nibabel's ``img.affine`` (sform if set, else
+  qform), which is the voxel-to-RAS+ mm map.
+- NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) through SimpleITK; ITK's LPS geometry
+  (origin, spacing, direction) becomes a voxel-to-RAS affine with :func:`brainshift.io.frames.affine_from_itk`
+  and the ``(z, y, x)`` NumPy view becomes nibabel order with :func:`~brainshift.io.frames.array_from_itk_order`.
+
+Only NIfTI is written. Conversions between :class:`Volume` and SimpleITK images (used for ITK resampling)
+are :func:`volume_to_sitk` and :func:`volume_from_sitk`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import InputFileError
+from brainshift.io.atomic import atomic_output
+from brainshift.io.frames import affine_from_itk, affine_to_itk, array_from_itk_order, array_to_itk_order
+from brainshift.volume import Kind, Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+
+def image_suffix(path: str | os.PathLike[str]) -> str:
+    """The lower-case image suffix of ``path`` (``.nii.gz`` counted as one suffix), or ``""`` if unknown."""
+    name = Path(path).name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputFileError(f"expected an existing {what} file, got {str(path)!r} (not found)")
+    if path.is_dir():
+        raise InputFileError(f"expected a {what} file, got a directory {str(path)!r}")
+
+
+def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume:
+    """Read a 3-D image file into a :class:`Volume`.
+
+    Trailing singleton dimensions (e.g. ``(I, J, K, 1)``) are dropped. Intensity images become float32
+    (NIfTI scaling ``scl_slope/scl_inter`` applied); label images keep their integer type (float files whose
+    values are all integers are converted to int32).
+
+    Args:
+        path: ``.nii``, ``.nii.gz`` (nibabel), ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` (SimpleITK).
+        kind: ``"intensity"`` or ``"label"``.
+
+    Returns:
+        The volume: data ``(I, J, K)`` in nibabel voxel order, 4x4 voxel-to-RAS mm affine.
+
+    Raises:
+        InputFileError: missing, unreadable or unsupported file; a genuine 4-D (or 2-D, or vector-valued)
+            image; label image with non-integer values. The message names the path.
+    """
+    p = Path(path)
+    suffix = image_suffix(p)
+    if not suffix:
+        raise InputFileError(f"expected an image file ending in {', '.join(IMAGE_SUFFIXES)}, got {str(p)!r}")
+    _check_readable(p, "image")
+    if kind not in ("intensity", "label"):
+        raise InputFileError(f"expected image kind 'intensity' or 'label', got {kind!r}")
+    if suffix in NIFTI_SUFFIXES:
+        data, affine = _read_nifti(p)
+    else:
+        data, affine = _read_itk(p)
+    data = _squeeze_to_3d(data, p)
+    return Volume(_cast(data, kind, p), affine, kind)
+
+
+def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel raises many types (ImageFileError, OSError, EOFError, zlib.error...)
+        raise InputFileError(f"expected a readable NIfTI image, got {str(p)!r}: {exc}") from None
+    return data, affine
+
+
+def _read_itk(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()
+        raise InputFileError(f"expected a readable image, got {str(p)!r}: {msg[-1] if msg else exc}") from None
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    size = list(img.GetSize())  # ITK index order (i, j, k[, t])
+    if ncomp != 1:
+        raise InputFileError(f"expected a scalar 3-D image, got {ncomp} components per voxel in {str(p)!r}")
+    dim = img.GetDimension()
+    if dim < 3:
+        raise InputFileError(f"expected a 3-D image, got a {dim}-D image of size {tuple(size)} in {str(p)!r}")
+    # ITK's NumPy view is C-ordered (t, k, j, i): reverse the index to nibabel order (i, j, k, t)
+    arr = np.transpose(sitk.GetArrayFromImage(img), tuple(range(dim))[::-1])
+    if dim > 3:
+        # keep the spatial 3x3 block of the N-D geometry; extra dims must be singletons (checked by the caller)
+        direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
+        affine = affine_from_itk(img.GetOrigin()[:3], img.GetSpacing()[:3], direction.ravel())
+    else:
+        affine = affine_from_itk(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    return np.ascontiguousarray(arr), affine
+
+
+def _squeeze_to_3d(data: np.ndarray, p: Path) -> np.ndarray:
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputFileError(f"expected a 3-D image, got shape {tuple(shape)} in {str(p)!r}")
+    return data
+
+
+def _cast(data: np.ndarray, kind: str, p: Path) -> np.ndarray:
+    if kind == "intensity":
+        return np.asarray(data, dtype=np.float32)
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+        return np.asarray(data) if data.dtype != bool else data.astype(np.uint8)
+    finite = np.isfinite(data)
+    if not finite.all() or not np.array_equal(data, np.round(data)):
+        raise InputFileError(f"expected integer labels, got non-integer values in {str(p)!r}")
+    return data.astype(np.int32)
+
+
+def write_image(volume: Volume, path: str | os.PathLike[str]) -> Path:
+    """Write ``volume`` as NIfTI (``.nii`` or ``.nii.gz``) atomically.
+
+    The affine goes into both the sform and the qform (code 1, scanner) when it has no shear, so readers that
+    prefer either (nibabel, ITK, FSL) agree; float32 for intensities, int16/int32 for labels
+    (:meth:`Volume.to_nifti`).
+
+    Args:
+        volume: the image to write.
+        path: target path ending in ``.nii`` or ``.nii.gz``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputFileError: if ``path`` is not a NIfTI path.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if image_suffix(p) not in NIFTI_SUFFIXES:
+        raise InputFileError(f"expected an output image path ending in .nii or .nii.gz, got {str(p)!r}")
+    img = volume.to_nifti()
+    set_nifti_affine(img, volume.affine)
+    with atomic_output(p) as tmp:
+        nib.save(img, str(tmp))
+    return p
+
+
+def set_nifti_affine(img, affine: np.ndarray) -> None:
+    """Put ``affine`` in a nibabel NIfTI image's sform (code 1) and, if it has no shear, its qform (code 1)."""
+    a = np.asarray(affine, dtype=np.float64)
+    img.set_sform(a, code=1)
+    m = a[:3, :3]
+    gram = m.T @ m
+    off = gram - np.diag(np.diag(gram))
+    if np.abs(off).max() <= 1e-6 * np.abs(np.diag(gram)).max():
+        img.set_qform(a, code=1)
+    else:
+        img.set_qform(None, code=0)
+
+
+def volume_to_sitk(volume: Volume):
+    """A SimpleITK image (LPS geometry) holding ``volume``'s data; the inverse of :func:`volume_from_sitk`."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array_to_itk_order(np.asarray(volume.data)))
+    origin, spacing, direction = affine_to_itk(volume.affine)
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    return img
+
+
+def volume_from_sitk(image, kind: Kind = "intensity") -> Volume:
+    """A :class:`Volume` from a scalar 3-D SimpleITK image (LPS geometry converted to a voxel-to-RAS affine)."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputFileError(f"expected a scalar 3-D SimpleITK image, got dimension {image.GetDimension()} with "
+                             f"{image.GetNumberOfComponentsPerPixel()} components")
+    data = array_from_itk_order(sitk.GetArrayFromImage(image))
+    affine = affine_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    return Volume(data, affine, kind)

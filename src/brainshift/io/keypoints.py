@@ -1,0 +1,578 @@
+"""Keypoint files: displacement tables, 3D SIFT-Rank ``.key`` files, 3D Slicer markups; validation.
+
+Every reader returns keypoints in brainshift's convention: ``points_vox`` ``(N, 3)`` float64 continuous
+0-based voxel indices ``(i, j, k)`` of the preop image and ``disps_vox`` ``(N, 3)`` float64 displacements in
+voxel units along ``i, j, k``: the preop point ``p`` moves to ``p + d`` intraop. World frames (RAS, LPS)
+are converted with :mod:`brainshift.io.frames`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import InputFileError, KeypointError
+from brainshift.io.atomic import atomic_output
+from brainshift.io.frames import (
+    check_frame,
+    points_from_voxel,
+    points_to_voxel,
+    vectors_from_voxel,
+    vectors_to_voxel,
+)
+
+TABLE_COLUMNS = ("x", "y", "z", "dx", "dy", "dz")
+TABLE_SUFFIXES = (".csv", ".txt")
+MARKUP_SUFFIXES = (".fcsv", ".mrk.json")
+KEY_SUFFIX = ".key"
+#: 3D SIFT-Rank reports the centre of 0-based voxel ``i`` as ``i + 0.5`` (see shared/reference/biomechanics.md)
+SIFT_KEY_OFFSET_VOX = 0.5
+#: columns of a 3D SIFT-Rank row: x y z scale, 3x3 orientation, 3 eigenvalues, info flag, 64 descriptor values
+SIFT_KEY_COLUMNS = 4 + 9 + 3 + 1 + 64
+#: coplanarity threshold: smallest / largest singular value of the centred points
+COPLANAR_RTOL = 1e-3
+#: locations closer than this (voxels) are the same location; displacements closer than this are identical
+DUPLICATE_ATOL_VOX = 1e-6
+#: points at most this far (voxels) outside ``[0, shape - 1]`` (rounding in frame conversions) are accepted
+INSIDE_ATOL_VOX = 1e-6
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".mrk.json", ".fcsv", ".csv", ".txt", ".key"):
+        if name.endswith(s):
+            return s
+    return ""
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.exists():
+        raise InputFileError(f"expected an existing {what} file, got {str(path)!r} (not found)")
+    if path.is_dir():
+        raise InputFileError(f"expected a {what} file, got a directory {str(path)!r}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"expected a readable text {what} file, got {str(path)!r}: {exc}") from None
+
+
+def _need_affine(frame: str, affine, path: Path) -> None:
+    if frame != "voxel" and affine is None:
+        raise KeypointError(f"expected the image affine to convert {frame} keypoints in {str(path)!r} to voxels, "
+                            f"got none")
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _split(line: str) -> list[str]:
+    if "," in line:
+        return [t.strip() for t in line.split(",")]
+    return line.split()
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
+                        affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a keypoint displacement table ``x, y, z, dx, dy, dz``.
+
+    Format: CSV or TXT, one keypoint per line, six numbers separated by commas, tabs or spaces; blank lines
+    and lines starting with ``#`` are ignored. The first line may be a header naming the six columns
+    ``x, y, z, dx, dy, dz`` (any order, case-insensitive); a header with other names is an error. The point
+    ``(x, y, z)`` moves to ``(x + dx, y + dy, z + dz)``, all in ``frame``.
+
+    Args:
+        path: the table.
+        frame: ``"voxel"`` (0-based ``i, j, k``, voxel units; default), ``"ras"`` or ``"lps"`` (mm).
+        affine: the preop image's 4x4 voxel-to-RAS affine; required for ``ras`` / ``lps``.
+
+    Returns:
+        ``(points_vox, disps_vox)``: ``(N, 3)`` float64 voxel indices and voxel-unit displacements
+        (points converted with ``frames.points_to_voxel``, displacements with ``frames.vectors_to_voxel``).
+
+    Raises:
+        InputFileError: missing or unreadable file.
+        KeypointError: bad header, wrong column count, non-numeric, NaN or inf values (naming the line), no
+            rows, or a world frame without an affine.
+    """
+    p = Path(path)
+    frame = check_frame(frame)
+    text = _read_text(p, "keypoint table")
+    rows: list[list[float]] = []
+    order = list(range(6))
+    first = True
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        tokens = _split(line)
+        if first and not any(_is_number(t) for t in tokens):
+            names = [t.strip().strip("\"'").lower() for t in tokens]
+            if sorted(names) != sorted(TABLE_COLUMNS):
+                raise KeypointError(f"expected a header naming the columns {','.join(TABLE_COLUMNS)} (or no header) "
+                                    f"on line {lineno} of {str(p)!r}, got {line!r}")
+            order = [names.index(c) for c in TABLE_COLUMNS]
+            first = False
+            continue
+        first = False
+        if len(tokens) != 6:
+            raise KeypointError(f"expected 6 columns x,y,z,dx,dy,dz on line {lineno} of {str(p)!r}, "
+                                f"got {len(tokens)}: {line!r}")
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError:
+            raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {line!r}") from None
+        if not all(np.isfinite(values)):
+            raise KeypointError(f"expected finite numbers on line {lineno} of {str(p)!r}, got {line!r}")
+        rows.append([values[i] for i in order])
+    if not rows:
+        raise KeypointError(f"expected at least one keypoint row x,y,z,dx,dy,dz in {str(p)!r}, got none")
+    table = np.asarray(rows, dtype=np.float64)
+    _need_affine(frame, affine, p)
+    return points_to_voxel(table[:, :3], frame, affine), vectors_to_voxel(table[:, 3:], frame, affine)
+
+
+def write_keypoint_table(path: str | os.PathLike[str], points_vox: np.ndarray, disps_vox: np.ndarray,
+                         frame: str = "voxel", affine: np.ndarray | None = None) -> Path:
+    """Write a keypoint table (header ``x,y,z,dx,dy,dz``, comma-separated, shortest exact float text).
+
+    Args:
+        path: output ``.csv`` / ``.txt`` path (written atomically).
+        points_vox: ``(N, 3)`` voxel indices.
+        disps_vox: ``(N, 3)`` voxel-unit displacements.
+        frame: frame of the written values: ``"voxel"`` (default), ``"ras"`` or ``"lps"`` (mm).
+        affine: 4x4 voxel-to-RAS affine; required for ``ras`` / ``lps``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        KeypointError: arrays not ``(N, 3)`` of equal length, or a world frame without an affine.
+    """
+    p = Path(path)
+    frame = check_frame(frame)
+    pts, dsp = _check_pairs(points_vox, disps_vox)
+    _need_affine(frame, affine, p)
+    pts_out = points_from_voxel(pts, frame, affine)
+    dsp_out = vectors_from_voxel(dsp, frame, affine)
+    lines = [",".join(TABLE_COLUMNS)]
+    for a, b in zip(pts_out, dsp_out, strict=True):
+        lines.append(",".join(repr(float(v)) for v in (*a, *b)))
+    with atomic_output(p) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
+    pts = np.asarray(points_vox, dtype=np.float64)
+    dsp = np.asarray(disps_vox, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or dsp.shape != pts.shape:
+        raise KeypointError(f"expected keypoints and displacements of equal shape (N, 3), got {pts.shape} and "
+                            f"{dsp.shape}")
+    return pts, dsp
+
+
+# ------------------------------------------------------------------------------------------- SIFT-Rank .key
+
+
+def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
+    """Keypoint locations from a 3D SIFT-Rank ``.key`` file (Chauvin et al. 2020, ``featExtract``).
+
+    Layout: a 6-line header (``# featExtract ...``, ``# Extraction Voxel Resolution (ijk) : ...``,
+    ``# Extraction Voxel Size (mm) ...``, ``# Feature Coordinate Space: ...``, ``Features: N``,
+    ``Scale-space location[x y z scale] orientation[...] ...``), then one tab-separated row per feature:
+    ``x y z scale``, 9 orientation values, 3 eigenvalues, an info flag and 64 descriptor values (trailing
+    tabs allowed). Voxel-mode ``x y z`` follow nibabel's ``i j k`` but report the centre of voxel ``i`` as
+    ``i + 0.5`` (measured; shared/reference/biomechanics.md), so 0.5 is subtracted. Only the first four
+    columns are used; a location listed several times (one row per orientation) is kept once, in order of
+    first appearance.
+
+    Args:
+        path: the ``.key`` file (voxel coordinate mode).
+
+    Returns:
+        ``(N, 3)`` float64 unique 0-based voxel indices.
+
+    Raises:
+        InputFileError: missing or unreadable file.
+        KeypointError: header not found, a file in world (millimetre) coordinate mode, rows with fewer than 4
+            numbers or non-numeric/non-finite values (naming the line), no features.
+    """
+    p = Path(path)
+    lines = _read_text(p, ".key").splitlines()
+    start = None
+    for n, line in enumerate(lines[:20]):
+        low = line.strip().lower()
+        if low.startswith("#") and "coordinate space" in low and ("millimet" in low or "mm" in low.split(":")[-1]):
+            raise KeypointError(f"expected a .key file in voxel coordinates in {str(p)!r}, got "
+                                f"{line.strip().lstrip('#').strip()!r}")
+        if low.startswith("scale-space"):
+            start = n + 1
+            break
+    if start is None:
+        raise KeypointError(f"expected a 3D SIFT-Rank .key header ending with a 'Scale-space location...' line "
+                            f"in {str(p)!r}, got none in the first 20 lines")
+    locs = []
+    for lineno, raw in enumerate(lines[start:], start=start + 1):
+        tokens = raw.split()
+        if not tokens:
+            continue
+        if len(tokens) < 4:
+            raise KeypointError(f"expected at least x y z scale on line {lineno} of {str(p)!r}, got {raw.strip()!r}")
+        try:
+            xyz = [float(t) for t in tokens[:3]]
+        except ValueError:
+            raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {raw.strip()[:80]!r}") from None
+        if not all(np.isfinite(xyz)):
+            raise KeypointError(f"expected finite coordinates on line {lineno} of {str(p)!r}, got {tokens[:3]}")
+        locs.append(xyz)
+    if not locs:
+        raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
+    pts = np.asarray(locs, dtype=np.float64) - SIFT_KEY_OFFSET_VOX
+    _, first = np.unique(pts, axis=0, return_index=True)
+    return pts[np.sort(first)]
+
+
+def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales: np.ndarray | float = 1.0,
+                   shape: tuple[int, int, int] | None = None,
+                   spacing_mm: tuple[float, float, float] | None = None) -> Path:
+    """Write keypoint locations in the 3D SIFT-Rank ``.key`` text layout (voxel coordinate mode).
+
+    The header has the six lines of ``featExtract 1.1`` (resolution and voxel size from ``shape`` and
+    ``spacing_mm`` if given, else zeros and ones); each row is tab-separated: ``x y z`` = ``points_vox + 0.5``
+    (SIFT-Rank's voxel-centre convention), ``scale``, then an identity orientation, zero eigenvalues, a zero
+    info flag and 64 zero descriptor values. Such a file carries locations only: it is meant for tools that
+    read ``.key`` locations (and for :func:`read_sift_key`), not for descriptor matching.
+
+    Args:
+        path: output path (written atomically).
+        points_vox: ``(N, 3)`` 0-based voxel indices.
+        scales: ``(N,)`` feature scales in voxels, or one value for all.
+        shape: image grid size for the header.
+        spacing_mm: voxel size for the header.
+
+    Returns:
+        The path written.
+
+    Raises:
+        KeypointError: malformed points or scales, or non-finite values.
+    """
+    pts = np.asarray(points_vox, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
+        raise KeypointError(f"expected finite keypoints of shape (N, 3), got {pts.shape}")
+    sc = np.broadcast_to(np.asarray(scales, dtype=np.float64), (len(pts),))
+    if not np.all(np.isfinite(sc)):
+        raise KeypointError("expected finite keypoint scales, got NaN or inf")
+    res = " ".join(str(int(s)) for s in shape) if shape is not None else "0 0 0"
+    vs = " ".join(f"{float(s):.6f}" for s in spacing_mm) if spacing_mm is not None else "1.000000 1.000000 1.000000"
+    header = [
+        "# featExtract 1.1",
+        f"# Extraction Voxel Resolution (ijk) : {res}",
+        f"# Extraction Voxel Size (mm)  (ijk) : {vs}",
+        "# Feature Coordinate Space: voxels",
+        f"Features: {len(pts)}",
+        "Scale-space location[x y z scale] orientation[o11 o12 o13 o21 o22 o23 o31 o32 o33] "
+        "2nd moment eigenvalues[e1 e2 e3] info flag[i1] descriptor[d1 .. d64]",
+    ]
+    tail = "\t".join(["1.000000", "0.000000", "0.000000", "0.000000", "1.000000", "0.000000", "0.000000",
+                      "0.000000", "1.000000"] + ["0.000000"] * 3 + ["0"] + ["0"] * 64)
+    rows = []
+    for (x, y, z), s in zip(pts + SIFT_KEY_OFFSET_VOX, sc, strict=True):
+        rows.append(f"{x:.6f}\t{y:.6f}\t{z:.6f}\t{s:.6f}\t{tail}")
+    p = Path(path)
+    with atomic_output(p) as tmp:
+        tmp.write_text("\n".join(header + rows) + "\n")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- Slicer markups
+
+#: column layout of Slicer's .fcsv files (version 4.6 and later) when no ``# columns =`` line is present
+FCSV_DEFAULT_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
+                        "associatedNodeID")
+#: legacy numeric ``# CoordinateSystem`` values of .fcsv files (vtkMRMLStorageNode: 0 = RAS, 1 = LPS)
+_FCSV_LEGACY_SYSTEMS = {"0": "RAS", "1": "LPS"}
+
+
+def _read_fcsv(p: Path) -> tuple[np.ndarray, list[str]]:
+    """World points ``(N, 3)`` in RAS mm and labels from a Slicer ``.fcsv`` file."""
+    text = _read_text(p, "Slicer markups")
+    system = None
+    columns: list[str] | None = None
+    data_lines: list[tuple[int, str]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            m = re.match(r"#\s*coordinatesystem\s*=\s*(.*)$", line, flags=re.IGNORECASE)
+            if m:
+                system = m.group(1).strip()
+            m = re.match(r"#\s*columns\s*=\s*(.*)$", line, flags=re.IGNORECASE)
+            if m:
+                columns = [c.strip() for c in m.group(1).split(",")]
+            continue
+        data_lines.append((lineno, raw))
+    if system is None:
+        raise KeypointError(f"expected a '# CoordinateSystem = RAS' or '= LPS' line in {str(p)!r}, got none")
+    frame = _FCSV_LEGACY_SYSTEMS.get(system, system).upper()
+    if frame not in ("RAS", "LPS"):
+        raise KeypointError(f"expected coordinate system RAS or LPS (or legacy 0/1) in {str(p)!r}, got {system!r}")
+    cols = [c.lower() for c in (columns or FCSV_DEFAULT_COLUMNS)]
+    missing = [c for c in ("x", "y", "z") if c not in cols]
+    if missing:
+        raise KeypointError(f"expected columns x, y, z in the '# columns =' line of {str(p)!r}, got {columns}")
+    ix, iy, iz = (cols.index(c) for c in ("x", "y", "z"))
+    il = cols.index("label") if "label" in cols else None
+    pts, labels = [], []
+    for (lineno, raw), row in zip(data_lines, csv.reader([r for _, r in data_lines]), strict=True):
+        if len(row) <= max(ix, iy, iz):
+            raise KeypointError(f"expected at least {max(ix, iy, iz) + 1} columns on line {lineno} of {str(p)!r}, "
+                                f"got {len(row)}: {raw.strip()!r}")
+        try:
+            xyz = [float(row[i]) for i in (ix, iy, iz)]
+        except ValueError:
+            raise KeypointError(f"expected numeric x, y, z on line {lineno} of {str(p)!r}, "
+                                f"got {raw.strip()!r}") from None
+        if not all(np.isfinite(xyz)):
+            raise KeypointError(f"expected finite x, y, z on line {lineno} of {str(p)!r}, got {raw.strip()!r}")
+        pts.append(xyz)
+        labels.append(row[il].strip() if il is not None and il < len(row) else "")
+    if not pts:
+        raise KeypointError(f"expected at least one control point in {str(p)!r}, got none")
+    world = np.asarray(pts, dtype=np.float64)
+    return _markup_points_to_ras(world, frame), labels
+
+
+def _markup_points_to_ras(points: np.ndarray, frame: str) -> np.ndarray:
+    """``(N, 3)`` world points declared ``RAS`` or ``LPS`` -> RAS mm (via :mod:`brainshift.io.frames`)."""
+    from brainshift.io.frames import lps_to_ras
+
+    return lps_to_ras(points) if frame.upper() == "LPS" else np.asarray(points, dtype=np.float64)
+
+
+def _read_mrk_json(p: Path) -> tuple[np.ndarray, list[str]]:
+    """World points ``(N, 3)`` in RAS mm and labels from a Slicer ``.mrk.json`` file (markups schema v1)."""
+    text = _read_text(p, "Slicer markups")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"expected a JSON Slicer markups file, got {str(p)!r}: {exc}") from None
+    markups = doc.get("markups") if isinstance(doc, dict) else None
+    if not isinstance(markups, list) or not markups:
+        raise KeypointError(f"expected a 'markups' list in {str(p)!r}, got {type(markups).__name__}")
+    pts, labels = [], []
+    for m_index, markup in enumerate(markups):
+        system = markup.get("coordinateSystem") if isinstance(markup, dict) else None
+        if system is None:
+            raise KeypointError(f"expected a 'coordinateSystem' (RAS or LPS) in markup {m_index} of {str(p)!r}, "
+                                f"got none")
+        if str(system).upper() not in ("RAS", "LPS"):
+            raise KeypointError(f"expected coordinateSystem RAS or LPS in markup {m_index} of {str(p)!r}, "
+                                f"got {system!r}")
+        units = markup.get("coordinateUnits", "mm")
+        if str(units).lower() != "mm":
+            raise KeypointError(f"expected coordinateUnits 'mm' in markup {m_index} of {str(p)!r}, got {units!r}")
+        for c_index, cp in enumerate(markup.get("controlPoints") or []):
+            status = str(cp.get("positionStatus", "defined")).lower()
+            if status != "defined":
+                warnings.warn(f"skipping control point {cp.get('label', c_index)!r} of {str(p)!r}: positionStatus "
+                              f"{status!r}", stacklevel=3)
+                continue
+            pos = cp.get("position")
+            try:
+                xyz = [float(v) for v in pos]
+            except (TypeError, ValueError):
+                xyz = []
+            if len(xyz) != 3 or not all(np.isfinite(xyz)):
+                raise KeypointError(f"expected a finite 3-D 'position' for control point {c_index} of markup "
+                                    f"{m_index} in {str(p)!r}, got {pos!r}")
+            pts.append(_markup_points_to_ras(np.asarray([xyz]), str(system))[0])
+            labels.append(str(cp.get("label", "")).strip())
+    if not pts:
+        raise KeypointError(f"expected at least one defined control point in {str(p)!r}, got none")
+    return np.asarray(pts, dtype=np.float64), labels
+
+
+def _read_markups_ras(p: Path) -> tuple[np.ndarray, list[str]]:
+    suffix = _suffix(p)
+    if suffix == ".fcsv":
+        return _read_fcsv(p)
+    if suffix == ".mrk.json":
+        return _read_mrk_json(p)
+    raise InputFileError(f"expected a Slicer markups file ending in .fcsv or .mrk.json, got {str(p)!r}")
+
+
+def read_slicer_markups(preop_path: str | os.PathLike[str], intraop_path: str | os.PathLike[str],
+                        affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matched keypoints from a pair of 3D Slicer markups files (preop points, intraop points).
+
+    Each file is a ``.fcsv`` (coordinate system from the ``# CoordinateSystem = RAS|LPS`` header line, legacy
+    numeric ``0`` = RAS, ``1`` = LPS; columns located by name from the ``# columns = ...`` line, Slicer's
+    default layout ``id,x,y,z,...,label,...`` if absent) or a ``.mrk.json`` (``coordinateSystem`` per markup;
+    every defined control point of every markup, in order). Points are matched by label when all labels are
+    non-empty and unique in both files and both files have the same label set; otherwise by order, which
+    requires equal counts (a warning is issued if both label sets are unique but differ).
+
+    Args:
+        preop_path: markups of the points on the preop image.
+        intraop_path: markups of the same points on the intraop image.
+        affine: the preop image's 4x4 voxel-to-RAS affine.
+
+    Returns:
+        ``(points_vox, disps_vox)``: ``(N, 3)`` preop voxel indices and voxel-unit displacements
+        ``A^-1 (intraop_ras - preop_ras)``, in preop-file order.
+
+    Raises:
+        InputFileError: missing, unreadable or non-markups file.
+        KeypointError: missing or unknown coordinate system, missing x/y/z columns, bad values, or point sets
+            that can be matched neither by label nor by order.
+    """
+    pre_p, intra_p = Path(preop_path), Path(intraop_path)
+    pre, pre_labels = _read_markups_ras(pre_p)
+    intra, intra_labels = _read_markups_ras(intra_p)
+
+    def unique(labels: list[str]) -> bool:
+        return all(labels) and len(set(labels)) == len(labels)
+
+    if unique(pre_labels) and unique(intra_labels) and set(pre_labels) == set(intra_labels):
+        index = {lab: i for i, lab in enumerate(intra_labels)}
+        intra = intra[[index[lab] for lab in pre_labels]]
+    else:
+        if len(pre) != len(intra):
+            raise KeypointError(f"expected the same number of preop and intraop points to match by order (labels "
+                                f"are not unique or differ), got {len(pre)} in {str(pre_p)!r} and {len(intra)} in "
+                                f"{str(intra_p)!r}")
+        if unique(pre_labels) and unique(intra_labels):
+            warnings.warn(f"preop and intraop markups have different labels; matching {len(pre)} points by order",
+                          stacklevel=2)
+    points_vox = points_to_voxel(pre, "ras", affine)
+    disps_vox = vectors_to_voxel(intra - pre, "ras", affine)
+    return points_vox, disps_vox
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+
+
+def read_keypoints(path: str | os.PathLike[str], *, frame: str = "voxel", affine: np.ndarray | None = None,
+                   intraop_path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read matched keypoints from any supported file, chosen by extension.
+
+    - ``.csv`` / ``.txt``: :func:`read_keypoint_table` in ``frame``.
+    - ``.fcsv`` / ``.mrk.json``: :func:`read_slicer_markups` with ``intraop_path`` (required); ``frame`` is
+      ignored (the files declare their own coordinate system).
+    - ``.key``: rejected, since 3D SIFT-Rank files hold locations only, no displacements.
+
+    Args:
+        path: keypoint file (the preop markups for Slicer files).
+        frame: frame of a table: ``voxel`` (default), ``ras`` or ``lps``.
+        affine: the preop image's 4x4 voxel-to-RAS affine (needed for world frames and markups).
+        intraop_path: the intraop markups file, for ``.fcsv`` / ``.mrk.json``.
+
+    Returns:
+        ``(points_vox, disps_vox)``: ``(N, 3)`` float64 voxel indices and voxel-unit displacements.
+
+    Raises:
+        InputFileError: missing file or unsupported extension.
+        KeypointError: content errors (see the readers); markups without ``intraop_path``; a ``.key`` file.
+    """
+    p = Path(path)
+    suffix = _suffix(p)
+    if suffix in TABLE_SUFFIXES:
+        return read_keypoint_table(p, frame=frame, affine=affine)
+    if suffix in MARKUP_SUFFIXES:
+        if intraop_path is None:
+            raise KeypointError(f"expected an intraop markups file to match the preop markups {str(p)!r} "
+                                f"(--kpt-intraop), got none")
+        if affine is None:
+            raise KeypointError(f"expected the image affine to convert the markups {str(p)!r} to voxels, got none")
+        return read_slicer_markups(p, intraop_path, affine)
+    if suffix == KEY_SUFFIX:
+        raise KeypointError(f"expected keypoints with displacements (.csv/.txt table or a .fcsv/.mrk.json pair), "
+                            f"got the 3D SIFT-Rank file {str(p)!r}, which holds locations only")
+    raise InputFileError(f"expected a keypoint file ending in .csv, .txt, .fcsv or .mrk.json, got {str(p)!r}")
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{float(x):.6g}" for x in v) + ")"
+
+
+def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int], *,
+                       min_points: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Check keypoints before interpolation; merge identical duplicates.
+
+    Checks, in order: shapes ``(N, 3)``; finite values; every point inside the image
+    (``0 <= p <= shape - 1`` along each axis, to ``INSIDE_ATOL_VOX``); duplicate locations (to
+    ``DUPLICATE_ATOL_VOX``): identical displacements are merged with a warning, different ones are an
+    error; at least ``min_points`` points; not all in one plane (smallest singular value of the centred
+    points ``<= COPLANAR_RTOL`` times the largest; a 3-D simplex is needed for Delaunay interpolation).
+
+    Args:
+        points_vox: ``(N, 3)`` voxel indices.
+        disps_vox: ``(N, 3)`` voxel-unit displacements.
+        shape: image grid ``(I, J, K)``.
+        min_points: minimum number of distinct keypoints.
+
+    Returns:
+        ``(points_vox, disps_vox)`` float64, duplicates merged (first occurrence kept, order preserved).
+
+    Raises:
+        KeypointError: with an "expected ..., got ..." message for each failed check.
+    """
+    pts, dsp = _check_pairs(points_vox, disps_vox)
+    if not (np.all(np.isfinite(pts)) and np.all(np.isfinite(dsp))):
+        bad = int(np.flatnonzero(~(np.isfinite(pts).all(1) & np.isfinite(dsp).all(1)))[0])
+        raise KeypointError(f"expected finite keypoints and displacements, got NaN or inf in keypoint {bad} "
+                            f"{_fmt(pts[bad])} -> {_fmt(dsp[bad])}")
+    upper = np.asarray(shape, dtype=np.float64) - 1
+    outside = np.flatnonzero(((pts < -INSIDE_ATOL_VOX) | (pts > upper + INSIDE_ATOL_VOX)).any(axis=1))
+    if outside.size:
+        i = int(outside[0])
+        raise KeypointError(f"expected keypoints inside the image (0 <= voxel index <= shape - 1, image shape "
+                            f"{tuple(int(s) for s in shape)}), got {outside.size} outside, the first being keypoint "
+                            f"{i} at voxel {_fmt(pts[i])}")
+    key = np.round(pts / DUPLICATE_ATOL_VOX).astype(np.int64)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    if len(first) < len(pts):
+        merged = []
+        for i in range(len(pts)):
+            j = int(first[inverse[i]])
+            if j == i:
+                continue
+            if np.abs(dsp[i] - dsp[j]).max() > DUPLICATE_ATOL_VOX:
+                raise KeypointError(f"expected one displacement per keypoint location, got keypoints {j} and {i} at "
+                                    f"voxel {_fmt(pts[i])} with displacements {_fmt(dsp[j])} and {_fmt(dsp[i])}")
+            merged.append((j, i))
+        keep = np.sort(first)
+        names = ", ".join(f"{i} (= {j} at {_fmt(pts[j])})" for j, i in merged[:5])
+        more = f" and {len(merged) - 5} more" if len(merged) > 5 else ""
+        warnings.warn(f"merged {len(merged)} duplicate keypoint(s) with identical displacements: keypoints "
+                      f"{names}{more}", stacklevel=2)
+        pts, dsp = pts[keep], dsp[keep]
+    n = len(pts)
+    if n < min_points:
+        raise KeypointError(f"expected at least {min_points} distinct keypoints, got {n}")
+    centred = pts - pts.mean(axis=0)
+    sv = np.linalg.svd(centred, compute_uv=False) if n > 1 else np.zeros(3)
+    sv = np.concatenate([sv, np.zeros(3 - len(sv))]) if len(sv) < 3 else sv
+    if sv[0] == 0 or sv[2] <= COPLANAR_RTOL * sv[0]:
+        raise KeypointError(f"expected keypoints spanning 3-D space, got: all {n} keypoints lie in one plane "
+                            f"(singular values of the centred points {_fmt(sv)} voxels); add keypoints off that plane")
+    return pts, dsp

@@ -1,0 +1,353 @@
+"""Keypoint readers and writers (tables, 3D SIFT-Rank .key, Slicer markups) and validate_keypoints."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from _io_helpers import OBLIQUE_SHAPE
+
+from brainshift.errors import InputFileError, KeypointError
+from brainshift.io.keypoints import (
+    read_keypoint_table,
+    read_keypoints,
+    read_sift_key,
+    read_slicer_markups,
+    validate_keypoints,
+    write_keypoint_table,
+    write_sift_key,
+)
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@pytest.mark.parametrize("sep", [",", "\t", " ", "  \t "])
+@pytest.mark.parametrize("header", [True, False])
+def test_table_separators_and_optional_header(tmp_path, sep, header):
+    lines = (["# comment line", "x,y,z,dx,dy,dz".replace(",", sep)] if header else []) + [
+        sep.join(["1", "2", "3", "0.5", "0", "-1"]), "", sep.join(["4", "5.5", "6", "0", "2", "1e-1"])]
+    (tmp_path / "k.txt").write_text("\n".join(lines) + "\n")
+    p, d = read_keypoint_table(tmp_path / "k.txt")
+    np.testing.assert_array_equal(p, [[1, 2, 3], [4, 5.5, 6]])
+    np.testing.assert_array_equal(d, [[0.5, 0, -1], [0, 2, 0.1]])
+
+
+def test_table_header_in_another_order(tmp_path):
+    (tmp_path / "k.csv").write_text("dx,dy,dz,x,y,z\n1,2,3,10,20,30\n")
+    p, d = read_keypoint_table(tmp_path / "k.csv")
+    np.testing.assert_array_equal(p, [[10, 20, 30]])
+    np.testing.assert_array_equal(d, [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("body, pattern", [
+    ("x,y,z,dx,dy,dz\n1,2,3,4,5,6\n1,2,3,4,5\n", r"expected 6 columns x,y,z,dx,dy,dz on line 3 .* got 5"),
+    ("1,2,3,4,5,6,7\n", r"expected 6 columns .* on line 1 .* got 7"),
+    ("1,2,3,4,5,6\n\n1,2,abc,4,5,6\n", r"expected numbers on line 3"),
+    ("1,2,3,4,5,6\n1,2,nan,4,5,6\n", r"expected finite numbers on line 2"),
+    ("1,2,3,4,5,6\n1,2,3,inf,5,6\n", r"expected finite numbers on line 2"),
+    ("a,b,c,d,e,f\n1,2,3,4,5,6\n", r"expected a header naming the columns x,y,z,dx,dy,dz .* on line 1"),
+    ("# only a comment\n", r"expected at least one keypoint row"),
+])
+def test_table_errors_name_the_line(tmp_path, body, pattern):
+    (tmp_path / "k.csv").write_text(body)
+    with pytest.raises(KeypointError, match=pattern):
+        read_keypoint_table(tmp_path / "k.csv")
+
+
+def test_table_world_frame_needs_affine(tmp_path):
+    (tmp_path / "k.csv").write_text("1,2,3,4,5,6\n")
+    with pytest.raises(KeypointError, match=r"expected the image affine to convert ras keypoints"):
+        read_keypoint_table(tmp_path / "k.csv", frame="ras")
+
+
+@pytest.mark.parametrize("frame", ["voxel", "ras", "lps"])
+def test_table_write_read_round_trip(tmp_path, oblique_affine, frame):
+    rng = np.random.default_rng(3)
+    pts, dsp = rng.uniform(0, 10, (6, 3)), rng.normal(size=(6, 3))
+    path = write_keypoint_table(tmp_path / "k.csv", pts, dsp, frame=frame, affine=oblique_affine)
+    assert path.read_text().splitlines()[0] == "x,y,z,dx,dy,dz"
+    p, d = read_keypoint_table(path, frame=frame, affine=oblique_affine)
+    np.testing.assert_allclose(p, pts, atol=1e-10)
+    np.testing.assert_allclose(d, dsp, atol=1e-10)
+    if frame == "voxel":  # exact text round trip in voxel frame
+        np.testing.assert_array_equal(p, pts)
+
+
+# ---------------------------------------------------------------------------------------------------- .key
+
+KEY_HEADER = """# featExtract 1.1
+# Extraction Voxel Resolution (ijk) : 64 64 40
+# Extraction Voxel Size (mm)  (ijk) : 1.000000 1.000000 1.000000
+# Feature Coordinate Space: voxels
+Features: 3
+Scale-space location[x y z scale] orientation[o11 o12 o13 o21 o22 o23 o31 o32 o33] """ + \
+    """2nd moment eigenvalues[e1 e2 e3] info flag[i1] descriptor[d1 .. d64]
+"""
+
+
+def _key_row(x, y, z, scale=2.0, o11=1.0):
+    vals = [x, y, z, scale, o11, 0, 0, 0, 1, 0, 0, 0, 1, 3.0, 2.0, 1.0]
+    return "\t".join(f"{v:.6f}" for v in vals) + "\t0\t" + "\t".join(str(i % 7) for i in range(64)) + "\t"
+
+
+def test_sift_key_offset_and_duplicates(tmp_path):
+    rows = [_key_row(10.5, 20.5, 30.5), _key_row(10.5, 20.5, 30.5, o11=-1.0), _key_row(3.25, 4.5, 5.75)]
+    (tmp_path / "a.key").write_text(KEY_HEADER + "\n".join(rows) + "\n")
+    pts = read_sift_key(tmp_path / "a.key")
+    # the 2nd row repeats the 1st location with another orientation: kept once; order of first appearance
+    np.testing.assert_array_equal(pts, [[10.0, 20.0, 30.0], [2.75, 4.0, 5.25]])
+
+
+def test_sift_key_write_read_round_trip(tmp_path):
+    pts = np.array([[0.0, 0.0, 0.0], [10.0, 20.0, 30.0], [1.25, 2.5, 63.0]])
+    path = write_sift_key(tmp_path / "b.key", pts, scales=[1.0, 2.0, 3.5], shape=(64, 64, 64))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 + 3
+    assert lines[5].startswith("Scale-space location")
+    row = lines[7].split("\t")
+    assert len(row) == 81  # x y z scale + 9 + 3 + 1 + 64
+    assert [float(v) for v in row[:4]] == [10.5, 20.5, 30.5, 2.0]  # +0.5 voxel-centre convention
+    np.testing.assert_allclose(read_sift_key(path), pts, atol=1e-6)
+
+
+def test_sift_key_errors(tmp_path):
+    (tmp_path / "mm.key").write_text(KEY_HEADER.replace("voxels", "millimeters (gto_xyz)") + _key_row(1, 2, 3))
+    with pytest.raises(KeypointError, match=r"expected a \.key file in voxel coordinates"):
+        read_sift_key(tmp_path / "mm.key")
+    (tmp_path / "nohdr.key").write_text(_key_row(1, 2, 3) + "\n")
+    with pytest.raises(KeypointError, match=r"expected a 3D SIFT-Rank \.key header"):
+        read_sift_key(tmp_path / "nohdr.key")
+    (tmp_path / "bad.key").write_text(KEY_HEADER + _key_row(1, 2, 3) + "\n1.0\tx\t3\t4\n")
+    with pytest.raises(KeypointError, match=r"expected numbers on line 8"):
+        read_sift_key(tmp_path / "bad.key")
+    (tmp_path / "empty.key").write_text(KEY_HEADER)
+    with pytest.raises(KeypointError, match=r"expected at least one feature row"):
+        read_sift_key(tmp_path / "empty.key")
+
+
+# ----------------------------------------------------------------------------------------- Slicer markups
+
+FCSV_COLUMNS = "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"
+
+
+def _fcsv(path, points, labels, system="RAS", columns=FCSV_COLUMNS):
+    lines = ["# Markups fiducial file version = 4.11"]
+    if system is not None:
+        lines.append(f"# CoordinateSystem = {system}")
+    if columns is not None:
+        lines.append(columns)
+    for n, (p, lab) in enumerate(zip(points, labels, strict=True)):
+        lines.append(f"vtkMRMLMarkupsFiducialNode_{n},{p[0]},{p[1]},{p[2]},0,0,0,1,1,1,0,{lab},,")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _mrk(path, points, labels, system="RAS"):
+    markup = {"type": "Fiducial", "coordinateUnits": "mm", "controlPoints": [
+        {"id": str(n), "label": lab, "position": list(map(float, p)), "positionStatus": "defined"}
+        for n, (p, lab) in enumerate(zip(points, labels, strict=True))]}
+    if system is not None:
+        markup["coordinateSystem"] = system
+    path.write_text(json.dumps({"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/"
+                                "Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+                                "markups": [markup]}))
+    return path
+
+
+@pytest.fixture(params=["fcsv", "mrk"])
+def writer(request):
+    return (_fcsv, ".fcsv") if request.param == "fcsv" else (_mrk, ".mrk.json")
+
+
+def test_markups_ras_and_lps_parse_equal(tmp_path, oblique_affine, writer):
+    write, ext = writer
+    shift = np.array([1.0, -2.0, 0.5])  # RAS mm
+    ras = np.array([[10.0, 20.0, 30.0]])
+    lps = np.array([[-10.0, -20.0, 30.0]])
+    a = read_slicer_markups(write(tmp_path / f"pre_ras{ext}", ras, ["A"]),
+                            write(tmp_path / f"post_ras{ext}", ras + shift, ["A"]), oblique_affine)
+    b = read_slicer_markups(write(tmp_path / f"pre_lps{ext}", lps, ["A"], "LPS"),
+                            write(tmp_path / f"post_lps{ext}", lps + shift * [-1, -1, 1], ["A"], "LPS"),
+                            oblique_affine)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-9)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-9)
+    # and the values are the RAS point through the inverse affine (computed independently)
+    expected = np.linalg.solve(oblique_affine, [10.0, 20.0, 30.0, 1.0])[:3]
+    np.testing.assert_allclose(a[0][0], expected, atol=1e-9)
+    np.testing.assert_allclose(a[1][0], np.linalg.solve(oblique_affine[:3, :3], shift), atol=1e-9)
+
+
+def test_fcsv_legacy_numeric_system_and_column_layout(tmp_path, oblique_affine):
+    pts = np.array([[10.0, 20.0, 30.0], [1.0, 2.0, 3.0]])
+    ref = read_slicer_markups(_fcsv(tmp_path / "a.fcsv", pts, ["p", "q"]),
+                              _fcsv(tmp_path / "b.fcsv", pts + 1, ["p", "q"]), oblique_affine)
+    legacy = read_slicer_markups(_fcsv(tmp_path / "c.fcsv", pts * [-1, -1, 1], ["p", "q"], system="1"),
+                                 _fcsv(tmp_path / "d.fcsv", (pts + 1) * [-1, -1, 1], ["p", "q"], system="1"),
+                                 oblique_affine)
+    np.testing.assert_allclose(legacy[0], ref[0], atol=1e-9)
+    np.testing.assert_allclose(legacy[1], ref[1], atol=1e-9)
+    # a file whose header declares another column order: label first, then z, y, x
+    lines = ["# CoordinateSystem = RAS", "# columns = label,z,y,x,desc"]
+    lines += [f"{lab},{p[2]},{p[1]},{p[0]},\"a, quoted desc\"" for p, lab in zip(pts + 1, ["q", "p"][::-1],
+                                                                                    strict=True)]
+    (tmp_path / "e.fcsv").write_text("\n".join(lines) + "\n")
+    reordered = read_slicer_markups(tmp_path / "a.fcsv", tmp_path / "e.fcsv", oblique_affine)
+    np.testing.assert_allclose(reordered[1], ref[1], atol=1e-9)
+
+
+@pytest.mark.parametrize("system, pattern", [
+    (None, r"expected a .*(CoordinateSystem|coordinateSystem).*got none"),
+    ("IJK", r"expected (coordinate system|coordinateSystem) RAS or LPS.*got 'IJK'"),
+    ("2", r"expected (coordinate system|coordinateSystem) RAS or LPS.*got '2'"),
+])
+def test_markups_missing_or_unknown_coordinate_system(tmp_path, oblique_affine, writer, system, pattern):
+    write, ext = writer
+    good = write(tmp_path / f"good{ext}", [[1.0, 2.0, 3.0]], ["A"])
+    bad = write(tmp_path / f"bad{ext}", [[1.0, 2.0, 3.0]], ["A"], system)
+    with pytest.raises(KeypointError, match=pattern):
+        read_slicer_markups(bad, good, oblique_affine)
+
+
+def test_markups_label_matching_vs_order_matching(tmp_path, oblique_affine, writer):
+    write, ext = writer
+    pre = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    shift = np.array([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]])
+    perm = [2, 0, 1]
+    # unique, equal labels: the intraop file lists the points in another order and is matched by label
+    by_label = read_slicer_markups(write(tmp_path / f"a{ext}", pre, ["A", "B", "C"]),
+                                   write(tmp_path / f"b{ext}", (pre + shift)[perm], ["C", "A", "B"]), oblique_affine)
+    expected = np.linalg.solve(oblique_affine[:3, :3], shift.T).T
+    np.testing.assert_allclose(by_label[1], expected, atol=1e-9)
+    # duplicate labels: matched by order
+    by_order = read_slicer_markups(write(tmp_path / f"c{ext}", pre, ["F", "F", "F"]),
+                                   write(tmp_path / f"d{ext}", pre + shift, ["F", "F", "F"]), oblique_affine)
+    np.testing.assert_allclose(by_order[1], expected, atol=1e-9)
+    # different unique labels: by order, with a warning
+    with pytest.warns(UserWarning, match=r"different labels; matching 3 points by order"):
+        read_slicer_markups(write(tmp_path / f"e{ext}", pre, ["A", "B", "C"]),
+                            write(tmp_path / f"f{ext}", pre + shift, ["X", "Y", "Z"]), oblique_affine)
+    # order matching needs equal counts
+    with pytest.raises(KeypointError, match=r"expected the same number of preop and intraop points.*got 3 .* and 2"):
+        read_slicer_markups(write(tmp_path / f"g{ext}", pre, ["F", "F", "F"]),
+                            write(tmp_path / f"h{ext}", pre[:2], ["F", "F"]), oblique_affine)
+
+
+def test_mrk_json_skips_undefined_points_and_checks_units(tmp_path, oblique_affine):
+    doc = {"markups": [{"coordinateSystem": "LPS", "controlPoints": [
+        {"label": "A", "position": [1, 2, 3], "positionStatus": "defined"},
+        {"label": "B", "position": [0, 0, 0], "positionStatus": "undefined"}]}]}
+    (tmp_path / "a.mrk.json").write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match=r"skipping control point 'B'"):
+        p, _ = read_slicer_markups(tmp_path / "a.mrk.json", tmp_path / "a.mrk.json", oblique_affine)
+    assert p.shape == (1, 3)
+    doc["markups"][0]["coordinateUnits"] = "um"
+    (tmp_path / "b.mrk.json").write_text(json.dumps(doc))
+    with pytest.raises(KeypointError, match=r"expected coordinateUnits 'mm'"):
+        read_slicer_markups(tmp_path / "b.mrk.json", tmp_path / "b.mrk.json", oblique_affine)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+
+def test_read_keypoints_dispatch(tmp_path, oblique_affine):
+    (tmp_path / "k.csv").write_text("1,2,3,4,5,6\n")
+    p, d = read_keypoints(tmp_path / "k.csv")
+    np.testing.assert_array_equal(p, [[1, 2, 3]])
+    pre = _fcsv(tmp_path / "pre.fcsv", [[1.0, 2.0, 3.0]], ["A"])
+    post = _fcsv(tmp_path / "post.fcsv", [[2.0, 2.0, 3.0]], ["A"])
+    p, d = read_keypoints(pre, affine=oblique_affine, intraop_path=post)
+    np.testing.assert_allclose(oblique_affine[:3, :3] @ d[0], [1.0, 0.0, 0.0], atol=1e-9)
+    with pytest.raises(KeypointError, match=r"expected an intraop markups file"):
+        read_keypoints(pre, affine=oblique_affine)
+    write_sift_key(tmp_path / "k.key", np.zeros((1, 3)))
+    with pytest.raises(KeypointError, match=r"holds locations only"):
+        read_keypoints(tmp_path / "k.key")
+    with pytest.raises(InputFileError, match=r"expected a keypoint file ending in"):
+        read_keypoints(tmp_path / "k.json")
+    with pytest.raises(InputFileError, match=r"not found"):
+        read_keypoints(tmp_path / "missing.csv")
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+TETRA = np.array([[1.0, 1.0, 1.0], [10.0, 1.0, 1.0], [1.0, 10.0, 1.0], [1.0, 1.0, 10.0], [5.0, 5.0, 5.0]])
+
+
+def test_validate_accepts_good_keypoints():
+    d = np.arange(15, dtype=float).reshape(5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p, dd = validate_keypoints(TETRA, d, OBLIQUE_SHAPE)
+    np.testing.assert_array_equal(p, TETRA)
+    np.testing.assert_array_equal(dd, d)
+
+
+def test_validate_non_finite():
+    d = np.zeros((5, 3))
+    d[2, 1] = np.nan
+    with pytest.raises(KeypointError, match=r"expected finite keypoints and displacements, got NaN or inf in "
+                                            r"keypoint 2"):
+        validate_keypoints(TETRA, d, OBLIQUE_SHAPE)
+
+
+@pytest.mark.parametrize("bad", [[-0.5, 1.0, 1.0], [1.0, 23.5, 1.0], [1.0, 1.0, 11.01]])
+def test_validate_outside_image(bad):
+    pts = np.vstack([TETRA, bad])
+    with pytest.raises(KeypointError, match=r"expected keypoints inside the image .*image shape \(20, 24, 12\).*"
+                                            r"got 1 outside, the first being keypoint 5 at voxel"):
+        validate_keypoints(pts, np.zeros((6, 3)), OBLIQUE_SHAPE)
+    # the last voxel centre itself is inside
+    edge = np.vstack([TETRA, [19.0, 23.0, 11.0]])
+    assert len(validate_keypoints(edge, np.zeros((6, 3)), OBLIQUE_SHAPE)[0]) == 6
+
+
+def test_validate_identical_duplicates_merge_with_warning():
+    pts = np.vstack([TETRA, TETRA[1]])
+    d = np.vstack([np.ones((5, 3)), np.ones((1, 3))])
+    with pytest.warns(UserWarning, match=r"merged 1 duplicate keypoint\(s\) with identical displacements: "
+                                         r"keypoints 5 \(= 1 at \(10, 1, 1\)\)"):
+        p, dd = validate_keypoints(pts, d, OBLIQUE_SHAPE)
+    np.testing.assert_array_equal(p, TETRA)
+    assert dd.shape == (5, 3)
+
+
+def test_validate_conflicting_duplicates():
+    pts = np.vstack([TETRA, TETRA[1]])
+    d = np.zeros((6, 3))
+    d[5] = [0.0, 2.0, 0.0]
+    with pytest.raises(KeypointError, match=r"expected one displacement per keypoint location, got keypoints 1 and 5 "
+                                            r"at voxel \(10, 1, 1\) with displacements \(0, 0, 0\) and \(0, 2, 0\)"):
+        validate_keypoints(pts, d, OBLIQUE_SHAPE)
+
+
+def test_validate_too_few():
+    with pytest.raises(KeypointError, match=r"expected at least 4 distinct keypoints, got 3"):
+        validate_keypoints(TETRA[:3], np.zeros((3, 3)), OBLIQUE_SHAPE)
+    # duplicates do not count twice
+    with pytest.raises(KeypointError, match=r"got 3"), pytest.warns(UserWarning):
+        validate_keypoints(np.vstack([TETRA[:3], TETRA[:1]]), np.zeros((4, 3)), OBLIQUE_SHAPE)
+
+
+def test_validate_coplanar():
+    # six points all with k = 4 (the issue's example: all with z = 40)
+    pts = np.array([[1, 1, 4], [10, 1, 4], [1, 10, 4], [10, 10, 4], [5, 3, 4], [2, 7, 4]], dtype=float)
+    with pytest.raises(KeypointError, match=r"all 6 keypoints lie in one plane"):
+        validate_keypoints(pts, np.zeros((6, 3)), OBLIQUE_SHAPE)
+    # an oblique plane too, and a line
+    tilted = pts.copy()
+    tilted[:, 2] = 1 + 0.5 * pts[:, 0]
+    with pytest.raises(KeypointError, match=r"all 6 keypoints lie in one plane"):
+        validate_keypoints(tilted, np.zeros((6, 3)), OBLIQUE_SHAPE)
+    line = np.array([[t, t, 1.0] for t in range(1, 7)])
+    with pytest.raises(KeypointError, match=r"all 6 keypoints lie in one plane"):
+        validate_keypoints(line, np.zeros((6, 3)), OBLIQUE_SHAPE)
+    # one point off the plane is enough
+    off = np.vstack([pts, [5.0, 5.0, 6.0]])
+    assert len(validate_keypoints(off, np.zeros((7, 3)), OBLIQUE_SHAPE)[0]) == 7
+
+
+def test_validate_shape_mismatch():
+    with pytest.raises(KeypointError, match=r"expected keypoints and displacements of equal shape \(N, 3\)"):
+        validate_keypoints(TETRA, np.zeros((4, 3)), OBLIQUE_SHAPE)
