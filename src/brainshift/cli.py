@@ -119,6 +119,9 @@ app.command("evaluate")(evaluate_command)
 from brainshift.keypoints.commands import keypoints_command  # noqa: E402
 
 app.command("keypoints")(keypoints_command)
+from brainshift.train.commands import train_command  # noqa: E402
+
+app.command("train")(train_command)
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,525 @@
+"""Training data: subject-level splits, per-case preprocessing (cached), keypoint/interpolation variants,
+crops and intensity augmentation.
+
+A training sample is built in three stages:
+
+1. **Case** (deterministic, cached with MONAI ``CacheDataset`` in memory or ``PersistentDataset`` on disk,
+   :func:`prepare_case`): read the case and its subject (:mod:`brainshift.simulate.dataset`), the region
+   allowed for keypoints (brain minus tumour minus cavity), keypoint candidates (``subjects/<id>/keypoints.csv``
+   if present, columns ``x, y, z`` in 0-based voxels of the subject grid), and the image, ground-truth field
+   and masks on the network grid through :func:`brainshift.model.grid.to_network_grid` /
+   :func:`~brainshift.model.grid.field_to_network_grid`: the SAME preprocessing as inference.
+2. **Variant** (:func:`draw_variant`, random but reproducible from ``(seed, case, index)``): k keypoints
+   (uniform in ``[min_kpts, max_kpts]``) drawn by :func:`brainshift.keypoints.sampling.sample_keypoints`
+   among the candidates (or, without ``keypoints.csv``, among ``max_kpts + heldout_kpts`` random voxels of the
+   allowed region), displacements sampled from the ground truth, an initial field by the interpolator
+   (``linear``, ``tps``, or a random choice per sample: the published "mixed") on the subject grid, then taken
+   to the network grid. The candidates not chosen are the held-out targets for TRE. With
+   ``variants_per_case > 0`` a pool of that many variants per case is precomputed and cached, so CPU training
+   is not dominated by interpolation; with 0 every sample draws a fresh one.
+3. **Sample** (:func:`assemble_sample`): crop/pad to the training ``size`` centred on the brain, and MONAI
+   intensity augmentation of the image channel only (:func:`intensity_augmentation`).
+
+Convention: fields on the subject grid are forward Lagrangian in voxel units; on the network grid in the
+network's ``field_units`` (see :mod:`brainshift.model.grid`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainshift.errors import BrainshiftError, InputFileError
+
+KEYPOINTS_FILE = "keypoints.csv"
+
+
+# --------------------------------------------------------------------------------------------------- splits
+@dataclass
+class Splits:
+    """Case ids per split; no subject appears in two splits.
+
+    Attributes:
+        train, val, test: case ids (sorted).
+        subjects: ``{"train": [...], "val": [...], "test": [...]}`` subject ids.
+        case_subject: case id -> subject id for every listed case.
+    """
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    subjects: dict[str, list[str]]
+    case_subject: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (written to ``save_dir/splits.json``)."""
+        return {"train": self.train, "val": self.val, "test": self.test, "subjects": self.subjects}
+
+
+def _n_for(frac: float, n: int) -> int:
+    return 0 if frac <= 0 else max(1, int(round(frac * n)))
+
+
+def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15), seed: int = 0) -> Splits:
+    """Split the complete cases of a dataset by SUBJECT into train / validation / test.
+
+    The subjects are shuffled with ``numpy.random.default_rng(seed)``; ``round(fraction * n_subjects)``
+    subjects (at least one when the fraction is positive) go to validation, then to test, as long as at least
+    one subject remains for training (validation is served before test).
+
+    Args:
+        data_dir: dataset folder (layout of :mod:`brainshift.simulate.dataset`).
+        split: ``(validation, test)`` fractions of the subjects.
+        seed: shuffle seed.
+
+    Returns:
+        :class:`Splits`.
+
+    Raises:
+        InputFileError: no complete case in ``data_dir``.
+    """
+    from brainshift.simulate.dataset import case_subject_id, list_cases
+
+    cases = list_cases(data_dir)
+    if not cases:
+        raise InputFileError(f"expected complete cases under {Path(data_dir) / 'cases'}, found none")
+    case_subject = {c: case_subject_id(data_dir, c) for c in cases}
+    subjects = sorted(set(case_subject.values()))
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    n = len(order)
+    n_val = min(_n_for(split[0], n), n - 1)
+    n_test = min(_n_for(split[1], n), n - 1 - n_val)
+    groups = {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
+              "train": sorted(order[n_val + n_test:])}
+    by = {k: sorted(c for c in cases if case_subject[c] in set(v)) for k, v in groups.items()}
+    return Splits(train=by["train"], val=by["val"], test=by["test"], subjects=groups, case_subject=case_subject)
+
+
+def cases_of(data_dir: str | Path) -> tuple[list[str], dict[str, str]]:
+    """All complete cases of a dataset and their subjects (for a separate test dataset)."""
+    from brainshift.simulate.dataset import case_subject_id, list_cases
+
+    cases = list_cases(data_dir)
+    return cases, {c: case_subject_id(data_dir, c) for c in cases}
+
+
+# ----------------------------------------------------------------------------------------------- keypoints
+def read_keypoint_candidates(subject_dir: str | Path) -> np.ndarray | None:
+    """Detected keypoints of a subject, ``(M, 3)`` float64 voxel indices, or None if it has no file.
+
+    Reads ``subject_dir/keypoints.csv`` (``brainshift keypoints`` output): comment lines start with ``#``, a
+    header row names the columns, and the columns ``x, y, z`` are 0-based voxel indices of the subject grid.
+
+    Raises:
+        InputFileError: a file without ``x, y, z`` columns.
+    """
+    p = Path(subject_dir) / KEYPOINTS_FILE
+    if not p.is_file():
+        return None
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        return np.zeros((0, 3))
+    header = [h.strip().lower() for h in lines[0].split(",")]
+    if not {"x", "y", "z"} <= set(header):
+        raise InputFileError(f"expected columns x, y, z in {p}, got {header}")
+    cols = [header.index(c) for c in ("x", "y", "z")]
+    rows = [[float(ln.split(",")[c]) for c in cols] for ln in lines[1:]]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------------------------- case stage
+def _np(x: Any) -> Any:
+    """Tensors (from a MONAI persistent cache) back to numpy; everything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return x
+
+
+def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, Any]:
+    """Deterministic per-case arrays on the subject grid and on the network grid.
+
+    Args:
+        data_dir: dataset folder.
+        case_id: a complete case.
+        net_config: the :class:`brainshift.model.NetworkConfig` (spacing, units, padding multiple).
+
+    Returns:
+        dict with ``case_id``, ``subject_id``; subject grid: ``image`` (I, J, K) float32, ``affine`` (4, 4),
+        ``gt`` (3, I, J, K) float32 voxel units, ``brain``, ``allowed`` (brain minus tumour minus cavity),
+        ``eval_mask`` (brain minus cavity), ``tumour`` (uint8), ``candidates`` (M, 3) (empty when the subject
+        has no keypoints file; ``has_candidates`` says which); network grid (padded): ``net_image``
+        (1, I', J', K') z-scored, ``net_gt`` (3, I', J', K') network units, zero outside the brain,
+        ``net_mask`` (1, I', J', K') uint8, ``net_spacing`` (3,) mm, ``brain_centre`` (3,) padded-grid voxel.
+
+    Convention: ``gt`` forward Lagrangian voxel units; ``net_gt`` in ``net_config.field_units``.
+    """
+    from brainshift.model.grid import field_to_network_grid, to_network_grid
+    from brainshift.simulate.dataset import read_case
+
+    case = read_case(data_dir, case_id)
+    sub = case.subject
+    image = sub.image
+    brain = sub.brain_mask.data > 0
+    tumour = sub.tumour_mask.data > 0
+    cavity = case.cavity_mask.data > 0
+    allowed = brain & ~tumour & ~cavity
+    cands = read_keypoint_candidates(Path(data_dir) / "subjects" / sub.subject_id)
+    zero = np.zeros((3, *image.shape), np.float32)
+    net = to_network_grid(image, zero, brain, net_config)
+    gt_net = field_to_network_grid(case.field, net, zero_outside=True)[0]
+    mask = net.mask.numpy()
+    idx = np.argwhere(mask)
+    centre = (idx.min(0) + idx.max(0)) / 2.0 if len(idx) else (np.asarray(mask.shape) - 1) / 2.0
+    from brainshift.io.frames import spacing_from_affine
+
+    return {
+        "case_id": case_id,
+        "subject_id": sub.subject_id,
+        "image": image.data.astype(np.float32),
+        "affine": image.affine.astype(np.float64),
+        "gt": case.field.astype(np.float32),
+        "brain": brain.astype(np.uint8),
+        "allowed": allowed.astype(np.uint8),
+        "eval_mask": (brain & ~cavity).astype(np.uint8),
+        "tumour": tumour.astype(np.uint8),
+        "candidates": np.zeros((0, 3)) if cands is None else cands,
+        "has_candidates": cands is not None,
+        "net_image": net.image[0].numpy().astype(np.float32),
+        "net_gt": gt_net.numpy().astype(np.float32),
+        "net_mask": mask[None].astype(np.uint8),
+        "net_spacing": spacing_from_affine(net.net_affine).astype(np.float64),
+        "net_affine": np.asarray(net.net_affine, np.float64),
+        "net_shape": np.asarray(net.net_shape, np.int64),
+        "pad": np.asarray(net.pad, np.int64),
+        "same_grid": bool(net.same_grid),
+        "brain_centre": np.asarray(centre, np.float64),
+    }
+
+
+def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | None = None):
+    """Rebuild the :class:`brainshift.model.grid.NetworkInput` of a prepared case (no resampling).
+
+    ``init_net`` (3, I', J', K') fills the field channels (zeros when None). Equal to what
+    :func:`~brainshift.model.grid.to_network_grid` returns for that initial field, except ``image_mean`` /
+    ``image_std`` (not kept; set to nan).
+    """
+    from brainshift.model.grid import NetworkInput
+
+    c = {k: _np(case[k]) for k in ("net_image", "net_mask", "pad", "net_shape", "net_affine", "image", "affine",
+                                    "same_grid")}
+    img = torch.as_tensor(np.asarray(c["net_image"], np.float32))
+    field = torch.zeros((3, *img.shape[1:])) if init_net is None else torch.as_tensor(np.asarray(_np(init_net),
+                                                                                                  np.float32))
+    pad = tuple((int(b), int(a)) for b, a in np.asarray(c["pad"]))
+    return NetworkInput(tensor=torch.cat([field, img])[None].contiguous(),
+                        mask=torch.as_tensor(np.asarray(c["net_mask"])[0] > 0), pad=pad,  # type: ignore[arg-type]
+                        net_shape=tuple(int(s) for s in c["net_shape"]),
+                        net_affine=np.asarray(c["net_affine"], np.float64),
+                        input_shape=tuple(int(s) for s in np.asarray(c["image"]).shape),
+                        input_affine=np.asarray(c["affine"], np.float64), config=net_config,
+                        image_mean=float("nan"), image_std=float("nan"), same_grid=bool(c["same_grid"]))
+
+
+class PrepareCase:
+    """MONAI-style transform ``{"case_id": ...} -> prepare_case(...)`` (picklable, deterministic)."""
+
+    def __init__(self, data_dir: str | Path, net_config) -> None:
+        self.data_dir = str(data_dir)
+        self.net_config = net_config
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return prepare_case(self.data_dir, item["case_id"], self.net_config)
+
+
+# -------------------------------------------------------------------------------------------- variant stage
+def variant_rng(seed: int, case_id: str, index: int) -> np.random.Generator:
+    """The generator of variant ``index`` of ``case_id``: ``default_rng([seed, crc32(case_id), index])``."""
+    return np.random.default_rng([int(seed), zlib.crc32(case_id.encode()), int(index)])
+
+
+def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, interp: str | None = None,
+                 k_range: tuple[int, int] = (20, 20), heldout_kpts: int = 50,
+                 keep_native: bool = False) -> dict[str, Any]:
+    """One (keypoint draw, interpolation) variant of a prepared case.
+
+    Args:
+        case: output of :func:`prepare_case`.
+        rng: the generator for every draw (keypoints, interpolator choice).
+        net_config: the network configuration.
+        interp: ``"linear"``, ``"tps"``, or ``None`` / ``"mixed"`` for a random choice between the two.
+        k_range: ``(min, max)`` keypoints, k drawn uniformly in it.
+        heldout_kpts: random held-out points when the subject has no keypoints file.
+        keep_native: also return the initial field on the subject grid (validation).
+
+    Returns:
+        dict with ``method``, ``points``/``disps`` (k, 3) and ``heldout_points``/``heldout_disps`` (voxel units
+        of the subject grid), ``init_net`` (3, I', J', K') network units on the padded network grid, and
+        ``init`` (3, I, J, K) voxel units when ``keep_native``.
+
+    Raises:
+        KeypointError: too few allowed candidates.
+
+    Convention: forward Lagrangian fields.
+    """
+    from brainshift.interpolate import interpolate
+    from brainshift.keypoints.sampling import sample_keypoints
+    from brainshift.model.grid import field_to_network_grid
+
+    case = {k: _np(v) for k, v in case.items()}
+    allowed = case["allowed"] > 0
+    kmin, kmax = k_range
+    if bool(case["has_candidates"]):
+        cands = np.asarray(case["candidates"], np.float64)
+    else:
+        vox = np.argwhere(allowed)
+        n = min(len(vox), kmax + int(heldout_kpts))
+        cands = vox[rng.choice(len(vox), size=n, replace=False)].astype(np.float64) if n else np.zeros((0, 3))
+    pts, disps, h_pts, h_disps = sample_keypoints(case["gt"], cands, allowed, k_min=kmin, k_max=kmax, rng=rng)
+    method = interp if interp in ("linear", "tps") else ("linear", "tps")[int(rng.integers(2))]
+    shape = tuple(int(s) for s in case["image"].shape)
+    init = interpolate(method, pts, disps, shape, case["affine"])
+    init_net = field_to_network_grid(init, network_input_of(case, net_config), zero_outside=True)[0].numpy()
+    out = {"method": method, "points": pts, "disps": disps, "heldout_points": h_pts, "heldout_disps": h_disps,
+           "init_net": init_net.astype(np.float32)}
+    if keep_native:
+        out["init"] = init
+    return out
+
+
+class MakeVariant:
+    """MONAI-style transform ``{"case_id", "variant"} -> draw_variant(...)`` seeded by (seed, case, variant).
+
+    Looks the prepared case up in ``case_store`` (a dataset indexed like ``case_index``).
+    """
+
+    def __init__(self, case_store, case_index: dict[str, int], net_config, *, seed: int, interp: str | None,
+                 k_range: tuple[int, int], heldout_kpts: int) -> None:
+        self.case_store = case_store
+        self.case_index = case_index
+        self.net_config = net_config
+        self.seed = seed
+        self.interp = interp
+        self.k_range = k_range
+        self.heldout_kpts = heldout_kpts
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        case = self.case_store[self.case_index[item["case_id"]]]
+        rng = variant_rng(self.seed, item["case_id"], int(item["variant"]))
+        return draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
+                            heldout_kpts=self.heldout_kpts)
+
+
+# --------------------------------------------------------------------------------------------- sample stage
+def crop_window(centre: np.ndarray, shape: tuple[int, ...], size: tuple[int, int, int]) -> np.ndarray:
+    """Start index per axis of a ``size`` window centred on ``centre`` (voxel), kept inside ``shape`` when it
+    fits, otherwise covering the whole axis (padding on both sides). Returns ``(3,)`` ints (may be < 0)."""
+    start = np.empty(3, dtype=np.int64)
+    for a in range(3):
+        n, s = int(shape[a]), int(size[a])
+        st = int(np.floor(float(centre[a]) - (s - 1) / 2.0 + 0.5))
+        st = min(max(st, 0), n - s) if n >= s else min(max(st, n - s), 0)
+        start[a] = st
+    return start
+
+
+def crop_or_pad(arr: np.ndarray, start: np.ndarray, size: tuple[int, int, int], value: float = 0.0) -> np.ndarray:
+    """The ``size`` window starting at ``start`` of the last three axes of ``arr``; outside filled with
+    ``value``."""
+    out = np.full(arr.shape[:-3] + tuple(int(s) for s in size), value, dtype=arr.dtype)
+    src, dst = [], []
+    for a in range(3):
+        n = arr.shape[-3 + a]
+        lo, hi = max(int(start[a]), 0), min(int(start[a]) + int(size[a]), n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(start[a]), hi - int(start[a])))
+    out[(..., *dst)] = arr[(..., *src)]
+    return out
+
+
+def intensity_augmentation():
+    """MONAI intensity augmentation for the z-scored image channel ``(1, I, J, K)`` (never the field).
+
+    ``RandGaussianNoise`` (p 0.2, std 0.05), ``RandGaussianSmooth`` (p 0.2, sigma 0.5-1 voxel),
+    ``RandScaleIntensity`` (p 0.3, factor +-0.1), ``RandShiftIntensity`` (p 0.3, offset +-0.1),
+    ``RandSimulateLowResolution`` (p 0.2, zoom 0.5-1), ``RandAdjustContrast`` (p 0.3, gamma 0.7-1.5).
+    Seed it with ``set_random_state``.
+    """
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrast,
+        RandGaussianNoise,
+        RandGaussianSmooth,
+        RandScaleIntensity,
+        RandShiftIntensity,
+        RandSimulateLowResolution,
+    )
+
+    return Compose([
+        RandGaussianNoise(prob=0.2, std=0.05),
+        RandGaussianSmooth(prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensity(prob=0.3, factors=0.1),
+        RandShiftIntensity(prob=0.3, offsets=0.1),
+        RandSimulateLowResolution(prob=0.2, zoom_range=(0.5, 1.0)),
+        RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5)),
+    ])
+
+
+def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[int, int, int] | None,
+                    augment=None, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Network input and targets of one sample, cropped/padded to ``size`` centred on the brain.
+
+    Args:
+        case: from :func:`prepare_case`; variant: from :func:`draw_variant`.
+        size: crop ``(I, J, K)`` in network-grid voxels (multiples of the network's size multiple), or None
+            for the whole padded grid.
+        augment: optional MONAI transform applied to the image channel (see :func:`intensity_augmentation`).
+        rng: seeds ``augment`` (``set_random_state``) for reproducibility.
+
+    Returns:
+        dict of float32 tensors: ``input`` (4, ...) = init field then (augmented) image, ``target`` (3, ...),
+        ``mask`` (1, ...), ``image`` (1, ...) un-augmented (for the image loss), and ``spacing`` (3,) mm.
+
+    Convention: fields forward Lagrangian in the network's units on the network grid.
+    """
+    img = np.asarray(_np(case["net_image"]), np.float32)
+    gt = np.asarray(_np(case["net_gt"]), np.float32)
+    mask = np.asarray(_np(case["net_mask"]), np.float32)
+    init = np.asarray(_np(variant["init_net"]), np.float32)
+    if size is not None:
+        start = crop_window(np.asarray(_np(case["brain_centre"])), img.shape[-3:], size)
+        background = float(img.min())
+        img = crop_or_pad(img, start, size, background)
+        gt, mask, init = (crop_or_pad(a, start, size) for a in (gt, mask, init))
+    aug_img = img
+    if augment is not None:
+        if rng is not None:
+            augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        aug_img = np.asarray(_np(augment(img.copy())), np.float32)
+    return {
+        "input": torch.from_numpy(np.concatenate([init, aug_img]).astype(np.float32)),
+        "target": torch.from_numpy(gt),
+        "mask": torch.from_numpy(mask),
+        "image": torch.from_numpy(img.copy()),
+        "spacing": torch.as_tensor(np.asarray(_np(case["net_spacing"]), np.float32)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+def config_key(data_dir: str | Path, net_config, extra: dict[str, Any] | None = None) -> str:
+    """Hash naming everything a cached item depends on (so a persistent cache is never reused wrongly)."""
+    payload = {"data": str(Path(data_dir).resolve()), "net": net_config.to_dict(), **(extra or {})}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_store(items: list[dict[str, Any]], transform, cache_dir: str | Path | None, num_workers: int,
+               progress: bool):
+    """MONAI ``PersistentDataset`` in ``cache_dir`` (lazy, on disk) or an in-memory ``CacheDataset``."""
+    from monai.data import CacheDataset, PersistentDataset
+
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=str(cache_dir))
+    return CacheDataset(items, transform, num_workers=max(int(num_workers), 1), progress=progress,
+                        copy_cache=False)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Training samples, indexed by subject: item ``idx`` picks subject ``idx % n_subjects``, one of its cases
+    and one variant (from the pool when ``variants_per_case > 0``, else a fresh draw), then crops and augments.
+
+    Every draw of item ``idx`` in epoch ``e`` uses ``default_rng([seed, e, idx])``, so samples do not depend on
+    the number of workers or processes; call :meth:`set_epoch` each epoch.
+
+    Args:
+        data_dir: dataset folder.
+        case_ids: the training cases.
+        case_subject: case id -> subject id.
+        net_config: network configuration.
+        size: crop size (network-grid voxels) or None.
+        interp, k_range, heldout_kpts: as in :func:`draw_variant`.
+        variants_per_case: pool size per case (0: fresh draws).
+        augment: apply :func:`intensity_augmentation`.
+        samples_per_epoch: dataset length (None: number of subjects).
+        seed: base seed.
+        cache_dir, num_workers, progress: caching (see :func:`make_store`).
+    """
+
+    def __init__(self, data_dir: str | Path, case_ids: list[str], case_subject: dict[str, str], net_config, *,
+                 size: tuple[int, int, int] | None, interp: str | None, k_range: tuple[int, int],
+                 heldout_kpts: int = 50, variants_per_case: int = 0, augment: bool = False,
+                 samples_per_epoch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                 num_workers: int = 0, progress: bool = False) -> None:
+        if not case_ids:
+            raise BrainshiftError("expected at least one training case, got none")
+        self.net_config = net_config
+        self.size = size
+        self.interp = interp
+        self.k_range = k_range
+        self.heldout_kpts = heldout_kpts
+        self.seed = int(seed)
+        self.epoch = 0
+        self.augment = intensity_augmentation() if augment else None
+        self.case_index = {c: i for i, c in enumerate(case_ids)}
+        by_subject: dict[str, list[str]] = {}
+        for c in case_ids:
+            by_subject.setdefault(case_subject[c], []).append(c)
+        self.subjects = sorted(by_subject)
+        self.subject_cases = {s: sorted(v) for s, v in by_subject.items()}
+        self.length = int(samples_per_epoch) if samples_per_epoch else len(self.subjects)
+        key = config_key(data_dir, net_config)
+        case_cache = None if cache_dir is None else Path(cache_dir) / "cases"
+        self.cases = make_store([{"case_id": c, "key": key} for c in case_ids], PrepareCase(data_dir, net_config),
+                                case_cache, num_workers, progress)
+        self.variants_per_case = int(variants_per_case)
+        self.variants = None
+        if self.variants_per_case > 0:
+            vkey = config_key(data_dir, net_config, {"seed": self.seed, "interp": interp, "k": list(k_range),
+                                                     "heldout": heldout_kpts})
+            items = [{"case_id": c, "variant": v, "key": vkey} for c in case_ids for v in range(self.variants_per_case)]
+            var_cache = None if cache_dir is None else Path(cache_dir) / "variants"
+            make = MakeVariant(self.cases, self.case_index, net_config, seed=self.seed, interp=interp,
+                               k_range=k_range, heldout_kpts=heldout_kpts)
+            self.variants = make_store(items, make, var_cache, num_workers, progress)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (changes every random draw)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(idx)])
+        subject = self.subjects[int(idx) % len(self.subjects)]
+        cases = self.subject_cases[subject]
+        case_id = cases[int(rng.integers(len(cases)))]
+        ci = self.case_index[case_id]
+        case = self.cases[ci]
+        if self.variants is not None:
+            v = int(rng.integers(self.variants_per_case))
+            variant = self.variants[ci * self.variants_per_case + v]
+        else:
+            variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
+                                   heldout_kpts=self.heldout_kpts)
+        return assemble_sample(case, variant, self.size, self.augment, rng)
+
+
+def validation_items(data_dir: str | Path, case_ids: list[str], net_config, *, seed: int, interp: str | None,
+                     k_range: tuple[int, int], heldout_kpts: int) -> list[tuple[dict, dict]]:
+    """``(case, variant)`` pairs for validation: one fixed variant per case (index ``-1`` of
+    :func:`variant_rng`, never used in training pools) with its subject-grid initial field. Not cached on disk:
+    validation sets are small."""
+    out = []
+    for c in case_ids:
+        case = prepare_case(data_dir, c, net_config)
+        rng = np.random.default_rng([int(seed), zlib.crc32(c.encode()), 2**31 - 1])
+        out.append((case, draw_variant(case, rng, net_config, interp=interp, k_range=k_range,
+                                       heldout_kpts=heldout_kpts, keep_native=True)))
+    return out

@@ -1,0 +1,391 @@
+"""The training loop: Adam, validation, best/last checkpoints, resume, TensorBoard, single process or DDP.
+
+Files written by rank 0 under ``save_dir``:
+
+- ``config_resolved.yaml``: the full configuration of the run; ``splits.json``: case/subject ids per split;
+- ``last.pt``: training state for ``--resume`` (a torch file of state dicts, numbers and JSON strings only,
+  read back with ``weights_only=True``): ``model_state_dict``, ``optimizer_state_dict``, ``epoch`` (completed),
+  ``step``, ``best_val_mse``, ``best_epoch``, ``history``, ``network_config``;
+- ``best.safetensors``: the best model by validation MSE (without validation cases: the latest), written by
+  :func:`brainshift.model.save_weights` with the training metadata (config, epoch, step, validation metrics,
+  dataset summary) embedded, so ``brainshift infer --refine -w best.safetensors`` uses it directly;
+- ``history.jsonl``: one line per epoch (mean training loss terms, validation metrics);
+- ``test_metrics.json`` when there are test cases; ``logs/`` TensorBoard events (``log_dir``).
+
+Validation runs the inference path exactly (:func:`brainshift.model.to_network_grid` on the whole padded
+grid, the network, :func:`brainshift.model.from_network_grid`) and scores on the subject grid with
+:mod:`brainshift.evaluate.metrics`: ``mse_mm2`` (squared world-mm error over brain minus cavity, the
+checkpoint criterion), ``mae_mm``, ``tre_mm`` (mean over held-out keypoints), ``pct_jac_nonpositive``, and the
+same for the initial field (``*_init``); with ``extra_eval`` also Dice/HD95 of the warped brain and tumour masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainshift.errors import BrainshiftError, InputFileError
+from brainshift.train.config import TrainConfig, network_config, save_resolved
+from brainshift.train.distributed import (
+    DistContext,
+    barrier,
+    cleanup_distributed,
+    seed_everything,
+    setup_distributed,
+    worker_init_fn,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (returned on every rank; files exist on rank 0 only).
+
+    Attributes:
+        save_dir: output folder.
+        best_path: ``best.safetensors`` (None on ranks > 0 or if no epoch completed).
+        last_path: ``last.pt``.
+        best_metrics: validation metrics of the best epoch (empty without validation cases).
+        best_epoch: 1-based epoch of the best checkpoint.
+        test_metrics: metrics of the best model on the test cases (empty without any).
+        history: per-epoch records.
+        steps: optimiser steps done in total.
+        model: the trained network (unwrapped from DDP), on its device.
+    """
+
+    save_dir: Path
+    best_path: Path | None
+    last_path: Path | None
+    best_metrics: dict[str, float]
+    best_epoch: int
+    test_metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    steps: int
+    model: torch.nn.Module = field(repr=False)
+
+
+def _to_mm(field: torch.Tensor, spacing: torch.Tensor, units: str) -> torch.Tensor:
+    """Network-unit field ``(B, 3, ...)`` -> mm along the grid axes (``spacing`` ``(B, 3)``)."""
+    return field if units == "mm" else field * spacing.to(field)[:, :, None, None, None]
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig, units: str, device: torch.device) -> dict[str, float]:
+    """One optimiser step on ``batch`` (from :class:`brainshift.train.data.TrainDataset`).
+
+    Returns:
+        The loss terms (floats), see :func:`brainshift.train.losses.training_loss`.
+
+    Convention: fields forward Lagrangian; the losses work in mm along the network grid's axes.
+    """
+    from brainshift.train.losses import training_loss, warp_to_intraop
+
+    x = batch["input"].to(device, non_blocking=True)
+    spacing = batch["spacing"].to(device)
+    target = _to_mm(batch["target"].to(device, non_blocking=True), spacing, units)
+    mask = batch["mask"].to(device, non_blocking=True)
+    sp = [float(s) for s in spacing[0]]
+    image = intraop = None
+    if cfg.lncc:
+        image = batch["image"].to(device, non_blocking=True)
+        with torch.no_grad():
+            intraop = warp_to_intraop(image, target / spacing[:, :, None, None, None])
+    pred = _to_mm(model(x), spacing, units)
+    loss, terms = training_loss(pred, target, mask, spacing=sp, mse_w=cfg.mse_w, jdet=cfg.jdet,
+                                jdet_mode=cfg.jdet_mode, hessian=cfg.hessian, reg_w=cfg.reg_w, lncc=cfg.lncc,
+                                lncc_w=cfg.lncc_w, lncc_window=cfg.lncc_window, image=image, intraop=intraop)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return terms
+
+
+def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config, device: torch.device,
+             extra_eval: bool = False) -> dict[str, float]:
+    """Validation metrics averaged over ``items`` (from :func:`brainshift.train.data.validation_items`).
+
+    Returns:
+        dict: ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``pct_jac_nonpositive``, their ``*_init``
+        counterparts for the initial field, ``n_cases``; with ``extra_eval`` the Dice/HD95 keys of
+        :func:`brainshift.evaluate.metrics.dice_hd95`. NaN-aware means (e.g. no held-out keypoints).
+
+    Convention: fields are compared on the subject grid in voxel units, errors in world mm.
+    """
+    from brainshift.evaluate.metrics import dice_hd95, field_errors_mm, jacobian_stats, tre_mm
+    from brainshift.model.grid import from_network_grid, to_network_grid
+    from brainshift.train.data import _np
+    from brainshift.volume import Volume
+
+    rows: list[dict[str, float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for case, var in items:
+            c = {k: _np(v) for k, v in case.items()}
+            image = Volume(c["image"], c["affine"])
+            net = to_network_grid(image, var["init"], c["brain"], net_config)
+            with torch.no_grad():
+                pred = model(net.tensor.to(device)).cpu()
+            pred_native = from_network_grid(pred, net)
+            row: dict[str, float] = {}
+            for tag, f in (("", pred_native), ("_init", var["init"])):
+                err = field_errors_mm(f, c["gt"], c["affine"], c["eval_mask"])
+                row.update({f"{k}{tag}": float(v) for k, v in err.items()})
+                hp = np.asarray(var["heldout_points"], np.float64).reshape(-1, 3)
+                row[f"tre_mm{tag}"] = (float(np.mean(tre_mm(f, hp, var["heldout_disps"], c["affine"])))
+                                       if len(hp) else float("nan"))
+                row[f"pct_jac_nonpositive{tag}"] = float(jacobian_stats(f, c["brain"])["pct_nonpositive"])
+            if extra_eval:
+                masks = {"brain": Volume(c["brain"], c["affine"], "label"),
+                         "tumour": Volume(c["tumour"], c["affine"], "label")}
+                row.update({k: float(v) for k, v in dice_hd95(pred_native, c["gt"], masks).items()})
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    out: dict[str, float] = {"n_cases": float(len(rows))}
+    for k in (rows[0] if rows else {}):
+        vals = np.asarray([r[k] for r in rows], np.float64)
+        out[k] = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else float("nan")
+    return out
+
+
+def _save_state(path: Path, model, optimizer, *, epoch: int, step: int, best_val_mse: float, best_epoch: int,
+                history: list[dict], net_config) -> None:
+    from brainshift.io.atomic import atomic_output
+    from brainshift.model.checkpoint import unwrap_model
+
+    state = {
+        "model_state_dict": unwrap_model(model).state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_val_mse": float(best_val_mse),
+        "best_epoch": int(best_epoch),
+        "history": json.dumps(history, default=float),
+        "network_config": net_config.to_json(),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(state, str(tmp))
+
+
+def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a ``last.pt`` training state with ``torch.load(weights_only=True)`` (never arbitrary unpickling).
+
+    Raises:
+        InputFileError: missing file, or one that is not a brainshift training state.
+    """
+    import pickle
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"expected a training state file to resume from at {p}, it does not exist")
+    try:
+        state = torch.load(str(p), map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise InputFileError(f"expected a training state readable with weights_only=True at {p}, got: "
+                             f"{str(exc).splitlines()[0]}") from None
+    needed = {"model_state_dict", "optimizer_state_dict", "epoch", "step", "network_config"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise InputFileError(f"expected a training state with keys {sorted(needed)} in {p}, got {got}")
+    return state
+
+
+def _dataset_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
+    return {"data": str(cfg.data), "n_cases": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
+            "n_subjects": {k: len(v) for k, v in splits.subjects.items()}}
+
+
+def _mean_terms(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = records[0].keys() if records else []
+    return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train the refinement network as configured; see the module docstring for what is written.
+
+    Runs in one process, or in each process of ``torchrun --nproc_per_node N`` (DistributedDataParallel;
+    the processes hold identical weights after every step).
+
+    Args:
+        cfg: the configuration (``cfg.data`` required).
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        BrainshiftError: bad configuration, CUDA requested without a GPU, no training cases, a resume state
+            from another network configuration.
+        InputFileError: missing dataset / state / weights files.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+    from tqdm.auto import tqdm
+
+    from brainshift.model import build_network, load_weights, save_weights
+    from brainshift.model.checkpoint import unwrap_model
+    from brainshift.train.data import TrainDataset, cases_of, split_cases, validation_items
+
+    if cfg.data is None:
+        raise BrainshiftError("expected a dataset folder (option data / --data), got none")
+    if not Path(cfg.data).is_dir():
+        raise InputFileError(f"expected a dataset folder at {cfg.data}, it does not exist")
+    ctx: DistContext = setup_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        save_dir = Path(cfg.save_dir)
+        log_dir = Path(cfg.log_dir) if cfg.log_dir else save_dir / "logs"
+        net_cfg = network_config(cfg)
+        init_loaded = None
+        if cfg.load_model:
+            init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
+                ".safetensors") else net_cfg)
+            net_cfg = init_loaded.config
+        splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed)
+        if not splits.train:
+            raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
+        if ctx.is_main:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, save_dir / "config_resolved.yaml")
+            from brainshift.io.atomic import atomic_output
+
+            with atomic_output(save_dir / "splits.json") as tmp:
+                Path(tmp).write_text(json.dumps(splits.to_dict(), indent=2))
+        if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
+            raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
+                                  f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
+
+        model = build_network(net_cfg)
+        if init_loaded is not None:
+            model.load_state_dict(init_loaded.model.state_dict())
+        model.to(ctx.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+        start_epoch, step, best_val, best_epoch, history = 0, 0, math.inf, 0, []
+        resume_path = Path(cfg.checkpoint) if cfg.checkpoint else (save_dir / "last.pt" if cfg.resume else None)
+        if resume_path is not None:
+            state = load_state(resume_path, ctx.device)
+            if state["network_config"] != net_cfg.to_json():
+                raise BrainshiftError(f"expected a training state for the network {net_cfg.to_json()}, got one "
+                                      f"for {state['network_config']} in {resume_path}")
+            model.load_state_dict(state["model_state_dict"])
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            best_val, best_epoch = float(state["best_val_mse"]), int(state["best_epoch"])
+            history = json.loads(state["history"])
+
+        ddp_model: torch.nn.Module = model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                                else None)
+
+        dataset = TrainDataset(cfg.data, splits.train, splits.case_subject, net_cfg, size=cfg.size,
+                               interp=cfg.interp, k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts,
+                               variants_per_case=cfg.variants_per_case, augment=cfg.augment,
+                               samples_per_epoch=cfg.samples_per_epoch, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                               num_workers=cfg.num_workers, progress=cfg.progress and ctx.is_main)
+        val_items = []
+        if ctx.is_main and splits.val:
+            val_items = validation_items(cfg.data, splits.val, net_cfg, seed=cfg.seed, interp=cfg.interp,
+                                         k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
+        writer = None
+        if ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(log_dir))
+        units = net_cfg.field_units
+        best_path, last_path = save_dir / "best.safetensors", save_dir / "last.pt"
+        best_metrics: dict[str, float] = {}
+        stop = cfg.max_steps is not None and step >= cfg.max_steps
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop:
+                break
+            dataset.set_epoch(epoch)
+            if ctx.distributed:
+                sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                             seed=cfg.seed)
+                sampler.set_epoch(epoch)
+            else:
+                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                worker_init_fn=worker_init_fn, pin_memory=ctx.device.type == "cuda",
+                                drop_last=False)
+            records: list[dict[str, float]] = []
+            t0 = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (ctx.is_main and cfg.progress),
+                       leave=False)
+            for batch in bar:
+                terms = train_step(ddp_model, batch, optimizer, cfg, units, ctx.device)
+                step += 1
+                records.append(terms)
+                if writer is not None:
+                    for k, v in terms.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(loss=f"{terms['total']:.4g}")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    stop = True
+                    break
+            dt = time.perf_counter() - t0
+            n_samples = len(records) * cfg.batch_size * ctx.world_size
+            rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train": _mean_terms(records),
+                                   "samples_per_s": n_samples / dt if dt > 0 else float("nan")}
+            last_epoch = epoch + 1 == cfg.epochs or stop
+            if ctx.is_main:
+                do_val = bool(val_items) and ((epoch + 1) % cfg.evaluate_every == 0 or last_epoch)
+                if do_val:
+                    metrics = validate(model, val_items, net_cfg, ctx.device, cfg.extra_eval)
+                    rec["val"] = metrics
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"val/{k}", v, step)
+                    improved = metrics["mse_mm2"] < best_val
+                elif not val_items:
+                    metrics, improved = {}, True  # no validation cases: the latest model is the best
+                else:
+                    metrics, improved = {}, False
+                if improved:
+                    best_val = metrics.get("mse_mm2", math.inf)
+                    best_epoch, best_metrics = epoch + 1, metrics
+                    save_weights(best_path, model, net_cfg, {
+                        "train_config": cfg.to_dict(), "epoch": epoch + 1, "step": step, "val": metrics,
+                        "dataset": _dataset_summary(cfg, splits), "world_size": ctx.world_size})
+                history.append(rec)
+                writer.add_scalar("train/samples_per_s", rec["samples_per_s"], step)
+                _save_state(last_path, model, optimizer, epoch=epoch + 1, step=step, best_val_mse=best_val,
+                            best_epoch=best_epoch, history=history, net_config=net_cfg)
+                from brainshift.io.atomic import atomic_output
+
+                with atomic_output(save_dir / "history.jsonl") as tmp:
+                    Path(tmp).write_text("".join(json.dumps(h, default=float) + "\n" for h in history))
+            barrier(ctx)
+
+        test_metrics: dict[str, float] = {}
+        if ctx.is_main and best_path.is_file():
+            if not best_metrics:  # resumed run whose best epoch came before the resume
+                best_metrics = next((h.get("val", {}) for h in history if h["epoch"] == best_epoch), {})
+            test_root, test_cases = (cfg.test, cases_of(cfg.test)[0]) if cfg.test else (cfg.data, splits.test)
+            if test_cases:
+                best = load_weights(best_path, device=ctx.device)
+                items = validation_items(test_root, test_cases, net_cfg, seed=cfg.seed, interp=cfg.interp,
+                                         k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
+                test_metrics = validate(best.model, items, net_cfg, ctx.device, cfg.extra_eval)
+                from brainshift.io.atomic import atomic_output
+
+                with atomic_output(save_dir / "test_metrics.json") as tmp:
+                    Path(tmp).write_text(json.dumps({"data": str(test_root), "cases": test_cases,
+                                                     **test_metrics}, indent=2))
+        if writer is not None:
+            writer.close()
+        barrier(ctx)
+        return TrainResult(save_dir=save_dir, best_path=best_path if ctx.is_main and best_path.is_file() else None,
+                           last_path=last_path if ctx.is_main and last_path.is_file() else None,
+                           best_metrics=best_metrics, best_epoch=best_epoch, test_metrics=test_metrics,
+                           history=history, steps=step, model=unwrap_model(ddp_model))
+    finally:
+        cleanup_distributed(ctx)
