@@ -185,6 +185,7 @@ def plot_boxplots(rows: Sequence[dict], path: str | Path) -> Path:
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("per-case values: box = quartiles, line = median, triangle = mean", fontsize=9)
     return _save(fig, Path(path))
 
 
