@@ -333,3 +333,20 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
                                   noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
                                   overlap=overlap))
     return rows
+
+
+def evaluate_sweep(data_dir: str | Path, methods: list[str] | str, *, n_keypoints=(20,), noise_mm=(0.0,),
+                   **kwargs) -> list[dict]:
+    """:func:`evaluate_dataset` for every combination of keypoint count and noise level, rows concatenated.
+
+    For the accuracy benchmark's studies (e.g. ``n_keypoints=(5, 10, 20, 40)`` at no noise, or
+    ``noise_mm=(0, 0.5, 1)`` at 20 keypoints); each row carries its ``n_keypoints`` and ``noise_mm``, so
+    :func:`brainshift.evaluate.report.sweep_markdown` / ``plot_sweep`` can tabulate and plot them. Other
+    keyword arguments go to :func:`evaluate_dataset` (same seed for every setting: at one keypoint count the
+    noise levels share their keypoints).
+    """
+    rows: list[dict] = []
+    for k in n_keypoints:
+        for sigma in noise_mm:
+            rows.extend(evaluate_dataset(data_dir, methods, n_keypoints=int(k), noise_mm=float(sigma), **kwargs))
+    return rows
