@@ -1,0 +1,211 @@
+"""`brainshift infer` end to end through typer's CliRunner: outputs, conventions and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+
+runner = CliRunner()
+SHAPE = (24, 28, 20)
+
+
+@pytest.fixture()
+def image_path(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.random(SHAPE).astype(np.float32) + 0.1
+    data[:2] = 0.0  # some background
+    affine = np.diag([1.0, 1.0, 1.5, 1.0])
+    affine[:3, 3] = [-10, -12, -8]
+    path = tmp_path / "preop.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _table(path, rows):
+    with open(path, "w") as fh:
+        fh.write("x,y,z,dx,dy,dz\n")
+        for r in rows:
+            fh.write(",".join(str(v) for v in r) + "\n")
+    return path
+
+
+def _good_rows(n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform([3, 3, 3], [s - 4 for s in SHAPE], size=(n, 3))
+    # affine displacement in voxel units: u = B p + t
+    b = np.array([[0.02, 0.0, 0.01], [0.0, -0.03, 0.0], [0.01, 0.0, 0.02]])
+    d = pts @ b.T + np.array([0.5, -1.0, 0.25])
+    return np.hstack([pts, d])
+
+
+def _invoke(args):
+    return runner.invoke(app, args)
+
+
+def _assert_clean_error(res, out_dir, *fragments):
+    assert res.exit_code == 2, res.output
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for frag in fragments:
+        assert frag.lower() in lines[0].lower(), lines[0]
+    # no partial output files
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_infer_linear_writes_all_formats_and_summary(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    for fmt, ext in [("h5", ".h5"), ("npz", ".npz"), ("nii", ".nii.gz")]:
+        out = tmp_path / f"out_{fmt}"
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "linear", "--no-refine",
+                       "-o", str(out), "-f", fmt, "-q"])
+        assert res.exit_code == 0, res.output
+        assert (out / f"initial_disp_field{ext}").exists()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["keypoint_count"] == 12
+        assert summary["refined"] is False
+        assert summary["frames"]["keypoint_table"] == "voxel"
+        assert summary["fields"]["initial_disp_field"]["pct_jacobian_nonpositive"] == 0.0
+
+
+def test_infer_npz_field_reproduces_affine_keypoint_field(tmp_path, image_path):
+    rows = _good_rows(20)
+    rows[:, :3] = np.round(rows[:, :3])  # grid-aligned keypoints: the field at a voxel centre is exact
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "linear", "--no-refine",
+                   "-o", str(out), "-f", "npz", "-q"])
+    assert res.exit_code == 0, res.output
+    with np.load(out / "initial_disp_field.npz") as z:
+        field = z["field"]
+    # at each keypoint voxel the interpolated field equals its displacement
+    idx = rows[:, :3].astype(int)
+    got = field[:, idx[:, 0], idx[:, 1], idx[:, 2]].T
+    np.testing.assert_allclose(got, rows[:, 3:], atol=1e-4)
+
+
+def test_infer_save_inverse_and_warped(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out),
+                   "--save-inverse", "--save-warped", "-q"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert "initial_inverse_disp_field.h5" in names
+    assert "preop_warped_to_intraop.nii.gz" in names
+    assert nib.load(str(out / "preop_warped_to_intraop.nii.gz")).shape == SHAPE
+
+
+def test_missing_preop_file(tmp_path):
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(tmp_path / "nope.nii.gz"), "-k", str(tmp_path / "kp.csv"), "-o", str(out),
+                   "--no-refine"])
+    _assert_clean_error(res, out, "nope.nii.gz")
+
+
+def test_4d_image(tmp_path):
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE + (2,), np.float32), np.eye(4)), str(path))
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(path), "-k", str(kp), "-o", str(out), "--no-refine"]), out, "3-D")
+
+
+def test_fewer_than_four_keypoints(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows(3))
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]),
+                        out, "3")
+
+
+def test_coplanar_keypoints(tmp_path, image_path):
+    rows = [[5, 5, 10, 1, 0, 0], [15, 5, 10, 1, 0, 0], [5, 20, 10, 1, 0, 0], [15, 20, 10, 0, 1, 0],
+            [10, 12, 10, 0, 0, 1], [8, 9, 10, 0, 0, 0]]
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]),
+                        out, "plane")
+
+
+def test_conflicting_duplicate_keypoints_are_named(tmp_path, image_path):
+    rows = _good_rows(8).tolist()
+    rows.append([rows[2][0], rows[2][1], rows[2][2], 9.0, 9.0, 9.0])
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"])
+    _assert_clean_error(res, out, "keypoints 2 and 8", "(9, 9, 9)")
+
+
+def test_nan_in_table(tmp_path, image_path):
+    rows = _good_rows(8).tolist()
+    rows[3][4] = float("nan")
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]), out)
+
+
+def test_wrong_column_count(tmp_path, image_path):
+    kp = tmp_path / "kp.csv"
+    kp.write_text("1,2,3,4,5,6\n2,3,4,5,6,7\n3,4,5,6,7\n4,5,6,7,8,9\n5,6,7,8,9,1\n")
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]),
+                        out, "6")
+
+
+def test_keypoint_outside_image(tmp_path, image_path):
+    rows = _good_rows(8).tolist()
+    rows[0][0] = 500.0
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]),
+                        out, "outside")
+
+
+def test_field_on_another_grid(tmp_path, image_path):
+    field_path = tmp_path / "f.npz"
+    np.savez(field_path, field=np.zeros((3, 10, 10, 10), np.float32), affine=np.eye(4))
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(field_path), "-o", str(out),
+                                 "--no-refine"]), out, "grid")
+
+
+def test_cuda_without_gpu(tmp_path, image_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU error cannot be provoked")
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "-d", "cuda",
+                                 "--no-refine"]), out, "cuda")
+
+
+def test_tps3d_too_many_keypoints_is_refused_before_allocating(tmp_path, image_path):
+    rng = np.random.default_rng(3)
+    n = 40000
+    pts = np.stack([rng.uniform(0, s - 1, n) for s in SHAPE], axis=1)
+    pts = np.unique(np.round(pts, 3), axis=0)
+    rows = np.hstack([pts, np.zeros_like(pts)])
+    kp = tmp_path / "kp.csv"
+    np.savetxt(kp, rows, delimiter=",", header="x,y,z,dx,dy,dz", comments="")
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps3d", "-o", str(out),
+                                 "--no-refine"]), out, "GB")
+
+
+def test_refine_without_weights_says_so(tmp_path, image_path):
+    from brainshift.pipeline import DEFAULT_WEIGHTS
+
+    if DEFAULT_WEIGHTS.exists():
+        pytest.skip("default weights ship: --refine works without -w")
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--refine"]),
+                        out, "weights")
