@@ -48,6 +48,18 @@ def test_blobs_found_subvoxel_with_polarity_and_scale():
     assert np.all(np.diff(kp.responses) <= 0)  # sorted strongest first
 
 
+@pytest.mark.parametrize("sigma_mm", [5.0, 7.0, 10.0])
+def test_large_blobs_on_coarse_octaves(sigma_mm):
+    # detection scales 4.1, 5.7, 8.2 mm: between octaves 0 and 1, octave 1 (grid strides 2, 1, 1) and
+    # octave 2 (strides 4, 2, 2) of the anisotropic pyramid; positions map back to the full grid
+    shape, centre = (64, 56, 32), np.array([31.7, 27.2, 15.8])
+    img = blob_image(centre[None], np.array([-1.0]), np.array([sigma_mm]), shape=shape)
+    kp = detect_keypoints(Volume(img, AFFINE))
+    assert len(kp) == 1 and kp.polarity[0] == -1
+    assert np.all(np.abs(kp.points_vox[0] - centre) < 0.5), kp.points_vox[0]
+    assert kp.scales_mm[0] == pytest.approx(sigma_mm * np.sqrt(2.0 / 3.0), rel=0.1)
+
+
 def test_flat_and_ramp_give_no_keypoints():
     shape = (40, 40, 30)
     grid = np.indices(shape).astype(np.float32)

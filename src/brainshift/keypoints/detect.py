@@ -37,8 +37,9 @@ class Keypoints:
 
     Attributes:
         points_vox: ``(N, 3)`` float64 sub-voxel locations, 0-based voxel indices ``(i, j, k)`` of the image.
-        scales_mm: ``(N,)`` float64 scale of each keypoint: the Gaussian sigma in mm of its DoG level. A
-            Gaussian blob of standard deviation ``s`` mm is detected at about ``s * sqrt(2/3)``.
+        scales_mm: ``(N,)`` float64 scale of each keypoint in mm: the interpolated DoG level's Gaussian sigma
+            at the geometric middle of its pair, ``sigma * sqrt(k)``. A Gaussian blob of standard deviation
+            ``s`` mm is detected at about ``s * sqrt(2/3)`` (the scale-normalised Laplacian's optimum in 3-D).
         responses: ``(N,)`` float64 contrast, ``|DoG| / ((k - 1) * range)`` at the refined extremum, i.e.
             the scale-normalised Laplacian magnitude in units of the image's robust intensity range.
         polarity: ``(N,)`` int8, ``+1`` for a bright blob (DoG minimum), ``-1`` for a dark blob (maximum).
@@ -150,11 +151,16 @@ def detect_keypoints(
         if min(g.shape) < _MIN_OCTAVE_SIZE:
             break
         sigma0 = sigma_min_mm * 2.0**octave
-        levels = [g]
-        for s in range(1, n_scales + 3):
+        dog = np.empty((n_scales + 2, *g.shape), dtype=np.float32)
+        previous, next_base = g, g
+        for s in range(1, n_scales + 3):  # Gaussian levels sigma0 * k**s, blurred incrementally
             inc_mm = sigma0 * np.sqrt(k ** (2 * s) - k ** (2 * (s - 1)))
-            levels.append(ndi.gaussian_filter(levels[-1], inc_mm / octave_spacing, mode="nearest", truncate=3.0))
-        dog = np.stack([b - a for a, b in zip(levels[:-1], levels[1:], strict=True)])
+            current = ndi.gaussian_filter(previous, inc_mm / octave_spacing, mode="nearest", truncate=3.0)
+            np.subtract(current, previous, out=dog[s - 1])
+            if s == n_scales:
+                next_base = current  # twice the octave's base sigma
+            previous = current
+        del previous, current
         rows = _octave_keypoints(dog, threshold, edge_ratio, octave_spacing, n_scales, sigma0, k)
         if rows.size:
             rows[:, :3] *= stride  # octave grid -> cropped full-resolution grid (subsampling starts at 0)
@@ -163,17 +169,16 @@ def detect_keypoints(
         # next octave: the level with twice the base sigma, subsampled by 2 where the spacing allows it
         step_mm *= 2.0
         factor = np.where(octave_spacing * 2.0 <= step_mm * (1 + 1e-6), 2, 1)
-        g = levels[n_scales][:: factor[0], :: factor[1], :: factor[2]]
+        g = np.ascontiguousarray(next_base[:: factor[0], :: factor[1], :: factor[2]])
         octave_spacing = octave_spacing * factor
         stride = stride * factor
-        del levels, dog
+        del next_base, dog
 
     if not found:
         return _empty()
     rows = np.concatenate(found)
+    rows = rows[_inside_and_away(rows[:, :3], inside_c, spacing, border_mm)]  # the crop holds the whole mask
     rows[:, :3] += lo
-    keep = _inside_and_away(rows[:, :3], inside, spacing, border_mm)
-    rows = rows[keep]
     order = np.lexsort((rows[:, 2], rows[:, 1], rows[:, 0], -rows[:, 4]))  # strongest first, ties by position
     rows = rows[order]
     rows = rows[_suppress_duplicates(rows[:, :3], volume.affine, min_distance_mm)]
@@ -192,15 +197,8 @@ def _octave_keypoints(dog, threshold, edge_ratio, spacing, n_scales, sigma0, k) 
 
     Returns ``(M, 6)`` rows ``i, j, k`` (octave grid), ``scale_mm``, ``|DoG|`` (raw units), polarity.
     """
-    import scipy.ndimage as ndi
 
-    n_levels = dog.shape[0]
-    inner = (slice(1, n_levels - 1), slice(1, -1), slice(1, -1), slice(1, -1))
-    core = dog[inner]
-    prelim = 0.5 * threshold  # Lowe's pre-threshold before interpolation
-    is_max = (core > prelim) & (core == ndi.maximum_filter(dog, size=3, mode="nearest")[inner])
-    is_min = (core < -prelim) & (core == ndi.minimum_filter(dog, size=3, mode="nearest")[inner])
-    cand = np.argwhere(is_max | is_min) + 1  # (N, 4): level, i, j, k in the stack
+    cand = _extrema(dog, 0.5 * threshold)  # Lowe's pre-threshold (half the final one) before interpolation
     if cand.size == 0:
         return np.zeros((0, 6))
 
@@ -221,20 +219,32 @@ def _octave_keypoints(dog, threshold, edge_ratio, spacing, n_scales, sigma0, k) 
         off = np.zeros((idx.size, 4))
         off[ok] = -np.linalg.solve(h_[ok], g_[ok][..., None])[..., 0]
         alive[idx[~ok]] = False
+        # an optimum beyond the first / last searched level of this octave: take the optimum of the quadratic
+        # on that boundary (scale offset -0.5 / +0.5, space re-solved); otherwise a blob whose scale falls
+        # between two octaves' searched levels would be lost by both
+        level = pos[idx, 0]
+        edge = ok & (((level == 1) & (off[:, 0] < -0.5)) | ((level == upper[0]) & (off[:, 0] > 0.5)))
+        if edge.any():
+            off[edge] = _boundary_offset(g_[edge], h_[edge], np.clip(off[edge, 0], -0.5, 0.5))
         done = ok & np.all(np.abs(off) <= 0.5, axis=1)
         converged[idx[done]] = True
         offset[idx[done]], grad[idx[done]], hess[idx[done]] = off[done], g_[done], h_[done]
         move = idx[ok & ~done]
-        new = pos[move] + np.round(offset_clip(off[ok & ~done])).astype(int)
+        step = np.round(_offset_clip(off[ok & ~done])).astype(int)
+        step[edge[ok & ~done], 0] = 0
+        new = pos[move] + step
         out = np.any((new < 1) | (new > upper), axis=1)
         alive[move[out]] = False
         pos[move[~out]] = new[~out]
-    keep = alive & converged
+    keep = np.flatnonzero(alive & converged)
+    keep = keep[np.sort(np.unique(pos[keep], axis=0, return_index=True)[1])]  # several may converge to one sample
     pos, offset, grad, hess = pos[keep], offset[keep], grad[keep], hess[keep]
     if pos.shape[0] == 0:
         return np.zeros((0, 6))
 
-    value = dog[tuple(pos.T)] + 0.5 * np.einsum("ni,ni->n", grad, offset)
+    # value of the quadratic model at the offset (= D + g.o / 2 at an unconstrained optimum)
+    value = (dog[tuple(pos.T)] + np.einsum("ni,ni->n", grad, offset)
+             + 0.5 * np.einsum("ni,nij,nj->n", offset, hess, offset))
     polarity = np.where(value < 0, 1, -1)  # DoG < 0 at the centre of a bright blob
     strong = np.abs(value) >= threshold
 
@@ -252,7 +262,50 @@ def _octave_keypoints(dog, threshold, edge_ratio, spacing, n_scales, sigma0, k) 
     return np.column_stack([ijk, scale_mm, np.abs(value[good]), polarity[good]]).astype(np.float64)
 
 
-def offset_clip(offset: np.ndarray) -> np.ndarray:
+def _extrema(dog: np.ndarray, prelim: float) -> np.ndarray:
+    """``(N, 4)`` integer positions ``(level, i, j, k)`` of DoG extrema over their 80 neighbours in space and scale.
+
+    Only the inner levels and inner voxels are searched; an extremum is ``>=`` (maxima) or ``<=`` (minima) all
+    its neighbours with ``|D| > prelim``. Done in two stages to save work: a spatial 3x3x3 maximum / minimum
+    filter on the inner levels (``scipy.ndimage``, separable), then the 54 neighbours in the adjacent levels
+    are gathered only at those candidates.
+    """
+    import scipy.ndimage as ndi
+
+    core = dog[1:-1]
+    inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    found = []
+    for sign, filt in ((1.0, ndi.maximum_filter), (-1.0, ndi.minimum_filter)):
+        local = filt(core, size=(1, 3, 3, 3), mode="nearest")
+        hit = (core[inner] == local[inner]) & (sign * core[inner] > prelim)
+        del local
+        cand = np.argwhere(hit) + np.array([1, 1, 1, 1])  # level and voxel indices in the full stack
+        if cand.size == 0:
+            continue
+        value = sign * dog[tuple(cand.T)]
+        ok = np.ones(len(cand), dtype=bool)
+        for dl in (-1, 1):
+            for offset in np.ndindex(3, 3, 3):
+                p = cand + np.array([dl, *offset]) - np.array([0, 1, 1, 1])
+                ok &= sign * dog[p[:, 0], p[:, 1], p[:, 2], p[:, 3]] <= value
+        found.append(cand[ok])
+    if not found:
+        return np.zeros((0, 4), dtype=int)
+    cand = np.concatenate(found)
+    return cand[np.lexsort(cand.T[::-1])]
+
+
+def _boundary_offset(grad: np.ndarray, hess: np.ndarray, scale_offset: np.ndarray) -> np.ndarray:
+    """Optimum ``(N, 4)`` of the quadratic model with the scale offset fixed to ``scale_offset`` ``(N,)``."""
+    rhs = grad[:, 1:] + hess[:, 1:, 0] * scale_offset[:, None]
+    hs = hess[:, 1:, 1:]
+    ok = np.abs(np.linalg.det(hs)) > 1e-12 * np.maximum(np.abs(hs).max(axis=(1, 2)) ** 3, 1e-30)
+    spatial = np.full((grad.shape[0], 3), np.inf)  # a singular spatial Hessian: never converges, dropped
+    spatial[ok] = -np.linalg.solve(hs[ok], rhs[ok][..., None])[..., 0]
+    return np.column_stack([scale_offset, spatial])
+
+
+def _offset_clip(offset: np.ndarray) -> np.ndarray:
     """Clip a Newton offset to one voxel per step (Lowe moves to the neighbouring sample)."""
     return np.clip(offset, -1.0, 1.0)
 
