@@ -252,3 +252,20 @@ def test_warp_image_moves_content_forward(oblique_affine):
                                out.data, atol=1e-6)
     with pytest.raises(GeometryError, match=r"expected a displacement field on the image grid"):
         warp_image(Volume(blob, affine), field, affine, inverse_field=inverse[:, :-1])
+
+
+def test_resampling_intraop_image_with_forward_h5_gives_preop_space(tmp_path):
+    """docs/fields.md: sitk.Resample(intraop, preop grid, forward .h5) brings the intraop image into preop space."""
+    from brainshift.io.images import volume_from_sitk, volume_to_sitk
+
+    shape = (32, 28, 28)
+    affine = oblique_affine_matrix(20.0, zooms=(1.0, 1.5, 2.0))
+    field = _translation_bump(shape, 2.0)
+    i, j, k = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
+    intraop = np.exp(-((i - 16) ** 2 + (j - 14) ** 2 + (k - 14) ** 2) / 8.0).astype(np.float32)  # blob at i = 16
+    tx = sitk.ReadTransform(str(write_field(tmp_path / "fwd.h5", field, affine)))
+    ref = volume_to_sitk(Volume(np.zeros(shape, np.float32), affine))
+    out = volume_from_sitk(sitk.Resample(volume_to_sitk(Volume(intraop, affine)), ref, tx, sitk.sitkLinear, 0.0))
+    # preop position of that tissue: i = 14 (it moved by +2 voxels along i)
+    assert np.unravel_index(np.argmax(out.data), shape) == (14, 14, 14)
+    np.testing.assert_allclose(out.data[14, 14, 14], 1.0, atol=1e-3)
