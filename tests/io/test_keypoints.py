@@ -34,6 +34,12 @@ def test_table_separators_and_optional_header(tmp_path, sep, header):
     np.testing.assert_array_equal(d, [[0.5, 0, -1], [0, 2, 0.1]])
 
 
+def test_table_trailing_commas_are_tolerated(tmp_path):
+    (tmp_path / "k.csv").write_text("x,y,z,dx,dy,dz,\n1,2,3,4,5,6,\n")
+    p, d = read_keypoint_table(tmp_path / "k.csv")
+    np.testing.assert_array_equal(np.hstack([p, d]), [[1, 2, 3, 4, 5, 6]])
+
+
 def test_table_header_in_another_order(tmp_path):
     (tmp_path / "k.csv").write_text("dx,dy,dz,x,y,z\n1,2,3,10,20,30\n")
     p, d = read_keypoint_table(tmp_path / "k.csv")

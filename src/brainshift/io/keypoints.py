@@ -73,7 +73,10 @@ def _need_affine(frame: str, affine, path: Path) -> None:
 
 def _split(line: str) -> list[str]:
     if "," in line:
-        return [t.strip() for t in line.split(",")]
+        tokens = [t.strip() for t in line.split(",")]
+        while tokens and tokens[-1] == "":  # tolerate trailing commas (spreadsheet exports)
+            tokens.pop()
+        return tokens
     return line.split()
 
 
