@@ -1,0 +1,450 @@
+"""One simulated brain-shift case: configuration, random draws, and the deterministic solve.
+
+``draw_case_parameters`` makes every random choice (gravity perturbation, drained CSF level) from a subject
+and a :class:`SimulationConfig`; ``simulate_case`` is deterministic given the subject, the config and those
+:class:`CaseParameters` (TorchIO's split of random draws from deterministic work).
+
+Pipeline of ``simulate_case`` (model choices are documented in the modules named):
+
+1. Mesh the brain (:mod:`.mesh`), per-element Lame parameters by tissue fraction (:mod:`.materials`).
+2. Gravity along the surgical approach with CSF drainage, craniotomy, brainstem support (:mod:`.loads`).
+3. Equilibrium with the tumour present under gravity and frictionless skull contact (:mod:`.contact`,
+   :mod:`.fem`), or the neo-Hookean model (:mod:`.hyperelastic`).
+4. Resection (``config.resection``): the nodal forces the tumour elements exert on the interface nodes,
+   ``r = K_T u_1 - f_T``, are recorded; the tumour elements (tumour fraction >= ``tumour_element_fraction``)
+   are removed with their orphan nodes and any piece of tissue they cut off; the recorded forces are released
+   (applied with opposite sign, i.e. the remaining body no longer receives them) and the remaining mesh relaxes
+   from the deformed state ``u_1`` to a new equilibrium with the same gravity and contact treatment. In linear
+   elasticity this is the increment ``K_R du = r`` superposed on ``u_1`` (solved for the total displacement so
+   the skull constraint applies to the total).
+5. Rasterise the total nodal displacement of every preop point to the image grid (:mod:`.rasterise`); the
+   cavity's field is extrapolated from the cavity wall (it is masked out by evaluation).
+
+Convention: ``SimulationResult.field_vox`` is float32 ``(3, I, J, K)`` on ``subject.image``'s grid, forward
+Lagrangian (preop voxel ``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``, zero outside the brain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, GeometryError
+from brainshift.simulate.dataset import Subject
+from brainshift.simulate.mesh import HexMesh
+from brainshift.volume import Volume
+
+
+@dataclass
+class SimulationConfig:
+    """Deterministic settings of the simulator (JSON-serialisable with :meth:`to_dict`).
+
+    Attributes:
+        resolution_mm: hexahedral element edge (mm); 3.0 default, 2.0 finer.
+        material: ``"linear"`` (small-strain isotropic elasticity) or ``"neo-hookean"`` (compressible,
+            total Lagrangian, Newton).
+        poisson_ratio: nu of parenchyma and tumour (dimensionless).
+        ventricle_poisson_ratio: nu of the soft, compressible ventricles (dimensionless).
+        tumour_stiffness_ratio: tumour / parenchyma shear modulus (3 in the facts).
+        volumetric_integration: ``"full"`` (2x2x2 Gauss) or ``"reduced"`` (1-point volumetric part).
+        max_gravity_angle_deg: half-angle (degrees) of the cap in which gravity is perturbed around the
+            approach direction.
+        drainage_fraction_range: drained CSF level as a fraction of the brain's extent along gravity, measured
+            from its highest point: the level is drawn uniformly in this range (0 = no drainage, 1 = all
+            tissue carries its weight).
+        buoyant_weight_fraction: fraction of its weight that tissue below the CSF level still carries
+            (``(rho_tissue - rho_csf) / rho_tissue``, 0 for the facts' equal densities).
+        craniotomy_radius_mm: surface nodes within this distance (mm) of the entry point have no skull.
+        resection: remove the tumour and relax (step 4) or stop at the gravity equilibrium.
+        tumour_element_fraction: an element is resected if its tumour fraction is at least this.
+        brainstem_fixation_depth_mm: nodes within this height (mm) above the most inferior node are fixed.
+        min_brain_fraction: an element is meshed if at least this fraction of it is brain.
+        normal_smoothing_mm: Gaussian sigma (mm) of the occupancy smoothing that gives surface normals.
+        solver_rtol: relative residual tolerance of every linear solve.
+        solver_maxiter: maximum CG iterations per linear solve.
+        max_contact_iterations: maximum active-set iterations per equilibrium.
+        contact_gap_tolerance_mm: outward motion (mm) beyond which a free surface node is put in contact.
+        contact_force_tolerance: tensile reaction, relative to the largest nodal load, beyond which a node
+            is released.
+        newton_load_steps: load steps of the neo-Hookean solve.
+        newton_rtol: Newton convergence: residual norm relative to the load norm.
+        newton_max_iterations: Newton iterations per load step.
+    """
+
+    resolution_mm: float = 3.0
+    material: str = "linear"
+    poisson_ratio: float = 0.45
+    ventricle_poisson_ratio: float = 0.1
+    tumour_stiffness_ratio: float = 3.0
+    volumetric_integration: str = "full"
+    max_gravity_angle_deg: float = 30.0
+    drainage_fraction_range: tuple[float, float] = (0.2, 0.6)
+    buoyant_weight_fraction: float = 0.0
+    craniotomy_radius_mm: float = 25.0
+    resection: bool = True
+    tumour_element_fraction: float = 0.5
+    brainstem_fixation_depth_mm: float = 5.0
+    min_brain_fraction: float = 0.5
+    normal_smoothing_mm: float = 4.0
+    solver_rtol: float = 1e-8
+    solver_maxiter: int = 500
+    max_contact_iterations: int = 30
+    contact_gap_tolerance_mm: float = 1e-3
+    contact_force_tolerance: float = 1e-3
+    newton_load_steps: int = 4
+    newton_rtol: float = 1e-6
+    newton_max_iterations: int = 25
+
+    def __post_init__(self) -> None:
+        self.drainage_fraction_range = tuple(float(x) for x in self.drainage_fraction_range)  # type: ignore
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`BrainshiftError` naming the first bad field."""
+        if self.material not in ("linear", "neo-hookean"):
+            raise BrainshiftError(f"expected material 'linear' or 'neo-hookean', got {self.material!r}")
+        if self.volumetric_integration not in ("full", "reduced"):
+            raise BrainshiftError(f"expected volumetric_integration 'full' or 'reduced', got "
+                                  f"{self.volumetric_integration!r}")
+        if not self.resolution_mm > 0:
+            raise BrainshiftError(f"expected resolution_mm > 0, got {self.resolution_mm}")
+        for name in ("poisson_ratio", "ventricle_poisson_ratio"):
+            v = getattr(self, name)
+            if not -1.0 < v < 0.5:
+                raise BrainshiftError(f"expected {name} in (-1, 0.5), got {v}")
+        lo, hi = self.drainage_fraction_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise BrainshiftError(f"expected 0 <= drainage_fraction_range[0] <= [1] <= 1, got {(lo, hi)}")
+        if not 0.0 <= self.max_gravity_angle_deg <= 180.0:
+            raise BrainshiftError(f"expected max_gravity_angle_deg in [0, 180], got {self.max_gravity_angle_deg}")
+        if not 0.0 <= self.buoyant_weight_fraction <= 1.0:
+            raise BrainshiftError(f"expected buoyant_weight_fraction in [0, 1], got {self.buoyant_weight_fraction}")
+        if self.craniotomy_radius_mm < 0 or self.brainstem_fixation_depth_mm < 0:
+            raise BrainshiftError("expected non-negative craniotomy_radius_mm and brainstem_fixation_depth_mm, got "
+                                  f"{self.craniotomy_radius_mm}, {self.brainstem_fixation_depth_mm}")
+        if self.solver_maxiter < 1 or self.max_contact_iterations < 1 or self.newton_load_steps < 1:
+            raise BrainshiftError("expected solver_maxiter, max_contact_iterations and newton_load_steps >= 1")
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict of every field."""
+        d = dataclasses.asdict(self)
+        d["drainage_fraction_range"] = list(self.drainage_fraction_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SimulationConfig:
+        """Inverse of :meth:`to_dict` (unknown keys raise :class:`BrainshiftError`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(d) - names
+        if bad:
+            raise BrainshiftError(f"expected simulation config keys among {sorted(names)}, got unknown {sorted(bad)}")
+        return cls(**d)
+
+
+@dataclass
+class CaseParameters:
+    """The random draws of one case (all RAS mm / unit vectors / degrees).
+
+    Attributes:
+        gravity_direction_ras: ``(3,)`` unit vector of gravitational acceleration (RAS).
+        entry_point_ras: ``(3,)`` craniotomy centre on the brain surface (mm).
+        tumour_centre_ras: ``(3,)`` tumour centroid (mm).
+        approach_direction_ras: ``(3,)`` unit vector entry -> tumour centre (before perturbation).
+        gravity_perturbation_deg: angle between gravity and the approach direction.
+        drainage_fraction: drawn fraction of the brain's extent along gravity that is drained.
+        drainage_level_mm: depth of the CSF level below the highest brain point along gravity (mm).
+        seed: the integer seed of the draw, if one was given.
+    """
+
+    gravity_direction_ras: np.ndarray
+    entry_point_ras: np.ndarray
+    tumour_centre_ras: np.ndarray
+    approach_direction_ras: np.ndarray
+    gravity_perturbation_deg: float
+    drainage_fraction: float
+    drainage_level_mm: float
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = np.asarray(v, dtype=np.float64).tolist() if isinstance(v, np.ndarray) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaseParameters:
+        """Inverse of :meth:`to_dict`."""
+        vec = ("gravity_direction_ras", "entry_point_ras", "tumour_centre_ras", "approach_direction_ras")
+        return cls(**{k: (np.asarray(v, dtype=np.float64) if k in vec else v) for k, v in d.items()})
+
+
+@dataclass
+class SimulationResult:
+    """Output of :func:`simulate_case`.
+
+    Attributes:
+        field_vox: float32 ``(3, I, J, K)`` on the subject image grid. Convention: forward Lagrangian, voxel
+            units along ``i, j, k``, zero outside the brain.
+        cavity_mask: label Volume, the resected region on the preop grid (empty without resection).
+        meta: every config and parameter value, seed, solver iterations / residuals, contact iterations,
+            times (s), mesh size, max / median displacement (mm).
+        mesh: the final mesh (after resection) for export.
+        nodal_displacement_mm: ``(mesh.n_nodes, 3)`` total displacement of the mesh nodes, RAS mm.
+    """
+
+    field_vox: np.ndarray
+    cavity_mask: Volume
+    meta: dict
+    mesh: HexMesh
+    nodal_displacement_mm: np.ndarray
+
+
+def _brain_region(subject: Subject) -> np.ndarray:
+    return (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
+
+
+def _check_subject(subject: Subject) -> None:
+    for name in ("brain_mask", "tumour_mask", "ventricles_mask"):
+        vol = getattr(subject, name)
+        if not vol.same_grid(subject.image):
+            raise GeometryError(f"expected subject.{name} on the image grid {subject.image.shape}, got "
+                                f"{vol.shape} with another affine" if vol.shape == subject.image.shape else
+                                f"expected subject.{name} on the image grid {subject.image.shape}, got {vol.shape}")
+
+
+def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.random.Generator | int | None
+                         ) -> CaseParameters:
+    """Draw the random parameters of one case.
+
+    Args:
+        subject: the subject (brain and tumour masks are used).
+        config: the configuration (angle and drainage ranges).
+        rng: a NumPy Generator, or an integer seed (recorded in the parameters), or None (fresh entropy).
+
+    Returns:
+        :class:`CaseParameters`.
+
+    Raises:
+        GeometryError: empty tumour or brain mask, masks off the image grid.
+    """
+    from brainshift.simulate import loads
+
+    _check_subject(subject)
+    seed = None
+    if not isinstance(rng, np.random.Generator):
+        seed = None if rng is None else int(rng)
+        rng = np.random.default_rng(seed)
+    centre = loads.tumour_centre_ras(subject.tumour_mask)
+    entry = loads.entry_point_ras(subject.brain_mask, subject.tumour_mask, centre)
+    approach = centre - entry
+    if np.linalg.norm(approach) < 1e-6:
+        raise GeometryError("expected the tumour centre inside the brain, got it on the surface entry point")
+    approach = approach / np.linalg.norm(approach)
+    gravity, angle = loads.perturb_direction(approach, config.max_gravity_angle_deg, rng)
+    frac = float(rng.uniform(*config.drainage_fraction_range))
+    region = Volume(_brain_region(subject).astype(np.uint8), subject.brain_mask.affine, "label")
+    _, extent = loads.brain_depth_range_mm(region, gravity)
+    return CaseParameters(gravity_direction_ras=gravity, entry_point_ras=entry, tumour_centre_ras=centre,
+                          approach_direction_ras=approach, gravity_perturbation_deg=angle, drainage_fraction=frac,
+                          drainage_level_mm=frac * extent, seed=seed)
+
+
+@dataclass
+class _Stage:
+    """Everything a solve on one mesh needs."""
+
+    mesh: HexMesh
+    mu: np.ndarray
+    lam: np.ndarray
+    weight: np.ndarray  # (n_elements,) carried weight fraction
+    contact_nodes: np.ndarray
+    normals: np.ndarray
+    fixed_nodes: np.ndarray
+    pattern: object = None
+    k: object = None
+    f: np.ndarray | None = None
+    times: dict = field(default_factory=dict)
+
+
+def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParameters, *,
+                  progress: bool = False) -> SimulationResult:
+    """Simulate one brain-shift case (deterministic given its inputs).
+
+    Args:
+        subject: preop image and masks (one grid).
+        config: :class:`SimulationConfig`.
+        params: :class:`CaseParameters` from :func:`draw_case_parameters`.
+        progress: print a line per stage and contact iteration.
+
+    Returns:
+        :class:`SimulationResult`.
+
+    Convention: ``field_vox`` forward Lagrangian, voxel units along ``i, j, k`` of ``subject.image``, zero outside
+    the brain.
+
+    Raises:
+        GeometryError: masks off the image grid, empty brain, sheared affine.
+        SolverError: under-constrained model, unconverged solve or contact iteration.
+    """
+    from brainshift.simulate import fem, loads, materials
+    from brainshift.simulate import mesh as meshmod
+    from brainshift.simulate.rasterise import rasterise_displacement, rasterise_elements
+
+    config.validate()
+    _check_subject(subject)
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def _log(msg: str) -> None:
+        if progress:
+            print(f"[simulate {time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
+
+    t0 = time.perf_counter()
+    mesh = meshmod.build_mesh(subject.brain_mask, subject.tumour_mask, subject.ventricles_mask,
+                              resolution_mm=config.resolution_mm, min_brain_fraction=config.min_brain_fraction)
+    meshmod.check_mesh(mesh)
+    mu, lam = materials.element_lame(mesh.fractions, config.poisson_ratio, config.ventricle_poisson_ratio,
+                                     config.tumour_stiffness_ratio)
+    rot = mesh.rotation
+    g_ras = np.asarray(params.gravity_direction_ras, dtype=np.float64)
+    g_ras = g_ras / np.linalg.norm(g_ras)
+    g_loc = rot.T @ g_ras
+    region_vol = Volume(_brain_region(subject).astype(np.uint8), subject.brain_mask.affine, "label")
+    top_mm, _ = loads.brain_depth_range_mm(region_vol, g_ras)
+    weight = loads.weight_fraction_per_element(mesh.element_centres_ras(), mesh.element_size_mm, g_ras, top_mm,
+                                               params.drainage_level_mm, config.buoyant_weight_fraction)
+    nodes_ras = mesh.nodes_ras
+    outer = meshmod.outer_surface_nodes(mesh)
+    fixed = loads.brainstem_nodes(nodes_ras, config.brainstem_fixation_depth_mm)
+    dist = np.linalg.norm(nodes_ras[outer] - np.asarray(params.entry_point_ras), axis=1)
+    craniotomy = outer[dist <= config.craniotomy_radius_mm]
+    contact = np.setdiff1d(outer, np.union1d(craniotomy, fixed))
+    normals = meshmod.surface_normals(mesh, contact, config.normal_smoothing_mm)
+    times["mesh_s"] = time.perf_counter() - t0
+    _log(f"mesh: {mesh.n_elements} elements, {mesh.n_nodes} nodes, {contact.size} contact, {craniotomy.size} "
+         f"craniotomy, {fixed.size} fixed nodes")
+
+    rho_g = materials.weight_density_pa_per_mm()
+    stage1 = _Stage(mesh, mu, lam, weight, contact, normals, fixed)
+    solver_log: list[dict] = []
+    if config.material == "linear":
+        u1, act1 = _linear_equilibrium(stage1, g_loc, rho_g, config, times, solver_log, "gravity", _log)
+    else:
+        from brainshift.simulate.hyperelastic import neo_hookean_equilibrium
+
+        u1, act1 = neo_hookean_equilibrium(stage1, g_loc, rho_g, config, times, solver_log, "gravity", _log)
+
+    final_mesh, u_final = mesh, u1
+    removed = np.zeros(mesh.n_elements, dtype=bool)
+    interface_force = 0.0
+    tumour_el = mesh.fractions[:, 1] >= config.tumour_element_fraction
+    if config.resection and tumour_el.any():
+        t0 = time.perf_counter()
+        f_t = fem.body_force_nodal(mesh, np.where(tumour_el[:, None], (rho_g * weight)[:, None] * g_loc, 0.0))
+        if config.material == "linear":
+            k_t_u = fem.element_forces(mesh, u1, lam, mu, tumour_el, config.volumetric_integration)
+        else:
+            from brainshift.simulate.hyperelastic import internal_forces
+
+            k_t_u = internal_forces(mesh, u1, lam, mu, tumour_el)
+        released = k_t_u - f_t  # force the remaining tissue stops receiving from the tumour (= - tumour's action)
+        new_mesh, kept_el, old_nodes = meshmod.remove_elements(mesh, tumour_el)
+        removed = np.ones(mesh.n_elements, dtype=bool)
+        removed[kept_el] = False
+        remap = np.full(mesh.n_nodes, -1, dtype=np.int64)
+        remap[old_nodes] = np.arange(old_nodes.size)
+        keep_c = remap[contact] >= 0
+        stage2 = _Stage(new_mesh, mu[kept_el], lam[kept_el], weight[kept_el], remap[contact[keep_c]],
+                        normals[keep_c], remap[fixed[remap[fixed] >= 0]])
+        interface_force = float(np.linalg.norm(released[old_nodes], axis=1).sum()) * 1e-6  # N
+        times["resection_setup_s"] = time.perf_counter() - t0
+        _log(f"resection: removed {int(removed.sum())} elements ({int(tumour_el.sum())} tumour), released "
+             f"{interface_force:.3g} N of interface force")
+        u_init = u1[old_nodes]
+        if config.material == "linear":
+            u_final, _ = _linear_equilibrium(stage2, g_loc, rho_g, config, times, solver_log, "resection", _log,
+                                             u_start=u_init, released=released[old_nodes], active0=act1[keep_c])
+        else:
+            from brainshift.simulate.hyperelastic import neo_hookean_equilibrium
+
+            u_final, _ = neo_hookean_equilibrium(stage2, g_loc, rho_g, config, times, solver_log, "resection", _log,
+                                                 u_start=u_init, released=released[old_nodes], active0=act1[keep_c])
+        final_mesh = new_mesh
+
+    t0 = time.perf_counter()
+    region = _brain_region(subject)
+    field_vox = rasterise_displacement(final_mesh, u_final, region)
+    cavity = np.zeros(region.shape, dtype=bool)
+    if removed.any():
+        cavity = (rasterise_elements(mesh, removed) & region) | (np.asarray(subject.tumour_mask.data) > 0)
+    times["rasterise_s"] = time.perf_counter() - t0
+    times["total_s"] = time.perf_counter() - t_start
+    spacing = mesh.spacing_mm
+    mag = np.sqrt(sum((field_vox[c] * spacing[c]) ** 2 for c in range(3)))
+    inside = region & ~cavity
+    vals = mag[inside] if inside.any() else np.zeros(1)
+    nodal_ras = u_final @ rot.T
+    meta = {
+        "config": config.to_dict(),
+        "params": params.to_dict(),
+        "seed": params.seed,
+        "n_nodes": final_mesh.n_nodes,
+        "n_elements": final_mesh.n_elements,
+        "n_nodes_preop": mesh.n_nodes,
+        "n_elements_preop": mesh.n_elements,
+        "n_contact_nodes": int(contact.size),
+        "n_craniotomy_nodes": int(craniotomy.size),
+        "n_fixed_nodes": int(fixed.size),
+        "n_resected_elements": int(removed.sum()),
+        "interface_force_n": interface_force,
+        "solves": solver_log,
+        "times_s": times,
+        "max_displacement_mm": float(vals.max()),
+        "median_displacement_mm": float(np.median(vals)),
+        "max_nodal_displacement_mm": float(np.linalg.norm(u_final, axis=1).max()),
+        "mesh_info": mesh.info,
+    }
+    _log(f"done: max {meta['max_displacement_mm']:.2f} mm, median {meta['median_displacement_mm']:.2f} mm")
+    return SimulationResult(field_vox=field_vox, cavity_mask=Volume(cavity.astype(np.uint8), subject.image.affine,
+                                                                     "label"),
+                            meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras)
+
+
+def _linear_equilibrium(stage: _Stage, g_loc, rho_g, config: SimulationConfig, times: dict, log: list, name: str,
+                        _log, *, u_start=None, released=None, active0=None):
+    """Linear-elastic equilibrium on one mesh with contact; ``released`` forces superposed on ``u_start``."""
+    from brainshift.simulate import fem
+    from brainshift.simulate.contact import solve_contact
+
+    t0 = time.perf_counter()
+    m = stage.mesh
+    pattern = fem.block_pattern(m)
+    k = fem.assemble_stiffness(m, stage.lam, stage.mu, volumetric_integration=config.volumetric_integration,
+                               pattern=pattern)
+    f_ext = fem.body_force_nodal(m, (rho_g * stage.weight)[:, None] * g_loc[None, :])
+    f = f_ext
+    if u_start is not None:
+        # increment K du = released on top of u_start, written for the total u = u_start + du
+        f = (k @ u_start.ravel()).reshape(-1, 3) + released
+    near_null = fem.rigid_body_modes(m.nodes_local_mm)
+    times[f"{name}_assembly_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = solve_contact(k, f, pattern, near_null, stage.contact_nodes, stage.normals, stage.fixed_nodes,
+                        rtol=config.solver_rtol, maxiter=config.solver_maxiter,
+                        max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
+                        force_tol_rel=config.contact_force_tolerance, x0=u_start, active0=active0,
+                        external=f_ext, progress=False)
+    times[f"{name}_solve_s"] = time.perf_counter() - t0
+    log.append({"stage": name, "contact_iterations": res.iterations, "amg_setups": res.amg_setups,
+                "cg_iterations": [s.iterations for s in res.solves], "residuals": [s.residual for s in res.solves],
+                "solve_times_s": [s.solve_s for s in res.solves], "amg_setup_s": [s.setup_s for s in res.solves],
+                "active_set_changes": res.changes, "n_active": int(res.active.sum()),
+                "max_outward_mm": res.max_outward_mm})
+    _log(f"{name}: {res.iterations} contact iterations, CG {[s.iterations for s in res.solves]}, "
+         f"{int(res.active.sum())}/{res.active.size} in contact, {times[f'{name}_solve_s']:.1f} s")
+    return res.u, res.active
