@@ -58,18 +58,15 @@ def jacobian_determinant(field_vox: np.ndarray) -> np.ndarray:
     world mm for any affine ``A``: no spacing is needed. Derivatives are central differences
     (``numpy.gradient``, one-sided at the border). Values <= 0 mean folding.
     """
-    f = check_field(field_vox).astype(np.float64)
-    grads = [np.gradient(f[c], axis=(0, 1, 2)) for c in range(3)]  # grads[c][d] = d u_c / d x_d
-    j = np.empty((3, 3) + f.shape[1:], dtype=np.float64)
+    f = check_field(field_vox)
+    # g[c][d] = d u_c / d x_d (float32, central differences); J = I + g
+    g = [list(np.gradient(f[c], axis=(0, 1, 2))) for c in range(3)]
     for c in range(3):
-        for d in range(3):
-            j[c, d] = grads[c][d] + (1.0 if c == d else 0.0)
-    det = (
-        j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
-        - j[0, 1] * (j[1, 0] * j[2, 2] - j[1, 2] * j[2, 0])
-        + j[0, 2] * (j[1, 0] * j[2, 1] - j[1, 1] * j[2, 0])
-    )
-    return det.astype(np.float32)
+        g[c][c] += 1.0
+    det = g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
+    det -= g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
+    det += g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0])
+    return det.astype(np.float32, copy=False)
 
 
 def voxel_grid(shape: tuple[int, int, int]) -> np.ndarray:
