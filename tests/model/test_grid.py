@@ -188,3 +188,14 @@ def test_bad_inputs_raise():
     ni = to_network_grid(vol, np.zeros((3, *shape), np.float32), None, FULL)
     with pytest.raises(GeometryError, match="network output"):
         from_network_grid(torch.zeros(1, 3, 8, 8, 16), ni)
+
+
+def test_center_crop_or_pad_to_training_size():
+    from brainshift.model.grid import center_crop_or_pad
+
+    t = torch.arange(2 * 5 * 6 * 7, dtype=torch.float32).reshape(2, 5, 6, 7)
+    out = center_crop_or_pad(t, (8, 4, 7), value=-1.0)
+    assert out.shape == (2, 8, 4, 7)
+    # axis i padded 1 before / 2 after; axis j cropped 1 from each side; axis k unchanged
+    assert torch.equal(out[:, 1:6], t[:, :, 1:5])
+    assert torch.all(out[:, 0] == -1.0) and torch.all(out[:, 6:] == -1.0)

@@ -4,8 +4,9 @@ Public API:
 
 - :class:`NetworkConfig`, :data:`PRESETS`, :func:`get_preset`, :func:`build_network` (``network``)
 - :class:`LoadedModel`, :func:`save_weights`, :func:`load_weights` (``checkpoint``)
-- :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`
-  (``grid``: the pre/post-processing shared with training)
+- :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`,
+  :func:`pad_to_multiple`, :func:`crop_pad`, :func:`center_crop_or_pad` (``grid``: the pre/post-processing
+  shared with training)
 - :func:`refine_field`, :func:`resolve_device` (``inference``)
 - :func:`warp`, :func:`compose`, :func:`jacobian_determinant_torch` (``warp``)
 """
@@ -13,9 +14,12 @@ Public API:
 from brainshift.model.checkpoint import LoadedModel, load_weights, save_weights
 from brainshift.model.grid import (
     NetworkInput,
+    center_crop_or_pad,
+    crop_pad,
     field_to_network_grid,
     from_network_grid,
     network_field_to_voxel,
+    pad_to_multiple,
     to_network_grid,
 )
 from brainshift.model.inference import predict, refine_field, resolve_device
@@ -28,14 +32,17 @@ __all__ = [
     "NetworkConfig",
     "NetworkInput",
     "build_network",
+    "center_crop_or_pad",
     "compose",
     "count_parameters",
+    "crop_pad",
     "field_to_network_grid",
     "from_network_grid",
     "get_preset",
     "jacobian_determinant_torch",
     "load_weights",
     "network_field_to_voxel",
+    "pad_to_multiple",
     "predict",
     "refine_field",
     "resolve_device",

@@ -184,6 +184,25 @@ def crop_pad(tensor: torch.Tensor, pad: Pad) -> torch.Tensor:
     return tensor[(..., *sl)]
 
 
+def center_crop_or_pad(tensor: torch.Tensor, size, value: float = 0.0) -> torch.Tensor:
+    """Centre-crop or pad (with ``value``) the last three dims of ``tensor`` to ``size`` (e.g. a training size).
+
+    Per axis, ``(n - size) // 2`` voxels are cropped from the start (or ``(size - n) // 2`` padded before),
+    the rest at the end.
+    """
+    out = tensor
+    for axis, target in enumerate(int(s) for s in size):
+        dim = out.ndim - 3 + axis
+        n = int(out.shape[dim])
+        if n > target:
+            out = out.narrow(dim, (n - target) // 2, target)
+        elif n < target:
+            before = (target - n) // 2
+            flat = [0, 0] * (out.ndim - 1 - dim) + [before, target - n - before]
+            out = F.pad(out, flat, mode="constant", value=float(value))
+    return out
+
+
 def zscore(image: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Z-score ``image`` with the mean and standard deviation of its voxels in ``region`` (bool, same shape).
 
