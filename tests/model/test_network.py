@@ -115,3 +115,19 @@ def test_forward_rejects_bad_inputs():
         model(torch.zeros(1, 3, 8, 8, 8))
     with pytest.raises(BrainshiftError, match="multiples of 4"):
         model(torch.zeros(1, 4, 8, 10, 8))
+
+
+def test_config_from_published_options():
+    from brainshift.model.network import config_from_published_options
+
+    # the published defaults give the published architecture
+    assert config_from_published_options({"model": "res-unet-se", "num_features": 32, "num_levels": 4,
+                                          "layer_order": "cil", "se_mode": "scse", "lr": 5e-4}) == NetworkConfig()
+    cfg = config_from_published_options({"model": "res-unet", "num_features": 8, "num_levels": 3,
+                                         "layer_order": "cgl", "pool_mode": "avg"})
+    assert cfg.features == (8, 16, 32) and cfg.norm == "group" and cfg.se_mode == "none" and cfg.pool == "avg"
+    assert config_from_published_options({"layer_order": "cl"}).norm == "none"
+    with pytest.raises(BrainshiftError, match="model"):
+        config_from_published_options({"model": "vxm"})
+    with pytest.raises(BrainshiftError, match="layer order"):
+        config_from_published_options({"layer_order": "cir"})

@@ -2,7 +2,8 @@
 
 Public API:
 
-- :class:`NetworkConfig`, :data:`PRESETS`, :func:`get_preset`, :func:`build_network` (``network``)
+- :class:`NetworkConfig`, :data:`PRESETS`, :func:`get_preset`, :func:`build_network`,
+  :func:`config_from_published_options` (``network``)
 - :class:`LoadedModel`, :func:`save_weights`, :func:`load_weights` (``checkpoint``)
 - :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`,
   :func:`pad_to_multiple`, :func:`crop_pad`, :func:`center_crop_or_pad` (``grid``: the pre/post-processing
@@ -23,7 +24,14 @@ from brainshift.model.grid import (
     to_network_grid,
 )
 from brainshift.model.inference import predict, refine_field, resolve_device
-from brainshift.model.network import PRESETS, NetworkConfig, build_network, count_parameters, get_preset
+from brainshift.model.network import (
+    PRESETS,
+    NetworkConfig,
+    build_network,
+    config_from_published_options,
+    count_parameters,
+    get_preset,
+)
 from brainshift.model.warp import compose, jacobian_determinant_torch, warp
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "build_network",
     "center_crop_or_pad",
     "compose",
+    "config_from_published_options",
     "count_parameters",
     "crop_pad",
     "field_to_network_grid",

@@ -144,6 +144,43 @@ def get_preset(name: str) -> NetworkConfig:
     return NetworkConfig.from_dict(PRESETS[name].to_dict())
 
 
+def config_from_published_options(options: dict, spacing_mm: float = 1.0) -> NetworkConfig:
+    """Translate the published training script's network options into a :class:`NetworkConfig`.
+
+    Recognised keys (others are ignored, so a whole published config can be passed): ``model``
+    (``res-unet-se`` -> this network; ``res-unet`` -> the same without squeeze-excitation; ``vxm`` and ``unet``
+    are not implemented and raise), ``num_features`` (first level; doubled per level), ``num_levels``,
+    ``layer_order`` (``c`` + norm letter ``i`` instance / ``b`` batch / ``g`` group / none + ``l`` LeakyReLU),
+    ``se_mode``, ``pool_mode``, ``predict_residual``. ``upsample_mode`` is recorded nowhere: the published
+    residual SE network upsamples with transposed convolutions whatever it says (its checkpoint, trained with
+    the defaults, holds ``upsampling.upsample`` weights); use :class:`NetworkConfig` ``upsample`` for ours.
+    ``num_groups`` is not used (group norm here uses the largest of 8, 4, 2, 1 dividing the channels).
+
+    Raises:
+        BrainshiftError: an unsupported model or layer order.
+    """
+    model = str(options.get("model", "res-unet-se"))
+    if model not in ("res-unet-se", "res-unet"):
+        raise BrainshiftError(f"expected model 'res-unet-se' or 'res-unet', got {model!r} (not implemented here)")
+    order = str(options.get("layer_order", "cil"))
+    if not order.startswith("c") or not order.endswith("l") or len(order) > 3:
+        raise BrainshiftError(f"expected a layer order 'c' + optional norm letter (i, b, g) + 'l' (LeakyReLU), "
+                              f"got {order!r}")
+    norm = {"i": "instance", "b": "batch", "g": "group"}.get(order[1] if len(order) == 3 else "", "none")
+    if len(order) == 3 and order[1] not in "ibg":
+        raise BrainshiftError(f"expected a norm letter among i, b, g in layer_order, got {order!r}")
+    f0 = int(options.get("num_features", 32))
+    levels = int(options.get("num_levels", 4))
+    return NetworkConfig(
+        features=tuple(f0 * 2**i for i in range(levels)),
+        norm=norm,
+        se_mode=str(options.get("se_mode", "scse")) if model == "res-unet-se" else "none",
+        pool=str(options.get("pool_mode", "max")),
+        predict_residual=bool(options.get("predict_residual", True)),
+        spacing_mm=spacing_mm,
+    )
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm3d(channels, affine=False)
