@@ -6,8 +6,8 @@ Public API:
   :func:`config_from_published_options` (``network``)
 - :class:`LoadedModel`, :func:`save_weights`, :func:`load_weights` (``checkpoint``)
 - :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`,
-  :func:`pad_to_multiple`, :func:`crop_pad`, :func:`center_crop_or_pad` (``grid``: the pre/post-processing
-  shared with training)
+  :func:`refined_from_prediction`, :func:`pad_to_multiple`, :func:`crop_pad`, :func:`center_crop_or_pad`
+  (``grid``: the pre/post-processing shared with training)
 - :func:`refine_field`, :func:`resolve_device` (``inference``)
 - :func:`warp`, :func:`compose`, :func:`jacobian_determinant_torch` (``warp``)
 """
@@ -21,6 +21,7 @@ from brainshift.model.grid import (
     from_network_grid,
     network_field_to_voxel,
     pad_to_multiple,
+    refined_from_prediction,
     to_network_grid,
 )
 from brainshift.model.inference import predict, refine_field, resolve_device
@@ -54,6 +55,7 @@ __all__ = [
     "pad_to_multiple",
     "predict",
     "refine_field",
+    "refined_from_prediction",
     "resolve_device",
     "save_weights",
     "to_network_grid",

@@ -342,6 +342,30 @@ def from_network_grid(pred, net_input: NetworkInput) -> np.ndarray:
     return np.ascontiguousarray(p.numpy(), dtype=np.float32)
 
 
+def refined_from_prediction(pred, net_input: NetworkInput, init_field_vox) -> np.ndarray:
+    """The refined field on the input grid: ``init + from_network_grid(pred - network input field)``.
+
+    The network's correction (its output minus its input field, on the network grid) is mapped back and added
+    to the full-resolution initial field, so a coarse network grid does not blur the initial field's own
+    detail; on the input's own grid this is the network output inside the region. Used by
+    :func:`brainshift.model.inference.refine_field`; validation code should use it too so both agree.
+
+    Args:
+        pred: ``(1, 3, I', J', K')`` network output (padded network grid, network units).
+        net_input: the :class:`NetworkInput` it was computed from.
+        init_field_vox: ``(3, I, J, K)`` initial field on the input grid, voxel units (the one given to
+            :func:`to_network_grid`).
+
+    Returns:
+        ``(3, I, J, K)`` float32 refined field, voxel units of the input grid.
+
+    Convention: forward Lagrangian in and out.
+    """
+    init = check_field(_as_tensor(init_field_vox).numpy(), net_input.input_shape)
+    residual = _as_tensor(pred)[:, :3] - net_input.field
+    return (init + from_network_grid(residual, net_input)).astype(np.float32, copy=False)
+
+
 def network_field_to_voxel(field: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
     """Network-unit field ``(B, 3, ...)`` -> voxel units of the (isotropic) network grid, e.g. for :func:`warp`.
 

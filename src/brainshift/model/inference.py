@@ -2,12 +2,12 @@
 
 ``refine_field`` = :func:`~brainshift.model.grid.to_network_grid` (resample to the model's spacing, convert
 field units through world mm, z-score, zero the field outside the brain, pad) -> network under
-``torch.inference_mode`` -> :func:`~brainshift.model.grid.from_network_grid` (crop the pad exactly, convert
-units, resample back). What is mapped back is the network's *residual* (output minus its input field), added
-to the full-resolution initial field: with a network working on a coarser grid, the initial field keeps its
-own fine detail (e.g. exact interpolation at the keypoints) and only the learnt correction is interpolated;
-at the network's own grid this equals the network output itself. A network that returns its input unchanged
-therefore gives back the initial field exactly.
+``torch.inference_mode`` -> :func:`~brainshift.model.grid.refined_from_prediction` (crop the pad exactly,
+convert units, resample back, add to the initial field). What is mapped back is the network's *residual*
+(output minus its input field), added to the full-resolution initial field: with a network working on a
+coarser grid, the initial field keeps its own fine detail (e.g. exact interpolation at the keypoints) and only
+the learnt correction is interpolated; on the network's own grid this equals the network output inside the
+brain. A network that returns its input unchanged therefore gives back the initial field exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from brainshift.errors import BrainshiftError
 from brainshift.field import check_field
 from brainshift.model.checkpoint import LoadedModel
-from brainshift.model.grid import NetworkInput, from_network_grid, to_network_grid
+from brainshift.model.grid import NetworkInput, refined_from_prediction, to_network_grid
 from brainshift.volume import Volume
 
 
@@ -94,7 +94,6 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         out = predict(loaded.model, net_input, dev)
         bar.update()
         bar.set_postfix_str("resample back")
-        residual = out[:, :3] - net_input.field
-        refined = init + from_network_grid(residual, net_input)
+        refined = refined_from_prediction(out, net_input, init)
         bar.update()
-    return refined.astype(np.float32, copy=False)
+    return refined
