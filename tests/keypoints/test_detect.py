@@ -60,6 +60,21 @@ def test_large_blobs_on_coarse_octaves(sigma_mm):
     assert kp.scales_mm[0] == pytest.approx(sigma_mm * np.sqrt(2.0 / 3.0), rel=0.1)
 
 
+def test_thick_slices_keep_only_blobs_resolved_across_slices():
+    # 3 mm slices: a blob of sigma 3 mm (detection scale ~2.45 mm < 3 mm) is not localisable across slices,
+    # one of 5 mm (scale ~4.1 mm) is; on 1 mm slices both are found
+    shape, centre = (48, 48, 16), np.array([23.6, 24.2, 7.7])
+    for spacing, sigma_mm, expected in (((1, 1, 3), 3.0, 0), ((1, 1, 3), 5.0, 1), ((1, 1, 1), 3.0, 1)):
+        spacing = np.array(spacing, dtype=float)
+        grid_shape = shape if spacing[2] == 3 else (48, 48, 48)
+        c = centre if spacing[2] == 3 else centre * [1, 1, 3]
+        img = blob_image(c[None], np.array([1.0]), np.array([sigma_mm]), shape=grid_shape, spacing=spacing)
+        kp = detect_keypoints(Volume(img, np.diag([*spacing, 1.0])))
+        assert len(kp) == expected, (spacing, sigma_mm)
+        if expected:
+            assert np.all(np.abs(kp.points_vox[0] - c) < 0.5)
+
+
 def test_flat_and_ramp_give_no_keypoints():
     shape = (40, 40, 30)
     grid = np.indices(shape).astype(np.float32)
@@ -123,16 +138,16 @@ def test_deterministic_and_max_keypoints():
 
 
 def test_duplicates_within_min_distance_removed():
-    # two small blobs 5 mm apart along i: both found without suppression, only the stronger within 6 mm
-    centres = np.array([[20.0, 22.0, 11.0], [25.0, 22.0, 11.0]])
-    img = blob_image(centres, np.array([1.0, 0.7]), np.array([1.5, 1.5]))
-    both = detect_keypoints(Volume(img, AFFINE), sigma_min_mm=1.0, min_distance_mm=0.0)
+    # two blobs 9 mm apart along i (1 mm grid): both found without suppression, only the stronger within 10 mm
+    shape, spacing = (48, 40, 40), np.ones(3)
+    centres = np.array([[19.5, 20.0, 20.0], [28.5, 20.0, 20.0]])
+    img = blob_image(centres, np.array([1.0, 0.7]), np.array([3.0, 3.0]), shape=shape, spacing=spacing)
+    both = detect_keypoints(Volume(img, np.eye(4)), min_distance_mm=0.0)
     assert len(both) == 2 and nearest(both, centres[1])[1] < 0.5
-    one = detect_keypoints(Volume(img, AFFINE), sigma_min_mm=1.0, min_distance_mm=6.0)
-    world = one.points_vox @ AFFINE[:3, :3].T
-    gaps = np.linalg.norm(world[:, None] - world[None], axis=-1) + np.eye(len(one)) * 1e9
-    assert gaps.min() >= 6.0
-    assert one.responses[0] == both.responses[0]  # the strongest survives
+    one = detect_keypoints(Volume(img, np.eye(4)), min_distance_mm=10.0)
+    assert len(one) == 1
+    np.testing.assert_array_equal(one.points_vox[0], both.points_vox[0])  # the strongest survives
+    assert nearest(one, centres[0])[1] < 0.5
 
 
 def test_bad_inputs_raise():
@@ -141,6 +156,10 @@ def test_bad_inputs_raise():
         detect_keypoints(image, np.ones((5, 5, 5)))
     with pytest.raises(GeometryError, match="empty mask"):
         detect_keypoints(image, np.zeros(SHAPE))
+    bad = blob_image()
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(GeometryError, match="finite"):
+        detect_keypoints(Volume(bad, AFFINE))
     with pytest.raises(BrainshiftError, match="sigma_min_mm"):
         detect_keypoints(image, sigma_min_mm=0.0)
     with pytest.raises(BrainshiftError, match="edge_ratio"):

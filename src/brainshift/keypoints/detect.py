@@ -10,8 +10,11 @@ eigenvalue-ratio test, then suppression of duplicates within a minimum distance 
 Everything is specified in millimetres: the Gaussian sigma along each axis is ``sigma_mm / spacing``, so
 anisotropic images are handled; coarse octaves are computed on a grid subsampled by 2 along every axis whose
 spacing is still finer than the octave's sampling step (Lowe's pyramid). Filtering uses
-``scipy.ndimage.gaussian_filter`` and the separable ``maximum_filter`` / ``minimum_filter``; the duplicate
-suppression uses ``scipy.spatial.cKDTree``.
+``scipy.ndimage.gaussian_filter`` and the separable ``maximum_filter`` / ``minimum_filter`` (spatial 3x3x3
+first, the 54 neighbours in the adjacent scales then gathered at the candidates only); the mask-border distance
+and the duplicate suppression use ``scipy.spatial.cKDTree``. scikit-image's ``feature.blob_dog`` was the
+starting point but has no octaves (every scale at full resolution), no minima, no sub-voxel refinement and no
+edge test; it is the timing baseline in ``bench/keypoints.py``.
 
 Only detection is done here (no orientation or descriptor): brainshift needs keypoint *locations* whose
 displacements are known (simulation) or matched elsewhere.
@@ -29,6 +32,7 @@ from brainshift.volume import Volume
 _NOMINAL_BLUR_VOX = 0.5  # blur assumed present in the input image, in voxels (Lowe 2004)
 _MAX_REFINE_STEPS = 5  # Lowe's maximum number of re-centring steps in the quadratic refinement
 _MIN_OCTAVE_SIZE = 6  # an octave grid smaller than this along any axis is not processed
+_MIN_SIGMA_VOX = 1.0  # a keypoint's scale must span at least this many voxels of its octave grid on every axis
 
 
 @dataclass(frozen=True)
@@ -78,20 +82,25 @@ def detect_keypoints(
 
     Method (Lowe 2004 extended to 3-D as in 3D SIFT-Rank, Chauvin et al. 2020): the image is cropped to the
     mask's bounding box plus ``crop_margin_mm``, blurred to ``sigma_min_mm`` (assuming 0.5 voxel of blur
-    already present) and put through ``n_octaves`` octaves of ``n_scales + 3`` Gaussian levels
+    already present) and put through ``n_octaves`` octaves of ``n_scales + 4`` Gaussian levels
     (``sigma = sigma_min_mm * 2**(o + s / n_scales)`` mm); each octave after the first is subsampled by 2
     along the axes whose spacing allows it. Candidates are DoG maxima and minima over their 80 neighbours in
-    space and scale. Each is refined by Newton steps on the quadratic (4-D Taylor) fit of the DoG in
-    (i, j, k, scale), moving to the neighbouring voxel when the offset exceeds 0.5 (up to 5 times); then it is
-    rejected if
+    space and scale, searched on DoG levels ``1 .. n_scales + 1`` of each octave: one level more than Lowe's,
+    so consecutive octaves overlap by one level (the resampled coarser octave's values differ slightly from
+    the finer one's, and an extremum just between them would otherwise be missed by both). Each is refined by
+    Newton steps on the quadratic (4-D Taylor) fit of the DoG in (i, j, k, scale), moving to the neighbouring
+    sample when the offset exceeds 0.5 (up to 5 times; an optimum beyond the first or last searched level is
+    replaced by the quadratic's optimum on that level boundary); then it is rejected if
 
     - its interpolated response ``|DoG| / ((2**(1/n_scales) - 1) * range)`` is below ``contrast_threshold``
       (``range`` = 0.5 to 99.5 percentile of the intensities inside the mask),
+    - its scale is below one voxel of the grid it was found on along some axis (a blob thinner than a thick
+      slice cannot be localised across slices),
     - its 3x3 spatial Hessian (in mm units) is not definite with the sign of the extremum, or its
       eigenvalue ratio ``max |lambda| / min |lambda|`` exceeds ``edge_ratio`` (edges, sheets and tubes: the
       3-D form of Lowe's curvature-ratio test),
-    - it lies outside the mask or within ``border_mm`` of the mask's boundary (the image's edge counts as
-      boundary; without a mask, the whole image is the mask).
+    - it lies outside the mask or closer than ``border_mm`` to the centre of the nearest voxel outside it
+      (voxels beyond the image's edge count as outside; without a mask, the whole image is the mask).
 
     Finally, keypoints closer than ``min_distance_mm`` (world distance) to a stronger one are removed and
     at most ``max_keypoints`` of the strongest are kept.
@@ -115,7 +124,7 @@ def detect_keypoints(
         :class:`Keypoints` sorted by decreasing response, points in 0-based voxel indices of ``volume``.
 
     Raises:
-        GeometryError: mask shape differs from the image, or an empty mask.
+        GeometryError: mask shape differs from the image, an empty mask, or non-finite intensities.
         BrainshiftError: a parameter out of range.
     """
     import scipy.ndimage as ndi
@@ -123,6 +132,8 @@ def detect_keypoints(
     _check_parameters(sigma_min_mm, n_octaves, n_scales, contrast_threshold, edge_ratio, min_distance_mm,
                       border_mm, max_keypoints, crop_margin_mm)
     image = np.asarray(volume.data, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        raise GeometryError("expected an image with finite intensities, found NaN or inf values")
     spacing = volume.spacing
     inside = _mask_array(volume, mask)
 
@@ -151,9 +162,9 @@ def detect_keypoints(
         if min(g.shape) < _MIN_OCTAVE_SIZE:
             break
         sigma0 = sigma_min_mm * 2.0**octave
-        dog = np.empty((n_scales + 2, *g.shape), dtype=np.float32)
+        dog = np.empty((n_scales + 3, *g.shape), dtype=np.float32)
         previous, next_base = g, g
-        for s in range(1, n_scales + 3):  # Gaussian levels sigma0 * k**s, blurred incrementally
+        for s in range(1, n_scales + 4):  # Gaussian levels sigma0 * k**s, blurred incrementally
             inc_mm = sigma0 * np.sqrt(k ** (2 * s) - k ** (2 * (s - 1)))
             current = ndi.gaussian_filter(previous, inc_mm / octave_spacing, mode="nearest", truncate=3.0)
             np.subtract(current, previous, out=dog[s - 1])
@@ -193,7 +204,7 @@ def detect_keypoints(
 
 
 def _octave_keypoints(dog, threshold, edge_ratio, spacing, n_scales, sigma0, k) -> np.ndarray:
-    """Refined, contrast- and edge-filtered extrema of one octave's DoG stack ``(n_scales + 2, I, J, K)``.
+    """Refined, contrast- and edge-filtered extrema of one octave's DoG stack ``(n_scales + 3, I, J, K)``.
 
     Returns ``(M, 6)`` rows ``i, j, k`` (octave grid), ``scale_mm``, ``|DoG|`` (raw units), polarity.
     """
@@ -254,12 +265,12 @@ def _octave_keypoints(dog, threshold, edge_ratio, spacing, n_scales, sigma0, k) 
     signed = eig * polarity[:, None]  # bright blob (DoG minimum): all eigenvalues > 0
     definite = np.all(signed > 0, axis=1)
     ratio = np.abs(eig).max(axis=1) / np.maximum(np.abs(eig).min(axis=1), 1e-30)
-    good = strong & definite & (ratio <= edge_ratio)
-
-    level = pos[good, 0] + offset[good, 0]
-    scale_mm = sigma0 * k ** (level + 0.5)  # geometric middle of the two Gaussians of the DoG level
+    scale_mm = sigma0 * k ** (pos[:, 0] + offset[:, 0] + 0.5)  # geometric middle of the DoG level's pair
+    # the scale must be sampled along every axis of this octave's grid (thick slices: no sub-slice blobs)
+    resolved = scale_mm >= _MIN_SIGMA_VOX * spacing.max() * (1 - 1e-9)
+    good = strong & definite & (ratio <= edge_ratio) & resolved
     ijk = pos[good, 1:] + offset[good, 1:]
-    return np.column_stack([ijk, scale_mm, np.abs(value[good]), polarity[good]]).astype(np.float64)
+    return np.column_stack([ijk, scale_mm[good], np.abs(value[good]), polarity[good]]).astype(np.float64)
 
 
 def _extrema(dog: np.ndarray, prelim: float) -> np.ndarray:
