@@ -1,0 +1,410 @@
+"""Batch generation of simulated cases with Dask: many subjects x many cases, resumable.
+
+:func:`simulate_batch` makes (or reuses) the subjects, then runs every case as a Dask task, on a
+``distributed.LocalCluster`` (one single-threaded worker process per core; Dask sets ``OMP_NUM_THREADS=1``
+and friends in its workers so BLAS does not oversubscribe) or on an existing cluster given by its scheduler
+address (``tcp://host:8786``; start one with ``dask scheduler`` and ``dask worker tcp://host:8786
+--nthreads 1`` on each machine, all sharing ``out_dir`` on a common file system).
+
+Layout: :mod:`brainshift.simulate.dataset` (subjects ``sNNNN``, cases ``sNNNN_cMM``) plus, at the top,
+``dataset.json`` (configuration, seeds, subjects, counts) and ``failures.log`` (the traceback of every failed
+case, appended). A case is complete once its ``meta.json`` exists; complete cases are skipped, so an
+interrupted run resumes where it stopped, and a run with more subjects or more cases per subject extends a
+dataset. A resumed run must use the same seed and configurations (checked against ``dataset.json``).
+
+Seeds (NumPy ``SeedSequence`` spawn keys, so each value depends only on the batch seed and the indices, not
+on how many subjects or cases are requested or the order they run in):
+
+- synthetic subject ``i``: ``SeedSequence(seed, spawn_key=(0, i)).generate_state(1)[0]`` passed to
+  :func:`~brainshift.simulate.subject.synthesize_subject`;
+- case ``j`` of subject ``i``: ``SeedSequence(seed, spawn_key=(1, i, j)).generate_state(1)[0]`` passed to
+  :func:`~brainshift.simulate.case.draw_case_parameters` (recorded in the case's ``meta.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import functools
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, InputFileError
+
+DATASET_JSON = "dataset.json"
+FAILURES_LOG = "failures.log"
+_SPEC_KEYS = {"image", "brain_mask", "tumour", "ventricles", "tumour_labels", "ventricle_labels", "subject_id"}
+
+
+@dataclass
+class BatchReport:
+    """What :func:`simulate_batch` did.
+
+    Attributes:
+        out_dir: the dataset folder.
+        n_subjects: subjects in the request.
+        n_cases: cases in the request (subjects x cases per subject).
+        simulated: ids of the cases simulated by this run.
+        skipped: ids of the cases already complete (not simulated again).
+        failed: case id -> one-line error, for the cases that failed (tracebacks in ``failures.log``).
+        wall_s: wall time of the run (s).
+    """
+
+    out_dir: Path
+    n_subjects: int
+    n_cases: int
+    simulated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no case failed."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        lines = [f"{self.n_cases} cases of {self.n_subjects} subjects in {self.out_dir}: {len(self.simulated)} "
+                 f"simulated, {len(self.skipped)} already complete, {len(self.failed)} failed "
+                 f"({self.wall_s:.1f} s)"]
+        for cid, msg in sorted(self.failed.items()):
+            lines.append(f"  failed {cid}: {msg}")
+        if self.failed:
+            lines.append(f"  tracebacks in {Path(self.out_dir) / FAILURES_LOG}")
+        return "\n".join(lines)
+
+
+def subject_seed(seed: int, index: int) -> int:
+    """Seed of synthetic subject ``index`` of a batch with ``seed`` (see the module docstring)."""
+    return int(np.random.SeedSequence(int(seed), spawn_key=(0, int(index))).generate_state(1)[0])
+
+
+def case_seed(seed: int, subject_index: int, case_index: int) -> int:
+    """Seed of case ``case_index`` of subject ``subject_index`` (see the module docstring)."""
+    return int(np.random.SeedSequence(int(seed), spawn_key=(1, int(subject_index), int(case_index)))
+               .generate_state(1)[0])
+
+
+def case_id(subject_id: str, case_index: int) -> str:
+    """Case id ``<subject_id>_cNN`` (e.g. ``s0007_c02``)."""
+    return f"{subject_id}_c{case_index:02d}"
+
+
+def read_subjects_csv(path: str | Path) -> list[dict]:
+    """Real-subject specs from a CSV file.
+
+    Columns: ``image``, ``brain_mask``, ``tumour`` (required), ``ventricles``, ``subject_id``,
+    ``tumour_labels`` and ``ventricle_labels`` (optional; labels as integers separated by spaces or ``;``).
+    Relative paths are relative to the CSV file's folder; empty cells mean "not given".
+
+    Raises:
+        InputFileError: missing file, missing required column, unknown column, bad label list or no rows.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"expected a subjects CSV file, got {str(p)!r} (not found)")
+    with open(p, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        missing = {"image", "brain_mask", "tumour"} - set(cols)
+        unknown = set(cols) - _SPEC_KEYS
+        if missing or unknown:
+            raise InputFileError(f"expected CSV columns image,brain_mask,tumour[,ventricles,subject_id,tumour_labels,"
+                                 f"ventricle_labels], got {cols} in {p}")
+        specs = []
+        for row in reader:
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            spec: dict[str, Any] = {}
+            for key, val in row.items():
+                if not val:
+                    continue
+                if key in ("image", "brain_mask", "tumour", "ventricles"):
+                    q = Path(val)
+                    spec[key] = str(q if q.is_absolute() else p.parent / q)
+                elif key in ("tumour_labels", "ventricle_labels"):
+                    try:
+                        spec[key] = [int(x) for x in val.replace(";", " ").split()]
+                    except ValueError:
+                        raise InputFileError(f"expected integer labels in column {key}, got {val!r} in {p}") from None
+                else:
+                    spec[key] = val
+            specs.append(spec)
+    if not specs:
+        raise InputFileError(f"expected at least one subject row in {p}, got none")
+    return specs
+
+
+def _normalise_subjects(subjects, seed: int) -> list[dict]:
+    """One entry per subject: ``{"index", "subject_id", "kind": synthetic|file|folder, "seed"|"spec"|"path"}``."""
+    if isinstance(subjects, (int, np.integer)) and not isinstance(subjects, bool):
+        if subjects < 1:
+            raise BrainshiftError(f"expected at least 1 subject, got {subjects}")
+        return [{"index": i, "subject_id": f"s{i:04d}", "kind": "synthetic", "seed": subject_seed(seed, i)}
+                for i in range(int(subjects))]
+    if isinstance(subjects, (str, Path)):
+        raise BrainshiftError("expected subjects as an int or a list of specs (use read_subjects_csv for a CSV "
+                              f"file), got {subjects!r}")
+    out = []
+    for i, spec in enumerate(list(subjects)):
+        if isinstance(spec, dict):
+            unknown = set(spec) - _SPEC_KEYS
+            missing = {"image", "brain_mask", "tumour"} - set(spec)
+            if unknown or missing:
+                raise BrainshiftError(f"expected subject spec keys image, brain_mask, tumour[, ventricles, "
+                                      f"tumour_labels, ventricle_labels, subject_id], got {sorted(spec)}")
+            sid = str(spec.get("subject_id") or f"s{i:04d}")
+            out.append({"index": i, "subject_id": sid, "kind": "file",
+                        "spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in spec.items()}})
+        elif isinstance(spec, (str, Path)):
+            folder = Path(spec)
+            if not (folder / "subject.json").is_file():
+                raise InputFileError(f"expected a subject folder with subject.json, got {str(folder)!r}")
+            out.append({"index": i, "subject_id": folder.name, "kind": "folder", "path": str(folder)})
+        else:
+            raise BrainshiftError(f"expected a subject spec dict or a subject folder path, got {type(spec).__name__}")
+    ids = [e["subject_id"] for e in out]
+    if len(set(ids)) != len(ids):
+        raise BrainshiftError(f"expected unique subject ids, got duplicates in {ids}")
+    if not out:
+        raise BrainshiftError("expected at least one subject, got an empty list")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- Dask tasks
+
+
+def _make_subject(out_dir: str, entry: dict, synthesis: dict | None) -> dict:
+    """Task: make and write one subject unless it exists. Returns a status dict (never raises)."""
+    from brainshift.simulate.dataset import read_subject, write_subject
+
+    sid = entry["subject_id"]
+    try:
+        if (Path(out_dir) / "subjects" / sid / "subject.json").is_file():
+            return {"subject_id": sid, "status": "ok", "made": False}
+        t0 = time.perf_counter()
+        if entry["kind"] == "synthetic":
+            from brainshift.simulate.subject import SynthesisConfig, synthesize_subject
+
+            cfg = SynthesisConfig.from_dict(synthesis) if synthesis else SynthesisConfig()
+            subject = synthesize_subject(entry["seed"], config=cfg, subject_id=sid)
+        elif entry["kind"] == "file":
+            from brainshift.simulate.subject import load_subject
+
+            spec = entry["spec"]
+            subject = load_subject(spec["image"], spec["brain_mask"], spec["tumour"],
+                                   ventricles_path=spec.get("ventricles"), tumour_labels=spec.get("tumour_labels"),
+                                   ventricle_labels=spec.get("ventricle_labels"), subject_id=sid)
+        else:
+            folder = Path(entry["path"])
+            subject = read_subject(folder.parent.parent, folder.name)
+        write_subject(out_dir, subject)
+        return {"subject_id": sid, "status": "ok", "made": True, "time_s": time.perf_counter() - t0}
+    except Exception as exc:
+        return {"subject_id": sid, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()}
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_subject(out_dir: str, subject_id: str, mtime: float):
+    from brainshift.simulate.dataset import read_subject
+
+    return read_subject(out_dir, subject_id)
+
+
+def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, extra_meta: dict) -> dict:
+    """Task: simulate and write one case. Returns a status dict (never raises)."""
+    from brainshift.simulate import case as case_mod
+    from brainshift.simulate.dataset import write_case
+
+    sid = subject_status["subject_id"]
+    t0 = time.perf_counter()
+    try:
+        if subject_status["status"] != "ok":
+            raise BrainshiftError(f"expected subject {sid} to be made, got: {subject_status['error']}")
+        mtime = (Path(out_dir) / "subjects" / sid / "subject.json").stat().st_mtime
+        subject = _cached_subject(out_dir, sid, mtime)
+        params = case_mod.draw_case_parameters(subject, config, seed)
+        result = case_mod.simulate_case(subject, config, params)
+        meta = {**result.meta, **extra_meta, "case_seed": int(seed), "wall_s": time.perf_counter() - t0}
+        write_case(out_dir, cid, sid, result.field_vox, subject.image.affine, result.cavity_mask, meta)
+        return {"case_id": cid, "status": "ok", "time_s": time.perf_counter() - t0,
+                "max_displacement_mm": float(result.meta.get("max_displacement_mm", float("nan")))}
+    except Exception as exc:
+        tb = subject_status.get("traceback", "") if subject_status["status"] != "ok" else ""
+        return {"case_id": cid, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": tb + traceback.format_exc(), "time_s": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------- the batch
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _config_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else asdict(config)
+
+
+def _check_resume(path: Path, record: dict) -> dict:
+    """Compare the request with an existing ``dataset.json``; return the merged subjects table."""
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputFileError(f"expected a readable {path} from the earlier run, got: {exc}") from None
+    new = json.loads(json.dumps(record, default=str))  # compare as stored (tuples become lists)
+    for key in ("seed", "simulation_config", "synthesis_config"):
+        if old.get(key) != new[key]:
+            raise BrainshiftError(f"expected the same {key} as the existing dataset in {path.parent} to resume it, "
+                                  f"got a different one (old {old.get(key)!r} vs new {record[key]!r}); use a new "
+                                  f"output folder for a different configuration")
+    subjects = {s["subject_id"]: s for s in old.get("subjects", [])}
+    for s in new["subjects"]:
+        prev = subjects.get(s["subject_id"])
+        if prev is not None and prev != s:
+            raise BrainshiftError(f"expected subject {s['subject_id']} to be the same as in {path}, got {s} vs {prev}")
+        subjects[s["subject_id"]] = s
+    return {"subjects": list(subjects.values()), "cases_per_subject": max(int(old.get("cases_per_subject", 0)),
+                                                                          record["cases_per_subject"])}
+
+
+def _write_dataset_json(path: Path, record: dict) -> None:
+    import json
+
+    from brainshift.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def _log_failure(out_dir: Path, status: dict) -> None:
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with open(out_dir / FAILURES_LOG, "a") as fh:
+        fh.write(f"=== {stamp} case {status['case_id']} failed: {status['error']}\n{status.get('traceback', '')}\n")
+
+
+def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cases_per_subject: int, config,
+                   seed: int, scheduler_address: str | None = None, n_workers: int | None = None,
+                   progress: bool = True, synthesis=None, processes: bool = True) -> BatchReport:
+    """Simulate ``cases_per_subject`` cases for each subject as Dask tasks, into the dataset layout.
+
+    Args:
+        out_dir: dataset folder (created; an existing one is resumed).
+        subjects: number of synthetic subjects (``s0000`` ...), or a list of real-subject specs: dicts with
+            ``image``, ``brain_mask``, ``tumour`` [, ``ventricles``, ``tumour_labels``, ``ventricle_labels``,
+            ``subject_id``] (e.g. from :func:`read_subjects_csv`), or paths of existing subject folders.
+        cases_per_subject: cases per subject (ids ``<subject>_c00`` ...).
+        config: :class:`~brainshift.simulate.case.SimulationConfig` of every case.
+        seed: batch seed; subject and case seeds derive from it (module docstring).
+        scheduler_address: address of an existing Dask scheduler (``tcp://host:8786``); default: start a
+            ``LocalCluster``.
+        n_workers: LocalCluster workers (default: the CPU cores available), one thread each.
+        progress: show a tqdm progress bar over the cases.
+        synthesis: :class:`~brainshift.simulate.subject.SynthesisConfig` for synthetic subjects (default one).
+        processes: LocalCluster workers are processes (default) or threads of this process.
+
+    Returns:
+        :class:`BatchReport`. Failed cases do not stop the others: each is listed there and its traceback
+        appended to ``out_dir/failures.log``.
+
+    Raises:
+        BrainshiftError: bad subjects / counts, or ``out_dir`` holds a dataset made with another seed or
+            configuration.
+    """
+    from distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    from brainshift import __version__
+    from brainshift.simulate.dataset import list_cases
+
+    t_start = time.perf_counter()
+    if int(cases_per_subject) < 1:
+        raise BrainshiftError(f"expected cases_per_subject >= 1, got {cases_per_subject}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = _normalise_subjects(subjects, seed)
+    synth_dict = None
+    if any(e["kind"] == "synthetic" for e in entries):
+        from brainshift.simulate.subject import SynthesisConfig
+
+        synth_dict = asdict(synthesis if synthesis is not None else SynthesisConfig())
+        synth_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in synth_dict.items()}
+    record: dict[str, Any] = {
+        "format": "brainshift-simulated-dataset", "version": 1, "brainshift_version": __version__,
+        "seed": int(seed), "simulation_config": _config_dict(config), "synthesis_config": synth_dict,
+        "cases_per_subject": int(cases_per_subject), "subjects": entries,
+    }
+    ds_path = out / DATASET_JSON
+    if ds_path.exists():
+        record.update(_check_resume(ds_path, record))
+    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out))}
+    record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _write_dataset_json(ds_path, record)
+
+    done = set(list_cases(out))
+    plan = [(e, j, case_id(e["subject_id"], j)) for e in entries for j in range(int(cases_per_subject))]
+    report = BatchReport(out_dir=out, n_subjects=len(entries), n_cases=len(plan))
+    report.skipped = [cid for _, _, cid in plan if cid in done]
+    todo = [(e, j, cid) for e, j, cid in plan if cid not in done]
+
+    if todo:
+        if scheduler_address:
+            cluster = None
+            client = Client(scheduler_address)
+        else:
+            cluster = LocalCluster(n_workers=n_workers or _default_workers(), threads_per_worker=1,
+                                   processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+        try:
+            subject_futures = {}
+            for e in {e["subject_id"]: e for e, _, _ in todo}.values():
+                subject_futures[e["subject_id"]] = client.submit(_make_subject, str(out), e, synth_dict, pure=False,
+                                                                 key=f"subject-{e['subject_id']}-{time.time_ns()}")
+            futures = []
+            for e, j, cid in todo:
+                extra = {"batch_seed": int(seed), "subject_index": e["index"], "case_index": j}
+                futures.append(client.submit(_run_case, str(out), subject_futures[e["subject_id"]], cid,
+                                             case_seed(seed, e["index"], j), config, extra, pure=False,
+                                             key=f"case-{cid}-{time.time_ns()}"))
+            cid_of = {f.key: cid for f, (_, _, cid) in zip(futures, todo, strict=True)}
+            bar = tqdm(total=len(futures), desc="cases", unit="case", disable=not progress)
+            for fut in as_completed(futures):
+                try:
+                    status = fut.result()
+                except Exception as exc:  # the worker died (KilledWorker, lost connection...)
+                    status = {"case_id": cid_of[fut.key], "status": "failed",
+                              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                if status["status"] == "ok":
+                    report.simulated.append(status["case_id"])
+                else:
+                    report.failed[status["case_id"]] = status["error"].splitlines()[0] if status["error"] else "?"
+                    _log_failure(out, status)
+                bar.update(1)
+                bar.set_postfix(failed=len(report.failed))
+                fut.release()
+            bar.close()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+    report.simulated.sort()
+    report.wall_s = time.perf_counter() - t_start
+    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out)),
+                        "cases_failed_last_run": len(report.failed), "cases_simulated_last_run": len(report.simulated)}
+    record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _write_dataset_json(ds_path, record)
+    return report
