@@ -1,0 +1,48 @@
+"""``brainshift train`` through typer's CliRunner on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+
+runner = CliRunner()
+
+
+def _write_config(path, **extra):
+    cfg = {"network": {"features": [4, 8]}, "size": None, "epochs": 2, "lr": 1e-3, "split": [0.0, 0.0],
+           "min_kpts": 6, "max_kpts": 6, "progress": False, **extra}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_command_runs_and_summarises(tiny_dataset, tmp_path):
+    cfg = _write_config(tmp_path / "c.yaml")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(out),
+                              "--device", "cpu", "--max-steps", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "trained 1 steps" in res.output and "best.safetensors" in res.output
+    resolved = yaml.safe_load((out / "config_resolved.yaml").read_text())
+    assert resolved["device"] == "cpu" and resolved["max_steps"] == 1 and resolved["data"] == str(tiny_dataset)
+    # --resume continues from last.pt: one more step
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(out),
+                              "--device", "cpu", "--max-steps", "2", "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "trained 2 steps" in res.output
+
+
+def test_train_command_errors_are_one_line(tiny_dataset, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 1\nnot_an_option: 3\n")
+    res = runner.invoke(app, ["train", "--config", str(bad), "--data", str(tiny_dataset), "--device", "cpu"])
+    assert res.exit_code == 2 and "not_an_option" in res.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _write_config(tmp_path / "c.yaml")
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir",
+                              str(tmp_path / "o")])  # published default device: cuda
+    assert res.exit_code == 2 and "CUDA" in res.output
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--device", "cpu"])
+    assert res.exit_code == 2 and "dataset folder" in res.output

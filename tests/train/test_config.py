@@ -1,0 +1,107 @@
+"""TrainConfig: published names and defaults, file loading, overrides, network mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from brainshift.errors import BrainshiftError, InputFileError
+from brainshift.train.config import TrainConfig, from_dict, load_config, network_config, save_resolved
+
+
+def test_published_defaults():
+    c = TrainConfig()
+    assert c.save_dir == "checkpoints" and c.split == (0.10, 0.15) and c.batch_size == 1
+    assert c.size == (160, 192, 144) and c.model == "res-unet-se" and c.layer_order == "cil"
+    assert (c.num_features, c.num_levels, c.num_groups) == (32, 4, 8)
+    assert (c.mse_w, c.epochs, c.lr, c.lncc_w, c.lncc_window, c.reg_w) == (1.0, 20, 1e-4, 1.0, 2, 1.0)
+    assert (c.evaluate_every, c.min_kpts, c.max_kpts, c.device) == (1, 20, 20, "cuda")
+    assert c.interp is None and c.num_kpts is None and not (c.lncc or c.hessian or c.jdet or c.augment)
+    assert c.jdet_mode == "negative"
+
+
+def test_published_json_config_loads(tmp_path):
+    # a JSON config as the published script reads it (argparse dest names, some written with dashes / --)
+    pub = {"model": "res-unet-se", "lr": 5e-4, "epochs": 200, "min_kpts": 20, "max_kpts": 20, "interp": None,
+           "jdet": True, "jdet_mode": "unit", "size": [160, 192, 144], "split": [0.1, 0.15], "--save_dir": "runs/a",
+           "num-features": 32, "se_mode": "scse", "upsample_mode": None, "pool_mode": "max", "seed": 42,
+           "augment": True, "extra_eval": True, "hessian": False, "lncc": False, "device": "cuda"}
+    p = tmp_path / "pub.json"
+    p.write_text(json.dumps(pub))
+    c = load_config(p)
+    assert c.lr == 5e-4 and c.epochs == 200 and c.jdet and c.jdet_mode == "unit" and c.save_dir == "runs/a"
+    assert c.size == (160, 192, 144) and c.split == (0.1, 0.15) and c.seed == 42 and c.configs == str(p)
+    n = network_config(c)
+    assert n.features == (32, 64, 128, 256) and n.norm == "instance" and n.se_mode == "scse"
+    assert n.upsample == "transposed" and n.predict_residual
+
+
+def test_unknown_keys_listed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 0.001\nbogus: 1\nalso_bad: x\n")
+    with pytest.raises(BrainshiftError, match="also_bad, bogus"):
+        load_config(p)
+
+
+def test_yaml_then_overrides_and_resolved_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("epochs: 5\nlr: 0.002\nnum_kpts: 12\npreset: fast\nnetwork: {features: [8, 16]}\n")
+    c = load_config(p, {"epochs": 7, "device": "cpu", "seed": None})
+    assert c.epochs == 7 and c.lr == 0.002 and c.device == "cpu" and c.seed == 0
+    assert c.k_range == (12, 12)
+    out = save_resolved(c, tmp_path / "out" / "config_resolved.yaml")
+    assert load_config(out) == c  # the resolved file reloads to the same config (configs keeps the origin)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"interp": "cubic"}, "interp"),
+    ({"split": [0.5, 0.5]}, "split"),
+    ({"min_kpts": 10, "max_kpts": 5}, "min_kpts"),
+    ({"model": "vxm"}, "model"),
+    ({"jdet_mode": "positive"}, "jdet_mode"),
+    ({"epochs": "many"}, "epochs"),
+    ({"size": [16, 16]}, "size"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_values_raise(values, match):
+    with pytest.raises(BrainshiftError, match=match):
+        from_dict(values)
+
+
+def test_interp_none_spellings_mean_random():
+    assert from_dict({"interp": "None"}).interp is None
+    assert from_dict({"interp": "random"}).interp is None
+    assert from_dict({"interp": "tps"}).interp == "tps"
+
+
+def test_network_mapping():
+    assert network_config(from_dict({"model": "res-unet"})).se_mode == "none"
+    n = network_config(from_dict({"layer_order": "cgl", "num_features": 16, "num_levels": 3, "pool_mode": "avg",
+                                  "upsample_mode": "trilinear"}))
+    assert (n.norm, n.features, n.pool, n.upsample) == ("group", (16, 32, 64), "avg", "trilinear")
+    fast = network_config(from_dict({"preset": "fast", "network": {"features": [4, 8]}, "spacing_mm": 3.0}))
+    assert fast.features == (4, 8) and fast.spacing_mm == 3.0
+    with pytest.raises(BrainshiftError, match="preset"):
+        network_config(from_dict({"preset": "nope"}))
+    with pytest.raises(BrainshiftError, match="widths"):
+        network_config(from_dict({"network": {"widths": [1]}}))
+
+
+def test_missing_or_bad_file(tmp_path):
+    with pytest.raises(InputFileError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(InputFileError, match="mapping"):
+        load_config(p)
+
+
+def test_cuda_without_gpu_is_an_error(monkeypatch):
+    from brainshift.train.distributed import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BrainshiftError, match="CUDA"):
+        setup_distributed("cuda")
+    assert setup_distributed("cpu").device.type == "cpu"

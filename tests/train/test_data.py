@@ -1,0 +1,165 @@
+"""Training data: splits by subject, cases on the network grid, variants, crops, augmentation, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainshift.errors import InputFileError
+from brainshift.model import NetworkConfig
+from brainshift.train.data import (
+    TrainDataset,
+    assemble_sample,
+    crop_or_pad,
+    crop_window,
+    draw_variant,
+    intensity_augmentation,
+    prepare_case,
+    read_keypoint_candidates,
+    split_cases,
+    validation_items,
+)
+
+NET = NetworkConfig(features=(4, 8))  # 1 mm grid, sizes multiple of 2
+
+
+def test_split_by_subject(small_dataset):
+    s = split_cases(small_dataset, (0.25, 0.25), seed=0)
+    assert (len(s.subjects["train"]), len(s.subjects["val"]), len(s.subjects["test"])) == (2, 1, 1)
+    subj = {k: {s.case_subject[c] for c in getattr(s, k)} for k in ("train", "val", "test")}
+    assert not (subj["train"] & subj["val"]) and not (subj["train"] & subj["test"]) and not (subj["val"] & subj["test"])
+    assert len(s.train) == 4 and len(s.val) == 2 and len(s.test) == 2  # both cases of each subject follow it
+    assert split_cases(small_dataset, (0.25, 0.25), seed=0) == s
+    others = [split_cases(small_dataset, (0.25, 0.25), seed=k).subjects["val"] for k in range(1, 6)]
+    assert any(o != s.subjects["val"] for o in others)
+
+
+def test_split_keeps_a_training_subject(tiny_dataset, tmp_path):
+    s = split_cases(tiny_dataset, (0.1, 0.15), seed=0)
+    assert s.train == ["sub00_c0"] and s.val == [] and s.test == []
+    with pytest.raises(InputFileError, match="complete cases"):
+        split_cases(tmp_path / "empty")
+
+
+def test_read_keypoint_candidates(tmp_path):
+    assert read_keypoint_candidates(tmp_path) is None
+    (tmp_path / "keypoints.csv").write_text("# frame: voxel\nx,y,z,scale_mm,response\n1,2,3,1.5,0.2\n4.5,5,6,2,0.1\n")
+    np.testing.assert_array_equal(read_keypoint_candidates(tmp_path), [[1, 2, 3], [4.5, 5, 6]])
+    (tmp_path / "keypoints.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputFileError, match="x, y, z"):
+        read_keypoint_candidates(tmp_path)
+
+
+def test_prepare_case_network_grid(tiny_dataset):
+    from brainshift.simulate.dataset import read_case
+
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    gt = read_case(tiny_dataset, "sub00_c0").field
+    # 1 mm input and 1 mm network: same grid, mm = voxel units, even sizes need no padding
+    assert c["net_gt"].shape == (3, 16, 20, 16) and c["net_image"].shape == (1, 16, 20, 16)
+    m = c["net_mask"][0] > 0
+    np.testing.assert_allclose(c["net_gt"][:, m], gt[:, m], atol=1e-6)
+    assert np.all(c["net_gt"][:, ~m] == 0)
+    img = c["net_image"][0][m]
+    assert abs(img.mean()) < 1e-4 and abs(img.std() - 1) < 1e-3  # z-scored over the brain
+    assert not c["has_candidates"] and c["allowed"].sum() < c["brain"].sum()  # tumour/cavity excluded
+
+
+def test_prepare_case_two_mm_network(tiny_dataset):
+    c = prepare_case(tiny_dataset, "sub00_c0", NetworkConfig(features=(4, 8, 16), spacing_mm=2.0))
+    assert c["net_gt"].shape == (3, 8, 12, 8)  # (8, 10, 8) padded to multiples of 4
+    np.testing.assert_allclose(c["net_spacing"], [2, 2, 2])
+
+
+def test_draw_variant_reproducible_and_consistent(tiny_dataset):
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    a = draw_variant(c, np.random.default_rng(3), NET, interp="linear", k_range=(6, 9), heldout_kpts=15,
+                     keep_native=True)
+    b = draw_variant(c, np.random.default_rng(3), NET, interp="linear", k_range=(6, 9), heldout_kpts=15)
+    np.testing.assert_array_equal(a["points"], b["points"])
+    np.testing.assert_array_equal(a["init_net"], b["init_net"])
+    assert 6 <= len(a["points"]) <= 9 and a["method"] == "linear"
+    assert len(a["points"]) + len(a["heldout_points"]) == 9 + 15
+    chosen = {tuple(p) for p in a["points"]}
+    assert not chosen & {tuple(p) for p in a["heldout_points"]}
+    # keypoints lie in the allowed region and the linear initial field passes through them
+    ijk = a["points"].astype(int)
+    assert np.all(c["allowed"][ijk[:, 0], ijk[:, 1], ijk[:, 2]] > 0)
+    np.testing.assert_allclose(a["init"][:, ijk[:, 0], ijk[:, 1], ijk[:, 2]].T, a["disps"], atol=1e-4)
+    np.testing.assert_allclose(a["init_net"][:, ijk[:, 0], ijk[:, 1], ijk[:, 2]].T, a["disps"], atol=1e-4)
+    methods = {draw_variant(c, np.random.default_rng(s), NET, interp=None, k_range=(6, 6))["method"]
+               for s in range(8)}
+    assert methods == {"linear", "tps"}  # the published "mixed"
+
+
+def test_detected_keypoints_used_as_candidates(tiny_dataset):
+    from brainshift.io.frames import check_affine  # noqa: F401  (keeps the import surface honest)
+
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    vox = np.argwhere(c["allowed"] > 0)[::5][:30].astype(float)
+    lines = "x,y,z\n" + "".join(f"{p[0]},{p[1]},{p[2]}\n" for p in vox)
+    (tiny_dataset / "subjects" / "sub00" / "keypoints.csv").write_text(lines)
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    assert c["has_candidates"] and len(c["candidates"]) == 30
+    v = draw_variant(c, np.random.default_rng(0), NET, interp="tps", k_range=(8, 8))
+    cand = {tuple(p) for p in vox}
+    assert all(tuple(p) in cand for p in v["points"]) and len(v["heldout_points"]) == 22
+
+
+def test_crop_window_and_crop_or_pad():
+    # window centre = start + (size - 1) / 2 as close as possible to the brain centre, kept inside the volume
+    # along axes that are long enough (axis 1: centre 3 would start at -0.5 -> 0), padded where they are not
+    np.testing.assert_array_equal(crop_window(np.array([10.0, 3.0, 5.0]), (20, 20, 8), (8, 8, 12)), [7, 0, 0])
+    np.testing.assert_array_equal(crop_window(np.array([10.0, 18.0, 3.5]), (20, 20, 8), (8, 8, 12)), [7, 12, -2])
+    a = np.arange(4 * 5 * 6, dtype=np.float32).reshape(1, 4, 5, 6)
+    out = crop_or_pad(a, np.array([1, -1, 2]), (2, 3, 6), value=-7)
+    assert out.shape == (1, 2, 3, 6)
+    np.testing.assert_array_equal(out[0, :, 1:, :4], a[0, 1:3, 0:2, 2:6])
+    assert np.all(out[0, :, 0] == -7) and np.all(out[0, :, :, 4:] == -7)
+
+
+def test_assemble_sample_and_augmentation_touch_only_the_image(tiny_dataset):
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    v = draw_variant(c, np.random.default_rng(0), NET, interp="linear", k_range=(6, 6))
+    plain = assemble_sample(c, v, (16, 18, 14))
+    assert plain["input"].shape == (4, 16, 18, 14) and plain["target"].shape == (3, 16, 18, 14)
+    assert plain["mask"].sum() == float(c["net_mask"].sum())  # the brain fits in the crop centred on it
+    aug = [assemble_sample(c, v, (16, 18, 14), intensity_augmentation(), np.random.default_rng(s))
+           for s in range(6)]
+    for a in aug:
+        assert torch.equal(a["input"][:3], plain["input"][:3]) and torch.equal(a["target"], plain["target"])
+        assert torch.equal(a["image"], plain["image"])  # un-augmented copy kept for the image loss
+    assert any(not torch.equal(a["input"][3], plain["input"][3]) for a in aug)
+    again = assemble_sample(c, v, (16, 18, 14), intensity_augmentation(), np.random.default_rng(0))
+    assert torch.equal(again["input"], aug[0]["input"])
+
+
+def test_train_dataset_deterministic_and_epoch_dependent(small_dataset):
+    s = split_cases(small_dataset, (0.0, 0.0))
+    ds = TrainDataset(small_dataset, s.train, s.case_subject, NET, size=(16, 16, 16), interp=None, k_range=(6, 6),
+                      heldout_kpts=5, augment=True, seed=1)
+    assert len(ds) == 4  # one sample per subject
+    x0 = ds[2]["input"]
+    assert torch.equal(ds[2]["input"], x0)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2]["input"], x0)
+
+
+def test_variant_pool_persistent_cache(tiny_dataset, tmp_path):
+    kw = dict(size=None, interp="linear", k_range=(6, 6), heldout_kpts=5, variants_per_case=2, seed=0,
+              cache_dir=tmp_path / "cache")
+    ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=6, **kw)
+    inputs = [ds[i]["input"] for i in range(6)]
+    distinct = {x.numpy().tobytes() for x in inputs}
+    assert len(distinct) <= 2  # drawn from the pool of 2 variants (no augmentation)
+    assert len(list((tmp_path / "cache" / "variants").glob("*.pt"))) == len(distinct)
+    ds2 = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=6, **kw)
+    assert all(torch.equal(ds2[i]["input"], inputs[i]) for i in range(6))  # read back from the disk cache
+
+
+def test_validation_items_fixed(tiny_dataset):
+    a = validation_items(tiny_dataset, ["sub00_c0"], NET, seed=0, interp=None, k_range=(6, 6), heldout_kpts=10)
+    b = validation_items(tiny_dataset, ["sub00_c0"], NET, seed=0, interp=None, k_range=(6, 6), heldout_kpts=10)
+    np.testing.assert_array_equal(a[0][1]["init"], b[0][1]["init"])
+    assert a[0][1]["init"].shape == (3, 16, 20, 16) and len(a[0][1]["heldout_points"]) == 10

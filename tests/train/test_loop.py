@@ -1,0 +1,103 @@
+"""Training loop: overfit one case, end-to-end run with checkpoints, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from brainshift.errors import BrainshiftError, InputFileError
+from brainshift.model import NetworkConfig, build_network, load_weights
+from brainshift.train.config import from_dict
+from brainshift.train.data import TrainDataset
+from brainshift.train.loop import load_state, train, train_step
+
+TINY_NET = {"features": [4, 8]}
+
+
+def test_overfit_one_case_loss_falls_tenfold(tiny_dataset):
+    # One fixed sample with a poor initial field (5 keypoints): the residual network must learn GT - init.
+    torch.manual_seed(0)
+    net = NetworkConfig(features=(8, 16))
+    cfg = from_dict({"lr": 3e-3, "device": "cpu"})
+    ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, net, size=None, interp="linear",
+                      k_range=(5, 5), variants_per_case=1)
+    batch = {k: v[None] for k, v in ds[0].items()}
+    model = build_network(net)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    losses = []
+    for _ in range(60):
+        losses.append(train_step(model, batch, opt, cfg, "mm", torch.device("cpu"))["mse"])
+        if losses[-1] < losses[0] / 10:
+            break
+    assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.4g} -> {losses[-1]:.4g} in {len(losses)} steps"
+
+
+def _cfg(data, save_dir, **kw):
+    base = {"data": str(data), "save_dir": str(save_dir), "device": "cpu", "network": TINY_NET, "size": None,
+            "epochs": 2, "lr": 1e-3, "split": [0.25, 0.25], "min_kpts": 6, "max_kpts": 8, "heldout_kpts": 10,
+            "samples_per_epoch": 2, "progress": False, "seed": 3}
+    return from_dict({**base, **kw})
+
+
+def test_train_end_to_end_files_and_metadata(small_dataset, tmp_path):
+    from brainshift.model import refine_field
+    from brainshift.simulate.dataset import read_case
+
+    r = train(_cfg(small_dataset, tmp_path / "out", jdet=True, hessian=True))
+    out = tmp_path / "out"
+    assert r.steps == 4 and len(r.history) == 2 and r.best_epoch in (1, 2)
+    for name in ("best.safetensors", "last.pt", "config_resolved.yaml", "splits.json", "history.jsonl",
+                 "test_metrics.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    resolved = yaml.safe_load((out / "config_resolved.yaml").read_text())
+    assert resolved["epochs"] == 2 and resolved["network"] == TINY_NET and resolved["jdet"] is True
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["subjects"]["val"]) == 1 and len(splits["subjects"]["test"]) == 1
+    val = r.history[-1]["val"]
+    assert val["n_cases"] == 2 and np.isfinite([val["mse_mm2"], val["tre_mm"], val["tre_mm_init"]]).all()
+    assert 0.0 <= val["pct_jac_nonpositive"] <= 100.0
+    assert set(r.history[0]["train"]) == {"mse", "jdet", "bending", "total"}
+    assert r.test_metrics["n_cases"] == 2
+    loaded = load_weights(out / "best.safetensors")
+    assert loaded.config.features == (4, 8)
+    md = loaded.metadata
+    assert md["epoch"] == r.best_epoch and md["train_config"]["seed"] == 3 and md["val"]["n_cases"] == 2
+    assert md["dataset"]["n_subjects"] == {"train": 2, "val": 1, "test": 1}
+    # the exported weights drive the inference path
+    case = read_case(small_dataset, "sub00_c0")
+    init = np.zeros((3, *case.subject.image.shape), np.float32)
+    refined = refine_field(case.subject.image, init, loaded, mask=case.subject.brain_mask.data)
+    assert refined.shape == init.shape and np.isfinite(refined).all()
+
+
+def test_resume_equals_uninterrupted_run(small_dataset, tmp_path):
+    a = train(_cfg(small_dataset, tmp_path / "a", split=[0.25, 0.0]))
+    train(_cfg(small_dataset, tmp_path / "b", split=[0.25, 0.0], epochs=1))
+    b = train(_cfg(small_dataset, tmp_path / "b", split=[0.25, 0.0], epochs=2, resume=True))
+    assert b.steps == a.steps == 4 and [h["epoch"] for h in b.history] == [1, 2]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    state = load_state(tmp_path / "b" / "last.pt")
+    assert state["epoch"] == 2 and state["step"] == 4
+    with pytest.raises(BrainshiftError, match="network"):
+        train(_cfg(small_dataset, tmp_path / "b", split=[0.25, 0.0], epochs=3, resume=True,
+                   network={"features": [4, 8, 16]}))
+
+
+def test_max_steps_and_bad_inputs(tiny_dataset, tmp_path):
+    r = train(_cfg(tiny_dataset, tmp_path / "o", epochs=5, max_steps=3, split=[0.0, 0.0]))
+    assert r.steps == 3 and len(r.history) == 2 and r.best_metrics == {}
+    with pytest.raises(InputFileError, match="resume"):
+        load_state(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(InputFileError, match="weights_only"):
+        load_state(tmp_path / "junk.pt")
+    with pytest.raises(InputFileError, match="dataset folder"):
+        train(_cfg(tmp_path / "nope", tmp_path / "o2"))
+    with pytest.raises(BrainshiftError, match="multiples of 2"):
+        train(_cfg(tiny_dataset, tmp_path / "o3", size=[15, 16, 16]))
