@@ -151,4 +151,4 @@ def test_bad_requests_raise(tmp_path):
     with pytest.raises(BrainshiftError, match="spec keys"):
         simulate_batch(tmp_path, subjects=[{"image": "x"}], cases_per_subject=1, config=FAST, seed=0, progress=False)
     with pytest.raises(BrainshiftError, match="unique"):
-        batch_mod._normalise_subjects([{"image": "a", "brain_mask": "b", "tumour": "c", "subject_id": "x"}] * 2, 0)
+        batch_mod.normalise_subjects([{"image": "a", "brain_mask": "b", "tumour": "c", "subject_id": "x"}] * 2, 0)

@@ -142,7 +142,7 @@ def read_subjects_csv(path: str | Path) -> list[dict]:
     return specs
 
 
-def _normalise_subjects(subjects, seed: int) -> list[dict]:
+def normalise_subjects(subjects, seed: int) -> list[dict]:
     """One entry per subject: ``{"index", "subject_id", "kind": synthetic|file|folder, "seed"|"spec"|"path"}``."""
     if isinstance(subjects, (int, np.integer)) and not isinstance(subjects, bool):
         if subjects < 1:
@@ -327,7 +327,6 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
-    from brainshift import __version__
     from brainshift.simulate.dataset import list_cases
 
     t_start = time.perf_counter()
@@ -335,24 +334,10 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
         raise BrainshiftError(f"expected cases_per_subject >= 1, got {cases_per_subject}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = _normalise_subjects(subjects, seed)
-    synth_dict = None
-    if any(e["kind"] == "synthetic" for e in entries):
-        from brainshift.simulate.subject import SynthesisConfig
-
-        synth_dict = asdict(synthesis if synthesis is not None else SynthesisConfig())
-        synth_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in synth_dict.items()}
-    record: dict[str, Any] = {
-        "format": "brainshift-simulated-dataset", "version": 1, "brainshift_version": __version__,
-        "seed": int(seed), "simulation_config": _config_dict(config), "synthesis_config": synth_dict,
-        "cases_per_subject": int(cases_per_subject), "subjects": entries,
-    }
-    ds_path = out / DATASET_JSON
-    if ds_path.exists():
-        record.update(_check_resume(ds_path, record))
-    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out))}
-    record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    _write_dataset_json(ds_path, record)
+    entries = normalise_subjects(subjects, seed)
+    record = start_dataset(out, entries, cases_per_subject=cases_per_subject, config=config, seed=seed,
+                           synthesis=synthesis)
+    synth_dict = record["synthesis_config"]
 
     done = set(list_cases(out))
     plan = [(e, j, case_id(e["subject_id"], j)) for e in entries for j in range(int(cases_per_subject))]
@@ -403,8 +388,46 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
 
     report.simulated.sort()
     report.wall_s = time.perf_counter() - t_start
-    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out)),
-                        "cases_failed_last_run": len(report.failed), "cases_simulated_last_run": len(report.simulated)}
+    finish_dataset(out, record, simulated=len(report.simulated), failed=len(report.failed))
+    return report
+
+
+def start_dataset(out: Path, entries: list[dict], *, cases_per_subject: int, config, seed: int,
+                  synthesis=None) -> dict:
+    """Write (or check and update, on resume) ``out/dataset.json`` before any case runs; return the record.
+
+    Raises:
+        BrainshiftError: an existing ``dataset.json`` has another seed, simulation or synthesis configuration,
+            or another definition of one of the subjects.
+    """
+    from brainshift import __version__
+    from brainshift.simulate.dataset import list_cases
+
+    synth_dict = None
+    if any(e["kind"] == "synthetic" for e in entries):
+        from brainshift.simulate.subject import SynthesisConfig
+
+        synth_dict = asdict(synthesis if synthesis is not None else SynthesisConfig())
+        synth_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in synth_dict.items()}
+    record: dict[str, Any] = {
+        "format": "brainshift-simulated-dataset", "version": 1, "brainshift_version": __version__,
+        "seed": int(seed), "simulation_config": _config_dict(config), "synthesis_config": synth_dict,
+        "cases_per_subject": int(cases_per_subject), "subjects": entries,
+    }
+    ds_path = Path(out) / DATASET_JSON
+    if ds_path.exists():
+        record.update(_check_resume(ds_path, record))
+    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out))}
     record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     _write_dataset_json(ds_path, record)
-    return report
+    return record
+
+
+def finish_dataset(out: Path, record: dict, *, simulated: int, failed: int) -> None:
+    """Rewrite ``out/dataset.json`` with the final counts."""
+    from brainshift.simulate.dataset import list_cases
+
+    record["counts"] = {"subjects": len(record["subjects"]), "cases_complete": len(list_cases(out)),
+                        "cases_failed_last_run": failed, "cases_simulated_last_run": simulated}
+    record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    _write_dataset_json(Path(out) / DATASET_JSON, record)

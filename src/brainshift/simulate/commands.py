@@ -1,0 +1,262 @@
+"""The ``brainshift simulate`` and ``brainshift simulate-batch`` commands.
+
+Top-level imports are light (typer, pathlib); numpy, matplotlib and the simulator are imported inside the
+commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from brainshift.cli import cli_errors
+
+
+@cli_errors
+def simulate_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (subjects/, cases/, dataset.json)."),
+    demo: bool = typer.Option(False, "--demo", help="Simulate a synthetic subject made from the MNI152 template."),
+    image: Path | None = typer.Option(None, "--image", help="Real input: preop image (NIfTI, NRRD, MetaImage)."),
+    brain_mask: Path | None = typer.Option(None, "--brain-mask", help="Real input: brain mask."),
+    tumour: Path | None = typer.Option(None, "--tumour", help="Real input: tumour mask or BraTS-style label map."),
+    ventricles: Path | None = typer.Option(None, "--ventricles", help="Real input: ventricle mask or label map."),
+    tumour_labels: str | None = typer.Option(None, "--tumour-labels",
+                                             help="Labels of --tumour that are tumour, e.g. '1,4' (default: all)."),
+    ventricle_labels: str | None = typer.Option(None, "--ventricle-labels",
+                                                help="Labels of --ventricles that are ventricles, e.g. '4,43'."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the subject (demo) and the case's random draws."),
+    resolution: float | None = typer.Option(None, "--resolution", help="Element size in mm (default 3)."),
+    material: str | None = typer.Option(None, "--material", help="linear (default) or neo-hookean."),
+    config: Path | None = typer.Option(None, "--config", help="Simulation config file (YAML or JSON)."),
+    vtu: bool = typer.Option(False, "--vtu", help="Also write the mesh with its displacement as mesh.vtu."),
+) -> None:
+    """Simulate one brain-shift case (biomechanical FEM) and write it in the dataset layout.
+
+    Writes OUT/subjects/<id>/, OUT/cases/<id>_c00/ (field.npz, cavity_mask.nii.gz, meta.json,
+    displacement_magnitude.png and, with --vtu, mesh.vtu) and OUT/dataset.json. With --demo the subject
+    and case are those of `simulate-batch --subjects 1 --cases-per-subject 1` with the same --seed.
+    """
+    import time
+
+    from brainshift.errors import BrainshiftError
+    from brainshift.simulate import batch
+    from brainshift.simulate.case import draw_case_parameters, simulate_case
+    from brainshift.simulate.dataset import write_case, write_subject
+
+    real = [image, brain_mask, tumour]
+    if demo == any(p is not None for p in real) or (not demo and any(p is None for p in real)):
+        raise BrainshiftError("expected either --demo or all of --image, --brain-mask and --tumour, got "
+                              + ("both" if demo else "an incomplete real input"))
+    sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
+    if demo:
+        entries = batch.normalise_subjects(1, seed)
+    else:
+        spec = {"image": str(image), "brain_mask": str(brain_mask), "tumour": str(tumour)}
+        if ventricles is not None:
+            spec["ventricles"] = str(ventricles)
+        if tumour_labels:
+            spec["tumour_labels"] = _labels(tumour_labels, "--tumour-labels")
+        if ventricle_labels:
+            spec["ventricle_labels"] = _labels(ventricle_labels, "--ventricle-labels")
+        spec["subject_id"] = _stem(image)
+        entries = batch.normalise_subjects([spec], seed)
+    entry = entries[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = batch.start_dataset(out, entries, cases_per_subject=1, config=sim_cfg, seed=seed, synthesis=synth_cfg)
+
+    t0 = time.perf_counter()
+    if demo:
+        from brainshift.simulate.subject import synthesize_subject
+
+        typer.echo(f"synthesising subject {entry['subject_id']} from the MNI152 template (seed {entry['seed']})")
+        subject = synthesize_subject(entry["seed"], config=synth_cfg, subject_id=entry["subject_id"])
+    else:
+        from brainshift.simulate.subject import load_subject
+
+        s = entry["spec"]
+        subject = load_subject(s["image"], s["brain_mask"], s["tumour"], ventricles_path=s.get("ventricles"),
+                               tumour_labels=s.get("tumour_labels"), ventricle_labels=s.get("ventricle_labels"),
+                               subject_id=entry["subject_id"])
+    write_subject(out, subject)
+    cid = batch.case_id(entry["subject_id"], 0)
+    cseed = batch.case_seed(seed, entry["index"], 0)
+    params = draw_case_parameters(subject, sim_cfg, cseed)
+    result = simulate_case(subject, sim_cfg, params, progress=True)
+    meta = {**result.meta, "batch_seed": int(seed), "subject_index": entry["index"], "case_index": 0,
+            "case_seed": cseed, "wall_s": time.perf_counter() - t0}
+    case_dir = write_case(out, cid, entry["subject_id"], result.field_vox, subject.image.affine, result.cavity_mask,
+                          meta)
+    png = save_displacement_png(subject.image, result.field_vox, case_dir / "displacement_magnitude.png",
+                                cavity=result.cavity_mask, brain=subject.brain_mask,
+                                title=f"{cid}: {sim_cfg.material}, {sim_cfg.resolution_mm:g} mm elements")
+    if vtu:
+        from brainshift.simulate.export import export_vtu
+
+        export_vtu(result, case_dir / "mesh.vtu")
+    batch.finish_dataset(out, record, simulated=1, failed=0)
+    typer.echo(f"case {cid}: max displacement {result.meta['max_displacement_mm']:.2f} mm, median "
+               f"{result.meta['median_displacement_mm']:.2f} mm ({time.perf_counter() - t0:.1f} s); wrote {case_dir}"
+               f" and {png.name}" + (" and mesh.vtu" if vtu else ""))
+
+
+@cli_errors
+def simulate_batch_command(
+    subjects: str = typer.Option(..., "--subjects", help="Number of synthetic subjects, or a CSV file with columns "
+                                 "image,brain_mask,tumour[,ventricles,subject_id,tumour_labels,ventricle_labels]."),
+    cases_per_subject: int = typer.Option(..., "--cases-per-subject", help="Cases simulated per subject."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder (resumed if it exists)."),
+    config: Path | None = typer.Option(None, "--config", help="Simulation config file (YAML or JSON)."),
+    scheduler_address: str | None = typer.Option(None, "--scheduler-address",
+                                                 help="Existing Dask scheduler, e.g. tcp://host:8786."),
+    workers: int | None = typer.Option(None, "--workers", help="LocalCluster workers (default: CPU cores)."),
+    seed: int = typer.Option(0, "--seed", help="Batch seed (subject and case seeds derive from it)."),
+    resolution: float | None = typer.Option(None, "--resolution", help="Element size in mm (default 3)."),
+    material: str | None = typer.Option(None, "--material", help="linear (default) or neo-hookean."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Simulate many cases as Dask tasks into a dataset folder (resumable; failures logged, not fatal).
+
+    Exit code 1 if any case failed (see OUT/failures.log), 2 for bad input.
+    """
+    from brainshift.errors import BrainshiftError
+    from brainshift.simulate.batch import read_subjects_csv, simulate_batch
+
+    sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
+    if subjects.strip().isdigit():
+        subject_arg: int | list = int(subjects)
+    elif subjects.lower().endswith(".csv"):
+        subject_arg = read_subjects_csv(subjects)
+    else:
+        raise BrainshiftError(f"expected --subjects as a number or a .csv file, got {subjects!r}")
+    report = simulate_batch(out, subjects=subject_arg, cases_per_subject=cases_per_subject, config=sim_cfg, seed=seed,
+                            scheduler_address=scheduler_address, n_workers=workers, progress=progress,
+                            synthesis=synth_cfg)
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+def read_config_file(path: Path | None, *, resolution: float | None = None, material: str | None = None):
+    """Simulation and synthesis configs from a YAML / JSON file, with command-line overrides.
+
+    The file holds either the :class:`~brainshift.simulate.case.SimulationConfig` fields at the top level, or
+    sections ``simulation:`` and ``synthesis:`` (the latter :class:`~brainshift.simulate.subject.SynthesisConfig`
+    fields). ``resolution`` and ``material`` override the file when given.
+
+    Returns:
+        ``(SimulationConfig, SynthesisConfig)``.
+
+    Raises:
+        InputFileError: missing or unparsable file, or not a mapping.
+        BrainshiftError: unknown or invalid configuration values.
+    """
+    from brainshift.errors import InputFileError
+    from brainshift.simulate.case import SimulationConfig
+    from brainshift.simulate.subject import SynthesisConfig
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputFileError(f"expected a config file (YAML or JSON), got {str(p)!r} (not found)")
+        text = p.read_text()
+        try:
+            if p.suffix.lower() == ".json":
+                import json
+
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except ValueError as exc:
+            raise InputFileError(f"expected a valid JSON config in {p}, got: {exc}") from None
+        except Exception as exc:  # yaml.YAMLError
+            raise InputFileError(f"expected a valid YAML config in {p}, got: {exc}") from None
+        if not isinstance(data, dict):
+            raise InputFileError(f"expected a mapping of config keys in {p}, got {type(data).__name__}")
+    if set(data) & {"simulation", "synthesis"}:
+        unknown = set(data) - {"simulation", "synthesis"}
+        if unknown:
+            raise InputFileError(f"expected only the sections simulation and synthesis, got also {sorted(unknown)}")
+        sim, synth = dict(data.get("simulation") or {}), dict(data.get("synthesis") or {})
+    else:
+        sim, synth = dict(data), {}
+    if resolution is not None:
+        sim["resolution_mm"] = float(resolution)
+    if material is not None:
+        sim["material"] = material
+    return SimulationConfig.from_dict(sim), SynthesisConfig.from_dict(synth)
+
+
+def save_displacement_png(image, field_vox, path: Path, *, cavity=None, brain=None, title: str | None = None) -> Path:
+    """Three orthogonal slices of ``image`` through the largest displacement, magnitude (mm) overlaid.
+
+    Args:
+        image: the preop :class:`~brainshift.volume.Volume`.
+        field_vox: ``(3, I, J, K)`` displacement on its grid. Convention: forward Lagrangian, voxel units.
+        path: PNG to write (atomically; matplotlib Agg).
+        cavity: optional resection cavity (label Volume), outlined in cyan and left out of the maximum.
+        brain: optional brain mask (label Volume) to restrict the search for the maximum.
+        title: figure title (max and median magnitude are appended).
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from brainshift.field import displacement_magnitude_mm
+    from brainshift.io.atomic import atomic_output
+
+    mag = displacement_magnitude_mm(field_vox, image.affine)
+    region = mag > 0 if brain is None else np.asarray(brain.data) > 0
+    cav = np.zeros(mag.shape, dtype=bool) if cavity is None else np.asarray(cavity.data) > 0
+    search = np.where(region & ~cav, mag, -1.0)
+    peak = np.unravel_index(int(np.argmax(search)), mag.shape)
+    vals = mag[region & ~cav] if (region & ~cav).any() else np.zeros(1)
+    vmax = max(float(vals.max()), 1e-6)
+    img = np.asarray(image.data, dtype=np.float32)
+    sp = image.spacing
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    views = [(f"i = {peak[0]} (sagittal for RAS-aligned images)", np.s_[peak[0], :, :], (sp[1], sp[2])),
+             (f"j = {peak[1]} (coronal)", np.s_[:, peak[1], :], (sp[0], sp[2])),
+             (f"k = {peak[2]} (axial)", np.s_[:, :, peak[2]], (sp[0], sp[1]))]
+    im = None
+    for ax, (name, sl, (sx, sy)) in zip(axes, views, strict=True):
+        aspect = sy / sx
+        ax.imshow(img[sl].T, origin="lower", cmap="gray", aspect=aspect)
+        overlay = np.ma.masked_where(mag[sl] <= 0.05 * vmax, mag[sl])
+        im = ax.imshow(overlay.T, origin="lower", cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, aspect=aspect)
+        if cav[sl].any():
+            ax.contour(cav[sl].T.astype(float), [0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="displacement magnitude (mm)")
+    head = f"{title}: " if title else ""
+    fig.suptitle(f"{head}max {vmax:.2f} mm, median {float(np.median(vals)):.2f} mm (cavity outlined)")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def _labels(text: str, option: str) -> list[int]:
+    from brainshift.errors import BrainshiftError
+
+    try:
+        return [int(v) for v in text.replace(";", ",").replace(" ", ",").split(",") if v.strip()]
+    except ValueError:
+        raise BrainshiftError(f"expected integer labels separated by commas for {option}, got {text!r}") from None
+
+
+def _stem(path: Path) -> str:
+    from brainshift.simulate.subject import _stem as stem
+
+    return stem(path)
