@@ -123,6 +123,11 @@ from brainshift.train.commands import train_command  # noqa: E402
 
 app.command("train")(train_command)
 
+from brainshift.simulate.commands import simulate_batch_command, simulate_command  # noqa: E402
+
+app.command("simulate")(simulate_command)
+app.command("simulate-batch")(simulate_batch_command)
+
 
 def main() -> None:  # console-script entry point
     """Entry point of the ``brainshift`` console script."""
