@@ -7,7 +7,7 @@ import pytest
 
 from brainshift.errors import BrainshiftError, KeypointError
 from brainshift.interpolate import tps_interpolate
-from brainshift.interpolate.tps import normalise_voxel_coords
+from brainshift.interpolate.tps import normalise_voxel_coords, upsample_trilinear
 
 from ._util import affine_disps, affine_field, grid_keypoints
 
@@ -115,3 +115,18 @@ def test_bad_options_and_coplanar_keypoints_raise():
     flat[:, 2] = 4.0
     with pytest.raises(KeypointError, match="plane"):
         tps_interpolate(flat, np.zeros_like(flat), shape)
+
+
+@pytest.mark.parametrize("coarse_shape", [(3, 4, 5), (5, 1, 2), (6, 6, 6)])
+def test_separable_upsampling_equals_torch_trilinear_align_corners(coarse_shape):
+    import torch
+
+    shape = (11, 1 if coarse_shape[1] == 1 else 9, 7)
+    x = np.random.default_rng(17).normal(size=(3, *coarse_shape)).astype(np.float32)
+    ours = upsample_trilinear(x, shape)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=shape, mode="trilinear",
+                                          align_corners=True)[0].numpy()
+    assert ours.shape == (3, *shape) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.abs(ours - ref).max() < 1e-5
+    # corners of coarse and fine grids coincide
+    np.testing.assert_allclose(ours[:, -1, -1, -1], x[:, -1, -1, -1], atol=1e-6)

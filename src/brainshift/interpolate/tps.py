@@ -95,6 +95,42 @@ def tps_evaluate(x: np.ndarray, centers: np.ndarray, w: np.ndarray, a: np.ndarra
     return out
 
 
+def linear_upsampling_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` float32 matrix of 1-D linear interpolation with aligned end points.
+
+    Output sample ``m`` sits at input position ``m (n_in - 1) / (n_out - 1)`` (``align_corners=True``), so the
+    first and last samples of both grids coincide. Each row has at most two non-zeros summing to 1.
+    """
+    if n_in == 1:
+        return np.ones((n_out, 1), dtype=np.float32)
+    x = np.linspace(0.0, n_in - 1.0, n_out) if n_out > 1 else np.zeros(1)
+    i0 = np.minimum(np.floor(x).astype(np.int64), n_in - 2)
+    frac = x - i0
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    w[rows, i0] = 1.0 - frac
+    w[rows, i0 + 1] += frac
+    return w.astype(np.float32)
+
+
+def upsample_trilinear(coarse: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinearly upsample a ``(C, a, b, c)`` array to ``(C, *shape)`` with aligned corners.
+
+    Separable: one matrix product per axis with :func:`linear_upsampling_matrix` (BLAS, no torch import).
+    Equals ``torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)`` up to
+    float32 rounding (tested). Returns a C-contiguous float32 array.
+    """
+    x = np.asarray(coarse, dtype=np.float32)
+    n_c, a, b, _ = x.shape
+    if tuple(x.shape[1:]) == tuple(shape):
+        return np.ascontiguousarray(x)
+    w_i, w_j, w_k = (linear_upsampling_matrix(o, n) for o, n in zip(shape, x.shape[1:], strict=True))
+    x = x @ w_k.T  # (C, a, b, K)
+    x = w_j @ x  # (C, a, J, K)
+    x = w_i @ x.reshape(n_c, a, -1)  # (C, I, J*K)
+    return np.ascontiguousarray(x.reshape(n_c, *shape), dtype=np.float32)
+
+
 def _grid_points(coords: list[np.ndarray]) -> np.ndarray:
     return np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1).reshape(-1, 3)
 
@@ -115,9 +151,10 @@ def tps_interpolate(
     keypoint coordinates normalised per axis to ``[-1, 1]`` (:func:`normalise_voxel_coords`, so the
     metric is anisotropic when the axes differ in length, as published), with ``lam`` added to the kernel
     matrix diagonal. The spline is evaluated on a grid of ``ceil(size / downsample)`` points per axis
-    spanning the same ``[-1, 1]`` extent and upsampled to the full grid with trilinear interpolation,
-    ``torch.nn.functional.interpolate(mode="trilinear", align_corners=True)`` (corner voxels of the coarse
-    and fine grids coincide, matching the normalisation). ``downsample=1`` evaluates every voxel directly.
+    spanning the same ``[-1, 1]`` extent and upsampled to the full grid with trilinear interpolation with
+    aligned corners (:func:`upsample_trilinear`, equal to ``torch.nn.functional.interpolate(mode=
+    "trilinear", align_corners=True)`` as published; corner voxels of the coarse and fine grids coincide,
+    matching the normalisation). ``downsample=1`` evaluates every voxel directly.
 
     Args:
         points_vox: ``(N, 3)`` keypoint positions, continuous 0-based voxel indices, N >= 4, not coplanar.
@@ -154,13 +191,4 @@ def tps_interpolate(
     axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in coarse_shape]
     vals = tps_evaluate(_grid_points(axes), centers, w, a)
     coarse = np.ascontiguousarray(vals.T.reshape((3, *coarse_shape)), dtype=np.float32)
-    if coarse_shape == shape:
-        return coarse
-
-    import torch
-
-    with torch.no_grad():
-        fine = torch.nn.functional.interpolate(
-            torch.from_numpy(coarse)[None], size=shape, mode="trilinear", align_corners=True
-        )[0]
-    return np.ascontiguousarray(fine.numpy(), dtype=np.float32)
+    return upsample_trilinear(coarse, shape)
