@@ -143,7 +143,22 @@ def read_subjects_csv(path: str | Path) -> list[dict]:
 
 
 def normalise_subjects(subjects, seed: int) -> list[dict]:
-    """One entry per subject: ``{"index", "subject_id", "kind": synthetic|file|folder, "seed"|"spec"|"path"}``."""
+    """The subjects of a batch as JSON-serialisable entries (recorded in ``dataset.json``).
+
+    Args:
+        subjects: a number of synthetic subjects, or a list of real-subject spec dicts (keys ``image``,
+            ``brain_mask``, ``tumour`` [, ``ventricles``, ``tumour_labels``, ``ventricle_labels``,
+            ``subject_id``]) or subject folders in the dataset layout.
+        seed: the batch seed (synthetic subjects' seeds derive from it).
+
+    Returns:
+        One dict per subject: ``index``, ``subject_id`` (``sNNNN`` unless the spec names it), ``kind``
+        (``"synthetic"``, ``"file"`` or ``"folder"``) and ``seed``, ``spec`` or ``path`` respectively.
+
+    Raises:
+        BrainshiftError: no subjects, unknown or missing spec keys, duplicate ids.
+        InputFileError: a subject folder without ``subject.json``.
+    """
     if isinstance(subjects, (int, np.integer)) and not isinstance(subjects, bool):
         if subjects < 1:
             raise BrainshiftError(f"expected at least 1 subject, got {subjects}")
