@@ -105,3 +105,18 @@ def test_cuda_without_gpu_is_an_error(monkeypatch):
     with pytest.raises(BrainshiftError, match="CUDA"):
         setup_distributed("cuda")
     assert setup_distributed("cpu").device.type == "cpu"
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("train_*.yaml"))
+    assert {f.name for f in files} >= {"train_published.yaml", "train_fast.yaml", "train_smoke.yaml"}
+    for f in files:
+        c = load_config(f)
+        n = network_config(c)
+        if c.size is not None:
+            assert all(s % n.size_multiple == 0 for s in c.size), f.name
+    pub = load_config(root / "train_published.yaml")
+    assert network_config(pub) == network_config(TrainConfig()) and pub.lr == 5e-4 and pub.epochs == 200
