@@ -23,6 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +76,18 @@ def main() -> None:
         make_dataset(Path(tmp))
         for name in args.presets.split(","):
             net = get_preset(name)
-            t_prep, case = timed(lambda net=net: prepare_case(tmp, "s0_c0", net), args.repeats)
+            t_prep, case = timed(partial(prepare_case, tmp, "s0_c0", net), args.repeats)
             rng = np.random.default_rng(0)
-            t_lin, var = timed(lambda net=net, case=case: draw_variant(case, rng, net, interp="linear"), args.repeats)
-            t_tps, _ = timed(lambda net=net, case=case: draw_variant(case, rng, net, interp="tps"), args.repeats)
-            aug = intensity_augmentation()
-            t_asm, sample = timed(lambda case=case, var=var: assemble_sample(case, var, None, aug, rng), args.repeats)
+            t_lin, var = timed(partial(draw_variant, case, rng, net, interp="linear"), args.repeats)
+            t_tps, _ = timed(partial(draw_variant, case, rng, net, interp="tps"), args.repeats)
+            t_asm, sample = timed(partial(assemble_sample, case, var, None, intensity_augmentation(), rng),
+                                  args.repeats)
             batch = {k: v[None] for k, v in sample.items()}
             model = build_network(net)
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            train_step(model, batch, opt, cfg, net.field_units, torch.device("cpu"))  # warm-up
-            t_step, _ = timed(lambda model=model, opt=opt, batch=batch, net=net: train_step(
-                model, batch, opt, cfg, net.field_units, torch.device("cpu")), args.repeats)
+            step = partial(train_step, model, batch, opt, cfg, net.field_units, torch.device("cpu"))
+            step()  # warm-up
+            t_step, _ = timed(step, args.repeats)
             fresh = (t_lin + t_tps) / 2
             rows.append((name, "x".join(map(str, sample["input"].shape[1:])), t_prep, t_lin, t_tps, t_asm, t_step,
                          1 / (t_step + t_asm), 1 / (t_step + t_asm + fresh)))

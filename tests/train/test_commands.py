@@ -46,3 +46,30 @@ def test_train_command_errors_are_one_line(tiny_dataset, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "CUDA" in res.output
     res = runner.invoke(app, ["train", "--config", str(cfg), "--device", "cpu"])
     assert res.exit_code == 2 and "dataset folder" in res.output
+
+
+def test_trained_weights_work_with_infer_refine(tiny_dataset, tmp_path):
+    # done-when of issue 5: `brainshift infer --refine -w <weights>` with a file written by `brainshift train`
+    import json
+
+    import numpy as np
+
+    cfg = _write_config(tmp_path / "c.yaml")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(out),
+                              "--device", "cpu", "--max-steps", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    rng = np.random.default_rng(0)
+    pts = rng.uniform([4, 4, 4], [11, 15, 11], size=(8, 3))
+    kp = tmp_path / "kp.csv"
+    kp.write_text("x,y,z,dx,dy,dz\n" + "".join(",".join(f"{v:.4f}" for v in (*p, 0.5, -0.3, 0.2)) + "\n"
+                                              for p in pts))
+    image = tiny_dataset / "subjects" / "sub00" / "t1.nii.gz"
+    res = runner.invoke(app, ["infer", "-p", str(image), "-k", str(kp), "-m", "linear", "--refine", "-w",
+                              str(out / "best.safetensors"), "-o", str(tmp_path / "inf"), "-f", "npz", "-d", "cpu",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "inf" / "summary.json").read_text())
+    assert summary["refined"] is True
+    with np.load(tmp_path / "inf" / "corrected_disp_field.npz") as z:
+        assert np.isfinite(z[z.files[0]]).all()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -78,7 +79,9 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
+        # long timeout: ranks > 0 wait at a barrier while rank 0 validates and writes checkpoints
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank,
+                                timeout=timedelta(hours=2))
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
 
 
