@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from brainshift.cli import app
 from brainshift.simulate import batch as batch_mod
-from brainshift.simulate.batch import BatchReport, case_seed, subject_seed
-from brainshift.simulate.commands import read_config_file, save_displacement_png
+from brainshift.simulate.batch import BatchReport, case_seed, read_config_file, subject_seed
 from brainshift.simulate.dataset import list_cases, read_case, read_subject
+from brainshift.simulate.preview import save_displacement_png
 
 from ._subject_files import phantom_subject, write_phantom_files
 

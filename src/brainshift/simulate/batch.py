@@ -446,3 +446,56 @@ def finish_dataset(out: Path, record: dict, *, simulated: int, failed: int) -> N
                         "cases_failed_last_run": failed, "cases_simulated_last_run": simulated}
     record["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     _write_dataset_json(Path(out) / DATASET_JSON, record)
+
+
+def read_config_file(path: Path | None, *, resolution: float | None = None, material: str | None = None):
+    """Simulation and synthesis configs from a YAML / JSON file, with command-line overrides.
+
+    The file holds either the :class:`~brainshift.simulate.case.SimulationConfig` fields at the top level, or
+    sections ``simulation:`` and ``synthesis:`` (the latter :class:`~brainshift.simulate.subject.SynthesisConfig`
+    fields). ``resolution`` and ``material`` override the file when given.
+
+    Returns:
+        ``(SimulationConfig, SynthesisConfig)``.
+
+    Raises:
+        InputFileError: missing or unparsable file, or not a mapping.
+        BrainshiftError: unknown or invalid configuration values.
+    """
+    from brainshift.errors import InputFileError
+    from brainshift.simulate.case import SimulationConfig
+    from brainshift.simulate.subject import SynthesisConfig
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputFileError(f"expected a config file (YAML or JSON), got {str(p)!r} (not found)")
+        text = p.read_text()
+        try:
+            if p.suffix.lower() == ".json":
+                import json
+
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except ValueError as exc:
+            raise InputFileError(f"expected a valid JSON config in {p}, got: {exc}") from None
+        except Exception as exc:  # yaml.YAMLError
+            raise InputFileError(f"expected a valid YAML config in {p}, got: {exc}") from None
+        if not isinstance(data, dict):
+            raise InputFileError(f"expected a mapping of config keys in {p}, got {type(data).__name__}")
+    if set(data) & {"simulation", "synthesis"}:
+        unknown = set(data) - {"simulation", "synthesis"}
+        if unknown:
+            raise InputFileError(f"expected only the sections simulation and synthesis, got also {sorted(unknown)}")
+        sim, synth = dict(data.get("simulation") or {}), dict(data.get("synthesis") or {})
+    else:
+        sim, synth = dict(data), {}
+    if resolution is not None:
+        sim["resolution_mm"] = float(resolution)
+    if material is not None:
+        sim["material"] = material
+    return SimulationConfig.from_dict(sim), SynthesisConfig.from_dict(synth)

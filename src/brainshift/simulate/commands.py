@@ -1,7 +1,8 @@
 """The ``brainshift simulate`` and ``brainshift simulate-batch`` commands.
 
 Top-level imports are light (typer, pathlib); numpy, matplotlib and the simulator are imported inside the
-commands.
+commands. The library functions they call: :func:`brainshift.simulate.batch.simulate_batch`,
+:func:`~brainshift.simulate.batch.read_config_file`, :func:`brainshift.simulate.preview.save_displacement_png`.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ def simulate_command(
     from brainshift.simulate import batch
     from brainshift.simulate.case import draw_case_parameters, simulate_case
     from brainshift.simulate.dataset import write_case, write_subject
+    from brainshift.simulate.preview import save_displacement_png
 
     real = [image, brain_mask, tumour]
     if demo == any(p is not None for p in real) or (not demo and any(p is None for p in real)):
         raise BrainshiftError("expected either --demo or all of --image, --brain-mask and --tumour, got "
                               + ("both" if demo else "an incomplete real input"))
-    sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
+    sim_cfg, synth_cfg = batch.read_config_file(config, resolution=resolution, material=material)
     if demo:
         entries = batch.normalise_subjects(1, seed)
     else:
@@ -121,7 +123,7 @@ def simulate_batch_command(
     Exit code 1 if any case failed (see OUT/failures.log), 2 for bad input.
     """
     from brainshift.errors import BrainshiftError
-    from brainshift.simulate.batch import read_subjects_csv, simulate_batch
+    from brainshift.simulate.batch import read_config_file, read_subjects_csv, simulate_batch
 
     sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
     if subjects.strip().isdigit():
@@ -136,115 +138,6 @@ def simulate_batch_command(
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(code=1)
-
-
-def read_config_file(path: Path | None, *, resolution: float | None = None, material: str | None = None):
-    """Simulation and synthesis configs from a YAML / JSON file, with command-line overrides.
-
-    The file holds either the :class:`~brainshift.simulate.case.SimulationConfig` fields at the top level, or
-    sections ``simulation:`` and ``synthesis:`` (the latter :class:`~brainshift.simulate.subject.SynthesisConfig`
-    fields). ``resolution`` and ``material`` override the file when given.
-
-    Returns:
-        ``(SimulationConfig, SynthesisConfig)``.
-
-    Raises:
-        InputFileError: missing or unparsable file, or not a mapping.
-        BrainshiftError: unknown or invalid configuration values.
-    """
-    from brainshift.errors import InputFileError
-    from brainshift.simulate.case import SimulationConfig
-    from brainshift.simulate.subject import SynthesisConfig
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise InputFileError(f"expected a config file (YAML or JSON), got {str(p)!r} (not found)")
-        text = p.read_text()
-        try:
-            if p.suffix.lower() == ".json":
-                import json
-
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-        except ValueError as exc:
-            raise InputFileError(f"expected a valid JSON config in {p}, got: {exc}") from None
-        except Exception as exc:  # yaml.YAMLError
-            raise InputFileError(f"expected a valid YAML config in {p}, got: {exc}") from None
-        if not isinstance(data, dict):
-            raise InputFileError(f"expected a mapping of config keys in {p}, got {type(data).__name__}")
-    if set(data) & {"simulation", "synthesis"}:
-        unknown = set(data) - {"simulation", "synthesis"}
-        if unknown:
-            raise InputFileError(f"expected only the sections simulation and synthesis, got also {sorted(unknown)}")
-        sim, synth = dict(data.get("simulation") or {}), dict(data.get("synthesis") or {})
-    else:
-        sim, synth = dict(data), {}
-    if resolution is not None:
-        sim["resolution_mm"] = float(resolution)
-    if material is not None:
-        sim["material"] = material
-    return SimulationConfig.from_dict(sim), SynthesisConfig.from_dict(synth)
-
-
-def save_displacement_png(image, field_vox, path: Path, *, cavity=None, brain=None, title: str | None = None) -> Path:
-    """Three orthogonal slices of ``image`` through the largest displacement, magnitude (mm) overlaid.
-
-    Args:
-        image: the preop :class:`~brainshift.volume.Volume`.
-        field_vox: ``(3, I, J, K)`` displacement on its grid. Convention: forward Lagrangian, voxel units.
-        path: PNG to write (atomically; matplotlib Agg).
-        cavity: optional resection cavity (label Volume), outlined in cyan and left out of the maximum.
-        brain: optional brain mask (label Volume) to restrict the search for the maximum.
-        title: figure title (max and median magnitude are appended).
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from brainshift.field import displacement_magnitude_mm
-    from brainshift.io.atomic import atomic_output
-
-    mag = displacement_magnitude_mm(field_vox, image.affine)
-    region = mag > 0 if brain is None else np.asarray(brain.data) > 0
-    cav = np.zeros(mag.shape, dtype=bool) if cavity is None else np.asarray(cavity.data) > 0
-    search = np.where(region & ~cav, mag, -1.0)
-    peak = np.unravel_index(int(np.argmax(search)), mag.shape)
-    vals = mag[region & ~cav] if (region & ~cav).any() else np.zeros(1)
-    vmax = max(float(vals.max()), 1e-6)
-    img = np.asarray(image.data, dtype=np.float32)
-    sp = image.spacing
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
-    views = [(f"i = {peak[0]} (sagittal for RAS-aligned images)", np.s_[peak[0], :, :], (sp[1], sp[2])),
-             (f"j = {peak[1]} (coronal)", np.s_[:, peak[1], :], (sp[0], sp[2])),
-             (f"k = {peak[2]} (axial)", np.s_[:, :, peak[2]], (sp[0], sp[1]))]
-    im = None
-    for ax, (name, sl, (sx, sy)) in zip(axes, views, strict=True):
-        aspect = sy / sx
-        ax.imshow(img[sl].T, origin="lower", cmap="gray", aspect=aspect)
-        overlay = np.ma.masked_where(mag[sl] <= 0.05 * vmax, mag[sl])
-        im = ax.imshow(overlay.T, origin="lower", cmap="inferno", alpha=0.6, vmin=0, vmax=vmax, aspect=aspect)
-        if cav[sl].any():
-            ax.contour(cav[sl].T.astype(float), [0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(name)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=axes, shrink=0.8, label="displacement magnitude (mm)")
-    head = f"{title}: " if title else ""
-    fig.suptitle(f"{head}max {vmax:.2f} mm, median {float(np.median(vals)):.2f} mm (cavity outlined)")
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 def _labels(text: str, option: str) -> list[int]:
