@@ -45,7 +45,9 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
 
 
 def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Run ``model`` on a prepared input without gradients.
+    """Run ``model`` on a prepared input without gradients (``torch.inference_mode``).
+
+    The model is moved to ``device`` and put in eval mode in place.
 
     Returns:
         ``(1, 3, I', J', K')`` float32 CPU tensor on the padded network grid, ``config.field_units``.
