@@ -76,15 +76,46 @@ def test_field_unit_matrix_goes_through_world_mm():
     np.testing.assert_allclose(m_vox @ [0, 1, 0], [0, 0.6, 0], atol=1e-12)
 
 
-def test_resample_channels_matches_nibabel_in_interior():
-    aff = _oblique_affine((1.0, 1.2, 0.9))
-    img = np.random.default_rng(3).standard_normal((14, 12, 16)).astype(np.float32)
-    vol = Volume(img, aff)
-    shape, net_aff = network_grid(vol.shape, aff, FAST)
-    ours = resample_channels(torch.from_numpy(img)[None], aff, shape, net_aff)[0].numpy()
-    ref = vol.resample_to_grid(shape, net_aff).data  # nibabel / scipy map_coordinates, order 1
-    inner = (slice(1, -1),) * 3  # the border half-voxel differs by design (border vs constant padding)
+@pytest.mark.parametrize("angle", [0.3, 0.0], ids=["oblique-grid_sample", "aligned-interpolate"])
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_resample_channels_matches_nibabel_in_interior(angle, direction):
+    # angle 0: the network grid is a corner-aligned scaling of the input grid -> the F.interpolate fast path;
+    # oblique input: the same map is still axis-aligned (the network grid keeps the orientation) -> also fast;
+    # the 'up' direction with a shifted target exercises both paths against scipy.
+    aff = _oblique_affine((1.0, 1.2, 0.9), angle=angle)
+    shape, net_aff = network_grid((14, 12, 16), aff, FAST)
+    src_shape, src_aff, dst_shape, dst_aff = (14, 12, 16), aff, shape, net_aff
+    if direction == "up":
+        src_shape, src_aff, dst_shape, dst_aff = shape, net_aff, (14, 12, 16), aff.copy()
+        dst_aff[:3, 3] += 0.37 * aff[:3, 0]  # not corner-aligned: the grid_sample path
+    img = np.random.default_rng(3).standard_normal(src_shape).astype(np.float32)
+    vol = Volume(img, src_aff)
+    ours = resample_channels(torch.from_numpy(img)[None], src_aff, dst_shape, dst_aff)[0].numpy()
+    ref = vol.resample_to_grid(dst_shape, dst_aff).data  # nibabel / scipy map_coordinates, order 1
+    inner = (slice(2, -2),) * 3  # near the border the padding differs by design (border vs constant 0)
     np.testing.assert_allclose(ours[inner], ref[inner], atol=1e-4)
+
+
+def test_resample_fast_path_equals_grid_sample_path():
+    from brainshift.model.grid import _resample_interpolate
+
+    aff = np.diag([1.0, 1.2, 0.7, 1.0])
+    for shape in [(13, 19, 7), (160 // 8, 192 // 8, 144 // 8)]:
+        net_shape, net_aff = network_grid(shape, aff, FAST)
+        x = torch.randn(2, *net_shape, generator=torch.Generator().manual_seed(0))
+        m = np.linalg.inv(net_aff) @ aff
+        fast = _resample_interpolate(x, m, shape)
+        assert fast is not None and fast.shape == (2, *shape)
+        assert torch.equal(resample_channels(x, net_aff, shape, aff), fast)  # the public function takes it
+        # reference: trilinear grid_sample on voxel coordinates (the general path), via warp's helper
+        from brainshift.model.warp import voxel_to_grid_sample
+
+        q = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij"))
+        coords = torch.einsum("ab,b...->a...", torch.from_numpy(m[:3, :3]), q) + torch.from_numpy(m[:3, 3])[
+            :, None, None, None]
+        grid = voxel_to_grid_sample(coords[None].float(), net_shape)
+        gs = torch.nn.functional.grid_sample(x[None], grid, padding_mode="border", align_corners=True)[0]
+        assert torch.allclose(fast, gs, atol=1e-5)
 
 
 def test_to_network_grid_normalises_masks_and_pads():

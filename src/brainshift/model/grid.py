@@ -149,6 +149,10 @@ def resample_channels(data: torch.Tensor, src_affine, dst_shape, dst_affine,
         raise GeometryError(f"expected a (C, I, J, K) tensor to resample, got {tuple(data.shape)}")
     m = np.linalg.inv(check_affine(src_affine)) @ check_affine(dst_affine)
     dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    if mode == "bilinear" and np.abs(m[:3, :3] - np.diag(np.diag(m[:3, :3]))).max() < 1e-9:
+        fast = _resample_interpolate(data.to(dtype), m, dst_shape)
+        if fast is not None:
+            return fast
     axes = [torch.arange(int(s), dtype=dtype, device=data.device) for s in dst_shape]
     shapes = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
     coords = []
@@ -158,6 +162,30 @@ def resample_channels(data: torch.Tensor, src_affine, dst_shape, dst_affine,
     grid = voxel_to_grid_sample(torch.stack(coords)[None], data.shape[1:])
     out = F.grid_sample(data[None].to(dtype), grid, mode=mode, padding_mode="border", align_corners=True)
     return out[0]
+
+
+def _resample_interpolate(data: torch.Tensor, m: np.ndarray, dst_shape) -> torch.Tensor | None:
+    """Fast path of :func:`resample_channels` for a corner-aligned axis scaling, else None.
+
+    When ``m`` maps destination voxel ``q`` to source ``r (q + 0.5) - 0.5`` per axis (grids sharing their
+    field-of-view corner, as :func:`network_grid` builds them), this is ``F.interpolate`` (trilinear,
+    align_corners=False, the given scale) with its coordinate clamping = border padding. The source is
+    replicate-padded at the end so the output covers ``dst_shape``, then cropped. Same values as the
+    ``grid_sample`` path to float rounding, ~5x less CPU.
+    """
+    r = np.diag(m[:3, :3]).astype(np.float64)
+    if np.any(r <= 0) or not np.allclose(m[:3, 3], 0.5 * r - 0.5, atol=1e-6, rtol=0):
+        return None
+    sf = 1.0 / r
+    need = [max(0, int(np.ceil(d / f)) - int(n) + 1) for d, f, n in zip(dst_shape, sf, data.shape[1:], strict=True)]
+    x = data[None]
+    if any(need):
+        x = F.pad(x, [0, need[2], 0, need[1], 0, need[0]], mode="replicate")
+    y = F.interpolate(x, scale_factor=tuple(float(f) for f in sf), mode="trilinear", align_corners=False,
+                      recompute_scale_factor=False)
+    if any(int(a) < int(d) for a, d in zip(y.shape[2:], dst_shape, strict=True)):
+        return None
+    return y[0, :, : int(dst_shape[0]), : int(dst_shape[1]), : int(dst_shape[2])]
 
 
 def pad_to_multiple(tensor: torch.Tensor, multiple: int, value: float = 0.0) -> tuple[torch.Tensor, Pad]:
