@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -255,20 +255,20 @@ def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.ran
 
 
 @dataclass
-class _Stage:
-    """Everything a solve on one mesh needs."""
+class _Problem:
+    """Everything the equilibrium solves of one case need (node numbering of the preop mesh)."""
 
     mesh: HexMesh
-    mu: np.ndarray
-    lam: np.ndarray
-    weight: np.ndarray  # (n_elements,) carried weight fraction
+    mu: np.ndarray  # (n_elements,) Pa
+    lam: np.ndarray  # (n_elements,) Pa
+    force_density: np.ndarray  # (n_elements, 3) body force per volume, Pa/mm, local frame
     contact_nodes: np.ndarray
     normals: np.ndarray
     fixed_nodes: np.ndarray
-    pattern: object = None
-    k: object = None
-    f: np.ndarray | None = None
-    times: dict = field(default_factory=dict)
+    gravity_local: np.ndarray
+    tumour_elements: np.ndarray  # (n_elements,) bool
+    removed_elements: np.ndarray  # (n_elements,) bool: tumour + pieces it cut off (resection only)
+    removed_nodes: np.ndarray  # node ids that disappear with them
 
 
 def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParameters, *,
@@ -291,7 +291,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         GeometryError: masks off the image grid, empty brain, sheared affine.
         SolverError: under-constrained model, unconverged solve or contact iteration.
     """
-    from brainshift.simulate import fem, loads, materials
+    from brainshift.simulate import loads, materials
     from brainshift.simulate import mesh as meshmod
     from brainshift.simulate.rasterise import rasterise_displacement, rasterise_elements
 
@@ -330,51 +330,26 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
          f"craniotomy, {fixed.size} fixed nodes")
 
     rho_g = materials.weight_density_pa_per_mm()
-    stage1 = _Stage(mesh, mu, lam, weight, contact, normals, fixed)
-    solver_log: list[dict] = []
-    if config.material == "linear":
-        u1, act1 = _linear_equilibrium(stage1, g_loc, rho_g, config, times, solver_log, "gravity", _log)
-    else:
-        from brainshift.simulate.hyperelastic import neo_hookean_equilibrium
-
-        u1, act1 = neo_hookean_equilibrium(stage1, g_loc, rho_g, config, times, solver_log, "gravity", _log)
-
-    final_mesh, u_final = mesh, u1
-    removed = np.zeros(mesh.n_elements, dtype=bool)
-    interface_force = 0.0
     tumour_el = mesh.fractions[:, 1] >= config.tumour_element_fraction
-    if config.resection and tumour_el.any():
-        t0 = time.perf_counter()
-        f_t = fem.body_force_nodal(mesh, np.where(tumour_el[:, None], (rho_g * weight)[:, None] * g_loc, 0.0))
-        if config.material == "linear":
-            k_t_u = fem.element_forces(mesh, u1, lam, mu, tumour_el, config.volumetric_integration)
-        else:
-            from brainshift.simulate.hyperelastic import internal_forces
-
-            k_t_u = internal_forces(mesh, u1, lam, mu, tumour_el)
-        released = k_t_u - f_t  # force the remaining tissue stops receiving from the tumour (= - tumour's action)
-        new_mesh, kept_el, old_nodes = meshmod.remove_elements(mesh, tumour_el)
+    do_resect = bool(config.resection and tumour_el.any())
+    removed = np.zeros(mesh.n_elements, dtype=bool)
+    final_mesh, old_nodes = mesh, np.arange(mesh.n_nodes)
+    if do_resect:
+        final_mesh, kept_el, old_nodes = meshmod.remove_elements(mesh, tumour_el)
         removed = np.ones(mesh.n_elements, dtype=bool)
         removed[kept_el] = False
-        remap = np.full(mesh.n_nodes, -1, dtype=np.int64)
-        remap[old_nodes] = np.arange(old_nodes.size)
-        keep_c = remap[contact] >= 0
-        stage2 = _Stage(new_mesh, mu[kept_el], lam[kept_el], weight[kept_el], remap[contact[keep_c]],
-                        normals[keep_c], remap[fixed[remap[fixed] >= 0]])
-        interface_force = float(np.linalg.norm(released[old_nodes], axis=1).sum()) * 1e-6  # N
-        times["resection_setup_s"] = time.perf_counter() - t0
-        _log(f"resection: removed {int(removed.sum())} elements ({int(tumour_el.sum())} tumour), released "
-             f"{interface_force:.3g} N of interface force")
-        u_init = u1[old_nodes]
-        if config.material == "linear":
-            u_final, _ = _linear_equilibrium(stage2, g_loc, rho_g, config, times, solver_log, "resection", _log,
-                                             u_start=u_init, released=released[old_nodes], active0=act1[keep_c])
-        else:
-            from brainshift.simulate.hyperelastic import neo_hookean_equilibrium
+    problem = _Problem(mesh=mesh, mu=mu, lam=lam, force_density=(rho_g * weight)[:, None] * g_loc[None, :],
+                       contact_nodes=contact, normals=normals, fixed_nodes=fixed, gravity_local=g_loc,
+                       tumour_elements=tumour_el, removed_elements=removed, removed_nodes=np.setdiff1d(
+                           np.arange(mesh.n_nodes), old_nodes))
+    solver_log: list[dict] = []
+    if config.material == "linear":
+        u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress)
+    else:
+        from brainshift.simulate.hyperelastic import neo_hookean_case
 
-            u_final, _ = neo_hookean_equilibrium(stage2, g_loc, rho_g, config, times, solver_log, "resection", _log,
-                                                 u_start=u_init, released=released[old_nodes], active0=act1[keep_c])
-        final_mesh = new_mesh
+        u_full, interface_force = neo_hookean_case(problem, config, do_resect, times, solver_log, _log, progress)
+    u_final = u_full[old_nodes]
 
     t0 = time.perf_counter()
     region = _brain_region(subject)
@@ -415,36 +390,70 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
                             meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras)
 
 
-def _linear_equilibrium(stage: _Stage, g_loc, rho_g, config: SimulationConfig, times: dict, log: list, name: str,
-                        _log, *, u_start=None, released=None, active0=None):
-    """Linear-elastic equilibrium on one mesh with contact; ``released`` forces superposed on ``u_start``."""
+def _solve_log(name: str, res, seconds: float) -> dict:
+    return {"stage": name, "contact_iterations": res.iterations, "amg_setups": res.amg_setups,
+            "cg_iterations": [x.iterations for x in res.solves], "residuals": [x.residual for x in res.solves],
+            "solve_times_s": [x.solve_s for x in res.solves], "active_set_changes": res.changes,
+            "n_active": int(res.active.sum()), "n_contact": int(res.active.size),
+            "max_outward_mm": res.max_outward_mm, "seconds": seconds}
+
+
+def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,
+                 progress: bool = False) -> tuple[np.ndarray, float]:
+    """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes."""
     from brainshift.simulate import fem
-    from brainshift.simulate.contact import solve_contact
+    from brainshift.simulate.contact import ContactSolver
 
     t0 = time.perf_counter()
-    m = stage.mesh
+    m = pb.mesh
     pattern = fem.block_pattern(m)
-    k = fem.assemble_stiffness(m, stage.lam, stage.mu, volumetric_integration=config.volumetric_integration,
+    k = fem.assemble_stiffness(m, pb.lam, pb.mu, volumetric_integration=config.volumetric_integration,
                                pattern=pattern)
-    f_ext = fem.body_force_nodal(m, (rho_g * stage.weight)[:, None] * g_loc[None, :])
-    f = f_ext
-    if u_start is not None:
-        # increment K du = released on top of u_start, written for the total u = u_start + du
-        f = (k @ u_start.ravel()).reshape(-1, 3) + released
+    f = fem.body_force_nodal(m, pb.force_density)
     near_null = fem.rigid_body_modes(m.nodes_local_mm)
-    times[f"{name}_assembly_s"] = time.perf_counter() - t0
+    cs = ContactSolver(k, pattern, near_null, pb.contact_nodes, pb.normals, pb.fixed_nodes,
+                       rtol=config.solver_rtol, maxiter=config.solver_maxiter,
+                       max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
+                       force_tol_rel=config.contact_force_tolerance)
+    times["assembly_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = solve_contact(k, f, pattern, near_null, stage.contact_nodes, stage.normals, stage.fixed_nodes,
-                        rtol=config.solver_rtol, maxiter=config.solver_maxiter,
-                        max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
-                        force_tol_rel=config.contact_force_tolerance, x0=u_start, active0=active0,
-                        external=f_ext, progress=False)
-    times[f"{name}_solve_s"] = time.perf_counter() - t0
-    log.append({"stage": name, "contact_iterations": res.iterations, "amg_setups": res.amg_setups,
-                "cg_iterations": [s.iterations for s in res.solves], "residuals": [s.residual for s in res.solves],
-                "solve_times_s": [s.solve_s for s in res.solves], "amg_setup_s": [s.setup_s for s in res.solves],
-                "active_set_changes": res.changes, "n_active": int(res.active.sum()),
-                "max_outward_mm": res.max_outward_mm})
-    _log(f"{name}: {res.iterations} contact iterations, CG {[s.iterations for s in res.solves]}, "
-         f"{int(res.active.sum())}/{res.active.size} in contact, {times[f'{name}_solve_s']:.1f} s")
-    return res.u, res.active
+    res1 = cs.solve(f, progress=progress)
+    times["gravity_solve_s"] = time.perf_counter() - t0
+    log.append(_solve_log("gravity", res1, times["gravity_solve_s"]))
+    _log(f"gravity: {res1.iterations} solves, CG {[x.iterations for x in res1.solves]}, "
+         f"{int(res1.active.sum())}/{res1.active.size} in contact, {times['gravity_solve_s']:.1f} s")
+    if not do_resect:
+        return res1.u, 0.0
+    t0 = time.perf_counter()
+    # forces the tumour elements exert on the rest: -(K_T u1 - f_T); releasing them applies K_T u1 - f_T
+    tum = pb.tumour_elements
+    f_t = fem.body_force_nodal(m, np.where(tum[:, None], pb.force_density, 0.0))
+    released = fem.element_forces(m, res1.u, pb.lam, pb.mu, tum, config.volumetric_integration) - f_t
+    keep_nodes = np.ones(m.n_nodes, dtype=bool)
+    keep_nodes[pb.removed_nodes] = False
+    released[~keep_nodes] = 0.0
+    interface_force_n = float(np.linalg.norm(released, axis=1).sum()) * 1e-6
+    k_removed = fem.assemble_stiffness(m, pb.lam, pb.mu, volumetric_integration=config.volumetric_integration,
+                                       pattern=pattern, which=pb.removed_elements)
+    cs.subtract_stiffness(k_removed)
+    f_rest = fem.body_force_nodal(m, np.where(pb.removed_elements[:, None], 0.0, pb.force_density))
+    # the increment K_R du = released superposed on u1, written for the total u = u1 + du so that the skull
+    # constraint applies to the total displacement
+    u1 = np.where(keep_nodes[:, None], res1.u, 0.0)
+    rhs = _k_minus_removed_times(k, k_removed, u1) + released
+    times["resection_setup_s"] = time.perf_counter() - t0
+    _log(f"resection: removed {int(pb.removed_elements.sum())} elements ({int(tum.sum())} tumour), released "
+         f"{interface_force_n:.3g} N of interface force")
+    t0 = time.perf_counter()
+    res2 = cs.solve(rhs, external=f_rest, x0=u1, active0=res1.active, removed_nodes=pb.removed_nodes,
+                    progress=progress)
+    times["resection_solve_s"] = time.perf_counter() - t0
+    log.append(_solve_log("resection", res2, times["resection_solve_s"]))
+    _log(f"resection: {res2.iterations} solves, CG {[x.iterations for x in res2.solves]}, "
+         f"{int(res2.active.sum())}/{res2.active.size} in contact, {times['resection_solve_s']:.1f} s")
+    return res2.u, interface_force_n
+
+
+def _k_minus_removed_times(k, k_removed, u: np.ndarray) -> np.ndarray:
+    """``(K - K_removed) u`` as ``(n, 3)`` (local frame)."""
+    return ((k @ u.ravel()) - (k_removed @ u.ravel())).reshape(-1, 3)

@@ -15,7 +15,11 @@ Method (exact normal constraints, no penalty):
   (at most ``max_iterations``, else :class:`SolverError`). The skull is a small-displacement obstacle (the gap
   is measured along the reference normal), consistent with linear elasticity.
 - Each iteration reuses the AMG hierarchy of the first one as CG preconditioner (the matrices differ only
-  in a few surface rows), rebuilding it only if CG then needs more than ``3 x + 20`` the first iteration count.
+  in a few surface rows), rebuilding it only if CG then needs more than ``2 x + 20`` the first iteration
+  count. The iterations before the set settles are solved to a loose tolerance (1e-4), the last one to the
+  configured one (1e-8), and the set is checked once more after it.
+- The initial active set is every contact node (measured on the MNI brain: 4 iterations, against 6 when
+  starting from the nodes whose normal points along gravity).
 
 Source: the classical active-set (primal-dual) treatment of Signorini contact (Hueber & Wohlmuth 2005,
 simplified to node-to-rigid-obstacle constraints); frames as in standard skew-support handling in FE codes.
@@ -23,7 +27,6 @@ simplified to node-to-rigid-obstacle constraints); frames as in standard skew-su
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,11 +77,12 @@ class ContactResult:
     Attributes:
         u: ``(n_nodes, 3)`` displacement in the local frame (mm).
         active: ``(n_contact,)`` bool, final active set (in contact with the skull).
-        iterations: active-set iterations.
+        iterations: active-set iterations (solves).
         solves: per-iteration :class:`SolveInfo`.
         max_outward_mm: largest outward normal displacement of a contact node (penetration of the skull).
         reaction_n: ``(n_contact,)`` normal contact reactions (Pa mm^2; negative = compressive).
         amg_setups: how many AMG hierarchies were built.
+        changes: active-set changes after each solve.
     """
 
     u: np.ndarray
@@ -91,16 +95,19 @@ class ContactResult:
     changes: list[int] = field(default_factory=list)
 
 
-def solve_contact(k: sp.bsr_matrix, f: np.ndarray, pattern: BlockPattern, near_null: np.ndarray,
-                  contact_nodes: np.ndarray, normals: np.ndarray, fixed_nodes: np.ndarray, *,
-                  rtol: float = 1e-8, maxiter: int = 500, max_iterations: int = 30, gap_tol_mm: float = 1e-3,
-                  force_tol_rel: float = 1e-3, x0: np.ndarray | None = None, active0: np.ndarray | None = None,
-                  external: np.ndarray | None = None, progress: bool = False) -> ContactResult:
+class ContactSolver:
     """Linear elasticity with fixed nodes and frictionless unilateral skull contact (active set).
+
+    The stiffness is rotated into the contact frames once; the AMG hierarchy is built on the first solve and
+    reused by later active-set iterations and later load cases (e.g. after resection); it is rebuilt when the
+    active set changed by more than ``rebuild_fraction`` of the contact nodes since it was built (a hierarchy
+    built with a node's normal constrained preconditions its release poorly: measured 40+ CG iterations instead
+    of ~20), or when CG with it fails to converge in ``2 x + 20`` the iterations of the solve it was built for.
+    Active-set iterations first solve to ``loose_rtol`` (1e-4) until the set is stable, then once more to
+    ``rtol`` (the final answer, whose active set is checked again).
 
     Args:
         k: ``(3n, 3n)`` BSR stiffness (local frame, Pa mm).
-        f: ``(n, 3)`` nodal loads (Pa mm^2).
         pattern: the mesh's :class:`~brainshift.simulate.fem.BlockPattern`.
         near_null: ``(3n, 6)`` rigid-body modes in the local frame.
         contact_nodes: ``(m,)`` node ids in skull contact.
@@ -111,85 +118,133 @@ def solve_contact(k: sp.bsr_matrix, f: np.ndarray, pattern: BlockPattern, near_n
         gap_tol_mm: an inactive node moving outward by more than this is activated.
         force_tol_rel: an active node is released if its normal reaction is tensile by more than this times
             the largest nodal load.
-        x0: initial guess ``(n, 3)`` in the local frame.
-        active0: initial active set ``(m,)`` (all active if None).
-        external: ``(n, 3)`` the applied external loads, if ``f`` is not them (an incremental right-hand side):
-            reactions are ``K u - external``.
-        progress: print one line per iteration.
-
-    Returns:
-        :class:`ContactResult`.
-
-    Raises:
-        SolverError: under-constrained model, unconverged CG, or an active set still changing after
-            ``max_iterations``.
+        loose_rtol: CG tolerance of the active-set iterations before the final one.
+        rebuild_fraction: active-set change (fraction of the contact nodes) that triggers an AMG rebuild.
     """
-    n = f.shape[0]
-    contact_nodes = np.asarray(contact_nodes, dtype=np.int64)
-    fixed_nodes = np.asarray(fixed_nodes, dtype=np.int64)
-    frames = node_frames(n, contact_nodes, normals) if contact_nodes.size else np.tile(np.eye(3), (n, 1, 1))
-    touched = np.zeros(n, dtype=bool)
-    touched[contact_nodes] = True
-    kr = rotate_matrix(k, frames, pattern.rows, touched) if contact_nodes.size else k
-    fr = to_frames(f, frames)
-    er = fr if external is None else to_frames(np.asarray(external, dtype=np.float64), frames)
-    br = np.einsum("nji,njk->nik", frames, near_null.reshape(n, 3, 6)).reshape(3 * n, 6)
-    force_tol = force_tol_rel * max(float(np.abs(f if external is None else external).max()), 1e-300)
-    active = np.ones(contact_nodes.size, dtype=bool) if active0 is None else np.asarray(active0, bool).copy()
-    x = None if x0 is None else to_frames(np.asarray(x0, dtype=np.float64), frames).ravel()
-    solver: AMGSolver | None = None
-    first_its = None
-    result = ContactResult(u=np.zeros((n, 3)), active=active, iterations=0)
-    for it in range(1, max_iterations + 1):
-        free = np.ones((n, 3), dtype=bool)
-        free[fixed_nodes] = False
-        free[contact_nodes[active], 2] = False
-        check_rigid_modes_removed(br, free)
-        kc = apply_constraints(kr, free, pattern.diag_pos, pattern.rows)
-        rhs = np.where(free, fr, 0.0).ravel()
-        b = br * free.reshape(-1, 1)
-        info = None
-        if solver is not None:
-            solver.maxiter = 3 * first_its + 20
+
+    def __init__(self, k: sp.bsr_matrix, pattern: BlockPattern, near_null: np.ndarray, contact_nodes: np.ndarray,
+                 normals: np.ndarray, fixed_nodes: np.ndarray, *, rtol: float = 1e-8, maxiter: int = 500,
+                 max_iterations: int = 30, gap_tol_mm: float = 1e-3, force_tol_rel: float = 1e-3,
+                 loose_rtol: float = 1e-4, rebuild_fraction: float = 0.01) -> None:
+        n = k.shape[0] // 3
+        self.n = n
+        self.pattern = pattern
+        self.contact_nodes = np.asarray(contact_nodes, dtype=np.int64)
+        self.fixed_nodes = np.asarray(fixed_nodes, dtype=np.int64)
+        self.frames = (node_frames(n, self.contact_nodes, normals) if self.contact_nodes.size
+                       else np.tile(np.eye(3), (n, 1, 1)))
+        self.touched = np.zeros(n, dtype=bool)
+        self.touched[self.contact_nodes] = True
+        self.kr = rotate_matrix(k, self.frames, pattern.rows, self.touched) if self.contact_nodes.size else k
+        self.diag = np.einsum("bii->bi", self.kr.data[pattern.diag_pos]).copy()
+        self.br = np.einsum("nji,njk->nik", self.frames, near_null.reshape(n, 3, 6)).reshape(3 * n, 6)
+        self.rtol, self.maxiter, self.max_iterations = float(rtol), int(maxiter), int(max_iterations)
+        self.loose_rtol = max(float(loose_rtol), self.rtol)
+        self.gap_tol_mm, self.force_tol_rel = float(gap_tol_mm), float(force_tol_rel)
+        self.amg: AMGSolver | None = None
+        self.amg_its = 0
+        self.amg_setups = 0
+        self.rebuild_fraction = float(rebuild_fraction)
+        self._amg_free: np.ndarray | None = None  # constraint pattern the hierarchy was built with
+
+    def subtract_stiffness(self, k_removed: sp.bsr_matrix) -> None:
+        """Remove elements' stiffness (assembled on the same pattern) from the system, keeping the AMG."""
+        kr = rotate_matrix(k_removed, self.frames, self.pattern.rows, self.touched)
+        self.kr = sp.bsr_matrix((self.kr.data - kr.data, self.kr.indices, self.kr.indptr), shape=self.kr.shape)
+
+    def _solve_once(self, kc: sp.bsr_matrix, rhs: np.ndarray, b: np.ndarray, x0, rtol: float, free: np.ndarray
+                    ) -> tuple:
+        if self.amg is not None and self._amg_free is not None:
+            changed = int((self._amg_free != free).any(axis=1).sum())
+            if changed > self.rebuild_fraction * max(self.contact_nodes.size, 1):
+                self.amg = None
+        if self.amg is not None:
             try:
-                xs, info = solver.solve(rhs, x0=x, a=kc)
+                return self.amg.solve(rhs, x0=x0, a=kc, rtol=rtol, maxiter=2 * self.amg_its + 20)
             except SolverError:
-                solver = None
-        if solver is None or info is None:
-            solver = AMGSolver(kc, b, rtol=rtol, maxiter=maxiter)
-            result.amg_setups += 1
-            xs, info = solver.solve(rhs, x0=x)
-            first_its = max(info.iterations, 1)
-            solver.maxiter = maxiter
-        x = xs
-        us = xs.reshape(n, 3)
-        reac = (kr @ xs).reshape(n, 3) - er
-        result.solves.append(info)
-        un = us[contact_nodes, 2]
-        rn = reac[contact_nodes, 2]
-        release = active & (rn > force_tol)
-        activate = ~active & (un > gap_tol_mm)
-        n_changes = int(release.sum() + activate.sum())
-        result.changes.append(n_changes)
-        if progress:
-            print(f"  contact iteration {it}: {int(active.sum())} active, released {int(release.sum())}, "
-                  f"activated {int(activate.sum())}, CG {info.iterations} its, {info.solve_s:.2f} s")
-        result.iterations = it
-        if n_changes == 0:
-            break
-        active = (active & ~release) | activate
-    else:
-        raise SolverError(f"expected the skull-contact active set to settle within {max_iterations} iterations, "
-                          f"got {result.changes[-1]} changes in the last one")
-    result.u = from_frames(us, frames)
-    result.active = active
-    result.reaction_n = rn
-    result.max_outward_mm = float(un.max()) if un.size else 0.0
-    return result
+                self.amg = None
+        self.amg = AMGSolver(kc, b, rtol=rtol, maxiter=self.maxiter)
+        self._amg_free = free.copy()
+        self.amg_setups += 1
+        x, info = self.amg.solve(rhs, x0=x0, rtol=rtol)
+        self.amg_its = max(info.iterations, 1)
+        return x, info
+
+    def solve(self, f: np.ndarray, *, external: np.ndarray | None = None, x0: np.ndarray | None = None,
+              active0: np.ndarray | None = None, removed_nodes: np.ndarray | None = None,
+              progress: bool = False) -> ContactResult:
+        """Solve ``K u = f + contact and support reactions`` under the unilateral skull constraint.
+
+        Args:
+            f: ``(n, 3)`` right-hand side (local frame, Pa mm^2).
+            external: ``(n, 3)`` the applied external loads if ``f`` is an incremental right-hand side (the
+                reactions are ``K u - external``); default ``f``.
+            x0: initial guess ``(n, 3)`` (local frame).
+            active0: initial active set ``(m,)``; all active if None.
+            removed_nodes: node ids that no longer exist (all DOFs pinned to 0, out of the contact set).
+            progress: print one line per iteration.
+
+        Raises:
+            SolverError: under-constrained model, unconverged CG, or an active set still changing after
+                ``max_iterations``.
+        """
+        n, cn = self.n, self.contact_nodes
+        fr = to_frames(np.asarray(f, dtype=np.float64), self.frames)
+        er = fr if external is None else to_frames(np.asarray(external, dtype=np.float64), self.frames)
+        force_tol = self.force_tol_rel * max(float(np.abs(f if external is None else external).max()), 1e-300)
+        live = np.ones(cn.size, dtype=bool)
+        base_free = np.ones((n, 3), dtype=bool)
+        base_free[self.fixed_nodes] = False
+        if removed_nodes is not None and len(removed_nodes):
+            base_free[np.asarray(removed_nodes, dtype=np.int64)] = False
+            live = base_free[cn, 0]
+        active = np.ones(cn.size, dtype=bool) if active0 is None else np.asarray(active0, dtype=bool).copy()
+        active &= live
+        x = None if x0 is None else to_frames(np.asarray(x0, dtype=np.float64), self.frames).ravel()
+        setups0 = self.amg_setups
+        result = ContactResult(u=np.zeros((n, 3)), active=active, iterations=0)
+        rtol = self.loose_rtol
+        un = rn = np.zeros(0)
+        for it in range(1, self.max_iterations + 1):
+            free = base_free.copy()
+            free[cn[active], 2] = False
+            check_rigid_modes_removed(self.br, free)
+            kc = apply_constraints(self.kr, free, self.pattern.diag_pos, self.pattern.rows, diag=self.diag)
+            rhs = np.where(free, fr, 0.0).ravel()
+            x, info = self._solve_once(kc, rhs, self.br * free.reshape(-1, 1), x, rtol, free)
+            us = x.reshape(n, 3)
+            reac = (self.kr @ x).reshape(n, 3) - er
+            result.solves.append(info)
+            un, rn = us[cn, 2], reac[cn, 2]
+            release = active & (rn > force_tol)
+            activate = live & ~active & (un > self.gap_tol_mm)
+            n_changes = int(release.sum() + activate.sum())
+            result.changes.append(n_changes)
+            result.iterations = it
+            if progress:
+                print(f"  contact iteration {it}: {int(active.sum())} active, released {int(release.sum())}, "
+                      f"activated {int(activate.sum())}, CG {info.iterations} its (rtol {rtol:g}), "
+                      f"{info.solve_s:.2f} s")
+            if n_changes == 0:
+                if rtol <= self.rtol:
+                    break
+                rtol = self.rtol
+                continue
+            active = (active & ~release) | activate
+        else:
+            raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "
+                              f"iterations, got {result.changes[-1]} changes in the last one")
+        result.u = from_frames(us, self.frames)
+        result.active = active
+        result.reaction_n = rn
+        result.max_outward_mm = float(un[live].max()) if live.any() else 0.0
+        result.amg_setups = self.amg_setups - setups0
+        return result
 
 
-def timed(fn, *args, **kwargs):
-    """``(result, seconds)`` of a call."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+def solve_contact(k: sp.bsr_matrix, f: np.ndarray, pattern: BlockPattern, near_null: np.ndarray,
+                  contact_nodes: np.ndarray, normals: np.ndarray, fixed_nodes: np.ndarray, *,
+                  x0: np.ndarray | None = None, active0: np.ndarray | None = None, **settings) -> ContactResult:
+    """One-shot :class:`ContactSolver` solve (``settings`` are its keyword arguments)."""
+    return ContactSolver(k, pattern, near_null, contact_nodes, normals, fixed_nodes, **settings).solve(
+        f, x0=x0, active0=active0)

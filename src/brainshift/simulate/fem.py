@@ -134,7 +134,7 @@ def block_pattern(mesh: HexMesh) -> BlockPattern:
 
 
 def assemble_stiffness(mesh: HexMesh, lam_pa: np.ndarray, mu_pa: np.ndarray, *, volumetric_integration: str = "full",
-                       pattern: BlockPattern | None = None) -> sp.bsr_matrix:
+                       pattern: BlockPattern | None = None, which: np.ndarray | None = None) -> sp.bsr_matrix:
     """Global stiffness ``(3 n_nodes, 3 n_nodes)`` BSR (3x3 blocks) in Pa mm, local frame.
 
     Args:
@@ -142,15 +142,18 @@ def assemble_stiffness(mesh: HexMesh, lam_pa: np.ndarray, mu_pa: np.ndarray, *, 
         lam_pa, mu_pa: ``(n_elements,)`` Lame parameters in Pa.
         volumetric_integration: ``"full"`` or ``"reduced"`` (see :func:`unit_cube_stiffness`).
         pattern: a precomputed :func:`block_pattern` of the mesh (computed if None).
+        which: optional ``(n_elements,)`` bool: assemble only these elements (on the full pattern).
     """
     k_lam, k_mu = unit_cube_stiffness(volumetric_integration)
     h = mesh.element_size_mm
-    lam = np.asarray(lam_pa, dtype=np.float64) * h
-    mu = np.asarray(mu_pa, dtype=np.float64) * h
+    sel = np.ones(mesh.n_elements, dtype=bool) if which is None else np.asarray(which, dtype=bool)
+    lam = np.asarray(lam_pa, dtype=np.float64)[sel] * h
+    mu = np.asarray(mu_pa, dtype=np.float64)[sel] * h
+    elements = mesh.elements[sel]
     pat = pattern if pattern is not None else block_pattern(mesh)
     acc = np.zeros((mesh.n_nodes, 27, 3, 3))
     for p in range(8):
-        rows = mesh.elements[:, p]
+        rows = elements[:, p]
         for q in range(8):
             s = int(_slot(HEX_OFFSETS[q] - HEX_OFFSETS[p]))
             kl = k_lam[3 * p:3 * p + 3, 3 * q:3 * q + 3]
@@ -220,14 +223,16 @@ class SolveInfo:
     solve_s: float
 
 
-def apply_constraints(k: sp.bsr_matrix, free: np.ndarray, diag_pos: np.ndarray, rows: np.ndarray) -> sp.bsr_matrix:
+def apply_constraints(k: sp.bsr_matrix, free: np.ndarray, diag_pos: np.ndarray, rows: np.ndarray,
+                      diag: np.ndarray | None = None) -> sp.bsr_matrix:
     """Replace the rows/columns of constrained DOFs by their diagonal (``free``: ``(n_nodes, 3)`` bool).
 
-    The block structure is kept; blocks are masked with ``outer(free[row], free[col])``.
+    The block structure is kept; blocks are masked with ``outer(free[row], free[col])``. ``diag`` ``(n_nodes, 3)``
+    gives the diagonal values to put on constrained DOFs (default: ``k``'s own diagonal).
     """
     m = free.astype(np.float64)
     data = k.data * m[rows][:, :, None] * m[k.indices][:, None, :]
-    dg = np.einsum("bii->bi", k.data[diag_pos])
+    dg = np.einsum("bii->bi", k.data[diag_pos]) if diag is None else diag
     data[diag_pos] += np.einsum("bi,ij->bij", (1.0 - m) * dg, np.eye(3))
     return sp.bsr_matrix((data, k.indices, k.indptr), shape=k.shape)
 
@@ -249,11 +254,17 @@ class AMGSolver:
         self.a = a
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
-        self.ml = pyamg.smoothed_aggregation_solver(a, B=near_null, symmetry="symmetric", max_coarse=500)
+        # forward Gauss-Seidel before, backward after: a symmetric V-cycle (an SPD preconditioner for CG) at
+        # half the smoothing cost of pyamg's default symmetric sweeps; no candidate improvement (measured on the
+        # MNI brain: setup ~40 % faster, same CG iteration count).
+        self.ml = pyamg.smoothed_aggregation_solver(
+            a, B=near_null, symmetry="symmetric", max_coarse=500, improve_candidates=None,
+            presmoother=("block_gauss_seidel", {"sweep": "forward"}),
+            postsmoother=("block_gauss_seidel", {"sweep": "backward"}))
         self.setup_s = time.perf_counter() - t0
 
-    def solve(self, rhs: np.ndarray, x0: np.ndarray | None = None, a: sp.spmatrix | None = None
-              ) -> tuple[np.ndarray, SolveInfo]:
+    def solve(self, rhs: np.ndarray, x0: np.ndarray | None = None, a: sp.spmatrix | None = None,
+              rtol: float | None = None, maxiter: int | None = None) -> tuple[np.ndarray, SolveInfo]:
         """Solve ``a x = rhs`` (``a`` defaults to the matrix the hierarchy was built for).
 
         Raises:
@@ -263,6 +274,8 @@ class AMGSolver:
         from scipy.sparse.linalg import cg
 
         mat = self.a if a is None else a
+        rtol = self.rtol if rtol is None else float(rtol)
+        maxiter = self.maxiter if maxiter is None else int(maxiter)
         t0 = time.perf_counter()
         bnorm = float(np.linalg.norm(rhs))
         if bnorm == 0.0:
@@ -272,13 +285,13 @@ class AMGSolver:
         def _count(_xk):
             its[0] += 1
 
-        x, info = cg(mat, rhs, x0=x0, rtol=self.rtol, atol=0.0, maxiter=self.maxiter,
+        x, info = cg(mat, rhs, x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter,
                      M=self.ml.aspreconditioner(cycle="V"), callback=_count)
         res = float(np.linalg.norm(rhs - mat @ x)) / bnorm
         dt = time.perf_counter() - t0
-        if info != 0 or not np.isfinite(res) or res > 10.0 * self.rtol:
-            raise SolverError(f"expected the CG solve to reach a relative residual of {self.rtol:g} within "
-                              f"{self.maxiter} iterations, got {res:.3g} after {its[0]} (info {info})")
+        if info != 0 or not np.isfinite(res) or res > 10.0 * rtol:
+            raise SolverError(f"expected the CG solve to reach a relative residual of {rtol:g} within "
+                              f"{maxiter} iterations, got {res:.3g} after {its[0]} (info {info})")
         return x, SolveInfo(its[0], res, self.setup_s, dt)
 
 
