@@ -12,8 +12,9 @@ by one call of a fixed *baseline* workload in the same process, a one-shot
 ``scipy.interpolate.LinearNDInterpolator`` over the whole grid (the 20 keypoints + 8 corners, float64), so
 that timings on a busy shared machine can be read as ratios ("x baseline"). The table gives the median and
 minimum wall time, the baseline median, the peak RSS growth of the warm-up call over the process's RSS
-after imports (``resource.getrusage`` ``ru_maxrss``, read before any baseline call), the NumPy peak, and
-the 1-minute load average at the end of the row.
+after imports (``VmHWM`` - ``VmRSS`` from ``/proc/self/status``, the peak reset through
+``/proc/self/clear_refs`` first, read before any baseline call), the NumPy peak, and the 1-minute load
+average at the end of the row.
 """
 
 from __future__ import annotations
@@ -60,15 +61,22 @@ def draw_keypoints(n: int, seed: int = 0):
     return pts, disps
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+def _status_mb(key: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak of this process image) from ``/proc/self/status``, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1e3  # kB
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _maxrss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+def _reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: write 5 to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak also covers the imports, an overestimate
 
 
 def _run_row(name: str, repeats: int, queue) -> None:
@@ -93,12 +101,13 @@ def _run_row(name: str, repeats: int, queue) -> None:
     def call():
         return interpolate(method, pts, disps, SHAPE, **options)
 
-    rss0 = _rss_mb()
+    rss0 = _status_mb("VmRSS")
+    _reset_peak_rss()
     tracemalloc.start()
     field = call()  # warm-up (untimed), traced for the NumPy peak
     traced = tracemalloc.get_traced_memory()[1] / 1e6
     tracemalloc.stop()
-    peak_rss = _maxrss_mb() - rss0  # before any baseline call, so the baseline's memory is not counted
+    peak_rss = _status_mb("VmHWM") - rss0  # before any baseline call, so the baseline's memory is not counted
     del field
     times, base_times = [], []
     for _ in range(repeats):

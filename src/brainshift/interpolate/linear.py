@@ -109,7 +109,7 @@ def linear_interpolate(
             # triangulation vertex is on that face too.
             if tree is None:
                 tree = cKDTree(tri_pts)
-            _, idx = tree.query(xyz[miss])
+            _, idx = tree.query(xyz[miss], workers=-1)
             vals[miss] = tri_disps[idx]
         field[:, i0:i1] = vals.T.reshape(3, i1 - i0, n_j, n_k)
     return field
