@@ -51,24 +51,20 @@ class InferOptions:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible to torch, else ``cpu``; ``cuda`` without a GPU is an error.
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other names are checked by
+    :func:`brainshift.model.inference.resolve_device` (``cuda`` without a GPU is an error, never a fallback).
 
     Raises:
         BrainshiftError: unknown device name, or ``cuda`` requested but torch sees no GPU.
     """
-    d = str(device).lower()
-    if d not in ("auto", "cpu", "cuda") and not d.startswith("cuda:"):
-        raise BrainshiftError(f"expected --device auto, cpu or cuda, got {device!r}")
-    if d == "cpu":
-        return "cpu"
     import torch
 
-    has_gpu = torch.cuda.is_available()
+    from brainshift.model.inference import resolve_device as _resolve
+
+    d = str(device).lower()
     if d == "auto":
-        return "cuda" if has_gpu else "cpu"
-    if not has_gpu:
-        raise BrainshiftError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu")
-    return d
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(_resolve(d))
 
 
 def foreground_mask(image: Volume) -> np.ndarray:

@@ -13,7 +13,7 @@ Files written by rank 0 under ``save_dir``:
 - ``test_metrics.json`` when there are test cases; ``logs/`` TensorBoard events (``log_dir``).
 
 Validation runs the inference path exactly (:func:`brainshift.model.to_network_grid` on the whole padded
-grid, the network, :func:`brainshift.model.from_network_grid`) and scores on the subject grid with
+grid, the network, :func:`brainshift.model.refined_from_prediction`, as inference) and scores on the subject grid with
 :mod:`brainshift.evaluate.metrics`: ``mse_mm2`` (squared world-mm error over brain minus cavity, the
 checkpoint criterion), ``mae_mm``, ``tre_mm`` (mean over held-out keypoints), ``pct_jac_nonpositive``, and the
 same for the initial field (``*_init``); with ``extra_eval`` also Dice/HD95 of the warped brain and tumour masks.
@@ -118,7 +118,7 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
     Convention: fields are compared on the subject grid in voxel units, errors in world mm.
     """
     from brainshift.evaluate.metrics import dice_hd95, field_errors_mm, jacobian_stats, tre_mm
-    from brainshift.model.grid import from_network_grid, to_network_grid
+    from brainshift.model.grid import refined_from_prediction, to_network_grid
     from brainshift.train.data import _np
     from brainshift.volume import Volume
 
@@ -132,7 +132,7 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
             net = to_network_grid(image, var["init"], c["brain"], net_config)
             with torch.no_grad():
                 pred = model(net.tensor.to(device)).cpu()
-            pred_native = from_network_grid(pred, net)
+            pred_native = refined_from_prediction(pred, net, var["init"])  # exactly what inference returns
             row: dict[str, float] = {}
             for tag, f in (("", pred_native), ("_init", var["init"])):
                 err = field_errors_mm(f, c["gt"], c["affine"], c["eval_mask"])
