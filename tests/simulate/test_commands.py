@@ -34,7 +34,7 @@ def test_simulate_real_input_with_the_real_solver(tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(app, ["simulate", "--image", spec["image"], "--brain-mask", spec["brain_mask"],
                               "--tumour", spec["tumour"], "--ventricles", spec["ventricles"], "--out", str(out),
-                              "--resolution", "6", "--seed", "4"])
+                              "--resolution", "6", "--seed", "4", "--vtu"])
     assert res.exit_code == 0, res.output
     assert list_cases(out) == ["pat_image_c00"]
     case = read_case(out, "pat_image_c00")
@@ -45,6 +45,11 @@ def test_simulate_real_input_with_the_real_solver(tmp_path):
     ds = json.loads((out / "dataset.json").read_text())
     assert ds["counts"]["cases_complete"] == 1 and ds["subjects"][0]["spec"]["ventricles"] == spec["ventricles"]
     assert "max displacement" in res.output
+    import meshio
+
+    mesh = meshio.read(out / "cases" / "pat_image_c00" / "mesh.vtu")
+    assert mesh.point_data["displacement_mm"].shape == (len(mesh.points), 3)
+    assert np.abs(mesh.point_data["displacement_mm"]).max() > 0
 
 
 def test_simulate_demo_matches_batch_seeds(tmp_path, monkeypatch):
