@@ -95,40 +95,39 @@ def tps_evaluate(x: np.ndarray, centers: np.ndarray, w: np.ndarray, a: np.ndarra
     return out
 
 
-def linear_upsampling_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` float32 matrix of 1-D linear interpolation with aligned end points.
+def _lerp_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Linearly resample ``x`` to ``n_out`` samples along ``axis`` with aligned end points.
 
-    Output sample ``m`` sits at input position ``m (n_in - 1) / (n_out - 1)`` (``align_corners=True``), so the
-    first and last samples of both grids coincide. Each row has at most two non-zeros summing to 1.
+    Output sample ``m`` sits at input position ``m (n_in - 1) / (n_out - 1)`` (``align_corners=True``).
     """
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
     if n_in == 1:
-        return np.ones((n_out, 1), dtype=np.float32)
-    x = np.linspace(0.0, n_in - 1.0, n_out) if n_out > 1 else np.zeros(1)
-    i0 = np.minimum(np.floor(x).astype(np.int64), n_in - 2)
-    frac = x - i0
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    w[rows, i0] = 1.0 - frac
-    w[rows, i0 + 1] += frac
-    return w.astype(np.float32)
+        return np.repeat(x, n_out, axis=axis)
+    pos = np.linspace(0.0, n_in - 1.0, n_out) if n_out > 1 else np.zeros(1)
+    i0 = np.minimum(np.floor(pos).astype(np.intp), n_in - 2)
+    frac = (pos - i0).astype(x.dtype).reshape([n_out if d == axis else 1 for d in range(x.ndim)])
+    lo = np.take(x, i0, axis=axis)
+    hi = np.take(x, i0 + 1, axis=axis)
+    hi -= lo
+    hi *= frac
+    lo += hi
+    return lo
 
 
 def upsample_trilinear(coarse: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Trilinearly upsample a ``(C, a, b, c)`` array to ``(C, *shape)`` with aligned corners.
 
-    Separable: one matrix product per axis with :func:`linear_upsampling_matrix` (BLAS, no torch import).
-    Equals ``torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)`` up to
-    float32 rounding (tested). Returns a C-contiguous float32 array.
+    Separable: linear resampling along ``k``, then ``j``, then ``i`` (plain NumPy, single-threaded: on a busy
+    2-core machine this was 2-20x steadier than threaded BLAS or torch for this size). Equals
+    ``torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)`` up to float32
+    rounding (tested). Returns a C-contiguous float32 array.
     """
     x = np.asarray(coarse, dtype=np.float32)
-    n_c, a, b, _ = x.shape
-    if tuple(x.shape[1:]) == tuple(shape):
-        return np.ascontiguousarray(x)
-    w_i, w_j, w_k = (linear_upsampling_matrix(o, n) for o, n in zip(shape, x.shape[1:], strict=True))
-    x = x @ w_k.T  # (C, a, b, K)
-    x = w_j @ x  # (C, a, J, K)
-    x = w_i @ x.reshape(n_c, a, -1)  # (C, I, J*K)
-    return np.ascontiguousarray(x.reshape(n_c, *shape), dtype=np.float32)
+    for axis in (3, 2, 1):
+        x = _lerp_axis(x, int(shape[axis - 1]), axis)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _grid_points(coords: list[np.ndarray]) -> np.ndarray:
