@@ -1,0 +1,239 @@
+"""Compressible neo-Hookean option: total Lagrangian, Newton-Raphson with load stepping and line search.
+
+Strain energy (per reference volume) ``W = mu/2 (I1 - 3) - mu ln J + lambda/2 (ln J)^2`` with the per-element
+``mu``, ``lambda`` of :mod:`.materials` (the model reduces to the linear one at small strain). First
+Piola-Kirchhoff stress ``P = mu (F - F^-T) + lambda ln J F^-T`` and its tangent
+``dP_iJ/dF_kL = mu d_ik d_JL + (mu - lambda ln J) Finv_Li Finv_Jk + lambda Finv_Ji Finv_Lk``, integrated with 2x2x2
+Gauss points. Every element is the same cube, so the shape-function gradients at the Gauss points are shared and
+the forces and tangents are computed vectorised over elements (in chunks) and Gauss points, and assembled into
+the same 3x3-block pattern as the linear stiffness.
+
+Solve: the load (gravity, then for resection the release of the interface forces) is applied in
+``newton_load_steps`` equal steps; each step runs Newton with the consistent tangent (pyamg-preconditioned CG
+for the linearised system) and a backtracking line search that halves the step while the residual does not
+decrease or an element would invert (J <= 0). The skull contact is the same active set as the linear model
+(:mod:`.contact`): at each step, Newton converges with a fixed set, then nodes are released / activated and
+Newton is rerun until the set is stable. Gravity is a dead load (reference direction and magnitude).
+
+Source: Bonet & Wood, *Nonlinear Continuum Mechanics for Finite Element Analysis* (2008), ch. 6-9.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from brainshift.errors import SolverError
+from brainshift.simulate import fem
+from brainshift.simulate.contact import node_frames, rotate_matrix, to_frames
+from brainshift.simulate.mesh import HEX_OFFSETS, HexMesh
+
+_CHUNK = 8192
+
+
+def _gauss(h: float) -> tuple[np.ndarray, np.ndarray]:
+    """Shape gradients in mm^-1 at the Gauss points ``(8, 8, 3)`` and weights (mm^3)."""
+    g, w = fem.reference_gradients(2)
+    return g / h, w * h ** 3
+
+
+def _kinematics(mesh: HexMesh, u: np.ndarray, el: np.ndarray, grads: np.ndarray):
+    ue = u[mesh.elements[el]]  # (E, 8, 3)
+    f = np.einsum("epi,gpj->egij", ue, grads) + np.eye(3)
+    det = np.linalg.det(f)
+    return f, det
+
+
+def _stress(f, det, lam, mu):
+    finv_t = np.linalg.inv(f).transpose(0, 1, 3, 2)
+    lnj = np.log(np.maximum(det, 1e-300))
+    return mu[:, None, None, None] * (f - finv_t) + (lam[:, None] * lnj)[:, :, None, None] * finv_t, finv_t, lnj
+
+
+def internal_forces(mesh: HexMesh, u: np.ndarray, lam: np.ndarray, mu: np.ndarray, which: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Nodal internal forces ``(n_nodes, 3)`` (Pa mm^2) of the selected elements at displacement ``u`` (mm).
+
+    Raises:
+        SolverError: if an element is inverted (J <= 0 at a Gauss point).
+    """
+    grads, w = _gauss(mesh.element_size_mm)
+    sel = np.nonzero(np.ones(mesh.n_elements, bool) if which is None else which)[0]
+    out = np.zeros((mesh.n_nodes, 3))
+    for c in range(0, sel.size, _CHUNK):
+        el = sel[c:c + _CHUNK]
+        f, det = _kinematics(mesh, u, el, grads)
+        if np.any(det <= 0):
+            raise SolverError("expected a non-inverted deformation (J > 0), got an element with J <= 0")
+        p, _, _ = _stress(f, det, lam[el], mu[el])
+        fe = np.einsum("g,egij,gpj->epi", w, p, grads)
+        np.add.at(out, mesh.elements[el].ravel(), fe.reshape(-1, 3))
+    return out
+
+
+def _min_jacobian(mesh: HexMesh, u: np.ndarray, which: np.ndarray) -> float:
+    grads, _ = _gauss(mesh.element_size_mm)
+    sel = np.nonzero(which)[0]
+    out = np.inf
+    for c in range(0, sel.size, _CHUNK):
+        _, det = _kinematics(mesh, u, sel[c:c + _CHUNK], grads)
+        out = min(out, float(det.min()))
+    return out
+
+
+def tangent_stiffness(mesh: HexMesh, u: np.ndarray, lam: np.ndarray, mu: np.ndarray, which: np.ndarray,
+                      pattern: fem.BlockPattern) -> sp.bsr_matrix:
+    """Consistent tangent ``(3n, 3n)`` BSR (Pa mm) of the selected elements at ``u``."""
+    grads, w = _gauss(mesh.element_size_mm)
+    sel = np.nonzero(which)[0]
+    acc = np.zeros((mesh.n_nodes, 27, 3, 3))
+    eye = np.eye(3)
+    for c in range(0, sel.size, _CHUNK):
+        el = sel[c:c + _CHUNK]
+        f, det = _kinematics(mesh, u, el, grads)
+        _, finv_t, lnj = _stress(f, det, lam[el], mu[el])
+        finv = finv_t.transpose(0, 1, 3, 2)  # Finv[e,g,L,i]
+        ke = np.zeros((el.size, 8, 3, 8, 3))
+        for g in range(8):
+            a = (mu[el][:, None, None, None, None] * np.einsum("ik,jl->ijkl", eye, eye)[None]
+                 + (mu[el] - lam[el] * lnj[:, g])[:, None, None, None, None]
+                 * np.einsum("eli,ejk->eijkl", finv[:, g], finv[:, g])
+                 + lam[el][:, None, None, None, None] * np.einsum("eji,elk->eijkl", finv[:, g], finv[:, g]))
+            t = np.einsum("pj,eijkl->epikl", grads[g], a)
+            ke += w[g] * np.einsum("epikl,ql->epiqk", t, grads[g])
+        for p in range(8):
+            rows = mesh.elements[el, p]
+            for q in range(8):
+                s = int(fem._slot(HEX_OFFSETS[q] - HEX_OFFSETS[p]))
+                acc[rows, s] += ke[:, p, :, q, :]
+    n = 3 * mesh.n_nodes
+    return sp.bsr_matrix((acc[pattern.coupled], pattern.indices, pattern.indptr), shape=(n, n))
+
+
+def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.ndarray, load, *, u0: np.ndarray,
+                      contact_nodes: np.ndarray, normals: np.ndarray, fixed_nodes: np.ndarray,
+                      active0: np.ndarray | None = None, load_steps: int = 4, rtol: float = 1e-6,
+                      max_newton: int = 25, cg_rtol: float = 1e-8, cg_maxiter: int = 500,
+                      max_contact_iterations: int = 30, gap_tol_mm: float = 1e-3, force_tol_rel: float = 1e-3,
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Neo-Hookean equilibrium with skull contact under ``load(s)`` (``(n, 3)`` external forces, s in (0, 1]).
+
+    Nodes not used by a selected element are pinned. Returns ``(u, active, info)`` (local frame, mm).
+
+    Raises:
+        SolverError: Newton not converging, an inverted element, an unstable active set or an unconverged CG.
+    """
+    n = mesh.n_nodes
+    pattern = fem.block_pattern(mesh)
+    frames = node_frames(n, contact_nodes, normals) if len(contact_nodes) else np.tile(np.eye(3), (n, 1, 1))
+    touched = np.zeros(n, bool)
+    touched[contact_nodes] = True
+    near_null = np.einsum("nji,njk->nik", frames, fem.rigid_body_modes(mesh.nodes_local_mm).reshape(n, 3, 6)
+                          ).reshape(3 * n, 6)
+    used = np.zeros(n, bool)
+    used[mesh.elements[which].ravel()] = True
+    base_free = np.ones((n, 3), bool)
+    base_free[fixed_nodes] = False
+    base_free[~used] = False
+    live = base_free[contact_nodes, 0]
+    active = (np.ones(len(contact_nodes), bool) if active0 is None else np.asarray(active0, bool).copy()) & live
+    u = np.asarray(u0, dtype=np.float64).copy()
+    info = {"newton_iterations": [], "contact_iterations": 0, "cg_iterations": 0}
+    for step in range(1, load_steps + 1):
+        s = step / load_steps
+        f_ext = load(s)
+        f_scale = max(float(np.linalg.norm(f_ext)), 1e-300)
+        force_tol = force_tol_rel * max(float(np.abs(f_ext).max()), 1e-300)
+        for _ in range(max_contact_iterations):
+            free = base_free.copy()
+            free[contact_nodes[active], 2] = False
+            fem.check_rigid_modes_removed(near_null, free)
+            # project the current state onto the constraints (active normals at 0)
+            ur = to_frames(u, frames)
+            ur[~free] = 0.0
+            u = np.einsum("nij,nj->ni", frames, ur)
+            for it in range(1, max_newton + 1):  # noqa: B007 (the count is reported after the loop)
+                r = to_frames(internal_forces(mesh, u, lam, mu, which) - f_ext, frames)
+                res = float(np.linalg.norm(np.where(free, r, 0.0))) / f_scale
+                if res < rtol:
+                    break
+                k = rotate_matrix(tangent_stiffness(mesh, u, lam, mu, which, pattern), frames, pattern.rows, touched)
+                diag = np.where(used[:, None], np.einsum("bii->bi", k.data[pattern.diag_pos]), 1.0)
+                kc = fem.apply_constraints(k, free, pattern.diag_pos, pattern.rows, diag=np.maximum(diag, 1e-12))
+                amg = fem.AMGSolver(kc, near_null * free.reshape(-1, 1), rtol=cg_rtol, maxiter=cg_maxiter)
+                du, si = amg.solve(np.where(free, -r, 0.0).ravel())
+                info["cg_iterations"] += si.iterations
+                du = np.einsum("nij,nj->ni", frames, du.reshape(n, 3))
+                alpha = 1.0
+                for _ls in range(12):
+                    trial = u + alpha * du
+                    if _min_jacobian(mesh, trial, which) > 0:
+                        rt = to_frames(internal_forces(mesh, trial, lam, mu, which) - f_ext, frames)
+                        if float(np.linalg.norm(np.where(free, rt, 0.0))) / f_scale < (1 - 1e-4 * alpha) * res:
+                            break
+                    alpha *= 0.5
+                else:
+                    raise SolverError("expected the Newton line search to reduce the residual, got no decrease "
+                                      f"after 12 halvings (load step {step}, residual {res:.3g})")
+                u = trial
+            else:
+                raise SolverError(f"expected Newton to converge to a relative residual of {rtol:g} within "
+                                  f"{max_newton} iterations, got {res:.3g} (load step {step})")
+            info["newton_iterations"].append(it)
+            info["contact_iterations"] += 1
+            ur = to_frames(u, frames)
+            un, rn = ur[contact_nodes, 2], r[contact_nodes, 2]
+            release = active & (rn > force_tol)
+            activate = live & ~active & (un > gap_tol_mm)
+            if progress:
+                print(f"  load step {step}: Newton {it} its, released {int(release.sum())}, activated "
+                      f"{int(activate.sum())}")
+            if not (release.any() or activate.any()):
+                break
+            active = (active & ~release) | activate
+        else:
+            raise SolverError(f"expected the skull-contact active set to settle within {max_contact_iterations} "
+                              "iterations of the neo-Hookean solve, got changes in the last one")
+    ur = to_frames(u, frames)
+    info["max_outward_mm"] = float(ur[contact_nodes, 2][live].max()) if live.any() else 0.0
+    return u, active, info
+
+
+def neo_hookean_case(pb, config, do_resect: bool, times: dict, log: list, _log, progress: bool = False
+                     ) -> tuple[np.ndarray, float]:
+    """The neo-Hookean counterpart of the linear case solve (see :mod:`brainshift.simulate.case`)."""
+    m = pb.mesh
+    settings = dict(contact_nodes=pb.contact_nodes, normals=pb.normals, fixed_nodes=pb.fixed_nodes,
+                    load_steps=config.newton_load_steps, rtol=config.newton_rtol,
+                    max_newton=config.newton_max_iterations, cg_rtol=config.solver_rtol,
+                    cg_maxiter=config.solver_maxiter, max_contact_iterations=config.max_contact_iterations,
+                    gap_tol_mm=config.contact_gap_tolerance_mm, force_tol_rel=config.contact_force_tolerance,
+                    progress=progress)
+    all_el = np.ones(m.n_elements, bool)
+    f = fem.body_force_nodal(m, pb.force_density)
+    t0 = time.perf_counter()
+    u1, act1, info1 = solve_neo_hookean(m, pb.lam, pb.mu, all_el, lambda s: s * f, u0=np.zeros((m.n_nodes, 3)),
+                                        **settings)
+    times["gravity_solve_s"] = time.perf_counter() - t0
+    log.append({"stage": "gravity", **info1, "seconds": times["gravity_solve_s"]})
+    _log(f"gravity (neo-Hookean): Newton {info1['newton_iterations']}, {times['gravity_solve_s']:.1f} s")
+    if not do_resect:
+        return u1, 0.0
+    t0 = time.perf_counter()
+    tum = pb.tumour_elements
+    f_t = fem.body_force_nodal(m, np.where(tum[:, None], pb.force_density, 0.0))
+    released = internal_forces(m, u1, pb.lam, pb.mu, tum) - f_t
+    released[pb.removed_nodes] = 0.0
+    interface_force_n = float(np.linalg.norm(released, axis=1).sum()) * 1e-6
+    keep = ~pb.removed_elements
+    f_rest = fem.body_force_nodal(m, np.where(keep[:, None], pb.force_density, 0.0))
+    u_start = u1.copy()
+    u_start[pb.removed_nodes] = 0.0
+    u2, _, info2 = solve_neo_hookean(m, pb.lam, pb.mu, keep, lambda s: f_rest - (1.0 - s) * released, u0=u_start,
+                                     active0=act1, **settings)
+    times["resection_solve_s"] = time.perf_counter() - t0
+    log.append({"stage": "resection", **info2, "seconds": times["resection_solve_s"]})
+    _log(f"resection (neo-Hookean): Newton {info2['newton_iterations']}, {times['resection_solve_s']:.1f} s")
+    return u2, interface_force_n
