@@ -17,13 +17,12 @@ Convention: keypoints ``points_vox`` are continuous 0-based voxel indices ``(i, 
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from brainshift.errors import BrainshiftError, GeometryError, KeypointError
+from brainshift.errors import BrainshiftError, GeometryError
 
 
 class InterpolatorFn(Protocol):
@@ -152,41 +151,6 @@ def check_keypoints(
     Raises:
         KeypointError: wrong shape, non-finite values, conflicting duplicates, too few or coplanar points.
     """
-    p = np.asarray(points_vox, dtype=np.float64)
-    d = np.asarray(disps_vox, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise KeypointError(f"expected keypoint positions of shape (N, 3), got {p.shape}")
-    if d.shape != p.shape:
-        raise KeypointError(f"expected displacements of shape {p.shape} matching the keypoints, got {d.shape}")
-    bad = ~(np.isfinite(p).all(axis=1) & np.isfinite(d).all(axis=1))
-    if bad.any():
-        raise KeypointError(
-            f"expected finite keypoints and displacements, got NaN/inf in row(s) {np.flatnonzero(bad).tolist()[:10]}"
-        )
-    _, first, inverse = np.unique(p, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if len(first) < len(p):
-        conflicts = [
-            i for i in range(len(p)) if first[inverse[i]] != i and not np.array_equal(d[i], d[first[inverse[i]]])
-        ]
-        if conflicts:
-            i = conflicts[0]
-            raise KeypointError(
-                f"expected one displacement per keypoint location, got {len(conflicts)} conflicting duplicate(s), "
-                f"e.g. rows {int(first[inverse[i]])} and {i} at {p[i].tolist()} with displacements "
-                f"{d[first[inverse[i]]].tolist()} and {d[i].tolist()}"
-            )
-        warnings.warn(
-            f"merged {len(p) - len(first)} identical duplicate keypoint(s) ({len(p)} -> {len(first)})",
-            UserWarning,
-            stacklevel=3,
-        )
-        keep = np.sort(first)
-        p, d = p[keep], d[keep]
-    if len(p) < min_points:
-        raise KeypointError(f"expected at least {min_points} distinct keypoints, got {len(p)}")
-    sv = np.linalg.svd(p - p.mean(axis=0), compute_uv=False)
-    if sv[0] == 0.0 or sv[2] <= 1e-9 * sv[0]:
-        kind = "a single location" if sv[0] == 0.0 else ("a line" if sv[1] <= 1e-9 * sv[0] else "a plane")
-        raise KeypointError(f"expected keypoints spread in 3-D, got all {len(p)} keypoints on {kind}")
-    return p, d
+    from brainshift.io.keypoints import validate_keypoints
+
+    return validate_keypoints(points_vox, disps_vox, None, min_points=min_points)

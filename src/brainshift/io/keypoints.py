@@ -516,7 +516,7 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{float(x):.6g}" for x in v) + ")"
 
 
-def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int], *,
+def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int] | None, *,
                        min_points: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Check keypoints before interpolation; merge identical duplicates.
 
@@ -529,7 +529,8 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
     Args:
         points_vox: ``(N, 3)`` voxel indices.
         disps_vox: ``(N, 3)`` voxel-unit displacements.
-        shape: image grid ``(I, J, K)``.
+        shape: image grid ``(I, J, K)``; ``None`` skips the inside-the-image check (frame-free use, e.g. by
+            the interpolators on points that may lie anywhere).
         min_points: minimum number of distinct keypoints.
 
     Returns:
@@ -543,9 +544,9 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
         bad = int(np.flatnonzero(~(np.isfinite(pts).all(1) & np.isfinite(dsp).all(1)))[0])
         raise KeypointError(f"expected finite keypoints and displacements, got NaN or inf in keypoint {bad} "
                             f"{_fmt(pts[bad])} -> {_fmt(dsp[bad])}")
-    upper = np.asarray(shape, dtype=np.float64) - 1
+    upper = np.asarray(shape if shape is not None else (np.inf,) * 3, dtype=np.float64) - 1
     outside = np.flatnonzero(((pts < -INSIDE_ATOL_VOX) | (pts > upper + INSIDE_ATOL_VOX)).any(axis=1))
-    if outside.size:
+    if shape is not None and outside.size:
         i = int(outside[0])
         raise KeypointError(f"expected keypoints inside the image (0 <= voxel index <= shape - 1, image shape "
                             f"{tuple(int(s) for s in shape)}), got {outside.size} outside, the first being keypoint "
@@ -576,6 +577,7 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
     sv = np.linalg.svd(centred, compute_uv=False) if n > 1 else np.zeros(3)
     sv = np.concatenate([sv, np.zeros(3 - len(sv))]) if len(sv) < 3 else sv
     if sv[0] == 0 or sv[2] <= COPLANAR_RTOL * sv[0]:
-        raise KeypointError(f"expected keypoints spanning 3-D space, got: all {n} keypoints lie in one plane "
+        where = "on one line" if sv[1] <= COPLANAR_RTOL * sv[0] else "in one plane"
+        raise KeypointError(f"expected keypoints spanning 3-D space, got: all {n} keypoints lie {where} "
                             f"(singular values of the centred points {_fmt(sv)} voxels); add keypoints off that plane")
     return pts, dsp
