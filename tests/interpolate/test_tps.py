@@ -130,3 +130,17 @@ def test_separable_upsampling_equals_torch_trilinear_align_corners(coarse_shape)
     assert np.abs(ours - ref).max() < 1e-5
     # corners of coarse and fine grids coincide
     np.testing.assert_allclose(ours[:, -1, -1, -1], x[:, -1, -1, -1], atol=1e-6)
+
+
+def test_memory_guard_refuses_before_fitting(monkeypatch):
+    # 30,000 keypoints on a 160 x 192 x 144 grid: the 40 x 48 x 36 coarse kernel matrix alone is ~33 GB
+    import brainshift.interpolate.tps as tps_mod
+
+    def _fail(*a, **k):
+        raise AssertionError("tps_fit must not run when the memory estimate is too large")
+
+    monkeypatch.setattr(tps_mod, "tps_fit", _fail)
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 100, size=(30000, 3))
+    with pytest.raises(BrainshiftError, match=r"tps with 30000 keypoints needs about \d+\.\d GB"):
+        tps_mod.tps_interpolate(pts, np.zeros_like(pts), (160, 192, 144))

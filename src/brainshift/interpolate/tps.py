@@ -143,6 +143,7 @@ def tps_interpolate(
     *,
     lam: float = 0.1,
     downsample: int = 4,
+    max_memory_gb: float = 2.0,
 ) -> np.ndarray:
     """Published-variant thin-plate spline: ``r^2 log r`` on ``[-1, 1]`` coords, ridge, coarse + upsample.
 
@@ -164,6 +165,7 @@ def tps_interpolate(
         lam: ridge regularisation ``>= 0`` (published: 0.1). With ``lam > 0`` the field does not pass
             exactly through the keypoints; constant and affine parts are still reproduced exactly.
         downsample: integer coarsening factor ``>= 1`` of the evaluation grid (published: 4).
+        max_memory_gb: refuse (before allocating) a fit + evaluation estimated to need more memory than this.
 
     Returns:
         ``(3, I, J, K)`` float32 field.
@@ -172,7 +174,9 @@ def tps_interpolate(
 
     Raises:
         KeypointError: fewer than 4 keypoints, coplanar keypoints, conflicting duplicates, non-finite values.
-        BrainshiftError: ``lam < 0`` or ``downsample`` not a positive integer.
+        BrainshiftError: ``lam < 0`` or ``downsample`` not a positive integer, or the estimated memory
+            (the ``(N + 4)^2`` system plus the ``coarse voxels x N`` kernel matrix, float64) exceeds
+            ``max_memory_gb``.
     """
     if isinstance(lam, bool) or not (isinstance(lam, numbers.Real) and math.isfinite(lam) and lam >= 0):
         raise BrainshiftError(f"expected tps lam >= 0, got {lam!r}")
@@ -180,13 +184,18 @@ def tps_interpolate(
         raise BrainshiftError(f"expected tps downsample a positive integer, got {downsample!r}")
     shape = check_shape(shape)
     pts, disps = check_keypoints(points_vox, disps_vox)
-    centers = normalise_voxel_coords(pts, shape)
-    w, a = tps_fit(centers, disps, float(lam))
-
     if downsample == 1:
         coarse_shape = shape
     else:
         coarse_shape = tuple(1 if s == 1 else max(2, math.ceil(s / downsample)) for s in shape)
+    n = len(pts)
+    need_gb = 8.0 * ((n + 4) ** 2 + 2.0 * math.prod(coarse_shape) * n) / 1e9
+    if need_gb > max_memory_gb:
+        raise BrainshiftError(f"tps with {n} keypoints needs about {need_gb:.1f} GB, more than the "
+                              f"{max_memory_gb:g} GB allowed; use fewer keypoints or the 'linear' interpolator")
+    centers = normalise_voxel_coords(pts, shape)
+    w, a = tps_fit(centers, disps, float(lam))
+
     axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in coarse_shape]
     vals = tps_evaluate(_grid_points(axes), centers, w, a)
     coarse = np.ascontiguousarray(vals.T.reshape((3, *coarse_shape)), dtype=np.float32)
