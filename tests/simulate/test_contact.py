@@ -58,7 +58,7 @@ def test_lid_detaches_and_floor_holds():
     cn = np.concatenate([bottom, top])
     nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
     fixed = bottom[:1]
-    # lateral rigid modes: pin x, y of the bottom layer through a second fixed node and floor friction-free
+    # two pinned bottom nodes remove the in-plane rigid modes; the rest of the floor is frictionless contact
     cs = ContactSolver(k, pat, F.rigid_body_modes(x), cn, nn, np.concatenate([fixed, bottom[-1:]]), rtol=1e-10)
     res = cs.solve(f)
     is_top = np.isin(cn, top)
