@@ -1,28 +1,69 @@
-"""``brainshift demo``: the classical pipeline end to end on the built-in MNI152 brain.
+"""``brainshift demo``: the whole method end to end on the built-in MNI152 brain, with an HTML report.
 
-What it does (v1, until the simulator and the trained network ship):
+Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainshift.progress.StepTimer`):
 
-1. Loads the MNI152 T1 template and its brain mask through nilearn's own loader (the files ship inside the
-   nilearn package; nothing is downloaded) and writes the T1 as ``demo_output/mni152_t1.nii.gz``.
-2. Builds a smooth analytic *sag field* (see :func:`analytic_sag_field`): a Gaussian-weighted sinking of the
-   brain under a right-superior craniotomy, peak ``amplitude_mm`` at the craniotomy, direction from the
-   craniotomy toward the brain centroid, zero far from it.
-3. Draws 20 keypoints at random inside the brain (seeded), takes their displacements from the analytic field
-   and writes them as a keypoint table (voxel frame) ``demo_output/keypoints.csv``.
-4. Runs ``brainshift infer --no-refine`` for each interpolator (``linear``, ``tps``, ``tps3d``) into
-   ``demo_output/<method>/`` and prints each interpolator's error against the analytic field inside the
-   brain (MSE, mean and 95th-percentile error, TRE at 500 held-out points, % det J <= 0, time).
+1. **Subject.** The MNI152 template shipped inside nilearn (loaded by nilearn's own loader, nothing is
+   downloaded) with a synthetic tumour: :func:`brainshift.simulate.subject.synthesize_subject` with the
+   anatomical scaling and warp switched off (:data:`DEMO_SYNTHESIS`), so the brain is the template itself
+   and ``seed`` draws the tumour (position, size, shape, appearance).
+2. **Ground truth.** Brain shift simulated by the biomechanical model
+   (:func:`brainshift.simulate.case.simulate_case`: gravity along the surgical approach, CSF drainage, skull
+   contact, tumour resection) with hexahedral elements of ``resolution_mm`` (:data:`DEMO_RESOLUTION_MM`,
+   the simulator's default 3 mm; the whole demo fits its 3-minute budget on a 2-core CPU with it); the
+   case's random draws come from ``seed``.
+3. **Keypoints.** 3-D DoG keypoints detected in the preop image inside brain minus tumour
+   (:func:`brainshift.keypoints.detect_keypoints`); ``n_keypoints`` (20, as published) of them drive the
+   interpolation, their displacements sampled trilinearly from the ground truth; all other detected
+   keypoints are held-out targets for the TRE (:func:`brainshift.evaluate.run.draw_case_keypoints`).
+4. **Methods.** Delaunay-linear and thin-plate-spline interpolation (:func:`brainshift.interpolate.
+   interpolate`); when a trained model exists (``weights`` or :data:`brainshift.pipeline.DEFAULT_WEIGHTS`)
+   each is refined by the network (``net-linear``, ``net-tps``, :func:`brainshift.model.inference.
+   refine_field`). Without weights the demo says so and shows the classical methods only.
+5. **Metrics** (:mod:`brainshift.evaluate.metrics`): MSE, mean and 95th-percentile error (mm) over brain
+   minus the resection cavity, TRE at the held-out keypoints, % det J <= 0, time per method; a ``none``
+   row (zero field) shows how far the tissue moved.
+6. **Outputs** in ``out_dir`` (every file written atomically): ``preop_t1.nii.gz``, masks
+   (``brain_mask``, ``tumour_mask``, ``cavity_mask`` ``.nii.gz``), ``field_ground_truth`` and
+   ``field_<method>`` as ITK ``.h5`` and NIfTI ``.nii.gz`` (see the README for what they mean),
+   ``intraop_t1_ground_truth.nii.gz`` (the synthetic intraoperative image: the preop image with the cavity
+   emptied, warped by the ground truth), ``preop_t1_warped_<best>.nii.gz`` (the preop image warped into
+   intraop space by the method with the lowest MSE; both warps pull through an inverse computed on a grid
+   subsampled by 2, :func:`coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
+   (voxel frame, ``x,y,z,dx,dy,dz``), ``metrics.csv``, ``metrics.json`` and ``report.html`` with its figures
+   (:func:`brainshift.report.write_report`); the metrics table is printed.
+
+``quick=True`` replaces steps 1-2 by a small case for tests (seconds): the template resampled to
+:data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
+(:func:`analytic_sag_field`, zero outside the brain; the cavity is the tumour) instead of the simulation.
+
+Convention: every field is float32 ``(3, I, J, K)`` on the subject's grid, forward Lagrangian (preop voxel
+``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from brainshift.volume import Volume
+
+#: Hexahedral element edge (mm) of the demo's simulation: the simulator's default. The whole demo took 81 s with it
+#: (48 s with 4 mm) on the shared 2-core CPU; ``--resolution 4`` halves the simulation time.
+DEMO_RESOLUTION_MM = 3.0
+#: Voxel size (mm) of the quick test case.
+QUICK_SPACING_MM = 3.0
+#: Classical methods of the demo (each is refined as ``net-<name>`` when a model is available).
+DEMO_METHODS = ("linear", "tps")
+#: Fewest held-out TRE targets; random brain voxels are added to the detected keypoints if there are fewer.
+MIN_HELDOUT = 20
+#: Subsampling of the field inversion behind the warped images (see :func:`coarse_inverse_field`).
+INVERSE_SUBSAMPLING = 2
+NO_MODEL_NOTE = "no trained model shipped yet; classical methods only"
 
 
 @dataclass
@@ -33,6 +74,23 @@ class SagFieldParameters:
     """Peak displacement at the craniotomy centre."""
     width_mm: float = 35.0
     """Standard deviation of the Gaussian fall-off with distance from the craniotomy centre."""
+
+
+@dataclass
+class DemoCase:
+    """The demo's subject and ground truth.
+
+    Attributes:
+        subject: preop image and brain / tumour / ventricle masks on one grid.
+        field_vox: ground-truth ``(3, I, J, K)`` field. Convention: forward Lagrangian, voxel units.
+        cavity_mask: label Volume of the resected region (excluded from the dense errors).
+        info: how the case was made (JSON-serialisable).
+    """
+
+    subject: object
+    field_vox: np.ndarray
+    cavity_mask: Volume
+    info: dict
 
 
 def load_mni152() -> tuple[Volume, Volume]:
@@ -58,9 +116,14 @@ def analytic_sag_field(brain_mask: Volume, params: SagFieldParameters | None = N
     It is infinitely smooth and diffeomorphic for these parameters (max |grad d| = amplitude / (width
     sqrt(e)) ~ 0.14 < 1).
 
+    Args:
+        brain_mask: label Volume; its grid is the field's grid.
+        params: amplitude and width (default :class:`SagFieldParameters`).
+
     Returns:
         ``(field_vox, info)``: float32 ``(3, I, J, K)``; info has ``craniotomy_ras`` and ``direction_ras``.
-        Convention: forward Lagrangian, voxel units along i, j, k of ``brain_mask``'s grid.
+
+    Convention: forward Lagrangian, voxel units along i, j, k of ``brain_mask``'s grid.
     """
     from brainshift.field import field_ras_to_voxel, voxel_grid
     from brainshift.io.frames import voxel_to_ras
@@ -78,76 +141,374 @@ def analytic_sag_field(brain_mask: Volume, params: SagFieldParameters | None = N
     return field_ras_to_voxel(d_ras, brain_mask.affine), {"craniotomy_ras": c.tolist(), "direction_ras": g.tolist()}
 
 
-def draw_points_in_mask(mask: np.ndarray, n: int, rng: np.random.Generator, erode_vox: int = 3) -> np.ndarray:
-    """``n`` distinct random voxel positions (``(n, 3)`` float, voxel frame) inside ``mask`` eroded by ``erode_vox``."""
-    from scipy.ndimage import binary_erosion
+def demo_synthesis_config():
+    """The :class:`~brainshift.simulate.subject.SynthesisConfig` of the demo: no scaling, no warp (the
+    template's own anatomy), the default tumour model."""
+    from brainshift.simulate.subject import SynthesisConfig
 
-    inner = binary_erosion(mask > 0, iterations=erode_vox) if erode_vox > 0 else mask > 0
-    idx = np.argwhere(inner)
-    pick = rng.choice(len(idx), size=n, replace=False)
-    return idx[pick].astype(np.float64)
+    return SynthesisConfig(scale_range=(1.0, 1.0), warp_amplitude_mm=0.0)
 
 
-def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, n_keypoints: int = 20,
-             methods: tuple[str, ...] = ("linear", "tps", "tps3d"), verbose: bool = True) -> list[dict]:
-    """Run the v1 demo (module docstring) and return one metrics row per interpolator."""
+def make_demo_case(seed: int = 0, *, resolution_mm: float = DEMO_RESOLUTION_MM, progress: bool = False,
+                   timer=None) -> DemoCase:
+    """The MNI152 brain with a seeded synthetic tumour and its simulated brain shift (steps 1-2 of the module
+    docstring).
+
+    Args:
+        seed: seed of the tumour and of the case's random draws (gravity perturbation, drainage level).
+        resolution_mm: element edge of the simulation (mm).
+        progress: let the simulator print its stages.
+        timer: optional :class:`~brainshift.progress.StepTimer` to time the two steps.
+
+    Returns:
+        :class:`DemoCase` on the subject's 1 mm grid. Convention: ``field_vox`` forward Lagrangian, voxel units.
+
+    Raises:
+        GeometryError, SolverError: from the synthesis or the simulation.
+    """
+    import contextlib
+
+    from brainshift.simulate.case import SimulationConfig, draw_case_parameters, simulate_case
+    from brainshift.simulate.subject import synthesize_subject
+
+    def step(name):
+        return timer.step(name) if timer is not None else contextlib.nullcontext()
+
+    with step("synthesise the subject (MNI152 + tumour)"):
+        subject = synthesize_subject(seed, config=demo_synthesis_config(), subject_id=f"mni152-demo-seed{seed}")
+    config = SimulationConfig(resolution_mm=float(resolution_mm))
+    with step(f"simulate brain shift (FEM, {resolution_mm:g} mm elements)"):
+        params = draw_case_parameters(subject, config, int(seed))
+        result = simulate_case(subject, config, params, progress=progress)
+    meta = result.meta
+    info = {
+        "ground truth": f"biomechanical simulation, {resolution_mm:g} mm hexahedra, "
+                        f"{meta['n_elements_preop']} elements, {meta['n_resected_elements']} resected",
+        "tumour centre (RAS mm)": [round(float(v), 1) for v in subject.info["tumour_centre_ras"]],
+        "tumour radius (mm, volume-equivalent)": float(subject.info["tumour_equivalent_radius_mm"]),
+        "gravity perturbation (deg)": float(meta["params"]["gravity_perturbation_deg"]),
+        "drained CSF fraction": float(meta["params"]["drainage_fraction"]),
+        "simulation time (s)": float(meta["times_s"]["total_s"]),
+    }
+    return DemoCase(subject=subject, field_vox=result.field_vox, cavity_mask=result.cavity_mask, info=info)
+
+
+def make_quick_case(seed: int = 0, *, spacing_mm: float = QUICK_SPACING_MM, tumour_radius_mm: float = 10.0) -> DemoCase:
+    """A small case for tests: the template at ``spacing_mm``, a spherical tumour, the analytic sag field.
+
+    The tumour centre is drawn (``seed``) among brain voxels at least ``tumour_radius_mm + 10`` mm from the
+    brain surface; the cavity is the tumour; the ground truth is :func:`analytic_sag_field`, set to zero
+    outside the brain.
+
+    Returns:
+        :class:`DemoCase`. Convention: ``field_vox`` forward Lagrangian, voxel units.
+    """
+    import scipy.ndimage as ndi
+
+    from brainshift.field import voxel_grid
+    from brainshift.io.frames import voxel_to_ras
+    from brainshift.simulate.dataset import Subject
+
+    t1, brain = load_mni152()
+    t1 = t1.resample_to_spacing(spacing_mm)
+    brain = brain.resample_to_spacing(spacing_mm)
+    a = t1.affine
+    inside = brain.data > 0
+    depth = ndi.distance_transform_edt(inside, sampling=t1.spacing)
+    candidates = np.argwhere(depth >= tumour_radius_mm + 10.0)
+    centre = candidates[np.random.default_rng(seed).integers(len(candidates))].astype(np.float64)
+    x = voxel_to_ras(voxel_grid(t1.shape).reshape(3, -1).T.astype(np.float64), a)
+    c_ras = voxel_to_ras(centre[None], a)[0]
+    tumour = (np.linalg.norm(x - c_ras, axis=1) <= tumour_radius_mm).reshape(t1.shape) & inside
+    image = np.where(tumour, 0.2 * float(t1.data[inside].max()), t1.data).astype(np.float32)
+    field, sag = analytic_sag_field(brain)
+    field *= inside[None]
+    subject = Subject(subject_id=f"quick-seed{seed}", image=Volume(image, a, "intensity"), brain_mask=brain,
+                      tumour_mask=Volume(tumour.astype(np.uint8), a, "label"),
+                      ventricles_mask=Volume(np.zeros(t1.shape, np.uint8), a, "label"),
+                      info={"tumour_centre_ras": c_ras.tolist(), "tumour_equivalent_radius_mm": tumour_radius_mm})
+    info = {"ground truth": f"analytic sag field (quick test case, {spacing_mm:g} mm voxels)",
+            "tumour centre (RAS mm)": [round(float(v), 1) for v in c_ras],
+            "craniotomy (RAS mm)": [round(float(v), 1) for v in sag["craniotomy_ras"]]}
+    return DemoCase(subject=subject, field_vox=field, cavity_mask=Volume(tumour.astype(np.uint8), a, "label"),
+                    info=info)
+
+
+def demo_keypoints(case: DemoCase, *, seed: int, n_keypoints: int = 20):
+    """Detect keypoints in brain minus tumour (and cavity) and draw the driving / held-out sets.
+
+    If fewer than ``n_keypoints + MIN_HELDOUT`` keypoints are detected, random voxels of the same region are
+    added as candidates (recorded in the returned count).
+
+    Returns:
+        ``(CaseKeypoints, n_detected)``: points and displacements in voxel units (voxel frame).
+
+    Convention: displacements sampled trilinearly from the forward Lagrangian ground truth (voxel units).
+    """
+    from brainshift.evaluate.run import draw_case_keypoints
+    from brainshift.keypoints import detect_keypoints
+
+    subject = case.subject
+    allowed = (subject.brain_mask.data > 0) & ~(subject.tumour_mask.data > 0) & ~(case.cavity_mask.data > 0)
+    detected = detect_keypoints(subject.image, allowed).points_vox
+    rng = np.random.default_rng(seed)
+    candidates = detected
+    if len(detected) < n_keypoints + MIN_HELDOUT:
+        idx = np.argwhere(allowed)
+        extra = idx[rng.choice(len(idx), size=n_keypoints + MIN_HELDOUT - len(detected), replace=False)]
+        candidates = np.concatenate([detected, extra.astype(np.float64)])
+    kp = draw_case_keypoints(case.field_vox, allowed, subject.image.affine, rng=rng, n_keypoints=n_keypoints,
+                             candidates_vox=candidates)
+    return kp, len(detected)
+
+
+def resolve_demo_weights(weights: str | Path | None) -> Path | None:
+    """``weights`` if given (must exist), else the shipped default model if it exists, else None.
+
+    Raises:
+        InputFileError: ``weights`` given but not a file.
+    """
+    from brainshift.errors import InputFileError
+    from brainshift.pipeline import DEFAULT_WEIGHTS
+
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise InputFileError(f"expected a network weights file for --weights, got {str(p)!r} (not found)")
+        return p
+    return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
+
+
+def score(field_vox: np.ndarray, case: DemoCase, kp) -> dict:
+    """MSE / mean / P95 error (mm) over brain minus cavity, TRE (mm) at the held-out keypoints, Jacobian stats.
+
+    Convention: ``field_vox`` forward Lagrangian, voxel units, on the case's grid.
+    """
+    from brainshift.evaluate import metrics
+
+    affine = case.subject.image.affine
+    region = (case.subject.brain_mask.data > 0) & ~(case.cavity_mask.data > 0)
+    tre = metrics.tre_mm(field_vox, kp.heldout_points_vox, kp.heldout_disps_vox, affine)
+    jac = metrics.jacobian_stats(field_vox, region)
+    return {**metrics.field_errors_mm(field_vox, case.field_vox, affine, region),
+            "tre_mm": float(tre.mean()) if len(tre) else float("nan"),
+            "tre_median_mm": float(np.median(tre)) if len(tre) else float("nan"),
+            "tre_max_mm": float(tre.max()) if len(tre) else float("nan"),
+            "pct_nonpositive_jac": jac["pct_nonpositive"], "std_log_jac": jac["std_log_jac"]}
+
+
+def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int = INVERSE_SUBSAMPLING) -> np.ndarray:
+    """The backward field of a forward field, inverted on every ``factor``-th voxel and upsampled trilinearly.
+
+    :func:`brainshift.io.fields.invert_field` (SimpleITK ``InvertDisplacementField``, 50 fixed-point
+    iterations) costs about 25 s on a 160 x 208 x 176 grid on this 2-core CPU; on the grid subsampled by 2
+    (the samples ``field[:, ::2, ::2, ::2]``, exactly, with the affine's columns scaled by 2) it is 8x fewer
+    voxels. The coarse inverse is converted back to fine voxel units and interpolated trilinearly
+    (``scipy.ndimage.map_coordinates``, order 1, edge values held) at every fine voxel. Smooth fields lose
+    nothing visible; a displacement jump (the ground truth is zero outside the brain) is smeared over one
+    coarse voxel. The demo uses it only to make the warped images.
+
+    Args:
+        field_vox: ``(3, I, J, K)`` forward field, voxel units.
+        affine: 4x4 voxel-to-RAS affine of its grid.
+        factor: integer subsampling (1 = :func:`invert_field` itself).
+
+    Returns:
+        ``(3, I, J, K)`` float32 backward field in voxel units on the same grid.
+
+    Convention: input forward Lagrangian; output backward Eulerian (intraop ``y`` -> preop ``y + v(y)``),
+    both in voxel units along ``i, j, k``.
+    """
     from scipy.ndimage import map_coordinates
 
-    from brainshift.field import field_voxel_to_ras, jacobian_determinant
-    from brainshift.io.fields import read_field
+    from brainshift.field import check_field
+    from brainshift.io.fields import invert_field
+
+    f = check_field(field_vox)
+    if factor <= 1:
+        return invert_field(f, affine)
+    a = np.asarray(affine, dtype=np.float64).copy()
+    a[:3, :3] *= factor  # coarse voxel n is fine voxel factor * n; same origin
+    with warnings.catch_warnings(record=True):  # residuals at the field's jumps / grid border are expected here
+        warnings.simplefilter("always")
+        inv_c = invert_field(np.ascontiguousarray(f[:, ::factor, ::factor, ::factor]) / factor, a)
+    shape = f.shape[1:]
+    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) / factor for n in shape], indexing="ij", sparse=False)
+    out = np.empty_like(f)
+    for c in range(3):
+        out[c] = map_coordinates(inv_c[c], coords, order=1, mode="nearest", prefilter=False) * factor
+    return out
+
+
+def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str | Path | None = None,
+             n_keypoints: int = 20, quick: bool = False, resolution_mm: float = DEMO_RESOLUTION_MM,
+             device: str = "cpu", verbose: bool = True) -> list[dict]:
+    """Run the demo (module docstring) and return one metrics row per method.
+
+    Args:
+        out_dir: output folder (created).
+        seed: seed of the tumour, the simulation's draws and the keypoint draw.
+        weights: network weights (our ``.safetensors`` or a published checkpoint); default: the shipped
+            :data:`brainshift.pipeline.DEFAULT_WEIGHTS` when it exists, otherwise classical methods only.
+        n_keypoints: driving keypoints (20 as published).
+        quick: the small test case (:func:`make_quick_case`) instead of the simulated MNI152 case.
+        resolution_mm: element edge (mm) of the simulation.
+        device: torch device of the network (``cpu``, ``cuda``).
+        verbose: print the steps, the table and where the outputs are.
+
+    Returns:
+        Rows (dicts) for ``none``, ``linear``, ``tps`` and, with a model, ``net-linear`` and ``net-tps``, with
+        ``method``, ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``tre_median_mm``, ``tre_max_mm``,
+        ``pct_nonpositive_jac``, ``std_log_jac``, ``time_s``, ``n_keypoints``, ``n_heldout``.
+
+    Raises:
+        InputFileError: ``weights`` given but missing or unreadable.
+        BrainshiftError: from the simulation, the keypoints or a bad device.
+    """
+    from brainshift.interpolate import interpolate
+    from brainshift.io.fields import warp_image, write_field
     from brainshift.io.images import write_image
     from brainshift.io.keypoints import write_keypoint_table
-    from brainshift.pipeline import InferOptions, run_infer
+    from brainshift.progress import StepTimer
+    from brainshift.report import write_report
 
+    t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     say = print if verbose else (lambda *a, **k: None)
+    timer = StepTimer(verbose=verbose)
+    weights_path = resolve_demo_weights(weights)
 
-    say("brainshift demo: classical interpolation on the built-in MNI152 brain (analytic sag field)")
-    t1, brain = load_mni152()
-    t1_path = out / "mni152_t1.nii.gz"
-    write_image(t1, t1_path)
-    gt, info = analytic_sag_field(brain)
-    gt_ras = field_voxel_to_ras(gt, brain.affine)
-    mask = brain.data > 0
+    title = "brainshift demo: " + ("quick test case" if quick else "the MNI152 brain with a simulated tumour case")
+    say(title)
+    if weights_path is None:
+        say(f"NOTE: {NO_MODEL_NOTE} (pass --weights FILE to refine with a network)")
+    loaded = None
+    if weights_path is not None:
+        from brainshift.model.checkpoint import load_weights
+        from brainshift.pipeline import resolve_device
 
-    pts = draw_points_in_mask(brain.data, n_keypoints, rng)
-    disps = np.stack([map_coordinates(gt[c], pts.T, order=1) for c in range(3)], axis=1)
-    kp_path = out / "keypoints.csv"
-    write_keypoint_table(kp_path, pts, disps, frame="voxel")
-    held = draw_points_in_mask(brain.data, 500, np.random.default_rng(seed + 1))
-    say(f"  {n_keypoints} keypoints -> {kp_path}; craniotomy at RAS {np.round(info['craniotomy_ras'], 1).tolist()} mm")
+        with timer.step("load the network"):
+            loaded = load_weights(weights_path, device=resolve_device(device))
+
+    if quick:
+        with timer.step("quick case (analytic field)"):
+            case = make_quick_case(seed)
+    else:
+        case = make_demo_case(seed, resolution_mm=resolution_mm, progress=verbose, timer=timer)
+    subject, gt = case.subject, case.field_vox
+    image, affine = subject.image, subject.image.affine
+    brain = subject.brain_mask.data > 0
+
+    with timer.step("detect keypoints"):
+        kp, n_detected = demo_keypoints(case, seed=seed, n_keypoints=n_keypoints)
+    say(f"  {n_detected} keypoints detected in brain minus tumour: {len(kp.points_vox)} drive the interpolation, "
+        f"{len(kp.heldout_points_vox)} are held-out TRE targets")
+
+    fields: dict[str, np.ndarray] = {}
+    times: dict[str, float] = {}
+    for method in DEMO_METHODS:
+        with timer.step(f"interpolate ({method})"):
+            t0 = time.perf_counter()
+            fields[method] = np.asarray(interpolate(method, kp.points_vox, kp.disps_vox, image.shape, affine),
+                                        dtype=np.float32)
+            times[method] = time.perf_counter() - t0
+    if loaded is not None:
+        from brainshift.model.inference import refine_field
+
+        for method in DEMO_METHODS:
+            with timer.step(f"refine {method} with the network"):
+                t0 = time.perf_counter()
+                fields[f"net-{method}"] = refine_field(image, fields[method], loaded, mask=brain, device=device,
+                                                       progress=verbose)
+                times[f"net-{method}"] = times[method] + time.perf_counter() - t0
 
     rows = []
-    for method in methods:
-        t0 = time.perf_counter()
-        summary = run_infer(InferOptions(preop_scan=t1_path, kpt_disps=kp_path, interp_mode=method,
-                                         output=out / method, output_fmt="h5", refine=False, verbose=False))
-        wall = time.perf_counter() - t0
-        field, _ = read_field(out / method / "initial_disp_field.h5", reference=t1)
-        err = np.sqrt(((field_voxel_to_ras(field, t1.affine) - gt_ras) ** 2).sum(axis=0))[mask]
-        pred_h = np.stack([map_coordinates(field[c], held.T, order=1) for c in range(3)], axis=1)
-        gt_h = np.stack([map_coordinates(gt[c], held.T, order=1) for c in range(3)], axis=1)
-        tre = np.linalg.norm((pred_h - gt_h) @ t1.affine[:3, :3].T, axis=1)
-        jac = jacobian_determinant(field)[mask]
-        rows.append({"method": method, "mse_mm2": float(np.mean(err ** 2)), "mean_error_mm": float(err.mean()),
-                     "p95_error_mm": float(np.percentile(err, 95)), "tre_mm": float(tre.mean()),
-                     "pct_jac_nonpositive": float(100 * np.mean(jac <= 0)),
-                     "interp_time_s": float(summary["timings_s"].get(f"interpolate ({method})", np.nan)),
-                     "infer_wall_s": wall})
+    with timer.step("metrics"):
+        for method, fld in [("none", np.zeros_like(gt)), *fields.items()]:
+            rows.append({"method": method, **score(fld, case, kp), "time_s": float(times.get(method, 0.0)),
+                         "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))})
+    best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
+
+    files: list[tuple[str, str]] = []
+
+    def record(name: str, what: str) -> Path:
+        files.append((name, what))
+        return out / name
+
+    with timer.step("write images, masks, keypoints and fields"):
+        write_image(image, record("preop_t1.nii.gz", "preop T1 (MNI152 with the synthetic tumour)"))
+        for name, vol in (("brain", subject.brain_mask), ("tumour", subject.tumour_mask),
+                          ("cavity", case.cavity_mask)):
+            write_image(vol, record(f"{name}_mask.nii.gz", f"{name} mask"))
+        write_keypoint_table(record("keypoints.csv", "driving keypoints, voxel frame, x,y,z,dx,dy,dz"),
+                             kp.points_vox, kp.disps_vox)
+        write_keypoint_table(record("heldout_keypoints.csv", "held-out TRE targets with their true "
+                                    "displacements, voxel frame"), kp.heldout_points_vox, kp.heldout_disps_vox)
+        for name, fld in [("ground_truth", gt), *fields.items()]:
+            label = "ground-truth field" if name == "ground_truth" else f"{name} field"
+            for ext, fmt in ((".h5", "ITK DisplacementFieldTransform"), (".nii.gz", "NIfTI vector, LPS mm")):
+                write_field(record(f"field_{name}{ext}", f"{label} ({fmt})"), fld, affine)
+    with timer.step("warp the preop image into intraop space (ground truth and best method)"):
+        emptied = Volume(np.where(case.cavity_mask.data > 0, 0.0, image.data).astype(np.float32), affine)
+        intraop = warp_image(emptied, gt, affine, inverse_field=coarse_inverse_field(gt, affine))
+        write_image(intraop, record("intraop_t1_ground_truth.nii.gz", "synthetic intraop image: preop with the "
+                                    "cavity emptied, warped by the ground truth"))
+        warped = warp_image(image, fields[best], affine, inverse_field=coarse_inverse_field(fields[best], affine))
+        write_image(warped, record(f"preop_t1_warped_{best}.nii.gz", f"preop image warped into intraop space by "
+                                   f"{best} (lowest MSE)"))
+    record("metrics.csv", "metrics table")
+    record("metrics.json", "metrics rows and case information")
+
+    gt_mag = np.sqrt(((affine[:3, :3] @ gt[:, brain & ~(case.cavity_mask.data > 0)]) ** 2).sum(axis=0))
+    info = {
+        "title": title,
+        "notes": ([] if loaded is not None else [NO_MODEL_NOTE + " (pass --weights FILE to refine with a network)"])
+        + (["quick test case: analytic ground-truth field on a 3 mm grid, not a simulation"] if quick else []),
+        "summary": f"{len(kp.points_vox)} keypoints drive each method; errors are measured against the ground "
+                   f"truth over brain minus cavity and at {len(kp.heldout_points_vox)} held-out keypoints. "
+                   f"Lowest MSE: {best}.",
+        "seed": int(seed),
+        "grid": f"{image.shape[0]} x {image.shape[1]} x {image.shape[2]}, spacing "
+                + " x ".join(f"{s:g}" for s in image.spacing) + " mm",
+        **case.info,
+        "ground-truth displacement max / median (mm)": [float(gt_mag.max()), float(np.median(gt_mag))],
+        "keypoints detected / driving / held-out": [n_detected, len(kp.points_vox), len(kp.heldout_points_vox)],
+        "model": str(weights_path) if weights_path is not None else "none",
+        "step times (s)": {k: round(v, 2) for k, v in timer.timings_s.items()},
+        "files": files,
+    }
+    with timer.step("report and figures"):
+        from brainshift.evaluate.report import write_per_case_csv
+        from brainshift.io.atomic import atomic_output
+
+        write_per_case_csv(rows, out / "metrics.csv")
+        report = write_report(out, image=image, gt_field=gt, fields=fields, keypoints=kp.points_vox,
+                              heldout=kp.heldout_points_vox, rows=rows,
+                              masks={"brain": brain, "tumour": subject.tumour_mask.data > 0,
+                                     "cavity": case.cavity_mask.data > 0},
+                              info=info, images={"preop": image, "intraop (ground truth)": intraop,
+                                                 f"preop warped by {best}": warped})
+        total = time.perf_counter() - t_start
+        info["total time (s)"] = total
+        with atomic_output(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
     say("")
     say(format_table(rows))
-    say(f"\nmax ground-truth displacement {np.sqrt((gt_ras ** 2).sum(0))[mask].max():.2f} mm; "
-        f"fields (.h5, ITK/Slicer) in {out}/<method>/")
+    say(f"\nground-truth displacement: max {gt_mag.max():.2f} mm, median {np.median(gt_mag):.2f} mm "
+        f"(brain minus cavity); lowest MSE: {best}")
+    if loaded is None:
+        say(f"NOTE: {NO_MODEL_NOTE}")
+    say(f"report: {report}\nall outputs in {out}/ ({len(files) + 1} files); total {total:.1f} s")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of demo metrics rows."""
-    head = f"{'method':<8} {'MSE mm^2':>9} {'mean mm':>8} {'p95 mm':>7} {'TRE mm':>7} {'detJ<=0 %':>9} {'time s':>7}"
+    """A fixed-width text table of demo metrics rows (MSE, mean / P95 error, TRE, % det J <= 0, time)."""
+    head = (f"{'method':<11} {'MSE mm^2':>9} {'mean mm':>8} {'p95 mm':>7} {'TRE mm':>7} {'detJ<=0 %':>9} "
+            f"{'time s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<8} {r['mse_mm2']:>9.3f} {r['mean_error_mm']:>8.3f} {r['p95_error_mm']:>7.3f} "
-                     f"{r['tre_mm']:>7.3f} {r['pct_jac_nonpositive']:>9.4f} {r['infer_wall_s']:>7.2f}")
+        lines.append(f"{r['method']:<11} {r['mse_mm2']:>9.3f} {r['mae_mm']:>8.3f} {r['p95_mm']:>7.3f} "
+                     f"{r['tre_mm']:>7.3f} {r['pct_nonpositive_jac']:>9.4f} {r['time_s']:>7.3f}")
     return "\n".join(lines)

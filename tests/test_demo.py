@@ -1,0 +1,150 @@
+"""``brainshift demo`` (brainshift.demo): the quick path end to end, with and without a network."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+from brainshift.demo import NO_MODEL_NOTE, analytic_sag_field, format_table, load_mni152, run_demo
+from brainshift.errors import InputFileError
+from brainshift.io.fields import read_field
+from brainshift.io.images import read_image
+from brainshift.io.keypoints import read_keypoint_table
+from brainshift.report import FIGURES
+
+METRICS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_nonpositive_jac", "time_s")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    rows = run_demo(out, seed=1, quick=True, verbose=False)
+    return out, rows
+
+
+def test_quick_demo_rows_have_finite_metrics_and_beat_no_correction(quick_run):
+    out, rows = quick_run
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["none", "linear", "tps"]
+    for method in ("linear", "tps"):
+        for m in METRICS:
+            assert math.isfinite(by[method][m]), (method, m)
+        assert by[method]["n_keypoints"] == 20 and by[method]["n_heldout"] >= 20
+        # interpolating 20 exact keypoints must beat leaving the tissue where it was
+        assert by[method]["mse_mm2"] < by["none"]["mse_mm2"]
+    # the zero field's error is the ground truth itself: MSE = mean |u_gt|^2 > 0, no folding
+    assert by["none"]["mse_mm2"] > 0 and by["none"]["pct_nonpositive_jac"] == 0.0
+
+
+def test_quick_demo_writes_report_fields_images_and_keypoints(quick_run):
+    out, rows = quick_run
+    report = (out / "report.html").read_text()
+    assert '<table id="metrics">' in report
+    assert NO_MODEL_NOTE in report  # no weights shipped / given: said in the report
+    for name in FIGURES.values():
+        assert (out / name).stat().st_size > 1000
+        assert f'src="{name}"' in report
+    preop = read_image(out / "preop_t1.nii.gz")
+    gt_h5, aff = read_field(out / "field_ground_truth.h5", reference=preop)
+    gt_nii, _ = read_field(out / "field_ground_truth.nii.gz", reference=preop)
+    np.testing.assert_allclose(gt_h5, gt_nii, atol=1e-4)
+    for method in ("linear", "tps"):
+        for ext in (".h5", ".nii.gz"):
+            assert (out / f"field_{method}{ext}").is_file()
+    best = min(rows[1:], key=lambda r: r["mse_mm2"])["method"]
+    assert (out / f"preop_t1_warped_{best}.nii.gz").is_file()
+    assert read_image(out / "intraop_t1_ground_truth.nii.gz").shape == preop.shape
+    # the driving keypoints' displacements are the ground truth sampled at them (voxel frame)
+    pts, disps = read_keypoint_table(out / "keypoints.csv", frame="voxel")
+    from brainshift.keypoints import trilinear_sample
+
+    np.testing.assert_allclose(trilinear_sample(gt_h5, pts), disps, atol=1e-4)
+    assert len(pts) == 20
+    # the linear field interpolates the keypoints exactly
+    lin, _ = read_field(out / "field_linear.h5")
+    np.testing.assert_allclose(trilinear_sample(lin, pts), disps, atol=0.05)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["none", "linear", "tps"]
+    assert saved["rows"][1]["mse_mm2"] == pytest.approx(rows[1]["mse_mm2"])
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path):
+    from brainshift.model.checkpoint import save_weights
+    from brainshift.model.network import NetworkConfig, build_network, get_preset
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    # the fast-small architecture on the quick case's own 3 mm grid (its preset 2 mm would upsample it)
+    cfg = NetworkConfig.from_dict({**get_preset("fast-small").to_dict(), "spacing_mm": 3.0})
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(weights, build_network(cfg), cfg, {"note": "random test network"})
+    rows = run_demo(tmp_path / "out", seed=2, quick=True, weights=weights, verbose=False)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["none", "linear", "tps", "net-linear", "net-tps"]
+    for method in ("net-linear", "net-tps"):
+        for m in METRICS:
+            assert math.isfinite(by[method][m]), (method, m)
+        # a refined method's time includes its initial interpolation
+        assert by[method]["time_s"] >= by[method.removeprefix("net-")]["time_s"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert NO_MODEL_NOTE not in report
+    assert "<td>net-tps</td>" in report
+    # the random network changes the field: the refined field is not its initial field
+    net, _ = read_field(tmp_path / "out" / "field_net-linear.h5")
+    lin, _ = read_field(tmp_path / "out" / "field_linear.h5")
+    assert float(np.abs(net - lin).max()) > 1e-3
+    assert by["net-linear"]["mse_mm2"] != by["linear"]["mse_mm2"]
+
+
+def test_demo_missing_weights_is_an_error(tmp_path):
+    with pytest.raises(InputFileError, match="not found"):
+        run_demo(tmp_path / "out", quick=True, weights=tmp_path / "missing.safetensors", verbose=False)
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_demo_cli_quick_prints_table_and_note(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "o"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert "MSE mm^2" in res.output and "linear" in res.output and "tps" in res.output
+    assert NO_MODEL_NOTE in res.output
+    assert (tmp_path / "o" / "report.html").is_file()
+    bad = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "p"), "--weights",
+                                   str(tmp_path / "nope.safetensors")])
+    assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_analytic_sag_field_peak_and_direction():
+    _, brain = load_mni152()
+    small = brain.resample_to_spacing(4.0)
+    field, info = analytic_sag_field(small)
+    world = np.einsum("ab,b...->a...", small.affine[:3, :3], field)
+    mag = np.sqrt((world ** 2).sum(axis=0))
+    # peak amplitude 8 mm at the craniotomy voxel, direction = the unit vector toward the centroid
+    assert mag.max() == pytest.approx(8.0, rel=1e-5)
+    peak = np.unravel_index(np.argmax(mag), mag.shape)
+    np.testing.assert_allclose(world[(slice(None), *peak)] / 8.0, info["direction_ras"], atol=1e-5)
+    assert info["direction_ras"][2] < 0  # toward the centroid from the superior convexity: downward
+
+
+def test_format_table_lists_every_row():
+    row = {"method": "linear", "mse_mm2": 1.0, "mae_mm": 0.5, "p95_mm": 2.0, "tre_mm": 0.7,
+           "pct_nonpositive_jac": 0.0, "time_s": 0.25}
+    text = format_table([row, {**row, "method": "net-linear"}])
+    assert text.splitlines()[2].split()[:2] == ["linear", "1.000"]
+    assert text.splitlines()[3].startswith("net-linear")
+
+
+@pytest.mark.slow
+def test_full_demo_on_the_simulated_mni152_case(tmp_path):
+    rows = run_demo(tmp_path / "full", seed=0, verbose=False)
+    by = {r["method"]: r for r in rows}
+    assert by["linear"]["mse_mm2"] < by["none"]["mse_mm2"]
+    assert by["tps"]["mse_mm2"] < by["none"]["mse_mm2"]
+    assert Path(tmp_path / "full" / "report.html").is_file()
