@@ -47,10 +47,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from brainshift.volume import Volume
+
+if TYPE_CHECKING:
+    from brainshift.evaluate.run import CaseKeypoints
+    from brainshift.simulate.dataset import Subject
 
 #: Hexahedral element edge (mm) of the demo's simulation: the simulator's default. The whole demo took 81 s with it
 #: (48 s with 4 mm) on the shared 2-core CPU; ``--resolution 4`` halves the simulation time.
@@ -87,7 +92,7 @@ class DemoCase:
         info: how the case was made (JSON-serialisable).
     """
 
-    subject: object
+    subject: Subject
     field_vox: np.ndarray
     cavity_mask: Volume
     info: dict
@@ -234,7 +239,7 @@ def make_quick_case(seed: int = 0, *, spacing_mm: float = QUICK_SPACING_MM, tumo
                     info=info)
 
 
-def demo_keypoints(case: DemoCase, *, seed: int, n_keypoints: int = 20):
+def demo_keypoints(case: DemoCase, *, seed: int, n_keypoints: int = 20) -> tuple[CaseKeypoints, int]:
     """Detect keypoints in brain minus tumour (and cavity) and draw the driving / held-out sets.
 
     If fewer than ``n_keypoints + MIN_HELDOUT`` keypoints are detected, random voxels of the same region are
@@ -279,7 +284,7 @@ def resolve_demo_weights(weights: str | Path | None) -> Path | None:
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
 
 
-def score(field_vox: np.ndarray, case: DemoCase, kp) -> dict:
+def score(field_vox: np.ndarray, case: DemoCase, kp: CaseKeypoints) -> dict:
     """MSE / mean / P95 error (mm) over brain minus cavity, TRE (mm) at the held-out keypoints, Jacobian stats.
 
     Convention: ``field_vox`` forward Lagrangian, voxel units, on the case's grid.
@@ -478,10 +483,10 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         "step times (s)": {k: round(v, 2) for k, v in timer.timings_s.items()},
         "files": files,
     }
-    with timer.step("report and figures"):
-        from brainshift.evaluate.report import write_per_case_csv
-        from brainshift.io.atomic import atomic_output
+    from brainshift.evaluate.report import write_per_case_csv
+    from brainshift.io.atomic import atomic_output
 
+    with timer.step("report and figures"):
         write_per_case_csv(rows, out / "metrics.csv")
         report = write_report(out, image=image, gt_field=gt, fields=fields, keypoints=kp.points_vox,
                               heldout=kp.heldout_points_vox, rows=rows,
@@ -489,10 +494,11 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
                                      "cavity": case.cavity_mask.data > 0},
                               info=info, images={"preop": image, "intraop (ground truth)": intraop,
                                                  f"preop warped by {best}": warped})
-        total = time.perf_counter() - t_start
-        info["total time (s)"] = total
-        with atomic_output(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
+    total = time.perf_counter() - t_start
+    info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
+    info["total time (s)"] = total
+    with atomic_output(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
     say("")
     say(format_table(rows))
     say(f"\nground-truth displacement: max {gt_mag.max():.2f} mm, median {np.median(gt_mag):.2f} mm "

@@ -362,7 +362,7 @@ def _info_html(info: Mapping) -> str:
     return '<table class="info">\n' + "\n".join(rows) + "\n</table>" if rows else ""
 
 
-def _files_html(out: Path, files: Sequence) -> str:
+def _files_html(files: Sequence) -> str:
     items = []
     for f in files:
         if isinstance(f, tuple | list):
@@ -497,7 +497,7 @@ def write_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarray, fi
     case_table = _info_html(info)
     if case_table:
         parts += ["<h2>Case</h2>", case_table]
-    files = _files_html(out, info.get("files", []))
+    files = _files_html(info.get("files", []))
     if files:
         parts += ["<h2>Files</h2>", files]
     parts += ["<p>Display: slices in the nearest-RAS orientation of the image (subject's right on the right, "
