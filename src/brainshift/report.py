@@ -312,6 +312,8 @@ window.addEventListener('load', function () {
 
 
 def _fmt(v) -> str:
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return str(int(v))
     if isinstance(v, float | np.floating):
         v = float(v)
         if not math.isfinite(v):
@@ -353,7 +355,7 @@ def _info_html(info: Mapping) -> str:
         if isinstance(v, float | np.floating):
             text = _fmt(v)
         elif isinstance(v, list | tuple) and all(isinstance(x, float | int | np.number) for x in v):
-            text = "(" + ", ".join(_fmt(float(x)) for x in v) + ")"
+            text = "(" + ", ".join(_fmt(x) for x in v) + ")"
         elif isinstance(v, Mapping):
             text = "; ".join(f"{html.escape(str(a))}: {_fmt(b)}" for a, b in v.items())
         else:
