@@ -50,7 +50,8 @@ def test_unknown_method_raises_listing_choices():
 
 def test_unknown_option_raises():
     pts = grid_keypoints(SHAPE, 5, seed=34)
-    with pytest.raises(BrainshiftError, match=r"options of 'tps'.*\['lam', 'downsample', 'max_memory_gb'\], got \['smoothing'\]"):
+    expected = r"options of 'tps'.*\['lam', 'downsample', 'max_memory_gb'\], got \['smoothing'\]"
+    with pytest.raises(BrainshiftError, match=expected):
         interpolate("tps", pts, np.zeros_like(pts), SHAPE, smoothing=1.0)
 
 
