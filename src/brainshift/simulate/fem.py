@@ -15,7 +15,7 @@
 - **Units.** Lengths mm, moduli Pa, so stiffness is in Pa mm and forces in Pa mm^2 (= 1e-6 N); displacements
   come out in mm.
 - **Solve.** pyamg smoothed-aggregation AMG (the six rigid-body modes as near-null space, Vanek et al.
-  1996) as preconditioner of scipy's conjugate gradient; relative residual tolerance ``rtol`` (1e-8); the
+  1996) as preconditioner of scipy's conjugate gradient; relative residual tolerance ``rtol``; the
   *true* residual is checked after CG, and an unconverged solve raises :class:`SolverError`.
 - **Constraints** (supports, skull contact) are imposed exactly on DOFs in per-node rotated frames
   (see :mod:`brainshift.simulate.contact`): a constrained DOF's row and column are replaced by its diagonal,
@@ -231,14 +231,34 @@ def apply_constraints(k: sp.bsr_matrix, free: np.ndarray, diag_pos: np.ndarray, 
     gives the diagonal values to put on constrained DOFs (default: ``k``'s own diagonal).
     """
     m = free.astype(np.float64)
-    data = k.data * m[rows][:, :, None] * m[k.indices][:, None, :]
+    held = ~free.all(axis=1)  # nodes with a constrained DOF: only their blocks change
+    sel = np.nonzero(held[rows] | held[k.indices])[0]
+    data = k.data.copy()
+    data[sel] *= m[rows[sel]][:, :, None] * m[k.indices[sel]][:, None, :]
     dg = np.einsum("bii->bi", k.data[diag_pos]) if diag is None else diag
-    data[diag_pos] += np.einsum("bi,ij->bij", (1.0 - m) * dg, np.eye(3))
+    hn = np.nonzero(held)[0]
+    data[diag_pos[hn]] += np.einsum("bi,ij->bij", (1.0 - m[hn]) * dg[hn], np.eye(3))
     return sp.bsr_matrix((data, k.indices, k.indptr), shape=k.shape)
 
 
 class AMGSolver:
     """Smoothed-aggregation AMG preconditioned CG for one SPD matrix (pyamg + scipy).
+
+    Settings (each measured on the MNI152 brain at 3 mm, 231,618 DOFs, see bench/RESULTS.md):
+
+    - strength of connection ``symmetric`` with ``theta = 0.05`` (drops the couplings to the soft ventricles
+      and across weak material interfaces from the aggregation graph: 25 CG iterations to 1e-8 against 32 with
+      pyamg's ``theta = 0``; ``0.1`` and above coarsen worse);
+    - forward block Gauss-Seidel before, backward after: a symmetric V-cycle (an SPD preconditioner for CG) at
+      half the smoothing cost of pyamg's default symmetric sweeps; no candidate improvement (setup ~40 %
+      faster, same CG iteration count); the coarsest level (<= 300 unknowns) by sparse LU;
+    - the setup and the cycles run with single-threaded BLAS (threadpoolctl): the Arnoldi spectral-radius
+      estimate of the prolongation smoother did vector operations through multithreaded OpenBLAS, which on the
+      shared 2-core machine made the setup 2.5-3x slower (4 s against 1.5 s per setup); CG works on vectors
+      where threads only add synchronisation;
+    - the V-cycle is applied by :meth:`vcycle` (pre-smooth, restrict the residual, recurse, prolong,
+      post-smooth), which is pyamg's cycle without the two residual norms pyamg's ``aspreconditioner``
+      computes on the finest level for its own stopping test (15 % of the cycle's time).
 
     Args:
         a: SPD matrix (BSR 3x3 preferred).
@@ -249,19 +269,44 @@ class AMGSolver:
 
     def __init__(self, a: sp.spmatrix, near_null: np.ndarray, rtol: float = 1e-8, maxiter: int = 500) -> None:
         import pyamg
+        from threadpoolctl import threadpool_limits
 
         t0 = time.perf_counter()
         self.a = a
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
-        # forward Gauss-Seidel before, backward after: a symmetric V-cycle (an SPD preconditioner for CG) at
-        # half the smoothing cost of pyamg's default symmetric sweeps; no candidate improvement (measured on the
-        # MNI brain: setup ~40 % faster, same CG iteration count).
-        self.ml = pyamg.smoothed_aggregation_solver(
-            a, B=near_null, symmetry="symmetric", max_coarse=300, coarse_solver="splu", improve_candidates=None,
-            presmoother=("block_gauss_seidel", {"sweep": "forward"}),
-            postsmoother=("block_gauss_seidel", {"sweep": "backward"}))
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.ml = pyamg.smoothed_aggregation_solver(
+                a, B=near_null, symmetry="symmetric", strength=("symmetric", {"theta": 0.05}), max_coarse=300,
+                coarse_solver="splu", improve_candidates=None,
+                presmoother=("block_gauss_seidel", {"sweep": "forward"}),
+                postsmoother=("block_gauss_seidel", {"sweep": "backward"}))
         self.setup_s = time.perf_counter() - t0
+
+    def vcycle(self, b: np.ndarray, level: int = 0) -> np.ndarray:
+        """One V-cycle from a zero initial guess on ``level`` for right-hand side ``b`` (the preconditioner)."""
+        levels = self.ml.levels
+        lv = levels[level]
+        x = np.zeros_like(b)
+        lv.presmoother(lv.A, x, b)
+        coarse_b = lv.R @ (b - lv.A @ x)
+        if level == len(levels) - 2:
+            coarse_x = self.ml.coarse_solver(levels[-1].A, coarse_b)
+        else:
+            coarse_x = self.vcycle(coarse_b, level + 1)
+        x += lv.P @ coarse_x
+        lv.postsmoother(lv.A, x, b)
+        return x
+
+    def preconditioner(self):
+        """The V-cycle as a scipy ``LinearOperator``."""
+        from scipy.sparse.linalg import LinearOperator
+
+        n = self.ml.levels[0].A.shape[0]
+        if len(self.ml.levels) == 1:
+            return LinearOperator((n, n), matvec=lambda b: self.ml.coarse_solver(self.ml.levels[0].A, np.ravel(b)),
+                                  dtype=np.float64)
+        return LinearOperator((n, n), matvec=lambda b: self.vcycle(np.ravel(b)), dtype=np.float64)
 
     def solve(self, rhs: np.ndarray, x0: np.ndarray | None = None, a: sp.spmatrix | None = None,
               rtol: float | None = None, maxiter: int | None = None) -> tuple[np.ndarray, SolveInfo]:
@@ -286,11 +331,9 @@ class AMGSolver:
         def _count(_xk):
             its[0] += 1
 
-        # CG works on vectors where multithreaded BLAS only adds synchronisation (measured: norms and dots took
-        # 30 % of a phantom solve on a loaded 2-core machine), so BLAS runs single-threaded here.
         with threadpool_limits(limits=1, user_api="blas"):
-            x, info = cg(mat, rhs, x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter,
-                         M=self.ml.aspreconditioner(cycle="V"), callback=_count)
+            x, info = cg(mat, rhs, x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter, M=self.preconditioner(),
+                         callback=_count)
         res = float(np.linalg.norm(rhs - mat @ x)) / bnorm
         dt = time.perf_counter() - t0
         if info != 0 or not np.isfinite(res) or res > 10.0 * rtol:

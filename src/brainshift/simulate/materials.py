@@ -9,9 +9,24 @@ Choices:
 - **Linear elasticity** uses the same shear moduli with a Poisson ratio: ``E = 2 mu (1 + nu)``,
   ``lambda = 2 mu nu / (1 - 2 nu)``. Parenchyma and tumour take ``config.poisson_ratio`` (0.45 by default:
   the facts' compressibility D = 4.78e-5 1/Pa corresponds to nu ~ 0.49, which locks fully integrated
-  trilinear hexahedra; 0.45 is the usual compromise). The ventricles are a very soft, *compressible* solid
-  (mu = 4.54 Pa, nu = ``ventricle_poisson_ratio``, 0.1 by default): drained CSF spaces collapse instead of
-  resisting volume change, which is what the facts' large D = 0.48 1/Pa expresses.
+  trilinear hexahedra; 0.45 is the usual compromise).
+- **Ventricles** (``ventricle_model``). ``"fluid"`` (default): the CSF-filled ventricles are a fluid-like
+  solid with the facts' shear modulus (4.54 Pa) and the *bulk* modulus of the parenchyma
+  (``lambda_v = K_p - 2/3 mu_v``, ``K_p = lambda_p + 2/3 mu_p``, 8.1 kPa at nu 0.45: nu_v = 0.4997). CSF is
+  water (bulk modulus 2.2 GPa), the ventricular system is closed in these cases (drainage at the craniotomy
+  empties the subarachnoid space, the ventricles are not opened, and their outflow through the aqueduct is
+  slow), so the ventricles keep their volume and carry hydrostatic pressure; capping the bulk modulus at the
+  tissue's keeps the model's conditioning. ``"compressible"``: the facts' compressible solid (D = 0.48 1/Pa
+  is K = 4.2 Pa, i.e. nu = ``ventricle_poisson_ratio`` = 0.1). Why ``"fluid"`` is the default: in a
+  small-strain model the compressible ventricles cannot carry the weight of the tissue above them (moduli of
+  ~5 Pa against a weight density of 9.81 Pa/mm over ventricles ~20 mm tall: a linear continuum would sink by
+  ~10^2 mm), so pure-ventricle elements collapse and the maximum displacement is a discretisation artefact
+  that grows with mesh refinement (measured on the ellipsoid phantom: 1.43 mm at 3 mm, 3.06 mm at 2 mm, at
+  the ventricle); with fluid ventricles the maximum is at the craniotomy / cavity and converges (1.41 mm at
+  3 mm, 1.30 mm at 2 mm). The facts' meshless large-deformation solver averages properties over a fixed
+  support instead, which regularises the same problem differently. Fully integrated pure-ventricle
+  elements lock (lambda / mu ~ 1800), which stiffens the ventricles' own shear: they act as nearly rigid,
+  volume-preserving inclusions; the surrounding tissue's displacement is what the dataset measures.
 - **Mixture rule.** An element with tissue fractions ``f_t`` gets the volume-weighted (Voigt) average of the
   Lame parameters, ``mu_e = sum_t f_t mu_t`` and ``lambda_e = sum_t f_t lambda_t`` (the facts' pipeline averages
   over nearby voxels by tissue fraction the same way).
@@ -52,24 +67,44 @@ def youngs_modulus(mu_pa: float, nu: float) -> float:
     return 2.0 * mu_pa * (1.0 + nu)
 
 
-def tissue_lame(poisson_ratio: float, ventricle_poisson_ratio: float, tumour_stiffness_ratio: float = 3.0
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, lambda)`` arrays of shape ``(3,)`` in Pa for parenchyma, tumour, ventricles."""
+VENTRICLE_MODELS = ("fluid", "compressible")
+
+
+def tissue_lame(poisson_ratio: float, ventricle_poisson_ratio: float, tumour_stiffness_ratio: float = 3.0,
+                ventricle_model: str = "fluid") -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, lambda)`` arrays of shape ``(3,)`` in Pa for parenchyma, tumour, ventricles.
+
+    Args:
+        poisson_ratio: nu of parenchyma and tumour.
+        ventricle_poisson_ratio: nu of the ventricles with ``ventricle_model="compressible"`` (else unused).
+        tumour_stiffness_ratio: tumour / parenchyma shear modulus.
+        ventricle_model: ``"fluid"`` (bulk modulus of the parenchyma) or ``"compressible"`` (module docstring).
+
+    Raises:
+        BrainshiftError: unknown ``ventricle_model`` or a Poisson ratio outside (-1, 0.5).
+    """
+    if ventricle_model not in VENTRICLE_MODELS:
+        raise BrainshiftError(f"expected ventricle_model in {VENTRICLE_MODELS}, got {ventricle_model!r}")
     mu = np.array([MU_PARENCHYMA_PA, tumour_stiffness_ratio * MU_PARENCHYMA_PA, MU_VENTRICLES_PA])
-    nus = np.array([poisson_ratio, poisson_ratio, ventricle_poisson_ratio])
-    lam = np.array([lame_lambda(m, n) for m, n in zip(mu, nus, strict=True)], dtype=np.float64)
-    return mu, lam
+    lam_p = float(lame_lambda(mu[0], poisson_ratio))
+    lam_t = float(lame_lambda(mu[1], poisson_ratio))
+    if ventricle_model == "fluid":
+        lam_v = lam_p + 2.0 / 3.0 * (mu[0] - mu[2])  # same bulk modulus K = lambda + 2/3 mu as the parenchyma
+    else:
+        lam_v = float(lame_lambda(mu[2], ventricle_poisson_ratio))
+    return mu, np.array([lam_p, lam_t, lam_v], dtype=np.float64)
 
 
 def element_lame(fractions: np.ndarray, poisson_ratio: float = 0.45, ventricle_poisson_ratio: float = 0.1,
-                 tumour_stiffness_ratio: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+                 tumour_stiffness_ratio: float = 3.0, ventricle_model: str = "fluid") -> tuple[np.ndarray, np.ndarray]:
     """Per-element ``(mu, lambda)`` in Pa by the Voigt rule from ``(n_elements, 3)`` tissue fractions.
 
     Args:
         fractions: parenchyma / tumour / ventricle fractions per element (rows sum to 1).
         poisson_ratio: nu of parenchyma and tumour.
-        ventricle_poisson_ratio: nu of the ventricles.
+        ventricle_poisson_ratio: nu of the ventricles (``ventricle_model="compressible"`` only).
         tumour_stiffness_ratio: tumour shear modulus / parenchyma shear modulus (3 in the facts).
+        ventricle_model: ``"fluid"`` or ``"compressible"`` (see the module docstring).
 
     Returns:
         ``(mu_e, lambda_e)``, each ``(n_elements,)`` float64 Pa.
@@ -77,7 +112,7 @@ def element_lame(fractions: np.ndarray, poisson_ratio: float = 0.45, ventricle_p
     f = np.asarray(fractions, dtype=np.float64)
     if f.ndim != 2 or f.shape[1] != 3:
         raise BrainshiftError(f"expected tissue fractions of shape (n_elements, 3), got {f.shape}")
-    mu, lam = tissue_lame(poisson_ratio, ventricle_poisson_ratio, tumour_stiffness_ratio)
+    mu, lam = tissue_lame(poisson_ratio, ventricle_poisson_ratio, tumour_stiffness_ratio, ventricle_model)
     return f @ mu, f @ lam
 
 
