@@ -209,3 +209,58 @@ def test_refine_without_weights_says_so(tmp_path, image_path):
     out = tmp_path / "o"
     _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--refine"]),
                         out, "weights")
+
+
+def test_rerun_into_same_folder_removes_earlier_outputs(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "--save-inverse",
+                   "-q"])
+    assert res.exit_code == 0, res.output
+    (out / "notes.txt").write_text("mine")  # not a brainshift output: must survive
+    with pytest.warns(UserWarning, match="removed outputs of an earlier run"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "--no-refine", "-o", str(out),
+                       "-f", "npz", "-q"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["initial_disp_field.npz", "notes.txt", "summary.json"]
+
+
+def test_output_below_an_existing_file_fails_before_any_work(tmp_path, image_path, monkeypatch):
+    import brainshift.pipeline as pipeline
+
+    def _never(*a, **k):
+        raise AssertionError("no interpolation may run when -o is unusable")
+
+    monkeypatch.setattr(pipeline, "initial_field_from_keypoints", _never)
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(blocker / "sub")])
+    _assert_clean_error(res, blocker / "sub", "directory", "existing file")
+
+
+def test_intraop_markups_with_a_table_is_refused(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--kpt-intraop", str(kp), "--no-refine",
+                   "-o", str(out)])
+    _assert_clean_error(res, out, "--kpt-intraop only with Slicer markups")
+
+
+def test_unknown_device_is_refused_even_without_refinement(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-d", "tpu", "--no-refine",
+                                 "-o", str(out)]), out, "tpu")
+
+
+def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path):
+    from brainshift.pipeline import DEFAULT_WEIGHTS
+
+    if DEFAULT_WEIGHTS.exists():
+        pytest.skip("default weights ship: the default run refines")
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    with pytest.warns(UserWarning, match="no network weights"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["refined"] is False

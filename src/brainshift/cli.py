@@ -36,8 +36,10 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BrainshiftError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            typer.echo(f"error: cannot read or write {exc.filename!s}: {exc.strerror}", err=True)
+        except OSError as exc:  # missing files, a file where a folder is expected, permissions, full disk
+            where = f" {exc.filename!s}" if exc.filename else ""
+            typer.echo(f"error: expected a readable input / writable output path, got{where}: "
+                       f"{exc.strerror or exc}", err=True)
             raise typer.Exit(code=2) from None
         except MemoryError:
             typer.echo("error: out of memory; use fewer keypoints, a coarser grid or another interpolator", err=True)
@@ -46,9 +48,17 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line: one ``warning: ...`` line, no source path or code line."""
+    return f"warning: {message}\n"
+
+
 @app.callback()
 def _root() -> None:
     """Keypoint-based brain-shift compensation: sparse keypoints -> dense displacement field."""
+    import warnings
+
+    warnings.formatwarning = _format_warning
 
 
 @app.command()

@@ -12,6 +12,7 @@ Convention: all fields in memory are float32 ``(3, I, J, K)`` on the preop image
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -145,16 +146,23 @@ def run_infer(opts: InferOptions) -> dict:
     weights = opts.weights
     if refine is None:  # default: refine when weights are given or the default model ships
         refine = weights is not None or DEFAULT_WEIGHTS.exists()
+        if not refine:
+            warnings.warn(f"no network weights (no -w and no default model at weights/{DEFAULT_WEIGHTS.name}): "
+                          "writing the classical interpolation only, without refinement", stacklevel=2)
     if refine and weights is None:
         if not DEFAULT_WEIGHTS.exists():
             raise BrainshiftError(
-                f"--refine needs network weights: pass -w/--weights FILE (no default model at {DEFAULT_WEIGHTS.name} "
-                "yet); use --no-refine for the classical interpolation only")
+                f"expected network weights for --refine (-w/--weights FILE), got none and no default model at "
+                f"weights/{DEFAULT_WEIGHTS.name}; use --no-refine for the classical interpolation only")
         weights = DEFAULT_WEIGHTS
     if weights is not None and not Path(weights).is_file():
-        raise InputFileError(f"expected a weights file at {weights}, it does not exist")
-    # resolve the device when it matters (refinement) or when a GPU is explicitly requested
-    device = resolve_device(opts.device) if (refine or opts.device.lower().startswith("cuda")) else "cpu"
+        raise InputFileError(f"expected a weights file at {weights}, got no such file")
+    _check_keypoint_options(opts)
+    # an explicitly named device is checked even without refinement (a bad or absent one is an error);
+    # torch is imported only then
+    device = resolve_device(opts.device) if (refine or opts.device.lower() not in ("cpu", "auto")) else "cpu"
+    out = Path(opts.output)
+    check_output_dir(out)
 
     with steps.step("load preop image"):
         image = read_image(opts.preop_scan)
@@ -204,9 +212,6 @@ def run_infer(opts: InferOptions) -> dict:
     with steps.step("field statistics"):
         stats = {k: field_summary(v, image) for k, v in fields.items()}
 
-    out = Path(opts.output)
-    if out.exists() and not out.is_dir():
-        raise InputFileError(f"expected -o/--output to be a directory, got an existing file {out}")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with steps.step("write outputs"):
@@ -256,7 +261,60 @@ def run_infer(opts: InferOptions) -> dict:
 
     with atomic_output(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
+    removed = remove_stale_outputs(out, keep=set(summary["outputs"]))
+    if removed:
+        warnings.warn(f"removed outputs of an earlier run in {out} that this run did not write: {', '.join(removed)}",
+                      stacklevel=2)
     return summary
+
+
+#: File names ``brainshift infer`` writes (any format); used to clear an earlier run's leftovers.
+OUTPUT_PATTERNS = ("initial_disp_field.*", "corrected_disp_field.*", "*_inverse_disp_field.*",
+                   "preop_warped_to_intraop.nii.gz", "summary.json")
+
+
+def remove_stale_outputs(out: Path, keep: set[str]) -> list[str]:
+    """Delete files in ``out`` that match :data:`OUTPUT_PATTERNS` but are not in ``keep``; return their names.
+
+    A re-run into the same folder (another interpolator, format or option set) then never leaves an earlier
+    run's field beside the new ones. Other files are never touched.
+    """
+    removed = []
+    for pattern in OUTPUT_PATTERNS:
+        for p in out.glob(pattern):
+            if p.is_file() and p.name not in keep:
+                p.unlink()
+                removed.append(p.name)
+    return sorted(removed)
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise :class:`InputFileError` unless ``out`` is, or can be created as, a directory.
+
+    Checked before any work, so a bad ``-o`` fails at once: an existing file, or a file among its parents.
+    """
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputFileError(f"expected -o/--output to be a directory, got {out} "
+                                     f"({p} is an existing file)")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise InputFileError(f"expected a writable output directory, got {p} (permission denied)")
+            return
+
+
+def _check_keypoint_options(opts: InferOptions) -> None:
+    """Options that only make sense together: refuse silent no-ops."""
+    if opts.kpt_disps is None:
+        return
+    suffix = "".join(Path(opts.kpt_disps).suffixes[-2:]).lower()
+    markups = suffix.endswith(".fcsv") or suffix.endswith(".mrk.json") or suffix.endswith(".json")
+    if opts.kpt_intraop is not None and not markups:
+        raise BrainshiftError(f"expected --kpt-intraop only with Slicer markups (.fcsv/.mrk.json) in -k, got -k "
+                              f"{Path(opts.kpt_disps).name}, a keypoint table that already holds the displacements")
+    if markups and opts.coords != "voxel":
+        raise BrainshiftError(f"expected no --coords with Slicer markups (their file declares RAS or LPS), got "
+                              f"--coords {opts.coords}")
 
 
 def _format_note(fmt: str) -> str:

@@ -20,6 +20,10 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     from the extension still work. If the body raises, the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
+    if target.is_dir():
+        from brainshift.errors import InputFileError
+
+        raise InputFileError(f"expected to write the file {target}, got an existing directory of that name")
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
