@@ -32,3 +32,27 @@ def test_evaluate_command_bad_input_is_one_line_error(tiny_dataset, tmp_path):
                               "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "expected a weights file" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_default_methods_without_weights_are_the_classical_ones(tiny_dataset, tmp_path):
+    from brainshift.pipeline import DEFAULT_WEIGHTS
+
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--out", str(out), "--num-kpts", "8",
+                              "--cases", "1", "--no-overlap", "-q"])
+    assert res.exit_code == 0, res.output
+    methods = {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
+    if DEFAULT_WEIGHTS.exists():
+        assert methods == {"linear", "tps", "net-linear", "net-tps"}
+    else:
+        assert methods == {"linear", "tps"}
+        assert "warning: no network weights" in res.output
+
+
+def test_evaluate_output_below_a_file_fails_at_once(tiny_dataset, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear", "--out",
+                              str(blocker / "eval"), "-q"])
+    assert res.exit_code == 2
+    assert "error: expected -o/--output to be a directory" in res.output

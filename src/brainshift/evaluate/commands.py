@@ -12,8 +12,10 @@ from brainshift.cli import cli_errors
 @cli_errors
 def evaluate_command(
     data: Path = typer.Option(..., "--data", help="Simulated dataset folder (subjects/ and cases/)."),
-    methods: str = typer.Option("linear,tps,net-linear,net-tps", "--methods",
-                                help="Comma-separated: none, linear, tps, tps3d, net-linear, net-tps."),
+    methods: str | None = typer.Option(None, "--methods",
+                                       help="Comma-separated: none, linear, tps, tps3d, net-linear, net-tps "
+                                            "[default: linear,tps,net-linear,net-tps; the net-* methods only when "
+                                            "weights are available]."),
     weights: Path | None = typer.Option(None, "--weights", "-w",
                                         help="Network weights for net-* (default: weights/default.safetensors)."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder (CSV, summary.md, PNG)."),
@@ -22,7 +24,7 @@ def evaluate_command(
     noise_mm: float = typer.Option(0.0, "--noise-mm", help="Std (mm) of Gaussian noise per world component on "
                                                            "the keypoint displacements."),
     cases: int | None = typer.Option(None, "--cases", help="Evaluate only the first N cases (sorted ids)."),
-    device: str = typer.Option("cpu", "--device", "-d", help="cpu | cuda | auto (network methods)."),
+    device: str = typer.Option("auto", "--device", "-d", help="auto | cpu | cuda (network methods)."),
     no_overlap: bool = typer.Option(False, "--no-overlap", help="Skip Dice/HD95 (saves a field inversion per "
                                                                 "method and case)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
@@ -30,7 +32,17 @@ def evaluate_command(
     """Per case and method: MSE/MAE/P95 (mm), TRE, det J, Dice/HD95, time; writes CSV, summary.md, box plots."""
     from brainshift.evaluate.report import summary_markdown, write_report
     from brainshift.evaluate.run import evaluate_dataset
+    from brainshift.pipeline import DEFAULT_WEIGHTS, check_output_dir, resolve_device
 
+    check_output_dir(out)
+    if methods is None:
+        methods = "linear,tps,net-linear,net-tps"
+        if weights is None and not DEFAULT_WEIGHTS.exists():
+            methods = "linear,tps"
+            typer.echo(f"warning: no network weights (no --weights and no default model at weights/"
+                       f"{DEFAULT_WEIGHTS.name}): evaluating the classical methods {methods} only", err=True)
+    if any(m.strip().startswith("net") for m in methods.split(",")):
+        device = resolve_device(device)
     rows = evaluate_dataset(data, methods, weights=weights, seed=seed, n_keypoints=num_kpts, noise_mm=noise_mm,
                             cases=cases, device=device, progress=not quiet, overlap=not no_overlap)
     paths = write_report(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
