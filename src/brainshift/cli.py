@@ -83,7 +83,8 @@ def infer(
     kpt_intraop: Path | None = typer.Option(None, "--kpt-intraop",
                                             help="Intraop Slicer markups matching -k (by label or order)."),
     interp_mode: str = typer.Option("linear", "-m", "--interp_mode", "--interp-mode",
-                                    help="Interpolator: linear | tps | tps3d."),
+                                    help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
+                                         "spline: not exact at the keypoints) | tps3d (biharmonic, exact)."),
     device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
     output_fmt: str = typer.Option("h5", "-f", "--output_fmt", "--output-fmt", help="Field format: h5 | npz | nii."),

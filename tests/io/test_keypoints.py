@@ -357,3 +357,12 @@ def test_validate_coplanar():
 def test_validate_shape_mismatch():
     with pytest.raises(KeypointError, match=r"expected keypoints and displacements of equal shape \(N, 3\)"):
         validate_keypoints(TETRA, np.zeros((4, 3)), OBLIQUE_SHAPE)
+
+
+def test_table_comments_after_a_row_and_after_the_header(tmp_path):
+    path = tmp_path / "kp.csv"
+    path.write_text("x,y,z,dx,dy,dz  # voxel frame\n# a whole-line comment\n120,96,70,0,0,-4  # README example\n"
+                    "1,2,3,0.5,0,0\n")
+    pts, disps = read_keypoint_table(path)
+    np.testing.assert_array_equal(pts, [[120, 96, 70], [1, 2, 3]])
+    np.testing.assert_array_equal(disps, [[0, 0, -4], [0.5, 0, 0]])

@@ -118,8 +118,8 @@ def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
     order = list(range(6))
     first = True
     for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        line = raw.split("#", 1)[0].strip()  # '#' starts a comment, on its own line or after a row
+        if not line:
             continue
         tokens = _split(line)
         if first and not any(_is_number(t) for t in tokens):
