@@ -221,6 +221,8 @@ def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outlin
     fig, axes = _figure(len(names), 3)
     vals = np.concatenate([e[region] for e in errors.values()]) if region.any() else np.zeros(1)
     vmax = max(float(np.percentile(vals, 99.5)), 1e-3)
+    # blank the image inside the excluded cavity: its bright tumour rim would read as the top of the error scale
+    t1 = np.where(outline & ~region, float(np.min(t1)), t1)
     im = None
     for r, name in enumerate(names):
         for ax, (view, axis, (h, v)) in zip(axes[r], views, strict=True):
