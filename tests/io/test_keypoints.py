@@ -230,14 +230,21 @@ def test_markups_label_matching_vs_order_matching(tmp_path, oblique_affine, writ
     by_order = read_slicer_markups(write(tmp_path / f"c{ext}", pre, ["F", "F", "F"]),
                                    write(tmp_path / f"d{ext}", pre + shift, ["F", "F", "F"]), oblique_affine)
     np.testing.assert_allclose(by_order[1], expected, atol=1e-9)
-    # different unique labels: by order, with a warning
-    with pytest.warns(UserWarning, match=r"different labels; matching 3 points by order"):
+    # disjoint unique labels: by order, with a warning
+    with pytest.warns(UserWarning, match=r"share no label; matching 3 points by order"):
         read_slicer_markups(write(tmp_path / f"e{ext}", pre, ["A", "B", "C"]),
                             write(tmp_path / f"f{ext}", pre + shift, ["X", "Y", "Z"]), oblique_affine)
     # order matching needs equal counts
     with pytest.raises(KeypointError, match=r"expected the same number of preop and intraop points.*got 3 .* and 2"):
         read_slicer_markups(write(tmp_path / f"g{ext}", pre, ["F", "F", "F"]),
                             write(tmp_path / f"h{ext}", pre[:2], ["F", "F"]), oblique_affine)
+    # a landmark missing intraop (e.g. Slicer's positionStatus "missing"): the others still match by label
+    with pytest.warns(UserWarning, match=r"matching the 2 markups labels present in both files; dropped 1 .*: B"):
+        pts, disps = read_slicer_markups(write(tmp_path / f"i{ext}", pre, ["A", "B", "C"]),
+                                         write(tmp_path / f"j{ext}", (pre + shift)[[2, 0]], ["C", "A"]),
+                                         oblique_affine)
+    np.testing.assert_allclose(disps, expected[[0, 2]], atol=1e-9)
+    assert pts.shape == (2, 3)
 
 
 def test_mrk_json_skips_undefined_points_and_checks_units(tmp_path, oblique_affine):

@@ -426,9 +426,12 @@ def read_slicer_markups(preop_path: str | os.PathLike[str], intraop_path: str | 
     Each file is a ``.fcsv`` (coordinate system from the ``# CoordinateSystem = RAS|LPS`` header line, legacy
     numeric ``0`` = RAS, ``1`` = LPS; columns located by name from the ``# columns = ...`` line, Slicer's
     default layout ``id,x,y,z,...,label,...`` if absent) or a ``.mrk.json`` (``coordinateSystem`` per markup;
-    every defined control point of every markup, in order). Points are matched by label when all labels are
-    non-empty and unique in both files and both files have the same label set; otherwise by order, which
-    requires equal counts (a warning is issued if both label sets are unique but differ).
+    every defined control point of every markup, in order; points whose ``positionStatus`` is not ``defined``,
+    e.g. ``missing`` for a landmark not found intraop, are skipped). Points are matched by label when all
+    labels are non-empty and unique in both files and the files share labels: points whose label has no
+    partner in the other file are dropped with a warning naming them. Otherwise (labels repeated, empty, or
+    no label in common) by order, which requires equal counts (a warning is issued if both label sets are
+    unique but disjoint).
 
     Args:
         preop_path: markups of the points on the preop image.
@@ -451,16 +454,24 @@ def read_slicer_markups(preop_path: str | os.PathLike[str], intraop_path: str | 
     def unique(labels: list[str]) -> bool:
         return all(labels) and len(set(labels)) == len(labels)
 
-    if unique(pre_labels) and unique(intra_labels) and set(pre_labels) == set(intra_labels):
+    common = set(pre_labels) & set(intra_labels) if unique(pre_labels) and unique(intra_labels) else set()
+    if common:
+        if common != set(pre_labels) or common != set(intra_labels):
+            dropped = sorted((set(pre_labels) | set(intra_labels)) - common)
+            warnings.warn(f"matching the {len(common)} markups labels present in both files; dropped "
+                          f"{len(dropped)} without a partner: {', '.join(dropped[:10])}"
+                          f"{' ...' if len(dropped) > 10 else ''}", stacklevel=2)
+        keep = [i for i, lab in enumerate(pre_labels) if lab in common]
+        pre = pre[keep]
         index = {lab: i for i, lab in enumerate(intra_labels)}
-        intra = intra[[index[lab] for lab in pre_labels]]
+        intra = intra[[index[pre_labels[i]] for i in keep]]
     else:
         if len(pre) != len(intra):
             raise KeypointError(f"expected the same number of preop and intraop points to match by order (labels "
                                 f"are not unique or differ), got {len(pre)} in {str(pre_p)!r} and {len(intra)} in "
                                 f"{str(intra_p)!r}")
         if unique(pre_labels) and unique(intra_labels):
-            warnings.warn(f"preop and intraop markups have different labels; matching {len(pre)} points by order",
+            warnings.warn(f"preop and intraop markups share no label; matching {len(pre)} points by order",
                           stacklevel=2)
     points_vox = points_to_voxel(pre, "ras", affine)
     disps_vox = vectors_to_voxel(intra - pre, "ras", affine)
