@@ -149,3 +149,20 @@ def test_bad_files_and_options(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BrainshiftError, match="CUDA"):
             load_weights(ok, device="cuda")
+
+
+def test_training_state_file_loads_with_its_recorded_architecture(tmp_path):
+    # `brainshift train` writes last.pt with the state dicts and its NetworkConfig as JSON
+    from brainshift.model.network import get_preset
+
+    cfg = get_preset("fast-small")
+    net = build_network(cfg)
+    path = tmp_path / "last.pt"
+    torch.save({"model_state_dict": net.state_dict(), "optimizer_state_dict": {}, "epoch": 3,
+                "network_config": cfg.to_json()}, str(path))
+    loaded = load_weights(path)
+    assert loaded.config == cfg
+    assert loaded.metadata["source_format"] == "brainshift training state"
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), net.eval()(x))

@@ -178,8 +178,13 @@ def _load_published(p: Path, device, config: NetworkConfig | None) -> LoadedMode
                                                          if isinstance(obj, dict) else ""))
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputFileError(f"expected only tensors in the state dict of {p}")
+    source = "published"
+    if config is None and isinstance(obj, dict) and isinstance(obj.get("network_config"), str):
+        # our own training state (`last.pt` of `brainshift train`) records its architecture: use it
+        config = NetworkConfig.from_dict(json.loads(obj["network_config"]))
+        source = "brainshift training state"
     cfg = NetworkConfig() if config is None else NetworkConfig.from_dict(config)
-    metadata.update(source_path=str(p), source_format="published")
+    metadata.update(source_path=str(p), source_format=source)
     return _build_loaded(state, cfg, metadata, device)
 
 
