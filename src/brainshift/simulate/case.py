@@ -71,6 +71,9 @@ class SimulationConfig:
             of the maximum; the float32 field stores ~6e-8 relative).
         solver_maxiter: maximum CG iterations per linear solve.
         max_contact_iterations: maximum active-set iterations per equilibrium.
+        coarse_start_min_elements: linear model with at least this many elements: the gravity equilibrium's
+            contact active set starts from the same case solved at twice the element size (same result, fewer
+            fine solves and AMG setups); 0 disables it.
         contact_gap_tolerance_mm: outward motion (mm) beyond which a free surface node is put in contact.
         contact_force_tolerance: tensile reaction, relative to the largest nodal load, beyond which a node
             is released.
@@ -98,6 +101,7 @@ class SimulationConfig:
     solver_rtol: float = 1e-6
     solver_maxiter: int = 500
     max_contact_iterations: int = 30
+    coarse_start_min_elements: int = 20000
     contact_gap_tolerance_mm: float = 1e-3
     contact_force_tolerance: float = 1e-3
     newton_load_steps: int = 4
@@ -299,7 +303,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         GeometryError: masks off the image grid, empty brain, sheared affine.
         SolverError: under-constrained model, unconverged solve or contact iteration.
     """
-    from brainshift.simulate import loads, materials
+    from brainshift.simulate import loads
     from brainshift.simulate import mesh as meshmod
     from brainshift.simulate.rasterise import rasterise_displacement, rasterise_elements
 
@@ -313,46 +317,31 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
             print(f"[simulate {time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
 
     t0 = time.perf_counter()
-    mesh = meshmod.build_mesh(subject.brain_mask, subject.tumour_mask, subject.ventricles_mask,
-                              resolution_mm=config.resolution_mm, min_brain_fraction=config.min_brain_fraction)
-    meshmod.check_mesh(mesh)
-    mu, lam = materials.element_lame(mesh.fractions, config.poisson_ratio, config.ventricle_poisson_ratio,
-                                     config.tumour_stiffness_ratio, config.ventricle_model)
-    rot = mesh.rotation
     g_ras = np.asarray(params.gravity_direction_ras, dtype=np.float64)
     g_ras = g_ras / np.linalg.norm(g_ras)
-    g_loc = rot.T @ g_ras
     region_vol = Volume(_brain_region(subject).astype(np.uint8), subject.brain_mask.affine, "label")
     top_mm, _ = loads.brain_depth_range_mm(region_vol, g_ras)
-    weight = loads.weight_fraction_per_element(mesh.element_centres_ras(), mesh.element_size_mm, g_ras, top_mm,
-                                               params.drainage_level_mm, config.buoyant_weight_fraction)
-    nodes_ras = mesh.nodes_ras
-    outer = meshmod.outer_surface_nodes(mesh)
-    fixed = loads.brainstem_nodes(nodes_ras, config.brainstem_fixation_depth_mm)
-    dist = np.linalg.norm(nodes_ras[outer] - np.asarray(params.entry_point_ras), axis=1)
-    craniotomy = outer[dist <= config.craniotomy_radius_mm]
-    contact = np.setdiff1d(outer, np.union1d(craniotomy, fixed))
-    normals = meshmod.surface_normals(mesh, contact, config.normal_smoothing_mm)
+    problem, craniotomy = _setup_problem(subject, config, params, config.resolution_mm, top_mm, config.resection)
+    mesh, contact, fixed = problem.mesh, problem.contact_nodes, problem.fixed_nodes
+    rot = mesh.rotation
+    do_resect = bool(problem.removed_elements.any())
+    removed = problem.removed_elements
+    final_mesh, old_nodes = mesh, np.arange(mesh.n_nodes)
+    if do_resect:
+        final_mesh, _, old_nodes = meshmod.remove_elements(mesh, problem.tumour_elements)
     times["mesh_s"] = time.perf_counter() - t0
     _log(f"mesh: {mesh.n_elements} elements, {mesh.n_nodes} nodes, {contact.size} contact, {craniotomy.size} "
          f"craniotomy, {fixed.size} fixed nodes")
-
-    rho_g = materials.weight_density_pa_per_mm()
-    tumour_el = mesh.fractions[:, 1] >= config.tumour_element_fraction
-    do_resect = bool(config.resection and tumour_el.any())
-    removed = np.zeros(mesh.n_elements, dtype=bool)
-    final_mesh, old_nodes = mesh, np.arange(mesh.n_nodes)
-    if do_resect:
-        final_mesh, kept_el, old_nodes = meshmod.remove_elements(mesh, tumour_el)
-        removed = np.ones(mesh.n_elements, dtype=bool)
-        removed[kept_el] = False
-    problem = _Problem(mesh=mesh, mu=mu, lam=lam, force_density=(rho_g * weight)[:, None] * g_loc[None, :],
-                       contact_nodes=contact, normals=normals, fixed_nodes=fixed, gravity_local=g_loc,
-                       tumour_elements=tumour_el, removed_elements=removed, removed_nodes=np.setdiff1d(
-                           np.arange(mesh.n_nodes), old_nodes))
+    active0, coarse_info = None, "off"
+    if config.material == "linear" and 0 < config.coarse_start_min_elements <= mesh.n_elements:
+        t0 = time.perf_counter()
+        active0, coarse_info = _coarse_active_set(subject, config, params, top_mm, problem)
+        times["coarse_start_s"] = time.perf_counter() - t0
+        _log(f"coarse start: {coarse_info}")
     solver_log: list[dict] = []
     if config.material == "linear":
-        u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress)
+        u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress,
+                                               active0=active0)
     else:
         from brainshift.simulate.hyperelastic import neo_hookean_case
 
@@ -385,6 +374,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         "n_fixed_nodes": int(fixed.size),
         "n_resected_elements": int(removed.sum()),
         "interface_force_n": interface_force,
+        "coarse_start": coarse_info,
         "solves": solver_log,
         "times_s": times,
         "max_displacement_mm": float(vals.max()),
@@ -398,6 +388,83 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
                             meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras)
 
 
+def _setup_problem(subject: Subject, config: SimulationConfig, params: CaseParameters, resolution_mm: float,
+                   top_mm: float, resection: bool) -> tuple[_Problem, np.ndarray]:
+    """Mesh, materials, loads and supports at ``resolution_mm``; returns the problem and the craniotomy nodes."""
+    from brainshift.simulate import loads, materials
+    from brainshift.simulate import mesh as meshmod
+
+    mesh = meshmod.build_mesh(subject.brain_mask, subject.tumour_mask, subject.ventricles_mask,
+                              resolution_mm=resolution_mm, min_brain_fraction=config.min_brain_fraction)
+    meshmod.check_mesh(mesh)
+    mu, lam = materials.element_lame(mesh.fractions, config.poisson_ratio, config.ventricle_poisson_ratio,
+                                     config.tumour_stiffness_ratio, config.ventricle_model)
+    g_ras = np.asarray(params.gravity_direction_ras, dtype=np.float64)
+    g_ras = g_ras / np.linalg.norm(g_ras)
+    g_loc = mesh.rotation.T @ g_ras
+    weight = loads.weight_fraction_per_element(mesh.element_centres_ras(), mesh.element_size_mm, g_ras, top_mm,
+                                               params.drainage_level_mm, config.buoyant_weight_fraction)
+    nodes_ras = mesh.nodes_ras
+    outer = meshmod.outer_surface_nodes(mesh)
+    fixed = loads.brainstem_nodes(nodes_ras, config.brainstem_fixation_depth_mm)
+    dist = np.linalg.norm(nodes_ras[outer] - np.asarray(params.entry_point_ras), axis=1)
+    craniotomy = outer[dist <= config.craniotomy_radius_mm]
+    contact = np.setdiff1d(outer, np.union1d(craniotomy, fixed))
+    normals = meshmod.surface_normals(mesh, contact, config.normal_smoothing_mm)
+    rho_g = materials.weight_density_pa_per_mm()
+    tumour_el = mesh.fractions[:, 1] >= config.tumour_element_fraction
+    removed = np.zeros(mesh.n_elements, dtype=bool)
+    removed_nodes = np.zeros(0, dtype=np.int64)
+    if resection and tumour_el.any():
+        _, kept_el, old_nodes = meshmod.remove_elements(mesh, tumour_el)
+        removed = np.ones(mesh.n_elements, dtype=bool)
+        removed[kept_el] = False
+        removed_nodes = np.setdiff1d(np.arange(mesh.n_nodes), old_nodes)
+    problem = _Problem(mesh=mesh, mu=mu, lam=lam, force_density=(rho_g * weight)[:, None] * g_loc[None, :],
+                       contact_nodes=contact, normals=normals, fixed_nodes=fixed, gravity_local=g_loc,
+                       tumour_elements=tumour_el, removed_elements=removed, removed_nodes=removed_nodes)
+    return problem, craniotomy
+
+
+def _coarse_active_set(subject: Subject, config: SimulationConfig, params: CaseParameters, top_mm: float,
+                       fine: _Problem) -> tuple[np.ndarray | None, str]:
+    """Initial skull-contact active set of the gravity equilibrium from the same case at twice the element size.
+
+    The coarse gravity equilibrium (tumour present, loose tolerance) is solved with the same contact method;
+    every fine contact node takes the state of the nearest coarse contact node, and is active (in contact) when
+    no coarse contact node lies within one coarse element (e.g. at the rim of the craniotomy). The fine
+    active-set iteration then only corrects this guess, so the result is the same as from "all in contact"
+    (the active set is checked on the fine solution); only the number of fine solves and AMG setups drops
+    (measured on the MNI brain at 3 mm, see bench/RESULTS.md). Returns ``(active0 or None, a log line)``.
+    """
+    from scipy.spatial import cKDTree
+
+    from brainshift.simulate import fem
+    from brainshift.simulate.contact import ContactSolver
+
+    h = 2.0 * config.resolution_mm
+    try:
+        pb, _ = _setup_problem(subject, config, params, h, top_mm, resection=False)
+        m = pb.mesh
+        if pb.contact_nodes.size == 0:
+            return None, "no coarse contact nodes, starting from all in contact"
+        pattern = fem.block_pattern(m)
+        k = fem.assemble_stiffness(m, pb.lam, pb.mu, volumetric_integration=config.volumetric_integration,
+                                   pattern=pattern)
+        cs = ContactSolver(k, pattern, fem.rigid_body_modes(m.nodes_local_mm), pb.contact_nodes, pb.normals,
+                           pb.fixed_nodes, rtol=1e-3, maxiter=config.solver_maxiter,
+                           max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
+                           force_tol_rel=config.contact_force_tolerance)
+        res = cs.solve(fem.body_force_nodal(m, pb.force_density))
+    except BrainshiftError as exc:  # a degenerate coarse mesh only loses the head start
+        return None, f"coarse {h:g} mm model unusable ({exc}), starting from all in contact"
+    tree = cKDTree(m.nodes_ras[pb.contact_nodes])
+    d, i = tree.query(fine.mesh.nodes_ras[fine.contact_nodes])
+    active = res.active[i] | (d > h)
+    return active, (f"{m.n_elements} elements at {h:g} mm, {res.iterations} contact solves, "
+                    f"{int(active.sum())}/{active.size} fine contact nodes start in contact")
+
+
 def _solve_log(name: str, res, seconds: float) -> dict:
     return {"stage": name, "contact_iterations": res.iterations, "amg_setups": res.amg_setups,
             "cg_iterations": [x.iterations for x in res.solves], "residuals": [x.residual for x in res.solves],
@@ -407,7 +474,7 @@ def _solve_log(name: str, res, seconds: float) -> dict:
 
 
 def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,
-                 progress: bool = False) -> tuple[np.ndarray, float]:
+                 progress: bool = False, active0: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes."""
     from brainshift.simulate import fem
     from brainshift.simulate.contact import ContactSolver
@@ -425,7 +492,7 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
                        force_tol_rel=config.contact_force_tolerance)
     times["assembly_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res1 = cs.solve(f, progress=progress)
+    res1 = cs.solve(f, active0=active0, progress=progress)
     times["gravity_solve_s"] = time.perf_counter() - t0
     log.append(_solve_log("gravity", res1, times["gravity_solve_s"]))
     _log(f"gravity: {res1.iterations} solves, CG {[x.iterations for x in res1.solves]}, "

@@ -23,7 +23,9 @@ Method (exact normal constraints, no penalty):
   extra active-set iterations), and the final 1e-6 displacements differ from a 1e-10 solve by 1.3e-6 mm at
   most (5 mm maximum displacement).
 - The initial active set is every contact node (measured on the MNI brain: 4 iterations, against 6 when
-  starting from the nodes whose normal points along gravity).
+  starting from the nodes whose normal points along gravity), or a given ``active0``: the case pipeline
+  passes the active set of the same case solved at twice the element size
+  (:func:`brainshift.simulate.case.simulate_case`, ``coarse_start_min_elements``).
 
 Source: the classical active-set (primal-dual) treatment of Signorini contact (Hueber & Wohlmuth 2005,
 simplified to node-to-rigid-obstacle constraints); frames as in standard skew-support handling in FE codes.
