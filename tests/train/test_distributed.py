@@ -20,8 +20,11 @@ WORKER = textwrap.dedent("""
     cfg = from_dict(json.loads(sys.argv[1]))
     result = train(cfg)
     torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
-    print("rank", os.environ["RANK"], "world", os.environ["WORLD_SIZE"], "steps", result.steps,
-          "wrote_best", result.best_path is not None)
+    line = f"rank {os.environ['RANK']} world {os.environ['WORLD_SIZE']} steps {result.steps} "
+    line += f"wrote_best {result.best_path is not None}"
+    # one file per rank: the two processes' stdout can interleave
+    with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as fh:
+        fh.write(line)
 """)
 
 
@@ -37,8 +40,8 @@ def test_two_process_gloo_replicas_identical(tiny_dataset, tmp_path):
            json.dumps(cfg), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "rank 0 world 2 steps 2 wrote_best True" in proc.stdout
-    assert "rank 1 world 2 steps 2 wrote_best False" in proc.stdout
+    assert (tmp_path / "rank0.txt").read_text() == "rank 0 world 2 steps 2 wrote_best True"
+    assert (tmp_path / "rank1.txt").read_text() == "rank 1 world 2 steps 2 wrote_best False"
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert s0.keys() == s1.keys()
