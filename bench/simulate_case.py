@@ -105,6 +105,8 @@ def main() -> None:
     lines = ["| step | wall s (median run) |", "|---|---|"]
     lines.append(f"| mesh + loads + normals ({meta['n_elements_preop']} elements, {meta['n_nodes_preop']} nodes) | "
                  f"{t['mesh_s']:.1f} |")
+    if "coarse_start_s" in t:
+        lines.append(f"| coarse start: {meta['coarse_start']} | {t['coarse_start_s']:.1f} |")
     if "assembly_s" in t:  # the neo-Hookean solve assembles its tangent inside Newton
         lines.append(f"| assembly + frame rotation | {t['assembly_s']:.1f} |")
     for stage in meta["solves"]:
@@ -119,10 +121,14 @@ def main() -> None:
     if "resection_setup_s" in t:
         lines.append(f"| resection bookkeeping (interface forces, K_T) | {t['resection_setup_s']:.1f} |")
     lines.append(f"| rasterise to 1 mm | {t['rasterise_s']:.1f} |")
-    lines.append(f"| **total** (median of {len(walls)}) | **{np.median(walls):.1f}** (CPU {np.median(cpus):.1f} s) |")
+    lines.append(f"| **total** (median of {len(walls)}; all runs {', '.join(f'{w:.1f}' for w in walls)}) | "
+                 f"**{np.median(walls):.1f}** (CPU {np.median(cpus):.1f} s) |")
     lines.append(f"| peak memory (RSS) | {peak_gb:.2f} GB |")
     lines.append(f"| max / median displacement | {meta['max_displacement_mm']:.2f} / "
                  f"{meta['median_displacement_mm']:.2f} mm |")
+    import os
+
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))
     if args.png and result is not None:
         save_png(subject, result, params, args.png)
