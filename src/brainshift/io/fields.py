@@ -37,6 +37,7 @@ from brainshift.io.frames import (
     spacing_from_affine,
     world_vectors_to_field,
 )
+from brainshift.io.paths import match_suffix
 from brainshift.volume import Volume
 
 FIELD_SUFFIXES = (".h5", ".hdf5", ".nii", ".nii.gz", ".npz")
@@ -58,11 +59,7 @@ INVERT_WARN_MM = 0.1
 
 def field_suffix(path: str | os.PathLike[str]) -> str:
     """The lower-case field suffix of ``path`` (``.nii.gz`` counted as one), or ``""`` if unsupported."""
-    name = Path(path).name.lower()
-    for suffix in sorted(FIELD_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffix
-    return ""
+    return match_suffix(path, FIELD_SUFFIXES)
 
 
 def _check_suffix(path: Path) -> str:

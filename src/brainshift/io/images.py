@@ -22,6 +22,7 @@ import numpy as np
 from brainshift.errors import InputFileError
 from brainshift.io.atomic import atomic_output
 from brainshift.io.frames import affine_from_itk, affine_to_itk, array_from_itk_order, array_to_itk_order
+from brainshift.io.paths import check_readable, match_suffix
 from brainshift.volume import Kind, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -31,18 +32,7 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 def image_suffix(path: str | os.PathLike[str]) -> str:
     """The lower-case image suffix of ``path`` (``.nii.gz`` counted as one suffix), or ``""`` if unknown."""
-    name = Path(path).name.lower()
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffix
-    return ""
-
-
-def _check_readable(path: Path, what: str) -> None:
-    if not path.exists():
-        raise InputFileError(f"expected an existing {what} file, got {str(path)!r} (not found)")
-    if path.is_dir():
-        raise InputFileError(f"expected a {what} file, got a directory {str(path)!r}")
+    return match_suffix(path, IMAGE_SUFFIXES)
 
 
 def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume:
@@ -67,7 +57,7 @@ def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume
     suffix = image_suffix(p)
     if not suffix:
         raise InputFileError(f"expected an image file ending in {', '.join(IMAGE_SUFFIXES)}, got {str(p)!r}")
-    _check_readable(p, "image")
+    check_readable(p, "image")
     if kind not in ("intensity", "label"):
         raise InputFileError(f"expected image kind 'intensity' or 'label', got {kind!r}")
     if suffix in NIFTI_SUFFIXES:

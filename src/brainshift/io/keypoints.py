@@ -26,6 +26,7 @@ from brainshift.io.frames import (
     vectors_from_voxel,
     vectors_to_voxel,
 )
+from brainshift.io.paths import check_readable, match_suffix
 
 TABLE_COLUMNS = ("x", "y", "z", "dx", "dy", "dz")
 TABLE_SUFFIXES = (".csv", ".txt")
@@ -44,18 +45,11 @@ INSIDE_ATOL_VOX = 1e-6
 
 
 def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in (".mrk.json", ".fcsv", ".csv", ".txt", ".key"):
-        if name.endswith(s):
-            return s
-    return ""
+    return match_suffix(path, (".mrk.json", ".fcsv", ".csv", ".txt", ".key"))
 
 
 def _read_text(path: Path, what: str) -> str:
-    if not path.exists():
-        raise InputFileError(f"expected an existing {what} file, got {str(path)!r} (not found)")
-    if path.is_dir():
-        raise InputFileError(f"expected a {what} file, got a directory {str(path)!r}")
+    check_readable(path, what)
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
