@@ -152,3 +152,37 @@ def test_bad_requests_raise(tmp_path):
         simulate_batch(tmp_path, subjects=[{"image": "x"}], cases_per_subject=1, config=FAST, seed=0, progress=False)
     with pytest.raises(BrainshiftError, match="unique"):
         batch_mod.normalise_subjects([{"image": "a", "brain_mask": "b", "tumour": "c", "subject_id": "x"}] * 2, 0)
+
+
+def test_subject_keypoints_written_and_added_on_resume(tmp_path, monkeypatch):
+    from brainshift.keypoints.detect import detect_keypoints
+    from brainshift.simulate import case as case_mod
+    from brainshift.train.data import read_keypoint_candidates
+
+    monkeypatch.setattr(case_mod, "simulate_case", _fake_simulate_case())
+    spec = write_phantom_files(tmp_path / "in", "a")
+    out = tmp_path / "ds"
+    rep = simulate_batch(out, subjects=[spec], cases_per_subject=1, config=FAST, seed=5, n_workers=1,
+                         processes=False, progress=False)
+    assert rep.ok
+    kp_file = out / "subjects" / "s0000" / "keypoints.csv"
+    cands = read_keypoint_candidates(kp_file.parent)
+    subj = read_subject(out, "s0000")
+    allowed = (subj.brain_mask.data > 0) & (subj.tumour_mask.data == 0)
+    expected = detect_keypoints(subj.image, allowed).points_vox
+    assert cands is not None and cands.shape == expected.shape
+    np.testing.assert_allclose(cands, expected, atol=1e-4)  # written with 4 decimals
+    if len(cands):
+        assert allowed[tuple(np.round(cands).astype(int).T)].all()
+    # a resumed run with every case done adds a missing keypoints file and simulates nothing
+    kp_file.unlink()
+    mtime = (out / "cases" / "s0000_c00" / "meta.json").stat().st_mtime_ns
+    rep2 = simulate_batch(out, subjects=[spec], cases_per_subject=1, config=FAST, seed=5, n_workers=1,
+                          processes=False, progress=False)
+    assert rep2.ok and rep2.simulated == [] and kp_file.is_file()
+    assert (out / "cases" / "s0000_c00" / "meta.json").stat().st_mtime_ns == mtime
+    # and without keypoints none is written
+    kp_file.unlink()
+    simulate_batch(out, subjects=[spec], cases_per_subject=1, config=FAST, seed=5, n_workers=1,
+                   processes=False, progress=False, keypoints=False)
+    assert not kp_file.exists()

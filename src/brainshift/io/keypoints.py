@@ -173,6 +173,21 @@ def write_keypoint_table(path: str | os.PathLike[str], points_vox: np.ndarray, d
     return p
 
 
+def write_detected_keypoints(path: str | os.PathLike[str], keypoints) -> Path:
+    """Write detected keypoints as CSV: a ``#`` comment line, then ``x,y,z,scale_mm,response`` rows.
+
+    ``x, y, z`` are 0-based voxel indices ``i, j, k`` of the image (voxel frame); ``scale_mm`` the DoG sigma in
+    mm; ``response`` the normalised DoG contrast (see :class:`brainshift.keypoints.detect.Keypoints`).
+    Written atomically. Read back as candidates by :func:`brainshift.train.data.read_keypoint_candidates`.
+    """
+    table = np.column_stack([keypoints.points_vox, keypoints.scales_mm, keypoints.responses])
+    with atomic_output(path) as tmp:
+        np.savetxt(tmp, table, fmt="%.4f", delimiter=",", comments="",
+                   header="# brainshift keypoints: frame voxel (0-based i,j,k); scale_mm = DoG sigma in mm; "
+                          "response = normalised DoG contrast\nx,y,z,scale_mm,response")
+    return Path(path)
+
+
 def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
     pts = np.asarray(points_vox, dtype=np.float64)
     dsp = np.asarray(disps_vox, dtype=np.float64)

@@ -36,7 +36,7 @@ def keypoints_command(
     import time
 
     from brainshift.io.images import read_image
-    from brainshift.io.keypoints import write_sift_key
+    from brainshift.io.keypoints import write_detected_keypoints, write_sift_key
     from brainshift.keypoints.detect import detect_keypoints
 
     volume = read_image(image)
@@ -53,7 +53,7 @@ def keypoints_command(
         prefix = prefix.with_suffix("")
     csv_path = prefix.parent / f"{prefix.name}.csv"
     key_path = prefix.parent / f"{prefix.name}.key"
-    write_keypoint_csv(csv_path, kp)
+    write_detected_keypoints(csv_path, kp)
     # .key scales are in voxels (SIFT-Rank ignores the voxel size): mm over the geometric-mean spacing
     spacing = volume.spacing
     write_sift_key(key_path, kp.points_vox, kp.scales_mm / float(spacing.prod() ** (1 / 3)), shape=volume.shape,
@@ -61,25 +61,6 @@ def keypoints_command(
     n_bright = int((kp.polarity > 0).sum())
     typer.echo(f"{len(kp)} keypoints ({n_bright} bright, {len(kp) - n_bright} dark) in {elapsed:.2f} s; "
                f"wrote {csv_path} and {key_path}")
-
-
-def write_keypoint_csv(path: Path, keypoints) -> Path:
-    """Write detected keypoints as CSV: a ``#`` comment line, then ``x,y,z,scale_mm,response`` rows.
-
-    ``x, y, z`` are 0-based voxel indices ``i, j, k`` of the image (voxel frame); ``scale_mm`` the DoG sigma in
-    mm; ``response`` the normalised DoG contrast (see :class:`brainshift.keypoints.detect.Keypoints`).
-    Written atomically.
-    """
-    import numpy as np
-
-    from brainshift.io.atomic import atomic_output
-
-    table = np.column_stack([keypoints.points_vox, keypoints.scales_mm, keypoints.responses])
-    with atomic_output(path) as tmp:
-        np.savetxt(tmp, table, fmt="%.4f", delimiter=",", comments="",
-                   header="# brainshift keypoints: frame voxel (0-based i,j,k); scale_mm = DoG sigma in mm; "
-                          "response = normalised DoG contrast\nx,y,z,scale_mm,response")
-    return Path(path)
 
 
 def _stem(path: Path) -> str:

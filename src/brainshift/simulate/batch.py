@@ -12,6 +12,14 @@ case, appended). A case is complete once its ``meta.json`` exists; complete case
 interrupted run resumes where it stopped, and a run with more subjects or more cases per subject extends a
 dataset. A resumed run must use the same seed and configurations (checked against ``dataset.json``).
 
+Keypoint candidates: with ``keypoints=True`` (the default) every subject also gets
+``subjects/<id>/keypoints.csv``: 3-D DoG keypoints (:func:`brainshift.keypoints.detect_keypoints`, default
+parameters, as ``brainshift keypoints``) detected in its preop image inside brain minus tumour, the region the
+demo and inference draw from. Training (:mod:`brainshift.train.data`) and evaluation
+(:mod:`brainshift.evaluate.run`) then draw driving keypoints and held-out TRE targets among these detected
+points, as the published pipeline did with 3D SIFT-Rank, instead of among random voxels. A resumed run adds
+the file to subjects that lack it.
+
 Seeds (NumPy ``SeedSequence`` spawn keys, so each value depends only on the batch seed and the indices, not
 on how many subjects or cases are requested or the order they run in):
 
@@ -196,13 +204,18 @@ def normalise_subjects(subjects, seed: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------- Dask tasks
 
 
-def _make_subject(out_dir: str, entry: dict, synthesis: dict | None) -> dict:
-    """Task: make and write one subject unless it exists. Returns a status dict (never raises)."""
+def _make_subject(out_dir: str, entry: dict, synthesis: dict | None, keypoints: bool = False) -> dict:
+    """Task: make and write one subject unless it exists (and its keypoints file if asked and missing).
+
+    Returns a status dict (never raises).
+    """
     from brainshift.simulate.dataset import read_subject, write_subject
 
     sid = entry["subject_id"]
     try:
         if (Path(out_dir) / "subjects" / sid / "subject.json").is_file():
+            if keypoints:
+                _write_subject_keypoints(out_dir, sid)
             return {"subject_id": sid, "status": "ok", "made": False}
         t0 = time.perf_counter()
         if entry["kind"] == "synthetic":
@@ -221,10 +234,35 @@ def _make_subject(out_dir: str, entry: dict, synthesis: dict | None) -> dict:
             folder = Path(entry["path"])
             subject = read_subject(folder.parent.parent, folder.name)
         write_subject(out_dir, subject)
+        if keypoints:
+            _write_subject_keypoints(out_dir, sid)
         return {"subject_id": sid, "status": "ok", "made": True, "time_s": time.perf_counter() - t0}
     except Exception as exc:
         return {"subject_id": sid, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc()}
+
+
+def subject_keypoints_path(out_dir: str | Path, subject_id: str) -> Path:
+    """``out_dir/subjects/<subject_id>/keypoints.csv``: the subject's detected keypoint candidates."""
+    return Path(out_dir) / "subjects" / subject_id / "keypoints.csv"
+
+
+def _write_subject_keypoints(out_dir: str | Path, subject_id: str) -> Path:
+    """Detect keypoints of a written subject inside brain minus tumour; write ``keypoints.csv`` unless present.
+
+    Columns ``x,y,z,scale_mm,response``, 0-based voxel indices of the subject grid (``brainshift keypoints``
+    output, read by :func:`brainshift.train.data.read_keypoint_candidates`). Written atomically.
+    """
+    from brainshift.io.keypoints import write_detected_keypoints
+    from brainshift.keypoints.detect import detect_keypoints
+    from brainshift.simulate.dataset import read_subject
+
+    path = subject_keypoints_path(out_dir, subject_id)
+    if path.is_file():
+        return path
+    subject = read_subject(out_dir, subject_id)
+    allowed = (subject.brain_mask.data > 0) & ~(subject.tumour_mask.data > 0)
+    return write_detected_keypoints(path, detect_keypoints(subject.image, allowed))
 
 
 @functools.lru_cache(maxsize=2)
@@ -313,7 +351,8 @@ def _log_failure(out_dir: Path, status: dict) -> None:
 
 def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cases_per_subject: int, config,
                    seed: int, scheduler_address: str | None = None, n_workers: int | None = None,
-                   progress: bool = True, synthesis=None, processes: bool = True) -> BatchReport:
+                   progress: bool = True, synthesis=None, processes: bool = True,
+                   keypoints: bool = True) -> BatchReport:
     """Simulate ``cases_per_subject`` cases for each subject as Dask tasks, into the dataset layout.
 
     Args:
@@ -330,6 +369,8 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
         progress: show a tqdm progress bar over the cases.
         synthesis: :class:`~brainshift.simulate.subject.SynthesisConfig` for synthetic subjects (default one).
         processes: LocalCluster workers are processes (default) or threads of this process.
+        keypoints: detect every subject's keypoint candidates into ``subjects/<id>/keypoints.csv`` (module
+            docstring); subjects that lack the file get it on a resumed run.
 
     Returns:
         :class:`BatchReport`. Failed cases do not stop the others: each is listed there and its traceback
@@ -359,8 +400,12 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
     report = BatchReport(out_dir=out, n_subjects=len(entries), n_cases=len(plan))
     report.skipped = [cid for _, _, cid in plan if cid in done]
     todo = [(e, j, cid) for e, j, cid in plan if cid not in done]
+    need_subject = {e["subject_id"]: e for e, _, _ in todo}
+    if keypoints:
+        need_subject.update({e["subject_id"]: e for e in entries
+                             if not subject_keypoints_path(out, e["subject_id"]).is_file()})
 
-    if todo:
+    if need_subject:
         if scheduler_address:
             cluster = None
             client = Client(scheduler_address)
@@ -370,8 +415,9 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
             client = Client(cluster)
         try:
             subject_futures = {}
-            for e in {e["subject_id"]: e for e, _, _ in todo}.values():
-                subject_futures[e["subject_id"]] = client.submit(_make_subject, str(out), e, synth_dict, pure=False,
+            for e in need_subject.values():
+                subject_futures[e["subject_id"]] = client.submit(_make_subject, str(out), e, synth_dict, keypoints,
+                                                                 pure=False,
                                                                  key=f"subject-{e['subject_id']}-{time.time_ns()}")
             futures = []
             for e, j, cid in todo:
@@ -396,6 +442,12 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
                 bar.set_postfix(failed=len(report.failed))
                 fut.release()
             bar.close()
+            # subjects made only for their keypoints (no case of theirs left to run): wait for them here
+            for sid, fut in subject_futures.items():
+                status = fut.result()
+                if status["status"] != "ok" and not any(cid.startswith(f"{sid}_") for _, _, cid in todo):
+                    report.failed[f"{sid} (subject)"] = status["error"].splitlines()[0]
+                    _log_failure(out, {**status, "case_id": f"{sid} (subject)"})
         finally:
             client.close()
             if cluster is not None:

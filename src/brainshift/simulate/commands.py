@@ -117,6 +117,9 @@ def simulate_batch_command(
     resolution: float | None = typer.Option(None, "--resolution", help="Element size in mm (default 3)."),
     material: str | None = typer.Option(None, "--material", help="linear (default) or neo-hookean."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    keypoints: bool = typer.Option(True, "--keypoints/--no-keypoints",
+                                   help="Detect each subject's keypoints into subjects/<id>/keypoints.csv "
+                                        "(training and evaluation draw keypoints among them)."),
 ) -> None:
     """Simulate many cases as Dask tasks into a dataset folder (resumable; failures logged, not fatal).
 
@@ -134,7 +137,7 @@ def simulate_batch_command(
         raise BrainshiftError(f"expected --subjects as a number or a .csv file, got {subjects!r}")
     report = simulate_batch(out, subjects=subject_arg, cases_per_subject=cases_per_subject, config=sim_cfg, seed=seed,
                             scheduler_address=scheduler_address, n_workers=workers, progress=progress,
-                            synthesis=synth_cfg)
+                            synthesis=synth_cfg, keypoints=keypoints)
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(code=1)
