@@ -84,6 +84,11 @@ def test_resume_equals_uninterrupted_run(small_dataset, tmp_path):
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     state = load_state(tmp_path / "b" / "last.pt")
     assert state["epoch"] == 2 and state["step"] == 4
+    assert state["optimizer_state_dict"]["param_groups"][0]["lr"] == 1e-3
+    # a resumed run takes its configured learning rate (staged schedules across runs)
+    c = train(_cfg(small_dataset, tmp_path / "b", split=[0.25, 0.0], epochs=3, resume=True, lr=2e-4))
+    assert c.steps == 6
+    assert load_state(tmp_path / "b" / "last.pt")["optimizer_state_dict"]["param_groups"][0]["lr"] == 2e-4
     with pytest.raises(BrainshiftError, match="network"):
         train(_cfg(small_dataset, tmp_path / "b", split=[0.25, 0.0], epochs=3, resume=True,
                    network={"features": [4, 8, 16]}))

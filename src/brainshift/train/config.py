@@ -88,7 +88,8 @@ class TrainConfig:
         heldout_kpts: random held-out points per case for TRE when a subject has no ``keypoints.csv``.
         max_steps: stop after this many optimiser steps (tests, smoke runs).
         log_dir: TensorBoard folder (``None``: ``save_dir/logs``).
-        resume: continue from ``save_dir/last.pt`` (or ``checkpoint``).
+        resume: continue from ``save_dir/last.pt`` (or ``checkpoint``): weights, Adam moments, epoch and step;
+            the learning rate is this config's ``lr`` (so a resumed run can lower it).
         progress: tqdm progress bars.
     """
 

@@ -275,6 +275,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                       f"for {state['network_config']} in {resume_path}")
             model.load_state_dict(state["model_state_dict"])
             optimizer.load_state_dict(state["optimizer_state_dict"])
+            for group in optimizer.param_groups:  # the configured learning rate applies to a resumed run
+                group["lr"] = float(cfg.lr)
             start_epoch, step = int(state["epoch"]), int(state["step"])
             best_val, best_epoch = float(state["best_val_mse"]), int(state["best_epoch"])
             history = json.loads(state["history"])
