@@ -39,6 +39,7 @@ def train_command(
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Output folder (default: checkpoints)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Number of epochs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from SAVE_DIR/last.pt."),
+    lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (also applies to a resumed run)."),
     device: str | None = typer.Option(None, "--device", "-d", help="cpu | cuda (published default: cuda)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of every random draw."),
@@ -50,7 +51,7 @@ def train_command(
 
     overrides = {"data": str(data) if data else None, "save_dir": str(save_dir) if save_dir else None,
                  "epochs": epochs, "resume": True if resume else None, "device": device, "max_steps": max_steps,
-                 "seed": seed, "progress": False if quiet else None}
+                 "seed": seed, "lr": lr, "progress": False if quiet else None}
     cfg = load_config(config, overrides)
     result = train(cfg)
     if result.best_path is not None:  # rank 0
