@@ -106,3 +106,16 @@ def test_max_steps_and_bad_inputs(tiny_dataset, tmp_path):
         train(_cfg(tmp_path / "nope", tmp_path / "o2"))
     with pytest.raises(BrainshiftError, match="multiples of 2"):
         train(_cfg(tiny_dataset, tmp_path / "o3", size=[15, 16, 16]))
+
+
+def test_zero_init_head_starts_as_identity_refinement():
+    from brainshift.train.loop import initial_network
+
+    net = NetworkConfig(features=(4, 8))
+    model = initial_network(net, from_dict({"device": "cpu"}))
+    assert torch.count_nonzero(model.final_conv.weight) == 0 and torch.count_nonzero(model.final_conv.bias) == 0
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), x[:, :3])  # output = the initial field exactly
+    other = initial_network(net, from_dict({"device": "cpu", "zero_init_head": False}))
+    assert torch.count_nonzero(other.final_conv.weight) > 0

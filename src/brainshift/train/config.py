@@ -86,6 +86,9 @@ class TrainConfig:
             0 draws a fresh variant for every sample (no cache of variants).
         samples_per_epoch: samples per epoch (``None``: one per training subject).
         heldout_kpts: random held-out points per case for TRE when a subject has no ``keypoints.csv``.
+        zero_init_head: a network trained from scratch starts with its final 1x1x1 convolution at zero, so
+            with ``predict_residual`` it starts as the identity refinement (output = the initial field) rather
+            than adding random millimetres to it (no effect with ``load_model`` or a resumed state).
         max_steps: stop after this many optimiser steps (tests, smoke runs).
         log_dir: TensorBoard folder (``None``: ``save_dir/logs``).
         resume: continue from ``save_dir/last.pt`` (or ``checkpoint``): weights, Adam moments, epoch and step;
@@ -139,6 +142,7 @@ class TrainConfig:
     variants_per_case: int = 0
     samples_per_epoch: int | None = None
     heldout_kpts: int = 50
+    zero_init_head: bool = True
     max_steps: int | None = None
     log_dir: str | None = None
     resume: bool = False
@@ -168,7 +172,8 @@ _INT = {"batch_size", "num_features", "num_levels", "num_groups", "epochs", "lnc
 _OPT_INT = {"num_kpts", "max_steps", "samples_per_epoch"}
 _FLOAT = {"mse_w", "lr", "lncc_w", "reg_w"}
 _OPT_FLOAT = {"spacing_mm"}
-_BOOL = {"predict_residual", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume", "progress"}
+_BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume",
+         "progress"}
 _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device"}
 _OPT_STR = {"data", "test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
             "cache_dir", "log_dir"}

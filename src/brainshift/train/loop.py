@@ -106,6 +106,22 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer
     return terms
 
 
+def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Module:
+    """The network a run starts from: ``init_loaded``'s weights (``load_model``), else a fresh network whose
+    final 1x1x1 convolution is zero when ``cfg.zero_init_head`` (so with residual prediction it starts as the
+    identity refinement: output = the initial field). A resumed state overwrites either.
+    """
+    from brainshift.model import build_network
+
+    model = build_network(net_cfg)
+    if init_loaded is not None:
+        model.load_state_dict(init_loaded.model.state_dict())
+    elif cfg.zero_init_head:
+        torch.nn.init.zeros_(model.final_conv.weight)
+        torch.nn.init.zeros_(model.final_conv.bias)
+    return model
+
+
 def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config, device: torch.device,
              extra_eval: bool = False) -> dict[str, float]:
     """Validation metrics averaged over ``items`` (from :func:`brainshift.train.data.validation_items`).
@@ -227,7 +243,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
     from tqdm.auto import tqdm
 
-    from brainshift.model import build_network, load_weights, save_weights
+    from brainshift.model import load_weights, save_weights
     from brainshift.model.checkpoint import unwrap_model
     from brainshift.train.data import TrainDataset, cases_of, split_cases, validation_items
 
@@ -260,9 +276,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
                                   f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
 
-        model = build_network(net_cfg)
-        if init_loaded is not None:
-            model.load_state_dict(init_loaded.model.state_dict())
+        model = initial_network(net_cfg, cfg, init_loaded)
         model.to(ctx.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
