@@ -50,5 +50,7 @@ def test_keypoints_command_bad_input_exits_2(tmp_path):
     image = tmp_path / "blobs.nii.gz"
     nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
     result = runner.invoke(app, ["keypoints", str(image), "--edge-ratio", "0.5"])
-    assert result.exit_code == 2 and "edge_ratio" in result.output
+    assert result.exit_code == 2 and "expected --edge-ratio >= 1, got 0.5" in result.output
+    result = runner.invoke(app, ["keypoints", str(image), "--octaves", "0"])
+    assert result.exit_code == 2 and "expected --octaves >= 1, got 0" in result.output
     assert not list(tmp_path.glob("*.csv"))  # nothing written on error

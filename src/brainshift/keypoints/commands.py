@@ -39,6 +39,14 @@ def keypoints_command(
     from brainshift.io.keypoints import write_detected_keypoints, write_sift_key
     from brainshift.keypoints.detect import detect_keypoints
 
+    _check_options({"--sigma-min-mm": (sigma_min_mm, sigma_min_mm > 0, "> 0"),
+                    "--octaves": (n_octaves, n_octaves >= 1, ">= 1"),
+                    "--scales": (n_scales, n_scales >= 1, ">= 1"),
+                    "--contrast": (contrast_threshold, contrast_threshold >= 0, ">= 0"),
+                    "--edge-ratio": (edge_ratio, edge_ratio >= 1, ">= 1"),
+                    "--min-distance-mm": (min_distance_mm, min_distance_mm >= 0, ">= 0"),
+                    "--border-mm": (border_mm, border_mm >= 0, ">= 0"),
+                    "--max": (max_keypoints, max_keypoints is None or max_keypoints >= 1, ">= 1")})
     volume = read_image(image)
     mask_volume = read_image(mask, kind="label") if mask is not None else None
     start = time.perf_counter()
@@ -61,6 +69,15 @@ def keypoints_command(
     n_bright = int((kp.polarity > 0).sum())
     typer.echo(f"{len(kp)} keypoints ({n_bright} bright, {len(kp) - n_bright} dark) in {elapsed:.2f} s; "
                f"wrote {csv_path} and {key_path}")
+
+
+def _check_options(options: dict) -> None:
+    """Raise BrainshiftError naming the first command-line option whose value is out of range."""
+    from brainshift.errors import BrainshiftError
+
+    for name, (value, ok, expected) in options.items():
+        if not ok:
+            raise BrainshiftError(f"expected {name} {expected}, got {value}")
 
 
 def _stem(path: Path) -> str:
