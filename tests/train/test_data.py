@@ -146,16 +146,42 @@ def test_train_dataset_deterministic_and_epoch_dependent(small_dataset):
     assert not torch.equal(ds[2]["input"], x0)
 
 
-def test_variant_pool_persistent_cache(tiny_dataset, tmp_path):
+def test_variant_pool_persistent_cache(tiny_dataset, tmp_path, monkeypatch):
+    from brainshift.train import data as data_mod
+
     kw = dict(size=None, interp="linear", k_range=(6, 6), heldout_kpts=5, variants_per_case=2, seed=0,
               cache_dir=tmp_path / "cache")
     ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=6, **kw)
     inputs = [ds[i]["input"] for i in range(6)]
     distinct = {x.numpy().tobytes() for x in inputs}
     assert len(distinct) <= 2  # drawn from the pool of 2 variants (no augmentation)
-    assert len(list((tmp_path / "cache" / "variants").glob("*.pt"))) == len(distinct)
+    # the cache holds the computed pool (network-grid arrays + 2 initial fields), not the input item
+    files = list((tmp_path / "cache" / "variant_pools").glob("*.pt"))
+    assert len(files) == 1
+    cached = torch.load(files[0], weights_only=False)
+    assert set(data_mod.SAMPLE_KEYS) <= set(cached) and "gt" not in cached and "image" not in cached
+    assert tuple(np.asarray(cached["init_nets"]).shape) == (2, 3, *np.asarray(cached["net_gt"]).shape[1:])
+    # a new dataset reads the pool back from disk: nothing is prepared or interpolated again
+    monkeypatch.setattr(data_mod, "prepare_case", lambda *a, **k: pytest.fail("prepare_case called again"))
     ds2 = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=6, **kw)
-    assert all(torch.equal(ds2[i]["input"], inputs[i]) for i in range(6))  # read back from the disk cache
+    assert all(torch.equal(ds2[i]["input"], inputs[i]) for i in range(6))
+
+
+def test_in_memory_cache_prepares_each_case_once(tiny_dataset, monkeypatch):
+    from brainshift.train import data as data_mod
+
+    calls = []
+    real = data_mod.prepare_case
+    monkeypatch.setattr(data_mod, "prepare_case", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, size=None, interp="tps",
+                      k_range=(6, 6), heldout_kpts=5, variants_per_case=3, samples_per_epoch=5, seed=0)
+    for i in range(5):
+        ds[i]
+    ds0 = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, size=None, interp="tps",
+                       k_range=(6, 6), heldout_kpts=5, variants_per_case=0, samples_per_epoch=5, seed=0)
+    for i in range(5):
+        ds0[i]
+    assert calls == ["sub00_c0", "sub00_c0"]  # once per dataset (when its cache is built), not per sample
 
 
 def test_validation_items_fixed(tiny_dataset):

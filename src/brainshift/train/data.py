@@ -15,8 +15,10 @@ A training sample is built in three stages:
    allowed region), displacements sampled from the ground truth, an initial field by the interpolator
    (``linear``, ``tps``, or a random choice per sample: the published "mixed") on the subject grid, then taken
    to the network grid. The candidates not chosen are the held-out targets for TRE. With
-   ``variants_per_case > 0`` a pool of that many variants per case is precomputed and cached, so CPU training
-   is not dominated by interpolation; with 0 every sample draws a fresh one.
+   ``variants_per_case > 0`` a pool of that many variants per case is computed once per case together with
+   its network-grid arrays (:class:`PrepareVariantPool`) and cached as one small item (no subject-grid
+   arrays), so CPU training is neither dominated by interpolation nor by reading whole 1 mm cases; with 0
+   every sample draws a fresh variant from the cached whole case (:class:`PrepareCase`).
 3. **Sample** (:func:`assemble_sample`): crop/pad to the training ``size`` centred on the brain, and MONAI
    intensity augmentation of the image channel only (:func:`intensity_augmentation`).
 
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Transform
 
 from brainshift.errors import BrainshiftError, InputFileError
 
@@ -227,8 +230,13 @@ def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | No
                         image_mean=float("nan"), image_std=float("nan"), same_grid=bool(c["same_grid"]))
 
 
-class PrepareCase:
-    """MONAI-style transform ``{"case_id": ...} -> prepare_case(...)`` (picklable, deterministic)."""
+class PrepareCase(Transform):
+    """MONAI transform ``{"case_id": ...} -> prepare_case(...)`` (picklable, deterministic).
+
+    A :class:`monai.transforms.Transform` subclass on purpose: MONAI's ``CacheDataset`` / ``PersistentDataset``
+    cache the result of the leading transforms that are deterministic ``Transform`` instances only; a plain
+    callable would be re-run on every access.
+    """
 
     def __init__(self, data_dir: str | Path, net_config) -> None:
         self.data_dir = str(data_dir)
@@ -236,6 +244,40 @@ class PrepareCase:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         return prepare_case(self.data_dir, item["case_id"], self.net_config)
+
+
+#: What a training sample needs from a prepared case (network grid only): the variant pool keeps just these.
+SAMPLE_KEYS = ("case_id", "subject_id", "net_image", "net_gt", "net_mask", "net_spacing", "brain_centre")
+
+
+class PrepareVariantPool(Transform):
+    """MONAI transform ``{"case_id": ...}`` -> the case's network-grid arrays (:data:`SAMPLE_KEYS`) and a pool
+    of ``n_variants`` initial fields ``init_nets`` (V, 3, I', J', K') float32 with their ``methods``.
+
+    The case is prepared once (:func:`prepare_case`), then variant ``v`` is :func:`draw_variant` with
+    :func:`variant_rng` ``(seed, case_id, v)``. The result is small (no subject-grid arrays), so a
+    ``PersistentDataset`` keeps it on disk and a training sample reads one file.
+    """
+
+    def __init__(self, data_dir: str | Path, net_config, *, n_variants: int, seed: int, interp: str | None,
+                 k_range: tuple[int, int], heldout_kpts: int) -> None:
+        self.data_dir = str(data_dir)
+        self.net_config = net_config
+        self.n_variants = int(n_variants)
+        self.seed = int(seed)
+        self.interp = interp
+        self.k_range = k_range
+        self.heldout_kpts = heldout_kpts
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        case = prepare_case(self.data_dir, item["case_id"], self.net_config)
+        variants = [draw_variant(case, variant_rng(self.seed, item["case_id"], v), self.net_config,
+                                 interp=self.interp, k_range=self.k_range, heldout_kpts=self.heldout_kpts)
+                    for v in range(self.n_variants)]
+        out = {k: case[k] for k in SAMPLE_KEYS}
+        out["init_nets"] = np.stack([v["init_net"] for v in variants]).astype(np.float32)
+        out["methods"] = [v["method"] for v in variants]
+        return out
 
 
 # -------------------------------------------------------------------------------------------- variant stage
@@ -291,29 +333,6 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
     if keep_native:
         out["init"] = init
     return out
-
-
-class MakeVariant:
-    """MONAI-style transform ``{"case_id", "variant"} -> draw_variant(...)`` seeded by (seed, case, variant).
-
-    Looks the prepared case up in ``case_store`` (a dataset indexed like ``case_index``).
-    """
-
-    def __init__(self, case_store, case_index: dict[str, int], net_config, *, seed: int, interp: str | None,
-                 k_range: tuple[int, int], heldout_kpts: int) -> None:
-        self.case_store = case_store
-        self.case_index = case_index
-        self.net_config = net_config
-        self.seed = seed
-        self.interp = interp
-        self.k_range = k_range
-        self.heldout_kpts = heldout_kpts
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        case = self.case_store[self.case_index[item["case_id"]]]
-        rng = variant_rng(self.seed, item["case_id"], int(item["variant"]))
-        return draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
-                            heldout_kpts=self.heldout_kpts)
 
 
 # --------------------------------------------------------------------------------------------- sample stage
@@ -473,20 +492,18 @@ class TrainDataset(torch.utils.data.Dataset):
         self.subjects = sorted(by_subject)
         self.subject_cases = {s: sorted(v) for s, v in by_subject.items()}
         self.length = int(samples_per_epoch) if samples_per_epoch else len(self.subjects)
-        key = config_key(data_dir, net_config)
-        case_cache = None if cache_dir is None else Path(cache_dir) / "cases"
-        self.cases = make_store([{"case_id": c, "key": key} for c in case_ids], PrepareCase(data_dir, net_config),
-                                case_cache, num_workers, progress)
         self.variants_per_case = int(variants_per_case)
-        self.variants = None
-        if self.variants_per_case > 0:
-            vkey = config_key(data_dir, net_config, {"seed": self.seed, "interp": interp, "k": list(k_range),
-                                                     "heldout": heldout_kpts})
-            items = [{"case_id": c, "variant": v, "key": vkey} for c in case_ids for v in range(self.variants_per_case)]
-            var_cache = None if cache_dir is None else Path(cache_dir) / "variants"
-            make = MakeVariant(self.cases, self.case_index, net_config, seed=self.seed, interp=interp,
-                               k_range=k_range, heldout_kpts=heldout_kpts)
-            self.variants = make_store(items, make, var_cache, num_workers, progress)
+        if self.variants_per_case > 0:  # one cached item per case: network-grid arrays + its variant pool
+            key = config_key(data_dir, net_config, {"seed": self.seed, "interp": interp, "k": list(k_range),
+                                                    "heldout": heldout_kpts, "variants": self.variants_per_case})
+            make = PrepareVariantPool(data_dir, net_config, n_variants=self.variants_per_case, seed=self.seed,
+                                      interp=interp, k_range=k_range, heldout_kpts=heldout_kpts)
+            cache = None if cache_dir is None else Path(cache_dir) / "variant_pools"
+        else:  # fresh draws need the whole prepared case (subject grid included)
+            key = config_key(data_dir, net_config)
+            make = PrepareCase(data_dir, net_config)
+            cache = None if cache_dir is None else Path(cache_dir) / "cases"
+        self.cases = make_store([{"case_id": c, "key": key} for c in case_ids], make, cache, num_workers, progress)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (changes every random draw)."""
@@ -502,9 +519,9 @@ class TrainDataset(torch.utils.data.Dataset):
         case_id = cases[int(rng.integers(len(cases)))]
         ci = self.case_index[case_id]
         case = self.cases[ci]
-        if self.variants is not None:
+        if self.variants_per_case > 0:
             v = int(rng.integers(self.variants_per_case))
-            variant = self.variants[ci * self.variants_per_case + v]
+            variant = {"init_net": _np(case["init_nets"])[v]}
         else:
             variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
                                    heldout_kpts=self.heldout_kpts)
