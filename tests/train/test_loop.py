@@ -97,6 +97,10 @@ def test_resume_equals_uninterrupted_run(small_dataset, tmp_path):
 def test_max_steps_and_bad_inputs(tiny_dataset, tmp_path):
     r = train(_cfg(tiny_dataset, tmp_path / "o", epochs=5, max_steps=3, split=[0.0, 0.0]))
     assert r.steps == 3 and len(r.history) == 2 and r.best_metrics == {}
+    r = train(_cfg(tiny_dataset, tmp_path / "t", epochs=5, max_minutes=1e-9, split=[0.0, 0.0]))
+    assert r.steps == 1 and len(r.history) == 1 and (tmp_path / "t" / "last.pt").is_file()
+    with pytest.raises(BrainshiftError, match="max_minutes"):
+        train(_cfg(tiny_dataset, tmp_path / "t2", max_minutes=0))
     with pytest.raises(InputFileError, match="resume"):
         load_state(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")

@@ -42,6 +42,8 @@ def train_command(
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (also applies to a resumed run)."),
     device: str | None = typer.Option(None, "--device", "-d", help="cpu | cuda (published default: cuda)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (validate, save) after this many "
+                                             "minutes of training; --resume continues."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of every random draw."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
@@ -51,6 +53,7 @@ def train_command(
 
     overrides = {"data": str(data) if data else None, "save_dir": str(save_dir) if save_dir else None,
                  "epochs": epochs, "resume": True if resume else None, "device": device, "max_steps": max_steps,
+                 "max_minutes": max_minutes,
                  "seed": seed, "lr": lr, "progress": False if quiet else None}
     cfg = load_config(config, overrides)
     result = train(cfg)

@@ -90,6 +90,9 @@ class TrainConfig:
             with ``predict_residual`` it starts as the identity refinement (output = the initial field) rather
             than adding random millimetres to it (no effect with ``load_model`` or a resumed state).
         max_steps: stop after this many optimiser steps (tests, smoke runs).
+        max_minutes: stop after the optimiser step that passes this many minutes of training in this run (a
+            time budget, e.g. for a CPU session); the model is then validated and saved as after an epoch, and
+            ``--resume`` continues from there.
         log_dir: TensorBoard folder (``None``: ``save_dir/logs``).
         resume: continue from ``save_dir/last.pt`` (or ``checkpoint``): weights, Adam moments, epoch and step;
             the learning rate is this config's ``lr`` (so a resumed run can lower it).
@@ -144,6 +147,7 @@ class TrainConfig:
     heldout_kpts: int = 50
     zero_init_head: bool = True
     max_steps: int | None = None
+    max_minutes: float | None = None
     log_dir: str | None = None
     resume: bool = False
     progress: bool = True
@@ -171,7 +175,7 @@ _INT = {"batch_size", "num_features", "num_levels", "num_groups", "epochs", "lnc
         "min_kpts", "max_kpts", "seed", "num_workers", "variants_per_case", "heldout_kpts"}
 _OPT_INT = {"num_kpts", "max_steps", "samples_per_epoch"}
 _FLOAT = {"mse_w", "lr", "lncc_w", "reg_w"}
-_OPT_FLOAT = {"spacing_mm"}
+_OPT_FLOAT = {"spacing_mm", "max_minutes"}
 _BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume",
          "progress"}
 _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device"}
@@ -264,6 +268,8 @@ def validate(cfg: TrainConfig) -> None:
             raise BrainshiftError(f"expected {name} >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise BrainshiftError(f"expected max_steps >= 1, got {cfg.max_steps}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise BrainshiftError(f"expected max_minutes > 0, got {cfg.max_minutes}")
     if cfg.lr <= 0:
         raise BrainshiftError(f"expected a positive learning rate, got {cfg.lr}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):

@@ -320,6 +320,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         best_path, last_path = save_dir / "best.safetensors", save_dir / "last.pt"
         best_metrics: dict[str, float] = {}
         stop = cfg.max_steps is not None and step >= cfg.max_steps
+        t_run = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             if stop:
                 break
@@ -347,6 +348,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bar.set_postfix(loss=f"{terms['total']:.4g}")
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     stop = True
+                if cfg.max_minutes is not None and time.perf_counter() - t_run >= 60.0 * cfg.max_minutes:
+                    stop = True
+                if stop:
                     break
             dt = time.perf_counter() - t0
             n_samples = len(records) * cfg.batch_size * ctx.world_size
