@@ -200,11 +200,7 @@ def test_tps3d_too_many_keypoints_is_refused_before_allocating(tmp_path, image_p
                                  "--no-refine"]), out, "GB")
 
 
-def test_refine_without_weights_says_so(tmp_path, image_path):
-    from brainshift.pipeline import DEFAULT_WEIGHTS
-
-    if DEFAULT_WEIGHTS.exists():
-        pytest.skip("default weights ship: --refine works without -w")
+def test_refine_without_weights_says_so(tmp_path, image_path, no_default_weights):
     kp = _table(tmp_path / "kp.csv", _good_rows())
     out = tmp_path / "o"
     _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--refine"]),
@@ -254,11 +250,20 @@ def test_unknown_device_is_refused_even_without_refinement(tmp_path, image_path)
                                  "-o", str(out)]), out, "tpu")
 
 
-def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path):
-    from brainshift.pipeline import DEFAULT_WEIGHTS
+def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_default_weights):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q", "-f", "npz"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["refined"] is True and summary["inputs"]["weights"] == str(tiny_default_weights)
+    assert (tmp_path / "o" / "corrected_disp_field.npz").is_file()
+    # --no-refine still gives the classical field only
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "c"), "-q", "-f", "npz",
+                   "--no-refine"])
+    assert res.exit_code == 0 and json.loads((tmp_path / "c" / "summary.json").read_text())["refined"] is False
 
-    if DEFAULT_WEIGHTS.exists():
-        pytest.skip("default weights ship: the default run refines")
+
+def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path, no_default_weights):
     kp = _table(tmp_path / "kp.csv", _good_rows())
     with pytest.warns(UserWarning, match="no network weights"):
         res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q"])

@@ -23,8 +23,12 @@ METRICS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_nonpositive_jac", "time
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    import brainshift.pipeline as pipeline
+
     out = tmp_path_factory.mktemp("demo") / "out"
-    rows = run_demo(out, seed=1, quick=True, verbose=False)
+    with pytest.MonkeyPatch.context() as mp:  # the classical-only demo (no default model)
+        mp.setattr(pipeline, "DEFAULT_WEIGHTS", out.parent / "absent.safetensors")
+        rows = run_demo(out, seed=1, quick=True, verbose=False)
     return out, rows
 
 
@@ -75,17 +79,9 @@ def test_quick_demo_writes_report_fields_images_and_keypoints(quick_run):
     assert not list(out.glob(".*"))  # no temporary files left
 
 
-def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path):
-    from brainshift.model.checkpoint import save_weights
-    from brainshift.model.network import NetworkConfig, build_network, get_preset
-
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    # the fast-small architecture on the quick case's own 3 mm grid (its preset 2 mm would upsample it)
-    cfg = NetworkConfig.from_dict({**get_preset("fast-small").to_dict(), "spacing_mm": 3.0})
-    weights = tmp_path / "tiny.safetensors"
-    save_weights(weights, build_network(cfg), cfg, {"note": "random test network"})
-    rows = run_demo(tmp_path / "out", seed=2, quick=True, weights=weights, verbose=False)
+def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path, tiny_default_weights):
+    # the fast-small architecture on the quick case's own 3 mm grid, given explicitly
+    rows = run_demo(tmp_path / "out", seed=2, quick=True, weights=tiny_default_weights, verbose=False)
     by = {r["method"]: r for r in rows}
     assert list(by) == ["none", "linear", "tps", "net-linear", "net-tps"]
     for method in ("net-linear", "net-tps"):
@@ -109,7 +105,13 @@ def test_demo_missing_weights_is_an_error(tmp_path):
     assert not (tmp_path / "out" / "report.html").exists()
 
 
-def test_demo_cli_quick_prints_table_and_note(tmp_path):
+def test_demo_uses_the_default_model_without_weights_option(tmp_path, tiny_default_weights):
+    rows = run_demo(tmp_path / "out", seed=2, quick=True, verbose=False)
+    assert [r["method"] for r in rows] == ["none", "linear", "tps", "net-linear", "net-tps"]
+    assert NO_MODEL_NOTE not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_demo_cli_quick_prints_table_and_note(tmp_path, no_default_weights):
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "o"), "--seed", "3"])
     assert res.exit_code == 0, res.output
     assert "MSE mm^2" in res.output and "linear" in res.output and "tps" in res.output

@@ -34,19 +34,24 @@ def test_evaluate_command_bad_input_is_one_line_error(tiny_dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_evaluate_default_methods_without_weights_are_the_classical_ones(tiny_dataset, tmp_path):
-    from brainshift.pipeline import DEFAULT_WEIGHTS
-
+def test_evaluate_default_methods_without_weights_are_the_classical_ones(tiny_dataset, tmp_path, no_default_weights):
     out = tmp_path / "eval"
     res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--out", str(out), "--num-kpts", "8",
                               "--cases", "1", "--no-overlap", "-q"])
     assert res.exit_code == 0, res.output
     methods = {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
-    if DEFAULT_WEIGHTS.exists():
-        assert methods == {"linear", "tps", "net-linear", "net-tps"}
-    else:
-        assert methods == {"linear", "tps"}
-        assert "warning: no network weights" in res.output
+    assert methods == {"linear", "tps"}
+    assert "warning: no network weights" in res.output
+
+
+def test_evaluate_default_methods_with_the_default_model(tiny_dataset, tmp_path, tiny_default_weights):
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--out", str(out), "--num-kpts", "8",
+                              "--cases", "1", "--no-overlap", "-q"])
+    assert res.exit_code == 0, res.output
+    methods = {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
+    assert methods == {"linear", "tps", "net-linear", "net-tps"}
+    assert "warning: no network weights" not in res.output
 
 
 def test_evaluate_output_below_a_file_fails_at_once(tiny_dataset, tmp_path):
