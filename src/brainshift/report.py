@@ -10,7 +10,8 @@ fonts, no external script. The report holds
 2. ``fig_errors.png``: per method, the error magnitude ``|A (u_method - u_gt)|`` (mm) over brain minus
    cavity, one colour scale for all methods;
 3. ``fig_jacobian.png``: per method (and the ground truth), ``det J`` of ``p -> p + u(p)`` over brain minus
-   cavity, diverging colour map centred at 1, folding (``det J <= 0``) outlined;
+   cavity, diverging colour map centred at 1, folding (``det J <= 0``) outlined; the ground truth's with
+   mask-aware differences inside that region (it is zero outside the brain by construction);
 4. optionally ``fig_images.png``: extra images on the same slices (e.g. the intraop image and the preop
    image warped by the best method);
 5. the metrics table (``<table id="metrics">``), notes, case information and the list of output files.
@@ -455,7 +456,9 @@ def write_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarray, fi
     del gt_ras
     _errors_figure(out / FIGURES["errors"], t1, errors, d_region, outline, disp, centre)
     del errors
-    dets = {"ground truth": disp.array(jacobian_determinant(gt))}
+    # the ground truth is defined in the brain only (zero outside): mask-aware differences, so its map does not
+    # show the non-physical rim that central differences across that cut produce
+    dets = {"ground truth": disp.array(jacobian_determinant(gt, mask=region))}
     dets.update({name: disp.array(jacobian_determinant(f)) for name, f in preds.items()})
     _jacobian_figure(out / FIGURES["jacobian"], t1, dets, d_region, outline, disp, centre)
     del dets
