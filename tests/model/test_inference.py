@@ -65,6 +65,44 @@ def test_constant_correction_comes_back_in_input_voxel_units():
                                                               field.shape), atol=1e-5)
 
 
+class _InsideOnly(torch.nn.Module):
+    """Adds ``vec`` inside the foreground (image channel above its minimum) and junk outside: a network is
+    only trained inside the brain, so its output outside is arbitrary."""
+
+    def __init__(self, vec, junk=100.0):
+        super().__init__()
+        self.vec = torch.tensor(vec, dtype=torch.float32)
+        self.junk = junk
+
+    def forward(self, x):
+        img = x[:, 3:]
+        inside = (img > img.amin()).float()
+        add = self.vec[None, :, None, None, None] * inside + self.junk * (1 - inside)
+        return x[:, :3] + add
+
+
+def test_correction_outside_the_brain_never_leaks_into_it():
+    # 2 mm network grid over a 1 mm image: the 1 mm voxels at the brain's edge interpolate between network
+    # voxels inside and outside the region; they must get the brain's correction, not the untrained junk.
+    image, field = _case((17, 15, 13))
+    out = refine_field(image, field, LoadedModel(_InsideOnly([1.0, -2.0, 0.5]), FAST, {}))
+    expected = np.broadcast_to(np.array([1.0, -2.0, 0.5])[:, None, None, None], field.shape)
+    np.testing.assert_allclose(out - field, expected, atol=1e-5)
+
+
+def test_extend_from_region_takes_the_nearest_region_value():
+    from brainshift.model.grid import extend_from_region
+
+    region = torch.zeros((5, 1, 1), dtype=torch.bool)
+    region[1:3] = True
+    values = torch.tensor([9.0, 1.0, 2.0, 9.0, 9.0]).reshape(1, 5, 1, 1)
+    out = extend_from_region(values, region)
+    assert out.flatten().tolist() == [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert torch.equal(extend_from_region(values, torch.ones((5, 1, 1), dtype=torch.bool)), values)
+    with pytest.raises(GeometryError, match="region"):
+        extend_from_region(values, torch.ones((4, 1, 1), dtype=torch.bool))
+
+
 def test_real_network_from_weights_file_runs_end_to_end(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "fast.safetensors"

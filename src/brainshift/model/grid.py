@@ -375,7 +375,11 @@ def refined_from_prediction(pred, net_input: NetworkInput, init_field_vox) -> np
 
     The network's correction (its output minus its input field, on the network grid) is mapped back and added
     to the full-resolution initial field, so a coarse network grid does not blur the initial field's own
-    detail; on the input's own grid this is the network output inside the region. Used by
+    detail; on the input's own grid this is the network output inside the region. The correction is only
+    trained inside the region (the brain), so outside it is replaced by the correction at the nearest region
+    voxel (``scipy.ndimage.distance_transform_edt`` indices) before resampling: input-grid voxels at the brain's
+    edge, whose trilinear stencil on a coarse network grid reaches outside the region, get the brain's
+    correction instead of untrained values. Used by
     :func:`brainshift.model.inference.refine_field`; validation code should use it too so both agree.
 
     Args:
@@ -390,8 +394,26 @@ def refined_from_prediction(pred, net_input: NetworkInput, init_field_vox) -> np
     Convention: forward Lagrangian in and out.
     """
     init = check_field(_as_tensor(init_field_vox).numpy(), net_input.input_shape)
-    residual = _as_tensor(pred)[:, :3] - net_input.field
+    residual = _as_tensor(pred)[:, :3].detach().cpu() - net_input.field
+    residual = extend_from_region(residual, net_input.mask)
     return (init + from_network_grid(residual, net_input)).astype(np.float32, copy=False)
+
+
+def extend_from_region(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(..., I, J, K)`` with every voxel outside ``region`` (bool ``(I, J, K)``) set to the value
+    at the nearest region voxel (Euclidean, in voxels; ``scipy.ndimage.distance_transform_edt``). Unchanged
+    when the region is empty or everything."""
+    from scipy import ndimage
+
+    r = np.asarray(_as_tensor(region).cpu().numpy(), dtype=bool)
+    if r.shape != tuple(values.shape[-3:]):
+        raise GeometryError(f"expected a region of shape {tuple(values.shape[-3:])}, got {r.shape}")
+    if r.all() or not r.any():
+        return values
+    idx = ndimage.distance_transform_edt(~r, return_distances=False, return_indices=True)
+    flat = np.ravel_multi_index(tuple(idx), r.shape)
+    v = values.reshape(*values.shape[:-3], -1)
+    return v[..., torch.from_numpy(flat.reshape(-1))].reshape(values.shape)
 
 
 def network_field_to_voxel(field: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
