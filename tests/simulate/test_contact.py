@@ -95,3 +95,21 @@ def test_contact_iteration_cap_raises():
     p = draw_case_parameters(s, cfg, 3)
     with pytest.raises(SolverError, match="active set"):
         simulate_case(s, cfg, p)
+
+
+def test_resolve_cycle_holds_oscillating_nodes_in_contact():
+    from brainshift.simulate.contact import resolve_cycle
+
+    a = np.array([True, True, False, True])
+    b = np.array([True, False, False, True])  # node 1 released
+    c = np.array([True, False, True, True])   # node 2 activated
+    # no cycle: unchanged
+    nxt, osc = resolve_cycle([a, b], c)
+    assert np.array_equal(nxt, c) and not osc.any()
+    # back to an earlier set (a -> b -> c -> b): nodes changing within b, c are held active
+    nxt, osc = resolve_cycle([a, b, c], b.copy())
+    assert osc.tolist() == [False, False, True, False]
+    assert nxt.tolist() == [True, False, True, True]
+    # a two-cycle a -> b -> a: node 1 held in contact
+    nxt, osc = resolve_cycle([a, b], a.copy())
+    assert osc.tolist() == [False, True, False, False] and nxt.tolist() == a.tolist()

@@ -470,7 +470,7 @@ def _solve_log(name: str, res, seconds: float) -> dict:
             "cg_iterations": [x.iterations for x in res.solves], "residuals": [x.residual for x in res.solves],
             "solve_times_s": [x.solve_s for x in res.solves], "active_set_changes": res.changes,
             "n_active": int(res.active.sum()), "n_contact": int(res.active.size),
-            "max_outward_mm": res.max_outward_mm, "seconds": seconds}
+            "max_outward_mm": res.max_outward_mm, "contact_nodes_held": res.held_nodes, "seconds": seconds}
 
 
 def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,

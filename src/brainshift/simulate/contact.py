@@ -14,6 +14,12 @@ Method (exact normal constraints, no penalty):
   *activate* inactive nodes that moved outward (``u_n > gap_tol``); repeat until the set does not change
   (at most ``max_iterations``, else :class:`SolverError`). The skull is a small-displacement obstacle (the gap
   is measured along the reference normal), consistent with linear elasticity.
+- Chattering: if the active set returns to a set it had before (a cycle, typically one node flipping between
+  contact and release because its reaction and gap are both at the tolerance), the nodes that change state
+  within the cycle are held in contact (``u_n = 0``, the conservative choice: no penetration) and frozen for
+  the remaining iterations (:func:`resolve_cycle`); their count is reported (``ContactResult.held_nodes``).
+  Measured: 3 of the first 160 cases of a 240-case batch failed this way before (1 change in each of 30
+  iterations).
 - Each iteration reuses the AMG hierarchy of the first one as CG preconditioner (the matrices differ only
   in a few surface rows), rebuilding it when more than 1 % of the contact nodes changed state or CG then
   needs more than ``2 x + 20`` the first iteration count. Each solve starts from the previous iterate. The
@@ -89,6 +95,7 @@ class ContactResult:
         reaction_n: ``(n_contact,)`` normal contact reactions (Pa mm^2; negative = compressive).
         amg_setups: how many AMG hierarchies were built.
         changes: active-set changes after each solve.
+        held_nodes: contact nodes held in contact to break an active-set cycle (see the module docstring).
     """
 
     u: np.ndarray
@@ -99,6 +106,27 @@ class ContactResult:
     reaction_n: np.ndarray | None = None
     amg_setups: int = 0
     changes: list[int] = field(default_factory=list)
+    held_nodes: int = 0
+
+
+def resolve_cycle(history: list[np.ndarray], new_active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Break an active-set cycle: if ``new_active`` equals an earlier set in ``history`` (oldest first), the
+    nodes whose state differs anywhere within the cycle are held active (in contact).
+
+    Args:
+        history: earlier active sets, ``(m,)`` bool each, in iteration order.
+        new_active: the next active set ``(m,)``.
+
+    Returns:
+        ``(active, oscillating)``: the set to use next (``new_active`` with the oscillating nodes active) and
+        the ``(m,)`` bool mask of oscillating nodes (all False when there is no cycle).
+    """
+    for j, earlier in enumerate(history):
+        if np.array_equal(earlier, new_active):
+            cycle = history[j:] + [new_active]
+            osc = np.any([c != new_active for c in cycle], axis=0)
+            return new_active | osc, osc
+    return new_active, np.zeros_like(new_active, dtype=bool)
 
 
 class ContactSolver:
@@ -211,6 +239,8 @@ class ContactSolver:
         result = ContactResult(u=np.zeros((n, 3)), active=active, iterations=0)
         rtol = self.loose_rtol
         un = rn = np.zeros(0)
+        history = [active.copy()]
+        frozen = np.zeros(cn.size, dtype=bool)
         for it in range(1, self.max_iterations + 1):
             free = base_free.copy()
             free[cn[active], 2] = False
@@ -222,8 +252,8 @@ class ContactSolver:
             reac = (self.kr @ x).reshape(n, 3) - er
             result.solves.append(info)
             un, rn = us[cn, 2], reac[cn, 2]
-            release = active & (rn > force_tol)
-            activate = live & ~active & (un > self.gap_tol_mm)
+            release = active & (rn > force_tol) & ~frozen
+            activate = live & ~active & (un > self.gap_tol_mm) & ~frozen
             n_changes = int(release.sum() + activate.sum())
             result.changes.append(n_changes)
             result.iterations = it
@@ -236,7 +266,12 @@ class ContactSolver:
                     break
                 rtol = self.rtol
                 continue
-            active = (active & ~release) | activate
+            active, osc = resolve_cycle(history, (active & ~release) | activate)
+            if osc.any():
+                frozen |= osc
+                if progress:
+                    print(f"  contact: active-set cycle, {int(osc.sum())} node(s) held in contact")
+            history.append(active.copy())
         else:
             raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "
                               f"iterations, got {result.changes[-1]} changes in the last one")
@@ -245,6 +280,7 @@ class ContactSolver:
         result.reaction_n = rn
         result.max_outward_mm = float(un[live].max()) if live.any() else 0.0
         result.amg_setups = self.amg_setups - setups0
+        result.held_nodes = int(frozen.sum())
         return result
 
 
