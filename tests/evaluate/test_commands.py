@@ -34,22 +34,22 @@ def test_evaluate_command_bad_input_is_one_line_error(tiny_dataset, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_evaluate_default_methods_without_weights_are_the_classical_ones(tiny_dataset, tmp_path, no_default_weights):
-    out = tmp_path / "eval"
-    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--out", str(out), "--num-kpts", "8",
+def _evaluate_default_methods(dataset, out):
+    """Run ``evaluate`` without --methods on one case; return (result, methods found in the CSV)."""
+    res = runner.invoke(app, ["evaluate", "--data", str(dataset), "--out", str(out), "--num-kpts", "8",
                               "--cases", "1", "--no-overlap", "-q"])
     assert res.exit_code == 0, res.output
-    methods = {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
+    return res, {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
+
+
+def test_evaluate_default_methods_without_weights_are_the_classical_ones(tiny_dataset, tmp_path, no_default_weights):
+    res, methods = _evaluate_default_methods(tiny_dataset, tmp_path / "eval")
     assert methods == {"linear", "tps"}
     assert "warning: no network weights" in res.output
 
 
 def test_evaluate_default_methods_with_the_default_model(tiny_dataset, tmp_path, tiny_default_weights):
-    out = tmp_path / "eval"
-    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--out", str(out), "--num-kpts", "8",
-                              "--cases", "1", "--no-overlap", "-q"])
-    assert res.exit_code == 0, res.output
-    methods = {r["method"] for r in read_per_case_csv(out / "metrics_per_case.csv")}
+    res, methods = _evaluate_default_methods(tiny_dataset, tmp_path / "eval")
     assert methods == {"linear", "tps", "net-linear", "net-tps"}
     assert "warning: no network weights" not in res.output
 
