@@ -64,6 +64,10 @@ def test_yaml_then_overrides_and_resolved_roundtrip(tmp_path):
     ({"epochs": "many"}, "epochs"),
     ({"size": [16, 16]}, "size"),
     ({"device": "tpu"}, "device"),
+    ({"flip_axes": [3]}, "flip_axes"),
+    ({"flip_axes": [0, 0]}, "flip_axes"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"lr": 1e-4, "lr_min": 1e-3}, "lr_min"),
 ])
 def test_bad_values_raise(values, match):
     with pytest.raises(BrainshiftError, match=match):
@@ -120,3 +124,9 @@ def test_example_configs_load():
             assert all(s % n.size_multiple == 0 for s in c.size), f.name
     pub = load_config(root / "train_published.yaml")
     assert network_config(pub) == network_config(TrainConfig()) and pub.lr == 5e-4 and pub.epochs == 200
+
+
+def test_flip_axes_and_schedule_spellings():
+    assert from_dict({"flip_axes": "0,2"}).flip_axes == (0, 2)
+    assert from_dict({"flip_axes": [1]}).flip_axes == (1,)
+    assert from_dict({}).flip_axes == () and from_dict({}).lr_schedule == "constant"

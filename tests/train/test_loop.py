@@ -123,3 +123,15 @@ def test_zero_init_head_starts_as_identity_refinement():
         assert torch.equal(model(x), x[:, :3])  # output = the initial field exactly
     other = initial_network(net, from_dict({"device": "cpu", "zero_init_head": False}))
     assert torch.count_nonzero(other.final_conv.weight) > 0
+
+
+def test_cosine_learning_rate_schedule():
+    from brainshift.train.config import from_dict
+    from brainshift.train.loop import learning_rate
+
+    cos = from_dict({"lr": 1e-3, "lr_min": 1e-5, "lr_schedule": "cosine"})
+    assert learning_rate(cos, 0, 100) == pytest.approx(1e-3)
+    assert learning_rate(cos, 50, 100) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(cos, 100, 100) == pytest.approx(1e-5)
+    assert learning_rate(cos, 250, 100) == pytest.approx(1e-5)  # past the plan: stays at lr_min
+    assert learning_rate(from_dict({"lr": 1e-3}), 50, 100) == 1e-3

@@ -86,6 +86,15 @@ class TrainConfig:
             0 draws a fresh variant for every sample (no cache of variants).
         samples_per_epoch: samples per epoch (``None``: one per training subject).
         heldout_kpts: random held-out points per case for TRE when a subject has no ``keypoints.csv``.
+        flip_axes: network-grid array axes along which each training sample is mirrored with probability 1/2
+            (image, initial field, ground truth and mask together; the field's component along a mirrored axis
+            changes sign). Mirroring the whole problem (anatomy, tumour, gravity) gives another exact solution
+            of the same mechanics (linear or hyperelastic, isotropic materials), so it is a label-preserving
+            augmentation; ``[0]`` (left-right on RAS-like grids) keeps samples anatomically plausible.
+        lr_schedule: ``"constant"`` or ``"cosine"``: the learning rate decays from ``lr`` to ``lr_min`` along half
+            a cosine over the planned steps (``epochs`` x steps per epoch), a function of the step only, so a
+            resumed run continues the same curve (Loshchilov & Hutter, SGDR, 2017, without restarts).
+        lr_min: the final learning rate of the cosine schedule.
         zero_init_head: a network trained from scratch starts with its final 1x1x1 convolution at zero, so
             with ``predict_residual`` it starts as the identity refinement (output = the initial field) rather
             than adding random millimetres to it (no effect with ``load_model`` or a resumed state).
@@ -145,6 +154,9 @@ class TrainConfig:
     variants_per_case: int = 0
     samples_per_epoch: int | None = None
     heldout_kpts: int = 50
+    flip_axes: tuple[int, ...] = ()
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
     zero_init_head: bool = True
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -174,11 +186,11 @@ class TrainConfig:
 _INT = {"batch_size", "num_features", "num_levels", "num_groups", "epochs", "lncc_window", "evaluate_every",
         "min_kpts", "max_kpts", "seed", "num_workers", "variants_per_case", "heldout_kpts"}
 _OPT_INT = {"num_kpts", "max_steps", "samples_per_epoch"}
-_FLOAT = {"mse_w", "lr", "lncc_w", "reg_w"}
+_FLOAT = {"mse_w", "lr", "lncc_w", "reg_w", "lr_min"}
 _OPT_FLOAT = {"spacing_mm", "max_minutes"}
 _BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume",
          "progress"}
-_STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device"}
+_STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule"}
 _OPT_STR = {"data", "test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
             "cache_dir", "log_dir"}
 
@@ -192,7 +204,7 @@ def _coerce(name: str, value: Any) -> Any:
     """Convert a value read from a file or the command line to the option's type."""
     try:
         if value is None:
-            if name in _INT | _FLOAT | _BOOL | _STR | {"split", "network"}:
+            if name in _INT | _FLOAT | _BOOL | _STR | {"split", "network", "flip_axes"}:
                 raise BrainshiftError(f"expected a value for option {name!r}, got null")
             return None
         if name in _INT or name in _OPT_INT:
@@ -224,6 +236,12 @@ def _coerce(name: str, value: Any) -> Any:
             if len(vals) != 3:
                 raise ValueError
             return vals
+        if name == "flip_axes":
+            if isinstance(value, str | int):
+                value = [v for v in str(value).replace(",", " ").split()]
+            if any(isinstance(v, bool) or float(v) != int(v) for v in value):
+                raise ValueError
+            return tuple(int(v) for v in value)
         if name == "network":
             if not isinstance(value, dict):
                 raise ValueError
@@ -272,6 +290,12 @@ def validate(cfg: TrainConfig) -> None:
         raise BrainshiftError(f"expected max_minutes > 0, got {cfg.max_minutes}")
     if cfg.lr <= 0:
         raise BrainshiftError(f"expected a positive learning rate, got {cfg.lr}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise BrainshiftError(f"expected lr_schedule 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if not 0 <= cfg.lr_min <= cfg.lr:
+        raise BrainshiftError(f"expected 0 <= lr_min <= lr ({cfg.lr}), got {cfg.lr_min}")
+    if any(a not in (0, 1, 2) for a in cfg.flip_axes) or len(set(cfg.flip_axes)) != len(cfg.flip_axes):
+        raise BrainshiftError(f"expected flip_axes to be distinct array axes among 0, 1, 2, got {list(cfg.flip_axes)}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):
         raise BrainshiftError(f"expected size (I, J, K) of positive ints or None, got {cfg.size}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

@@ -390,8 +390,30 @@ def intensity_augmentation():
     ])
 
 
+def mirror_sample(arrays: dict[str, np.ndarray], axes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Mirror a sample's arrays along spatial ``axes`` (0, 1, 2 of the trailing three dimensions).
+
+    Every array ``(C, I, J, K)`` is reversed along the axes; for the vector fields (keys ``init`` and ``gt``,
+    components along the grid axes) the component of each mirrored axis also changes sign, so a forward
+    Lagrangian field stays the displacement of the mirrored problem: ``u'(x') = R u(R x)`` with ``R`` the
+    reflection. Returns new contiguous arrays; ``axes=()`` returns the inputs unchanged.
+    """
+    if not axes:
+        return arrays
+    out = {}
+    for key, arr in arrays.items():
+        a = np.flip(arr, axis=tuple(1 + int(ax) for ax in axes))
+        if key in ("init", "gt"):
+            a = a.copy()
+            for ax in axes:
+                a[int(ax)] *= -1.0
+        out[key] = np.ascontiguousarray(a)
+    return out
+
+
 def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[int, int, int] | None,
-                    augment=None, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+                    augment=None, rng: np.random.Generator | None = None,
+                    flip_axes: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """Network input and targets of one sample, cropped/padded to ``size`` centred on the brain.
 
     Args:
@@ -399,7 +421,8 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
         size: crop ``(I, J, K)`` in network-grid voxels (multiples of the network's size multiple), or None
             for the whole padded grid.
         augment: optional MONAI transform applied to the image channel (see :func:`intensity_augmentation`).
-        rng: seeds ``augment`` (``set_random_state``) for reproducibility.
+        rng: seeds ``augment`` (``set_random_state``) and the mirroring for reproducibility.
+        flip_axes: network-grid axes each mirrored with probability 1/2 (needs ``rng``; :func:`mirror_sample`).
 
     Returns:
         dict of float32 tensors: ``input`` (4, ...) = init field then (augmented) image, ``target`` (3, ...),
@@ -416,6 +439,10 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
         background = float(img.min())
         img = crop_or_pad(img, start, size, background)
         gt, mask, init = (crop_or_pad(a, start, size) for a in (gt, mask, init))
+    if flip_axes and rng is not None:
+        axes = tuple(int(a) for a in flip_axes if rng.random() < 0.5)
+        m = mirror_sample({"img": img, "gt": gt, "mask": mask, "init": init}, axes)
+        img, gt, mask, init = m["img"], m["gt"], m["mask"], m["init"]
     aug_img = img
     if augment is not None:
         if rng is not None:
@@ -465,6 +492,7 @@ class TrainDataset(torch.utils.data.Dataset):
         interp, k_range, heldout_kpts: as in :func:`draw_variant`.
         variants_per_case: pool size per case (0: fresh draws).
         augment: apply :func:`intensity_augmentation`.
+        flip_axes: random mirroring axes (:func:`assemble_sample`).
         samples_per_epoch: dataset length (None: number of subjects).
         seed: base seed.
         cache_dir, num_workers, progress: caching (see :func:`make_store`).
@@ -473,7 +501,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir: str | Path, case_ids: list[str], case_subject: dict[str, str], net_config, *,
                  size: tuple[int, int, int] | None, interp: str | None, k_range: tuple[int, int],
                  heldout_kpts: int = 50, variants_per_case: int = 0, augment: bool = False,
-                 samples_per_epoch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                 flip_axes: tuple[int, ...] = (), samples_per_epoch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                  num_workers: int = 0, progress: bool = False) -> None:
         if not case_ids:
             raise BrainshiftError("expected at least one training case, got none")
@@ -485,6 +513,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.augment = intensity_augmentation() if augment else None
+        self.flip_axes = tuple(int(a) for a in flip_axes)
         self.case_index = {c: i for i, c in enumerate(case_ids)}
         by_subject: dict[str, list[str]] = {}
         for c in case_ids:
@@ -525,7 +554,7 @@ class TrainDataset(torch.utils.data.Dataset):
         else:
             variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
                                    heldout_kpts=self.heldout_kpts)
-        return assemble_sample(case, variant, self.size, self.augment, rng)
+        return assemble_sample(case, variant, self.size, self.augment, rng, self.flip_axes)
 
 
 def validation_items(data_dir: str | Path, case_ids: list[str], net_config, *, seed: int, interp: str | None,

@@ -106,6 +106,18 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer
     return terms
 
 
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total_steps`` planned steps.
+
+    ``constant``: ``cfg.lr``. ``cosine``: ``lr_min + (lr - lr_min) (1 + cos(pi t)) / 2`` with
+    ``t = min(step / total_steps, 1)`` (SGDR without restarts, Loshchilov & Hutter 2017).
+    """
+    if cfg.lr_schedule == "constant" or total_steps <= 0:
+        return float(cfg.lr)
+    t = min(max(step / total_steps, 0.0), 1.0)
+    return float(cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Module:
     """The network a run starts from: ``init_loaded``'s weights (``load_model``), else a fresh network whose
     final 1x1x1 convolution is zero when ``cfg.zero_init_head`` (so with residual prediction it starts as the
@@ -305,6 +317,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         dataset = TrainDataset(cfg.data, splits.train, splits.case_subject, net_cfg, size=cfg.size,
                                interp=cfg.interp, k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts,
                                variants_per_case=cfg.variants_per_case, augment=cfg.augment,
+                               flip_axes=cfg.flip_axes,
                                samples_per_epoch=cfg.samples_per_epoch, seed=cfg.seed, cache_dir=cfg.cache_dir,
                                num_workers=cfg.num_workers, progress=cfg.progress and ctx.is_main)
         val_items = []
@@ -339,6 +352,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (ctx.is_main and cfg.progress),
                        leave=False)
             for batch in bar:
+                if cfg.lr_schedule != "constant":
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(cfg, step, cfg.epochs * len(loader))
                 terms = train_step(ddp_model, batch, optimizer, cfg, units, ctx.device)
                 step += 1
                 records.append(terms)
