@@ -117,3 +117,30 @@ def test_under_constrained_and_unconverged_raise():
     free[m.nodes_local_mm[:, 2] == m.nodes_local_mm[:, 2].min()] = False
     with pytest.raises(SolverError, match="relative residual"):
         F.solve_constrained(k, f, free, pattern=pat, near_null=b, maxiter=1, rtol=1e-12)
+
+
+def test_single_precision_cycle_same_solution_as_double():
+    """The float32 V-cycle is only the preconditioner: CG in float64 reaches the same tolerance and solution."""
+    m = M.build_mesh(box_volume((36, 30, 24)), resolution_mm=3.0)
+    pat = F.block_pattern(m)
+    mu = MU * np.random.default_rng(1).uniform(0.05, 2.0, m.n_elements)  # soft and stiff elements
+    k = F.assemble_stiffness(m, MAT.lame_lambda(mu, 0.45), mu, pattern=pat)
+    x = m.nodes_local_mm
+    free = np.repeat(~np.isclose(x[:, 2], x[:, 2].min())[:, None], 3, axis=1)
+    f = F.body_force_nodal(m, np.tile([0.0, 0.0, -9.81e-3], (m.n_elements, 1)))
+    near_null = F.rigid_body_modes(x)
+    us, info_s = F.solve_constrained(k, f, free, pattern=pat, near_null=near_null, rtol=1e-10, precision="single")
+    ud, info_d = F.solve_constrained(k, f, free, pattern=pat, near_null=near_null, rtol=1e-10, precision="double")
+    assert info_s.residual < 1e-9 and info_d.residual < 1e-9
+    assert abs(info_s.iterations - info_d.iterations) <= 2
+    np.testing.assert_allclose(us, ud, atol=1e-8 * np.abs(ud).max())
+    kc = F.apply_constraints(k, free, pat.diag_pos, pat.rows)
+    b = near_null * free.reshape(-1, 1)
+    single, double = F.AMGSolver(kc, b, precision="single"), F.AMGSolver(kc, b, precision="double")
+    assert len(single.ml.levels) >= 2  # a real hierarchy (not just the coarse solver)
+    r = np.random.default_rng(2).normal(size=kc.shape[0])
+    v32, v64 = single.vcycle(r), double.vcycle(r)
+    assert v32.dtype == np.float64
+    assert np.linalg.norm(v32 - v64) < 1e-3 * np.linalg.norm(v64)  # the same cycle up to float32 rounding
+    with pytest.raises(ValueError, match="precision"):
+        F.AMGSolver(kc, b, precision="half")

@@ -265,26 +265,69 @@ class AMGSolver:
         near_null: ``(n, 6)`` rigid-body modes (rows of constrained DOFs zeroed).
         rtol: relative residual tolerance.
         maxiter: maximum CG iterations.
+        precision: ``"single"`` (default) runs the V-cycle on float32 copies of the hierarchy (built in float64)
+            with pyamg's float32 block Gauss-Seidel kernel; CG and its residual stay float64, so the tolerance
+            and the solution are those of a float64 solve (same CG iteration counts on the MNI152 case). The
+            cycle then moves half the bytes through memory; ``"double"`` keeps everything float64.
+
+    Raises:
+        ValueError: unknown ``precision``.
     """
 
-    def __init__(self, a: sp.spmatrix, near_null: np.ndarray, rtol: float = 1e-8, maxiter: int = 500) -> None:
+    def __init__(self, a: sp.spmatrix, near_null: np.ndarray, rtol: float = 1e-8, maxiter: int = 500,
+                 precision: str = "single") -> None:
         import pyamg
         from threadpoolctl import threadpool_limits
 
+        if precision not in ("single", "double"):
+            raise ValueError(f"expected precision 'single' or 'double', got {precision!r}")
         t0 = time.perf_counter()
         self.a = a
         self.rtol = float(rtol)
         self.maxiter = int(maxiter)
+        self.precision = precision
         with threadpool_limits(limits=1, user_api="blas"):
             self.ml = pyamg.smoothed_aggregation_solver(
                 a, B=near_null, symmetry="symmetric", strength=("symmetric", {"theta": 0.05}), max_coarse=300,
                 coarse_solver="splu", improve_candidates=None,
                 presmoother=("block_gauss_seidel", {"sweep": "forward"}),
                 postsmoother=("block_gauss_seidel", {"sweep": "backward"}))
+        self._single = self._single_levels() if precision == "single" else None
         self.setup_s = time.perf_counter() - t0
 
+    def _single_levels(self) -> list[dict]:
+        """float32 copies of every level's A, P, R and block-diagonal inverse (the single-precision cycle)."""
+        from pyamg.util.utils import get_block_diag
+
+        out = []
+        for lv in self.ml.levels[:-1]:
+            a64 = lv.A.tobsr() if lv.A.format == "bsr" else lv.A.tobsr(blocksize=(1, 1))
+            bs = a64.blocksize[0]
+            dinv = get_block_diag(a64, blocksize=bs, inv_flag=True).astype(np.float32)
+            out.append({"A": a64.astype(np.float32), "P": lv.P.astype(np.float32), "R": lv.R.astype(np.float32),
+                        "Dinv": dinv, "bs": bs})
+        return out
+
+    def _gauss_seidel32(self, d: dict, x: np.ndarray, b: np.ndarray, forward: bool) -> None:
+        """One block Gauss-Seidel sweep in float32 (pyamg's C++ kernel, float instantiation), in place."""
+        from pyamg import amg_core
+
+        a, bs = d["A"], d["bs"]
+        nb = a.shape[0] // bs
+        start, stop, step = (0, nb, 1) if forward else (nb - 1, -1, -1)
+        amg_core.block_gauss_seidel(a.indptr, a.indices, np.ravel(a.data), x, b, np.ravel(d["Dinv"]),
+                                    start, stop, step, bs)
+
     def vcycle(self, b: np.ndarray, level: int = 0) -> np.ndarray:
-        """One V-cycle from a zero initial guess on ``level`` for right-hand side ``b`` (the preconditioner)."""
+        """One V-cycle from a zero initial guess on ``level`` for right-hand side ``b`` (the preconditioner).
+
+        With ``precision="single"`` the cycle runs on float32 copies of the hierarchy (input and output stay
+        float64): the preconditioner only needs to approximate the inverse, CG's own matrix-vector products
+        and residual stay in float64, so the converged solution and its tolerance are unchanged while the
+        cycle reads half the bytes (the solve is memory-bandwidth bound).
+        """
+        if self._single and level == 0:
+            return self._vcycle32(np.asarray(b, np.float32), 0).astype(np.float64)
         levels = self.ml.levels
         lv = levels[level]
         x = np.zeros_like(b)
@@ -296,6 +339,20 @@ class AMGSolver:
             coarse_x = self.vcycle(coarse_b, level + 1)
         x += lv.P @ coarse_x
         lv.postsmoother(lv.A, x, b)
+        return x
+
+    def _vcycle32(self, b: np.ndarray, level: int) -> np.ndarray:
+        d = self._single[level]
+        x = np.zeros_like(b)
+        self._gauss_seidel32(d, x, b, forward=True)
+        coarse_b = d["R"] @ (b - d["A"] @ x)
+        if level == len(self._single) - 1:
+            coarse_x = np.asarray(self.ml.coarse_solver(self.ml.levels[-1].A, coarse_b.astype(np.float64)),
+                                  np.float32)
+        else:
+            coarse_x = self._vcycle32(coarse_b, level + 1)
+        x += d["P"] @ coarse_x
+        self._gauss_seidel32(d, x, b, forward=False)
         return x
 
     def preconditioner(self):
@@ -344,7 +401,7 @@ class AMGSolver:
 
 def solve_constrained(k: sp.bsr_matrix, f: np.ndarray, free: np.ndarray, prescribed: np.ndarray | None = None, *,
                       pattern: BlockPattern, near_null: np.ndarray, rtol: float = 1e-8, maxiter: int = 500,
-                      x0: np.ndarray | None = None) -> tuple[np.ndarray, SolveInfo]:
+                      x0: np.ndarray | None = None, precision: str = "single") -> tuple[np.ndarray, SolveInfo]:
     """Solve ``K u = f`` with ``u = prescribed`` on the constrained DOFs (``free == False``).
 
     Args:
@@ -354,6 +411,7 @@ def solve_constrained(k: sp.bsr_matrix, f: np.ndarray, free: np.ndarray, prescri
         prescribed: ``(n, 3)`` values of the constrained DOFs (zero if None).
         pattern: the mesh's :class:`BlockPattern`.
         near_null: ``(3n, 6)`` rigid-body modes.
+        precision: of the AMG preconditioner's cycle (:class:`AMGSolver`); CG itself is float64.
 
     Returns:
         ``(u (n, 3), SolveInfo)``.
@@ -368,7 +426,7 @@ def solve_constrained(k: sp.bsr_matrix, f: np.ndarray, free: np.ndarray, prescri
     dg = np.einsum("bii->bi", k.data[pattern.diag_pos])
     rhs = np.where(free, rhs, dg * g)
     b = near_null * free.reshape(-1, 1)
-    solver = AMGSolver(kc, b, rtol=rtol, maxiter=maxiter)
+    solver = AMGSolver(kc, b, rtol=rtol, maxiter=maxiter, precision=precision)
     x, info = solver.solve(rhs.ravel(), x0=None if x0 is None else x0.ravel())
     return x.reshape(-1, 3), info
 
