@@ -130,3 +130,36 @@ def test_bad_device_and_inputs():
     with pytest.raises(GeometryError, match="brain mask"):
         refine_field(image, field, loaded, mask=np.ones((8, 8, 9), bool))
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_mirror_average_exact_properties():
+    from dataclasses import replace
+
+    from brainshift.model.grid import to_network_grid
+    from brainshift.model.inference import left_right_axis, mirror_input, predict, trained_with_mirroring
+
+    image, field = _case((16, 12, 8))
+    net_in = to_network_grid(image, field, None, FULL)
+    x = net_in.tensor
+    torch.testing.assert_close(mirror_input(mirror_input(x, 1), 1), x, rtol=0, atol=0)  # an involution
+    assert torch.equal(mirror_input(x, 0)[0, 0], -x[0, 0].flip(0)) and torch.equal(mirror_input(x, 0)[0, 3],
+                                                                                   x[0, 3].flip(0))
+    # the identity refinement is mirror-equivariant: averaging changes nothing
+    torch.testing.assert_close(predict(_Identity(), net_in, mirror_average=True), predict(_Identity(), net_in),
+                               rtol=0, atol=1e-7)
+    # a random network is not, its mirror average is: prediction of the mirrored problem = mirrored prediction
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(features=(4, 8), spacing_mm=1.0)).eval()
+    ax = left_right_axis(net_in.net_affine)
+    assert ax == 0
+    mirrored = replace(net_in, tensor=mirror_input(x, ax))
+    plain, plain_m = predict(net, net_in), predict(net, mirrored)
+    assert (plain_m - mirror_input(plain, ax)).abs().max() > 1e-3
+    avg, avg_m = predict(net, net_in, mirror_average=True), predict(net, mirrored, mirror_average=True)
+    torch.testing.assert_close(avg_m, mirror_input(avg, ax), rtol=0, atol=1e-5)
+    # axis choice follows the world x direction, whatever the voxel order
+    perm = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [-2.0, 0, 0, 0], [0, 0, 0, 1]])
+    assert left_right_axis(perm) == 2
+    assert trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": [0]}}))
+    assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": []}}))
+    assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {}))

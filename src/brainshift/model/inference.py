@@ -44,10 +44,34 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return dev
 
 
-def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch.device = "cpu") -> torch.Tensor:
+def mirror_input(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mirror a network tensor ``(B, C, I, J, K)`` along spatial ``axis`` (0-2); the first three channels are a
+    displacement field along the grid axes, so their component ``axis`` changes sign (an involution)."""
+    out = tensor.flip(2 + axis)
+    if out.shape[1] >= 3:
+        out = out.clone()
+        out[:, axis] = -out[:, axis]
+    return out
+
+
+def left_right_axis(net_affine: np.ndarray) -> int:
+    """The network-grid axis closest to the world left-right (RAS x) direction."""
+    a = np.asarray(net_affine, np.float64)[:3, :3]
+    return int(np.argmax(np.abs(a[0]) / np.linalg.norm(a, axis=0)))
+
+
+def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch.device = "cpu", *,
+            mirror_average: bool = False) -> torch.Tensor:
     """Run ``model`` on a prepared input without gradients (``torch.inference_mode``).
 
     The model is moved to ``device`` and put in eval mode in place.
+
+    Args:
+        model, net_input, device: the network, its input (:func:`to_network_grid`), ``cpu`` / ``cuda[:N]``.
+        mirror_average: also run the left-right mirrored problem (the grid axis closest to world x,
+            :func:`left_right_axis`; image and field mirrored, :func:`mirror_input`), mirror its prediction
+            back and average the two (test-time augmentation). The mirrored problem is an exact solution of the
+            same mechanics, so the average is the left-right equivariant part of the network (twice the time).
 
     Returns:
         ``(1, 3, I', J', K')`` float32 CPU tensor on the padded network grid, ``config.field_units``.
@@ -57,12 +81,30 @@ def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch
     dev = resolve_device(device)
     model = model.to(dev).eval()
     with torch.inference_mode():
-        out = model(net_input.tensor.to(dev))
+        x = net_input.tensor.to(dev)
+        out = model(x)
+        if mirror_average:
+            axis = left_right_axis(net_input.net_affine)
+            out = 0.5 * (out + mirror_input(model(mirror_input(x, axis)), axis))
     return out.float().cpu()
 
 
+def trained_with_mirroring(loaded: LoadedModel) -> bool:
+    """Whether ``loaded`` was trained with left-right mirroring (``train_config.flip_axes`` contains axis 0 in
+    its metadata), which is when :func:`refine_field` averages with the mirrored problem by default."""
+    cfg = loaded.metadata.get("train_config") if isinstance(loaded.metadata, dict) else None
+    if isinstance(cfg, str):
+        import json
+
+        try:
+            cfg = json.loads(cfg)
+        except ValueError:
+            return False
+    return isinstance(cfg, dict) and 0 in list(cfg.get("flip_axes") or [])
+
+
 def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
-                 progress: bool = False) -> np.ndarray:
+                 progress: bool = False, mirror_average: bool | None = None) -> np.ndarray:
     """Refine an initial displacement field with the network (see the module docstring).
 
     Args:
@@ -74,6 +116,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
             network); default: the foreground ``image > min``.
         device: ``cpu`` or ``cuda[:N]``; CUDA asked for but absent raises.
         progress: show a tqdm bar (only if the run lasts more than a second).
+        mirror_average: average with the left-right mirrored problem (:func:`predict`); ``None`` (default):
+            when the model was trained with left-right mirroring (:func:`trained_with_mirroring`).
 
     Returns:
         ``(3, I, J, K)`` float32 refined field on ``image``'s grid.
@@ -93,7 +137,9 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         net_input = to_network_grid(image, init, mask, loaded.config)
         bar.update()
         bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
-        out = predict(loaded.model, net_input, dev)
+        if mirror_average is None:
+            mirror_average = trained_with_mirroring(loaded)
+        out = predict(loaded.model, net_input, dev, mirror_average=mirror_average)
         bar.update()
         bar.set_postfix_str("resample back")
         refined = refined_from_prediction(out, net_input, init)
