@@ -256,7 +256,15 @@ def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_d
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["refined"] is True and summary["inputs"]["weights"] == str(tiny_default_weights)
+    assert summary["network"]["mirror_average"] is False  # the tiny model was not trained with mirroring
     assert (tmp_path / "o" / "corrected_disp_field.npz").is_file()
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "m"), "-q", "-f", "npz",
+                   "--mirror-average"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "summary.json").read_text())["network"]["mirror_average"] is True
+    plain = np.load(tmp_path / "o" / "corrected_disp_field.npz")
+    mirrored = np.load(tmp_path / "m" / "corrected_disp_field.npz")
+    assert not np.array_equal(plain[plain.files[0]], mirrored[mirrored.files[0]])  # a different (averaged) field
     # --no-refine still gives the classical field only
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "c"), "-q", "-f", "npz",
                    "--no-refine"])

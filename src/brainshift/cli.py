@@ -93,6 +93,9 @@ def infer(
     coords: str = typer.Option("voxel", "--coords", help="Frame of the keypoint table: voxel | ras | lps."),
     refine: bool | None = typer.Option(None, "--refine/--no-refine",
                                        help="Refine with the network (default: when weights are available)."),
+    mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
+                                               help="Average the network with its left-right mirrored problem "
+                                                    "(default: when the model was trained with mirroring)."),
     save_inverse: bool = typer.Option(False, "--save-inverse", help="Also write the inverse field."),
     save_warped: bool = typer.Option(False, "--save-warped", help="Also write the preop image warped to intraop."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
@@ -103,7 +106,7 @@ def infer(
     summary = run_infer(InferOptions(
         preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
         interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
-        refine=refine, save_inverse=save_inverse, save_warped=save_warped, verbose=not quiet))
+        refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped, verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "

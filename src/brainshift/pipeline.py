@@ -45,6 +45,7 @@ class InferOptions:
     output_fmt: str = "h5"
     weights: Path | None = None
     refine: bool | None = None
+    mirror_average: bool | None = None
     save_inverse: bool = False
     save_warped: bool = False
     verbose: bool = True
@@ -196,7 +197,8 @@ def run_infer(opts: InferOptions) -> dict:
             loaded = load_weights(weights, device=device)
         with steps.step(f"refine with the network ({device})"):
             fields["corrected_disp_field"] = refine_field(image, init_field, loaded, device=device,
-                                                          progress=opts.verbose)
+                                                          progress=opts.verbose,
+                                                          mirror_average=opts.mirror_average)
     final_key = "corrected_disp_field" if refine else "initial_disp_field"
     final = fields[final_key]
 
@@ -255,7 +257,11 @@ def run_infer(opts: InferOptions) -> dict:
         "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
     }
     if loaded is not None:
-        summary["network"] = {"config": _jsonable(getattr(loaded, "config", None))}
+        from brainshift.model.inference import trained_with_mirroring
+
+        summary["network"] = {"config": _jsonable(getattr(loaded, "config", None)),
+                              "mirror_average": bool(trained_with_mirroring(loaded) if opts.mirror_average is None
+                                                     else opts.mirror_average)}
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
     from brainshift.io.atomic import atomic_output
 

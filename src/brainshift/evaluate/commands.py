@@ -27,6 +27,9 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", "-d", help="auto | cpu | cuda (network methods)."),
     no_overlap: bool = typer.Option(False, "--no-overlap", help="Skip Dice/HD95 (saves a field inversion per "
                                                                 "method and case)."),
+    mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
+                                               help="Average the network with its left-right mirrored problem "
+                                                    "(default: when the model was trained with mirroring)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Per case and method: MSE/MAE/P95 (mm), TRE, det J, Dice/HD95, time; writes CSV, summary.md, box plots."""
@@ -44,7 +47,8 @@ def evaluate_command(
     if any(m.strip().startswith("net") for m in methods.split(",")):
         device = resolve_device(device)
     rows = evaluate_dataset(data, methods, weights=weights, seed=seed, n_keypoints=num_kpts, noise_mm=noise_mm,
-                            cases=cases, device=device, progress=not quiet, overlap=not no_overlap)
+                            cases=cases, device=device, progress=not quiet, overlap=not no_overlap,
+                            mirror_average=mirror_average)
     paths = write_report(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
     typer.echo(summary_markdown(rows))
     typer.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")

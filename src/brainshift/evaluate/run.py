@@ -187,7 +187,7 @@ def resolve_weights(weights: str | Path | None) -> Path:
 
 def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
                   noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
-                  device: str = "cpu", overlap: bool = True) -> list[dict]:
+                  device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None) -> list[dict]:
     """Evaluate ``methods`` on one :class:`~brainshift.simulate.dataset.SimCase` (rows in ``methods`` order).
 
     Args:
@@ -201,6 +201,8 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         loaded: the network (:func:`brainshift.model.checkpoint.load_weights`), needed by ``net-*``.
         device: torch device of the network.
         overlap: compute Dice/HD95 (one field inversion per method; ``nan`` columns when False).
+        mirror_average: for ``net-*``, as in :func:`brainshift.model.inference.refine_field` (None: the
+            model's default).
 
     Returns:
         One dict per method with the keys :data:`ROW_COLUMNS`.
@@ -244,7 +246,7 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             init, t_init = initial(method.removeprefix("net-"))
             t0 = time.perf_counter()
             pred = refine_field(subject.image, init, loaded, mask=subject.brain_mask.data > 0, device=device,
-                                progress=False)
+                                progress=False, mirror_average=mirror_average)
             dt = t_init + time.perf_counter() - t0
         pred = np.asarray(pred, dtype=np.float32)
         tre = metrics.tre_mm(pred, kp.heldout_points_vox, kp.heldout_disps_vox, affine)
@@ -274,7 +276,7 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
 def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights: str | Path | None = None,
                      seed: int = 0, n_keypoints: int = 20, noise_mm: float = 0.0, cases: int | None = None,
                      device: str = "cpu", progress: bool = True, n_heldout: int = 100,
-                     overlap: bool = True) -> list[dict]:
+                     overlap: bool = True, mirror_average: bool | None = None) -> list[dict]:
     """Evaluate methods on every complete case of a simulated dataset.
 
     Args:
@@ -289,6 +291,8 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         progress: tqdm progress bar over cases.
         n_heldout: held-out targets per case when no detected keypoints exist.
         overlap: compute Dice/HD95 (the slowest metrics).
+        mirror_average: left-right mirror averaging of the network (None: the model's default, see
+            :func:`brainshift.model.inference.refine_field`).
 
     Returns:
         One dict per (case, method), keys :data:`ROW_COLUMNS`, cases in sorted order, methods in the
@@ -331,7 +335,7 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         subject = case.subject
         rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
                                   noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
-                                  overlap=overlap))
+                                  overlap=overlap, mirror_average=mirror_average))
     return rows
 
 
