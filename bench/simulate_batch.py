@@ -5,8 +5,9 @@ Usage::
     .venv/bin/python bench/simulate_batch.py [--subjects 2] [--cases 4] [--workers 2] [--resolution 3]
                                              [--seed 0] [--out /tmp/bench_simulate_batch]
 
-Serial: one Python loop in this process, making each synthetic subject (``synthesize_subject``) and simulating
-and writing its cases (``draw_case_parameters``, ``simulate_case``, ``write_case``), exactly the work of a batch.
+Serial: one Python loop in this process, making each synthetic subject (``synthesize_subject``), detecting its
+keypoint candidates (as ``simulate-batch`` does by default) and simulating and writing its cases
+(``draw_case_parameters``, ``simulate_case``, ``write_case``), exactly the work of a batch.
 Dask: ``simulate_batch`` with a fresh ``LocalCluster`` of ``--workers`` single-threaded worker processes
 (cluster start-up included). Both write complete datasets under ``--out`` (``serial/`` and ``dask/``; deleted
 first). The issue's target: the Dask batch of 8 cases on 2 workers takes <= 0.6 x the serial time. Prints a
@@ -31,7 +32,7 @@ def machine() -> str:
 
 
 def run_serial(out: Path, n_subjects: int, n_cases: int, config, seed: int) -> float:
-    from brainshift.simulate.batch import case_id, case_seed, normalise_subjects
+    from brainshift.simulate.batch import _write_subject_keypoints, case_id, case_seed, normalise_subjects
     from brainshift.simulate.case import draw_case_parameters, simulate_case
     from brainshift.simulate.dataset import write_case, write_subject
     from brainshift.simulate.subject import synthesize_subject
@@ -40,6 +41,7 @@ def run_serial(out: Path, n_subjects: int, n_cases: int, config, seed: int) -> f
     for e in normalise_subjects(n_subjects, seed):
         subject = synthesize_subject(e["seed"], subject_id=e["subject_id"])
         write_subject(out, subject)
+        _write_subject_keypoints(out, e["subject_id"])
         for j in range(n_cases):
             params = draw_case_parameters(subject, config, case_seed(seed, e["index"], j))
             result = simulate_case(subject, config, params)
