@@ -186,3 +186,27 @@ def test_subject_keypoints_written_and_added_on_resume(tmp_path, monkeypatch):
     simulate_batch(out, subjects=[spec], cases_per_subject=1, config=FAST, seed=5, n_workers=1,
                    processes=False, progress=False, keypoints=False)
     assert not kp_file.exists()
+
+
+def test_local_workers_keep_glibc_dynamic_mmap_threshold(monkeypatch):
+    """distributed's nanny exports MALLOC_TRIM_THRESHOLD_ to its workers (25-30 % slower simulations here);
+    the LocalCluster of simulate_batch is started without it (LOCAL_WORKER_CONFIG)."""
+    import os
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # restored (removed) after the test
+
+    def worker_env():
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    with dask.config.set(batch_mod.LOCAL_WORKER_CONFIG):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            assert list(client.run(worker_env).values()) == [None]
+    default = dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_", None)
+    if default is not None:  # distributed's default (65536 in 2026.8), for contrast
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            assert list(client.run(worker_env).values()) == [str(default)]

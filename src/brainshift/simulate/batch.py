@@ -349,6 +349,16 @@ def _log_failure(out_dir: Path, status: dict) -> None:
         fh.write(f"=== {stamp} case {status['case_id']} failed: {status['error']}\n{status.get('traceback', '')}\n")
 
 
+#: Dask settings of the LocalCluster's workers. distributed's nanny exports ``MALLOC_TRIM_THRESHOLD_=65536`` to
+#: every worker it spawns (to return freed memory to the OS); setting any glibc malloc threshold switches off
+#: glibc's dynamic mmap threshold, so every array above 128 kB is then mmap'ed, page-faulted and zeroed anew
+#: on each allocation. The simulator's CG / AMG loops allocate many such temporaries: measured on the 2-core
+#: machine, one case took 24.4 s with the variable against 19.6 s without in a plain process, and 28.7 s
+#: against 22.0 s inside the workers (bench/RESULTS.md). ``None`` removes the variable (distributed's own
+#: convention); the other pre-spawn variables (one BLAS / OpenMP thread per worker) are kept.
+LOCAL_WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
 def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cases_per_subject: int, config,
                    seed: int, scheduler_address: str | None = None, n_workers: int | None = None,
                    progress: bool = True, synthesis=None, processes: bool = True,
@@ -380,6 +390,7 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
         BrainshiftError: bad subjects / counts, or ``out_dir`` holds a dataset made with another seed or
             configuration.
     """
+    import dask
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
@@ -410,8 +421,9 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
             cluster = None
             client = Client(scheduler_address)
         else:
-            cluster = LocalCluster(n_workers=n_workers or _default_workers(), threads_per_worker=1,
-                                   processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
+            with dask.config.set(LOCAL_WORKER_CONFIG):
+                cluster = LocalCluster(n_workers=n_workers or _default_workers(), threads_per_worker=1,
+                                       processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
         try:
             subject_futures = {}
