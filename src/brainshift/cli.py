@@ -106,7 +106,8 @@ def infer(
     summary = run_infer(InferOptions(
         preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
         interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
-        refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped, verbose=not quiet))
+        refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
+        verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "

@@ -501,7 +501,8 @@ class TrainDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir: str | Path, case_ids: list[str], case_subject: dict[str, str], net_config, *,
                  size: tuple[int, int, int] | None, interp: str | None, k_range: tuple[int, int],
                  heldout_kpts: int = 50, variants_per_case: int = 0, augment: bool = False,
-                 flip_axes: tuple[int, ...] = (), samples_per_epoch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                 flip_axes: tuple[int, ...] = (), samples_per_epoch: int | None = None, seed: int = 0,
+                 cache_dir: str | Path | None = None,
                  num_workers: int = 0, progress: bool = False) -> None:
         if not case_ids:
             raise BrainshiftError("expected at least one training case, got none")
