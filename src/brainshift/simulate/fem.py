@@ -268,7 +268,8 @@ class AMGSolver:
         precision: ``"single"`` (default) runs the V-cycle on float32 copies of the hierarchy (built in float64)
             with pyamg's float32 block Gauss-Seidel kernel; CG and its residual stay float64, so the tolerance
             and the solution are those of a float64 solve (same CG iteration counts on the MNI152 case). The
-            cycle then moves half the bytes through memory; ``"double"`` keeps everything float64.
+            cycle reads half the bytes: the MNI152 case's solves take ~5 % less time (bench/RESULTS.md);
+            ``"double"`` keeps everything float64.
 
     Raises:
         ValueError: unknown ``precision``.
@@ -324,7 +325,7 @@ class AMGSolver:
         With ``precision="single"`` the cycle runs on float32 copies of the hierarchy (input and output stay
         float64): the preconditioner only needs to approximate the inverse, CG's own matrix-vector products
         and residual stay in float64, so the converged solution and its tolerance are unchanged while the
-        cycle reads half the bytes (the solve is memory-bandwidth bound).
+        cycle reads half the bytes.
         """
         if self._single and level == 0:
             return self._vcycle32(np.asarray(b, np.float32), 0).astype(np.float64)
