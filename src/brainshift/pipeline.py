@@ -257,11 +257,10 @@ def run_infer(opts: InferOptions) -> dict:
         "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
     }
     if loaded is not None:
-        from brainshift.model.inference import trained_with_mirroring
+        from brainshift.model.inference import use_mirror_average
 
         summary["network"] = {"config": _jsonable(getattr(loaded, "config", None)),
-                              "mirror_average": bool(trained_with_mirroring(loaded) if opts.mirror_average is None
-                                                     else opts.mirror_average)}
+                              "mirror_average": use_mirror_average(loaded, opts.mirror_average)}
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
     from brainshift.io.atomic import atomic_output
 

@@ -93,14 +93,12 @@ def trained_with_mirroring(loaded: LoadedModel) -> bool:
     """Whether ``loaded`` was trained with left-right mirroring (``train_config.flip_axes`` contains axis 0 in
     its metadata), which is when :func:`refine_field` averages with the mirrored problem by default."""
     cfg = loaded.metadata.get("train_config") if isinstance(loaded.metadata, dict) else None
-    if isinstance(cfg, str):
-        import json
-
-        try:
-            cfg = json.loads(cfg)
-        except ValueError:
-            return False
     return isinstance(cfg, dict) and 0 in list(cfg.get("flip_axes") or [])
+
+
+def use_mirror_average(loaded: LoadedModel, mirror_average: bool | None) -> bool:
+    """``mirror_average`` if given, else :func:`trained_with_mirroring` (the default of :func:`refine_field`)."""
+    return trained_with_mirroring(loaded) if mirror_average is None else bool(mirror_average)
 
 
 def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
@@ -137,9 +135,7 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         net_input = to_network_grid(image, init, mask, loaded.config)
         bar.update()
         bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
-        if mirror_average is None:
-            mirror_average = trained_with_mirroring(loaded)
-        out = predict(loaded.model, net_input, dev, mirror_average=mirror_average)
+        out = predict(loaded.model, net_input, dev, mirror_average=use_mirror_average(loaded, mirror_average))
         bar.update()
         bar.set_postfix_str("resample back")
         refined = refined_from_prediction(out, net_input, init)
