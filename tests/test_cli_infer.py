@@ -269,6 +269,10 @@ def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_d
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "c"), "-q", "-f", "npz",
                    "--no-refine"])
     assert res.exit_code == 0 and json.loads((tmp_path / "c" / "summary.json").read_text())["refined"] is False
+    with pytest.warns(UserWarning, match="--mirror-average has no effect"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "n"), "-q", "-f", "npz",
+                       "--no-refine", "--mirror-average"])
+    assert res.exit_code == 0, res.output
 
 
 def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path, no_default_weights):

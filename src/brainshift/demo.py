@@ -505,7 +505,8 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         f"(brain minus cavity); lowest MSE: {best}")
     if loaded is None:
         say(f"NOTE: {NO_MODEL_NOTE}")
-    say(f"report: {report}\nall outputs in {out}/ ({len(files) + 1} files); total {total:.1f} s")
+    n_files = sum(1 for p in out.iterdir() if p.is_file())
+    say(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {total:.1f} s")
     return rows
 
 

@@ -150,6 +150,8 @@ def run_infer(opts: InferOptions) -> dict:
         if not refine:
             warnings.warn(f"no network weights (no -w and no default model at weights/{DEFAULT_WEIGHTS.name}): "
                           "writing the classical interpolation only, without refinement", stacklevel=2)
+    if not refine and opts.mirror_average:
+        warnings.warn("--mirror-average has no effect without network refinement (--no-refine)", stacklevel=2)
     if refine and weights is None:
         if not DEFAULT_WEIGHTS.exists():
             raise BrainshiftError(

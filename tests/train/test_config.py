@@ -67,7 +67,9 @@ def test_yaml_then_overrides_and_resolved_roundtrip(tmp_path):
     ({"flip_axes": [3]}, "flip_axes"),
     ({"flip_axes": [0, 0]}, "flip_axes"),
     ({"lr_schedule": "step"}, "lr_schedule"),
-    ({"lr": 1e-4, "lr_min": 1e-3}, "lr_min"),
+    ({"lr": 1e-4, "lr_min": 1e-3, "lr_schedule": "cosine"}, "lr_min"),
+    ({"lr_min": -1.0}, "lr_min"),
+    ({"flip_axes": [0.5]}, "list of array axes"),
 ])
 def test_bad_values_raise(values, match):
     with pytest.raises(BrainshiftError, match=match):
@@ -130,3 +132,5 @@ def test_flip_axes_and_schedule_spellings():
     assert from_dict({"flip_axes": "0,2"}).flip_axes == (0, 2)
     assert from_dict({"flip_axes": [1]}).flip_axes == (1,)
     assert from_dict({}).flip_axes == () and from_dict({}).lr_schedule == "constant"
+    assert from_dict({"flip_axes": None}).flip_axes == ()  # null: no mirroring
+    assert from_dict({"lr": 1e-4, "lr_min": 1e-3}).lr_min == 1e-3  # unused by the constant schedule

@@ -204,7 +204,9 @@ def _coerce(name: str, value: Any) -> Any:
     """Convert a value read from a file or the command line to the option's type."""
     try:
         if value is None:
-            if name in _INT | _FLOAT | _BOOL | _STR | {"split", "network", "flip_axes"}:
+            if name == "flip_axes":
+                return ()  # null: no mirroring
+            if name in _INT | _FLOAT | _BOOL | _STR | {"split", "network"}:
                 raise BrainshiftError(f"expected a value for option {name!r}, got null")
             return None
         if name in _INT or name in _OPT_INT:
@@ -237,11 +239,14 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return vals
         if name == "flip_axes":
-            if isinstance(value, str | int):
-                value = [v for v in str(value).replace(",", " ").split()]
-            if any(isinstance(v, bool) or float(v) != int(v) for v in value):
-                raise ValueError
-            return tuple(int(v) for v in value)
+            items = str(value).replace(",", " ").split() if isinstance(value, str | int) else value
+            try:
+                if isinstance(items, bool) or any(isinstance(v, bool) or float(v) != int(v) for v in items):
+                    raise ValueError
+                return tuple(int(v) for v in items)
+            except (TypeError, ValueError):
+                raise BrainshiftError(f"expected flip_axes to be a list of array axes among 0, 1, 2 (e.g. [0]), "
+                                      f"got {value!r}") from None
         if name == "network":
             if not isinstance(value, dict):
                 raise ValueError
@@ -292,8 +297,8 @@ def validate(cfg: TrainConfig) -> None:
         raise BrainshiftError(f"expected a positive learning rate, got {cfg.lr}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise BrainshiftError(f"expected lr_schedule 'constant' or 'cosine', got {cfg.lr_schedule!r}")
-    if not 0 <= cfg.lr_min <= cfg.lr:
-        raise BrainshiftError(f"expected 0 <= lr_min <= lr ({cfg.lr}), got {cfg.lr_min}")
+    if cfg.lr_min < 0 or (cfg.lr_schedule == "cosine" and cfg.lr_min > cfg.lr):
+        raise BrainshiftError(f"expected 0 <= lr_min <= lr ({cfg.lr}) for the cosine schedule, got {cfg.lr_min}")
     if any(a not in (0, 1, 2) for a in cfg.flip_axes) or len(set(cfg.flip_axes)) != len(cfg.flip_axes):
         raise BrainshiftError(f"expected flip_axes to be distinct array axes among 0, 1, 2, got {list(cfg.flip_axes)}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):
