@@ -136,11 +136,17 @@ def test_single_precision_cycle_same_solution_as_double():
     np.testing.assert_allclose(us, ud, atol=1e-8 * np.abs(ud).max())
     kc = F.apply_constraints(k, free, pat.diag_pos, pat.rows)
     b = near_null * free.reshape(-1, 1)
-    single, double = F.AMGSolver(kc, b, precision="single"), F.AMGSolver(kc, b, precision="double")
+    # pyamg's setup draws a random start vector (spectral-radius estimate): same seed -> same hierarchy
+    np.random.seed(0)
+    single = F.AMGSolver(kc, b, precision="single")
+    np.random.seed(0)
+    double = F.AMGSolver(kc, b, precision="double")
+    for ls, ld in zip(single.ml.levels, double.ml.levels, strict=True):
+        assert (ls.A != ld.A).nnz == 0
     assert len(single.ml.levels) >= 2  # a real hierarchy (not just the coarse solver)
     r = np.random.default_rng(2).normal(size=kc.shape[0])
     v32, v64 = single.vcycle(r), double.vcycle(r)
     assert v32.dtype == np.float64
-    assert np.linalg.norm(v32 - v64) < 1e-3 * np.linalg.norm(v64)  # the same cycle up to float32 rounding
+    assert np.linalg.norm(v32 - v64) < 1e-5 * np.linalg.norm(v64)  # the same cycle up to float32 rounding (~5e-7)
     with pytest.raises(ValueError, match="precision"):
         F.AMGSolver(kc, b, precision="half")
