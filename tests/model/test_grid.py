@@ -10,6 +10,7 @@ from brainshift.model.grid import (
     field_to_network_grid,
     field_vox_to_network_matrix,
     from_network_grid,
+    mirror_network_tensor,
     network_field_to_voxel,
     network_grid,
     pad_to_multiple,
@@ -230,3 +231,36 @@ def test_center_crop_or_pad_to_training_size():
     # axis i padded 1 before / 2 after; axis j cropped 1 from each side; axis k unchanged
     assert torch.equal(out[:, 1:6], t[:, :, 1:5])
     assert torch.all(out[:, 0] == -1.0) and torch.all(out[:, 6:] == -1.0)
+
+
+def _affine_field(a: np.ndarray, b: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """u(x) = A x + b at every voxel x of ``shape`` as a (3, I, J, K) array (components along the axes)."""
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    return np.einsum("ij,j...->i...", a, x) + b[:, None, None, None]
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (0, 2), (0, 1, 2)])
+def test_mirror_network_tensor_gives_the_mirrored_problem(axes):
+    # The mirrored sample's field is u'(x') = R u(R^-1 x') with R the reflection x -> n - 1 - x along axes:
+    # for an affine u(x) = A x + b this is affine again, with A' = S A S and b' = S (A c + b),
+    # R x = S x + c, S = diag(+-1), c = (n - 1) along mirrored axes (0 elsewhere): an exact answer.
+    rng = np.random.default_rng(3)
+    shape = (5, 6, 7)
+    a, b = rng.normal(size=(3, 3)), rng.normal(size=3)
+    u = _affine_field(a, b, shape)
+    img = rng.normal(size=(1, *shape))
+    s = np.ones(3)
+    s[list(axes)] = -1
+    c = np.zeros(3)
+    c[list(axes)] = np.asarray(shape, float)[list(axes)] - 1
+    sm = np.diag(s)
+    expected = _affine_field(sm @ a @ sm, sm @ (a @ c + b), shape)
+    x = torch.from_numpy(np.concatenate([u, img]))[None]  # (1, 4, ...): field channels, then the image
+    out = mirror_network_tensor(x, axes, field=True)[0].numpy()
+    np.testing.assert_allclose(out[:3], expected, atol=1e-12)
+    np.testing.assert_array_equal(out[3:], np.flip(img, axis=tuple(1 + a for a in axes)))
+    plain = mirror_network_tensor(x, axes, field=False)[0].numpy()  # not a field: only reversed
+    np.testing.assert_array_equal(plain, np.flip(x[0].numpy(), axis=tuple(1 + a for a in axes)))
+    back = mirror_network_tensor(mirror_network_tensor(x, axes, field=True), axes, field=True)  # an involution
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
+    assert mirror_network_tensor(x, (), field=True) is x

@@ -135,8 +135,11 @@ def test_bad_device_and_inputs():
 def test_mirror_average_exact_properties():
     from dataclasses import replace
 
-    from brainshift.model.grid import to_network_grid
-    from brainshift.model.inference import left_right_axis, mirror_input, predict, trained_with_mirroring
+    from brainshift.model.grid import mirror_network_tensor, to_network_grid
+    from brainshift.model.inference import left_right_axis, predict, trained_with_mirroring
+
+    def mirror_input(t, axis):
+        return mirror_network_tensor(t, (axis,), field=True)
 
     image, field = _case((16, 12, 8))
     net_in = to_network_grid(image, field, None, FULL)

@@ -15,7 +15,6 @@ from brainshift.train.data import (
     crop_window,
     draw_variant,
     intensity_augmentation,
-    mirror_sample,
     prepare_case,
     read_keypoint_candidates,
     split_cases,
@@ -134,37 +133,6 @@ def test_assemble_sample_and_augmentation_touch_only_the_image(tiny_dataset):
     assert any(not torch.equal(a["input"][3], plain["input"][3]) for a in aug)
     again = assemble_sample(c, v, (16, 18, 14), intensity_augmentation(), np.random.default_rng(0))
     assert torch.equal(again["input"], aug[0]["input"])
-
-
-def _affine_field(a: np.ndarray, b: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """u(x) = A x + b at every voxel x of ``shape`` as a (3, I, J, K) array (components along the axes)."""
-    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    return np.einsum("ij,j...->i...", a, x) + b[:, None, None, None]
-
-
-@pytest.mark.parametrize("axes", [(0,), (1,), (0, 2), (0, 1, 2)])
-def test_mirror_sample_gives_the_mirrored_problem(axes):
-    # The mirrored sample's field is u'(x') = R u(R^-1 x') with R the reflection x -> n - 1 - x along axes:
-    # for an affine u(x) = A x + b this is affine again, with A' = S A S and b' = S (A c + b),
-    # R x = S x + c, S = diag(+-1), c = (n - 1) along mirrored axes (0 elsewhere): an exact answer.
-    rng = np.random.default_rng(3)
-    shape = (5, 6, 7)
-    a, b = rng.normal(size=(3, 3)), rng.normal(size=3)
-    u = _affine_field(a, b, shape)
-    img = rng.normal(size=(1, *shape))
-    s = np.ones(3)
-    s[list(axes)] = -1
-    c = np.zeros(3)
-    c[list(axes)] = np.asarray(shape, float)[list(axes)] - 1
-    sm = np.diag(s)
-    expected = _affine_field(sm @ a @ sm, sm @ (a @ c + b), shape)
-    out = mirror_sample({"gt": u, "init": u.copy(), "img": img}, axes)
-    np.testing.assert_allclose(out["gt"], expected, atol=1e-12)
-    np.testing.assert_allclose(out["init"], expected, atol=1e-12)
-    np.testing.assert_array_equal(out["img"], np.flip(img, axis=tuple(1 + a for a in axes)))
-    back = mirror_sample(out, axes)  # a reflection is its own inverse
-    np.testing.assert_allclose(back["gt"], u, atol=1e-12)
-    assert mirror_sample({"gt": u}, ())["gt"] is u
 
 
 def test_assemble_sample_flips_with_the_rng(tiny_dataset):

@@ -424,3 +424,27 @@ def network_field_to_voxel(field: torch.Tensor, config: NetworkConfig) -> torch.
     if config.field_units == "mm":
         return field / float(config.spacing_mm)
     return field
+
+
+def mirror_network_tensor(tensor: torch.Tensor, axes, field: bool) -> torch.Tensor:
+    """Mirror a network-grid tensor ``(B, C, I, J, K)`` along spatial ``axes`` (each 0, 1 or 2).
+
+    With ``field``, channels 0-2 are a displacement field along the grid axes (e.g. the network's input, whose
+    channel 3 is the image, or its output): the component along each mirrored axis also changes sign, so the
+    result is the displacement of the mirrored problem, ``u'(x') = R u(R x')`` with ``R`` the reflection.
+    Other channels (image, mask) are only reversed. A reflection is its own inverse. Used by training
+    augmentation (:func:`brainshift.train.data.assemble_sample`) and inference mirror averaging
+    (:func:`brainshift.model.inference.predict`), so the two mirror identically.
+
+    Returns:
+        A new tensor (the input is not modified); ``axes`` empty returns the input itself.
+    """
+    axes = tuple(int(a) for a in axes)
+    if not axes:
+        return tensor
+    out = tensor.flip(tuple(2 + a for a in axes))
+    if field:
+        sign = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
+        sign[list(axes)] = -1.0
+        out = out * sign[None, :, None, None, None]
+    return out

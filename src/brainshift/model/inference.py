@@ -18,7 +18,7 @@ import torch
 from brainshift.errors import BrainshiftError
 from brainshift.field import check_field
 from brainshift.model.checkpoint import LoadedModel
-from brainshift.model.grid import NetworkInput, refined_from_prediction, to_network_grid
+from brainshift.model.grid import NetworkInput, mirror_network_tensor, refined_from_prediction, to_network_grid
 from brainshift.volume import Volume
 
 
@@ -44,16 +44,6 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return dev
 
 
-def mirror_input(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-    """Mirror a network tensor ``(B, C, I, J, K)`` along spatial ``axis`` (0-2); the first three channels are a
-    displacement field along the grid axes, so their component ``axis`` changes sign (an involution)."""
-    out = tensor.flip(2 + axis)
-    if out.shape[1] >= 3:
-        out = out.clone()
-        out[:, axis] = -out[:, axis]
-    return out
-
-
 def left_right_axis(net_affine: np.ndarray) -> int:
     """The network-grid axis closest to the world left-right (RAS x) direction."""
     a = np.asarray(net_affine, np.float64)[:3, :3]
@@ -69,7 +59,8 @@ def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch
     Args:
         model, net_input, device: the network, its input (:func:`to_network_grid`), ``cpu`` / ``cuda[:N]``.
         mirror_average: also run the left-right mirrored problem (the grid axis closest to world x,
-            :func:`left_right_axis`; image and field mirrored, :func:`mirror_input`), mirror its prediction
+            :func:`left_right_axis`; image and field mirrored by
+            :func:`~brainshift.model.grid.mirror_network_tensor`, as in training), mirror its prediction
             back and average the two (test-time augmentation). The mirrored problem is an exact solution of the
             same mechanics, so the average is the left-right equivariant part of the network (twice the time).
 
@@ -85,7 +76,8 @@ def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch
         out = model(x)
         if mirror_average:
             axis = left_right_axis(net_input.net_affine)
-            out = 0.5 * (out + mirror_input(model(mirror_input(x, axis)), axis))
+            mirrored = model(mirror_network_tensor(x, (axis,), field=True))
+            out = 0.5 * (out + mirror_network_tensor(mirrored, (axis,), field=True))
     return out.float().cpu()
 
 

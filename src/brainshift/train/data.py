@@ -390,27 +390,6 @@ def intensity_augmentation():
     ])
 
 
-def mirror_sample(arrays: dict[str, np.ndarray], axes: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Mirror a sample's arrays along spatial ``axes`` (0, 1, 2 of the trailing three dimensions).
-
-    Every array ``(C, I, J, K)`` is reversed along the axes; for the vector fields (keys ``init`` and ``gt``,
-    components along the grid axes) the component of each mirrored axis also changes sign, so a forward
-    Lagrangian field stays the displacement of the mirrored problem: ``u'(x') = R u(R x)`` with ``R`` the
-    reflection. Returns new contiguous arrays; ``axes=()`` returns the inputs unchanged.
-    """
-    if not axes:
-        return arrays
-    out = {}
-    for key, arr in arrays.items():
-        a = np.flip(arr, axis=tuple(1 + int(ax) for ax in axes))
-        if key in ("init", "gt"):
-            a = a.copy()
-            for ax in axes:
-                a[int(ax)] *= -1.0
-        out[key] = np.ascontiguousarray(a)
-    return out
-
-
 def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[int, int, int] | None,
                     augment=None, rng: np.random.Generator | None = None,
                     flip_axes: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
@@ -422,7 +401,8 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
             for the whole padded grid.
         augment: optional MONAI transform applied to the image channel (see :func:`intensity_augmentation`).
         rng: seeds ``augment`` (``set_random_state``) and the mirroring for reproducibility.
-        flip_axes: network-grid axes each mirrored with probability 1/2 (needs ``rng``; :func:`mirror_sample`).
+        flip_axes: network-grid axes each mirrored with probability 1/2 (needs ``rng``): image, initial field,
+            ground truth and mask together (:func:`brainshift.model.grid.mirror_network_tensor`).
 
     Returns:
         dict of float32 tensors: ``input`` (4, ...) = init field then (augmented) image, ``target`` (3, ...),
@@ -440,9 +420,12 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
         img = crop_or_pad(img, start, size, background)
         gt, mask, init = (crop_or_pad(a, start, size) for a in (gt, mask, init))
     if flip_axes and rng is not None:
+        from brainshift.model.grid import mirror_network_tensor
+
         axes = tuple(int(a) for a in flip_axes if rng.random() < 0.5)
-        m = mirror_sample({"img": img, "gt": gt, "mask": mask, "init": init}, axes)
-        img, gt, mask, init = m["img"], m["gt"], m["mask"], m["init"]
+        img, gt, mask, init = (mirror_network_tensor(torch.from_numpy(np.ascontiguousarray(a))[None], axes,
+                                                     field=is_field)[0].numpy()
+                               for a, is_field in ((img, False), (gt, True), (mask, False), (init, True)))
     aug_img = img
     if augment is not None:
         if rng is not None:
