@@ -40,7 +40,7 @@ def analyse(root: Path, case_id: str) -> dict:
     import scipy.ndimage as ndi
 
     from brainshift.field import displacement_magnitude_mm, jacobian_determinant
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
     from brainshift.simulate.dataset import read_case
 
     case = read_case(root, case_id)

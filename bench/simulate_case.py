@@ -23,7 +23,7 @@ def mni_subject(tumour_ras=(28.0, -10.0, 25.0), radius_mm: float = 15.0):
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
     from nilearn.image import resample_to_img
 
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
     from brainshift.simulate.dataset import Subject
     from brainshift.volume import Volume
 
@@ -50,7 +50,7 @@ def save_png(subject, result, params, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from brainshift.field import displacement_magnitude_mm
-    from brainshift.io.frames import ras_to_voxel
+    from brainshift.geometry import ras_to_voxel
 
     mag = displacement_magnitude_mm(result.field_vox, subject.image.affine)
     c = np.round(ras_to_voxel(params.tumour_centre_ras[None], subject.image.affine)[0]).astype(int)

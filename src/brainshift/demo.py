@@ -131,7 +131,7 @@ def analytic_sag_field(brain_mask: Volume, params: SagFieldParameters | None = N
     Convention: forward Lagrangian, voxel units along i, j, k of ``brain_mask``'s grid.
     """
     from brainshift.field import field_ras_to_voxel, voxel_grid
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
 
     p = params or SagFieldParameters()
     idx = np.argwhere(brain_mask.data > 0)
@@ -211,7 +211,7 @@ def make_quick_case(seed: int = 0, *, spacing_mm: float = QUICK_SPACING_MM, tumo
     import scipy.ndimage as ndi
 
     from brainshift.field import voxel_grid
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
     from brainshift.simulate.dataset import Subject
 
     t1, brain = load_mni152()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainshift.errors import GeometryError
-from brainshift.io.frames import check_affine
+from brainshift.geometry import check_affine
 
 
 def check_field(field: np.ndarray, shape: tuple[int, int, int] | None = None) -> np.ndarray:

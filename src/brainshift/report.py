@@ -73,7 +73,7 @@ class _Display:
     def __init__(self, shape: tuple[int, int, int], affine: np.ndarray) -> None:
         from nibabel.orientations import io_orientation
 
-        from brainshift.io.frames import spacing_from_affine
+        from brainshift.geometry import spacing_from_affine
 
         self.shape = tuple(int(s) for s in shape)
         self.ornt = io_orientation(np.asarray(affine, dtype=np.float64))  # row i: (RAS axis, +-1) of voxel axis i

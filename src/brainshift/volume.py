@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from brainshift.errors import GeometryError
-from brainshift.io.frames import check_affine, spacing_from_affine
+from brainshift.geometry import check_affine, spacing_from_affine
 
 Kind = Literal["intensity", "label"]
 

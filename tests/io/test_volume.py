@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from _io_helpers import OBLIQUE_SHAPE
 
-from brainshift.io.frames import voxel_to_ras
+from brainshift.geometry import voxel_to_ras
 from brainshift.volume import Volume
 
 

@@ -6,7 +6,8 @@ import torch
 
 from brainshift.errors import BrainshiftError, GeometryError
 from brainshift.model.checkpoint import LoadedModel, load_weights, save_weights
-from brainshift.model.inference import refine_field, resolve_device
+from brainshift.device import resolve_device
+from brainshift.model.inference import refine_field
 from brainshift.model.network import NetworkConfig, build_network
 from brainshift.volume import Volume
 

@@ -94,7 +94,7 @@ def test_draw_variant_reproducible_and_consistent(tiny_dataset):
 
 
 def test_detected_keypoints_used_as_candidates(tiny_dataset):
-    from brainshift.io.frames import check_affine  # noqa: F401  (keeps the import surface honest)
+    from brainshift.geometry import check_affine  # noqa: F401  (keeps the import surface honest)
 
     c = prepare_case(tiny_dataset, "sub00_c0", NET)
     vox = np.argwhere(c["allowed"] > 0)[::5][:30].astype(float)

@@ -18,7 +18,7 @@ import numpy as np
 
 from brainshift.errors import GeometryError, KeypointError
 from brainshift.field import check_field, jacobian_determinant
-from brainshift.io.frames import check_affine, spacing_from_affine
+from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.volume import Volume
 
 #: Lower clip of det J before taking its logarithm in :func:`jacobian_stats`.

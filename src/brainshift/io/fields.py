@@ -26,15 +26,14 @@ import numpy as np
 
 from brainshift.errors import GeometryError, InputFileError
 from brainshift.field import check_field
+from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.io.atomic import atomic_output
 from brainshift.io.frames import (
     affine_from_itk,
     affine_to_itk,
     array_from_itk_order,
     array_to_itk_order,
-    check_affine,
     field_to_world_vectors,
-    spacing_from_affine,
     world_vectors_to_field,
 )
 from brainshift.io.paths import match_suffix

@@ -1,4 +1,6 @@
-"""Coordinate frames: the one place where voxel, RAS and LPS (ITK / Slicer) conversions live.
+"""Coordinate frames at the file boundary: RAS <-> LPS (ITK / Slicer), frame names, ITK geometry and axis order.
+
+The pure voxel <-> RAS geometry (affine checks, spacing) lives in :mod:`brainshift.geometry`.
 
 Frames used in brainshift:
 
@@ -18,6 +20,12 @@ from typing import Literal
 import numpy as np
 
 from brainshift.errors import BrainshiftError, GeometryError
+from brainshift.geometry import (  # noqa: F401  (ras_to_voxel, voxel_to_ras: still imported from here by simulate/ and interpolate/tps3d.py)
+    check_affine,
+    ras_to_voxel,
+    voxel_to_ras,
+    voxel_vectors_to_ras,
+)
 
 Frame = Literal["voxel", "ras", "lps"]
 FRAMES: tuple[str, ...] = ("voxel", "ras", "lps")
@@ -27,39 +35,12 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def check_affine(affine: np.ndarray) -> np.ndarray:
-    """Return ``affine`` as a float64 4x4 array, raising :class:`GeometryError` if it is not invertible."""
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4):
-        raise GeometryError(f"expected a 4x4 voxel-to-RAS affine, got shape {a.shape}")
-    if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
-        raise GeometryError("expected an invertible, finite 4x4 voxel-to-RAS affine, got a singular one")
-    return a
-
-
 def check_frame(frame: str) -> str:
     """Validate a frame name (``voxel``, ``ras`` or ``lps``)."""
     f = str(frame).lower()
     if f not in FRAMES:
         raise BrainshiftError(f"expected a coordinate frame in {FRAMES}, got {frame!r}")
     return f
-
-
-def _apply(matrix4: np.ndarray, points: np.ndarray) -> np.ndarray:
-    p = np.asarray(points, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise GeometryError(f"expected points of shape (N, 3), got {p.shape}")
-    return p @ matrix4[:3, :3].T + matrix4[:3, 3]
-
-
-def voxel_to_ras(points_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Map ``(N, 3)`` continuous voxel indices to ``(N, 3)`` RAS mm with the voxel-to-RAS ``affine``."""
-    return _apply(check_affine(affine), points_vox)
-
-
-def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Map ``(N, 3)`` RAS mm to ``(N, 3)`` continuous 0-based voxel indices (inverse of the affine)."""
-    return _apply(np.linalg.inv(check_affine(affine)), points_ras)
 
 
 def ras_to_lps(points: np.ndarray) -> np.ndarray:
@@ -95,18 +76,6 @@ def vectors_to_voxel(vectors: np.ndarray, frame: str, affine: np.ndarray) -> np.
         v = lps_to_ras(v)
     a = check_affine(affine)
     return v @ np.linalg.inv(a[:3, :3]).T
-
-
-def voxel_vectors_to_ras(vectors_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Convert ``(N, 3)`` voxel-unit displacement vectors to RAS mm: ``d_ras = A @ d_vox``."""
-    a = check_affine(affine)
-    return np.asarray(vectors_vox, dtype=np.float64) @ a[:3, :3].T
-
-
-def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
-    """Voxel size in mm along ``i, j, k``: the norms of the affine's first three columns."""
-    a = check_affine(affine)
-    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 
 def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:

@@ -8,7 +8,7 @@ Public API:
 - :class:`NetworkInput`, :func:`to_network_grid`, :func:`field_to_network_grid`, :func:`from_network_grid`,
   :func:`refined_from_prediction`, :func:`pad_to_multiple`, :func:`crop_pad`, :func:`center_crop_or_pad`
   (``grid``: the pre/post-processing shared with training)
-- :func:`refine_field`, :func:`resolve_device` (``inference``)
+- :func:`refine_field` (``inference``)
 - :func:`warp`, :func:`compose`, :func:`jacobian_determinant_torch` (``warp``)
 """
 
@@ -24,7 +24,7 @@ from brainshift.model.grid import (
     refined_from_prediction,
     to_network_grid,
 )
-from brainshift.model.inference import predict, refine_field, resolve_device
+from brainshift.model.inference import predict, refine_field
 from brainshift.model.network import (
     PRESETS,
     NetworkConfig,
@@ -56,7 +56,6 @@ __all__ = [
     "predict",
     "refine_field",
     "refined_from_prediction",
-    "resolve_device",
     "save_weights",
     "to_network_grid",
     "warp",

@@ -194,7 +194,7 @@ def load_weights(path: str | os.PathLike, device="cpu", config: NetworkConfig | 
     Args:
         path: ``.safetensors`` (ours: the config comes from the file) or ``.pt`` / ``.pth`` (published).
         device: torch device for the model (``cpu``, ``cuda``...); see
-            :func:`brainshift.model.inference.resolve_device`.
+            :func:`brainshift.device.resolve_device`.
         config: architecture for a published checkpoint (default: the published one). Must be None for a
             safetensors file, whose embedded config is used.
 
@@ -205,7 +205,7 @@ def load_weights(path: str | os.PathLike, device="cpu", config: NetworkConfig | 
         InputFileError: missing file, unknown suffix, a pickle needing arbitrary code, a state dict whose
             names/shapes do not match the architecture (first mismatch named), missing embedded config.
     """
-    from brainshift.model.inference import resolve_device
+    from brainshift.device import resolve_device
 
     p = Path(path)
     if not p.is_file():

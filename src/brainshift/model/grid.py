@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from brainshift.errors import GeometryError
 from brainshift.field import check_field
-from brainshift.io.frames import check_affine, spacing_from_affine
+from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.model.network import NetworkConfig
 from brainshift.model.warp import voxel_to_grid_sample
 from brainshift.volume import Volume, grid_with_spacing

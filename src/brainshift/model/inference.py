@@ -15,33 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brainshift.errors import BrainshiftError
+from brainshift.device import resolve_device
 from brainshift.field import check_field
 from brainshift.model.checkpoint import LoadedModel
 from brainshift.model.grid import NetworkInput, mirror_network_tensor, refined_from_prediction, to_network_grid
 from brainshift.volume import Volume
-
-
-def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """The torch device for ``device`` (``cpu``, ``cuda``, ``cuda:1``...).
-
-    Raises:
-        BrainshiftError: an unknown device name, or CUDA asked for but not available (never a silent CPU
-            fallback).
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise BrainshiftError(f"expected a torch device such as 'cpu' or 'cuda', got {device!r}: {exc}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BrainshiftError(f"expected a CUDA GPU for device {device!r}, got none (torch.cuda.is_available() "
-                                  f"is False); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BrainshiftError(f"expected a CUDA device index below {torch.cuda.device_count()}, got {dev.index}")
-    elif dev.type != "cpu":
-        raise BrainshiftError(f"expected device 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
 
 
 def left_right_axis(net_affine: np.ndarray) -> int:

@@ -105,7 +105,7 @@ class HexMesh:
     @property
     def nodes_ras(self) -> np.ndarray:
         """``(n_nodes, 3)`` node coordinates in RAS mm."""
-        from brainshift.io.frames import voxel_to_ras
+        from brainshift.geometry import voxel_to_ras
 
         return voxel_to_ras(self.nodes_vox, self.image_affine)
 
@@ -115,7 +115,7 @@ class HexMesh:
 
     def element_centres_ras(self) -> np.ndarray:
         """``(n_elements, 3)`` element centres in RAS mm."""
-        from brainshift.io.frames import voxel_to_ras
+        from brainshift.geometry import voxel_to_ras
 
         return voxel_to_ras(self.origin_vox + (self.element_grid + 0.5) * self.step_vox, self.image_affine)
 
@@ -138,7 +138,7 @@ def local_frame(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         GeometryError: if the affine's columns are not orthogonal (shear).
     """
-    from brainshift.io.frames import check_affine
+    from brainshift.geometry import check_affine
 
     a = check_affine(affine)
     spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))

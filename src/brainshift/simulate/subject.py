@@ -182,7 +182,7 @@ def _mask_on_grid(vol: Volume, image: Volume, labels, what: str, path, allow_emp
     if vol.same_grid(image):
         return sel
     # foreground voxel centres of the mask in the image's voxel frame: all must lie inside the image
-    from brainshift.io.frames import ras_to_voxel, voxel_to_ras
+    from brainshift.geometry import ras_to_voxel, voxel_to_ras
 
     pts = np.argwhere(sel).astype(np.float64)
     vox = ras_to_voxel(voxel_to_ras(pts, vol.affine), image.affine)
@@ -318,7 +318,7 @@ def _template(vent_params: tuple) -> _Template:
     import scipy.ndimage as ndi
     from nilearn import datasets
 
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
 
     t1_img = datasets.load_mni152_template(resolution=1)
     affine = np.asarray(t1_img.affine, dtype=np.float64)
@@ -341,7 +341,7 @@ def _ventricles(t1, brain, gm, wm, affine, intensity_fraction, max_tissue_prob, 
     """Ventricle mask by the rule of the module docstring (step 2)."""
     import scipy.ndimage as ndi
 
-    from brainshift.io.frames import spacing_from_affine, voxel_to_ras
+    from brainshift.geometry import spacing_from_affine, voxel_to_ras
 
     sp = spacing_from_affine(affine)
     wm_median = float(np.median(t1[brain & (wm > 0.9)]))
@@ -388,7 +388,7 @@ def _synthesize(seed: int, config: SynthesisConfig, subject_id: str | None = Non
     import scipy.ndimage as ndi
 
     from brainshift.field import jacobian_determinant
-    from brainshift.io.frames import spacing_from_affine
+    from brainshift.geometry import spacing_from_affine
 
     rng = np.random.default_rng(seed)
     tpl = _template((config.ventricle_intensity_fraction, config.ventricle_max_tissue_probability,
@@ -563,7 +563,7 @@ def _place_tumour(rng, config: SynthesisConfig, brain, wm, ventricles, surf_dist
     """Draw the tumour shape and centre; rasterise it. Returns (info, mask, s on the box, box slices)."""
     import scipy.ndimage as ndi
 
-    from brainshift.io.frames import spacing_from_affine, voxel_to_ras
+    from brainshift.geometry import spacing_from_affine, voxel_to_ras
 
     sp = spacing_from_affine(affine)
     n_terms = max(1, int(config.tumour_shape_terms))

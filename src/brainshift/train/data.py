@@ -180,7 +180,7 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     mask = net.mask.numpy()
     idx = np.argwhere(mask)
     centre = (idx.min(0) + idx.max(0)) / 2.0 if len(idx) else (np.asarray(mask.shape) - 1) / 2.0
-    from brainshift.io.frames import spacing_from_affine
+    from brainshift.geometry import spacing_from_affine
 
     return {
         "case_id": case_id,

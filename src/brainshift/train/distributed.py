@@ -61,7 +61,7 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     import torch.distributed as dist
 
     from brainshift.errors import BrainshiftError
-    from brainshift.model.inference import resolve_device
+    from brainshift.device import resolve_device
 
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli import cli_errors
+from brainshift.cli.app import cli_errors
 
 
 @cli_errors

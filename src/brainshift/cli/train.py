@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli import cli_errors
+from brainshift.cli.app import cli_errors
 
 
 def format_summary(result) -> str:

@@ -1,0 +1,54 @@
+"""``brainshift infer``: preop image + keypoints (or an initial field) -> dense displacement field files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from brainshift.cli.app import cli_errors
+
+
+@cli_errors
+def infer_command(
+    preop_scan: Path = typer.Option(..., "-p", "--preop_scan", "--preop-scan",
+                                    help="Preop image (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)."),
+    init_disp: Path | None = typer.Option(None, "-i", "--init_disp", "--init-disp",
+                                          help="Initial displacement field (.h5, .nii/.nii.gz vector, .npz); "
+                                               "replaces interpolation."),
+    kpt_disps: Path | None = typer.Option(None, "-k", "--kpt_disps", "--kpt-disps",
+                                          help="Keypoints: table x,y,z,dx,dy,dz (.csv/.txt), or preop Slicer "
+                                               "markups (.fcsv/.mrk.json) with --kpt-intraop."),
+    kpt_intraop: Path | None = typer.Option(None, "--kpt-intraop",
+                                            help="Intraop Slicer markups matching -k (by label or order)."),
+    interp_mode: str = typer.Option("linear", "-m", "--interp_mode", "--interp-mode",
+                                    help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
+                                         "spline: not exact at the keypoints) | tps3d (biharmonic, exact)."),
+    device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
+    output_fmt: str = typer.Option("h5", "-f", "--output_fmt", "--output-fmt", help="Field format: h5 | npz | nii."),
+    weights: Path | None = typer.Option(None, "-w", "--weights",
+                                        help="Network weights (.safetensors, or a published .pt checkpoint)."),
+    coords: str = typer.Option("voxel", "--coords", help="Frame of the keypoint table: voxel | ras | lps."),
+    refine: bool | None = typer.Option(None, "--refine/--no-refine",
+                                       help="Refine with the network (default: when weights are available)."),
+    mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
+                                               help="Average the network with its left-right mirrored problem "
+                                                    "(default: when the model was trained with mirroring)."),
+    save_inverse: bool = typer.Option(False, "--save-inverse", help="Also write the inverse field."),
+    save_warped: bool = typer.Option(False, "--save-warped", help="Also write the preop image warped to intraop."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
+) -> None:
+    """Turn a preop image plus matched keypoints (or an initial field) into a dense displacement field."""
+    from brainshift.pipeline import InferOptions, run_infer
+
+    summary = run_infer(InferOptions(
+        preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
+        interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
+        refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
+        verbose=not quiet))
+    final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
+    typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
+    typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
+               f"det J <= 0 in {final['pct_jacobian_nonpositive']:.4f} % of voxels, "
+               f"total {summary['timings_s']['total']:.2f} s")

@@ -1,0 +1,63 @@
+"""Pure grid geometry: affine checks, voxel size, voxel <-> RAS mapping.
+
+The lowest layer beside :mod:`brainshift.errors`: :mod:`brainshift.volume`, :mod:`brainshift.field` and
+:mod:`brainshift.io` import from here, never the other way round. RAS <-> LPS and ITK conversions live in
+:mod:`brainshift.io.frames` (the ITK boundary).
+
+Convention: a 4x4 ``affine`` maps voxel ``(i, j, k, 1)`` (0-based, nibabel's on-disk axis order, the centre of
+voxel ``i`` at ``i``) to RAS+ millimetres (nibabel's convention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from brainshift.errors import GeometryError
+
+
+def check_affine(affine: np.ndarray) -> np.ndarray:
+    """Return ``affine`` as a float64 4x4 array.
+
+    Raises:
+        GeometryError: not 4x4, not finite, or singular (``|det A| < 1e-12``).
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise GeometryError(f"expected a 4x4 voxel-to-RAS affine, got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise GeometryError("expected an invertible, finite 4x4 voxel-to-RAS affine, got a singular one")
+    return a
+
+
+def apply_affine(matrix4: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` points mapped by a 4x4 matrix: ``p @ M[:3, :3].T + M[:3, 3]`` (float64).
+
+    Raises:
+        GeometryError: points not of shape ``(N, 3)``.
+    """
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise GeometryError(f"expected points of shape (N, 3), got {p.shape}")
+    return p @ matrix4[:3, :3].T + matrix4[:3, 3]
+
+
+def voxel_to_ras(points_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Map ``(N, 3)`` continuous voxel indices to ``(N, 3)`` RAS mm with the voxel-to-RAS ``affine``."""
+    return apply_affine(check_affine(affine), points_vox)
+
+
+def ras_to_voxel(points_ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Map ``(N, 3)`` RAS mm to ``(N, 3)`` continuous 0-based voxel indices (inverse of the affine)."""
+    return apply_affine(np.linalg.inv(check_affine(affine)), points_ras)
+
+
+def voxel_vectors_to_ras(vectors_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Convert ``(N, 3)`` voxel-unit displacement vectors to RAS mm: ``d_ras = A @ d_vox``."""
+    a = check_affine(affine)
+    return np.asarray(vectors_vox, dtype=np.float64) @ a[:3, :3].T
+
+
+def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along ``i, j, k``: the norms of the affine's first three columns, ``(3,)`` float64."""
+    a = check_affine(affine)
+    return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
