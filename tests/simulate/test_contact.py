@@ -113,3 +113,79 @@ def test_resolve_cycle_holds_oscillating_nodes_in_contact():
     # a two-cycle a -> b -> a: node 1 held in contact
     nxt, osc = resolve_cycle([a, b], a.copy())
     assert osc.tolist() == [False, True, False, False] and nxt.tolist() == a.tolist()
+
+
+def test_bilateral_lid_stays_in_contact_and_equals_fixed_normals():
+    """Bilateral (no separation): the lid that unilateral contact releases stays held, and the solution equals
+    the linear solve with the normal DOFs of floor and lid fixed (computed independently by solve_constrained)."""
+    rho_g = MAT.weight_density_pa_per_mm()
+    m, pat, k, f, x, bottom, top = _column_system(-rho_g)
+    cn = np.concatenate([bottom, top])
+    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    fixed = np.concatenate([bottom[:1], bottom[-1:]])
+    b = F.rigid_body_modes(x)
+    cs = ContactSolver(k, pat, b, cn, nn, fixed, rtol=1e-11, contact_model="bilateral")
+    res = cs.solve(f)
+    assert res.active.all() and res.iterations <= 2
+    assert (res.reaction_n[np.isin(cn, top)] > 0).any()  # the lid pulls (tensile reaction) and is kept
+    free = np.ones((m.n_nodes, 3), bool)
+    free[fixed] = False
+    free[cn, 2] = False
+    ref, _ = F.solve_constrained(k, f, free, pattern=pat, near_null=b, rtol=1e-11)
+    np.testing.assert_allclose(res.u, ref, atol=1e-7 * np.abs(ref).max())
+
+
+def test_no_slip_floor_holds_every_dof_of_contact_nodes():
+    """No-slip under a sideways-and-down load: floor nodes in contact do not slide (all DOFs zero), equal to the
+    solve with the floor clamped; the frictionless floor lets them slide."""
+    rho_g = MAT.weight_density_pa_per_mm()
+    m, pat, k, _, x, bottom, top = _column_system(-rho_g)
+    f = F.body_force_nodal(m, np.tile([0.5 * rho_g, 0.0, -rho_g], (m.n_elements, 1)))
+    b = F.rigid_body_modes(x)
+    floor = bottom[1:-1]
+    nn = np.tile([0.0, 0.0, -1.0], (floor.size, 1))
+    fixed = np.concatenate([bottom[:1], bottom[-1:]])  # two pins remove the floor's in-plane rigid modes
+    slip = ContactSolver(k, pat, b, floor, nn, fixed, rtol=1e-11).solve(f)
+    stick = ContactSolver(k, pat, b, floor, nn, fixed, rtol=1e-11, contact_model="no_slip").solve(f)
+    assert np.abs(slip.u[floor, 0]).max() > 1e-4
+    assert np.abs(stick.u[floor[stick.active]]).max() < 1e-9
+    free = np.ones((m.n_nodes, 3), bool)
+    free[bottom] = False
+    ref, _ = F.solve_constrained(k, f, free, pattern=pat, near_null=b, rtol=1e-11)
+    if stick.active.all():
+        np.testing.assert_allclose(stick.u, ref, atol=1e-7 * np.abs(ref).max())
+
+
+def test_plane_nodes_stay_on_their_plane():
+    """A mid-column plane (falx-like, normal x) holds its nodes' x-displacement at 0 under a sideways load, while
+    they slide in y and z."""
+    rho_g = MAT.weight_density_pa_per_mm()
+    m, pat, k, _, x, bottom, top = _column_system(-rho_g)
+    f = F.body_force_nodal(m, np.tile([rho_g, 0.3 * rho_g, -rho_g], (m.n_elements, 1)))
+    b = F.rigid_body_modes(x)
+    xm = np.median(np.unique(x[:, 0]))
+    plane = np.nonzero(np.isclose(x[:, 0], xm) & (x[:, 2] > x[:, 2].min()))[0]
+    assert plane.size > 10
+    res = ContactSolver(k, pat, b, np.zeros(0, np.int64), np.zeros((0, 3)), bottom, rtol=1e-11,
+                        plane_nodes=plane, plane_normal=np.array([1.0, 0.0, 0.0])).solve(f)
+    assert np.abs(res.u[plane, 0]).max() < 1e-9
+    assert np.abs(res.u[plane, 1]).max() > 1e-3 and np.abs(res.u[plane, 2]).max() > 1e-3
+
+
+def test_unknown_contact_model_raises():
+    m, pat, k, f, x, bottom, top = _column_system(-1.0)
+    with pytest.raises(SolverError, match="contact_model"):
+        ContactSolver(k, pat, F.rigid_body_modes(x), bottom, np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), top,
+                      contact_model="glued")
+
+
+@pytest.mark.parametrize("contact_model", ["bilateral", "no_slip"])
+def test_phantom_case_contact_models_keep_nodes_inside(contact_model):
+    s = ellipsoid_subject()
+    cfg = SimulationConfig(resolution_mm=4.0, contact_model=contact_model, falx=True)
+    p = draw_case_parameters(s, cfg, 3)
+    r = simulate_case(s, cfg, p)
+    assert r.meta["n_falx_nodes"] > 0
+    for stage in r.meta["solves"]:
+        assert stage["max_outward_mm"] <= 0.2
+    assert r.meta["max_displacement_mm"] > 0.05

@@ -40,3 +40,24 @@ def test_voigt_mixture_and_errors():
         M.tissue_lame(0.45, 0.1, ventricle_model="water")
     with pytest.raises(BrainshiftError, match="shape"):
         M.element_lame(np.ones((3, 2)))
+
+
+def test_shear_modulus_scales_parenchyma_and_tumour_not_ventricles():
+    f = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    mu1, lam1 = M.element_lame(f, 0.45, 0.1, 3.0, "compressible", shear_modulus_pa=842.0)
+    mu2, lam2 = M.element_lame(f, 0.45, 0.1, 3.0, "compressible", shear_modulus_pa=1684.0)
+    np.testing.assert_allclose(mu2[:2], 2.0 * mu1[:2])
+    np.testing.assert_allclose(lam2[:2], 2.0 * lam1[:2])
+    assert mu2[2] == mu1[2] == M.MU_VENTRICLES_PA
+
+
+def test_grey_white_scale_properties():
+    i = np.linspace(0.0, 100.0, 1001)
+    np.testing.assert_array_equal(M.grey_white_scale(i, 1.0), np.ones_like(i))
+    s = M.grey_white_scale(i, 2.0)
+    assert np.all(np.diff(s) >= 0)  # brighter (whiter) is stiffer for a ratio > 1
+    np.testing.assert_allclose([s.min(), s.max()], [2.0 ** -0.5, 2.0 ** 0.5])
+    np.testing.assert_allclose(M.grey_white_scale(i, 0.5), 1.0 / s)
+    f = np.tile([1.0, 0.0, 0.0], (i.size, 1))
+    mu, _ = M.element_lame(f, 0.45, parenchyma_scale=s)
+    np.testing.assert_allclose(mu, M.MU_PARENCHYMA_PA * s)

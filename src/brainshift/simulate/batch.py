@@ -517,7 +517,8 @@ def read_config_file(path: Path | None, *, resolution: float | None = None, mate
 
     The file holds either the :class:`~brainshift.simulate.case.SimulationConfig` fields at the top level, or
     sections ``simulation:`` and ``synthesis:`` (the latter :class:`~brainshift.simulate.subject.SynthesisConfig`
-    fields). ``resolution`` and ``material`` override the file when given.
+    fields). ``resolution`` and ``material`` override the file when given (also the model family's draws of
+    them, when the file has a ``family``).
 
     Returns:
         ``(SimulationConfig, SynthesisConfig)``.
@@ -558,8 +559,13 @@ def read_config_file(path: Path | None, *, resolution: float | None = None, mate
         sim, synth = dict(data.get("simulation") or {}), dict(data.get("synthesis") or {})
     else:
         sim, synth = dict(data), {}
+    family = sim.get("family")
     if resolution is not None:
         sim["resolution_mm"] = float(resolution)
+        if isinstance(family, dict):  # the family draws the element size per case: the override fixes it
+            family["resolution_mm"] = {float(resolution): 1.0}
     if material is not None:
         sim["material"] = material
+        if isinstance(family, dict):
+            family["material"] = [material]
     return SimulationConfig.from_dict(sim), SynthesisConfig.from_dict(synth)

@@ -80,6 +80,18 @@ class SimulationConfig:
         newton_load_steps: load steps of the neo-Hookean solve.
         newton_rtol: Newton convergence: residual norm relative to the load norm.
         newton_max_iterations: Newton iterations per load step.
+        contact_model: skull contact, ``"unilateral"`` (frictionless, may separate; default), ``"bilateral"``
+            (sliding, no separation) or ``"no_slip"`` (no sliding while in contact); see
+            :mod:`brainshift.simulate.contact`.
+        shear_modulus_pa: parenchyma shear modulus (Pa; 842 in the facts). The tumour's is
+            ``tumour_stiffness_ratio`` times it.
+        white_grey_stiffness_ratio: white / grey matter stiffness ratio from the T1 intensity
+            (:func:`brainshift.simulate.materials.grey_white_scale`); 1 = homogeneous parenchyma.
+        falx: hold the midsagittal nodes above the ventricles on their plane (falx cerebri as a fixed plane,
+            :func:`brainshift.simulate.loads.falx_nodes`).
+        family: a :class:`~brainshift.simulate.family.ModelFamily` as a dict, or None. When given, every case
+            draws its modelling choices from it (:func:`draw_case_parameters`, recorded in ``params.model``),
+            overriding the fields above for that case.
     """
 
     resolution_mm: float = 3.0
@@ -107,10 +119,26 @@ class SimulationConfig:
     newton_load_steps: int = 4
     newton_rtol: float = 1e-6
     newton_max_iterations: int = 25
+    contact_model: str = "unilateral"
+    shear_modulus_pa: float = 842.0
+    white_grey_stiffness_ratio: float = 1.0
+    falx: bool = False
+    family: dict | None = None
 
     def __post_init__(self) -> None:
         self.drainage_fraction_range = tuple(float(x) for x in self.drainage_fraction_range)  # type: ignore
+        if self.family is not None:
+            from brainshift.simulate.family import ModelFamily
+
+            self.family = ModelFamily.from_dict(self.family).to_dict()
         self.validate()
+
+    def with_model(self, model: dict) -> SimulationConfig:
+        """This config with a drawn model's overrides (:func:`brainshift.simulate.family.draw_model`) applied
+        and no family (the per-case, deterministic configuration)."""
+        from brainshift.simulate.family import RECORD_ONLY
+
+        return dataclasses.replace(self, family=None, **{k: v for k, v in model.items() if k not in RECORD_ONLY})
 
     def validate(self) -> None:
         """Raise :class:`BrainshiftError` naming the first bad field."""
@@ -137,6 +165,13 @@ class SimulationConfig:
         if self.craniotomy_radius_mm < 0 or self.brainstem_fixation_depth_mm < 0:
             raise BrainshiftError("expected non-negative craniotomy_radius_mm and brainstem_fixation_depth_mm, got "
                                   f"{self.craniotomy_radius_mm}, {self.brainstem_fixation_depth_mm}")
+        from brainshift.simulate.contact import CONTACT_MODELS
+
+        if self.contact_model not in CONTACT_MODELS:
+            raise BrainshiftError(f"expected contact_model in {list(CONTACT_MODELS)}, got {self.contact_model!r}")
+        if not self.shear_modulus_pa > 0 or not self.white_grey_stiffness_ratio > 0:
+            raise BrainshiftError("expected shear_modulus_pa > 0 and white_grey_stiffness_ratio > 0, got "
+                                  f"{self.shear_modulus_pa}, {self.white_grey_stiffness_ratio}")
         if self.solver_maxiter < 1 or self.max_contact_iterations < 1 or self.newton_load_steps < 1:
             raise BrainshiftError("expected solver_maxiter, max_contact_iterations and newton_load_steps >= 1")
 
@@ -169,6 +204,8 @@ class CaseParameters:
         drainage_fraction: drawn fraction of the brain's extent along gravity that is drained.
         drainage_level_mm: depth of the CSF level below the highest brain point along gravity (mm).
         seed: the integer seed of the draw, if one was given.
+        model: the drawn modelling choices (:func:`brainshift.simulate.family.draw_model`), empty when the
+            config has no family (the config's own choices apply).
     """
 
     gravity_direction_ras: np.ndarray
@@ -179,6 +216,7 @@ class CaseParameters:
     drainage_fraction: float
     drainage_level_mm: float
     seed: int | None = None
+    model: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict."""
@@ -186,6 +224,7 @@ class CaseParameters:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = np.asarray(v, dtype=np.float64).tolist() if isinstance(v, np.ndarray) else v
+        out["model"] = dict(self.model)
         return out
 
     @classmethod
@@ -238,6 +277,9 @@ def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.ran
         config: the configuration (angle and drainage ranges).
         rng: a NumPy Generator, or an integer seed (recorded in the parameters), or None (fresh entropy).
 
+    With ``config.family`` set, the modelling choices are drawn first (``params.model``) and the geometric
+    draws use the resulting per-case configuration (its gravity cone and drainage level).
+
     Returns:
         :class:`CaseParameters`.
 
@@ -251,6 +293,12 @@ def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.ran
     if not isinstance(rng, np.random.Generator):
         seed = None if rng is None else int(rng)
         rng = np.random.default_rng(seed)
+    model: dict = {}
+    if config.family is not None:
+        from brainshift.simulate.family import ModelFamily, draw_model
+
+        model = draw_model(ModelFamily.from_dict(config.family), rng)
+        config = config.with_model(model)
     centre = loads.tumour_centre_ras(subject.tumour_mask)
     entry = loads.entry_point_ras(subject.brain_mask, subject.tumour_mask, centre)
     approach = centre - entry
@@ -263,7 +311,7 @@ def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.ran
     _, extent = loads.brain_depth_range_mm(region, gravity)
     return CaseParameters(gravity_direction_ras=gravity, entry_point_ras=entry, tumour_centre_ras=centre,
                           approach_direction_ras=approach, gravity_perturbation_deg=angle, drainage_fraction=frac,
-                          drainage_level_mm=frac * extent, seed=seed)
+                          drainage_level_mm=frac * extent, seed=seed, model=model)
 
 
 @dataclass
@@ -281,6 +329,8 @@ class _Problem:
     tumour_elements: np.ndarray  # (n_elements,) bool
     removed_elements: np.ndarray  # (n_elements,) bool: tumour + pieces it cut off (resection only)
     removed_nodes: np.ndarray  # node ids that disappear with them
+    plane_nodes: np.ndarray  # falx nodes held on the midsagittal plane (empty without a falx)
+    plane_normal: np.ndarray  # (3,) the plane's normal, local frame
 
 
 def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParameters, *,
@@ -307,6 +357,8 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     from brainshift.simulate import mesh as meshmod
     from brainshift.simulate.rasterise import rasterise_displacement, rasterise_elements
 
+    if params.model:
+        config = config.with_model(params.model)
     config.validate()
     _check_subject(subject)
     t_start = time.perf_counter()
@@ -372,6 +424,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         "n_contact_nodes": int(contact.size),
         "n_craniotomy_nodes": int(craniotomy.size),
         "n_fixed_nodes": int(fixed.size),
+        "n_falx_nodes": int(problem.plane_nodes.size),
         "n_resected_elements": int(removed.sum()),
         "interface_force_n": interface_force,
         "coarse_start": coarse_info,
@@ -397,8 +450,13 @@ def _setup_problem(subject: Subject, config: SimulationConfig, params: CaseParam
     mesh = meshmod.build_mesh(subject.brain_mask, subject.tumour_mask, subject.ventricles_mask,
                               resolution_mm=resolution_mm, min_brain_fraction=config.min_brain_fraction)
     meshmod.check_mesh(mesh)
+    scale = None
+    if config.white_grey_stiffness_ratio != 1.0:
+        scale = materials.grey_white_scale(_intensity_at(subject.image, mesh.element_centres_ras()),
+                                           config.white_grey_stiffness_ratio)
     mu, lam = materials.element_lame(mesh.fractions, config.poisson_ratio, config.ventricle_poisson_ratio,
-                                     config.tumour_stiffness_ratio, config.ventricle_model)
+                                     config.tumour_stiffness_ratio, config.ventricle_model,
+                                     shear_modulus_pa=config.shear_modulus_pa, parenchyma_scale=scale)
     g_ras = np.asarray(params.gravity_direction_ras, dtype=np.float64)
     g_ras = g_ras / np.linalg.norm(g_ras)
     g_loc = mesh.rotation.T @ g_ras
@@ -420,10 +478,41 @@ def _setup_problem(subject: Subject, config: SimulationConfig, params: CaseParam
         removed = np.ones(mesh.n_elements, dtype=bool)
         removed[kept_el] = False
         removed_nodes = np.setdiff1d(np.arange(mesh.n_nodes), old_nodes)
+    plane = np.zeros(0, dtype=np.int64)
+    plane_normal = mesh.rotation.T @ np.array([1.0, 0.0, 0.0])
+    if config.falx:
+        midline_x, vent_top = _midline_and_ventricle_top(subject)
+        plane = np.setdiff1d(loads.falx_nodes(nodes_ras, mesh.element_size_mm, midline_x, vent_top), fixed)
     problem = _Problem(mesh=mesh, mu=mu, lam=lam, force_density=(rho_g * weight)[:, None] * g_loc[None, :],
                        contact_nodes=contact, normals=normals, fixed_nodes=fixed, gravity_local=g_loc,
-                       tumour_elements=tumour_el, removed_elements=removed, removed_nodes=removed_nodes)
+                       tumour_elements=tumour_el, removed_elements=removed, removed_nodes=removed_nodes,
+                       plane_nodes=plane, plane_normal=plane_normal)
     return problem, craniotomy
+
+
+def _intensity_at(image: Volume, points_ras: np.ndarray) -> np.ndarray:
+    """Trilinear image intensity at RAS points (``(n,)``; 0 outside the image)."""
+    from scipy.ndimage import map_coordinates
+
+    vox = (np.linalg.inv(image.affine) @ np.c_[points_ras, np.ones(len(points_ras))].T)[:3]
+    return map_coordinates(np.asarray(image.data, dtype=np.float32), vox, order=1, mode="constant", cval=0.0)
+
+
+def _midline_and_ventricle_top(subject: Subject) -> tuple[float, float]:
+    """RAS x of the midsagittal plane (the brain's centroid) and RAS z of the top of the ventricles (the brain's
+    centroid height when there are no ventricles)."""
+    from brainshift.io.frames import voxel_to_ras
+
+    brain = voxel_to_ras(np.argwhere(_brain_region(subject)).astype(np.float64), subject.image.affine)
+    vent_idx = np.argwhere(np.asarray(subject.ventricles_mask.data) > 0)
+    top = (float(voxel_to_ras(vent_idx.astype(np.float64), subject.image.affine)[:, 2].max()) if len(vent_idx)
+           else float(brain[:, 2].mean()))
+    return float(brain[:, 0].mean()), top
+
+
+def _contact_settings(pb: _Problem, config: SimulationConfig) -> dict:
+    """Keyword arguments of the contact solvers for this problem's contact model and falx."""
+    return {"contact_model": config.contact_model, "plane_nodes": pb.plane_nodes, "plane_normal": pb.plane_normal}
 
 
 def _coarse_active_set(subject: Subject, config: SimulationConfig, params: CaseParameters, top_mm: float,
@@ -454,7 +543,7 @@ def _coarse_active_set(subject: Subject, config: SimulationConfig, params: CaseP
         cs = ContactSolver(k, pattern, fem.rigid_body_modes(m.nodes_local_mm), pb.contact_nodes, pb.normals,
                            pb.fixed_nodes, rtol=1e-3, maxiter=config.solver_maxiter,
                            max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
-                           force_tol_rel=config.contact_force_tolerance)
+                           force_tol_rel=config.contact_force_tolerance, **_contact_settings(pb, config))
         res = cs.solve(fem.body_force_nodal(m, pb.force_density))
     except BrainshiftError as exc:  # a degenerate coarse mesh only loses the head start
         return None, f"coarse {h:g} mm model unusable ({exc}), starting from all in contact"
@@ -489,7 +578,7 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     cs = ContactSolver(k, pattern, near_null, pb.contact_nodes, pb.normals, pb.fixed_nodes,
                        rtol=config.solver_rtol, maxiter=config.solver_maxiter,
                        max_iterations=config.max_contact_iterations, gap_tol_mm=config.contact_gap_tolerance_mm,
-                       force_tol_rel=config.contact_force_tolerance)
+                       force_tol_rel=config.contact_force_tolerance, **_contact_settings(pb, config))
     times["assembly_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res1 = cs.solve(f, active0=active0, progress=progress)

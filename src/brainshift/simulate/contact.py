@@ -1,4 +1,22 @@
-"""Frictionless unilateral contact of the brain surface with the rigid skull, by an active-set method.
+"""Contact of the brain surface with the rigid skull, by an active-set method.
+
+Three contact models (``contact_model``), all with the skull as a rigid obstacle at the nodes' initial
+positions; the default is the first:
+
+- ``"unilateral"``: frictionless Signorini contact, the brain may slide along the skull and separate from it
+  (the method below).
+- ``"bilateral"``: frictionless sliding with no separation: every contact node keeps ``u_n = 0`` and is never
+  released (the normal reaction may be tensile: a thin CSF layer that neither drains nor cavitates holds the
+  surface to the dura, as in bilateral sliding boundary conditions; Miga et al. 2001, Dumpuri et al. 2007).
+- ``"no_slip"``: unilateral in the normal direction, but a node in contact cannot slide either (all its DOFs
+  held while active): the infinite-friction limit of Coulomb friction (arachnoid trabeculae tethering the
+  cortex to the dura; Ji et al. 2009 compare sliding and tethered surfaces). A node whose normal reaction
+  turns tensile is released as in the unilateral model.
+
+Separately, ``plane_nodes`` (e.g. the falx cerebri as a fixed plane, :func:`brainshift.simulate.loads.falx_nodes`)
+are held on their plane (``u . n = 0`` along the plane's normal) in every model, sliding freely within it.
+
+The unilateral method:
 
 Method (exact normal constraints, no penalty):
 
@@ -129,8 +147,61 @@ def resolve_cycle(history: list[np.ndarray], new_active: np.ndarray) -> tuple[np
     return new_active, np.zeros_like(new_active, dtype=bool)
 
 
+CONTACT_MODELS = ("unilateral", "bilateral", "no_slip")
+
+
+def check_contact_model(contact_model: str) -> None:
+    """Raise :class:`SolverError` unless ``contact_model`` is one of :data:`CONTACT_MODELS`."""
+    if contact_model not in CONTACT_MODELS:
+        raise SolverError(f"expected contact_model in {CONTACT_MODELS}, got {contact_model!r}")
+
+
+def combine_constraint_nodes(contact_nodes: np.ndarray, normals: np.ndarray, plane_nodes: np.ndarray | None,
+                             plane_normal: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Skull contact nodes followed by the plane (falx) nodes that are not contact nodes.
+
+    Returns:
+        ``(nodes, normals, is_plane)``: ``(m,)`` node ids, ``(m, 3)`` unit normals (local frame), ``(m,)`` bool
+        marking the plane nodes (held bilaterally, tangentially free).
+    """
+    cn = np.asarray(contact_nodes, dtype=np.int64)
+    nr = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    if plane_nodes is None or len(plane_nodes) == 0:
+        return cn, nr, np.zeros(cn.size, dtype=bool)
+    pn = np.setdiff1d(np.asarray(plane_nodes, dtype=np.int64), cn)
+    pnorm = np.tile(np.asarray(plane_normal, dtype=np.float64) / np.linalg.norm(plane_normal), (pn.size, 1))
+    return (np.concatenate([cn, pn]), np.concatenate([nr, pnorm]),
+            np.concatenate([np.zeros(cn.size, bool), np.ones(pn.size, bool)]))
+
+
+def constrained_free(base_free: np.ndarray, nodes: np.ndarray, active: np.ndarray, hold_tangential: np.ndarray
+                     ) -> np.ndarray:
+    """``(n, 3)`` free-DOF mask (rotated frames): active nodes' normal DOF held, and their tangential DOFs too
+    where ``hold_tangential`` (no-slip)."""
+    free = base_free.copy()
+    free[nodes[active], 2] = False
+    free[nodes[active & hold_tangential], :2] = False
+    return free
+
+
+def next_active_set(active: np.ndarray, live: np.ndarray, un: np.ndarray, rn: np.ndarray, force_tol: float,
+                    gap_tol_mm: float, never_release: np.ndarray, frozen: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The active-set update: ``(release, activate)`` masks.
+
+    An active node is released when its normal reaction is tensile beyond ``force_tol`` (unless it is in
+    ``never_release``: bilateral contact or a plane); an inactive live node is activated when it moved outward
+    by more than ``gap_tol_mm``. ``frozen`` nodes (cycle breaking) do not change.
+    """
+    keep = never_release if frozen is None else (never_release | frozen)
+    release = active & (rn > force_tol) & ~keep
+    activate = live & ~active & (un > gap_tol_mm) & ~keep
+    return release, activate
+
+
 class ContactSolver:
-    """Linear elasticity with fixed nodes and frictionless unilateral skull contact (active set).
+    """Linear elasticity with fixed nodes and skull contact (active set; ``contact_model`` as in the module
+    docstring), plus optional plane (falx) constraints.
 
     The stiffness is rotated into the contact frames once; the AMG hierarchy is built on the first solve and
     reused by later active-set iterations and later load cases (e.g. after resection); it is rebuilt when the
@@ -154,15 +225,28 @@ class ContactSolver:
             the largest nodal load.
         loose_rtol: CG tolerance of the active-set iterations before the final one.
         rebuild_fraction: active-set change (fraction of the contact nodes) that triggers an AMG rebuild.
+        contact_model: ``"unilateral"`` (default), ``"bilateral"`` or ``"no_slip"``.
+        plane_nodes: node ids held on a plane through their initial position (falx), or None.
+        plane_normal: ``(3,)`` the plane's normal (local frame).
+
+    Raises:
+        SolverError: unknown ``contact_model``.
     """
 
     def __init__(self, k: sp.bsr_matrix, pattern: BlockPattern, near_null: np.ndarray, contact_nodes: np.ndarray,
                  normals: np.ndarray, fixed_nodes: np.ndarray, *, rtol: float = 1e-8, maxiter: int = 500,
                  max_iterations: int = 30, gap_tol_mm: float = 1e-3, force_tol_rel: float = 1e-3,
-                 loose_rtol: float = 1e-3, rebuild_fraction: float = 0.01) -> None:
+                 loose_rtol: float = 1e-3, rebuild_fraction: float = 0.01, contact_model: str = "unilateral",
+                 plane_nodes: np.ndarray | None = None, plane_normal: np.ndarray | None = None) -> None:
+        check_contact_model(contact_model)
         n = k.shape[0] // 3
         self.n = n
         self.pattern = pattern
+        contact_nodes, normals, self.is_plane = combine_constraint_nodes(contact_nodes, normals, plane_nodes,
+                                                                         plane_normal)
+        self.contact_model = contact_model
+        self.never_release = self.is_plane | (contact_model == "bilateral")
+        self.hold_tangential = ~self.is_plane & (contact_model == "no_slip")
         self.contact_nodes = np.asarray(contact_nodes, dtype=np.int64)
         self.fixed_nodes = np.asarray(fixed_nodes, dtype=np.int64)
         self.frames = (node_frames(n, self.contact_nodes, normals) if self.contact_nodes.size
@@ -207,7 +291,7 @@ class ContactSolver:
     def solve(self, f: np.ndarray, *, external: np.ndarray | None = None, x0: np.ndarray | None = None,
               active0: np.ndarray | None = None, removed_nodes: np.ndarray | None = None,
               progress: bool = False) -> ContactResult:
-        """Solve ``K u = f + contact and support reactions`` under the unilateral skull constraint.
+        """Solve ``K u = f + contact and support reactions`` under the skull (and plane) constraints.
 
         Args:
             f: ``(n, 3)`` right-hand side (local frame, Pa mm^2).
@@ -233,6 +317,9 @@ class ContactSolver:
             base_free[np.asarray(removed_nodes, dtype=np.int64)] = False
             live = base_free[cn, 0]
         active = np.ones(cn.size, dtype=bool) if active0 is None else np.asarray(active0, dtype=bool).copy()
+        if active.size != cn.size:  # an active set of the skull nodes only: plane nodes start (and stay) active
+            active = np.concatenate([active, np.ones(cn.size - active.size, dtype=bool)])
+        active |= self.never_release
         active &= live
         x = None if x0 is None else to_frames(np.asarray(x0, dtype=np.float64), self.frames).ravel()
         setups0 = self.amg_setups
@@ -242,8 +329,7 @@ class ContactSolver:
         history = [active.copy()]
         frozen = np.zeros(cn.size, dtype=bool)
         for it in range(1, self.max_iterations + 1):
-            free = base_free.copy()
-            free[cn[active], 2] = False
+            free = constrained_free(base_free, cn, active, self.hold_tangential)
             check_rigid_modes_removed(self.br, free)
             kc = apply_constraints(self.kr, free, self.pattern.diag_pos, self.pattern.rows, diag=self.diag)
             rhs = np.where(free, fr, 0.0).ravel()
@@ -252,8 +338,8 @@ class ContactSolver:
             reac = (self.kr @ x).reshape(n, 3) - er
             result.solves.append(info)
             un, rn = us[cn, 2], reac[cn, 2]
-            release = active & (rn > force_tol) & ~frozen
-            activate = live & ~active & (un > self.gap_tol_mm) & ~frozen
+            release, activate = next_active_set(active, live, un, rn, force_tol, self.gap_tol_mm, self.never_release,
+                                                frozen)
             n_changes = int(release.sum() + activate.sum())
             result.changes.append(n_changes)
             result.iterations = it

@@ -27,7 +27,16 @@ import scipy.sparse as sp
 
 from brainshift.errors import SolverError
 from brainshift.simulate import fem
-from brainshift.simulate.contact import node_frames, rotate_matrix, to_frames
+from brainshift.simulate.contact import (
+    check_contact_model,
+    combine_constraint_nodes,
+    constrained_free,
+    next_active_set,
+    node_frames,
+    resolve_cycle,
+    rotate_matrix,
+    to_frames,
+)
 from brainshift.simulate.mesh import HEX_OFFSETS, HexMesh
 
 _CHUNK = 8192
@@ -117,14 +126,20 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
                       active0: np.ndarray | None = None, load_steps: int = 4, rtol: float = 1e-6,
                       max_newton: int = 25, cg_rtol: float = 1e-8, cg_maxiter: int = 500,
                       max_contact_iterations: int = 30, gap_tol_mm: float = 1e-3, force_tol_rel: float = 1e-3,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+                      progress: bool = False, contact_model: str = "unilateral", plane_nodes: np.ndarray | None = None,
+                      plane_normal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Neo-Hookean equilibrium with skull contact under ``load(s)`` (``(n, 3)`` external forces, s in (0, 1]).
 
-    Nodes not used by a selected element are pinned. Returns ``(u, active, info)`` (local frame, mm).
+    Nodes not used by a selected element are pinned. ``contact_model``, ``plane_nodes`` and ``plane_normal`` as in
+    :class:`brainshift.simulate.contact.ContactSolver`. Returns ``(u, active, info)`` (local frame, mm).
 
     Raises:
         SolverError: Newton not converging, an inverted element, an unstable active set or an unconverged CG.
     """
+    check_contact_model(contact_model)
+    contact_nodes, normals, is_plane = combine_constraint_nodes(contact_nodes, normals, plane_nodes, plane_normal)
+    never_release = is_plane | (contact_model == "bilateral")
+    hold_tangential = ~is_plane & (contact_model == "no_slip")
     n = mesh.n_nodes
     pattern = fem.block_pattern(mesh)
     frames = node_frames(n, contact_nodes, normals) if len(contact_nodes) else np.tile(np.eye(3), (n, 1, 1))
@@ -138,7 +153,10 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
     base_free[fixed_nodes] = False
     base_free[~used] = False
     live = base_free[contact_nodes, 0]
-    active = (np.ones(len(contact_nodes), bool) if active0 is None else np.asarray(active0, bool).copy()) & live
+    active = np.ones(len(contact_nodes), bool) if active0 is None else np.asarray(active0, bool).copy()
+    if active.size != len(contact_nodes):  # an active set of the skull nodes only: plane nodes start active
+        active = np.concatenate([active, np.ones(len(contact_nodes) - active.size, bool)])
+    active = (active | never_release) & live
     u = np.asarray(u0, dtype=np.float64).copy()
     info = {"newton_iterations": [], "contact_iterations": 0, "cg_iterations": 0}
     for step in range(1, load_steps + 1):
@@ -146,9 +164,10 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
         f_ext = load(s)
         f_scale = max(float(np.linalg.norm(f_ext)), 1e-300)
         force_tol = force_tol_rel * max(float(np.abs(f_ext).max()), 1e-300)
+        history = [active.copy()]
+        frozen = np.zeros(len(contact_nodes), bool)
         for _ in range(max_contact_iterations):
-            free = base_free.copy()
-            free[contact_nodes[active], 2] = False
+            free = constrained_free(base_free, contact_nodes, active, hold_tangential)
             fem.check_rigid_modes_removed(near_null, free)
             # project the current state onto the constraints (active normals at 0)
             ur = to_frames(u, frames)
@@ -185,19 +204,21 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
             info["contact_iterations"] += 1
             ur = to_frames(u, frames)
             un, rn = ur[contact_nodes, 2], r[contact_nodes, 2]
-            release = active & (rn > force_tol)
-            activate = live & ~active & (un > gap_tol_mm)
+            release, activate = next_active_set(active, live, un, rn, force_tol, gap_tol_mm, never_release, frozen)
             if progress:
                 print(f"  load step {step}: Newton {it} its, released {int(release.sum())}, activated "
                       f"{int(activate.sum())}")
             if not (release.any() or activate.any()):
                 break
-            active = (active & ~release) | activate
+            active, osc = resolve_cycle(history, (active & ~release) | activate)
+            frozen |= osc
+            history.append(active.copy())
         else:
             raise SolverError(f"expected the skull-contact active set to settle within {max_contact_iterations} "
                               "iterations of the neo-Hookean solve, got changes in the last one")
     ur = to_frames(u, frames)
     info["max_outward_mm"] = float(ur[contact_nodes, 2][live].max()) if live.any() else 0.0
+    info["contact_nodes_held"] = int(frozen.sum())
     return u, active, info
 
 
@@ -210,7 +231,8 @@ def neo_hookean_case(pb, config, do_resect: bool, times: dict, log: list, _log, 
                     max_newton=config.newton_max_iterations, cg_rtol=config.solver_rtol,
                     cg_maxiter=config.solver_maxiter, max_contact_iterations=config.max_contact_iterations,
                     gap_tol_mm=config.contact_gap_tolerance_mm, force_tol_rel=config.contact_force_tolerance,
-                    progress=progress)
+                    progress=progress, contact_model=config.contact_model, plane_nodes=pb.plane_nodes,
+                    plane_normal=pb.plane_normal)
     all_el = np.ones(m.n_elements, bool)
     f = fem.body_force_nodal(m, pb.force_density)
     t0 = time.perf_counter()

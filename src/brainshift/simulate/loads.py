@@ -115,3 +115,29 @@ def brainstem_nodes(nodes_ras: np.ndarray, depth_mm: float) -> np.ndarray:
     """Ids of the nodes within ``depth_mm`` of the most inferior node (RAS z)."""
     z = nodes_ras[:, 2]
     return np.nonzero(z <= z.min() + depth_mm + 1e-9)[0]
+
+
+def falx_nodes(nodes_ras: np.ndarray, element_size_mm: float, midline_x_mm: float, ventricles_top_mm: float
+               ) -> np.ndarray:
+    """Ids of the nodes of the falx cerebri modelled as a fixed plane: the midsagittal node layer above the
+    ventricles.
+
+    The falx is a stiff dural fold in the interhemispheric fissure from the skull down to just above the corpus
+    callosum; as a fixed plane it keeps the medial surfaces of the hemispheres from moving across the midline
+    while they slide along it (Miga et al. 2001 and Dumpuri et al. 2007 model it as a sliding boundary). The
+    plane is ``x = midline_x_mm`` (RAS); its nodes are those within half an element of it, above
+    ``ventricles_top_mm`` (RAS z) plus one element.
+
+    Args:
+        nodes_ras: ``(n, 3)`` node positions (RAS mm).
+        element_size_mm: element edge (mm).
+        midline_x_mm: RAS x of the midsagittal plane.
+        ventricles_top_mm: RAS z of the top of the lateral ventricles.
+
+    Returns:
+        ``(m,)`` int64 node ids (empty if none qualify).
+    """
+    p = np.asarray(nodes_ras, dtype=np.float64)
+    near = np.abs(p[:, 0] - midline_x_mm) <= 0.5 * element_size_mm + 1e-9
+    high = p[:, 2] >= ventricles_top_mm + element_size_mm
+    return np.nonzero(near & high)[0].astype(np.int64)

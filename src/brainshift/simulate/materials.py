@@ -71,7 +71,8 @@ VENTRICLE_MODELS = ("fluid", "compressible")
 
 
 def tissue_lame(poisson_ratio: float, ventricle_poisson_ratio: float, tumour_stiffness_ratio: float = 3.0,
-                ventricle_model: str = "fluid") -> tuple[np.ndarray, np.ndarray]:
+                ventricle_model: str = "fluid", shear_modulus_pa: float = MU_PARENCHYMA_PA
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, lambda)`` arrays of shape ``(3,)`` in Pa for parenchyma, tumour, ventricles.
 
     Args:
@@ -79,13 +80,17 @@ def tissue_lame(poisson_ratio: float, ventricle_poisson_ratio: float, tumour_sti
         ventricle_poisson_ratio: nu of the ventricles with ``ventricle_model="compressible"`` (else unused).
         tumour_stiffness_ratio: tumour / parenchyma shear modulus.
         ventricle_model: ``"fluid"`` (bulk modulus of the parenchyma) or ``"compressible"`` (module docstring).
+        shear_modulus_pa: parenchyma shear modulus (842 Pa in the facts; reported values for in-vivo and
+            ex-vivo brain span about 0.5-3 kPa: Budday et al. 2017, Hiscox et al. 2016).
 
     Raises:
         BrainshiftError: unknown ``ventricle_model`` or a Poisson ratio outside (-1, 0.5).
     """
     if ventricle_model not in VENTRICLE_MODELS:
         raise BrainshiftError(f"expected ventricle_model in {VENTRICLE_MODELS}, got {ventricle_model!r}")
-    mu = np.array([MU_PARENCHYMA_PA, tumour_stiffness_ratio * MU_PARENCHYMA_PA, MU_VENTRICLES_PA])
+    if not shear_modulus_pa > 0:
+        raise BrainshiftError(f"expected shear_modulus_pa > 0, got {shear_modulus_pa}")
+    mu = np.array([shear_modulus_pa, tumour_stiffness_ratio * shear_modulus_pa, MU_VENTRICLES_PA])
     lam_p = float(lame_lambda(mu[0], poisson_ratio))
     lam_t = float(lame_lambda(mu[1], poisson_ratio))
     if ventricle_model == "fluid":
@@ -96,7 +101,9 @@ def tissue_lame(poisson_ratio: float, ventricle_poisson_ratio: float, tumour_sti
 
 
 def element_lame(fractions: np.ndarray, poisson_ratio: float = 0.45, ventricle_poisson_ratio: float = 0.1,
-                 tumour_stiffness_ratio: float = 3.0, ventricle_model: str = "fluid") -> tuple[np.ndarray, np.ndarray]:
+                 tumour_stiffness_ratio: float = 3.0, ventricle_model: str = "fluid",
+                 shear_modulus_pa: float = MU_PARENCHYMA_PA, parenchyma_scale: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-element ``(mu, lambda)`` in Pa by the Voigt rule from ``(n_elements, 3)`` tissue fractions.
 
     Args:
@@ -105,6 +112,9 @@ def element_lame(fractions: np.ndarray, poisson_ratio: float = 0.45, ventricle_p
         ventricle_poisson_ratio: nu of the ventricles (``ventricle_model="compressible"`` only).
         tumour_stiffness_ratio: tumour shear modulus / parenchyma shear modulus (3 in the facts).
         ventricle_model: ``"fluid"`` or ``"compressible"`` (see the module docstring).
+        shear_modulus_pa: parenchyma shear modulus (Pa).
+        parenchyma_scale: optional ``(n_elements,)`` positive factor on the parenchyma's ``mu`` and ``lambda``
+            (same Poisson ratio), e.g. grey/white heterogeneity from :func:`grey_white_scale`.
 
     Returns:
         ``(mu_e, lambda_e)``, each ``(n_elements,)`` float64 Pa.
@@ -112,8 +122,44 @@ def element_lame(fractions: np.ndarray, poisson_ratio: float = 0.45, ventricle_p
     f = np.asarray(fractions, dtype=np.float64)
     if f.ndim != 2 or f.shape[1] != 3:
         raise BrainshiftError(f"expected tissue fractions of shape (n_elements, 3), got {f.shape}")
-    mu, lam = tissue_lame(poisson_ratio, ventricle_poisson_ratio, tumour_stiffness_ratio, ventricle_model)
-    return f @ mu, f @ lam
+    mu, lam = tissue_lame(poisson_ratio, ventricle_poisson_ratio, tumour_stiffness_ratio, ventricle_model,
+                          shear_modulus_pa)
+    if parenchyma_scale is None:
+        return f @ mu, f @ lam
+    scale = np.asarray(parenchyma_scale, dtype=np.float64)
+    if scale.shape != (f.shape[0],) or not np.all(scale > 0):
+        raise BrainshiftError(f"expected a positive parenchyma_scale of shape ({f.shape[0]},), got {scale.shape}")
+    mu_e = f[:, 0] * mu[0] * scale + f[:, 1:] @ mu[1:]
+    lam_e = f[:, 0] * lam[0] * scale + f[:, 1:] @ lam[1:]
+    return mu_e, lam_e
+
+
+def grey_white_scale(intensity: np.ndarray, white_grey_ratio: float, *, grey_percentile: float = 25.0,
+                     white_percentile: float = 85.0) -> np.ndarray:
+    """Per-element stiffness factor of grey/white heterogeneity from the T1 intensity at the element centres.
+
+    T1-weighted white matter is brighter than grey matter: ``t = clip((I - I_grey) / (I_white - I_grey), 0, 1)``
+    with ``I_grey`` / ``I_white`` the given percentiles of ``intensity``, and the factor is
+    ``white_grey_ratio ** (t - 0.5)``: grey matter (``t = 0``) gets ``1 / sqrt(r)``, white matter ``sqrt(r)``,
+    so the geometric mean stiffness is unchanged and ``r = 1`` is homogeneous. Reported white/grey shear
+    modulus ratios differ in sign between studies (white stiffer in MR elastography, Hiscox et al. 2016; grey
+    stiffer ex vivo, Budday et al. 2017), hence a ratio drawn on both sides of 1.
+
+    Args:
+        intensity: ``(n_elements,)`` image intensity at the element centres (brain elements).
+        white_grey_ratio: white / grey shear modulus ratio (> 0).
+
+    Returns:
+        ``(n_elements,)`` float64 factors.
+    """
+    i = np.asarray(intensity, dtype=np.float64)
+    if not white_grey_ratio > 0:
+        raise BrainshiftError(f"expected white_grey_ratio > 0, got {white_grey_ratio}")
+    if i.size == 0 or white_grey_ratio == 1.0:
+        return np.ones(i.shape)
+    lo, hi = np.percentile(i, [grey_percentile, white_percentile])
+    t = np.clip((i - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    return float(white_grey_ratio) ** (t - 0.5)
 
 
 def weight_density_pa_per_mm(density_kg_m3: float = DENSITY_KG_M3, g_m_s2: float = GRAVITY_M_S2) -> float:
