@@ -141,3 +141,74 @@ def test_bad_options_and_degenerate_keypoints_raise():
     flat = np.array([[5, 2, 3], [5, 9, 3], [5, 4, 8], [5, 11, 7], [5, 6, 5]], dtype=float)
     with pytest.raises(KeypointError, match="plane"):
         tps3d_interpolate(flat, np.zeros_like(flat), SHAPE)
+
+
+# --- the kernel-split evaluation used for large problems (many keypoints x voxels) ---------------------------
+
+
+def _force_split(monkeypatch, radius_vox: float = 12.0) -> None:
+    """Use the split on small grids: no minimum work, and a 12-voxel radius (coarse step 2) that fits them."""
+    import brainshift.interpolate.tps3d as tps3d_mod
+
+    monkeypatch.setattr(tps3d_mod, "SPLIT_MIN_TERMS", 0)
+    monkeypatch.setattr(tps3d_mod, "SPLIT_RADIUS_VOXELS", radius_vox)
+
+
+def _noisy_keypoints(shape: tuple[int, int, int], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` continuous (off-grid) keypoints and smooth displacements plus 0.5-voxel noise (large spline weights)."""
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(3, np.array(shape) - 4, size=(n, 3))
+    return pts, _nonlinear_disps(pts) + rng.normal(scale=0.5, size=pts.shape)
+
+
+@pytest.mark.parametrize("affine", [None, OBLIQUE], ids=["voxel", "oblique"])
+def test_split_evaluation_equals_exact_evaluation(monkeypatch, affine):
+    shape = (40, 44, 36)
+    pts, disps = _noisy_keypoints(shape, 120, seed=41)
+    exact = tps3d_interpolate(pts, disps, shape, affine, tolerance_vox=0.0)  # every voxel term by term
+    _force_split(monkeypatch)
+    import brainshift.interpolate.tps3d as tps3d_mod
+
+    calls = []
+    real = tps3d_mod._evaluate_split
+    monkeypatch.setattr(tps3d_mod, "_evaluate_split", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    split = tps3d_interpolate(pts, disps, shape, affine)
+    assert calls, "the split evaluation was not used"
+    assert np.abs(exact).max() > 1.0  # a field of a few voxels, not a near-zero comparison
+    # every voxel, not only the checked sample: the split is accurate to the default tolerance (1e-3)
+    assert np.abs(split - exact).max() < 1e-3
+
+
+def test_split_evaluation_keeps_affine_fields_and_zero_fields_exact(monkeypatch):
+    _force_split(monkeypatch)
+    shape = (30, 34, 28)
+    pts = grid_keypoints(shape, 40, seed=42)
+    u, m, b = affine_disps(pts)
+    assert np.abs(tps3d_interpolate(pts, u, shape) - affine_field(shape, m, b)).max() < 1e-4
+    assert np.all(tps3d_interpolate(pts, np.zeros_like(pts), shape, OBLIQUE) == 0.0)
+
+
+def test_split_that_misses_the_tolerance_falls_back_to_exact(monkeypatch):
+    shape = (24, 26, 22)
+    pts, disps = _noisy_keypoints(shape, 40, seed=43)
+    exact = tps3d_interpolate(pts, disps, shape, tolerance_vox=0.0)
+    _force_split(monkeypatch)
+    # 1e-9 voxel is below what the coarse grid reaches, even refined: the result must be the exact one
+    np.testing.assert_array_equal(tps3d_interpolate(pts, disps, shape, tolerance_vox=1e-9), exact)
+
+
+def test_near_kernel_is_zero_outside_the_radius_and_continuous_at_it():
+    from brainshift.interpolate.tps3d import _phi_near
+
+    r = np.array([0.0, 1.0, 11.999, 12.0, 12.001, 30.0])
+    near = _phi_near(r**2, 12.0)
+    assert near[3] == 0.0 and near[4] == 0.0 and near[5] == 0.0
+    assert abs(near[2]) < 1e-10  # C^4 contact at R: (R - r)^5 scale
+    # at r = 0: 0 - R * T(-1) with T the degree-4 Taylor polynomial of sqrt(1 + e): 1 - 1/2 - 1/8 - 1/16 - 5/128
+    assert near[0] == pytest.approx(-12.0 * (1 - 0.5 - 0.125 - 0.0625 - 0.0390625))
+
+
+def test_tolerance_option_is_validated():
+    pts = grid_keypoints(SHAPE, 6, seed=44)
+    with pytest.raises(BrainshiftError, match="tolerance_vox"):
+        tps3d_interpolate(pts, np.zeros_like(pts), SHAPE, tolerance_vox=-1e-3)
