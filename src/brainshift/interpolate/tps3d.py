@@ -37,7 +37,7 @@ MIN_CHUNK = 1024
 _BYTES = 8  # float64 throughout the fit and the evaluation
 
 #: Kernel terms (keypoints x voxels) from which the kernel split is used instead of exact evaluation.
-SPLIT_MIN_TERMS = 1 << 27
+SPLIT_MIN_TERMS = 1 << 28
 #: Split radius in units of the smallest voxel spacing, and coarse grid step as a fraction of the radius.
 SPLIT_RADIUS_VOXELS = 24.0
 SPLIT_STEP_FRACTION = 1.0 / 6.0
