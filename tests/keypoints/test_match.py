@@ -1,0 +1,123 @@
+"""Tests of descriptor matching and outlier rejection (brainshift.keypoints.match)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from brainshift.errors import BrainshiftError, KeypointError
+from brainshift.keypoints.describe import describe_keypoints
+from brainshift.keypoints.detect import detect_keypoints
+from brainshift.keypoints.match import match_keypoints, reject_outliers
+from brainshift.volume import Volume
+
+from ._textured import textured_volume
+
+
+def _keypoints_and_descriptors(img: np.ndarray, affine: np.ndarray):
+    vol = Volume(img.astype(np.float32), affine)
+    kp = detect_keypoints(vol)
+    return kp, describe_keypoints(vol, kp.points_vox, kp.scales_mm)
+
+
+def test_known_translation_gives_precise_matches():
+    img = textured_volume()
+    shift = np.array([3.3, -2.1, 1.7])  # voxel = mm (identity affine): B(x) = A(x - shift)
+    moved = ndimage.shift(img, shift, order=3, mode="nearest")
+    ka, da = _keypoints_and_descriptors(img, np.eye(4))
+    kb, db = _keypoints_and_descriptors(moved, np.eye(4))
+    m = match_keypoints(da, ka.points_vox, db, kb.points_vox)
+    disp = kb.points_vox[m.index_b] - ka.points_vox[m.index_a]
+    err = np.linalg.norm(disp - shift, axis=1)
+    assert len(m) >= 40  # measured 91 of ~120 keypoints
+    assert (err < 0.5).mean() >= 0.9  # measured 0.97
+    assert np.all(np.diff(m.distance) >= 0) and np.all(m.ratio <= 0.9)
+
+
+def test_known_smooth_warp_gives_precise_matches():
+    # forward field u(p) (mm = voxels): a smooth bump up to ~3 mm. The warped image B(y) = A(q) with
+    # q + u(q) = y, solved by fixed-point iteration q <- y - u(q), so each A point p appears at p + u(p).
+    shape = (72, 72, 72)
+    img = textured_volume(shape, seed=1)
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    centre = np.array([40.0, 30.0, 38.0])
+
+    def u(x: np.ndarray) -> np.ndarray:  # x (3, ...) -> (3, ...)
+        w = np.exp(-((x - centre.reshape(3, *[1] * (x.ndim - 1))) ** 2).sum(axis=0) / (2 * 18.0**2))
+        return np.stack([2.5 * w, -1.5 * w, 1.0 * w + 0.5])
+
+    q = g.copy()
+    for _ in range(30):
+        q = g - u(q)
+    moved = ndimage.map_coordinates(img, q, order=3, mode="nearest")
+    ka, da = _keypoints_and_descriptors(img, np.eye(4))
+    kb, db = _keypoints_and_descriptors(moved, np.eye(4))
+    m = match_keypoints(da, ka.points_vox, db, kb.points_vox)
+    pa = ka.points_vox[m.index_a]
+    err = np.linalg.norm(kb.points_vox[m.index_b] - pa - u(pa.T).T, axis=1)
+    assert len(m) >= 40
+    assert (err < 0.5).mean() >= 0.9
+
+
+def test_world_coordinates_match_across_grids():
+    # B is A on another grid (voxel axes flipped along i, origin moved): matching in world mm gives ~zero
+    # displacement although voxel indices differ.
+    img = textured_volume()
+    aff_b = np.diag([-1.0, 1.0, 1.0, 1.0])
+    aff_b[:3, 3] = [img.shape[0] - 1, 0, 0]
+    ka, da = _keypoints_and_descriptors(img, np.eye(4))
+    kb, db = _keypoints_and_descriptors(np.flip(img, axis=0), aff_b)
+    pa_mm = ka.points_vox
+    pb_mm = kb.points_vox @ aff_b[:3, :3].T + aff_b[:3, 3]
+    m = match_keypoints(da, pa_mm, db, pb_mm)
+    err = np.linalg.norm(pb_mm[m.index_b] - pa_mm[m.index_a], axis=1)
+    assert len(m) >= 40 and (err < 0.5).mean() >= 0.9
+
+
+def test_mutual_ratio_and_distance_rules_by_hand():
+    # Descriptor distances computed by hand: A0 -> B0 1.0, B1 3.0 (ratio 1/3); A1 -> B0 1.2, B1 0.8 (nearest
+    # B1, ratio 0.8/1.2 = 0.667). B2 has A0's exact descriptor but lies 50 mm away: never a candidate.
+    da = np.array([[0.0, 0.0], [0.0, 2.2]])
+    db = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 0.0]])
+    pa = np.zeros((2, 3))
+    pb = np.array([[1.0, 0, 0], [0, 1.0, 0], [50.0, 0, 0]])
+    m = match_keypoints(da, pa, db, pb, ratio=0.7)
+    assert sorted(zip(m.index_a.tolist(), m.index_b.tolist(), strict=True)) == [(0, 0), (1, 1)]
+    np.testing.assert_allclose(sorted(m.ratio), [1 / 3, 0.8 / 1.2])
+    assert m.n_candidates == 4  # 2 x 2 pairs within 30 mm
+    assert len(match_keypoints(da, pa, db, pb, ratio=0.5)) == 1  # A1's ratio 0.667 now fails
+    # mutual: a third A keypoint with B0's exact descriptor steals B0, so (A0, B0) is no longer mutual
+    da3 = np.vstack([da, [[0.0, 1.0]]])
+    pairs = set(zip(*(x.tolist() for x in (lambda r: (r.index_a, r.index_b))(
+        match_keypoints(da3, np.zeros((3, 3)), db, pb, ratio=1.0))), strict=True))
+    assert (2, 0) in pairs and (0, 0) not in pairs
+
+
+def test_random_outliers_are_rejected():
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(0, 100, size=(300, 3))
+    disp = np.stack([3 * np.sin(pts[:, 0] / 30), 2 * np.cos(pts[:, 1] / 25), np.full(300, -1.0)], axis=1)
+    disp += rng.normal(scale=0.3, size=disp.shape)  # localisation noise of good matches
+    bad = rng.choice(300, size=45, replace=False)  # 15 % wrong matches: random displacements up to 30 mm
+    disp[bad] = rng.uniform(-30, 30, size=(45, 3))
+    wrong = np.linalg.norm(disp[bad] - np.stack([3 * np.sin(pts[bad, 0] / 30), 2 * np.cos(pts[bad, 1] / 25),
+                                                 np.full(45, -1.0)], axis=1), axis=1) > 3.0
+    inlier = reject_outliers(pts, disp)
+    is_bad = np.zeros(300, bool)
+    is_bad[bad[wrong]] = True
+    assert not inlier[is_bad].any()  # every clearly wrong match is rejected
+    assert inlier[~np.isin(np.arange(300), bad)].mean() >= 0.97  # and (almost) no good one
+    assert 0.8 <= inlier.mean() <= 0.9  # the inlier ratio reported to the user
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(KeypointError, match="same N"):
+        match_keypoints(np.zeros((3, 64)), np.zeros((2, 3)), np.zeros((2, 64)), np.zeros((2, 3)))
+    with pytest.raises(KeypointError, match="equal length"):
+        match_keypoints(np.zeros((2, 64)), np.zeros((2, 3)), np.zeros((2, 32)), np.zeros((2, 3)))
+    with pytest.raises(BrainshiftError, match="ratio"):
+        match_keypoints(np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((2, 4)), np.zeros((2, 3)), ratio=1.5)
+    with pytest.raises(KeypointError, match="equal shape"):
+        reject_outliers(np.zeros((5, 3)), np.zeros((4, 3)))
+    assert len(match_keypoints(np.zeros((0, 4)), np.zeros((0, 3)), np.zeros((2, 4)), np.zeros((2, 3)))) == 0
