@@ -85,3 +85,24 @@ def test_bad_inputs_raise():
     with pytest.raises(BrainshiftError, match="n_samples"):
         describe_keypoints(vol, np.zeros((2, 3)), 2.0, n_samples=5)
     assert describe_keypoints(vol, np.zeros((0, 3)), 2.0).shape == (0, 64)
+
+
+def test_descriptors_round_trip_through_a_sift_key_file(tmp_path):
+    from brainshift.io.keypoints import read_sift_key, read_sift_key_features, write_sift_key
+
+    vol = Volume(textured_volume(), np.eye(4))
+    desc = describe_keypoints(vol, POINTS, [2.0, 3.0, 4.0, 5.0])
+    path = write_sift_key(tmp_path / "kp.key", POINTS, [2.0, 3.0, 4.0, 5.0], shape=vol.shape, descriptors=desc)
+    feats = read_sift_key_features(path)
+    np.testing.assert_allclose(feats.points_vox, POINTS, atol=1e-6)
+    np.testing.assert_allclose(feats.scales, [2.0, 3.0, 4.0, 5.0])
+    np.testing.assert_array_equal(feats.descriptors, desc)  # ranks written as integers, read back exactly
+    np.testing.assert_allclose(read_sift_key(path), POINTS, atol=1e-6)  # the locations-only reader still works
+    row = path.read_text().splitlines()[6].split("\t")
+    assert len(row) == 81 and row[-64:] == [str(int(v)) for v in desc[0]]
+    with pytest.raises(KeypointError, match=r"shape \(4, 64\)"):
+        write_sift_key(tmp_path / "bad.key", POINTS, descriptors=desc[:, :32])
+    short = tmp_path / "short.key"
+    short.write_text("\n".join(path.read_text().splitlines()[:6] + ["1\t2\t3\t1.5"]) + "\n")
+    with pytest.raises(KeypointError, match="81 finite numbers on line 7"):
+        read_sift_key_features(short)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,73 @@ def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------- SIFT-Rank .key
 
 
+def _sift_key_start(p: Path, lines: list[str]) -> int:
+    """Index of the first feature row of a ``.key`` file (after its ``Scale-space location...`` line).
+
+    Raises:
+        KeypointError: no header in the first 20 lines, or a file in world (millimetre) coordinate mode.
+    """
+    for n, line in enumerate(lines[:20]):
+        low = line.strip().lower()
+        if low.startswith("#") and "coordinate space" in low and ("millimet" in low or "mm" in low.split(":")[-1]):
+            raise KeypointError(f"expected a .key file in voxel coordinates in {str(p)!r}, got "
+                                f"{line.strip().lstrip('#').strip()!r}")
+        if low.startswith("scale-space"):
+            return n + 1
+    raise KeypointError(f"expected a 3D SIFT-Rank .key header ending with a 'Scale-space location...' line "
+                        f"in {str(p)!r}, got none in the first 20 lines")
+
+
+@dataclass(frozen=True)
+class SiftKeyFeatures:
+    """The features of a 3D SIFT-Rank ``.key`` file, one per row (a location may repeat with another descriptor).
+
+    Attributes:
+        points_vox: ``(N, 3)`` float64 0-based voxel indices (the file's ``x y z`` minus 0.5).
+        scales: ``(N,)`` float64 feature scales as written (featExtract: voxels; brainshift writes the DoG
+            sigma in mm divided by the geometric-mean voxel size).
+        descriptors: ``(N, 64)`` float32 descriptor values (SIFT-Rank: ranks 0..63).
+    """
+
+    points_vox: np.ndarray
+    scales: np.ndarray
+    descriptors: np.ndarray
+
+
+def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
+    """Locations, scales and descriptors of every feature row of a 3D SIFT-Rank ``.key`` file.
+
+    The layout is described in :func:`read_sift_key` (which returns the unique locations only); here each row
+    must have the full ``4 + 9 + 3 + 1 + 64`` columns, and rows are kept as they are (featExtract writes one
+    row per orientation of a location).
+
+    Raises:
+        InputFileError: missing or unreadable file.
+        KeypointError: no header, millimetre coordinate mode, a row with fewer than 81 numbers or non-finite
+            values (naming the line), no features.
+    """
+    p = Path(path)
+    lines = _read_text(p, ".key").splitlines()
+    rows = []
+    for lineno, raw in enumerate(lines[_sift_key_start(p, lines):], start=_sift_key_start(p, lines) + 1):
+        tokens = raw.split()
+        if not tokens:
+            continue
+        try:
+            values = [float(t) for t in tokens[:SIFT_KEY_COLUMNS]]
+        except ValueError:
+            raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {raw.strip()[:80]!r}") from None
+        if len(values) < SIFT_KEY_COLUMNS or not np.all(np.isfinite(values)):
+            raise KeypointError(f"expected {SIFT_KEY_COLUMNS} finite numbers on line {lineno} of {str(p)!r}, got "
+                                f"{len(values)}")
+        rows.append(values)
+    if not rows:
+        raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
+    table = np.asarray(rows, dtype=np.float64)
+    return SiftKeyFeatures(table[:, :3] - SIFT_KEY_OFFSET_VOX, table[:, 3].copy(),
+                           table[:, SIFT_KEY_COLUMNS - 64 :].astype(np.float32))
+
+
 def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
     """Keypoint locations from a 3D SIFT-Rank ``.key`` file (Chauvin et al. 2020, ``featExtract``).
 
@@ -225,18 +293,7 @@ def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path)
     lines = _read_text(p, ".key").splitlines()
-    start = None
-    for n, line in enumerate(lines[:20]):
-        low = line.strip().lower()
-        if low.startswith("#") and "coordinate space" in low and ("millimet" in low or "mm" in low.split(":")[-1]):
-            raise KeypointError(f"expected a .key file in voxel coordinates in {str(p)!r}, got "
-                                f"{line.strip().lstrip('#').strip()!r}")
-        if low.startswith("scale-space"):
-            start = n + 1
-            break
-    if start is None:
-        raise KeypointError(f"expected a 3D SIFT-Rank .key header ending with a 'Scale-space location...' line "
-                            f"in {str(p)!r}, got none in the first 20 lines")
+    start = _sift_key_start(p, lines)
     locs = []
     for lineno, raw in enumerate(lines[start:], start=start + 1):
         tokens = raw.split()
@@ -260,14 +317,16 @@ def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
 
 def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales: np.ndarray | float = 1.0,
                    shape: tuple[int, int, int] | None = None,
-                   spacing_mm: tuple[float, float, float] | None = None) -> Path:
+                   spacing_mm: tuple[float, float, float] | None = None,
+                   descriptors: np.ndarray | None = None) -> Path:
     """Write keypoint locations in the 3D SIFT-Rank ``.key`` text layout (voxel coordinate mode).
 
     The header has the six lines of ``featExtract 1.1`` (resolution and voxel size from ``shape`` and
     ``spacing_mm`` if given, else zeros and ones); each row is tab-separated: ``x y z`` = ``points_vox + 0.5``
     (SIFT-Rank's voxel-centre convention), ``scale``, then an identity orientation, zero eigenvalues, a zero
-    info flag and 64 zero descriptor values. Such a file carries locations only: it is meant for tools that
-    read ``.key`` locations (and for :func:`read_sift_key`), not for descriptor matching.
+    info flag and the 64 ``descriptors`` values (integers when they are, e.g. SIFT-Rank ranks from
+    :func:`brainshift.keypoints.describe.describe_keypoints`; zeros when not given: a file for tools that read
+    locations only). Read back by :func:`read_sift_key` (locations) and :func:`read_sift_key_features`.
 
     Args:
         path: output path (written atomically).
@@ -275,12 +334,13 @@ def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales:
         scales: ``(N,)`` feature scales in voxels, or one value for all.
         shape: image grid size for the header.
         spacing_mm: voxel size for the header.
+        descriptors: optional ``(N, 64)`` descriptor values.
 
     Returns:
         The path written.
 
     Raises:
-        KeypointError: malformed points or scales, or non-finite values.
+        KeypointError: malformed points, scales or descriptors, or non-finite values.
     """
     pts = np.asarray(points_vox, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
@@ -300,10 +360,18 @@ def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales:
         "2nd moment eigenvalues[e1 e2 e3] info flag[i1] descriptor[d1 .. d64]",
     ]
     tail = "\t".join(["1.000000", "0.000000", "0.000000", "0.000000", "1.000000", "0.000000", "0.000000",
-                      "0.000000", "1.000000"] + ["0.000000"] * 3 + ["0"] + ["0"] * 64)
+                      "0.000000", "1.000000"] + ["0.000000"] * 3 + ["0"])
+    if descriptors is None:
+        desc_text = ["\t".join(["0"] * 64)] * len(pts)
+    else:
+        desc = np.asarray(descriptors, dtype=np.float64)
+        if desc.shape != (len(pts), 64) or not np.all(np.isfinite(desc)):
+            raise KeypointError(f"expected finite descriptors of shape ({len(pts)}, 64), got {desc.shape}")
+        fmt = "{:.0f}" if np.all(desc == np.round(desc)) else "{:.6g}"
+        desc_text = ["\t".join(fmt.format(v) for v in row) for row in desc]
     rows = []
-    for (x, y, z), s in zip(pts + SIFT_KEY_OFFSET_VOX, sc, strict=True):
-        rows.append(f"{x:.6f}\t{y:.6f}\t{z:.6f}\t{s:.6f}\t{tail}")
+    for (x, y, z), s, d in zip(pts + SIFT_KEY_OFFSET_VOX, sc, desc_text, strict=True):
+        rows.append(f"{x:.6f}\t{y:.6f}\t{z:.6f}\t{s:.6f}\t{tail}\t{d}")
     p = Path(path)
     with atomic_output(p) as tmp:
         tmp.write_text("\n".join(header + rows) + "\n")
