@@ -1,0 +1,247 @@
+"""Safeguards around the learnt refinement: keypoint cross-validation, fallback, keypoint consistency, uncertainty.
+
+A network trained on one family of simulated brain shift can be confidently wrong on brain shift made under
+other modelling choices (issue 11). Three safeguards make the refined field trustworthy whatever the network
+learnt, using only what the user gave: the keypoints.
+
+1. **Cross-validated shrinkage (fallback toward the classical field).** The keypoints are split into ``folds``
+   (seeded); for each fold the classical interpolation of the *other* keypoints is refined by the network on
+   the network's own grid, and both are compared at the held-out keypoints. The learnt correction ``c`` is
+   then scaled by the one factor ``alpha`` in [0, 1] that minimises the held-out squared error,
+   ``alpha = clip(-sum <e0, c> / sum <c, c>, 0, 1)`` (``e0`` the classical field's held-out error, both in
+   mm): ``alpha = 1`` keeps the network's correction, ``alpha = 0`` returns the classical field. Where the
+   learnt prior does not transfer to this patient's deformation, the held-out keypoints say so and the output
+   falls back. (The leave-out idea is the classical one for choosing a regulariser, e.g. Wahba 1990 for
+   splines; here it chooses how much of the learnt correction to keep.) With fewer than ``2 * min_per_fold``
+   keypoints there is nothing to validate on and ``alpha = 1``.
+2. **Keypoint consistency.** The residuals of the blended field at *all* keypoints (trilinear sampling) are
+   interpolated with a thin-plate spline (:func:`brainshift.interpolate.tps_interpolate`) and added, so the
+   output honours the driving keypoints as well as the classical field does.
+3. **Uncertainty.** A per-voxel standard deviation (mm) ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``:
+   ``s`` is the spread of the network's two left-right mirrored passes (half their difference, mm; the mirrored
+   problem is an exact solution of the same mechanics, so disagreement means the network is unsure), ``d`` the
+   distance (mm) to the nearest keypoint, and ``rho`` (mm of error per mm of distance) fitted per case from the
+   cross-validation: the RMS error of the output at the held-out keypoints over their RMS distance to the
+   nearest kept keypoint. Its calibration is measured in ``bench/generalization.py`` (reliability table).
+
+Convention: every field here is float32 ``(3, I, J, K)``, forward Lagrangian (preop voxel ``p`` moves to
+``p + u(p)``), voxel units along ``i, j, k`` of the image grid; keypoints are 0-based voxel indices with
+voxel-unit displacements.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from brainshift.errors import BrainshiftError
+from brainshift.field import check_field
+from brainshift.model.checkpoint import LoadedModel
+from brainshift.model.grid import (
+    mirror_network_tensor,
+    network_grid,
+    refined_from_prediction,
+    resample_channels,
+    to_network_grid,
+)
+from brainshift.volume import Volume
+
+
+@dataclass
+class SafeRefinement:
+    """Result of :func:`safe_refine`.
+
+    Attributes:
+        field_vox: ``(3, I, J, K)`` float32 output field (voxel units; convention in the module docstring).
+        network_field_vox: the network's own (mirror-averaged) refinement before the safeguards.
+        uncertainty_mm: ``(I, J, K)`` float32 per-voxel standard deviation (mm).
+        alpha: the kept fraction of the learnt correction (1 = all, 0 = classical field).
+        info: cross-validation record (folds, held-out errors of the classical and refined fields in mm,
+            ``rho``, keypoint residuals before / after the consistency step, timings in s).
+    """
+
+    field_vox: np.ndarray
+    network_field_vox: np.ndarray
+    uncertainty_mm: np.ndarray
+    alpha: float
+    info: dict = field(default_factory=dict)
+
+
+def sample_field(field_vox: np.ndarray, points_vox: np.ndarray) -> np.ndarray:
+    """Trilinear samples ``(N, 3)`` of a ``(3, I, J, K)`` field at continuous voxel points ``(N, 3)`` (edge
+    values continued outside)."""
+    from scipy.ndimage import map_coordinates
+
+    p = np.asarray(points_vox, dtype=np.float64).T
+    return np.stack([map_coordinates(np.asarray(c, np.float32), p, order=1, mode="nearest") for c in field_vox],
+                    axis=1)
+
+
+def keypoint_residuals_mm(field_vox: np.ndarray, points_vox: np.ndarray, disps_vox: np.ndarray,
+                          affine: np.ndarray) -> np.ndarray:
+    """``(N,)`` distance (mm) between the field sampled at each keypoint and the keypoint's displacement."""
+    diff = sample_field(field_vox, points_vox) - np.asarray(disps_vox, dtype=np.float64)
+    return np.linalg.norm(diff @ np.asarray(affine, np.float64)[:3, :3].T, axis=1)
+
+
+def _two_passes(loaded: LoadedModel, net_input, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's plain prediction and its left-right mirrored one mapped back (both on the padded grid)."""
+    from brainshift.device import resolve_device
+    from brainshift.model.inference import left_right_axis
+
+    dev = resolve_device(device)
+    model = loaded.model.to(dev).eval()
+    axis = left_right_axis(net_input.net_affine)
+    with torch.inference_mode():
+        x = net_input.tensor.to(dev)
+        a = model(x)
+        b = mirror_network_tensor(model(mirror_network_tensor(x, (axis,), field=True)), (axis,), field=True)
+    return a.float().cpu(), b.float().cpu()
+
+
+def _folds(n: int, folds: int, min_per_fold: int, seed: int) -> list[np.ndarray]:
+    k = min(int(folds), n // int(min_per_fold))
+    if k < 2:
+        return []
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(perm[i::k]) for i in range(k)]
+
+
+def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel):
+    """The image (and mask) resampled onto the network grid, so cross-validation folds skip the full grid."""
+    net_shape, net_affine = network_grid(image.shape, image.affine, loaded.config)
+    chans = [torch.from_numpy(np.ascontiguousarray(np.asarray(image.data, np.float32)))[None]]
+    if mask is not None:
+        chans.append(torch.from_numpy((np.asarray(mask) != 0).astype(np.float32))[None])
+    data = torch.cat(chans)
+    if not (tuple(net_shape) == tuple(image.shape) and np.allclose(net_affine, image.affine)):
+        data = resample_channels(data, image.affine, net_shape, net_affine)
+    img_c = Volume(data[0].numpy(), net_affine, "intensity")
+    mask_c = (data[1].numpy() >= 0.5) if mask is not None else None
+    return img_c, mask_c
+
+
+def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, init_field_vox: np.ndarray,
+                loaded: LoadedModel, *, method: str, mask: np.ndarray | None = None, device: str = "cpu",
+                folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
+                interpolate_options: dict | None = None) -> SafeRefinement:
+    """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
+
+    Args:
+        image: preop image (any grid).
+        points_vox, disps_vox: ``(N, 3)`` the keypoints that made ``init_field_vox`` (voxel units).
+        init_field_vox: ``(3, I, J, K)`` their classical interpolation by ``method``.
+        loaded: the network (:func:`brainshift.model.checkpoint.load_weights`).
+        method: the interpolator of ``init_field_vox`` (``linear``, ``tps``, ``tps3d``), reused for the folds.
+        mask: optional brain mask on ``image``'s grid.
+        device: ``cpu`` / ``cuda[:N]`` / ``auto``.
+        folds: cross-validation folds (at most; fewer when there are few keypoints).
+        min_per_fold: least number of held-out keypoints per fold.
+        seed: seed of the fold split.
+        consistency: add the thin-plate spline of the keypoint residuals (step 2).
+        interpolate_options: keyword options of ``method`` for the folds (as given for the initial field).
+
+    Returns:
+        :class:`SafeRefinement`.
+
+    Raises:
+        BrainshiftError: fields, keypoints or grids that do not match.
+
+    Convention: forward Lagrangian, voxel units of ``image``'s grid, in and out.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    from brainshift.interpolate import interpolate
+
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+    init = check_field(init_field_vox, image.shape)
+    pts = np.asarray(points_vox, dtype=np.float64).reshape(-1, 3)
+    dsp = np.asarray(disps_vox, dtype=np.float64).reshape(-1, 3)
+    if pts.shape != dsp.shape or len(pts) == 0:
+        raise BrainshiftError(f"expected matching (N, 3) keypoints and displacements, got {pts.shape} and "
+                              f"{dsp.shape}")
+    opts = dict(interpolate_options or {})
+    a3 = np.asarray(image.affine, np.float64)[:3, :3]
+
+    # the network on the full problem: two passes (plain and mirrored)
+    net_input = to_network_grid(image, init, mask, loaded.config)
+    pa, pb = _two_passes(loaded, net_input, device)
+    ra = refined_from_prediction(pa, net_input, init)
+    rb = refined_from_prediction(pb, net_input, init)
+    net_field = (0.5 * (ra + rb)).astype(np.float32)
+    spread_mm = 0.5 * np.linalg.norm(np.einsum("ij,j...->i...", a3, (ra - rb).astype(np.float64)), axis=0)
+    del ra, rb
+    times["network_s"] = time.perf_counter() - t0
+
+    # 1. cross-validated shrinkage of the learnt correction, on the network grid
+    t1 = time.perf_counter()
+    split = _folds(len(pts), folds, min_per_fold, seed)
+    alpha, cv = 1.0, {"folds": len(split), "n_keypoints": int(len(pts))}
+    held_err0, held_corr, held_dist = [], [], []
+    if split:
+        img_c, mask_c = _coarse_problem(image, mask, loaded)
+        to_c = np.linalg.inv(img_c.affine) @ np.asarray(image.affine, np.float64)
+        pts_c = pts @ to_c[:3, :3].T + to_c[:3, 3]
+        dsp_c = dsp @ to_c[:3, :3].T
+        ac3 = np.asarray(img_c.affine, np.float64)[:3, :3]
+        for held in split:
+            keep = np.setdiff1d(np.arange(len(pts)), held)
+            init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
+            ni = to_network_grid(img_c, init_c, mask_c, loaded.config)
+            with torch.inference_mode():
+                from brainshift.device import resolve_device
+
+                dev = resolve_device(device)
+                pred = loaded.model.to(dev).eval()(ni.tensor.to(dev)).float().cpu()
+            ref_c = refined_from_prediction(pred, ni, init_c)
+            at_init = sample_field(init_c, pts_c[held])
+            at_ref = sample_field(ref_c, pts_c[held])
+            held_err0.append((at_init - dsp_c[held]) @ ac3.T)
+            held_corr.append((at_ref - at_init) @ ac3.T)
+            d = np.linalg.norm(((pts[held][:, None, :] - pts[keep][None, :, :]) @ a3.T), axis=2).min(axis=1)
+            held_dist.append(d)
+        e0 = np.concatenate(held_err0)
+        c = np.concatenate(held_corr)
+        cc = float((c * c).sum())
+        alpha = float(np.clip(-(e0 * c).sum() / cc, 0.0, 1.0)) if cc > 0 else 0.0
+        e_out = e0 + alpha * c
+        dist = np.concatenate(held_dist)
+        cv.update({
+            "heldout_rmse_classical_mm": float(np.sqrt((e0 ** 2).sum(axis=1).mean())),
+            "heldout_rmse_network_mm": float(np.sqrt(((e0 + c) ** 2).sum(axis=1).mean())),
+            "heldout_rmse_output_mm": float(np.sqrt((e_out ** 2).sum(axis=1).mean())),
+            "heldout_rms_distance_mm": float(np.sqrt((dist ** 2).mean())),
+        })
+    times["cross_validation_s"] = time.perf_counter() - t1
+    out = (init + alpha * (net_field - init)).astype(np.float32)
+
+    # 2. keypoint consistency
+    t2 = time.perf_counter()
+    before = keypoint_residuals_mm(out, pts, dsp, image.affine)
+    if consistency:
+        resid = dsp - sample_field(out, pts)
+        out += interpolate("tps", pts, resid, image.shape, image.affine)
+    after = keypoint_residuals_mm(out, pts, dsp, image.affine)
+    times["consistency_s"] = time.perf_counter() - t2
+
+    # 3. uncertainty
+    t3 = time.perf_counter()
+    near = np.zeros(image.shape, dtype=bool)
+    idx = np.clip(np.rint(pts).astype(np.int64), 0, np.array(image.shape) - 1)
+    near[tuple(idx.T)] = True
+    spacing = np.linalg.norm(a3, axis=0)
+    dist_mm = distance_transform_edt(~near, sampling=spacing).astype(np.float32)
+    rho = 0.0
+    if split and cv["heldout_rms_distance_mm"] > 0:
+        rho = cv["heldout_rmse_output_mm"] / cv["heldout_rms_distance_mm"]
+    sigma = np.sqrt((alpha * spread_mm) ** 2 + (rho * dist_mm) ** 2).astype(np.float32)
+    times["uncertainty_s"] = time.perf_counter() - t3
+    times["total_s"] = time.perf_counter() - t0
+    cv.update({"alpha": alpha, "rho": rho, "keypoint_residual_mean_mm_before": float(before.mean()),
+               "keypoint_residual_mean_mm": float(after.mean()), "keypoint_residual_max_mm": float(after.max()),
+               "times_s": times})
+    return SafeRefinement(field_vox=out, network_field_vox=net_field, uncertainty_mm=sigma, alpha=alpha, info=cv)

@@ -1,0 +1,125 @@
+"""Safeguards around the network (brainshift.model.safeguards): cross-validated fallback, keypoint consistency,
+uncertainty. Exact answers from networks whose behaviour is known: an oracle, a harmful one, the identity."""
+
+import numpy as np
+import pytest
+import torch
+
+from brainshift.errors import BrainshiftError
+from brainshift.interpolate import interpolate
+from brainshift.model.checkpoint import LoadedModel
+from brainshift.model.grid import mirror_network_tensor, to_network_grid
+from brainshift.model.network import NetworkConfig
+from brainshift.model.safeguards import keypoint_residuals_mm, safe_refine, sample_field
+from brainshift.volume import Volume
+
+CFG = NetworkConfig(features=(4, 8), spacing_mm=2.0)
+SHAPE = (24, 28, 20)
+
+
+def _image(seed=0):
+    rng = np.random.default_rng(seed)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-20.0, -30.0, 5.0]
+    img = np.zeros(SHAPE, np.float32)
+    img[2:-2, 2:-2, 2:-2] = rng.uniform(1, 2, size=tuple(s - 4 for s in SHAPE))
+    return Volume(img, aff)
+
+
+def _keypoints(field, n=24, seed=1):
+    rng = np.random.default_rng(seed)
+    pts = rng.uniform(3, np.array(SHAPE) - 4, size=(n, 3))
+    return pts, sample_field(field, pts)
+
+
+def _smooth_field():
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij")
+    return np.stack([1.5 * np.sin(2 * i) * j, 0.8 * k ** 2 - 0.3 * i, 0.5 * np.cos(3 * j)]).astype(np.float32)
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the ground truth (network units, padded grid) whatever field it is given: a network that is always
+    right. For the left-right mirrored problem (recognised by its mirrored image channel) it returns the mirrored
+    ground truth, as a right answer to that problem must be."""
+
+    def __init__(self, image, gt):
+        super().__init__()
+        t = to_network_grid(image, gt, None, CFG).tensor
+        self.gt, self.img = t[:, :3].clone(), t[:, 3:4].clone()
+
+    def forward(self, x):
+        if x.shape[2:] != self.gt.shape[2:]:
+            raise AssertionError("the folds run on the network grid, which here is the image grid")
+        if torch.equal(x[:, 3:4], self.img):
+            return self.gt.clone()
+        return mirror_network_tensor(self.gt, (0,), field=True)
+
+
+class _Shrink(torch.nn.Module):
+    """Halves its input field: a network that is always wrong for a nonzero field."""
+
+    def forward(self, x):
+        return 0.5 * x[:, :3]
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :3].clone()
+
+
+def test_oracle_network_is_kept_entirely():
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Oracle(image, gt), CFG, {}), method="tps", consistency=False)
+    assert res.alpha == pytest.approx(1.0, abs=1e-6)
+    assert res.info["heldout_rmse_network_mm"] < 1e-4 < res.info["heldout_rmse_classical_mm"]
+    inside = (slice(3, -3),) * 3
+    np.testing.assert_allclose(res.field_vox[(slice(None), *inside)], gt[(slice(None), *inside)], atol=1e-4)
+
+
+def test_harmful_network_falls_back_to_the_classical_field():
+    """A translation is reproduced exactly by the spline, so any correction only hurts: alpha = 0 and the
+    output is the classical field."""
+    image = _image()
+    gt = np.broadcast_to(np.array([1.0, -0.5, 0.25], np.float32)[:, None, None, None], (3, *SHAPE)).copy()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method="tps")
+    assert res.alpha == 0.0
+    np.testing.assert_allclose(res.field_vox, init, atol=1e-4)
+    assert np.abs(res.network_field_vox - init).max() > 0.2  # the network itself did move the field
+
+
+def test_consistency_honours_the_keypoints_at_least_as_well_as_the_initial_field():
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt, n=30)
+    for method in ("tps", "linear"):
+        init = interpolate(method, pts, d, SHAPE, image.affine)
+        res = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method=method, folds=2)
+        r_init = keypoint_residuals_mm(init, pts, d, image.affine).mean()
+        assert res.info["keypoint_residual_mean_mm"] <= r_init + 0.05
+        assert res.info["keypoint_residual_mean_mm"] <= res.info["keypoint_residual_mean_mm_before"] + 1e-6
+
+
+def test_uncertainty_zero_spread_grows_away_from_keypoints():
+    """The identity network has no mirror spread; sigma is then rho x distance to the nearest keypoint."""
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps")
+    sig = res.uncertainty_mm
+    assert sig.shape == SHAPE and sig.dtype == np.float32 and (sig >= 0).all()
+    at_kp = sig[tuple(np.rint(pts).astype(int).T)]
+    assert at_kp.max() == 0.0 and sig.max() > 0
+    assert res.info["rho"] > 0
+
+
+def test_few_keypoints_skip_cross_validation_and_bad_input_raises():
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt, n=5)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps")
+    assert res.alpha == 1.0 and res.info["folds"] == 0
+    with pytest.raises(BrainshiftError, match="keypoints"):
+        safe_refine(image, pts, d[:3], init, LoadedModel(_Identity(), CFG, {}), method="tps")
