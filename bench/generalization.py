@@ -113,7 +113,10 @@ def summarise(rows: list[dict]) -> str:
         for m in METHODS:
             mr = [r for r in fr if r["method"] == m]
             ratios = [r["mse_mm2"] / best[r["case"]] for r in mr if best[r["case"]] > 0]
-            mean = lambda k: float(np.nanmean([r[k] for r in mr]))  # noqa: E731
+
+            def mean(k, mr=mr):
+                return float(np.nanmean([r[k] for r in mr]))
+
             lines.append(f"| {fam} | {len(cases)} | {m} | {mean('mse_mm2'):.4f} | {np.mean(ratios):.3f} | "
                          f"{np.max(ratios):.3f} | {mean('tre_mm'):.3f} | {mean('kp_residual_mm'):.3f} / "
                          f"{max(r['kp_residual_max_mm'] for r in mr):.3f} | {mean('pct_jacobian_nonpositive'):.4f} | "
