@@ -41,7 +41,7 @@ def check_targets(rows: list[dict]) -> str:
     lines = ["| method | mean MSE mm² | x best classical | mean TRE mm | % det J <= 0 | targets met |",
              "|---|---|---|---|---|---|"]
     for m in sorted({r["method"] for r in rows}, key=lambda x: (x.startswith("net"), x)):
-        mse, tre, jac = _mean(rows, m, "mse_mm2"), _mean(rows, m, "tre_mm"), _mean(rows, m, "pct_nonpositive_jac")
+        mse, tre, jac = _mean(rows, m, "mse_mm2"), _mean(rows, m, "tre_mm"), _mean(rows, m, "pct_jacobian_nonpositive")
         ok = ""
         if m.startswith("net"):
             met = (mse <= 0.5 * ref_mse and tre < _mean(rows, "linear", "tre_mm") and tre < _mean(rows, "tps", "tre_mm")
@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true", help="skip Dice/HD95 in the main comparison (faster)")
     args = ap.parse_args()
 
-    from brainshift.evaluate.report import plot_sweep, summary_markdown, sweep_markdown, write_report
     from brainshift.evaluate.run import evaluate_dataset, evaluate_sweep
+    from brainshift.evaluate.tables import plot_sweep, summary_markdown, sweep_markdown, write_tables
     from brainshift.io.atomic import atomic_output
 
     out = Path(args.out)
@@ -73,7 +73,7 @@ def main() -> None:
     methods = args.methods.split(",")
     common = {"weights": args.weights, "seed": args.seed, "cases": args.cases}
     rows = evaluate_dataset(args.data, methods, n_keypoints=20, overlap=not args.no_overlap, **common)
-    write_report(rows, out, title="Held-out accuracy, 20 keypoints")
+    write_tables(rows, out, title="Held-out accuracy, 20 keypoints")
     print(summary_markdown(rows, title="Held-out accuracy, 20 keypoints"))
     verdict = check_targets(rows)
     print(verdict)

@@ -1,7 +1,7 @@
 """Fixtures shared by the whole suite: which default model ``brainshift`` sees.
 
 The repository ships ``weights/default.safetensors``; tests of the behaviour without a default model, and of
-the default-model path with a tiny network (fast to run), point :data:`brainshift.pipeline.DEFAULT_WEIGHTS`
+the default-model path with a tiny network (fast to run), point :data:`brainshift.resources.DEFAULT_WEIGHTS`
 elsewhere instead of depending on what is on disk.
 """
 
@@ -28,18 +28,18 @@ def write_tiny_weights(path: Path, spacing_mm: float = 3.0) -> Path:
 @pytest.fixture
 def no_default_weights(tmp_path, monkeypatch) -> Path:
     """No default model: ``DEFAULT_WEIGHTS`` points at a file that does not exist."""
-    import brainshift.pipeline as pipeline
+    import brainshift.resources as resources
 
     missing = tmp_path / "no_default_model" / "default.safetensors"
-    monkeypatch.setattr(pipeline, "DEFAULT_WEIGHTS", missing)
+    monkeypatch.setattr(resources, "DEFAULT_WEIGHTS", missing)
     return missing
 
 
 @pytest.fixture
 def tiny_default_weights(tmp_path, monkeypatch) -> Path:
     """A tiny random network installed as the default model."""
-    import brainshift.pipeline as pipeline
+    import brainshift.resources as resources
 
     path = write_tiny_weights(tmp_path / "tiny_default.safetensors")
-    monkeypatch.setattr(pipeline, "DEFAULT_WEIGHTS", path)
+    monkeypatch.setattr(resources, "DEFAULT_WEIGHTS", path)
     return path

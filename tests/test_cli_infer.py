@@ -222,12 +222,12 @@ def test_rerun_into_same_folder_removes_earlier_outputs(tmp_path, image_path):
 
 
 def test_output_below_an_existing_file_fails_before_any_work(tmp_path, image_path, monkeypatch):
-    import brainshift.pipeline as pipeline
+    import brainshift.compensate as compensate_module
 
     def _never(*a, **k):
         raise AssertionError("no interpolation may run when -o is unusable")
 
-    monkeypatch.setattr(pipeline, "initial_field_from_keypoints", _never)
+    monkeypatch.setattr(compensate_module, "interpolate_keypoints", _never)
     kp = _table(tmp_path / "kp.csv", _good_rows())
     blocker = tmp_path / "afile"
     blocker.write_text("x")

@@ -13,21 +13,21 @@ from typer.testing import CliRunner
 from brainshift.cli import app
 from brainshift.demo import NO_MODEL_NOTE, analytic_sag_field, format_table, load_mni152, run_demo
 from brainshift.errors import InputFileError
+from brainshift.evaluate.case_report import FIGURES
 from brainshift.io.fields import read_field
 from brainshift.io.images import read_image
 from brainshift.io.keypoints import read_keypoint_table
-from brainshift.report import FIGURES
 
-METRICS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_nonpositive_jac", "time_s")
+METRICS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_jacobian_nonpositive", "time_s")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    import brainshift.pipeline as pipeline
+    import brainshift.resources as resources
 
     out = tmp_path_factory.mktemp("demo") / "out"
     with pytest.MonkeyPatch.context() as mp:  # the classical-only demo (no default model)
-        mp.setattr(pipeline, "DEFAULT_WEIGHTS", out.parent / "absent.safetensors")
+        mp.setattr(resources, "DEFAULT_WEIGHTS", out.parent / "absent.safetensors")
         rows = run_demo(out, seed=1, quick=True, verbose=False)
     return out, rows
 
@@ -43,7 +43,7 @@ def test_quick_demo_rows_have_finite_metrics_and_beat_no_correction(quick_run):
         # interpolating 20 exact keypoints must beat leaving the tissue where it was
         assert by[method]["mse_mm2"] < by["none"]["mse_mm2"]
     # the zero field's error is the ground truth itself: MSE = mean |u_gt|^2 > 0, no folding
-    assert by["none"]["mse_mm2"] > 0 and by["none"]["pct_nonpositive_jac"] == 0.0
+    assert by["none"]["mse_mm2"] > 0 and by["none"]["pct_jacobian_nonpositive"] == 0.0
 
 
 def test_quick_demo_writes_report_fields_images_and_keypoints(quick_run):
@@ -137,7 +137,7 @@ def test_analytic_sag_field_peak_and_direction():
 
 def test_format_table_lists_every_row():
     row = {"method": "linear", "mse_mm2": 1.0, "mae_mm": 0.5, "p95_mm": 2.0, "tre_mm": 0.7,
-           "pct_nonpositive_jac": 0.0, "time_s": 0.25}
+           "pct_jacobian_nonpositive": 0.0, "time_s": 0.25}
     text = format_table([row, {**row, "method": "net-linear"}])
     assert text.splitlines()[2].split()[:2] == ["linear", "1.000"]
     assert text.splitlines()[3].startswith("net-linear")

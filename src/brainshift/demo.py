@@ -16,12 +16,13 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    interpolation, their displacements sampled trilinearly from the ground truth; all other detected
    keypoints are held-out targets for the TRE (:func:`brainshift.evaluate.run.draw_case_keypoints`).
 4. **Methods.** Delaunay-linear and thin-plate-spline interpolation (:func:`brainshift.interpolate.
-   interpolate`); when a trained model exists (``weights`` or :data:`brainshift.pipeline.DEFAULT_WEIGHTS`)
-   each is refined by the network (``net-linear``, ``net-tps``, :func:`brainshift.model.inference.
-   refine_field`). Without weights the demo says so and shows the classical methods only.
-5. **Metrics** (:mod:`brainshift.evaluate.metrics`): MSE, mean and 95th-percentile error (mm) over brain
-   minus the resection cavity, TRE at the held-out keypoints, % det J <= 0, time per method; a ``none``
-   row (zero field) shows how far the tissue moved.
+   interpolate`) through :func:`brainshift.compensate.compensate` (:func:`run_methods`); when a trained model
+   exists (``weights`` or the shipped default, :func:`brainshift.resources.resolve_weights`) each is refined by
+   the network (``net-linear``, ``net-tps``). Without weights the demo says so and shows the classical methods
+   only.
+5. **Metrics** (:func:`brainshift.evaluate.metrics.score_field`, as in ``brainshift evaluate``): MSE, mean and
+   95th-percentile error (mm) over brain minus the resection cavity, TRE at the held-out keypoints,
+   % det J <= 0, time per method; a ``none`` row (zero field) shows how far the tissue moved.
 6. **Outputs** in ``out_dir`` (every file written atomically): ``preop_t1.nii.gz``, masks
    (``brain_mask``, ``tumour_mask``, ``cavity_mask`` ``.nii.gz``), ``field_ground_truth`` and
    ``field_<method>`` as ITK ``.h5`` and NIfTI ``.nii.gz`` (see the README for what they mean),
@@ -30,7 +31,7 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    intraop space by the method with the lowest MSE; both warps pull through an inverse computed on a grid
    subsampled by 2, :func:`coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
    (voxel frame, ``x,y,z,dx,dy,dz``), ``metrics.csv``, ``metrics.json`` and ``report.html`` with its figures
-   (:func:`brainshift.report.write_report`); the metrics table is printed.
+   (:func:`brainshift.evaluate.case_report.write_case_report`); ``brainshift demo`` prints the metrics table.
 
 ``quick=True`` replaces steps 1-2 by a small case for tests (seconds): the template resampled to
 :data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
@@ -250,11 +251,12 @@ def demo_keypoints(case: DemoCase, *, seed: int, n_keypoints: int = 20) -> tuple
 
     Convention: displacements sampled trilinearly from the forward Lagrangian ground truth (voxel units).
     """
+    from brainshift.evaluate.metrics import keypoint_region
     from brainshift.evaluate.run import draw_case_keypoints
     from brainshift.keypoints import detect_keypoints
 
     subject = case.subject
-    allowed = (subject.brain_mask.data > 0) & ~(subject.tumour_mask.data > 0) & ~(case.cavity_mask.data > 0)
+    allowed = keypoint_region(subject.brain_mask.data, subject.tumour_mask.data, case.cavity_mask.data)
     detected = detect_keypoints(subject.image, allowed).points_vox
     rng = np.random.default_rng(seed)
     candidates = detected
@@ -267,39 +269,17 @@ def demo_keypoints(case: DemoCase, *, seed: int, n_keypoints: int = 20) -> tuple
     return kp, len(detected)
 
 
-def resolve_demo_weights(weights: str | Path | None) -> Path | None:
-    """``weights`` if given (must exist), else the shipped default model if it exists, else None.
-
-    Raises:
-        InputFileError: ``weights`` given but not a file.
-    """
-    from brainshift.errors import InputFileError
-    from brainshift.pipeline import DEFAULT_WEIGHTS
-
-    if weights is not None:
-        p = Path(weights)
-        if not p.is_file():
-            raise InputFileError(f"expected a network weights file for --weights, got {str(p)!r} (not found)")
-        return p
-    return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
-
-
 def score(field_vox: np.ndarray, case: DemoCase, kp: CaseKeypoints) -> dict:
-    """MSE / mean / P95 error (mm) over brain minus cavity, TRE (mm) at the held-out keypoints, Jacobian stats.
+    """:func:`brainshift.evaluate.metrics.score_field` of a field on the demo case: errors and det J over
+    brain minus cavity (:func:`~brainshift.evaluate.metrics.evaluation_region`), TRE at the held-out keypoints.
 
     Convention: ``field_vox`` forward Lagrangian, voxel units, on the case's grid.
     """
-    from brainshift.evaluate import metrics
+    from brainshift.evaluate.metrics import evaluation_region, score_field
 
-    affine = case.subject.image.affine
-    region = (case.subject.brain_mask.data > 0) & ~(case.cavity_mask.data > 0)
-    tre = metrics.tre_mm(field_vox, kp.heldout_points_vox, kp.heldout_disps_vox, affine)
-    jac = metrics.jacobian_stats(field_vox, region)
-    return {**metrics.field_errors_mm(field_vox, case.field_vox, affine, region),
-            "tre_mm": float(tre.mean()) if len(tre) else float("nan"),
-            "tre_median_mm": float(np.median(tre)) if len(tre) else float("nan"),
-            "tre_max_mm": float(tre.max()) if len(tre) else float("nan"),
-            "pct_nonpositive_jac": jac["pct_nonpositive"], "std_log_jac": jac["std_log_jac"]}
+    region = evaluation_region(case.subject.brain_mask.data, case.cavity_mask.data)
+    return score_field(field_vox, case.field_vox, case.subject.image.affine, region, kp.heldout_points_vox,
+                       kp.heldout_disps_vox)
 
 
 def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int = INVERSE_SUBSAMPLING) -> np.ndarray:
@@ -345,96 +325,55 @@ def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int 
     return out
 
 
-def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str | Path | None = None,
-             n_keypoints: int = 20, quick: bool = False, resolution_mm: float = DEMO_RESOLUTION_MM,
-             device: str = "cpu", verbose: bool = True) -> list[dict]:
-    """Run the demo (module docstring) and return one metrics row per method.
-
-    Args:
-        out_dir: output folder (created).
-        seed: seed of the tumour, the simulation's draws and the keypoint draw.
-        weights: network weights (our ``.safetensors`` or a published checkpoint); default: the shipped
-            :data:`brainshift.pipeline.DEFAULT_WEIGHTS` when it exists, otherwise classical methods only.
-        n_keypoints: driving keypoints (20 as published).
-        quick: the small test case (:func:`make_quick_case`) instead of the simulated MNI152 case.
-        resolution_mm: element edge (mm) of the simulation.
-        device: torch device of the network (``cpu``, ``cuda``).
-        verbose: print the steps, the table and where the outputs are.
+def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu", timer=None,
+                progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every demo method's field and time: :data:`DEMO_METHODS` by :func:`brainshift.compensate.compensate`,
+    each refined as ``net-<name>`` when ``loaded`` is a network (its time includes the interpolation).
 
     Returns:
-        Rows (dicts) for ``none``, ``linear``, ``tps`` and, with a model, ``net-linear`` and ``net-tps``, with
-        ``method``, ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``tre_median_mm``, ``tre_max_mm``,
-        ``pct_nonpositive_jac``, ``std_log_jac``, ``time_s``, ``n_keypoints``, ``n_heldout``.
+        ``(fields, times_s)`` keyed by method name, classical methods first.
 
-    Raises:
-        InputFileError: ``weights`` given but missing or unreadable.
-        BrainshiftError: from the simulation, the keypoints or a bad device.
+    Convention: fields float32 ``(3, I, J, K)``, forward Lagrangian, voxel units on the case's grid.
     """
-    from brainshift.interpolate import interpolate
+    from brainshift.compensate import compensate
+    from brainshift.progress import StepTimer
+
+    timer = timer or StepTimer(verbose=False)
+    image = case.subject.image
+    brain = case.subject.brain_mask.data > 0
+    results = {}
+    for method in DEMO_METHODS:
+        with timer.step(f"interpolate ({method})"):
+            results[method] = compensate(image, keypoints=(kp.points_vox, kp.disps_vox), method=method)
+    fields = {m: r.initial_field for m, r in results.items()}
+    times = {m: r.timings_s[f"interpolate ({m})"] for m, r in results.items()}
+    if loaded is not None:
+        for method in DEMO_METHODS:
+            with timer.step(f"refine {method} with the network"):
+                res = compensate(image, initial_field=fields[method], model=loaded, mask=brain, device=device,
+                                 progress=progress)
+            fields[f"net-{method}"] = res.refined_field
+            times[f"net-{method}"] = times[method] + res.timings_s["refine with the network"]
+    return fields, times
+
+
+def write_case_files(out: Path, case: DemoCase, kp: CaseKeypoints, fields: dict[str, np.ndarray], best: str,
+                     timer) -> tuple[list[tuple[str, str]], dict[str, Volume]]:
+    """Write the demo's images, masks, keypoint tables, fields (``.h5`` float32 compressed and ``.nii.gz``) and
+    the warped images (module docstring, step 6).
+
+    Returns:
+        ``(files, images)``: ``(name, description)`` of every file written, in order, and the images shown in
+        the report (``preop``, ``intraop (ground truth)``, ``preop warped by <best>``).
+
+    Convention: fields forward Lagrangian, voxel units on the case's grid.
+    """
     from brainshift.io.fields import warp_image, write_field
     from brainshift.io.images import write_image
     from brainshift.io.keypoints import write_keypoint_table
-    from brainshift.progress import StepTimer
-    from brainshift.report import write_report
 
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if verbose else (lambda *a, **k: None)
-    timer = StepTimer(verbose=verbose)
-    weights_path = resolve_demo_weights(weights)
-
-    title = "brainshift demo: " + ("quick test case" if quick else "the MNI152 brain with a simulated tumour case")
-    say(title)
-    if weights_path is None:
-        say(f"NOTE: {NO_MODEL_NOTE} (pass --weights FILE to refine with a network)")
-    loaded = None
-    if weights_path is not None:
-        from brainshift.model.checkpoint import load_weights
-        from brainshift.pipeline import resolve_device
-
-        with timer.step("load the network"):
-            loaded = load_weights(weights_path, device=resolve_device(device))
-
-    if quick:
-        with timer.step("quick case (analytic field)"):
-            case = make_quick_case(seed)
-    else:
-        case = make_demo_case(seed, resolution_mm=resolution_mm, progress=verbose, timer=timer)
     subject, gt = case.subject, case.field_vox
     image, affine = subject.image, subject.image.affine
-    brain = subject.brain_mask.data > 0
-
-    with timer.step("detect keypoints"):
-        kp, n_detected = demo_keypoints(case, seed=seed, n_keypoints=n_keypoints)
-    say(f"  {n_detected} keypoints detected in brain minus tumour: {len(kp.points_vox)} drive the interpolation, "
-        f"{len(kp.heldout_points_vox)} are held-out TRE targets")
-
-    fields: dict[str, np.ndarray] = {}
-    times: dict[str, float] = {}
-    for method in DEMO_METHODS:
-        with timer.step(f"interpolate ({method})"):
-            t0 = time.perf_counter()
-            fields[method] = np.asarray(interpolate(method, kp.points_vox, kp.disps_vox, image.shape, affine),
-                                        dtype=np.float32)
-            times[method] = time.perf_counter() - t0
-    if loaded is not None:
-        from brainshift.model.inference import refine_field
-
-        for method in DEMO_METHODS:
-            with timer.step(f"refine {method} with the network"):
-                t0 = time.perf_counter()
-                fields[f"net-{method}"] = refine_field(image, fields[method], loaded, mask=brain, device=device,
-                                                       progress=verbose)
-                times[f"net-{method}"] = times[method] + time.perf_counter() - t0
-
-    rows = []
-    with timer.step("metrics"):
-        for method, fld in [("none", np.zeros_like(gt)), *fields.items()]:
-            rows.append({"method": method, **score(fld, case, kp), "time_s": float(times.get(method, 0.0)),
-                         "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))})
-    best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
-
     files: list[tuple[str, str]] = []
 
     def record(name: str, what: str) -> Path:
@@ -464,11 +403,108 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
                                    f"{best} (lowest MSE)"))
     record("metrics.csv", "metrics table")
     record("metrics.json", "metrics rows and case information")
+    return files, {"preop": image, "intraop (ground truth)": intraop, f"preop warped by {best}": warped}
 
-    gt_mag = np.sqrt(((affine[:3, :3] @ gt[:, brain & ~(case.cavity_mask.data > 0)]) ** 2).sum(axis=0))
-    info = {
+
+def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str | Path | None = None,
+             n_keypoints: int = 20, quick: bool = False, resolution_mm: float = DEMO_RESOLUTION_MM,
+             device: str = "cpu", verbose: bool = True) -> list[dict]:
+    """Run the demo (module docstring) and return one metrics row per method.
+
+    Args:
+        out_dir: output folder (created).
+        seed: seed of the tumour, the simulation's draws and the keypoint draw.
+        weights: network weights (our ``.safetensors`` or a published checkpoint); default: the shipped model
+            (:func:`brainshift.resources.resolve_weights`), otherwise classical methods only.
+        n_keypoints: driving keypoints (20 as published).
+        quick: the small test case (:func:`make_quick_case`) instead of the simulated MNI152 case.
+        resolution_mm: element edge (mm) of the simulation.
+        device: torch device of the network (``auto``, ``cpu``, ``cuda``).
+        verbose: report the steps and where the outputs are on stderr (:class:`brainshift.progress.StepTimer`).
+
+    Returns:
+        Rows (dicts) for ``none``, ``linear``, ``tps`` and, with a model, ``net-linear`` and ``net-tps``, with
+        ``method``, the keys of :data:`brainshift.evaluate.metrics.SCORE_KEYS`, ``time_s``, ``n_keypoints``,
+        ``n_heldout``.
+
+    Raises:
+        InputFileError: ``weights`` given but missing or unreadable.
+        BrainshiftError: from the simulation, the keypoints or a bad device.
+    """
+    from brainshift.evaluate.case_report import write_case_report
+    from brainshift.evaluate.tables import write_per_case_csv
+    from brainshift.io.atomic import atomic_output
+    from brainshift.progress import StepTimer
+    from brainshift.resources import resolve_weights
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StepTimer(verbose=verbose)
+    weights_path = resolve_weights(weights)
+    title = "brainshift demo: " + ("quick test case" if quick else "the MNI152 brain with a simulated tumour case")
+    timer.note(title)
+    loaded = None
+    if weights_path is None:
+        timer.note(f"NOTE: {NO_MODEL_NOTE} (pass --weights FILE to refine with a network)")
+    else:
+        from brainshift.device import resolve_device
+        from brainshift.model.checkpoint import load_weights
+
+        with timer.step("load the network"):
+            loaded = load_weights(weights_path, device=resolve_device(device))
+    if quick:
+        with timer.step("quick case (analytic field)"):
+            case = make_quick_case(seed)
+    else:
+        case = make_demo_case(seed, resolution_mm=resolution_mm, progress=verbose, timer=timer)
+    with timer.step("detect keypoints"):
+        kp, n_detected = demo_keypoints(case, seed=seed, n_keypoints=n_keypoints)
+    timer.note(f"  {n_detected} keypoints detected in brain minus tumour: {len(kp.points_vox)} drive the "
+               f"interpolation, {len(kp.heldout_points_vox)} are held-out TRE targets")
+    fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose)
+    with timer.step("metrics"):
+        rows = [{"method": method, **score(fld, case, kp), "time_s": float(times.get(method, 0.0)),
+                 "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))}
+                for method, fld in [("none", np.zeros_like(case.field_vox)), *fields.items()]]
+    best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
+    files, images = write_case_files(out, case, kp, fields, best, timer)
+    info = demo_info(case, kp, title=title, seed=seed, quick=quick, best=best, n_detected=n_detected,
+                     weights_path=weights_path, files=files)
+    masks = {"brain": case.subject.brain_mask.data > 0, "tumour": case.subject.tumour_mask.data > 0,
+             "cavity": case.cavity_mask.data > 0}
+    with timer.step("report and figures"):
+        write_per_case_csv(rows, out / "metrics.csv")
+        report = write_case_report(out, image=case.subject.image, gt_field=case.field_vox, fields=fields,
+                                   keypoints=kp.points_vox, heldout=kp.heldout_points_vox, rows=rows, masks=masks,
+                                   info=info, images=images)
+    total = time.perf_counter() - t_start
+    info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
+    info["total time (s)"] = total
+    with atomic_output(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
+    gt_max, gt_median = info["ground-truth displacement max / median (mm)"]
+    timer.note(f"\nground-truth displacement: max {gt_max:.2f} mm, median {gt_median:.2f} mm (brain minus cavity); "
+               f"lowest MSE: {best}")
+    if loaded is None:
+        timer.note(f"NOTE: {NO_MODEL_NOTE}")
+    n_files = sum(1 for p in out.iterdir() if p.is_file())
+    timer.note(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {total:.1f} s")
+    return rows
+
+
+def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick: bool, best: str,
+              n_detected: int, weights_path: Path | None, files: list[tuple[str, str]]) -> dict:
+    """The case information shown in the report and saved in ``metrics.json`` (JSON-serialisable)."""
+    from brainshift.evaluate.metrics import evaluation_region
+
+    image, gt = case.subject.image, case.field_vox
+    region = evaluation_region(case.subject.brain_mask.data, case.cavity_mask.data)
+    gt_mag = np.sqrt(((image.affine[:3, :3] @ gt[:, region]) ** 2).sum(axis=0))
+    return {
         "title": title,
-        "notes": ([] if loaded is not None else [NO_MODEL_NOTE + " (pass --weights FILE to refine with a network)"])
+        "notes": ([] if weights_path is not None else [NO_MODEL_NOTE + " (pass --weights FILE to refine with a "
+                                                                       "network)"])
         + (["quick test case: analytic ground-truth field on a 3 mm grid, not a simulation"] if quick else []),
         "summary": f"{len(kp.points_vox)} keypoints drive each method; errors are measured against the ground "
                    f"truth over brain minus cavity and at {len(kp.heldout_points_vox)} held-out keypoints. "
@@ -480,34 +516,8 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         "ground-truth displacement max / median (mm)": [float(gt_mag.max()), float(np.median(gt_mag))],
         "keypoints detected / driving / held-out": [n_detected, len(kp.points_vox), len(kp.heldout_points_vox)],
         "model": str(weights_path) if weights_path is not None else "none",
-        "step times (s)": {k: round(v, 2) for k, v in timer.timings_s.items()},
         "files": files,
     }
-    from brainshift.evaluate.report import write_per_case_csv
-    from brainshift.io.atomic import atomic_output
-
-    with timer.step("report and figures"):
-        write_per_case_csv(rows, out / "metrics.csv")
-        report = write_report(out, image=image, gt_field=gt, fields=fields, keypoints=kp.points_vox,
-                              heldout=kp.heldout_points_vox, rows=rows,
-                              masks={"brain": brain, "tumour": subject.tumour_mask.data > 0,
-                                     "cavity": case.cavity_mask.data > 0},
-                              info=info, images={"preop": image, "intraop (ground truth)": intraop,
-                                                 f"preop warped by {best}": warped})
-    total = time.perf_counter() - t_start
-    info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
-    info["total time (s)"] = total
-    with atomic_output(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
-    say("")
-    say(format_table(rows))
-    say(f"\nground-truth displacement: max {gt_mag.max():.2f} mm, median {np.median(gt_mag):.2f} mm "
-        f"(brain minus cavity); lowest MSE: {best}")
-    if loaded is None:
-        say(f"NOTE: {NO_MODEL_NOTE}")
-    n_files = sum(1 for p in out.iterdir() if p.is_file())
-    say(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {total:.1f} s")
-    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -517,5 +527,5 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['method']:<11} {r['mse_mm2']:>9.3f} {r['mae_mm']:>8.3f} {r['p95_mm']:>7.3f} "
-                     f"{r['tre_mm']:>7.3f} {r['pct_nonpositive_jac']:>9.4f} {r['time_s']:>7.3f}")
+                     f"{r['tre_mm']:>7.3f} {r['pct_jacobian_nonpositive']:>9.4f} {r['time_s']:>7.3f}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The main job as plain functions: keypoints -> initial field -> (refined field) -> outputs.
+"""The main job with files: read -> :func:`brainshift.compensate.compensate` -> write (all-or-nothing).
 
 ``run_infer`` is what ``brainshift infer`` calls. Every input is read and validated, and every field
 computed, before the first output file is written; each output is written atomically, so bad input never
@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 
-import numpy as np
-
 from brainshift.errors import BrainshiftError, InputFileError
 from brainshift.progress import StepTimer
 from brainshift.volume import Volume
 
 OUTPUT_FORMATS = ("h5", "npz", "nii")
 _EXT = {"h5": ".h5", "npz": ".npz", "nii": ".nii.gz"}
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "default.safetensors"
+#: The ``.h5`` gzip level ``infer`` writes by default: 0 (uncompressed float32, 0.5x the float64 file). Deflate
+#: takes ~1.3 s per MNI-sized field on a 2-core CPU for 0.38x instead (bench/fields_io.py); ``--h5-compression 1``.
+INFER_H5_COMPRESSION = 0
 
 
 @dataclass
@@ -50,82 +50,96 @@ class InferOptions:
     save_warped: bool = False
     verbose: bool = True
     interp_options: dict = dc_field(default_factory=dict)
+    h5_dtype: str = "float32"
+    h5_compression: int = INFER_H5_COMPRESSION
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other names are checked by
-    :func:`brainshift.model.inference.resolve_device` (``cuda`` without a GPU is an error, never a fallback).
-
-    Raises:
-        BrainshiftError: unknown device name, or ``cuda`` requested but torch sees no GPU.
-    """
-    import torch
-
-    from brainshift.model.inference import resolve_device as _resolve
-
-    d = str(device).lower()
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(_resolve(d))
-
-
-def foreground_mask(image: Volume) -> np.ndarray:
-    """Boolean ``(I, J, K)`` mask of voxels above the image minimum (the published method's background rule)."""
-    data = image.data
-    return data > data.min()
-
-
-def initial_field_from_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, method: str,
-                                 **options) -> np.ndarray:
-    """Validate the keypoints on ``image``'s grid and interpolate them to a dense field.
-
-    Args:
-        image: the preop image (defines the grid).
-        points_vox, disps_vox: ``(N, 3)`` keypoints and their displacements, voxel units (0-based i, j, k).
-        method: interpolator name (``linear``, ``tps``, ``tps3d``; see ``brainshift.interpolate``).
-
-    Returns:
-        float32 ``(3, I, J, K)``. Convention: forward Lagrangian, voxel units along i, j, k.
+def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
+    """``(refine, weights)`` from the options and the shipped default model (:mod:`brainshift.resources`).
 
     Raises:
-        KeypointError: non-finite, outside the image, conflicting duplicates, fewer than 4, coplanar.
+        BrainshiftError: ``--refine`` without weights and no default model. InputFileError: missing ``-w`` file.
     """
-    from brainshift.interpolate import interpolate
-    from brainshift.io.keypoints import validate_keypoints
+    from brainshift.resources import DEFAULT_WEIGHTS, resolve_weights
 
-    points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape)
-    return interpolate(method, points_vox, disps_vox, image.shape, image.affine, **options)
+    refine = opts.refine
+    weights = resolve_weights(opts.weights) if (opts.weights is not None or refine is not False) else None
+    if refine is None:  # default: refine when weights are given or the default model ships
+        refine = weights is not None
+        if not refine:
+            warnings.warn(f"no network weights (no -w and no default model at {DEFAULT_WEIGHTS}): "
+                          "writing the classical interpolation only, without refinement", stacklevel=3)
+    if not refine and opts.mirror_average:
+        warnings.warn("--mirror-average has no effect without network refinement (--no-refine)", stacklevel=3)
+    if refine and weights is None:
+        raise BrainshiftError(
+            f"expected network weights for --refine (-w/--weights FILE), got none and no default model at "
+            f"{DEFAULT_WEIGHTS}; use --no-refine for the classical interpolation only")
+    return bool(refine), (weights if refine else None)
 
 
-def field_summary(field_vox: np.ndarray, image: Volume, mask: np.ndarray | None = None) -> dict:
-    """Max / mean displacement (mm) over ``mask`` (default: the image foreground) and % voxels with det J <= 0.
+def _check_options(opts: InferOptions) -> str:
+    """Validate the options that need no file; return the output format."""
+    from brainshift.io.fields import H5_DTYPES
 
-    Convention: ``field_vox`` forward Lagrangian, voxel units on ``image``'s grid.
+    fmt = opts.output_fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise BrainshiftError(f"expected --output_fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
+    if opts.init_disp is None and opts.kpt_disps is None:
+        raise BrainshiftError("expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got neither")
+    if opts.h5_dtype not in H5_DTYPES:
+        raise BrainshiftError(f"expected --h5-dtype one of {H5_DTYPES}, got {opts.h5_dtype!r}")
+    if not 0 <= int(opts.h5_compression) <= 9:
+        raise BrainshiftError(f"expected --h5-compression in 0-9, got {opts.h5_compression}")
+    _check_keypoint_options(opts)
+    return fmt
+
+
+def _load_network_async(weights: Path, device: str):
+    """Start loading the network (torch import, device check, weights) in a background thread.
+
+    torch's import and the weights take ~1.5-2 s; reading the image and interpolating meanwhile (numpy, scipy
+    and zlib release the GIL) hides part of it. Returns a ``Future`` of the
+    :class:`~brainshift.model.checkpoint.LoadedModel` (:func:`brainshift.compensate.compensate` accepts it).
     """
-    from brainshift.field import displacement_magnitude_mm, jacobian_determinant
+    from concurrent.futures import ThreadPoolExecutor
 
-    m = foreground_mask(image) if mask is None else mask.astype(bool)
-    if not m.any():
-        m = np.ones(image.shape, dtype=bool)
-    # work on the mask's bounding box (+1 voxel so the central differences at its edge see real neighbours)
-    idx = np.argwhere(m)
-    lo = np.maximum(idx.min(axis=0) - 1, 0)
-    hi = np.minimum(idx.max(axis=0) + 2, image.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    sub = field_vox[(slice(None),) + box]
-    m = m[box]
-    mag = displacement_magnitude_mm(sub, image.affine)[m]
-    jac = jacobian_determinant(sub)[m]
-    return {
-        "max_displacement_mm": float(mag.max()),
-        "mean_displacement_mm": float(mag.mean()),
-        "pct_jacobian_nonpositive": float(100.0 * np.mean(jac <= 0)),
-        "min_jacobian": float(jac.min()),
-    }
+    def load():
+        from brainshift.device import resolve_device
+        from brainshift.model.checkpoint import load_weights
+
+        return load_weights(weights, device=resolve_device(device))
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brainshift-load")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
+    """The preop image and either ``{"initial_field": ...}`` or ``{"keypoints": (points_vox, disps_vox)}``."""
+    from brainshift.io.images import read_image
+
+    with steps.step("load preop image"):
+        image = read_image(opts.preop_scan)
+    if opts.init_disp is not None:
+        from brainshift.io.fields import read_field
+
+        if opts.kpt_disps is not None:
+            warnings.warn("both an initial field and keypoints were given: the initial field is used", stacklevel=3)
+        with steps.step("load initial field"):
+            init_field, _ = read_field(opts.init_disp, reference=image)
+        return image, {"initial_field": init_field}
+    from brainshift.io.keypoints import read_keypoints
+
+    with steps.step("load keypoints"):
+        points_vox, disps_vox = read_keypoints(opts.kpt_disps, frame=opts.coords, affine=image.affine,
+                                               intraop_path=opts.kpt_intraop)
+    return image, {"keypoints": (points_vox, disps_vox)}
 
 
 def run_infer(opts: InferOptions) -> dict:
-    """Run ``brainshift infer``: read, interpolate, optionally refine, write fields and ``summary.json``.
+    """Run ``brainshift infer``: read, :func:`brainshift.compensate.compensate`, write fields and ``summary.json``.
 
     Returns:
         The summary dictionary that is also written to ``output/summary.json``.
@@ -133,136 +147,33 @@ def run_infer(opts: InferOptions) -> dict:
     Raises:
         BrainshiftError (and subclasses): any bad input, with a one-line message.
     """
-    from brainshift.io.fields import invert_field, read_field, warp_image, write_field
-    from brainshift.io.images import read_image
+    from brainshift.compensate import compensate
 
     t_start = time.perf_counter()
     steps = StepTimer(opts.verbose)
-    fmt = opts.output_fmt.lower()
-    if fmt not in OUTPUT_FORMATS:
-        raise BrainshiftError(f"expected --output_fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
-    if opts.init_disp is None and opts.kpt_disps is None:
-        raise BrainshiftError("expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got neither")
-    refine = opts.refine
-    weights = opts.weights
-    if refine is None:  # default: refine when weights are given or the default model ships
-        refine = weights is not None or DEFAULT_WEIGHTS.exists()
-        if not refine:
-            warnings.warn(f"no network weights (no -w and no default model at weights/{DEFAULT_WEIGHTS.name}): "
-                          "writing the classical interpolation only, without refinement", stacklevel=2)
-    if not refine and opts.mirror_average:
-        warnings.warn("--mirror-average has no effect without network refinement (--no-refine)", stacklevel=2)
-    if refine and weights is None:
-        if not DEFAULT_WEIGHTS.exists():
-            raise BrainshiftError(
-                f"expected network weights for --refine (-w/--weights FILE), got none and no default model at "
-                f"weights/{DEFAULT_WEIGHTS.name}; use --no-refine for the classical interpolation only")
-        weights = DEFAULT_WEIGHTS
-    if weights is not None and not Path(weights).is_file():
-        raise InputFileError(f"expected a weights file at {weights}, got no such file")
-    _check_keypoint_options(opts)
-    # an explicitly named device is checked even without refinement (a bad or absent one is an error);
-    # torch is imported only then
-    device = resolve_device(opts.device) if (refine or opts.device.lower() not in ("cpu", "auto")) else "cpu"
+    fmt = _check_options(opts)
+    refine, weights = _refinement_plan(opts)
     out = Path(opts.output)
     check_output_dir(out)
+    device = "cpu"
+    if not refine and opts.device.lower() not in ("cpu", "auto"):
+        from brainshift.device import resolve_device  # an explicitly named device is checked even so
 
-    with steps.step("load preop image"):
-        image = read_image(opts.preop_scan)
-
-    n_kpts = None
-    if opts.init_disp is not None:
-        if opts.kpt_disps is not None:
-            warnings.warn("both an initial field and keypoints were given: the initial field is used", stacklevel=2)
-        with steps.step("load initial field"):
-            init_field, _ = read_field(opts.init_disp, reference=image)
-        method = "given"
-    else:
-        from brainshift.io.keypoints import read_keypoints
-
-        with steps.step("load keypoints"):
-            points_vox, disps_vox = read_keypoints(opts.kpt_disps, frame=opts.coords, affine=image.affine,
-                                                   intraop_path=opts.kpt_intraop)
-        with steps.step(f"interpolate ({opts.interp_mode})"):
-            init_field = initial_field_from_keypoints(image, points_vox, disps_vox, opts.interp_mode,
-                                                      **opts.interp_options)
-        n_kpts = int(len(points_vox))
-        method = opts.interp_mode
-
-    fields = {"initial_disp_field": init_field}
-    loaded = None
+        device = str(resolve_device(opts.device))
+    pending = _load_network_async(weights, opts.device) if refine else None
+    image, given = _read_inputs(opts, steps)
+    with steps.step("interpolate, refine and field statistics"):
+        result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
+                            model=pending, device=opts.device, mirror_average=opts.mirror_average,
+                            progress=opts.verbose, statistics=True)
+    del steps.timings_s["interpolate, refine and field statistics"]
+    steps.timings_s.update(result.timings_s)
     if refine:
-        from brainshift.model.checkpoint import load_weights
-        from brainshift.model.inference import refine_field
+        from brainshift.device import resolve_device
 
-        with steps.step("load network weights"):
-            loaded = load_weights(weights, device=device)
-        with steps.step(f"refine with the network ({device})"):
-            fields["corrected_disp_field"] = refine_field(image, init_field, loaded, device=device,
-                                                          progress=opts.verbose,
-                                                          mirror_average=opts.mirror_average)
-    final_key = "corrected_disp_field" if refine else "initial_disp_field"
-    final = fields[final_key]
-
-    inverse = None
-    if opts.save_inverse or opts.save_warped:
-        with steps.step("invert the field"):
-            inverse = invert_field(final, image.affine)
-    warped = None
-    if opts.save_warped:
-        with steps.step("warp the preop image into intraop space"):
-            warped = warp_image(image, final, image.affine, inverse_field=inverse)
-
-    with steps.step("field statistics"):
-        stats = {k: field_summary(v, image) for k, v in fields.items()}
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    with steps.step("write outputs"):
-        for name, fld in fields.items():
-            path = out / f"{name}{_EXT[fmt]}"
-            write_field(path, fld, image.affine)
-            written.append(path.name)
-        if inverse is not None and opts.save_inverse:
-            path = out / f"{final_key.replace('_disp_field', '')}_inverse_disp_field{_EXT[fmt]}"
-            write_field(path, inverse, image.affine)
-            written.append(path.name)
-        if warped is not None:
-            from brainshift.io.images import write_image
-
-            path = out / "preop_warped_to_intraop.nii.gz"
-            write_image(warped, path)
-            written.append(path.name)
-
-    summary = {
-        "brainshift_version": _version(),
-        "inputs": {
-            "preop_scan": str(opts.preop_scan),
-            "init_disp": str(opts.init_disp) if opts.init_disp else None,
-            "kpt_disps": str(opts.kpt_disps) if opts.kpt_disps else None,
-            "kpt_intraop": str(opts.kpt_intraop) if opts.kpt_intraop else None,
-            "weights": str(weights) if refine else None,
-        },
-        "image": {"shape": list(image.shape), "spacing_mm": [round(float(s), 6) for s in image.spacing],
-                  "affine_voxel_to_ras": image.affine.round(6).tolist()},
-        "frames": {
-            "keypoint_table": opts.coords,
-            "fields_in_memory": "forward Lagrangian, voxel units along i, j, k of the preop grid",
-            "output_files": _format_note(fmt),
-        },
-        "interpolation": method,
-        "refined": bool(refine),
-        "device": device,
-        "keypoint_count": n_kpts,
-        "fields": stats,
-        "outputs": written + ["summary.json"],
-        "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
-    }
-    if loaded is not None:
-        from brainshift.model.inference import use_mirror_average
-
-        summary["network"] = {"config": _jsonable(getattr(loaded, "config", None)),
-                              "mirror_average": use_mirror_average(loaded, opts.mirror_average)}
+        device = str(resolve_device(opts.device))
+    written = _write_outputs(out, fmt, image, result, opts, steps)
+    summary = _summary(opts, image, result, weights, device, written, steps, fmt)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
     from brainshift.io.atomic import atomic_output
 
@@ -272,6 +183,74 @@ def run_infer(opts: InferOptions) -> dict:
     if removed:
         warnings.warn(f"removed outputs of an earlier run in {out} that this run did not write: {', '.join(removed)}",
                       stacklevel=2)
+    return summary
+
+
+def _write_outputs(out: Path, fmt: str, image: Volume, result, opts: InferOptions, steps: StepTimer) -> list[str]:
+    """Write the fields (and the inverse / warped image when asked); return the file names written."""
+    from brainshift.io.fields import invert_field, warp_image, write_field
+
+    final = result.field
+    final_key = "corrected_disp_field" if result.refined_field is not None else "initial_disp_field"
+    inverse = warped = None
+    if opts.save_inverse or opts.save_warped:
+        with steps.step("invert the field"):
+            inverse = invert_field(final, image.affine)
+    if opts.save_warped:
+        with steps.step("warp the preop image into intraop space"):
+            warped = warp_image(image, final, image.affine, inverse_field=inverse)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = {"initial_disp_field": result.initial_field}
+    if result.refined_field is not None:
+        fields["corrected_disp_field"] = result.refined_field
+    if inverse is not None and opts.save_inverse:
+        fields[f"{final_key.replace('_disp_field', '')}_inverse_disp_field"] = inverse
+    written = []
+    with steps.step("write outputs"):
+        for name, fld in fields.items():
+            path = out / f"{name}{_EXT[fmt]}"
+            write_field(path, fld, image.affine, h5_dtype=opts.h5_dtype, compression=int(opts.h5_compression))
+            written.append(path.name)
+        if warped is not None:
+            from brainshift.io.images import write_image
+
+            path = out / "preop_warped_to_intraop.nii.gz"
+            write_image(warped, path)
+            written.append(path.name)
+    return written
+
+
+def _summary(opts: InferOptions, image: Volume, result, weights, device: str, written: list[str],
+             steps: StepTimer, fmt: str) -> dict:
+    """The ``summary.json`` dictionary (without the total time)."""
+    names = {"initial": "initial_disp_field", "refined": "corrected_disp_field"}
+    summary = {
+        "brainshift_version": _version(),
+        "inputs": {
+            "preop_scan": str(opts.preop_scan),
+            "init_disp": str(opts.init_disp) if opts.init_disp else None,
+            "kpt_disps": str(opts.kpt_disps) if opts.kpt_disps else None,
+            "kpt_intraop": str(opts.kpt_intraop) if opts.kpt_intraop else None,
+            "weights": str(weights) if weights is not None else None,
+        },
+        "image": {"shape": list(image.shape), "spacing_mm": [round(float(s), 6) for s in image.spacing],
+                  "affine_voxel_to_ras": image.affine.round(6).tolist()},
+        "frames": {
+            "keypoint_table": opts.coords,
+            "fields_in_memory": "forward Lagrangian, voxel units along i, j, k of the preop grid",
+            "output_files": _format_note(fmt, opts.h5_dtype),
+        },
+        "interpolation": result.method,
+        "refined": result.refined_field is not None,
+        "device": device,
+        "keypoint_count": result.n_keypoints,
+        "fields": {names[k]: v for k, v in result.statistics.items()},
+        "outputs": written + ["summary.json"],
+        "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
+    }
+    if result.model is not None:
+        summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
+                              "mirror_average": result.mirror_average}
     return summary
 
 
@@ -324,9 +303,10 @@ def _check_keypoint_options(opts: InferOptions) -> None:
                               f"--coords {opts.coords}")
 
 
-def _format_note(fmt: str) -> str:
+def _format_note(fmt: str, h5_dtype: str = "float32") -> str:
     return {
-        "h5": "ITK DisplacementFieldTransform on the preop grid, LPS mm; TransformPoint(preop point) = intraop point",
+        "h5": f"ITK DisplacementFieldTransform ({h5_dtype}) on the preop grid, LPS mm; TransformPoint(preop point) "
+              "= intraop point",
         "nii": "NIfTI 5-D vector field on the preop grid (see README for intent code and component frame)",
         "npz": "field float32 (3, I, J, K) voxel units along i, j, k, forward Lagrangian, plus affine",
     }[fmt]

@@ -1,4 +1,4 @@
-"""Progress reporting for the command line: named steps with their wall time.
+"""Progress reporting: named steps with their wall time, and progress notes (the one mechanism).
 
 A step that takes longer than a second is reported on stderr when it ends (and announced when it starts,
 so the user knows what is running). Long loops inside a step use tqdm directly.
@@ -19,6 +19,11 @@ class StepTimer:
         self.verbose = verbose
         self.stream = stream if stream is not None else sys.stderr
         self.timings_s: dict[str, float] = {}
+
+    def note(self, text: str) -> None:
+        """Print a progress line (when verbose): the one way library code reports progress to the user."""
+        if self.verbose:
+            print(text, file=self.stream, flush=True)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""QC figures and the HTML report (brainshift.report), rendered in a real headless browser."""
+"""QC figures and the HTML report (brainshift.evaluate.case_report), rendered in a real headless browser."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from brainshift.errors import GeometryError, KeypointError
-from brainshift.report import FIGURES, REPORT_NAME, _Display, metrics_table_html, write_report
+from brainshift.evaluate.case_report import FIGURES, REPORT_NAME, _Display, metrics_table_html, write_case_report
 from brainshift.volume import Volume
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,9 +38,9 @@ def tiny_case():
     kp = np.array([[15.0, 18, 14], [18, 20, 18], [10, 12, 10], [20, 25, 15], [14, 18, 20]])
     held = np.array([[16.0, 17, 13], [12, 20, 16]])
     rows = [{"method": "linear", "mse_mm2": 0.4, "mae_mm": 0.5, "p95_mm": 1.2, "tre_mm": 0.7,
-             "pct_nonpositive_jac": 0.0, "time_s": 0.5},
+             "pct_jacobian_nonpositive": 0.0, "time_s": 0.5},
             {"method": "spiky", "mse_mm2": 0.1, "mae_mm": 0.2, "p95_mm": 0.4, "tre_mm": 0.9,
-             "pct_nonpositive_jac": 0.01, "time_s": 1.5}]
+             "pct_jacobian_nonpositive": 0.01, "time_s": 1.5}]
     vol = Volume(image.astype(np.float32), AFFINE, "intensity")
     masks = {"brain": brain, "tumour": tumour, "cavity": tumour}
     return vol, gt, {"linear": lin, "spiky": fold}, kp, held, rows, masks
@@ -50,7 +50,7 @@ def _report(tmp_path: Path, **info) -> Path:
     vol, gt, fields, kp, held, rows, masks = tiny_case()
     info = {"title": "tiny case", "notes": ["no trained model shipped yet; classical methods only"],
             "seed": 3, "max displacement (mm)": 2.2, "files": [("keypoints.csv", "driving keypoints")], **info}
-    return write_report(tmp_path / "rep", image=vol, gt_field=gt, fields=fields, keypoints=kp, heldout=held,
+    return write_case_report(tmp_path / "rep", image=vol, gt_field=gt, fields=fields, keypoints=kp, heldout=held,
                         rows=rows, masks=masks, info=info,
                         images={"preop": vol, "intraop": Volume(vol.data * 0.9, AFFINE)})
 
@@ -110,13 +110,13 @@ def test_report_bad_inputs(tmp_path):
     vol, gt, fields, kp, held, rows, masks = tiny_case()
     kw = {"image": vol, "gt_field": gt, "fields": fields, "keypoints": kp, "heldout": held, "rows": rows}
     with pytest.raises(GeometryError, match="brain"):
-        write_report(tmp_path, masks={"tumour": masks["tumour"]}, **kw)
+        write_case_report(tmp_path, masks={"tumour": masks["tumour"]}, **kw)
     with pytest.raises(GeometryError, match="mask 'brain' on the image grid"):
-        write_report(tmp_path, masks={"brain": masks["brain"][:-1]}, **kw)
+        write_case_report(tmp_path, masks={"brain": masks["brain"][:-1]}, **kw)
     with pytest.raises(KeypointError, match=r"\(N, 3\)"):
-        write_report(tmp_path, masks=masks, **{**kw, "keypoints": np.zeros((4, 2))})
+        write_case_report(tmp_path, masks=masks, **{**kw, "keypoints": np.zeros((4, 2))})
     with pytest.raises(GeometryError):
-        write_report(tmp_path, masks=masks, **{**kw, "fields": {"bad": gt[:, :-1]}})
+        write_case_report(tmp_path, masks=masks, **{**kw, "fields": {"bad": gt[:, :-1]}})
     assert not (tmp_path / REPORT_NAME).exists()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from brainshift.cli import app
-from brainshift.evaluate.report import read_per_case_csv
+from brainshift.evaluate.tables import read_per_case_csv
 
 runner = CliRunner()
 

@@ -9,7 +9,6 @@ import pytest
 
 from brainshift.errors import GeometryError, KeypointError
 from brainshift.evaluate.metrics import (
-    LOG_JAC_CLIP,
     dice_hd95,
     field_errors_mm,
     jacobian_stats,
@@ -17,6 +16,7 @@ from brainshift.evaluate.metrics import (
     tre_mm,
     warp_masks,
 )
+from brainshift.field import LOG_JAC_CLIP
 from brainshift.volume import Volume
 
 ANISO = np.diag([2.0, 1.0, 0.5, 1.0])  # spacing (2, 1, 0.5) mm
@@ -109,26 +109,26 @@ def test_tre_edge_cases():
 
 def test_jacobian_stats_identity_and_folding():
     zero = np.zeros((3, 6, 8, 5), np.float32)
-    assert jacobian_stats(zero) == {"pct_nonpositive": 0.0, "std_log_jac": 0.0}
+    assert jacobian_stats(zero) == {"pct_jacobian_nonpositive": 0.0, "std_log_jac": 0.0, "min_jacobian": 1.0}
     # u_i = -2 i where j < 4: det J = 1 - 2 = -1 there (u depends on j, but d u_i / d j does not enter det
     # when the other components are zero); det J = 1 elsewhere: exactly half of the voxels fold
     fold = zero.copy()
     fold[0, :, :4, :] = -2.0 * np.arange(6, dtype=np.float32)[:, None, None]
     out = jacobian_stats(fold)
-    assert out["pct_nonpositive"] == pytest.approx(50.0)
+    assert out["pct_jacobian_nonpositive"] == pytest.approx(50.0)
     # log values: log(1e-9) on half, 0 on the other half -> population std = |log(1e-9)| / 2
     assert out["std_log_jac"] == pytest.approx(abs(math.log(LOG_JAC_CLIP)) / 2, rel=1e-6)
     # restricted to the unfolded half: no folding, no spread
     mask = np.zeros((6, 8, 5), bool)
     mask[:, 4:, :] = True
-    assert jacobian_stats(fold, mask) == {"pct_nonpositive": 0.0, "std_log_jac": 0.0}
+    assert jacobian_stats(fold, mask) == {"pct_jacobian_nonpositive": 0.0, "std_log_jac": 0.0, "min_jacobian": 1.0}
 
 
 def test_jacobian_stats_uniform_stretch_has_zero_spread():
     f = np.zeros((3, 6, 6, 6), np.float32)
     f[1] = 0.5 * np.arange(6, dtype=np.float32)[None, :, None]  # det J = 1.5 everywhere
     out = jacobian_stats(f)
-    assert out["pct_nonpositive"] == 0.0
+    assert out["pct_jacobian_nonpositive"] == 0.0
     assert out["std_log_jac"] == pytest.approx(0.0, abs=1e-6)
 
 

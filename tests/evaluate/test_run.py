@@ -14,10 +14,9 @@ from brainshift.evaluate.run import (
     evaluate_dataset,
     keypoint_mask,
     parse_methods,
-    read_candidates,
 )
 from brainshift.field import field_voxel_to_ras
-from brainshift.simulate.dataset import read_case
+from brainshift.simulate.dataset import read_case, read_subject_keypoints
 
 from .conftest import AFFINE
 
@@ -71,7 +70,7 @@ def test_zero_method_error_is_the_ground_truth_itself(tiny_dataset, classical_ro
     row = next(r for r in classical_rows if r["case"] == "a_001" and r["method"] == "none")
     assert row["mse_mm2"] == pytest.approx(gt_sq.mean(), rel=1e-6)
     assert row["gt_max_mm"] == pytest.approx(np.sqrt(gt_sq.max()), rel=1e-6)
-    assert row["pct_nonpositive_jac"] == 0.0 and row["std_log_jac"] == 0.0
+    assert row["pct_jacobian_nonpositive"] == 0.0 and row["std_log_jac"] == 0.0
     assert row["time_s"] == 0.0
 
 
@@ -114,7 +113,7 @@ def test_detected_keypoint_candidates_are_used(tiny_dataset, tmp_path):
     lines = ["# keypoints in the voxel frame", "x,y,z,scale_mm,response"]
     lines += [f"{p[0]},{p[1]},{p[2]},2.0,1.0" for p in pts]
     (root / "subjects" / "b" / "keypoints.csv").write_text("\n".join(lines) + "\n")
-    np.testing.assert_allclose(read_candidates(root / "subjects" / "b" / "keypoints.csv"), pts)
+    np.testing.assert_allclose(read_subject_keypoints(root, "b"), pts)
     rows = evaluate_dataset(root, ["linear"], n_keypoints=10, overlap=False, progress=False)
     by = {r["case"]: r for r in rows}
     assert by["b_000"]["n_heldout"] == 15  # 25 detected candidates - 10 driving keypoints
@@ -155,7 +154,7 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
     rows = evaluate_dataset(tiny_dataset, ["linear", "net-linear", "net-tps"], weights=w0, seed=3, n_keypoints=12,
                             cases=1, progress=False, overlap=False)
     lin, net_lin = rows[0], rows[1]
-    for k in ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_nonpositive_jac", "std_log_jac"):
+    for k in ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_jacobian_nonpositive", "std_log_jac"):
         assert net_lin[k] == pytest.approx(lin[k], rel=1e-6, abs=1e-9), k
     assert lin["mse_mm2"] == pytest.approx(classical_rows[1]["mse_mm2"], rel=1e-9)  # same keypoints
     tps = next(r for r in classical_rows if r["case"] == "a_000" and r["method"] == "tps")
@@ -170,8 +169,8 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
 
 
 def test_sweep_over_keypoints_and_noise(tiny_dataset, classical_rows):
-    from brainshift.evaluate.report import sweep_markdown
     from brainshift.evaluate.run import evaluate_sweep
+    from brainshift.evaluate.tables import sweep_markdown
 
     rows = evaluate_sweep(tiny_dataset, ["linear"], n_keypoints=(6, 12), noise_mm=(0.0, 1.0), cases=1,
                           overlap=False, progress=False, seed=3)

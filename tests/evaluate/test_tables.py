@@ -1,4 +1,4 @@
-"""Tables and plots of evaluation rows (brainshift.evaluate.report)."""
+"""Tables and plots of evaluation rows (brainshift.evaluate.tables)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import pytest
 
 from brainshift.errors import BrainshiftError
-from brainshift.evaluate.report import (
+from brainshift.evaluate.run import ROW_COLUMNS
+from brainshift.evaluate.tables import (
     plot_sweep,
     read_per_case_csv,
     summarize,
     summary_markdown,
     sweep_markdown,
-    write_report,
+    write_tables,
 )
-from brainshift.evaluate.run import ROW_COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,7 +67,7 @@ def test_no_classical_method_gives_nan_ratio():
 
 def test_write_report_files_and_csv_round_trip(tmp_path):
     rows = _rows()
-    paths = write_report(rows, tmp_path / "out")
+    paths = write_tables(rows, tmp_path / "out")
     assert {p.name for p in paths.values()} == {"metrics_per_case.csv", "summary.md", "boxplots.png"}
     assert paths["boxplots"].read_bytes()[:8] == PNG_MAGIC
     back = read_per_case_csv(paths["csv"])

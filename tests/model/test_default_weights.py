@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainshift.model import load_weights
-from brainshift.pipeline import DEFAULT_WEIGHTS
+from brainshift.resources import DEFAULT_WEIGHTS
 
 
 def test_default_model_ships_small_and_loads_as_documented():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from brainshift.device import resolve_device
 from brainshift.errors import BrainshiftError, GeometryError
 from brainshift.model.checkpoint import LoadedModel, load_weights, save_weights
-from brainshift.device import resolve_device
 from brainshift.model.inference import refine_field
 from brainshift.model.network import NetworkConfig, build_network
 from brainshift.volume import Volume

@@ -60,7 +60,7 @@ def test_train_end_to_end_files_and_metadata(small_dataset, tmp_path):
     assert len(splits["subjects"]["val"]) == 1 and len(splits["subjects"]["test"]) == 1
     val = r.history[-1]["val"]
     assert val["n_cases"] == 2 and np.isfinite([val["mse_mm2"], val["tre_mm"], val["tre_mm_init"]]).all()
-    assert 0.0 <= val["pct_jac_nonpositive"] <= 100.0
+    assert 0.0 <= val["pct_jacobian_nonpositive"] <= 100.0
     assert set(r.history[0]["train"]) == {"mse", "jdet", "bending", "total"}
     assert r.test_metrics["n_cases"] == 2
     loaded = load_weights(out / "best.safetensors")

@@ -19,6 +19,7 @@ def demo_command(
     resolution: float = typer.Option(3.0, "--resolution", help="Element edge (mm) of the simulation."),
 ) -> None:
     """Run the method end to end on the built-in MNI152 brain: report.html, fields and a metrics table."""
-    from brainshift.demo import run_demo
+    from brainshift.demo import format_table, run_demo
 
-    run_demo(out, seed=seed, weights=weights, quick=quick, resolution_mm=resolution)
+    rows = run_demo(out, seed=seed, weights=weights, quick=quick, resolution_mm=resolution)
+    typer.echo(format_table(rows))

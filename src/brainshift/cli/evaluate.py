@@ -17,7 +17,7 @@ def evaluate_command(
                                             "[default: linear,tps,net-linear,net-tps; the net-* methods only when "
                                             "weights are available]."),
     weights: Path | None = typer.Option(None, "--weights", "-w",
-                                        help="Network weights for net-* (default: weights/default.safetensors)."),
+                                        help="Network weights for net-* (default: the shipped model)."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder (CSV, summary.md, PNG)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the keypoint draws (per case: seed + case id)."),
     num_kpts: int = typer.Option(20, "--num-kpts", help="Driving keypoints per case."),
@@ -33,22 +33,24 @@ def evaluate_command(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Per case and method: MSE/MAE/P95 (mm), TRE, det J, Dice/HD95, time; writes CSV, summary.md, box plots."""
-    from brainshift.evaluate.report import summary_markdown, write_report
+    from brainshift.device import resolve_device
     from brainshift.evaluate.run import evaluate_dataset
-    from brainshift.pipeline import DEFAULT_WEIGHTS, check_output_dir, resolve_device
+    from brainshift.evaluate.tables import summary_markdown, write_tables
+    from brainshift.pipeline import check_output_dir
+    from brainshift.resources import DEFAULT_WEIGHTS, resolve_weights
 
     check_output_dir(out)
     if methods is None:
         methods = "linear,tps,net-linear,net-tps"
-        if weights is None and not DEFAULT_WEIGHTS.exists():
+        if resolve_weights(weights) is None:
             methods = "linear,tps"
-            typer.echo(f"warning: no network weights (no --weights and no default model at weights/"
-                       f"{DEFAULT_WEIGHTS.name}): evaluating the classical methods {methods} only", err=True)
+            typer.echo(f"warning: no network weights (no --weights and no default model at {DEFAULT_WEIGHTS}): "
+                       f"evaluating the classical methods {methods} only", err=True)
     if any(m.strip().startswith("net") for m in methods.split(",")):
-        device = resolve_device(device)
+        device = str(resolve_device(device))
     rows = evaluate_dataset(data, methods, weights=weights, seed=seed, n_keypoints=num_kpts, noise_mm=noise_mm,
                             cases=cases, device=device, progress=not quiet, overlap=not no_overlap,
                             mirror_average=mirror_average)
-    paths = write_report(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
+    paths = write_tables(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
     typer.echo(summary_markdown(rows))
     typer.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")

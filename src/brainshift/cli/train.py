@@ -20,7 +20,7 @@ def format_summary(result) -> str:
     if m:
         lines.append(f"best epoch {result.best_epoch}: val MSE {m['mse_mm2']:.4g} mm^2 "
                      f"(initial field {m['mse_mm2_init']:.4g}), TRE {m['tre_mm']:.3g} mm "
-                     f"(initial {m['tre_mm_init']:.3g}), det J <= 0: {m['pct_jac_nonpositive']:.3g} %")
+                     f"(initial {m['tre_mm_init']:.3g}), det J <= 0: {m['pct_jacobian_nonpositive']:.3g} %")
     else:
         lines.append("no validation cases: best = latest model")
     if result.test_metrics:

@@ -1,6 +1,6 @@
 """QC figures and a self-contained HTML report of one case: ground truth, each method's field, its errors.
 
-:func:`write_report` writes PNG figures (matplotlib, Agg canvas, no pyplot state) next to ``report.html``
+:func:`write_case_report` writes PNG figures (matplotlib, Agg canvas, no pyplot state) next to ``report.html``
 and references them by relative path, so the folder opens in any browser with no network: no CDN, no web
 fonts, no external script. The report holds
 
@@ -55,7 +55,7 @@ TABLE_COLUMNS = {
     "tre_mm": "TRE mean (mm)",
     "tre_median_mm": "TRE median (mm)",
     "tre_max_mm": "TRE max (mm)",
-    "pct_nonpositive_jac": "det J &le; 0 (%)",
+    "pct_jacobian_nonpositive": "det J &le; 0 (%)",
     "std_log_jac": "std log det J",
     "time_s": "time (s)",
 }
@@ -388,7 +388,7 @@ def _img(name: str, alt: str, caption: str) -> str:
 # --------------------------------------------------------------------------------------------- public
 
 
-def write_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarray, fields: Mapping[str, np.ndarray],
+def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarray, fields: Mapping[str, np.ndarray],
                  keypoints: np.ndarray, heldout: np.ndarray | None, rows: Sequence[Mapping],
                  masks: Mapping[str, np.ndarray | Volume], info: Mapping | None = None,
                  images: Mapping[str, Volume | np.ndarray] | None = None) -> Path:

@@ -4,6 +4,8 @@ Plain functions with exact, documented definitions (the evaluation of Assis et a
 arXiv:2508.13762: MSE in the brain, TRE at held-out keypoints, Jacobian-determinant statistics, Dice and
 HD95 of warped masks). Every error is measured in world millimetres: a voxel-unit displacement ``u`` is
 ``A @ u`` in RAS mm, ``A`` the affine's 3x3 part, so anisotropic or oblique grids are handled physically.
+:func:`score_field` is the one scoring function that evaluation, the demo and training validation call, over
+the one region :func:`evaluation_region` (brain minus cavity; keypoints lie in :func:`keypoint_region`).
 
 Convention (every field argument): float32 ``(3, I, J, K)``, forward Lagrangian (the preop point at voxel
 ``p`` moves to ``p + u(p)`` intraop), components in voxel units along ``i, j, k`` of the grid whose
@@ -17,12 +19,9 @@ import warnings
 import numpy as np
 
 from brainshift.errors import GeometryError, KeypointError
-from brainshift.field import check_field, jacobian_determinant
+from brainshift.field import check_field, jacobian_stats
 from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.volume import Volume
-
-#: Lower clip of det J before taking its logarithm in :func:`jacobian_stats`.
-LOG_JAC_CLIP = 1e-9
 
 
 def _as_mask(mask: np.ndarray | Volume | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -124,41 +123,6 @@ def tre_mm(pred_vox: np.ndarray, gt_points_vox: np.ndarray, gt_disps_vox: np.nda
         raise KeypointError(f"expected held-out keypoints inside the grid [0, {upper.tolist()}], got {bad.tolist()}")
     sampled = np.asarray(trilinear_sample(pred, pts), dtype=np.float64)  # (N, 3) voxel units
     return np.sqrt((((sampled - disps) @ a.T) ** 2).sum(axis=1))
-
-
-def jacobian_stats(field_vox: np.ndarray, mask: np.ndarray | Volume | None = None) -> dict[str, float]:
-    """Plausibility of a field: folding and local volume-change spread, over a mask.
-
-    ``det J = det(I + grad u)`` from :func:`brainshift.field.jacobian_determinant` (central differences,
-    voxel units, equal to the world-mm determinant for any affine). Over the voxels of ``mask``:
-
-    - ``pct_nonpositive``: percentage (0-100) of voxels with ``det J <= 0`` (folding);
-    - ``std_log_jac``: population standard deviation of ``log(clip(det J, 1e-9, None))``; the clip keeps
-      folded voxels finite (they count as ``log(1e-9) = -20.7``, which deliberately inflates the spread),
-      as in the Learn2Reg evaluation, except that we do not add their offset of 3.
-
-    Convention: forward Lagrangian, voxel units, ``(3, I, J, K)``.
-
-    Args:
-        field_vox: field ``(3, I, J, K)``.
-        mask: ``(I, J, K)`` bool/0-1 array or label :class:`Volume`; None means the whole grid.
-
-    Returns:
-        ``{"pct_nonpositive": float, "std_log_jac": float}``.
-
-    Raises:
-        GeometryError: bad field, mask on another grid, or an empty mask.
-    """
-    f = check_field(field_vox)
-    m = _as_mask(mask, f.shape[1:])
-    if not m.any():
-        raise GeometryError("expected a non-empty mask for the Jacobian statistics, got one with no voxel set")
-    det = jacobian_determinant(f)[m].astype(np.float64)
-    log_jac = np.log(np.clip(det, LOG_JAC_CLIP, None))
-    return {
-        "pct_nonpositive": float(100.0 * np.mean(det <= 0)),
-        "std_log_jac": float(np.std(log_jac)),
-    }
 
 
 def warp_masks(field_vox: np.ndarray, masks: dict[str, Volume], *,
@@ -288,3 +252,74 @@ def dice_hd95(pred_field: np.ndarray, gt_field: np.ndarray, masks: dict[str, Vol
         return {}
     spacing = spacing_from_affine(next(iter(masks.values())).affine)
     return mask_overlap(warp_masks(pred, masks), warp_masks(gt, masks), spacing)
+
+
+# ------------------------------------------------------------------------------- regions and the one score
+
+#: Keys of :func:`score_field` (without ``masks``), in table order.
+SCORE_KEYS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "tre_median_mm", "tre_max_mm", "pct_jacobian_nonpositive",
+              "std_log_jac")
+#: Keys :func:`score_field` adds with ``masks={"brain": ..., "tumour": ...}``.
+OVERLAP_KEYS = ("dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm")
+
+
+def evaluation_region(brain_mask: np.ndarray, cavity_mask: np.ndarray) -> np.ndarray:
+    """Boolean ``(I, J, K)``: brain minus the resection cavity, where dense errors and det J are measured.
+
+    The one definition used by evaluation, the demo and training validation.
+    """
+    return (np.asarray(brain_mask) > 0) & ~(np.asarray(cavity_mask) > 0)
+
+
+def keypoint_region(brain_mask: np.ndarray, tumour_mask: np.ndarray, cavity_mask: np.ndarray) -> np.ndarray:
+    """Boolean ``(I, J, K)``: brain minus tumour minus cavity, where keypoints (driving and held out) may lie."""
+    return evaluation_region(brain_mask, cavity_mask) & ~(np.asarray(tumour_mask) > 0)
+
+
+def score_field(pred_vox: np.ndarray, gt_vox: np.ndarray, affine: np.ndarray, region: np.ndarray,
+                heldout_points_vox: np.ndarray, heldout_disps_vox: np.ndarray, *,
+                masks: dict[str, Volume] | None = None,
+                gt_warped_masks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Score a predicted field against the ground truth: the one scoring function of evaluation, the demo and
+    training validation.
+
+    - :func:`field_errors_mm` over ``region``: ``mse_mm2``, ``mae_mm``, ``p95_mm``;
+    - :func:`tre_mm` at the held-out keypoints: ``tre_mm`` (mean), ``tre_median_mm``, ``tre_max_mm`` (``nan``
+      without held-out keypoints);
+    - :func:`~brainshift.field.jacobian_stats` over ``region``: ``pct_jacobian_nonpositive``, ``std_log_jac``;
+    - with ``masks``: :func:`mask_overlap` of the masks warped by the prediction and by the ground truth
+      (``dice_<name>``, ``hd95_<name>_mm``); ``gt_warped_masks`` reuses the ground truth's warped masks.
+
+    Convention: both fields forward Lagrangian, voxel units ``(3, I, J, K)`` on the grid of ``affine``;
+    held-out points 0-based voxel indices ``(N, 3)``, their displacements voxel units.
+
+    Args:
+        pred_vox, gt_vox: predicted and true fields.
+        affine: 4x4 voxel-to-RAS affine of the grid.
+        region: ``(I, J, K)`` mask of the dense errors (:func:`evaluation_region`).
+        heldout_points_vox, heldout_disps_vox: ``(N, 3)`` TRE targets and their true displacements.
+        masks: preop label Volumes for Dice/HD95 (None: no overlap keys).
+        gt_warped_masks: the masks already warped by ``gt_vox`` (:func:`warp_masks`), to skip one inversion.
+
+    Returns:
+        dict with :data:`SCORE_KEYS` (+ overlap keys with ``masks``), float values.
+
+    Raises:
+        GeometryError: fields, region or masks on different grids, an empty region.
+        KeypointError: malformed held-out keypoints.
+    """
+    tre = tre_mm(pred_vox, heldout_points_vox, heldout_disps_vox, affine)
+    jac = jacobian_stats(pred_vox, region)
+    out = {
+        **field_errors_mm(pred_vox, gt_vox, affine, region),
+        "tre_mm": float(tre.mean()) if len(tre) else float("nan"),
+        "tre_median_mm": float(np.median(tre)) if len(tre) else float("nan"),
+        "tre_max_mm": float(tre.max()) if len(tre) else float("nan"),
+        "pct_jacobian_nonpositive": jac["pct_jacobian_nonpositive"],
+        "std_log_jac": jac["std_log_jac"],
+    }
+    if masks:
+        gt_warped = gt_warped_masks if gt_warped_masks is not None else warp_masks(gt_vox, masks)
+        spacing = spacing_from_affine(next(iter(masks.values())).affine)
+        out.update(mask_overlap(warp_masks(pred_vox, masks), gt_warped, spacing))
+    return out

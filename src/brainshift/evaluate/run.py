@@ -33,7 +33,6 @@ Convention: every field is float32 ``(3, I, J, K)`` on the subject grid, forward
 
 from __future__ import annotations
 
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,12 @@ from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 CLASSICAL_METHODS = ("linear", "tps", "tps3d")
 NETWORK_METHODS = ("net-linear", "net-tps")
 METHODS = ("none", *CLASSICAL_METHODS, *NETWORK_METHODS)
-KEYPOINTS_FILE = "keypoints.csv"
 
 #: Columns of every result row, in CSV order.
 ROW_COLUMNS = (
     "case", "subject", "method", "n_keypoints", "n_heldout", "noise_mm", "seed",
     "mse_mm2", "mae_mm", "p95_mm", "tre_mm", "tre_median_mm", "tre_max_mm",
-    "pct_nonpositive_jac", "std_log_jac",
+    "pct_jacobian_nonpositive", "std_log_jac",
     "dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm",
     "gt_max_mm", "gt_mean_mm", "time_s",
 )
@@ -93,39 +91,19 @@ def case_rng(seed: int, case_id: str) -> np.random.Generator:
 
 
 def evaluation_mask(case) -> np.ndarray:
-    """Boolean ``(I, J, K)``: brain minus the resection cavity (where dense errors are measured)."""
-    return (case.subject.brain_mask.data > 0) & ~(case.cavity_mask.data > 0)
+    """Boolean ``(I, J, K)``: brain minus the resection cavity of a case
+    (:func:`brainshift.evaluate.metrics.evaluation_region`)."""
+    from brainshift.evaluate.metrics import evaluation_region
+
+    return evaluation_region(case.subject.brain_mask.data, case.cavity_mask.data)
 
 
 def keypoint_mask(case) -> np.ndarray:
-    """Boolean ``(I, J, K)``: brain minus tumour minus cavity (where keypoints may lie)."""
-    return evaluation_mask(case) & ~(case.subject.tumour_mask.data > 0)
+    """Boolean ``(I, J, K)``: brain minus tumour minus cavity of a case, where keypoints may lie
+    (:func:`brainshift.evaluate.metrics.keypoint_region`)."""
+    from brainshift.evaluate.metrics import keypoint_region
 
-
-def read_candidates(path: str | Path) -> np.ndarray:
-    """``(M, 3)`` keypoint positions (voxel frame) from the first three columns of a CSV table.
-
-    Lines starting with ``#`` and a header line (non-numeric first field) are skipped.
-
-    Raises:
-        InputFileError: a data line with fewer than three numeric fields.
-    """
-    pts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        fields = [f.strip() for f in s.replace(";", ",").split(",")]
-        try:
-            xyz = [float(f) for f in fields[:3]]
-        except ValueError:
-            if not pts:  # header
-                continue
-            raise InputFileError(f"expected numeric x,y,z in {path} line {n}, got {s!r}") from None
-        if len(xyz) < 3:
-            raise InputFileError(f"expected at least 3 columns x,y,z in {path} line {n}, got {s!r}")
-        pts.append(xyz)
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 3)
+    return keypoint_region(case.subject.brain_mask.data, case.subject.tumour_mask.data, case.cavity_mask.data)
 
 
 def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine: np.ndarray, *,
@@ -168,23 +146,6 @@ def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine:
                          np.asarray(held_disps, np.float64).reshape(-1, 3))
 
 
-def resolve_weights(weights: str | Path | None) -> Path:
-    """The weights file for ``net-*`` methods: ``weights`` or the shipped default model.
-
-    Raises:
-        InputFileError: the file (or, with ``weights=None``, the default model) does not exist.
-    """
-    from brainshift.pipeline import DEFAULT_WEIGHTS
-
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        if weights is None:
-            raise InputFileError(f"expected network weights for the net-* methods: pass --weights FILE (no default "
-                                 f"model at {DEFAULT_WEIGHTS})")
-        raise InputFileError(f"expected a weights file at {path}, it does not exist")
-    return path
-
-
 def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
                   noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
                   device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None) -> list[dict]:
@@ -207,19 +168,18 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
     Returns:
         One dict per method with the keys :data:`ROW_COLUMNS`.
     """
+    from brainshift.compensate import compensate
     from brainshift.evaluate import metrics
     from brainshift.field import displacement_magnitude_mm
-    from brainshift.interpolate import interpolate
 
     gt = case.field
     subject = case.subject
     affine = subject.image.affine
-    shape = subject.image.shape
     eval_mask = evaluation_mask(case)
     kp = draw_case_keypoints(gt, keypoint_mask(case), affine, rng=case_rng(seed, case.case_id),
                              n_keypoints=n_keypoints, n_heldout=n_heldout, noise_mm=noise_mm,
                              candidates_vox=candidates_vox)
-    masks = {"brain": subject.brain_mask, "tumour": subject.tumour_mask}
+    masks = {"brain": subject.brain_mask, "tumour": subject.tumour_mask} if overlap else None
     gt_warped = metrics.warp_masks(gt, masks) if overlap else None
     gt_mag = displacement_magnitude_mm(gt, affine)[eval_mask]
 
@@ -227,9 +187,8 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
 
     def initial(kind: str) -> tuple[np.ndarray, float]:
         if kind not in init_cache:
-            t0 = time.perf_counter()
-            fld = interpolate(kind, kp.points_vox, kp.disps_vox, shape, affine)
-            init_cache[kind] = (np.asarray(fld, dtype=np.float32), time.perf_counter() - t0)
+            res = compensate(subject.image, keypoints=(kp.points_vox, kp.disps_vox), method=kind)
+            init_cache[kind] = (res.initial_field, res.timings_s[f"interpolate ({kind})"])
         return init_cache[kind]
 
     rows = []
@@ -239,33 +198,22 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         elif method in CLASSICAL_METHODS:
             pred, dt = initial(method)
         else:
-            from brainshift.model.inference import refine_field
-
             if loaded is None:
                 raise BrainshiftError(f"expected a loaded network for method {method!r}, got none")
             init, t_init = initial(method.removeprefix("net-"))
-            t0 = time.perf_counter()
-            pred = refine_field(subject.image, init, loaded, mask=subject.brain_mask.data > 0, device=device,
-                                progress=False, mirror_average=mirror_average)
-            dt = t_init + time.perf_counter() - t0
+            res = compensate(subject.image, initial_field=init, model=loaded, mask=subject.brain_mask.data > 0,
+                             device=device, mirror_average=mirror_average)
+            pred, dt = res.refined_field, t_init + res.timings_s["refine with the network"]
         pred = np.asarray(pred, dtype=np.float32)
-        tre = metrics.tre_mm(pred, kp.heldout_points_vox, kp.heldout_disps_vox, affine)
         row = {
             "case": case.case_id, "subject": subject.subject_id, "method": method,
-            "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(tre)), "noise_mm": float(noise_mm),
-            "seed": int(seed),
-            **metrics.field_errors_mm(pred, gt, affine, eval_mask),
-            "tre_mm": float(tre.mean()) if len(tre) else float("nan"),
-            "tre_median_mm": float(np.median(tre)) if len(tre) else float("nan"),
-            "tre_max_mm": float(tre.max()) if len(tre) else float("nan"),
+            "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox)),
+            "noise_mm": float(noise_mm), "seed": int(seed),
+            **metrics.score_field(pred, gt, affine, eval_mask, kp.heldout_points_vox, kp.heldout_disps_vox,
+                                  masks=masks, gt_warped_masks=gt_warped),
         }
-        jac = metrics.jacobian_stats(pred, eval_mask)
-        row["pct_nonpositive_jac"] = jac["pct_nonpositive"]
-        row["std_log_jac"] = jac["std_log_jac"]
-        if overlap:
-            row.update(metrics.mask_overlap(metrics.warp_masks(pred, masks), gt_warped, subject.image.spacing))
-        else:
-            row.update({k: float("nan") for k in ("dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm")})
+        if not overlap:
+            row.update({k: float("nan") for k in metrics.OVERLAP_KEYS})
         row["gt_max_mm"] = float(gt_mag.max())
         row["gt_mean_mm"] = float(gt_mag.mean())
         row["time_s"] = float(dt)
@@ -302,8 +250,9 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         InputFileError: no complete case in ``data_dir``, or missing weights for ``net-*``.
         BrainshiftError: unknown method, bad counts, or a device that is not available.
     """
-    from brainshift.pipeline import resolve_device
-    from brainshift.simulate.dataset import list_cases, read_case
+    from brainshift.device import resolve_device
+    from brainshift.resources import resolve_weights
+    from brainshift.simulate.dataset import list_cases, read_case, read_subject_keypoints
 
     names = parse_methods(methods)
     if n_keypoints < 1:
@@ -320,8 +269,8 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     if any(m in NETWORK_METHODS for m in names):
         from brainshift.model.checkpoint import load_weights
 
-        device = resolve_device(device)
-        loaded = load_weights(resolve_weights(weights), device=device)
+        device = str(resolve_device(device))
+        loaded = load_weights(resolve_weights(weights, required=True), device=device)
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
@@ -330,8 +279,7 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     for case_id in tqdm(ids, desc="evaluate", unit="case", disable=not progress):
         case = read_case(data_dir, case_id, subject=subject)
         if subject is None or case.subject.subject_id != subject.subject_id:
-            cand_file = Path(data_dir) / "subjects" / case.subject.subject_id / KEYPOINTS_FILE
-            candidates = read_candidates(cand_file) if cand_file.is_file() else None
+            candidates = read_subject_keypoints(data_dir, case.subject.subject_id)
         subject = case.subject
         rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
                                   noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
@@ -345,7 +293,7 @@ def evaluate_sweep(data_dir: str | Path, methods: list[str] | str, *, n_keypoint
 
     For the accuracy benchmark's studies (e.g. ``n_keypoints=(5, 10, 20, 40)`` at no noise, or
     ``noise_mm=(0, 0.5, 1)`` at 20 keypoints); each row carries its ``n_keypoints`` and ``noise_mm``, so
-    :func:`brainshift.evaluate.report.sweep_markdown` / ``plot_sweep`` can tabulate and plot them. Other
+    :func:`brainshift.evaluate.tables.sweep_markdown` / ``plot_sweep`` can tabulate and plot them. Other
     keyword arguments go to :func:`evaluate_dataset` (same seed for every setting: at one keypoint count the
     noise levels share their keypoints).
     """

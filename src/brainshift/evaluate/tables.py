@@ -7,7 +7,7 @@
 - :func:`plot_boxplots`: MSE, TRE and % det J <= 0 per method (matplotlib, Agg canvas, no pyplot state).
 - :func:`sweep_markdown` / :func:`plot_sweep`: how MSE and TRE vary with a setting (``n_keypoints`` or
   ``noise_mm``) across runs, per method (the accuracy benchmark's keypoint-count and noise studies).
-- :func:`write_report`: ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` in one folder.
+- :func:`write_tables`: ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` in one folder.
 
 Every file is written atomically (:func:`brainshift.io.atomic.atomic_output`).
 """
@@ -31,7 +31,7 @@ SUMMARY_METRICS = {
     "mae_mm": "MAE (mm)",
     "p95_mm": "P95 (mm)",
     "tre_mm": "TRE (mm)",
-    "pct_nonpositive_jac": "det J <= 0 (%)",
+    "pct_jacobian_nonpositive": "det J <= 0 (%)",
     "std_log_jac": "std log det J",
     "dice_brain": "Dice brain",
     "hd95_brain_mm": "HD95 brain (mm)",
@@ -175,7 +175,7 @@ def plot_boxplots(rows: Sequence[dict], path: str | Path) -> Path:
     """Box plots per method of MSE (mm^2), TRE (mm) and % det J <= 0 over cases, saved as PNG."""
     _check_rows(rows)
     methods = _methods(rows)
-    panels = [("mse_mm2", "MSE (mm$^2$)"), ("tre_mm", "TRE (mm)"), ("pct_nonpositive_jac", "det J <= 0 (%)")]
+    panels = [("mse_mm2", "MSE (mm$^2$)"), ("tre_mm", "TRE (mm)"), ("pct_jacobian_nonpositive", "det J <= 0 (%)")]
     fig, axes = _figure(len(panels))
     for ax, (col, label) in zip(axes, panels, strict=True):
         data = [(_values(rows, m, col)) for m in methods]
@@ -236,7 +236,7 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str | Path,
     return _save(fig, Path(path))
 
 
-def write_report(rows: Sequence[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+def write_tables(rows: Sequence[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
     """Write ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` into ``out_dir`` (created).
 
     Returns:

@@ -179,7 +179,7 @@ def write_detected_keypoints(path: str | os.PathLike[str], keypoints) -> Path:
 
     ``x, y, z`` are 0-based voxel indices ``i, j, k`` of the image (voxel frame); ``scale_mm`` the DoG sigma in
     mm; ``response`` the normalised DoG contrast (see :class:`brainshift.keypoints.detect.Keypoints`).
-    Written atomically. Read back as candidates by :func:`brainshift.train.data.read_keypoint_candidates`.
+    Written atomically. Read back by :func:`read_keypoint_positions`.
     """
     table = np.column_stack([keypoints.points_vox, keypoints.scales_mm, keypoints.responses])
     with atomic_output(path) as tmp:
@@ -187,6 +187,38 @@ def write_detected_keypoints(path: str | os.PathLike[str], keypoints) -> Path:
                    header="# brainshift keypoints: frame voxel (0-based i,j,k); scale_mm = DoG sigma in mm; "
                           "response = normalised DoG contrast\nx,y,z,scale_mm,response")
     return Path(path)
+
+
+def read_keypoint_positions(path: str | os.PathLike[str]) -> np.ndarray:
+    """Keypoint positions ``(M, 3)`` float64 (voxel frame) from a detected-keypoint table.
+
+    The one reader of the ``keypoints.csv`` that :func:`write_detected_keypoints` writes (``brainshift
+    keypoints`` and ``simulate-batch``): lines starting with ``#`` and blank lines are skipped; fields are
+    separated by ``,`` (or ``;``); when the first row is not numeric it is a header and the columns named ``x``,
+    ``y``, ``z`` are read, otherwise the first three columns. ``x, y, z`` are 0-based voxel indices ``i, j, k``.
+
+    Raises:
+        InputFileError: unreadable file, a header without ``x, y, z``, or a row with a missing or non-numeric
+            ``x, y, z`` field (line number given).
+    """
+    p = Path(path)
+    rows = [(n, [f.strip() for f in ln.replace(";", ",").split(",")])
+            for n, ln in enumerate(_read_text(p, "keypoint table").splitlines(), start=1)
+            if ln.strip() and not ln.lstrip().startswith("#")]
+    cols = [0, 1, 2]
+    if rows and not all(_is_number(f) for f in rows[0][1][:3]):
+        header = [h.lower() for h in rows[0][1]]
+        if not {"x", "y", "z"} <= set(header):
+            raise InputFileError(f"expected columns x, y, z in {p}, got {header}")
+        cols = [header.index(c) for c in ("x", "y", "z")]
+        rows = rows[1:]
+    out = np.empty((len(rows), 3), dtype=np.float64)
+    for r, (n, fields) in enumerate(rows):
+        try:
+            out[r] = [float(fields[c]) for c in cols]
+        except (IndexError, ValueError):
+            raise InputFileError(f"expected numeric x, y, z in {p} line {n}, got {','.join(fields)!r}") from None
+    return out
 
 
 def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:

@@ -35,6 +35,9 @@ import numpy as np
 from brainshift.errors import InputFileError
 from brainshift.volume import Volume
 
+#: A subject's detected keypoint candidates (``subjects/<id>/keypoints.csv``, :func:`read_subject_keypoints`).
+SUBJECT_KEYPOINTS_FILE = "keypoints.csv"
+
 SUBJECT_FILES = {
     "image": "t1.nii.gz",
     "brain_mask": "brain_mask.nii.gz",
@@ -150,6 +153,21 @@ def read_subject(root: str | Path, subject_id: str) -> Subject:
             for attr, name in SUBJECT_FILES.items()}
     info = json.loads((d / "subject.json").read_text())
     return Subject(subject_id=subject_id, info=info, **vols)
+
+
+def read_subject_keypoints(root: str | Path, subject_id: str) -> np.ndarray | None:
+    """The detected keypoint candidates of a subject, ``(M, 3)`` float64 voxel indices, or None without a file.
+
+    Reads ``root/subjects/<subject_id>/keypoints.csv`` with :func:`brainshift.io.keypoints.read_keypoint_positions`
+    (the one reader used by evaluation and training).
+
+    Raises:
+        InputFileError: a malformed table.
+    """
+    from brainshift.io.keypoints import read_keypoint_positions
+
+    p = Path(root) / "subjects" / subject_id / SUBJECT_KEYPOINTS_FILE
+    return read_keypoint_positions(p) if p.is_file() else None
 
 
 def list_cases(root: str | Path) -> list[str]:

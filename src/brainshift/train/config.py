@@ -356,6 +356,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then the file at ``path`` (YAML or JSON), then ``overrides`` (e.g. command-line options).
 
+    ``path`` may also name a preset shipped with the package (``train_default``, ``configs/train_fast.yaml``...;
+    :func:`brainshift.resources.config_names`) when no such file exists, so the presets work from a wheel.
     ``overrides`` entries whose value is ``None`` are ignored (option not given).
 
     Raises:
@@ -363,6 +365,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """
     values: dict[str, Any] = {}
     if path is not None:
+        from brainshift.resources import config_names, config_path
+
+        if not Path(path).exists() and Path(path).name.removesuffix(".yaml") in config_names():
+            path = config_path(Path(path).name)
         values.update(read_config_file(path))
         values.setdefault("configs", str(path))
     cfg = from_dict(values)

@@ -41,8 +41,6 @@ from monai.transforms import Transform
 
 from brainshift.errors import BrainshiftError, InputFileError
 
-KEYPOINTS_FILE = "keypoints.csv"
-
 
 # --------------------------------------------------------------------------------------------------- splits
 @dataclass
@@ -115,30 +113,22 @@ def cases_of(data_dir: str | Path) -> tuple[list[str], dict[str, str]]:
 
 # ----------------------------------------------------------------------------------------------- keypoints
 def read_keypoint_candidates(subject_dir: str | Path) -> np.ndarray | None:
-    """Detected keypoints of a subject, ``(M, 3)`` float64 voxel indices, or None if it has no file.
-
-    Reads ``subject_dir/keypoints.csv`` (``brainshift keypoints`` output): comment lines start with ``#``, a
-    header row names the columns, and the columns ``x, y, z`` are 0-based voxel indices of the subject grid.
+    """Detected keypoints of a subject folder, ``(M, 3)`` float64 voxel indices, or None if it has no file:
+    :func:`brainshift.io.keypoints.read_keypoint_positions` of ``subject_dir/keypoints.csv`` (kept for callers
+    holding a subject folder; datasets use :func:`brainshift.simulate.dataset.read_subject_keypoints`).
 
     Raises:
-        InputFileError: a file without ``x, y, z`` columns.
+        InputFileError: a malformed table.
     """
-    p = Path(subject_dir) / KEYPOINTS_FILE
-    if not p.is_file():
-        return None
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        return np.zeros((0, 3))
-    header = [h.strip().lower() for h in lines[0].split(",")]
-    if not {"x", "y", "z"} <= set(header):
-        raise InputFileError(f"expected columns x, y, z in {p}, got {header}")
-    cols = [header.index(c) for c in ("x", "y", "z")]
-    rows = [[float(ln.split(",")[c]) for c in cols] for ln in lines[1:]]
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+    from brainshift.io.keypoints import read_keypoint_positions
+    from brainshift.simulate.dataset import SUBJECT_KEYPOINTS_FILE
+
+    p = Path(subject_dir) / SUBJECT_KEYPOINTS_FILE
+    return read_keypoint_positions(p) if p.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------- case stage
-def _np(x: Any) -> Any:
+def as_numpy(x: Any) -> Any:
     """Tensors (from a MONAI persistent cache) back to numpy; everything else unchanged."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -163,8 +153,9 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
 
     Convention: ``gt`` forward Lagrangian voxel units; ``net_gt`` in ``net_config.field_units``.
     """
+    from brainshift.evaluate.metrics import evaluation_region, keypoint_region
     from brainshift.model.grid import field_to_network_grid, to_network_grid
-    from brainshift.simulate.dataset import read_case
+    from brainshift.simulate.dataset import read_case, read_subject_keypoints
 
     case = read_case(data_dir, case_id)
     sub = case.subject
@@ -172,8 +163,8 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     brain = sub.brain_mask.data > 0
     tumour = sub.tumour_mask.data > 0
     cavity = case.cavity_mask.data > 0
-    allowed = brain & ~tumour & ~cavity
-    cands = read_keypoint_candidates(Path(data_dir) / "subjects" / sub.subject_id)
+    allowed = keypoint_region(brain, tumour, cavity)
+    cands = read_subject_keypoints(data_dir, sub.subject_id)
     zero = np.zeros((3, *image.shape), np.float32)
     net = to_network_grid(image, zero, brain, net_config)
     gt_net = field_to_network_grid(case.field, net, zero_outside=True)[0]
@@ -190,7 +181,7 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
         "gt": case.field.astype(np.float32),
         "brain": brain.astype(np.uint8),
         "allowed": allowed.astype(np.uint8),
-        "eval_mask": (brain & ~cavity).astype(np.uint8),
+        "eval_mask": evaluation_region(brain, cavity).astype(np.uint8),
         "tumour": tumour.astype(np.uint8),
         "candidates": np.zeros((0, 3)) if cands is None else cands,
         "has_candidates": cands is not None,
@@ -215,10 +206,10 @@ def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | No
     """
     from brainshift.model.grid import NetworkInput
 
-    c = {k: _np(case[k]) for k in ("net_image", "net_mask", "pad", "net_shape", "net_affine", "image", "affine",
+    c = {k: as_numpy(case[k]) for k in ("net_image", "net_mask", "pad", "net_shape", "net_affine", "image", "affine",
                                     "same_grid")}
     img = torch.as_tensor(np.asarray(c["net_image"], np.float32))
-    field = torch.zeros((3, *img.shape[1:])) if init_net is None else torch.as_tensor(np.asarray(_np(init_net),
+    field = torch.zeros((3, *img.shape[1:])) if init_net is None else torch.as_tensor(np.asarray(as_numpy(init_net),
                                                                                                   np.float32))
     pad = tuple((int(b), int(a)) for b, a in np.asarray(c["pad"]))
     return NetworkInput(tensor=torch.cat([field, img])[None].contiguous(),
@@ -314,7 +305,7 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
     from brainshift.keypoints.sampling import sample_keypoints
     from brainshift.model.grid import field_to_network_grid
 
-    case = {k: _np(v) for k, v in case.items()}
+    case = {k: as_numpy(v) for k, v in case.items()}
     allowed = case["allowed"] > 0
     kmin, kmax = k_range
     if bool(case["has_candidates"]):
@@ -410,12 +401,12 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
 
     Convention: fields forward Lagrangian in the network's units on the network grid.
     """
-    img = np.asarray(_np(case["net_image"]), np.float32)
-    gt = np.asarray(_np(case["net_gt"]), np.float32)
-    mask = np.asarray(_np(case["net_mask"]), np.float32)
-    init = np.asarray(_np(variant["init_net"]), np.float32)
+    img = np.asarray(as_numpy(case["net_image"]), np.float32)
+    gt = np.asarray(as_numpy(case["net_gt"]), np.float32)
+    mask = np.asarray(as_numpy(case["net_mask"]), np.float32)
+    init = np.asarray(as_numpy(variant["init_net"]), np.float32)
     if size is not None:
-        start = crop_window(np.asarray(_np(case["brain_centre"])), img.shape[-3:], size)
+        start = crop_window(np.asarray(as_numpy(case["brain_centre"])), img.shape[-3:], size)
         background = float(img.min())
         img = crop_or_pad(img, start, size, background)
         gt, mask, init = (crop_or_pad(a, start, size) for a in (gt, mask, init))
@@ -430,13 +421,13 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
     if augment is not None:
         if rng is not None:
             augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        aug_img = np.asarray(_np(augment(img.copy())), np.float32)
+        aug_img = np.asarray(as_numpy(augment(img.copy())), np.float32)
     return {
         "input": torch.from_numpy(np.concatenate([init, aug_img]).astype(np.float32)),
         "target": torch.from_numpy(gt),
         "mask": torch.from_numpy(mask),
         "image": torch.from_numpy(img.copy()),
-        "spacing": torch.as_tensor(np.asarray(_np(case["net_spacing"]), np.float32)),
+        "spacing": torch.as_tensor(np.asarray(as_numpy(case["net_spacing"]), np.float32)),
     }
 
 
@@ -534,7 +525,7 @@ class TrainDataset(torch.utils.data.Dataset):
         case = self.cases[ci]
         if self.variants_per_case > 0:
             v = int(rng.integers(self.variants_per_case))
-            variant = {"init_net": _np(case["init_nets"])[v]}
+            variant = {"init_net": as_numpy(case["init_nets"])[v]}
         else:
             variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
                                    heldout_kpts=self.heldout_kpts)

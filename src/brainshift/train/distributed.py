@@ -60,8 +60,8 @@ def setup_distributed(device: str = "cpu") -> DistContext:
     """
     import torch.distributed as dist
 
-    from brainshift.errors import BrainshiftError
     from brainshift.device import resolve_device
+    from brainshift.errors import BrainshiftError
 
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -15,7 +15,7 @@ Files written by rank 0 under ``save_dir``:
 Validation runs the inference path exactly (:func:`brainshift.model.to_network_grid` on the whole padded
 grid, the network, :func:`brainshift.model.refined_from_prediction`, as inference) and scores on the subject grid with
 :mod:`brainshift.evaluate.metrics`: ``mse_mm2`` (squared world-mm error over brain minus cavity, the
-checkpoint criterion), ``mae_mm``, ``tre_mm`` (mean over held-out keypoints), ``pct_jac_nonpositive``, and the
+checkpoint criterion), ``mae_mm``, ``tre_mm`` (mean over held-out keypoints), ``pct_jacobian_nonpositive``, and the
 same for the initial field (``*_init``); with ``extra_eval`` also Dice/HD95 of the warped brain and tumour masks.
 """
 
@@ -138,41 +138,44 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
              extra_eval: bool = False) -> dict[str, float]:
     """Validation metrics averaged over ``items`` (from :func:`brainshift.train.data.validation_items`).
 
+    Each case's refined field is what inference returns (:func:`brainshift.compensate.compensate` with the
+    model, no mirror averaging) and is scored by :func:`brainshift.evaluate.metrics.score_field` over the
+    evaluation region (brain minus cavity), like ``brainshift evaluate``.
+
     Returns:
-        dict: ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``pct_jac_nonpositive``, their ``*_init``
+        dict: ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``pct_jacobian_nonpositive``, their ``*_init``
         counterparts for the initial field, ``n_cases``; with ``extra_eval`` the Dice/HD95 keys of
-        :func:`brainshift.evaluate.metrics.dice_hd95`. NaN-aware means (e.g. no held-out keypoints).
+        :func:`brainshift.evaluate.metrics.score_field`. NaN-aware means (e.g. no held-out keypoints).
 
     Convention: fields are compared on the subject grid in voxel units, errors in world mm.
     """
-    from brainshift.evaluate.metrics import dice_hd95, field_errors_mm, jacobian_stats, tre_mm
-    from brainshift.model.grid import refined_from_prediction, to_network_grid
-    from brainshift.train.data import _np
+    from brainshift.compensate import compensate
+    from brainshift.evaluate.metrics import score_field
+    from brainshift.model.checkpoint import LoadedModel
+    from brainshift.train.data import as_numpy
     from brainshift.volume import Volume
 
+    keys = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_jacobian_nonpositive")
+    loaded = LoadedModel(model=model, config=net_config, metadata={})
     rows: list[dict[str, float]] = []
     was_training = model.training
-    model.eval()
     try:
         for case, var in items:
-            c = {k: _np(v) for k, v in case.items()}
+            c = {k: as_numpy(v) for k, v in case.items()}
             image = Volume(c["image"], c["affine"])
-            net = to_network_grid(image, var["init"], c["brain"], net_config)
-            with torch.no_grad():
-                pred = model(net.tensor.to(device)).cpu()
-            pred_native = refined_from_prediction(pred, net, var["init"])  # exactly what inference returns
+            refined = compensate(image, initial_field=var["init"], model=loaded, mask=c["brain"], device=device,
+                                 mirror_average=False).refined_field
+            hp = np.asarray(var["heldout_points"], np.float64).reshape(-1, 3)
+            hd = np.asarray(var["heldout_disps"], np.float64).reshape(-1, 3)
             row: dict[str, float] = {}
-            for tag, f in (("", pred_native), ("_init", var["init"])):
-                err = field_errors_mm(f, c["gt"], c["affine"], c["eval_mask"])
-                row.update({f"{k}{tag}": float(v) for k, v in err.items()})
-                hp = np.asarray(var["heldout_points"], np.float64).reshape(-1, 3)
-                row[f"tre_mm{tag}"] = (float(np.mean(tre_mm(f, hp, var["heldout_disps"], c["affine"])))
-                                       if len(hp) else float("nan"))
-                row[f"pct_jac_nonpositive{tag}"] = float(jacobian_stats(f, c["brain"])["pct_nonpositive"])
+            for tag, f in (("", refined), ("_init", var["init"])):
+                s = score_field(f, c["gt"], c["affine"], c["eval_mask"] > 0, hp, hd)
+                row.update({f"{k}{tag}": float(s[k]) for k in keys})
             if extra_eval:
                 masks = {"brain": Volume(c["brain"], c["affine"], "label"),
                          "tumour": Volume(c["tumour"], c["affine"], "label")}
-                row.update({k: float(v) for k, v in dice_hd95(pred_native, c["gt"], masks).items()})
+                s = score_field(refined, c["gt"], c["affine"], c["eval_mask"] > 0, hp, hd, masks=masks)
+                row.update({k: float(s[k]) for k in ("dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm")})
             rows.append(row)
     finally:
         model.train(was_training)
@@ -235,6 +238,176 @@ def _mean_terms(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
 
+@dataclass
+class _Run:
+    """Mutable state of one training run (what a resume restores), shared by the helpers of :func:`train`."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    net_cfg: Any
+    splits: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    save_dir: Path
+    start_epoch: int = 0
+    step: int = 0
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False
+
+    @property
+    def best_path(self) -> Path:
+        return self.save_dir / "best.safetensors"
+
+    @property
+    def last_path(self) -> Path:
+        return self.save_dir / "last.pt"
+
+
+def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
+    """Check the configuration, split the data, build (or load) the network and the optimiser, restore a
+    resumed state; rank 0 writes ``config_resolved.yaml`` and ``splits.json``."""
+    from brainshift.io.atomic import atomic_output
+    from brainshift.model import load_weights
+    from brainshift.train.data import split_cases
+
+    save_dir = Path(cfg.save_dir)
+    net_cfg = network_config(cfg)
+    init_loaded = None
+    if cfg.load_model:
+        init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
+            ".safetensors") else net_cfg)
+        net_cfg = init_loaded.config
+    splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed)
+    if not splits.train:
+        raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
+    if ctx.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, save_dir / "config_resolved.yaml")
+        with atomic_output(save_dir / "splits.json") as tmp:
+            Path(tmp).write_text(json.dumps(splits.to_dict(), indent=2))
+    if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
+        raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
+                              f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
+    model = initial_network(net_cfg, cfg, init_loaded)
+    model.to(ctx.device)
+    run = _Run(cfg=cfg, ctx=ctx, net_cfg=net_cfg, splits=splits, model=model,
+               optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr), save_dir=save_dir)
+    resume_path = Path(cfg.checkpoint) if cfg.checkpoint else (run.last_path if cfg.resume else None)
+    if resume_path is not None:
+        state = load_state(resume_path, ctx.device)
+        if state["network_config"] != net_cfg.to_json():
+            raise BrainshiftError(f"expected a training state for the network {net_cfg.to_json()}, got one "
+                                  f"for {state['network_config']} in {resume_path}")
+        model.load_state_dict(state["model_state_dict"])
+        run.optimizer.load_state_dict(state["optimizer_state_dict"])
+        for group in run.optimizer.param_groups:  # the configured learning rate applies to a resumed run
+            group["lr"] = float(cfg.lr)
+        run.start_epoch, run.step = int(state["epoch"]), int(state["step"])
+        run.best_val, run.best_epoch = float(state["best_val_mse"]), int(state["best_epoch"])
+        run.history = json.loads(state["history"])
+    run.stop = cfg.max_steps is not None and run.step >= cfg.max_steps
+    return run
+
+
+def _train_epoch(run: _Run, ddp_model: torch.nn.Module, dataset, epoch: int, writer, t_run: float) -> dict:
+    """One epoch of optimiser steps (stops early at ``max_steps`` / ``max_minutes``); the epoch's record."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+    from tqdm.auto import tqdm
+
+    cfg, ctx = run.cfg, run.ctx
+    dataset.set_epoch(epoch)
+    if ctx.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        worker_init_fn=worker_init_fn, pin_memory=ctx.device.type == "cuda", drop_last=False)
+    records: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (ctx.is_main and cfg.progress),
+               leave=False)
+    for batch in bar:
+        if cfg.lr_schedule != "constant":
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, run.step, cfg.epochs * len(loader))
+        terms = train_step(ddp_model, batch, run.optimizer, cfg, run.net_cfg.field_units, ctx.device)
+        run.step += 1
+        records.append(terms)
+        if writer is not None:
+            for k, v in terms.items():
+                writer.add_scalar(f"train/{k}", v, run.step)
+        bar.set_postfix(loss=f"{terms['total']:.4g}")
+        if cfg.max_steps is not None and run.step >= cfg.max_steps:
+            run.stop = True
+        if cfg.max_minutes is not None and time.perf_counter() - t_run >= 60.0 * cfg.max_minutes:
+            run.stop = True
+        if run.stop:
+            break
+    dt = time.perf_counter() - t0
+    n_samples = len(records) * cfg.batch_size * ctx.world_size
+    return {"epoch": epoch + 1, "step": run.step, "train": _mean_terms(records),
+            "samples_per_s": n_samples / dt if dt > 0 else float("nan")}
+
+
+def _end_epoch(run: _Run, rec: dict, epoch: int, val_items: list, writer) -> None:
+    """Rank 0 after an epoch: validate when due, keep the best weights, save the state and the history."""
+    from brainshift.io.atomic import atomic_output
+    from brainshift.model import save_weights
+
+    cfg = run.cfg
+    last_epoch = epoch + 1 == cfg.epochs or run.stop
+    do_val = bool(val_items) and ((epoch + 1) % cfg.evaluate_every == 0 or last_epoch)
+    if do_val:
+        metrics = validate(run.model, val_items, run.net_cfg, run.ctx.device, cfg.extra_eval)
+        rec["val"] = metrics
+        for k, v in metrics.items():
+            writer.add_scalar(f"val/{k}", v, run.step)
+        improved = metrics["mse_mm2"] < run.best_val
+    elif not val_items:
+        metrics, improved = {}, True  # no validation cases: the latest model is the best
+    else:
+        metrics, improved = {}, False
+    if improved:
+        run.best_val = metrics.get("mse_mm2", math.inf)
+        run.best_epoch, run.best_metrics = epoch + 1, metrics
+        save_weights(run.best_path, run.model, run.net_cfg, {
+            "train_config": cfg.to_dict(), "epoch": epoch + 1, "step": run.step, "val": metrics,
+            "dataset": _dataset_summary(cfg, run.splits), "world_size": run.ctx.world_size})
+    run.history.append(rec)
+    writer.add_scalar("train/samples_per_s", rec["samples_per_s"], run.step)
+    _save_state(run.last_path, run.model, run.optimizer, epoch=epoch + 1, step=run.step, best_val_mse=run.best_val,
+                best_epoch=run.best_epoch, history=run.history, net_config=run.net_cfg)
+    with atomic_output(run.save_dir / "history.jsonl") as tmp:
+        Path(tmp).write_text("".join(json.dumps(h, default=float) + "\n" for h in run.history))
+
+
+def _test_best(run: _Run) -> dict[str, float]:
+    """Rank 0 at the end: the best weights on the test cases (``cfg.test`` or the split's), saved as
+    ``test_metrics.json``; {} without test cases."""
+    from brainshift.io.atomic import atomic_output
+    from brainshift.model import load_weights
+    from brainshift.train.data import cases_of, validation_items
+
+    cfg = run.cfg
+    if not run.best_metrics:  # resumed run whose best epoch came before the resume
+        run.best_metrics = next((h.get("val", {}) for h in run.history if h["epoch"] == run.best_epoch), {})
+    test_root, test_cases = (cfg.test, cases_of(cfg.test)[0]) if cfg.test else (cfg.data, run.splits.test)
+    if not test_cases:
+        return {}
+    best = load_weights(run.best_path, device=run.ctx.device)
+    items = validation_items(test_root, test_cases, run.net_cfg, seed=cfg.seed, interp=cfg.interp,
+                             k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
+    test_metrics = validate(best.model, items, run.net_cfg, run.ctx.device, cfg.extra_eval)
+    with atomic_output(run.save_dir / "test_metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps({"data": str(test_root), "cases": test_cases, **test_metrics}, indent=2))
+    return test_metrics
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train the refinement network as configured; see the module docstring for what is written.
 
@@ -252,12 +425,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             from another network configuration.
         InputFileError: missing dataset / state / weights files.
     """
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-    from tqdm.auto import tqdm
-
-    from brainshift.model import load_weights, save_weights
     from brainshift.model.checkpoint import unwrap_model
-    from brainshift.train.data import TrainDataset, cases_of, split_cases, validation_items
+    from brainshift.train.data import TrainDataset, validation_items
 
     if cfg.data is None:
         raise BrainshiftError("expected a dataset folder (option data / --data), got none")
@@ -266,54 +435,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     ctx: DistContext = setup_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)
-        save_dir = Path(cfg.save_dir)
-        log_dir = Path(cfg.log_dir) if cfg.log_dir else save_dir / "logs"
-        net_cfg = network_config(cfg)
-        init_loaded = None
-        if cfg.load_model:
-            init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
-                ".safetensors") else net_cfg)
-            net_cfg = init_loaded.config
-        splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed)
-        if not splits.train:
-            raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
-        if ctx.is_main:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, save_dir / "config_resolved.yaml")
-            from brainshift.io.atomic import atomic_output
-
-            with atomic_output(save_dir / "splits.json") as tmp:
-                Path(tmp).write_text(json.dumps(splits.to_dict(), indent=2))
-        if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
-            raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
-                                  f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
-
-        model = initial_network(net_cfg, cfg, init_loaded)
-        model.to(ctx.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-        start_epoch, step, best_val, best_epoch, history = 0, 0, math.inf, 0, []
-        resume_path = Path(cfg.checkpoint) if cfg.checkpoint else (save_dir / "last.pt" if cfg.resume else None)
-        if resume_path is not None:
-            state = load_state(resume_path, ctx.device)
-            if state["network_config"] != net_cfg.to_json():
-                raise BrainshiftError(f"expected a training state for the network {net_cfg.to_json()}, got one "
-                                      f"for {state['network_config']} in {resume_path}")
-            model.load_state_dict(state["model_state_dict"])
-            optimizer.load_state_dict(state["optimizer_state_dict"])
-            for group in optimizer.param_groups:  # the configured learning rate applies to a resumed run
-                group["lr"] = float(cfg.lr)
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            best_val, best_epoch = float(state["best_val_mse"]), int(state["best_epoch"])
-            history = json.loads(state["history"])
-
-        ddp_model: torch.nn.Module = model
+        run = _prepare_run(cfg, ctx)
+        ddp_model: torch.nn.Module = run.model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                else None)
-
+            ddp_model = DistributedDataParallel(run.model, device_ids=[ctx.device.index]
+                                                if ctx.device.type == "cuda" else None)
+        splits, net_cfg = run.splits, run.net_cfg
         dataset = TrainDataset(cfg.data, splits.train, splits.case_subject, net_cfg, size=cfg.size,
                                interp=cfg.interp, k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts,
                                variants_per_case=cfg.variants_per_case, augment=cfg.augment,
@@ -328,100 +457,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         if ctx.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(log_dir))
-        units = net_cfg.field_units
-        best_path, last_path = save_dir / "best.safetensors", save_dir / "last.pt"
-        best_metrics: dict[str, float] = {}
-        stop = cfg.max_steps is not None and step >= cfg.max_steps
+            writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) if cfg.log_dir else run.save_dir / "logs"))
         t_run = time.perf_counter()
-        for epoch in range(start_epoch, cfg.epochs):
-            if stop:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            if run.stop:
                 break
-            dataset.set_epoch(epoch)
-            if ctx.distributed:
-                sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                             seed=cfg.seed)
-                sampler.set_epoch(epoch)
-            else:
-                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                worker_init_fn=worker_init_fn, pin_memory=ctx.device.type == "cuda",
-                                drop_last=False)
-            records: list[dict[str, float]] = []
-            t0 = time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (ctx.is_main and cfg.progress),
-                       leave=False)
-            for batch in bar:
-                if cfg.lr_schedule != "constant":
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(cfg, step, cfg.epochs * len(loader))
-                terms = train_step(ddp_model, batch, optimizer, cfg, units, ctx.device)
-                step += 1
-                records.append(terms)
-                if writer is not None:
-                    for k, v in terms.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(loss=f"{terms['total']:.4g}")
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    stop = True
-                if cfg.max_minutes is not None and time.perf_counter() - t_run >= 60.0 * cfg.max_minutes:
-                    stop = True
-                if stop:
-                    break
-            dt = time.perf_counter() - t0
-            n_samples = len(records) * cfg.batch_size * ctx.world_size
-            rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train": _mean_terms(records),
-                                   "samples_per_s": n_samples / dt if dt > 0 else float("nan")}
-            last_epoch = epoch + 1 == cfg.epochs or stop
+            rec = _train_epoch(run, ddp_model, dataset, epoch, writer, t_run)
             if ctx.is_main:
-                do_val = bool(val_items) and ((epoch + 1) % cfg.evaluate_every == 0 or last_epoch)
-                if do_val:
-                    metrics = validate(model, val_items, net_cfg, ctx.device, cfg.extra_eval)
-                    rec["val"] = metrics
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"val/{k}", v, step)
-                    improved = metrics["mse_mm2"] < best_val
-                elif not val_items:
-                    metrics, improved = {}, True  # no validation cases: the latest model is the best
-                else:
-                    metrics, improved = {}, False
-                if improved:
-                    best_val = metrics.get("mse_mm2", math.inf)
-                    best_epoch, best_metrics = epoch + 1, metrics
-                    save_weights(best_path, model, net_cfg, {
-                        "train_config": cfg.to_dict(), "epoch": epoch + 1, "step": step, "val": metrics,
-                        "dataset": _dataset_summary(cfg, splits), "world_size": ctx.world_size})
-                history.append(rec)
-                writer.add_scalar("train/samples_per_s", rec["samples_per_s"], step)
-                _save_state(last_path, model, optimizer, epoch=epoch + 1, step=step, best_val_mse=best_val,
-                            best_epoch=best_epoch, history=history, net_config=net_cfg)
-                from brainshift.io.atomic import atomic_output
-
-                with atomic_output(save_dir / "history.jsonl") as tmp:
-                    Path(tmp).write_text("".join(json.dumps(h, default=float) + "\n" for h in history))
+                _end_epoch(run, rec, epoch, val_items, writer)
             barrier(ctx)
-
-        test_metrics: dict[str, float] = {}
-        if ctx.is_main and best_path.is_file():
-            if not best_metrics:  # resumed run whose best epoch came before the resume
-                best_metrics = next((h.get("val", {}) for h in history if h["epoch"] == best_epoch), {})
-            test_root, test_cases = (cfg.test, cases_of(cfg.test)[0]) if cfg.test else (cfg.data, splits.test)
-            if test_cases:
-                best = load_weights(best_path, device=ctx.device)
-                items = validation_items(test_root, test_cases, net_cfg, seed=cfg.seed, interp=cfg.interp,
-                                         k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
-                test_metrics = validate(best.model, items, net_cfg, ctx.device, cfg.extra_eval)
-                from brainshift.io.atomic import atomic_output
-
-                with atomic_output(save_dir / "test_metrics.json") as tmp:
-                    Path(tmp).write_text(json.dumps({"data": str(test_root), "cases": test_cases,
-                                                     **test_metrics}, indent=2))
+        test_metrics = _test_best(run) if ctx.is_main and run.best_path.is_file() else {}
         if writer is not None:
             writer.close()
         barrier(ctx)
-        return TrainResult(save_dir=save_dir, best_path=best_path if ctx.is_main and best_path.is_file() else None,
-                           last_path=last_path if ctx.is_main and last_path.is_file() else None,
-                           best_metrics=best_metrics, best_epoch=best_epoch, test_metrics=test_metrics,
-                           history=history, steps=step, model=unwrap_model(ddp_model))
+        return TrainResult(save_dir=run.save_dir,
+                           best_path=run.best_path if ctx.is_main and run.best_path.is_file() else None,
+                           last_path=run.last_path if ctx.is_main and run.last_path.is_file() else None,
+                           best_metrics=run.best_metrics, best_epoch=run.best_epoch, test_metrics=test_metrics,
+                           history=run.history, steps=run.step, model=unwrap_model(ddp_model))
     finally:
         cleanup_distributed(ctx)

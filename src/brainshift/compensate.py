@@ -1,0 +1,178 @@
+"""The method as one library call: keypoints (or an initial field) -> initial field -> refined field.
+
+:func:`compensate` is what ``brainshift infer`` (:func:`brainshift.pipeline.run_infer`), the demo, evaluation
+(:mod:`brainshift.evaluate.run`) and training validation (:func:`brainshift.train.loop.validate`) call. It
+reads and writes no file: inputs are in-memory arrays, the result is a :class:`Result`.
+
+Steps (each timed in ``Result.timings_s``):
+
+1. ``interpolate (<method>)``: the keypoints are validated on the image grid
+   (:func:`brainshift.io.keypoints.validate_keypoints`) and interpolated to a dense initial field
+   (:func:`brainshift.interpolate.interpolate`); skipped when ``initial_field`` is given.
+2. ``refine with the network``: with a ``model``, :func:`brainshift.model.inference.refine_field` adds the
+   network's residual to the initial field (Assis et al. 2025, arXiv:2508.13762).
+3. ``field statistics``: with ``statistics=True``, :func:`brainshift.field.field_statistics` of every field
+   over ``statistics_mask`` (default: the image foreground ``image > min``).
+
+Convention: every field is float32 ``(3, I, J, K)`` on ``image``'s grid, forward Lagrangian (the preop point
+at voxel ``p`` moves to ``p + u(p)`` intraoperatively), components in voxel units along ``i, j, k``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError
+from brainshift.volume import Volume
+
+if TYPE_CHECKING:
+    from brainshift.model.checkpoint import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """What :func:`compensate` returns.
+
+    Attributes:
+        initial_field: ``(3, I, J, K)`` float32 interpolated (or given) field.
+        refined_field: ``(3, I, J, K)`` float32 network-refined field, or None without a model.
+        method: the interpolator name, or ``"given"`` for an ``initial_field``.
+        n_keypoints: number of keypoints interpolated (None for a given field).
+        mirror_average: whether the network averaged with its mirrored problem (None without a model).
+        model: the network that refined the field (None without one).
+        timings_s: seconds per step (step names as in the module docstring).
+        statistics: ``{"initial": {...}, "refined": {...}}`` of :func:`brainshift.field.field_statistics`
+            (empty without ``statistics=True``).
+
+    Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
+    """
+
+    initial_field: np.ndarray
+    refined_field: np.ndarray | None = None
+    method: str = "given"
+    n_keypoints: int | None = None
+    mirror_average: bool | None = None
+    model: LoadedModel | None = None
+    timings_s: dict[str, float] = dc_field(default_factory=dict)
+    statistics: dict[str, dict[str, float]] = dc_field(default_factory=dict)
+
+    @property
+    def field(self) -> np.ndarray:
+        """The final field: refined when a model was given, else the initial one."""
+        return self.refined_field if self.refined_field is not None else self.initial_field
+
+
+def foreground_mask(image: Volume) -> np.ndarray:
+    """Boolean ``(I, J, K)`` mask of voxels above the image minimum (the published method's background rule);
+    all voxels when the image is constant."""
+    data = image.data
+    m = data > data.min()
+    return m if m.any() else np.ones(image.shape, dtype=bool)
+
+
+def interpolate_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, method: str,
+                          **options) -> np.ndarray:
+    """Validate keypoints on ``image``'s grid and interpolate them to a dense field.
+
+    Args:
+        image: the preop image (defines the grid).
+        points_vox, disps_vox: ``(N, 3)`` keypoints and their displacements, voxel units (0-based i, j, k).
+        method: interpolator name (``linear``, ``tps``, ``tps3d``; see :mod:`brainshift.interpolate`).
+        options: interpolator keyword options.
+
+    Returns:
+        float32 ``(3, I, J, K)``. Convention: forward Lagrangian, voxel units along i, j, k.
+
+    Raises:
+        KeypointError: non-finite, outside the image, conflicting duplicates, fewer than 4, coplanar.
+    """
+    from brainshift.interpolate import interpolate
+    from brainshift.io.keypoints import validate_keypoints
+
+    points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape)
+    return np.asarray(interpolate(method, points_vox, disps_vox, image.shape, image.affine, **options),
+                      dtype=np.float32)
+
+
+def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None = None,
+               initial_field: np.ndarray | None = None, method: str = "linear",
+               model: LoadedModel | Future | None = None, mask: np.ndarray | None = None, device: str = "cpu",
+               mirror_average: bool | None = None, interp_options: dict | None = None,
+               statistics: bool = False, statistics_mask: np.ndarray | None = None,
+               progress: bool = False) -> Result:
+    """Brain-shift compensation of one image: the initial field from keypoints, refined by the network.
+
+    Args:
+        image: preop intensity :class:`~brainshift.volume.Volume` (any grid / orientation / spacing).
+        keypoints: ``(points_vox, disps_vox)``, each ``(N, 3)`` in the voxel frame (0-based ``i, j, k``,
+            voxel units): the point ``p`` moves to ``p + d``.
+        initial_field: a ready ``(3, I, J, K)`` initial field instead of ``keypoints`` (voxel units).
+        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``).
+        model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
+            of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
+        mask: brain mask for the network (z-score region, where the initial field is kept); default: the
+            foreground ``image > min``.
+        device: torch device of the network (``cpu``, ``cuda[:N]``; see :func:`brainshift.device.resolve_device`).
+        mirror_average: average the network with its left-right mirrored problem; None: the model's default
+            (:func:`brainshift.model.inference.use_mirror_average`).
+        interp_options: keyword options of the interpolator.
+        statistics: also compute :func:`brainshift.field.field_statistics` of each field.
+        statistics_mask: region of the statistics (default: :func:`foreground_mask`).
+        progress: let the network step show a tqdm bar.
+
+    Returns:
+        :class:`Result`.
+
+    Raises:
+        BrainshiftError: neither or both of ``keypoints`` / ``initial_field``; bad device.
+        KeypointError: invalid keypoints. GeometryError: a field or mask not on the image grid.
+
+    Convention: every field forward Lagrangian, voxel units along ``i, j, k`` of ``image``'s grid.
+    """
+    from brainshift.field import check_field, field_statistics
+
+    if (keypoints is None) == (initial_field is None):
+        raise BrainshiftError("expected exactly one of keypoints or initial_field, got "
+                              + ("both" if keypoints is not None else "neither"))
+    timings: dict[str, float] = {}
+    if initial_field is not None:
+        init = check_field(initial_field, image.shape)
+        method, n_kpts = "given", None
+    else:
+        points_vox, disps_vox = keypoints
+        t0 = time.perf_counter()
+        init = interpolate_keypoints(image, points_vox, disps_vox, method, **(interp_options or {}))
+        timings[f"interpolate ({method})"] = time.perf_counter() - t0
+        n_kpts = int(len(points_vox))
+    result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
+    if model is not None:
+        from brainshift.model.inference import refine_field, use_mirror_average
+
+        if isinstance(model, Future):
+            t0 = time.perf_counter()
+            model = model.result()
+            timings["load network weights"] = time.perf_counter() - t0
+        result.model = model
+        t0 = time.perf_counter()
+        result.mirror_average = use_mirror_average(model, mirror_average)
+        result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
+                                            mirror_average=result.mirror_average)
+        timings["refine with the network"] = time.perf_counter() - t0
+    if statistics:
+        t0 = time.perf_counter()
+        region = foreground_mask(image) if statistics_mask is None else np.asarray(statistics_mask) > 0
+        result.statistics["initial"] = field_statistics(init, image.affine, region)
+        if result.refined_field is not None:
+            result.statistics["refined"] = field_statistics(result.refined_field, image.affine, region)
+        timings["field statistics"] = time.perf_counter() - t0
+    log.debug("compensate: %s", {k: round(v, 3) for k, v in timings.items()})
+    return result
