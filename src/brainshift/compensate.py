@@ -155,12 +155,12 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         n_kpts = int(len(points_vox))
     result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
     if model is not None:
-        from brainshift.model.inference import refine_field, use_mirror_average
-
-        if isinstance(model, Future):
+        if isinstance(model, Future):  # resolved before importing brainshift.model: its loader imports it too
             t0 = time.perf_counter()
             model = model.result()
             timings["load network weights"] = time.perf_counter() - t0
+        from brainshift.model.inference import refine_field, use_mirror_average
+
         result.model = model
         t0 = time.perf_counter()
         result.mirror_average = use_mirror_average(model, mirror_average)

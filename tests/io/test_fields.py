@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from _io_helpers import OBLIQUE_SHAPE, oblique_affine_matrix, smooth_field
 
-from brainshift.errors import GeometryError, InputFileError
+from brainshift.errors import BrainshiftError, GeometryError, InputFileError
 from brainshift.io.fields import (
     field_to_sitk_transform,
     invert_field,
@@ -269,3 +269,33 @@ def test_resampling_intraop_image_with_forward_h5_gives_preop_space(tmp_path):
     # preop position of that tissue: i = 14 (it moved by +2 voxels along i)
     assert np.unravel_index(np.argmax(out.data), shape) == (14, 14, 14)
     np.testing.assert_allclose(out.data[14, 14, 14], 1.0, atol=1e-3)
+
+
+def test_h5_layout_float32_compressed_and_float64_option(tmp_path, oblique_affine):
+    """ITK's own layout: /TransformGroup/0 with TransformType, fixed parameters (size, origin, spacing,
+    direction) and the LPS vectors; float32 + gzip by default, float64 on request; SimpleITK reads both to the
+    same TransformPoint (1e-4 mm)."""
+    import h5py
+
+    field = smooth_field(OBLIQUE_SHAPE)
+    p32 = write_field(tmp_path / "f32.h5", field, oblique_affine)
+    p64 = write_field(tmp_path / "f64.h5", field, oblique_affine, h5_dtype="float64", compression=0)
+    with h5py.File(p32) as h5:
+        g = h5["TransformGroup/0"]
+        assert g["TransformType"][0].decode() == "DisplacementFieldTransform_float_3_3"
+        assert g["TransformParameters"].dtype == np.float32 and g["TransformParameters"].compression == "gzip"
+        fixed = g["TransformFixedParameters"][()]
+        np.testing.assert_array_equal(fixed[:3], OBLIQUE_SHAPE)  # ITK size (x, y, z) = (I, J, K): no permutation
+        np.testing.assert_allclose(fixed[3:6], _lps(oblique_affine, np.zeros(3)), atol=1e-9)  # origin, LPS
+    with h5py.File(p64) as h5:
+        assert h5["TransformGroup/0/TransformType"][0].decode() == "DisplacementFieldTransform_double_3_3"
+        assert h5["TransformGroup/0/TransformParameters"].dtype == np.float64
+    t32, t64 = sitk.ReadTransform(str(p32)), sitk.ReadTransform(str(p64))
+    for q in [(3.2, 4.7, 5.1), (10, 12, 6), (0.5, 22.5, 11.0)]:
+        x = tuple(_lps(oblique_affine, np.array(q, float)))
+        np.testing.assert_allclose(t32.TransformPoint(x), t64.TransformPoint(x), atol=1e-4)
+    with pytest.raises(BrainshiftError, match=r"expected an \.h5 precision in .*got 'float16'"):
+        write_field(tmp_path / "bad.h5", field, oblique_affine, h5_dtype="float16")
+    with pytest.raises(BrainshiftError, match=r"expected a gzip level 0-9 .* got 10"):
+        write_field(tmp_path / "bad.h5", field, oblique_affine, compression=10)
+    assert not (tmp_path / "bad.h5").exists()

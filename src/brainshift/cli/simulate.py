@@ -153,6 +153,6 @@ def _labels(text: str, option: str) -> list[int]:
 
 
 def _stem(path: Path) -> str:
-    from brainshift.simulate.subject import _stem as stem
+    from brainshift.simulate.subject import subject_id_from_path
 
-    return stem(path)
+    return subject_id_from_path(path)

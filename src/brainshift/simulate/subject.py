@@ -136,7 +136,7 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
     brain = brain | tumour
     ventricles = ventricles & brain & ~tumour
     if subject_id is None:
-        subject_id = _stem(image_path)
+        subject_id = subject_id_from_path(image_path)
     info = {
         "source": "file",
         "image": str(image_path), "brain_mask": str(brain_mask_path), "tumour": str(tumour_path),
@@ -151,7 +151,9 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
                    info=info)
 
 
-def _stem(path: str | Path) -> str:
+def subject_id_from_path(path: str | Path) -> str:
+    """A subject id from an image file name: the name without its image suffix, characters outside
+    ``[A-Za-z0-9_.-]`` replaced by ``_`` (``subject`` if nothing is left)."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):

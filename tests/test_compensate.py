@@ -1,0 +1,80 @@
+"""brainshift.compensate: the method as one call (no file I/O)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from brainshift.compensate import Result, compensate, foreground_mask
+from brainshift.errors import BrainshiftError, KeypointError
+from brainshift.volume import Volume
+
+SHAPE = (16, 18, 14)
+AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
+
+
+@pytest.fixture()
+def image() -> Volume:
+    data = np.zeros(SHAPE, np.float32)
+    data[2:-2, 2:-2, 2:-2] = np.random.default_rng(0).uniform(0.5, 1.0, (12, 14, 10))
+    return Volume(data, AFFINE)
+
+
+def _keypoints():
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(2, 11, size=(10, 3))
+    return pts, np.tile([1.0, -0.5, 0.25], (10, 1))
+
+
+def test_uniform_keypoint_motion_gives_the_uniform_field(image):
+    pts, disps = _keypoints()
+    res = compensate(image, keypoints=(pts, disps), method="linear", statistics=True)
+    assert isinstance(res, Result) and res.refined_field is None and res.field is res.initial_field
+    assert res.method == "linear" and res.n_keypoints == 10
+    assert res.initial_field.dtype == np.float32 and res.initial_field.shape == (3, *SHAPE)
+    # linear interpolation of one displacement is that displacement inside the keypoints' hull (voxel units)
+    inside = tuple(np.round(pts.mean(axis=0)).astype(int))
+    np.testing.assert_allclose(res.initial_field[(slice(None), *inside)], [1.0, -0.5, 0.25], atol=1e-5)
+    stats = res.statistics["initial"]
+    # |A u| = |(2 * 1, 2 * -0.5, 2.5 * 0.25)| mm at the hull's voxels; the statistics cover the foreground
+    assert stats["max_displacement_mm"] == pytest.approx(np.sqrt(2.0**2 + 1.0**2 + 0.625**2), rel=1e-5)
+    assert stats["pct_jacobian_nonpositive"] == 0.0
+    assert set(res.timings_s) == {"interpolate (linear)", "field statistics"}
+
+
+def test_given_initial_field_is_returned_and_refined_by_a_network(image, tiny_default_weights):
+    from brainshift.model.checkpoint import load_weights
+    from brainshift.model.inference import refine_field
+
+    init = np.zeros((3, *SHAPE), np.float32)
+    init[0] = 0.5
+    loaded = load_weights(tiny_default_weights)
+    res = compensate(image, initial_field=init, model=loaded, device="cpu", mirror_average=False)
+    assert res.method == "given" and res.n_keypoints is None and res.model is loaded
+    np.testing.assert_array_equal(res.initial_field, init)
+    np.testing.assert_allclose(res.refined_field, refine_field(image, init, loaded, mirror_average=False),
+                               atol=1e-6)
+    assert res.field is res.refined_field and res.mirror_average is False
+    future: Future = Future()
+    future.set_result(loaded)  # a network still loading is accepted and waited for
+    again = compensate(image, initial_field=init, model=future, mirror_average=False)
+    np.testing.assert_allclose(again.refined_field, res.refined_field, atol=1e-6)
+    assert "load network weights" in again.timings_s
+
+
+def test_bad_calls_raise(image):
+    pts, disps = _keypoints()
+    with pytest.raises(BrainshiftError, match="expected exactly one of keypoints or initial_field, got neither"):
+        compensate(image)
+    with pytest.raises(BrainshiftError, match="got both"):
+        compensate(image, keypoints=(pts, disps), initial_field=np.zeros((3, *SHAPE), np.float32))
+    with pytest.raises(KeypointError, match="inside the image"):
+        compensate(image, keypoints=(pts + 20.0, disps))
+
+
+def test_foreground_mask_is_above_the_minimum_or_everything():
+    v = Volume(np.array([[[0.0, 1.0], [0.0, 2.0]]], np.float32), np.eye(4))
+    np.testing.assert_array_equal(foreground_mask(v), [[[False, True], [False, True]]])
+    assert foreground_mask(Volume(np.zeros((2, 2, 2), np.float32), np.eye(4))).all()
