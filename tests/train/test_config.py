@@ -134,3 +134,16 @@ def test_flip_axes_and_schedule_spellings():
     assert from_dict({}).flip_axes == () and from_dict({}).lr_schedule == "constant"
     assert from_dict({"flip_axes": None}).flip_axes == ()  # null: no mirroring
     assert from_dict({"lr": 1e-4, "lr_min": 1e-3}).lr_min == 1e-3  # unused by the constant schedule
+
+
+def test_keypoint_policy_options_parse_and_validate():
+    from brainshift.errors import BrainshiftError
+    from brainshift.train.config import TrainConfig, from_dict
+
+    cfg = from_dict({"keypoint_rules": "detected,cortex", "noise_mm": [0, 1], "interp_methods": ["tps", "tps3d"]})
+    assert cfg.variant_options == {"rules": ("detected", "cortex"), "noise_mm": (0.0, 1.0),
+                                   "methods": ("tps", "tps3d")}
+    assert TrainConfig().variant_options["rules"] == ("detected",)
+    for bad in ({"keypoint_rules": ["everywhere"]}, {"noise_mm": [1.0, 0.5]}, {"interp_methods": ["nearest"]}):
+        with pytest.raises(BrainshiftError):
+            from_dict(bad)

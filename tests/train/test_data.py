@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainshift.errors import InputFileError
+from brainshift.errors import BrainshiftError, InputFileError
 from brainshift.model import NetworkConfig
 from brainshift.train.data import (
     TrainDataset,
@@ -203,3 +203,39 @@ def test_validation_items_fixed(tiny_dataset):
     b = validation_items(tiny_dataset, ["sub00_c0"], NET, seed=0, interp=None, k_range=(6, 6), heldout_kpts=10)
     np.testing.assert_array_equal(a[0][1]["init"], b[0][1]["init"])
     assert a[0][1]["init"].shape == (3, 16, 20, 16) and len(a[0][1]["heldout_points"]) == 10
+
+
+def test_keypoint_rules_noise_and_methods(tiny_dataset):
+    """Randomised keypoints (issue 11): each rule draws from its region, noise moves the driving displacements
+    away from the ground truth by about its standard deviation, and the mixed choice covers every method."""
+    from brainshift.train.data import CORTEX_DEPTH_MM, keypoint_candidates
+
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    depth = c["surface_depth_mm"]
+    rng = np.random.default_rng(0)
+    cort = keypoint_candidates(c, "cortex", rng, 40).astype(int)
+    assert len(cort) > 0 and np.all(depth[tuple(cort.T)] <= CORTEX_DEPTH_MM)
+    rand = keypoint_candidates(c, "random", rng, 40).astype(int)
+    assert len(rand) == 40 and np.all(c["allowed"][tuple(rand.T)] > 0)
+    exact = draw_variant(c, np.random.default_rng(5), NET, interp="linear", k_range=(8, 8), rules=("random",))
+    noisy = draw_variant(c, np.random.default_rng(5), NET, interp="linear", k_range=(8, 8), rules=("random",),
+                         noise_mm=(1.0, 1.0))
+    np.testing.assert_array_equal(exact["points"], noisy["points"])
+    d_mm = (noisy["disps"] - exact["disps"]) @ np.asarray(c["affine"])[:3, :3].T
+    assert noisy["noise_mm"] == 1.0 and 0.4 < d_mm.std() < 1.8
+    methods = {draw_variant(c, np.random.default_rng(s), NET, interp=None, k_range=(6, 6),
+                            methods=("linear", "tps", "tps3d"))["method"] for s in range(20)}
+    assert methods == {"linear", "tps", "tps3d"}
+    with pytest.raises(BrainshiftError, match="keypoint rules"):
+        draw_variant(c, rng, NET, interp="linear", k_range=(6, 6), rules=("everywhere",))
+
+
+def test_default_variant_options_keep_earlier_draws(tiny_dataset):
+    """The defaults draw no extra random numbers: a seed gives the same variant as before the options."""
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    a = draw_variant(c, np.random.default_rng(9), NET, interp=None, k_range=(6, 9))
+    b = draw_variant(c, np.random.default_rng(9), NET, interp=None, k_range=(6, 9), rules=("detected",),
+                     noise_mm=(0.0, 0.0), methods=("linear", "tps"))
+    np.testing.assert_array_equal(a["points"], b["points"])
+    np.testing.assert_array_equal(a["disps"], b["disps"])
+    assert a["method"] == b["method"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,12 @@ class TrainConfig:
             0 draws a fresh variant for every sample (no cache of variants).
         samples_per_epoch: samples per epoch (``None``: one per training subject).
         heldout_kpts: random held-out points per case for TRE when a subject has no ``keypoints.csv``.
+        keypoint_rules: where keypoints come from, one rule drawn per sample among ``detected``, ``random``,
+            ``cortex``, ``craniotomy`` (:func:`brainshift.train.data.keypoint_candidates`).
+        noise_mm: ``[low, high]`` standard deviation (mm) of the Gaussian noise on each world component of the
+            driving displacements, drawn per sample (``[0, 0]``: exact displacements).
+        interp_methods: the interpolators ``interp: null`` ("mixed") chooses among (``linear``, ``tps``,
+            ``tps3d``).
         flip_axes: network-grid array axes along which each training sample is mirrored with probability 1/2
             (image, initial field, ground truth and mask together; the field's component along a mirrored axis
             changes sign). Mirroring the whole problem (anatomy, tumour, gravity) gives another exact solution
@@ -154,6 +161,9 @@ class TrainConfig:
     variants_per_case: int = 0
     samples_per_epoch: int | None = None
     heldout_kpts: int = 50
+    keypoint_rules: tuple[str, ...] = ("detected",)
+    noise_mm: tuple[float, float] = (0.0, 0.0)
+    interp_methods: tuple[str, ...] = ("linear", "tps")
     flip_axes: tuple[int, ...] = ()
     lr_schedule: str = "constant"
     lr_min: float = 0.0
@@ -166,6 +176,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def variant_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`brainshift.train.data.draw_variant` beyond ``interp`` and ``k_range``."""
+        return {"rules": tuple(self.keypoint_rules), "noise_mm": tuple(float(x) for x in self.noise_mm),
+                "methods": tuple(self.interp_methods)}
 
     @property
     def k_range(self) -> tuple[int, int]:
@@ -193,6 +209,10 @@ _BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra
 _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule"}
 _OPT_STR = {"data", "test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
             "cache_dir", "log_dir"}
+
+
+#: Keypoint rules of training samples (:func:`brainshift.train.data.keypoint_candidates`).
+KEYPOINT_RULES = ("detected", "random", "cortex", "craniotomy")
 
 
 def field_names() -> list[str]:
@@ -247,6 +267,16 @@ def _coerce(name: str, value: Any) -> Any:
             except (TypeError, ValueError):
                 raise BrainshiftError(f"expected flip_axes to be a list of array axes among 0, 1, 2 (e.g. [0]), "
                                       f"got {value!r}") from None
+        if name in ("keypoint_rules", "interp_methods"):
+            items = str(value).replace(",", " ").split() if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+                raise ValueError
+            return tuple(items)
+        if name == "noise_mm":
+            vals = tuple(float(v) for v in ([value, value] if isinstance(value, int | float) else value))
+            if len(vals) != 2:
+                raise ValueError
+            return vals
         if name == "network":
             if not isinstance(value, dict):
                 raise ValueError
@@ -301,6 +331,14 @@ def validate(cfg: TrainConfig) -> None:
         raise BrainshiftError(f"expected 0 <= lr_min <= lr ({cfg.lr}) for the cosine schedule, got {cfg.lr_min}")
     if any(a not in (0, 1, 2) for a in cfg.flip_axes) or len(set(cfg.flip_axes)) != len(cfg.flip_axes):
         raise BrainshiftError(f"expected flip_axes to be distinct array axes among 0, 1, 2, got {list(cfg.flip_axes)}")
+    if not cfg.keypoint_rules or set(cfg.keypoint_rules) - set(KEYPOINT_RULES):
+        raise BrainshiftError(f"expected keypoint_rules among {list(KEYPOINT_RULES)}, got {list(cfg.keypoint_rules)}")
+    lo, hi = cfg.noise_mm
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi):
+        raise BrainshiftError(f"expected noise_mm as [low, high] with 0 <= low <= high, got {list(cfg.noise_mm)}")
+    if not cfg.interp_methods or set(cfg.interp_methods) - {"linear", "tps", "tps3d"}:
+        raise BrainshiftError(f"expected interp_methods among ['linear', 'tps', 'tps3d'], got "
+                              f"{list(cfg.interp_methods)}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):
         raise BrainshiftError(f"expected size (I, J, K) of positive ints or None, got {cfg.size}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

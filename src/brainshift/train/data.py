@@ -40,6 +40,7 @@ import torch
 from monai.transforms import Transform
 
 from brainshift.errors import BrainshiftError, InputFileError
+from brainshift.train.config import KEYPOINT_RULES
 
 
 # --------------------------------------------------------------------------------------------------- splits
@@ -146,13 +147,17 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     Returns:
         dict with ``case_id``, ``subject_id``; subject grid: ``image`` (I, J, K) float32, ``affine`` (4, 4),
         ``gt`` (3, I, J, K) float32 voxel units, ``brain``, ``allowed`` (brain minus tumour minus cavity),
-        ``eval_mask`` (brain minus cavity), ``tumour`` (uint8), ``candidates`` (M, 3) (empty when the subject
+        ``eval_mask`` (brain minus cavity), ``tumour`` (uint8), ``surface_depth_mm`` (distance to the brain
+        surface, float32), ``entry_vox`` (3,) craniotomy centre (nan if not recorded), ``candidates`` (M, 3)
+        (empty when the subject
         has no keypoints file; ``has_candidates`` says which); network grid (padded): ``net_image``
         (1, I', J', K') z-scored, ``net_gt`` (3, I', J', K') network units, zero outside the brain,
         ``net_mask`` (1, I', J', K') uint8, ``net_spacing`` (3,) mm, ``brain_centre`` (3,) padded-grid voxel.
 
     Convention: ``gt`` forward Lagrangian voxel units; ``net_gt`` in ``net_config.field_units``.
     """
+    from scipy.ndimage import distance_transform_edt
+
     from brainshift.evaluate.metrics import evaluation_region, keypoint_region
     from brainshift.model.grid import field_to_network_grid, to_network_grid
     from brainshift.simulate.dataset import read_case, read_subject_keypoints
@@ -161,6 +166,9 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     sub = case.subject
     image = sub.image
     brain = sub.brain_mask.data > 0
+    entry = ((case.meta.get("params") or {}).get("entry_point_ras") if isinstance(case.meta, dict) else None)
+    entry_vox = (np.linalg.inv(image.affine) @ np.r_[np.asarray(entry, float), 1.0])[:3] if entry is not None \
+        else np.full(3, np.nan)
     tumour = sub.tumour_mask.data > 0
     cavity = case.cavity_mask.data > 0
     allowed = keypoint_region(brain, tumour, cavity)
@@ -183,6 +191,9 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
         "allowed": allowed.astype(np.uint8),
         "eval_mask": evaluation_region(brain, cavity).astype(np.uint8),
         "tumour": tumour.astype(np.uint8),
+        "surface_depth_mm": distance_transform_edt(brain, sampling=spacing_from_affine(image.affine)
+                                                   ).astype(np.float32),
+        "entry_vox": np.asarray(entry_vox, np.float64),
         "candidates": np.zeros((0, 3)) if cands is None else cands,
         "has_candidates": cands is not None,
         "net_image": net.image[0].numpy().astype(np.float32),
@@ -251,7 +262,8 @@ class PrepareVariantPool(Transform):
     """
 
     def __init__(self, data_dir: str | Path, net_config, *, n_variants: int, seed: int, interp: str | None,
-                 k_range: tuple[int, int], heldout_kpts: int) -> None:
+                 k_range: tuple[int, int], heldout_kpts: int, variant_options: dict | None = None) -> None:
+        self.variant_options = dict(variant_options or {})
         self.data_dir = str(data_dir)
         self.net_config = net_config
         self.n_variants = int(n_variants)
@@ -263,7 +275,8 @@ class PrepareVariantPool(Transform):
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         case = prepare_case(self.data_dir, item["case_id"], self.net_config)
         variants = [draw_variant(case, variant_rng(self.seed, item["case_id"], v), self.net_config,
-                                 interp=self.interp, k_range=self.k_range, heldout_kpts=self.heldout_kpts)
+                                 interp=self.interp, k_range=self.k_range, heldout_kpts=self.heldout_kpts,
+                                 **self.variant_options)
                     for v in range(self.n_variants)]
         out = {k: case[k] for k in SAMPLE_KEYS}
         out["init_nets"] = np.stack([v["init_net"] for v in variants]).astype(np.float32)
@@ -277,19 +290,66 @@ def variant_rng(seed: int, case_id: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(case_id.encode()), int(index)])
 
 
+def keypoint_candidates(case: dict[str, Any], rule: str, rng: np.random.Generator, n_random: int) -> np.ndarray:
+    """Candidate keypoints ``(M, 3)`` (subject voxels) of one keypoint rule (issue 11: randomised keypoints).
+
+    - ``detected``: the subject's detected (DoG) keypoints, or ``n_random`` random allowed voxels without them;
+    - ``random``: ``n_random`` random voxels of the allowed region (brain minus tumour minus cavity);
+    - ``cortex``: random allowed voxels within ``CORTEX_DEPTH_MM`` of the brain surface (what a surface scan or
+      intraoperative ultrasound near the surface sees);
+    - ``craniotomy``: random allowed voxels within ``CRANIOTOMY_RADIUS_MM`` of the case's craniotomy centre
+      (``entry_vox`` from ``meta.json``), clustered where the surgeon measures; the whole region if the case
+      has no recorded entry point.
+    A rule whose region has fewer than ``n_random / 2`` voxels falls back to the whole allowed region.
+    """
+    allowed = np.asarray(case["allowed"]) > 0
+    if rule == "detected" and bool(case["has_candidates"]):
+        return np.asarray(case["candidates"], np.float64)
+    region = allowed
+    if rule == "cortex":
+        region = allowed & (np.asarray(case["surface_depth_mm"]) <= CORTEX_DEPTH_MM)
+    elif rule == "craniotomy" and np.all(np.isfinite(np.asarray(case.get("entry_vox", [np.nan] * 3), float))):
+        aff = np.asarray(case["affine"], np.float64)
+        idx = np.argwhere(allowed)
+        d = np.linalg.norm((idx - np.asarray(case["entry_vox"], float)) @ aff[:3, :3].T, axis=1)
+        near = idx[d <= CRANIOTOMY_RADIUS_MM]
+        vox = near if len(near) >= n_random // 2 else idx
+        n = min(len(vox), n_random)
+        return vox[rng.choice(len(vox), size=n, replace=False)].astype(np.float64) if n else np.zeros((0, 3))
+    vox = np.argwhere(region)
+    if len(vox) < n_random // 2:
+        vox = np.argwhere(allowed)
+    n = min(len(vox), n_random)
+    return vox[rng.choice(len(vox), size=n, replace=False)].astype(np.float64) if n else np.zeros((0, 3))
+
+
+#: Depth (mm) below the brain surface of the ``cortex`` keypoint rule.
+CORTEX_DEPTH_MM = 10.0
+#: Radius (mm) around the craniotomy centre of the ``craniotomy`` keypoint rule.
+CRANIOTOMY_RADIUS_MM = 40.0
+
+
 def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, interp: str | None = None,
                  k_range: tuple[int, int] = (20, 20), heldout_kpts: int = 50,
-                 keep_native: bool = False) -> dict[str, Any]:
+                 keep_native: bool = False, rules: tuple[str, ...] = ("detected",),
+                 noise_mm: tuple[float, float] = (0.0, 0.0),
+                 methods: tuple[str, ...] = ("linear", "tps")) -> dict[str, Any]:
     """One (keypoint draw, interpolation) variant of a prepared case.
 
     Args:
         case: output of :func:`prepare_case`.
         rng: the generator for every draw (keypoints, interpolator choice).
         net_config: the network configuration.
-        interp: ``"linear"``, ``"tps"``, or ``None`` / ``"mixed"`` for a random choice between the two.
+        interp: an interpolator name, or ``None`` / ``"mixed"`` for a random choice among ``methods``.
         k_range: ``(min, max)`` keypoints, k drawn uniformly in it.
-        heldout_kpts: random held-out points when the subject has no keypoints file.
+        heldout_kpts: random held-out points when the candidates are random voxels.
         keep_native: also return the initial field on the subject grid (validation).
+        rules: keypoint rules (:func:`keypoint_candidates`), one drawn uniformly per variant.
+        noise_mm: range of the standard deviation (mm) of Gaussian noise added to each world component of the
+            driving displacements (drawn uniformly per variant; the held-out targets stay exact).
+        methods: the interpolators of the ``mixed`` choice (``linear``, ``tps``, ``tps3d``).
+
+    With the defaults the draws are exactly those of earlier versions (no extra random numbers are used).
 
     Returns:
         dict with ``method``, ``points``/``disps`` (k, 3) and ``heldout_points``/``heldout_disps`` (voxel units
@@ -308,19 +368,24 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
     case = {k: as_numpy(v) for k, v in case.items()}
     allowed = case["allowed"] > 0
     kmin, kmax = k_range
-    if bool(case["has_candidates"]):
-        cands = np.asarray(case["candidates"], np.float64)
-    else:
-        vox = np.argwhere(allowed)
-        n = min(len(vox), kmax + int(heldout_kpts))
-        cands = vox[rng.choice(len(vox), size=n, replace=False)].astype(np.float64) if n else np.zeros((0, 3))
+    rules = tuple(rules)
+    bad = set(rules) - set(KEYPOINT_RULES)
+    if not rules or bad:
+        raise BrainshiftError(f"expected keypoint rules among {list(KEYPOINT_RULES)}, got {list(rules)}")
+    rule = rules[int(rng.integers(len(rules)))] if len(rules) > 1 else rules[0]
+    cands = keypoint_candidates(case, rule, rng, kmax + int(heldout_kpts))
     pts, disps, h_pts, h_disps = sample_keypoints(case["gt"], cands, allowed, k_min=kmin, k_max=kmax, rng=rng)
-    method = interp if interp in ("linear", "tps") else ("linear", "tps")[int(rng.integers(2))]
+    sigma = float(rng.uniform(*noise_mm)) if noise_mm[1] > 0 else 0.0
+    if sigma > 0:
+        a_inv = np.linalg.inv(np.asarray(case["affine"], np.float64)[:3, :3])
+        disps = np.asarray(disps, np.float64) + rng.normal(0.0, sigma, size=np.shape(disps)) @ a_inv.T
+    methods = tuple(methods)
+    method = interp if interp not in (None, "mixed") else methods[int(rng.integers(len(methods)))]
     shape = tuple(int(s) for s in case["image"].shape)
     init = interpolate(method, pts, disps, shape, case["affine"])
     init_net = field_to_network_grid(init, network_input_of(case, net_config), zero_outside=True)[0].numpy()
     out = {"method": method, "points": pts, "disps": disps, "heldout_points": h_pts, "heldout_disps": h_disps,
-           "init_net": init_net.astype(np.float32)}
+           "init_net": init_net.astype(np.float32), "rule": rule, "noise_mm": sigma}
     if keep_native:
         out["init"] = init
     return out
@@ -464,6 +529,8 @@ class TrainDataset(torch.utils.data.Dataset):
         net_config: network configuration.
         size: crop size (network-grid voxels) or None.
         interp, k_range, heldout_kpts: as in :func:`draw_variant`.
+        variant_options: further :func:`draw_variant` options (``rules``, ``noise_mm``, ``methods``;
+            :attr:`brainshift.train.config.TrainConfig.variant_options`).
         variants_per_case: pool size per case (0: fresh draws).
         augment: apply :func:`intensity_augmentation`.
         flip_axes: random mirroring axes (:func:`assemble_sample`).
@@ -477,7 +544,8 @@ class TrainDataset(torch.utils.data.Dataset):
                  heldout_kpts: int = 50, variants_per_case: int = 0, augment: bool = False,
                  flip_axes: tuple[int, ...] = (), samples_per_epoch: int | None = None, seed: int = 0,
                  cache_dir: str | Path | None = None,
-                 num_workers: int = 0, progress: bool = False) -> None:
+                 num_workers: int = 0, progress: bool = False, variant_options: dict | None = None) -> None:
+        self.variant_options = dict(variant_options or {})
         if not case_ids:
             raise BrainshiftError("expected at least one training case, got none")
         self.net_config = net_config
@@ -498,10 +566,14 @@ class TrainDataset(torch.utils.data.Dataset):
         self.length = int(samples_per_epoch) if samples_per_epoch else len(self.subjects)
         self.variants_per_case = int(variants_per_case)
         if self.variants_per_case > 0:  # one cached item per case: network-grid arrays + its variant pool
-            key = config_key(data_dir, net_config, {"seed": self.seed, "interp": interp, "k": list(k_range),
-                                                    "heldout": heldout_kpts, "variants": self.variants_per_case})
+            extra = {"seed": self.seed, "interp": interp, "k": list(k_range), "heldout": heldout_kpts,
+                     "variants": self.variants_per_case}
+            if self.variant_options:  # earlier caches (no options) keep their keys
+                extra["options"] = {k: list(v) for k, v in self.variant_options.items()}
+            key = config_key(data_dir, net_config, extra)
             make = PrepareVariantPool(data_dir, net_config, n_variants=self.variants_per_case, seed=self.seed,
-                                      interp=interp, k_range=k_range, heldout_kpts=heldout_kpts)
+                                      interp=interp, k_range=k_range, heldout_kpts=heldout_kpts,
+                                      variant_options=self.variant_options)
             cache = None if cache_dir is None else Path(cache_dir) / "variant_pools"
         else:  # fresh draws need the whole prepared case (subject grid included)
             key = config_key(data_dir, net_config)
@@ -528,19 +600,20 @@ class TrainDataset(torch.utils.data.Dataset):
             variant = {"init_net": as_numpy(case["init_nets"])[v]}
         else:
             variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
-                                   heldout_kpts=self.heldout_kpts)
+                                   heldout_kpts=self.heldout_kpts, **self.variant_options)
         return assemble_sample(case, variant, self.size, self.augment, rng, self.flip_axes)
 
 
 def validation_items(data_dir: str | Path, case_ids: list[str], net_config, *, seed: int, interp: str | None,
-                     k_range: tuple[int, int], heldout_kpts: int) -> list[tuple[dict, dict]]:
+                     k_range: tuple[int, int], heldout_kpts: int, variant_options: dict | None = None
+                     ) -> list[tuple[dict, dict]]:
     """``(case, variant)`` pairs for validation: one fixed variant per case (index ``-1`` of
     :func:`variant_rng`, never used in training pools) with its subject-grid initial field. Not cached on disk:
-    validation sets are small."""
+    validation sets are small. ``variant_options`` as in :class:`TrainDataset`."""
     out = []
     for c in case_ids:
         case = prepare_case(data_dir, c, net_config)
         rng = np.random.default_rng([int(seed), zlib.crc32(c.encode()), 2**31 - 1])
         out.append((case, draw_variant(case, rng, net_config, interp=interp, k_range=k_range,
-                                       heldout_kpts=heldout_kpts, keep_native=True)))
+                                       heldout_kpts=heldout_kpts, keep_native=True, **(variant_options or {}))))
     return out
