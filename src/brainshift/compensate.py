@@ -9,8 +9,12 @@ Steps (each timed in ``Result.timings_s``):
 1. ``interpolate (<method>)``: the keypoints are validated on the image grid
    (:func:`brainshift.io.keypoints.validate_keypoints`) and interpolated to a dense initial field
    (:func:`brainshift.interpolate.interpolate`); skipped when ``initial_field`` is given.
-2. ``refine with the network``: with a ``model``, :func:`brainshift.model.inference.refine_field` adds the
-   network's residual to the initial field (Assis et al. 2025, arXiv:2508.13762).
+2. ``refine with the network``: with a ``model``, the network's residual is added to the initial field
+   (Assis et al. 2025, arXiv:2508.13762). With keypoints and ``safeguards=True`` (the default) this is
+   :func:`brainshift.model.safeguards.safe_refine`: the learnt correction is kept only as far as it predicts
+   held-out keypoints better than the classical field (cross-validated fallback), the result honours the
+   keypoints (thin-plate spline of the residuals) and a per-voxel uncertainty map comes with it; otherwise
+   :func:`brainshift.model.inference.refine_field` (the network alone).
 3. ``field statistics``: with ``statistics=True``, :func:`brainshift.field.field_statistics` of every field
    over ``statistics_mask`` (default: the image foreground ``image > min``).
 
@@ -52,6 +56,10 @@ class Result:
         timings_s: seconds per step (step names as in the module docstring).
         statistics: ``{"initial": {...}, "refined": {...}}`` of :func:`brainshift.field.field_statistics`
             (empty without ``statistics=True``).
+        uncertainty: ``(I, J, K)`` float32 per-voxel standard deviation (mm) of the refined field, or None
+            (only with safeguards).
+        safeguards: the safeguards' record (``alpha``: kept fraction of the learnt correction, cross-validation
+            errors, keypoint residuals), or None when they did not run.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -64,6 +72,8 @@ class Result:
     model: LoadedModel | None = None
     timings_s: dict[str, float] = dc_field(default_factory=dict)
     statistics: dict[str, dict[str, float]] = dc_field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
+    safeguards: dict | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -108,14 +118,16 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                model: LoadedModel | Future | None = None, mask: np.ndarray | None = None, device: str = "cpu",
                mirror_average: bool | None = None, interp_options: dict | None = None,
                statistics: bool = False, statistics_mask: np.ndarray | None = None,
-               progress: bool = False) -> Result:
+               progress: bool = False, safeguards: bool = True, safeguard_seed: int = 0) -> Result:
     """Brain-shift compensation of one image: the initial field from keypoints, refined by the network.
 
     Args:
         image: preop intensity :class:`~brainshift.volume.Volume` (any grid / orientation / spacing).
         keypoints: ``(points_vox, disps_vox)``, each ``(N, 3)`` in the voxel frame (0-based ``i, j, k``,
             voxel units): the point ``p`` moves to ``p + d``.
-        initial_field: a ready ``(3, I, J, K)`` initial field instead of ``keypoints`` (voxel units).
+        initial_field: a ready ``(3, I, J, K)`` initial field instead of interpolating ``keypoints`` (voxel
+            units). Given together with ``keypoints``, the field is used as it is and the keypoints only serve
+            the safeguards.
         method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``).
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
             of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
@@ -128,27 +140,33 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         statistics: also compute :func:`brainshift.field.field_statistics` of each field.
         statistics_mask: region of the statistics (default: :func:`foreground_mask`).
         progress: let the network step show a tqdm bar.
+        safeguards: with keypoints and a model, refine through :func:`brainshift.model.safeguards.safe_refine`
+            (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes);
+            False: the network alone, as published.
+        safeguard_seed: seed of the safeguards' keypoint folds.
 
     Returns:
         :class:`Result`.
 
     Raises:
-        BrainshiftError: neither or both of ``keypoints`` / ``initial_field``; bad device.
+        BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device.
         KeypointError: invalid keypoints. GeometryError: a field or mask not on the image grid.
 
     Convention: every field forward Lagrangian, voxel units along ``i, j, k`` of ``image``'s grid.
     """
     from brainshift.field import check_field, field_statistics
 
-    if (keypoints is None) == (initial_field is None):
-        raise BrainshiftError("expected exactly one of keypoints or initial_field, got "
-                              + ("both" if keypoints is not None else "neither"))
+    if keypoints is None and initial_field is None:
+        raise BrainshiftError("expected keypoints or an initial_field, got neither")
     timings: dict[str, float] = {}
+    if keypoints is not None:
+        from brainshift.io.keypoints import validate_keypoints
+
+        points_vox, disps_vox = validate_keypoints(keypoints[0], keypoints[1], image.shape)
     if initial_field is not None:
         init = check_field(initial_field, image.shape)
-        method, n_kpts = "given", None
+        method, n_kpts = "given", None if keypoints is None else int(len(points_vox))
     else:
-        points_vox, disps_vox = keypoints
         t0 = time.perf_counter()
         init = interpolate_keypoints(image, points_vox, disps_vox, method, **(interp_options or {}))
         timings[f"interpolate ({method})"] = time.perf_counter() - t0
@@ -163,9 +181,20 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
 
         result.model = model
         t0 = time.perf_counter()
-        result.mirror_average = use_mirror_average(model, mirror_average)
-        result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
-                                            mirror_average=result.mirror_average)
+        if safeguards and keypoints is not None:
+            from brainshift.model.safeguards import safe_refine
+
+            safe = safe_refine(image, points_vox, disps_vox, init, model,
+                               method=method if method != "given" else "tps", mask=mask, device=device,
+                               seed=safeguard_seed,
+                               interpolate_options=(interp_options or {}) if method != "given" else {})
+            result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
+            result.safeguards = safe.info
+            result.mirror_average = True
+        else:
+            result.mirror_average = use_mirror_average(model, mirror_average)
+            result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
+                                                mirror_average=result.mirror_average)
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:
         t0 = time.perf_counter()

@@ -326,9 +326,14 @@ def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int 
 
 
 def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu", timer=None,
-                progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                progress: bool = False, uncertainty: dict | None = None) -> tuple[dict[str, np.ndarray],
+                                                                               dict[str, float]]:
     """Every demo method's field and time: :data:`DEMO_METHODS` by :func:`brainshift.compensate.compensate`,
-    each refined as ``net-<name>`` when ``loaded`` is a network (its time includes the interpolation).
+    each refined as ``net-<name>`` when ``loaded`` is a network (its time includes the interpolation), under
+    the safeguards as ``infer`` runs it.
+
+    Args:
+        uncertainty: if a dict, filled with ``net-<name>`` -> ``(I, J, K)`` uncertainty map (mm).
 
     Returns:
         ``(fields, times_s)`` keyed by method name, classical methods first.
@@ -350,9 +355,11 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
     if loaded is not None:
         for method in DEMO_METHODS:
             with timer.step(f"refine {method} with the network"):
-                res = compensate(image, initial_field=fields[method], model=loaded, mask=brain, device=device,
-                                 progress=progress)
+                res = compensate(image, initial_field=fields[method], keypoints=(kp.points_vox, kp.disps_vox),
+                                 model=loaded, mask=brain, device=device, progress=progress)
             fields[f"net-{method}"] = res.refined_field
+            if uncertainty is not None and res.uncertainty is not None:
+                uncertainty[f"net-{method}"] = res.uncertainty
             times[f"net-{method}"] = times[method] + res.timings_s["refine with the network"]
     return fields, times
 
@@ -462,7 +469,8 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         kp, n_detected = demo_keypoints(case, seed=seed, n_keypoints=n_keypoints)
     timer.note(f"  {n_detected} keypoints detected in brain minus tumour: {len(kp.points_vox)} drive the "
                f"interpolation, {len(kp.heldout_points_vox)} are held-out TRE targets")
-    fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose)
+    unc: dict[str, np.ndarray] = {}
+    fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose, uncertainty=unc)
     with timer.step("metrics"):
         rows = [{"method": method, **score(fld, case, kp), "time_s": float(times.get(method, 0.0)),
                  "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))}
@@ -477,7 +485,8 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         write_per_case_csv(rows, out / "metrics.csv")
         report = write_case_report(out, image=case.subject.image, gt_field=case.field_vox, fields=fields,
                                    keypoints=kp.points_vox, heldout=kp.heldout_points_vox, rows=rows, masks=masks,
-                                   info=info, images=images)
+                                   info=info, images=images,
+                                   uncertainty={k: v for k, v in unc.items() if k == "net-tps"} or None)
     total = time.perf_counter() - t_start
     info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
     info["total time (s)"] = total

@@ -46,6 +46,8 @@ class InferOptions:
     weights: Path | None = None
     refine: bool | None = None
     mirror_average: bool | None = None
+    safeguards: bool = True
+    save_uncertainty: bool = False
     save_inverse: bool = False
     save_warped: bool = False
     verbose: bool = True
@@ -165,7 +167,7 @@ def run_infer(opts: InferOptions) -> dict:
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
-                            progress=opts.verbose, statistics=True)
+                            progress=opts.verbose, statistics=True, safeguards=opts.safeguards)
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     if refine:
@@ -217,6 +219,15 @@ def _write_outputs(out: Path, fmt: str, image: Volume, result, opts: InferOption
             path = out / "preop_warped_to_intraop.nii.gz"
             write_image(warped, path)
             written.append(path.name)
+        if opts.save_uncertainty and result.uncertainty is not None:
+            from brainshift.io.images import write_image
+
+            path = out / "uncertainty_mm.nii.gz"
+            write_image(Volume(result.uncertainty, image.affine, "intensity"), path)
+            written.append(path.name)
+    if opts.save_uncertainty and result.uncertainty is None:
+        warnings.warn("--save-uncertainty: no uncertainty map without keypoints, refinement and safeguards; "
+                      "none written", stacklevel=2)
     return written
 
 
@@ -251,12 +262,13 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
     if result.model is not None:
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
                               "mirror_average": result.mirror_average}
+        summary["safeguards"] = result.safeguards
     return summary
 
 
 #: File names ``brainshift infer`` writes (any format); used to clear an earlier run's leftovers.
 OUTPUT_PATTERNS = ("initial_disp_field.*", "corrected_disp_field.*", "*_inverse_disp_field.*",
-                   "preop_warped_to_intraop.nii.gz", "summary.json")
+                   "preop_warped_to_intraop.nii.gz", "uncertainty_mm.nii.gz", "summary.json")
 
 
 def remove_stale_outputs(out: Path, keep: set[str]) -> list[str]:

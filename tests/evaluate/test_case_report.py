@@ -52,7 +52,8 @@ def _report(tmp_path: Path, **info) -> Path:
             "seed": 3, "max displacement (mm)": 2.2, "files": [("keypoints.csv", "driving keypoints")], **info}
     return write_case_report(tmp_path / "rep", image=vol, gt_field=gt, fields=fields, keypoints=kp, heldout=held,
                         rows=rows, masks=masks, info=info,
-                        images={"preop": vol, "intraop": Volume(vol.data * 0.9, AFFINE)})
+                        images={"preop": vol, "intraop": Volume(vol.data * 0.9, AFFINE)},
+                        uncertainty={"linear": np.full(vol.shape, 0.2, np.float32)})
 
 
 def test_report_writes_figures_table_and_no_external_resources(tmp_path):
@@ -63,8 +64,8 @@ def test_report_writes_figures_table_and_no_external_resources(tmp_path):
         png = path.parent / name
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f'src="{name}"' in text
-    assert len(re.findall(r"<img ", text)) == 4
-    assert len(re.findall(r'<img [^>]*alt="[^"]{10,}"', text)) == 4  # every image has alt text
+    assert len(re.findall(r"<img ", text)) == 5
+    assert len(re.findall(r'<img [^>]*alt="[^"]{10,}"', text)) == 5  # every image has alt text
     assert '<table id="metrics">' in text
     assert "no trained model shipped yet; classical methods only" in text
     # nothing fetched from the network: no http(s) URL anywhere in the page

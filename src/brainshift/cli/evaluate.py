@@ -30,6 +30,9 @@ def evaluate_command(
     mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
                                                help="Average the network with its left-right mirrored problem "
                                                     "(default: when the model was trained with mirroring)."),
+    safeguards: bool = typer.Option(True, "--safeguards/--no-safeguards",
+                                    help="net-* methods under the safeguards, as infer runs them (default); "
+                                         "--no-safeguards: the network alone."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Per case and method: MSE/MAE/P95 (mm), TRE, det J, Dice/HD95, time; writes CSV, summary.md, box plots."""
@@ -50,7 +53,7 @@ def evaluate_command(
         device = str(resolve_device(device))
     rows = evaluate_dataset(data, methods, weights=weights, seed=seed, n_keypoints=num_kpts, noise_mm=noise_mm,
                             cases=cases, device=device, progress=not quiet, overlap=not no_overlap,
-                            mirror_average=mirror_average)
+                            mirror_average=mirror_average, safeguards=safeguards)
     paths = write_tables(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
     typer.echo(summary_markdown(rows))
     typer.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")

@@ -35,6 +35,13 @@ def infer_command(
     mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
                                                help="Average the network with its left-right mirrored problem "
                                                     "(default: when the model was trained with mirroring)."),
+    safeguards: bool = typer.Option(True, "--safeguards/--no-safeguards",
+                                    help="Keep the network's correction only as far as it predicts held-out "
+                                         "keypoints better than the interpolation, then honour the keypoints "
+                                         "(needs keypoints; default on). --no-safeguards: the network alone."),
+    save_uncertainty: bool = typer.Option(False, "--save-uncertainty",
+                                          help="Also write uncertainty_mm.nii.gz: per-voxel standard deviation "
+                                               "(mm) of the refined field (with safeguards)."),
     h5_dtype: str = typer.Option("float32", "--h5-dtype", help="Precision of .h5 fields: float32 | float64."),
     h5_compression: int = typer.Option(0, "--h5-compression", min=0, max=9,
                                        help=".h5 gzip level (0: none, the fastest; 1: ~0.77x the size, ~1.3 s "
@@ -50,6 +57,7 @@ def infer_command(
         preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
         interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
+        safeguards=safeguards, save_uncertainty=save_uncertainty,
         h5_dtype=h5_dtype, h5_compression=h5_compression, verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")

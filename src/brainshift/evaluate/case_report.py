@@ -46,7 +46,7 @@ KEYPOINT_SLAB_MM = 3.0
 REPORT_NAME = "report.html"
 #: Figure file names (relative to the report).
 FIGURES = {"overview": "fig_overview.png", "errors": "fig_errors.png", "jacobian": "fig_jacobian.png",
-           "images": "fig_images.png"}
+           "images": "fig_images.png", "uncertainty": "fig_uncertainty.png"}
 #: Metric columns of the HTML table: row key -> header (shown when present in the rows).
 TABLE_COLUMNS = {
     "mse_mm2": "MSE (mm&sup2;)",
@@ -216,7 +216,9 @@ def _overview_figure(path: Path, t1, mag, brain, outline, outline_name, disp: _D
     return _save(fig, path), n_kp, n_held
 
 
-def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outline, disp: _Display, centre):
+def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outline, disp: _Display, centre,
+                   label: str = "error |u - u_gt| (mm)",
+                   title: str = "error magnitude against the ground truth over brain minus cavity (cavity outlined)"):
     views = _slices(centre)
     names = list(errors)
     fig, axes = _figure(len(names), 3)
@@ -237,8 +239,8 @@ def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outlin
         med = float(np.median(errors[name][region])) if region.any() else float("nan")
         axes[r][0].set_ylabel(f"{name}\nmedian {med:.2f} mm", fontsize=9)
     fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.8,
-                 label=f"error |u - u_gt| (mm), one scale, clipped at {vmax:.2f} mm")
-    fig.suptitle("error magnitude against the ground truth over brain minus cavity (cavity outlined)", fontsize=10)
+                 label=f"{label}, one scale, clipped at {vmax:.2f} mm")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -391,7 +393,8 @@ def _img(name: str, alt: str, caption: str) -> str:
 def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarray, fields: Mapping[str, np.ndarray],
                  keypoints: np.ndarray, heldout: np.ndarray | None, rows: Sequence[Mapping],
                  masks: Mapping[str, np.ndarray | Volume], info: Mapping | None = None,
-                 images: Mapping[str, Volume | np.ndarray] | None = None) -> Path:
+                 images: Mapping[str, Volume | np.ndarray] | None = None,
+                 uncertainty: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write the QC figures and ``report.html`` (module docstring) into ``out_dir``.
 
     Args:
@@ -408,6 +411,9 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
             (str, a paragraph), ``files`` (list of ``name`` or ``(name, description)`` relative to
             ``out_dir``, linked) and any other key -> value shown in the "case" table.
         images: optional extra images on the image grid (name -> Volume or array) shown on the same slices.
+        uncertainty: optional method name -> ``(I, J, K)`` per-voxel standard deviation (mm per world component,
+            :mod:`brainshift.model.safeguards`); shown as the expected error magnitude ``sqrt(3) sigma`` beside
+            that method's actual error, one colour scale (``fig_uncertainty.png``).
 
     Returns:
         The path of ``report.html``.
@@ -455,6 +461,21 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
               for name, f in preds.items()}
     del gt_ras
     _errors_figure(out / FIGURES["errors"], t1, errors, d_region, outline, disp, centre)
+    unc_fig = None
+    if uncertainty:
+        pairs = {}
+        for name, sig in uncertainty.items():
+            sig = np.asarray(sig, dtype=np.float32)
+            if sig.shape != shape:
+                raise GeometryError(f"expected the uncertainty map of {name!r} on the image grid {shape}, got "
+                                    f"{sig.shape}")
+            pairs[f"{name}: expected error"] = disp.array(np.sqrt(3.0) * sig)
+            if name in errors:
+                pairs[f"{name}: actual error"] = errors[name]
+        unc_fig = _errors_figure(out / FIGURES["uncertainty"], t1, pairs, d_region, outline, disp, centre,
+                                 label="error magnitude (mm)",
+                                 title="predicted uncertainty (sqrt(3) x sigma per component) beside the actual "
+                                       "error, over brain minus cavity")
     del errors
     # the ground truth is defined in the brain only (zero outside): mask-aware differences, so its map does not
     # show the non-physical rim that central differences across that cut produce
@@ -474,6 +495,12 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
              "Jacobian determinant of each field over brain minus cavity (diverging colour map centred at 1); "
              "folding (det J <= 0) outlined in green."),
     ]
+    if unc_fig is not None:
+        figs.append(_img(FIGURES["uncertainty"], "Predicted uncertainty maps beside the actual error maps",
+                         "Uncertainty of the safeguarded refinement: the expected error magnitude sqrt(3) x sigma "
+                         "(sigma: per-voxel standard deviation per world component, from the spread of the "
+                         "mirrored network passes and the distance to the nearest keypoint, scaled by the "
+                         "keypoints' cross-validation) beside the actual error, one colour scale."))
     if images:
         arrs = {}
         for name, vol in images.items():

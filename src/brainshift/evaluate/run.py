@@ -148,7 +148,8 @@ def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine:
 
 def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
                   noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
-                  device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None) -> list[dict]:
+                  device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None,
+                  safeguards: bool = True) -> list[dict]:
     """Evaluate ``methods`` on one :class:`~brainshift.simulate.dataset.SimCase` (rows in ``methods`` order).
 
     Args:
@@ -163,7 +164,9 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         device: torch device of the network.
         overlap: compute Dice/HD95 (one field inversion per method; ``nan`` columns when False).
         mirror_average: for ``net-*``, as in :func:`brainshift.model.inference.refine_field` (None: the
-            model's default).
+            model's default; only without safeguards).
+        safeguards: ``net-*`` refine under :mod:`brainshift.model.safeguards` with the case's driving
+            keypoints (as ``infer`` does by default); False: the network alone.
 
     Returns:
         One dict per method with the keys :data:`ROW_COLUMNS`.
@@ -201,7 +204,8 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             if loaded is None:
                 raise BrainshiftError(f"expected a loaded network for method {method!r}, got none")
             init, t_init = initial(method.removeprefix("net-"))
-            res = compensate(subject.image, initial_field=init, model=loaded, mask=subject.brain_mask.data > 0,
+            res = compensate(subject.image, initial_field=init, keypoints=(kp.points_vox, kp.disps_vox),
+                             safeguards=safeguards, model=loaded, mask=subject.brain_mask.data > 0,
                              device=device, mirror_average=mirror_average)
             pred, dt = res.refined_field, t_init + res.timings_s["refine with the network"]
         pred = np.asarray(pred, dtype=np.float32)
@@ -224,7 +228,8 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
 def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights: str | Path | None = None,
                      seed: int = 0, n_keypoints: int = 20, noise_mm: float = 0.0, cases: int | None = None,
                      device: str = "cpu", progress: bool = True, n_heldout: int = 100,
-                     overlap: bool = True, mirror_average: bool | None = None) -> list[dict]:
+                     overlap: bool = True, mirror_average: bool | None = None, safeguards: bool = True
+                     ) -> list[dict]:
     """Evaluate methods on every complete case of a simulated dataset.
 
     Args:
@@ -241,6 +246,7 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         overlap: compute Dice/HD95 (the slowest metrics).
         mirror_average: left-right mirror averaging of the network (None: the model's default, see
             :func:`brainshift.model.inference.refine_field`).
+        safeguards: as in :func:`evaluate_case`.
 
     Returns:
         One dict per (case, method), keys :data:`ROW_COLUMNS`, cases in sorted order, methods in the
@@ -283,7 +289,7 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         subject = case.subject
         rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
                                   noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
-                                  overlap=overlap, mirror_average=mirror_average))
+                                  overlap=overlap, mirror_average=mirror_average, safeguards=safeguards))
     return rows
 
 

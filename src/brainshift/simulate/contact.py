@@ -328,7 +328,9 @@ class ContactSolver:
         un = rn = np.zeros(0)
         history = [active.copy()]
         frozen = np.zeros(cn.size, dtype=bool)
-        for it in range(1, self.max_iterations + 1):
+        # one iteration more than the cap: a set that settled in the last allowed iteration still gets its
+        # final (tight) solve; changes in that extra iteration are an error
+        for it in range(1, self.max_iterations + 2):
             free = constrained_free(base_free, cn, active, self.hold_tangential)
             check_rigid_modes_removed(self.br, free)
             kc = apply_constraints(self.kr, free, self.pattern.diag_pos, self.pattern.rows, diag=self.diag)
@@ -352,6 +354,9 @@ class ContactSolver:
                     break
                 rtol = self.rtol
                 continue
+            if it > self.max_iterations:
+                raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "
+                                  f"iterations, got {n_changes} changes in the last one")
             active, osc = resolve_cycle(history, (active & ~release) | activate)
             if osc.any():
                 frozen |= osc
