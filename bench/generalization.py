@@ -12,8 +12,8 @@ held-out TRE targets, seeded per case), methods:
 
 - ``linear``, ``tps``: the classical interpolators;
 - ``net-tps``: the network's own refinement (mirror-averaged), what ``infer`` returned before the safeguards;
-- ``safe-tps``, ``safe-linear``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated
-  fallback, keypoint consistency, uncertainty).
+- ``safe-tps``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated fallback, keypoint
+  consistency, uncertainty), what ``infer -m tps`` returns now.
 
 Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family: mean MSE, mean of per-case ratios to the
 best classical interpolator of that case and the worst case's ratio, TRE, mean keypoint residual, % det J <= 0,
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("linear", "tps", "net-tps", "safe-linear", "safe-tps")
+METHODS = ("linear", "tps", "net-tps", "safe-tps")
 CLASSICAL = ("linear", "tps")
 
 
@@ -70,7 +70,7 @@ def evaluate_family(data_dir: Path, family: str, loaded, *, seed: int, n_keypoin
         t0 = time.perf_counter()
         fields["net-tps"] = refine_field(subject.image, fields["tps"], loaded, mask=brain)
         extra["net-tps"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"], "alpha": 1.0}
-        for m in ("linear", "tps"):
+        for m in ("tps",):
             t0 = time.perf_counter()
             res = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[m], loaded, method=m, mask=brain,
                               seed=seed)
@@ -172,13 +172,13 @@ def plot_ratios(rows: list[dict], out: Path) -> None:
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.8 * len(fams) + 2, 4))
-    for j, m in enumerate(("net-tps", "safe-tps", "safe-linear")):
+    for j, m in enumerate(("net-tps", "safe-tps")):
         for i, fam in enumerate(fams):
             fr = [r for r in rows if r["family"] == fam]
             cases = list(dict.fromkeys(r["case"] for r in fr))
             best = {c: min(r["mse_mm2"] for r in fr if r["case"] == c and r["method"] in CLASSICAL) for c in cases}
             ratios = [r["mse_mm2"] / best[r["case"]] for r in fr if r["method"] == m and best[r["case"]] > 0]
-            ax.scatter(np.full(len(ratios), i + (j - 1) * 0.22), ratios, s=12, color=f"C{j}",
+            ax.scatter(np.full(len(ratios), i + (j - 0.5) * 0.25), ratios, s=12, color=f"C{j}",
                        label=m if i == 0 else None)
     ax.axhline(1.0, color="k", lw=1)
     ax.axhline(0.7, color="k", lw=1, ls="--")
