@@ -14,7 +14,9 @@ ellipsoid with semi-axes 0.4 x the grid, zero outside. Rows:
   filters solve), ``composed`` = max over preop voxels p of ``|y + v(y) - p|`` with ``y = p + u(p)`` (v
   linearly interpolated), both in mm.
 - warp: :func:`warp_image` of a float32 image with the inverse given.
-- write / read of the field in each format, with the file size.
+- write / read of the field in each format, with the file size, for the sag field and for a dense TPS field
+  (non-zero everywhere, like the fields ``infer`` writes); ``.h5`` four ways: SimpleITK float64 (the writer
+  before issue 12), h5py float64, float32 uncompressed (``infer``'s default), float32 gzip level 1 + shuffle.
 - baseline: one ``scipy.ndimage.map_coordinates`` trilinear resampling of a float32 volume on the grid, in the
   same run, so that timings on a busy shared machine can be compared as ratios.
 
@@ -121,14 +123,34 @@ def main(argv=None) -> int:
     t, _ = timed(lambda: fields.warp_image(vol, field, affine, inverse_field=inv), args.repeats)
     rows.append(("warp_image (inverse given, linear)", t, "", ""))
 
+    # a dense field, non-zero everywhere like the interpolated fields infer writes: TPS of 20 keypoints
+    from brainshift.interpolate import interpolate
+
+    rng = np.random.default_rng(0)
+    kp = rng.uniform(10, np.array(shape) - 10, size=(20, 3))
+    dense = np.asarray(interpolate("tps", kp, rng.normal(0, 2.0, size=(20, 3)), shape, affine), np.float32)
+
+    def write_h5_sitk_float64(path, f):  # the writer before issue 12: SimpleITK, float64, uncompressed
+        sitk.WriteTransform(fields.field_to_sitk_transform(f, affine), str(path))
+
+    writers = [
+        (".h5", "float64 SimpleITK (before)", write_h5_sitk_float64),
+        (".h5", "float64 h5py", lambda p, f: fields.write_field(p, f, affine, h5_dtype="float64", compression=0)),
+        (".h5", "float32 (infer default)", lambda p, f: fields.write_field(p, f, affine, compression=0)),
+        (".h5", "float32 gzip 1 (write_field default)", lambda p, f: fields.write_field(p, f, affine)),
+        (".nii.gz", "", lambda p, f: fields.write_field(p, f, affine)),
+        (".nii", "", lambda p, f: fields.write_field(p, f, affine)),
+        (".npz", "", lambda p, f: fields.write_field(p, f, affine)),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        for ext in (".h5", ".nii.gz", ".nii", ".npz"):
-            path = Path(tmp) / f"field{ext}"
-            t_w, _ = timed(lambda path=path: fields.write_field(path, field, affine), args.repeats)
-            size = os.path.getsize(path) / 2**20
-            t_r, _ = timed(lambda path=path: fields.read_field(path), args.repeats)
-            rows.append((f"write_field {ext} ({size:.0f} MiB)", t_w, "", ""))
-            rows.append((f"read_field {ext}", t_r, "", ""))
+        for fname, f in (("sag (zero outside an ellipsoid)", field), ("dense TPS", dense)):
+            for ext, label, writer in writers:
+                path = Path(tmp) / f"field{ext}"
+                t_w, _ = timed(lambda path=path, writer=writer, f=f: writer(path, f), args.repeats)
+                size = os.path.getsize(path) / 2**20
+                t_r, _ = timed(lambda path=path: fields.read_field(path), args.repeats)
+                rows.append((f"{fname}: write {ext} {label} ({size:.1f} MiB)", t_w, "", ""))
+                rows.append((f"{fname}: read {ext} {label}", t_r, "", ""))
 
     print(f"# fields_io benchmark: grid {shape}, 1 mm, repeats {args.repeats}; {platform.processor() or 'cpu'}, "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, SimpleITK {sitk.Version.VersionString()}")

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("brainshift")
 
 
-def _timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall s, peak RSS MB) of ``cmd`` via GNU time."""
-    res = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], capture_output=True, text=True)
+def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall s, peak RSS MB) of ``cmd`` via GNU time (``env``: the environment, default inherited)."""
+    res = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     m = re.findall(r"TIME ([\d.]+) (\d+)", res.stderr)[-1]

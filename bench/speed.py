@@ -9,12 +9,19 @@ run taken from the command's own ``summary.json`` timings:
 - **load**: preop image, keypoints and network weights;
 - **interpolate**: the initial field from the keypoints (``-m linear`` or ``tps``);
 - **network**: resampling to the network grid, the forward pass, the residual back on the 1 mm grid;
-- **write**: field statistics and the output files (``.h5`` by default).
+- **statistics**: max / mean displacement and det J of each field;
+- **write**: the output files (``.h5`` by default).
+
+Since issue 12 the network loads in a background thread while the image is read and interpolated, so
+**load** counts only the wait for it.
 
 A baseline measured in the same run (a subprocess that only loads the T1 with nibabel and writes it back)
 gives a ratio that stays meaningful when the shared machine is busy.
 
     .venv/bin/python bench/speed.py [--repeats 5] [--weights weights/default.safetensors] [--method tps]
+        [--before /tmp/before]   # also an older tree (git archive), interleaved: before/after in one run
+
+Both ``--no-refine`` and ``--refine`` are timed (issue 12's target: ``--refine`` at most 1.5 x ``--no-refine``).
 
 Target (2-core CPU): <= 8 s wall and <= 2.5 GB peak (the published network alone: 38.9 s and 4.1 GB here).
 """
@@ -39,7 +46,8 @@ SPLIT = {
     "load": ("load preop image", "load keypoints", "load network weights"),
     "interpolate": ("interpolate",),
     "network": ("refine with the network",),
-    "write": ("field statistics", "write outputs"),
+    "statistics": ("field statistics",),
+    "write": ("write outputs",),
 }
 
 
@@ -54,47 +62,63 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weights", default=str(ROOT / "weights" / "default.safetensors"))
     ap.add_argument("--method", default="tps", choices=("linear", "tps"))
+    ap.add_argument("--before", default=None, help="another source tree (e.g. `git archive` of an older commit) "
+                    "run the same way with PYTHONPATH=BEFORE/src, interleaved with this one")
+    ap.add_argument("--after", default=None, help="the tree to measure instead of this checkout (PYTHONPATH=AFTER/src)")
     args = ap.parse_args()
     if not Path(args.weights).is_file():
         sys.exit(f"expected network weights at {args.weights}, not found (pass --weights)")
+    versions = {"after": str(Path(args.after).resolve() / "src") if args.after else None}
+    if args.before:
+        versions = {"before": str(Path(args.before).resolve() / "src"), **versions}
 
+    runs: dict[tuple[str, str], list] = {(v, m): [] for v in versions for m in ("--no-refine", "--refine")}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         img, kp = _prepare(tmp, shape_crop=True)
         baseline_cmd = [sys.executable, "-c",
                         f"import nibabel as nib; i = nib.load({str(img)!r}); nib.save(nib.Nifti1Image(i.get_fdata(), "
                         f"i.affine), {str(tmp / 'copy.nii.gz')!r})"]
-        infer_cmd = [str(EXE), "infer", "-p", str(img), "-k", str(kp), "-m", args.method, "--refine", "-w",
-                     args.weights, "-d", "cpu", "-q", "-o"]
-        base = [_timed(baseline_cmd)[0] for _ in range(args.repeats)]
-        runs = []
-        for r in range(args.repeats):
-            out = tmp / f"out{r}"
-            wall, mem = _timed(infer_cmd + [str(out)])
-            timings = json.loads((out / "summary.json").read_text())["timings_s"]
-            runs.append((wall, mem, timings))
-            shutil.rmtree(out, ignore_errors=True)
+        base = []
+        for r in range(args.repeats):  # interleaved: every version and mode sees the same machine load
+            base.append(_timed(baseline_cmd)[0])
+            for (version, mode), rec in runs.items():
+                out = tmp / f"out{r}"
+                cmd = [str(EXE), "infer", "-p", str(img), "-k", str(kp), "-m", args.method, mode, "-w",
+                       args.weights, "-d", "cpu", "-q", "-o", str(out)]
+                env = dict(os.environ, PYTHONPATH=versions[version]) if versions[version] else None
+                wall, mem = _timed(cmd, env=env)
+                rec.append((wall, mem, json.loads((out / "summary.json").read_text())["timings_s"]))
+                shutil.rmtree(out, ignore_errors=True)
 
-    walls = [w for w, _, _ in runs]
-    med = statistics.median(walls)
-    median_run = min(runs, key=lambda r: abs(r[0] - med))
     base_med = statistics.median(base)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; repeats {args.repeats}; weights {Path(args.weights).name}")
-    print("| command | median wall s | min s | max s | peak RSS MB | x baseline |")
-    print("|---|---|---|---|---|---|")
-    print(f"| baseline: nibabel load + save of the T1 | {base_med:.2f} | {min(base):.2f} | {max(base):.2f} | - "
+          f"load average {os.getloadavg()[0]:.1f}; repeats {args.repeats}; weights {Path(args.weights).name}; "
+          f"-m {args.method}, 160 x 192 x 144, 20 keypoints")
+    print("| version | command | median wall s | min s | max s | peak RSS MB | x baseline |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| | baseline: nibabel load + save of the T1 | {base_med:.2f} | {min(base):.2f} | {max(base):.2f} | - "
           "| 1.00 |")
-    print(f"| infer --refine -m {args.method} (160x192x144, 20 keypoints) | {med:.2f} | {min(walls):.2f} | "
-          f"{max(walls):.2f} | {max(m for _, m, _ in runs):.0f} | {med / base_med:.2f} |")
-    split = _split(median_run[2])
-    split = {"start-up (imports)": median_run[0] - split["total (command)"], **split}
+    med = {}
+    for (version, mode), rec in runs.items():
+        walls = [w for w, _, _ in rec]
+        med[(version, mode)] = statistics.median(walls)
+        print(f"| {version} | infer {mode} | {med[(version, mode)]:.2f} | {min(walls):.2f} | {max(walls):.2f} | "
+              f"{max(m for _, m, _ in rec):.0f} | {med[(version, mode)] / base_med:.2f} |")
+    print()
+    for version in versions:
+        print(f"{version}: --refine / --no-refine = {med[(version, '--refine')] / med[(version, '--no-refine')]:.2f}")
     print("\nsplit of the median run (s):\n")
-    print("| " + " | ".join(split) + " |")
-    print("|" + "---|" * len(split))
-    print("| " + " | ".join(f"{v:.2f}" for v in split.values()) + " |")
-    ok = med <= 8.0 and max(m for _, m, _ in runs) <= 2500
-    print(f"\ntarget <= 8 s and <= 2.5 GB: {'met' if ok else 'NOT met'}")
+    head = None
+    for (version, mode), rec in runs.items():
+        median_run = min(rec, key=lambda r: abs(r[0] - med[(version, mode)]))
+        split = _split(median_run[2])
+        split = {"start-up (imports)": median_run[0] - split["total (command)"], **split}
+        if head is None:
+            head = list(split)
+            print("| version | command | " + " | ".join(head) + " |")
+            print("|" + "---|" * (len(head) + 2))
+        print(f"| {version} | {mode} | " + " | ".join(f"{split[k]:.2f}" for k in head) + " |")
 
 
 if __name__ == "__main__":
