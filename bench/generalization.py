@@ -46,7 +46,6 @@ def evaluate_family(data_dir: Path, family: str, loaded, *, seed: int, n_keypoin
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
-    from brainshift.model.inference import refine_field
     from brainshift.model.safeguards import keypoint_residuals_mm, safe_refine
     from brainshift.simulate.dataset import list_cases, read_case, read_subject_keypoints
 
@@ -67,15 +66,16 @@ def evaluate_family(data_dir: Path, family: str, loaded, *, seed: int, n_keypoin
             t0 = time.perf_counter()
             fields[m] = interpolate(m, kp.points_vox, kp.disps_vox, subject.image.shape, affine)
             extra[m] = {"time_s": time.perf_counter() - t0, "alpha": math.nan}
-        t0 = time.perf_counter()
-        fields["net-tps"] = refine_field(subject.image, fields["tps"], loaded, mask=brain)
-        extra["net-tps"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"], "alpha": 1.0}
         for m in ("tps",):
             t0 = time.perf_counter()
             res = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[m], loaded, method=m, mask=brain,
                               seed=seed)
             fields[f"safe-{m}"] = res.field_vox
             extra[f"safe-{m}"] = {"time_s": time.perf_counter() - t0 + extra[m]["time_s"], "alpha": res.alpha}
+            # the network alone (mirror-averaged, = refine_field with mirror averaging): its two passes are the
+            # safeguards' own, so it is not run twice
+            fields[f"net-{m}"] = res.network_field_vox
+            extra[f"net-{m}"] = {"time_s": res.info["times_s"]["network_s"] + extra[m]["time_s"], "alpha": 1.0}
             if m == "tps":
                 err = np.linalg.norm(np.einsum("ij,j...->i...", affine[:3, :3], (res.field_vox - gt)
                                                .astype(np.float64)), axis=0)
