@@ -1,15 +1,21 @@
 """Progress reporting: named steps with their wall time, and progress notes (the one mechanism).
 
 A step that takes longer than a second is reported on stderr when it ends (and announced when it starts,
-so the user knows what is running). Long loops inside a step use tqdm directly.
+so the user knows what is running); notes (:meth:`StepTimer.note`) are the library's other progress lines.
+Both are also DEBUG records of the ``brainshift.progress`` logger, so a library user can route them through
+``logging`` instead. Long loops inside a step use tqdm directly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Iterator
+
+#: Every step and note is also a record of this logger (DEBUG), whether or not it is printed.
+log = logging.getLogger("brainshift.progress")
 
 
 class StepTimer:
@@ -22,6 +28,7 @@ class StepTimer:
 
     def note(self, text: str) -> None:
         """Print a progress line (when verbose): the one way library code reports progress to the user."""
+        log.debug("%s", text)
         if self.verbose:
             print(text, file=self.stream, flush=True)
 
@@ -36,5 +43,6 @@ class StepTimer:
         finally:
             dt = time.perf_counter() - t0
             self.timings_s[name] = self.timings_s.get(name, 0.0) + dt
+            log.debug("%s: %.3f s", name, dt)
             if self.verbose and dt >= 1.0:
                 print(f"  {name}: {dt:.2f} s", file=self.stream, flush=True)
