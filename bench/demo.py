@@ -4,7 +4,7 @@ Runs :func:`brainshift.demo.run_demo` (the full MNI152 case unless ``--quick``) 
 temporary folder and prints, as a Markdown table, the median seconds of each step (the demo's own
 :class:`~brainshift.progress.StepTimer` timings, stored in ``metrics.json``) and of the whole run. With
 ``--inverse`` it then compares, on the last run's ground truth and best-method fields, the exact inversion
-(:func:`brainshift.io.fields.invert_field`) with :func:`brainshift.demo.coarse_inverse_field` (inversion on the
+(:func:`brainshift.io.fields.invert_field`) with :func:`brainshift.io.fields.coarse_inverse_field` (inversion on the
 grid subsampled by 2): time, and the difference of the warped preop image inside the brain.
 
 Usage: ``.venv/bin/python bench/demo.py [--repeats 1] [--resolution 3] [--quick] [--inverse]``
@@ -24,8 +24,7 @@ import numpy as np
 
 
 def _inverse_comparison(out: Path) -> list[tuple[str, float, float, float, float]]:
-    from brainshift.demo import coarse_inverse_field
-    from brainshift.io.fields import invert_field, read_field, warp_image
+    from brainshift.io.fields import coarse_inverse_field, invert_field, read_field, warp_image
     from brainshift.io.images import read_image
 
     preop = read_image(out / "preop_t1.nii.gz")

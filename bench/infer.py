@@ -42,9 +42,10 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
 def _prepare(tmp: Path, shape_crop: bool) -> tuple[Path, Path]:
     import nibabel as nib
 
-    from brainshift.demo import analytic_sag_field, load_mni152
     from brainshift.io.images import write_image
     from brainshift.io.keypoints import write_keypoint_table
+    from brainshift.simulate.analytic import analytic_sag_field
+    from brainshift.simulate.template import load_mni152
     from brainshift.volume import Volume
 
     t1, brain = load_mni152()

@@ -11,12 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from brainshift.cli import app
-from brainshift.demo import NO_MODEL_NOTE, analytic_sag_field, format_table, load_mni152, run_demo
+from brainshift.demo import NO_MODEL_NOTE, format_table, run_demo
 from brainshift.errors import InputFileError
 from brainshift.evaluate.case_report import FIGURES
 from brainshift.io.fields import read_field
 from brainshift.io.images import read_image
 from brainshift.io.keypoints import read_keypoint_table
+from brainshift.simulate.analytic import analytic_sag_field
+from brainshift.simulate.template import load_mni152
 
 METRICS = ("mse_mm2", "mae_mm", "p95_mm", "tre_mm", "pct_jacobian_nonpositive", "time_s")
 
@@ -157,8 +159,7 @@ def test_full_demo_on_the_simulated_mni152_case(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:the inverse field's worst residual")  # the bump reaches the grid border
 def test_coarse_inverse_field_inverts_a_smooth_field():
-    from brainshift.demo import coarse_inverse_field
-    from brainshift.io.fields import invert_field
+    from brainshift.io.fields import coarse_inverse_field, invert_field
     from brainshift.keypoints import trilinear_sample
 
     shape = (33, 29, 25)

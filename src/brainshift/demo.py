@@ -29,13 +29,14 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    ``intraop_t1_ground_truth.nii.gz`` (the synthetic intraoperative image: the preop image with the cavity
    emptied, warped by the ground truth), ``preop_t1_warped_<best>.nii.gz`` (the preop image warped into
    intraop space by the method with the lowest MSE; both warps pull through an inverse computed on a grid
-   subsampled by 2, :func:`coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
+   subsampled by 2, :func:`brainshift.io.fields.coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
    (voxel frame, ``x,y,z,dx,dy,dz``), ``metrics.csv``, ``metrics.json`` and ``report.html`` with its figures
    (:func:`brainshift.evaluate.case_report.write_case_report`); ``brainshift demo`` prints the metrics table.
 
 ``quick=True`` replaces steps 1-2 by a small case for tests (seconds): the template resampled to
 :data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
-(:func:`analytic_sag_field`, zero outside the brain; the cavity is the tumour) instead of the simulation.
+(:func:`brainshift.simulate.analytic.analytic_sag_field`, zero outside the brain; the cavity is the tumour)
+instead of the simulation.
 
 Convention: every field is float32 ``(3, I, J, K)`` on the subject's grid, forward Lagrangian (preop voxel
 ``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``.
@@ -45,13 +46,15 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from brainshift.io.fields import coarse_inverse_field
+from brainshift.simulate.analytic import analytic_sag_field
+from brainshift.simulate.template import load_mni152
 from brainshift.volume import Volume
 
 if TYPE_CHECKING:
@@ -67,19 +70,7 @@ QUICK_SPACING_MM = 3.0
 DEMO_METHODS = ("linear", "tps")
 #: Fewest held-out TRE targets; random brain voxels are added to the detected keypoints if there are fewer.
 MIN_HELDOUT = 20
-#: Subsampling of the field inversion behind the warped images (see :func:`coarse_inverse_field`).
-INVERSE_SUBSAMPLING = 2
 NO_MODEL_NOTE = "no trained model shipped yet; classical methods only"
-
-
-@dataclass
-class SagFieldParameters:
-    """Parameters of :func:`analytic_sag_field` (all in mm in the RAS world frame)."""
-
-    amplitude_mm: float = 8.0
-    """Peak displacement at the craniotomy centre."""
-    width_mm: float = 35.0
-    """Standard deviation of the Gaussian fall-off with distance from the craniotomy centre."""
 
 
 @dataclass
@@ -97,54 +88,6 @@ class DemoCase:
     field_vox: np.ndarray
     cavity_mask: Volume
     info: dict
-
-
-def load_mni152() -> tuple[Volume, Volume]:
-    """The MNI152 T1 template (1 mm, 197 x 233 x 189, skull-stripped) and its brain mask, from nilearn's files.
-
-    Returns:
-        ``(t1, brain_mask)`` as :class:`Volume` (intensity float32 in [0, 1]; label uint8).
-    """
-    from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
-
-    t1 = load_mni152_template(resolution=1)
-    mask = load_mni152_brain_mask(resolution=1)
-    return (Volume(np.asarray(t1.get_fdata(), dtype=np.float32), t1.affine, "intensity"),
-            Volume((np.asarray(mask.get_fdata()) > 0).astype(np.uint8), mask.affine, "label"))
-
-
-def analytic_sag_field(brain_mask: Volume, params: SagFieldParameters | None = None) -> tuple[np.ndarray, dict]:
-    """A smooth analytic brain-sag displacement field under a right-superior craniotomy.
-
-    With ``c`` the craniotomy centre (the brain-mask voxel maximising ``z + 0.6 x`` in RAS mm, i.e. the
-    right-superior convexity) and ``g`` the unit vector from ``c`` toward the brain-mask centroid, the world
-    displacement of a point ``x`` is ``d(x) = amplitude * exp(-|x - c|^2 / (2 width^2)) * g`` (mm, RAS).
-    It is infinitely smooth and diffeomorphic for these parameters (max |grad d| = amplitude / (width
-    sqrt(e)) ~ 0.14 < 1).
-
-    Args:
-        brain_mask: label Volume; its grid is the field's grid.
-        params: amplitude and width (default :class:`SagFieldParameters`).
-
-    Returns:
-        ``(field_vox, info)``: float32 ``(3, I, J, K)``; info has ``craniotomy_ras`` and ``direction_ras``.
-
-    Convention: forward Lagrangian, voxel units along i, j, k of ``brain_mask``'s grid.
-    """
-    from brainshift.field import field_ras_to_voxel, voxel_grid
-    from brainshift.geometry import voxel_to_ras
-
-    p = params or SagFieldParameters()
-    idx = np.argwhere(brain_mask.data > 0)
-    ras = voxel_to_ras(idx.astype(np.float64), brain_mask.affine)
-    c = ras[np.argmax(ras[:, 2] + 0.6 * ras[:, 0])]
-    g = ras.mean(axis=0) - c
-    g /= np.linalg.norm(g)
-    grid = voxel_grid(brain_mask.shape).reshape(3, -1).T
-    x = voxel_to_ras(grid, brain_mask.affine)
-    w = p.amplitude_mm * np.exp(-((x - c) ** 2).sum(axis=1) / (2.0 * p.width_mm ** 2))
-    d_ras = (w[:, None] * g[None, :]).T.reshape((3,) + brain_mask.shape)
-    return field_ras_to_voxel(d_ras, brain_mask.affine), {"craniotomy_ras": c.tolist(), "direction_ras": g.tolist()}
 
 
 def demo_synthesis_config():
@@ -203,8 +146,8 @@ def make_quick_case(seed: int = 0, *, spacing_mm: float = QUICK_SPACING_MM, tumo
     """A small case for tests: the template at ``spacing_mm``, a spherical tumour, the analytic sag field.
 
     The tumour centre is drawn (``seed``) among brain voxels at least ``tumour_radius_mm + 10`` mm from the
-    brain surface; the cavity is the tumour; the ground truth is :func:`analytic_sag_field`, set to zero
-    outside the brain.
+    brain surface; the cavity is the tumour; the ground truth is
+    :func:`~brainshift.simulate.analytic.analytic_sag_field`, set to zero outside the brain.
 
     Returns:
         :class:`DemoCase`. Convention: ``field_vox`` forward Lagrangian, voxel units.
@@ -280,49 +223,6 @@ def score(field_vox: np.ndarray, case: DemoCase, kp: CaseKeypoints) -> dict:
     region = evaluation_region(case.subject.brain_mask.data, case.cavity_mask.data)
     return score_field(field_vox, case.field_vox, case.subject.image.affine, region, kp.heldout_points_vox,
                        kp.heldout_disps_vox)
-
-
-def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int = INVERSE_SUBSAMPLING) -> np.ndarray:
-    """The backward field of a forward field, inverted on every ``factor``-th voxel and upsampled trilinearly.
-
-    :func:`brainshift.io.fields.invert_field` (SimpleITK ``InvertDisplacementField``, 50 fixed-point
-    iterations) costs about 25 s on a 160 x 208 x 176 grid on this 2-core CPU; on the grid subsampled by 2
-    (the samples ``field[:, ::2, ::2, ::2]``, exactly, with the affine's columns scaled by 2) it is 8x fewer
-    voxels. The coarse inverse is converted back to fine voxel units and interpolated trilinearly
-    (``scipy.ndimage.map_coordinates``, order 1, edge values held) at every fine voxel. Smooth fields lose
-    nothing visible; a displacement jump (the ground truth is zero outside the brain) is smeared over one
-    coarse voxel. The demo uses it only to make the warped images.
-
-    Args:
-        field_vox: ``(3, I, J, K)`` forward field, voxel units.
-        affine: 4x4 voxel-to-RAS affine of its grid.
-        factor: integer subsampling (1 = :func:`invert_field` itself).
-
-    Returns:
-        ``(3, I, J, K)`` float32 backward field in voxel units on the same grid.
-
-    Convention: input forward Lagrangian; output backward Eulerian (intraop ``y`` -> preop ``y + v(y)``),
-    both in voxel units along ``i, j, k``.
-    """
-    from scipy.ndimage import map_coordinates
-
-    from brainshift.field import check_field
-    from brainshift.io.fields import invert_field
-
-    f = check_field(field_vox)
-    if factor <= 1:
-        return invert_field(f, affine)
-    a = np.asarray(affine, dtype=np.float64).copy()
-    a[:3, :3] *= factor  # coarse voxel n is fine voxel factor * n; same origin
-    with warnings.catch_warnings(record=True):  # residuals at the field's jumps / grid border are expected here
-        warnings.simplefilter("always")
-        inv_c = invert_field(np.ascontiguousarray(f[:, ::factor, ::factor, ::factor]) / factor, a)
-    shape = f.shape[1:]
-    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) / factor for n in shape], indexing="ij", sparse=False)
-    out = np.empty_like(f)
-    for c in range(3):
-        out[c] = map_coordinates(inv_c[c], coords, order=1, mode="nearest", prefilter=False) * factor
-    return out
 
 
 def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu", timer=None,

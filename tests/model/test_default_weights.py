@@ -29,8 +29,8 @@ def test_default_model_ships_small_and_loads_as_documented():
 
 
 def test_default_model_refines_a_field_on_the_builtin_brain():
-    from brainshift.demo import load_mni152
     from brainshift.model.inference import refine_field
+    from brainshift.simulate.template import load_mni152
 
     t1, brain = load_mni152()
     t1, brain = t1.resample_to_spacing(3.0), brain.resample_to_spacing(3.0)

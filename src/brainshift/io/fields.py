@@ -422,6 +422,51 @@ def invert_field(field_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return inv
 
 
+#: Default subsampling of :func:`coarse_inverse_field`.
+INVERSE_SUBSAMPLING = 2
+
+
+def coarse_inverse_field(field_vox: np.ndarray, affine: np.ndarray, factor: int = INVERSE_SUBSAMPLING) -> np.ndarray:
+    """The backward field of a forward field, inverted on every ``factor``-th voxel and upsampled trilinearly.
+
+    :func:`brainshift.io.fields.invert_field` (SimpleITK ``InvertDisplacementField``, 50 fixed-point
+    iterations) costs about 25 s on a 160 x 208 x 176 grid on this 2-core CPU; on the grid subsampled by 2
+    (the samples ``field[:, ::2, ::2, ::2]``, exactly, with the affine's columns scaled by 2) it is 8x fewer
+    voxels. The coarse inverse is converted back to fine voxel units and interpolated trilinearly
+    (``scipy.ndimage.map_coordinates``, order 1, edge values held) at every fine voxel. Smooth fields lose
+    nothing visible; a displacement jump (the ground truth is zero outside the brain) is smeared over one
+    coarse voxel. The demo uses it only to make the warped images.
+
+    Args:
+        field_vox: ``(3, I, J, K)`` forward field, voxel units.
+        affine: 4x4 voxel-to-RAS affine of its grid.
+        factor: integer subsampling (1 = :func:`invert_field` itself).
+
+    Returns:
+        ``(3, I, J, K)`` float32 backward field in voxel units on the same grid.
+
+    Convention: input forward Lagrangian; output backward Eulerian (intraop ``y`` -> preop ``y + v(y)``),
+    both in voxel units along ``i, j, k``.
+    """
+    from scipy.ndimage import map_coordinates
+
+
+    f = check_field(field_vox)
+    if factor <= 1:
+        return invert_field(f, affine)
+    a = np.asarray(affine, dtype=np.float64).copy()
+    a[:3, :3] *= factor  # coarse voxel n is fine voxel factor * n; same origin
+    with warnings.catch_warnings(record=True):  # residuals at the field's jumps / grid border are expected here
+        warnings.simplefilter("always")
+        inv_c = invert_field(np.ascontiguousarray(f[:, ::factor, ::factor, ::factor]) / factor, a)
+    shape = f.shape[1:]
+    coords = np.meshgrid(*[np.arange(n, dtype=np.float32) / factor for n in shape], indexing="ij", sparse=False)
+    out = np.empty_like(f)
+    for c in range(3):
+        out[c] = map_coordinates(inv_c[c], coords, order=1, mode="nearest", prefilter=False) * factor
+    return out
+
+
 def warp_image(volume: Volume, field_vox: np.ndarray, affine: np.ndarray, *,
                inverse_field: np.ndarray | None = None) -> Volume:
     """The preop image resampled into intraop space: ``out(y) = volume(y + v(y))``.
