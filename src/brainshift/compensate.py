@@ -7,7 +7,7 @@ reads and writes no file: inputs are in-memory arrays, the result is a :class:`R
 Steps (each timed in ``Result.timings_s``):
 
 1. ``interpolate (<method>)``: the keypoints are validated on the image grid
-   (:func:`brainshift.io.keypoints.validate_keypoints`) and interpolated to a dense initial field
+   (:func:`brainshift.keypoints.validate.validate_keypoints`) and interpolated to a dense initial field
    (:func:`brainshift.interpolate.interpolate`); skipped when ``initial_field`` is given.
 2. ``refine with the network``: with a ``model``, the network's residual is added to the initial field
    (Assis et al. 2025, arXiv:2508.13762). With keypoints and ``safeguards=True`` (the default) this is
@@ -106,7 +106,7 @@ def interpolate_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.n
         KeypointError: non-finite, outside the image, conflicting duplicates, fewer than 4, coplanar.
     """
     from brainshift.interpolate import interpolate
-    from brainshift.io.keypoints import validate_keypoints
+    from brainshift.keypoints.validate import validate_keypoints
 
     points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape)
     return np.asarray(interpolate(method, points_vox, disps_vox, image.shape, image.affine, **options),
@@ -160,7 +160,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         raise BrainshiftError("expected keypoints or an initial_field, got neither")
     timings: dict[str, float] = {}
     if keypoints is not None:
-        from brainshift.io.keypoints import validate_keypoints
+        from brainshift.keypoints.validate import validate_keypoints
 
         points_vox, disps_vox = validate_keypoints(keypoints[0], keypoints[1], image.shape)
     if initial_field is not None:

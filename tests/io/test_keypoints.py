@@ -1,4 +1,5 @@
-"""Keypoint readers and writers (tables, 3D SIFT-Rank .key, Slicer markups) and validate_keypoints."""
+"""Keypoint readers and writers (tables, 3D SIFT-Rank .key, Slicer markups) and validate_keypoints
+(brainshift.keypoints.validate)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from brainshift.io.keypoints import (
     read_keypoints,
     read_sift_key,
     read_slicer_markups,
-    validate_keypoints,
     write_keypoint_table,
     write_sift_key,
 )
+from brainshift.keypoints.validate import validate_keypoints
 
 # ------------------------------------------------------------------------------------------------ tables
 

@@ -151,6 +151,6 @@ def check_keypoints(
     Raises:
         KeypointError: wrong shape, non-finite values, conflicting duplicates, too few or coplanar points.
     """
-    from brainshift.io.keypoints import validate_keypoints
+    from brainshift.keypoints.validate import validate_keypoints
 
     return validate_keypoints(points_vox, disps_vox, None, min_points=min_points)
