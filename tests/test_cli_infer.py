@@ -252,14 +252,16 @@ def test_unknown_device_is_refused_even_without_refinement(tmp_path, image_path)
 
 def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_default_weights):
     kp = _table(tmp_path / "kp.csv", _good_rows())
-    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q", "-f", "npz"])
+    # the network alone (--no-safeguards: the safeguards always run both mirrored passes)
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "o"), "-q", "-f", "npz",
+                   "--no-safeguards"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["refined"] is True and summary["inputs"]["weights"] == str(tiny_default_weights)
     assert summary["network"]["mirror_average"] is False  # the tiny model was not trained with mirroring
     assert (tmp_path / "o" / "corrected_disp_field.npz").is_file()
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "m"), "-q", "-f", "npz",
-                   "--mirror-average"])
+                   "--mirror-average", "--no-safeguards"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["network"]["mirror_average"] is True
     plain = np.load(tmp_path / "o" / "corrected_disp_field.npz")
