@@ -512,6 +512,14 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
         figs.append(_img(FIGURES["images"], "Extra images on the same slices: " + ", ".join(arrs),
                          "Images on the same slices: " + ", ".join(arrs) + "."))
 
+    path = out / REPORT_NAME
+    with atomic_output(path) as tmp:
+        tmp.write_text(_html_page(info, rows, figs), encoding="utf-8")
+    return path
+
+
+def _html_page(info: Mapping, rows: Sequence[Mapping], figs: list[str]) -> str:
+    """The text of ``report.html``: title, notes, summary, metrics table, figures, case and file tables."""
     title = str(info.get("title", "brainshift report"))
     notes = [str(n) for n in info.get("notes", [])]
     parts = [
@@ -537,7 +545,4 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
     parts += ["<p>Display: slices in the nearest-RAS orientation of the image (subject's right on the right, "
               "anterior / superior up). Fields: forward Lagrangian, preop voxel p moves to p + u(p).</p>",
               f"<script>{_SCRIPT}</script>", "</body>", "</html>"]
-    path = out / REPORT_NAME
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    return path
+    return "\n".join(parts) + "\n"
