@@ -27,9 +27,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+def _build_wheel(out: Path) -> Path:
+    """Build the wheel of this checkout into ``out`` (one build per test run: only one test calls this, so
+    pytest-xdist workers never build in the same source tree at once)."""
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -38,7 +38,8 @@ def wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
-def test_wheel_contains_the_default_model_and_configs(wheel):
+def test_wheel_ships_its_model_and_configs_and_runs_from_another_directory(tmp_path):
+    wheel = _build_wheel(tmp_path / "wheel")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         shipped = z.read("brainshift/data/weights/default.safetensors")
@@ -49,6 +50,7 @@ def test_wheel_contains_the_default_model_and_configs(wheel):
     assert {"train_default.yaml", "train_fast.yaml", "simulate.yaml"} <= configs
     assert configs == {f"{n}.yaml" for n in config_names()}
     assert {"brainshift/cli/__init__.py", "brainshift/__main__.py", "brainshift/compensate.py"} <= names
+    _run_unpacked(wheel, tmp_path)
 
 
 def test_resources_resolve_inside_the_package():
@@ -61,7 +63,9 @@ def test_resources_resolve_inside_the_package():
         config_path("nope")
 
 
-def test_unpacked_wheel_refines_with_its_model_from_another_directory(wheel, tmp_path):
+def _run_unpacked(wheel: Path, tmp_path: Path) -> None:
+    """Unpack ``wheel`` and run ``python -m brainshift infer`` from another directory: it must refine with the
+    wheel's own default model (no -w)."""
     import nibabel as nib
 
     site = tmp_path / "site"
