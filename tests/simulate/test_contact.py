@@ -189,3 +189,16 @@ def test_phantom_case_contact_models_keep_nodes_inside(contact_model):
     for stage in r.meta["solves"]:
         assert stage["max_outward_mm"] <= 0.2
     assert r.meta["max_displacement_mm"] > 0.05
+
+
+def test_hold_chattering_counts_changes_per_node():
+    from brainshift.simulate.contact import MAX_NODE_CHANGES, hold_chattering
+
+    changes = np.zeros(3, np.int64)
+    frozen = np.zeros(3, bool)
+    flip = np.array([True, False, False])
+    for k in range(1, MAX_NODE_CHANGES + 1):
+        held = hold_chattering(changes, flip, np.array([False, k % 2 == 0, False]), frozen)
+    assert held.tolist() == [True, False, False] and changes.tolist() == [MAX_NODE_CHANGES, 2, 0]
+    frozen |= held
+    assert not hold_chattering(changes, flip, np.zeros(3, bool), frozen)[0]  # a frozen node is not returned again

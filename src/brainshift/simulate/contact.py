@@ -32,7 +32,9 @@ Method (exact normal constraints, no penalty):
   *activate* inactive nodes that moved outward (``u_n > gap_tol``); repeat until the set does not change
   (at most ``max_iterations``, else :class:`SolverError`). The skull is a small-displacement obstacle (the gap
   is measured along the reference normal), consistent with linear elasticity.
-- Chattering: if the active set returns to a set it had before (a cycle, typically one node flipping between
+- Chattering: a node whose state changed :data:`MAX_NODE_CHANGES` times within one solve is held in contact and
+  frozen (no-slip nodes can be released and re-activated out of phase with each other, which never repeats a
+  whole set); and if the active set returns to a set it had before (a cycle, typically one node flipping between
   contact and release because its reaction and gap are both at the tolerance), the nodes that change state
   within the cycle are held in contact (``u_n = 0``, the conservative choice: no penetration) and frozen for
   the remaining iterations (:func:`resolve_cycle`); their count is reported (``ContactResult.held_nodes``).
@@ -184,6 +186,19 @@ def constrained_free(base_free: np.ndarray, nodes: np.ndarray, active: np.ndarra
     return free
 
 
+#: A contact node whose state changed this many times in one solve is held in contact from then on (chattering
+#: that is not an exact cycle of the whole set, e.g. no-slip nodes released and re-activated out of phase).
+MAX_NODE_CHANGES = 4
+
+
+def hold_chattering(changes: np.ndarray, release: np.ndarray, activate: np.ndarray, frozen: np.ndarray
+                    ) -> np.ndarray:
+    """Count each node's state changes (in place) and return the nodes that reached :data:`MAX_NODE_CHANGES`
+    and are not yet frozen: the caller holds them in contact (the conservative state: no penetration)."""
+    changes += release | activate
+    return (changes >= MAX_NODE_CHANGES) & ~frozen
+
+
 def next_active_set(active: np.ndarray, live: np.ndarray, un: np.ndarray, rn: np.ndarray, force_tol: float,
                     gap_tol_mm: float, never_release: np.ndarray, frozen: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -328,6 +343,7 @@ class ContactSolver:
         un = rn = np.zeros(0)
         history = [active.copy()]
         frozen = np.zeros(cn.size, dtype=bool)
+        node_changes = np.zeros(cn.size, dtype=np.int64)
         # one iteration more than the cap: a set that settled in the last allowed iteration still gets its
         # final (tight) solve; changes in that extra iteration are an error
         for it in range(1, self.max_iterations + 2):
@@ -357,11 +373,13 @@ class ContactSolver:
             if it > self.max_iterations:
                 raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "
                                   f"iterations, got {n_changes} changes in the last one")
-            active, osc = resolve_cycle(history, (active & ~release) | activate)
+            chatter = hold_chattering(node_changes, release, activate, frozen)
+            active, osc = resolve_cycle(history, ((active & ~release) | activate) | chatter)
+            osc |= chatter
             if osc.any():
                 frozen |= osc
                 if progress:
-                    print(f"  contact: active-set cycle, {int(osc.sum())} node(s) held in contact")
+                    print(f"  contact: active-set cycle or chattering, {int(osc.sum())} node(s) held in contact")
             history.append(active.copy())
         else:
             raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "

@@ -31,6 +31,7 @@ from brainshift.simulate.contact import (
     check_contact_model,
     combine_constraint_nodes,
     constrained_free,
+    hold_chattering,
     next_active_set,
     node_frames,
     resolve_cycle,
@@ -166,6 +167,7 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
         force_tol = force_tol_rel * max(float(np.abs(f_ext).max()), 1e-300)
         history = [active.copy()]
         frozen = np.zeros(len(contact_nodes), bool)
+        node_changes = np.zeros(len(contact_nodes), np.int64)
         for _ in range(max_contact_iterations):
             free = constrained_free(base_free, contact_nodes, active, hold_tangential)
             fem.check_rigid_modes_removed(near_null, free)
@@ -210,8 +212,9 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
                       f"{int(activate.sum())}")
             if not (release.any() or activate.any()):
                 break
-            active, osc = resolve_cycle(history, (active & ~release) | activate)
-            frozen |= osc
+            chatter = hold_chattering(node_changes, release, activate, frozen)
+            active, osc = resolve_cycle(history, ((active & ~release) | activate) | chatter)
+            frozen |= osc | chatter
             history.append(active.copy())
         else:
             raise SolverError(f"expected the skull-contact active set to settle within {max_contact_iterations} "
