@@ -239,3 +239,16 @@ def test_default_variant_options_keep_earlier_draws(tiny_dataset):
     np.testing.assert_array_equal(a["points"], b["points"])
     np.testing.assert_array_equal(a["disps"], b["disps"])
     assert a["method"] == b["method"]
+
+
+def test_variant_options_reach_the_pools_and_change_the_cache_key(tiny_dataset, tmp_path):
+    """TrainDataset passes the keypoint policy to every variant, and pools made with another policy are not
+    reused from the cache."""
+    kw = dict(size=None, interp=None, k_range=(6, 6), heldout_kpts=5, variants_per_case=2, seed=0,
+              cache_dir=tmp_path / "cache")
+    opts = {"rules": ("random", "cortex"), "noise_mm": (0.0, 0.5), "methods": ("tps",)}
+    ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=2,
+                      variant_options=opts, **kw)
+    assert ds.cases[0]["methods"] == ["tps", "tps"]  # the only method the policy allows
+    TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=2, **kw).cases[0]
+    assert len(list((tmp_path / "cache" / "variant_pools").glob("*.pt"))) == 2

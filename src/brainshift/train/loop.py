@@ -401,7 +401,7 @@ def _test_best(run: _Run) -> dict[str, float]:
         return {}
     best = load_weights(run.best_path, device=run.ctx.device)
     items = validation_items(test_root, test_cases, run.net_cfg, seed=cfg.seed, interp=cfg.interp,
-                             k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
+                             k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
     test_metrics = validate(best.model, items, run.net_cfg, run.ctx.device, cfg.extra_eval)
     with atomic_output(run.save_dir / "test_metrics.json") as tmp:
         Path(tmp).write_text(json.dumps({"data": str(test_root), "cases": test_cases, **test_metrics}, indent=2))
@@ -445,6 +445,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         splits, net_cfg = run.splits, run.net_cfg
         dataset = TrainDataset(cfg.data, splits.train, splits.case_subject, net_cfg, size=cfg.size,
                                interp=cfg.interp, k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts,
+                               variant_options=cfg.variant_options,
                                variants_per_case=cfg.variants_per_case, augment=cfg.augment,
                                flip_axes=cfg.flip_axes,
                                samples_per_epoch=cfg.samples_per_epoch, seed=cfg.seed, cache_dir=cfg.cache_dir,
@@ -452,7 +453,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         val_items = []
         if ctx.is_main and splits.val:
             val_items = validation_items(cfg.data, splits.val, net_cfg, seed=cfg.seed, interp=cfg.interp,
-                                         k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts)
+                                         k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts,
+                                         variant_options=cfg.variant_options)
         writer = None
         if ctx.is_main:
             from torch.utils.tensorboard import SummaryWriter
