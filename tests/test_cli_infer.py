@@ -214,11 +214,42 @@ def test_rerun_into_same_folder_removes_earlier_outputs(tmp_path, image_path):
                    "-q"])
     assert res.exit_code == 0, res.output
     (out / "notes.txt").write_text("mine")  # not a brainshift output: must survive
-    with pytest.warns(UserWarning, match="removed outputs of an earlier run"):
-        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "--no-refine", "-o", str(out),
-                       "-f", "npz", "-q"])
+    (out / "initial_disp_field.h5.bak").write_text("mine")  # named like an output: must survive too
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "--no-refine", "-o", str(out),
+                   "-f", "npz", "-q"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["initial_disp_field.npz", "notes.txt", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["initial_disp_field.h5.bak", "initial_disp_field.npz",
+                                                     "notes.txt", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["outputs"] == ["initial_disp_field.npz", "summary.json"]
+
+
+def test_a_users_file_at_an_output_path_is_never_overwritten(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "initial_disp_field.h5").write_bytes(b"my field")  # no summary.json: brainshift did not write it
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q"])
+    _assert_clean_error(res, tmp_path / "none", "initial_disp_field.h5", "did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["initial_disp_field.h5"]
+    assert (out / "initial_disp_field.h5").read_bytes() == b"my field"
+
+
+def test_a_directory_at_an_output_path_is_an_error(tmp_path, image_path):
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    (out / "summary.json").mkdir(parents=True)
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q"])
+    _assert_clean_error(res, tmp_path / "none", "summary.json")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
+def test_absurd_displacements_are_refused(tmp_path, image_path):
+    rows = _good_rows()
+    rows[3, 3:] = [1e30, 0, 0]
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q"])
+    _assert_clean_error(res, out, "--max-displacement", "data row 4")
 
 
 def test_output_below_an_existing_file_fails_before_any_work(tmp_path, image_path, monkeypatch):

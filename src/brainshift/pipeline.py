@@ -1,8 +1,10 @@
 """The main job with files: read -> :func:`brainshift.compensate.compensate` -> write (all-or-nothing).
 
 ``run_infer`` is what ``brainshift infer`` calls. Every input is read and validated, and every field
-computed, before the first output file is written; each output is written atomically, so bad input never
-leaves partial files behind.
+computed, before the first output file is written; the outputs are one transaction
+(:class:`brainshift.io.output_set.OutputSet`): written into a staging folder inside ``-o`` and moved into place
+together with ``summary.json`` (the manifest), so a failure at any point leaves ``-o`` as it was, and a re-run
+replaces only files an earlier run listed in its ``summary.json``.
 
 Convention: all fields in memory are float32 ``(3, I, J, K)`` on the preop image grid, forward Lagrangian
 (the preop point at voxel ``p`` moves to ``p + u(p)`` intraoperatively), components in voxel units along
@@ -11,8 +13,6 @@ Convention: all fields in memory are float32 ``(3, I, J, K)`` on the preop image
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +28,9 @@ _EXT = {"h5": ".h5", "npz": ".npz", "nii": ".nii.gz"}
 #: The ``.h5`` gzip level ``infer`` writes by default: 0 (uncompressed float32, 0.5x the float64 file). Deflate
 #: takes ~1.3 s per MNI-sized field on a 2-core CPU for 0.38x instead (bench/fields_io.py); ``--h5-compression 1``.
 INFER_H5_COMPRESSION = 0
+#: The default bound on displacements (mm) in keypoints, initial fields and results (``--max-displacement``):
+#: brain shift reaches a few centimetres; beyond this a table in the wrong units or frame is far likelier.
+MAX_DISPLACEMENT_MM = 100.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class InferOptions:
     interp_options: dict = dc_field(default_factory=dict)
     h5_dtype: str = "float32"
     h5_compression: int = INFER_H5_COMPRESSION
+    max_displacement_mm: float = MAX_DISPLACEMENT_MM
 
 
 def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
@@ -93,6 +97,9 @@ def _check_options(opts: InferOptions) -> str:
         raise BrainshiftError(f"expected --h5-dtype one of {H5_DTYPES}, got {opts.h5_dtype!r}")
     if not 0 <= int(opts.h5_compression) <= 9:
         raise BrainshiftError(f"expected --h5-compression in 0-9, got {opts.h5_compression}")
+    bound = float(opts.max_displacement_mm)
+    if not (bound > 0 and bound < float("inf")):
+        raise BrainshiftError(f"expected --max-displacement a positive number of mm, got {opts.max_displacement_mm}")
     _check_keypoint_options(opts)
     return fmt
 
@@ -150,13 +157,14 @@ def run_infer(opts: InferOptions) -> dict:
         BrainshiftError (and subclasses): any bad input, with a one-line message.
     """
     from brainshift.compensate import compensate
+    from brainshift.io.output_set import OutputSet
 
     t_start = time.perf_counter()
     steps = StepTimer(opts.verbose)
     fmt = _check_options(opts)
     refine, weights = _refinement_plan(opts)
     out = Path(opts.output)
-    check_output_dir(out)
+    outputs = OutputSet(out, _planned_outputs(opts, fmt, refine))  # a user's file in the way fails here, at once
     device = "cpu"
     if not refine and opts.device.lower() not in ("cpu", "auto"):
         from brainshift.device import resolve_device  # an explicitly named device is checked even so
@@ -164,33 +172,96 @@ def run_infer(opts: InferOptions) -> dict:
         device = str(resolve_device(opts.device))
     pending = _load_network_async(weights, opts.device) if refine else None
     image, given = _read_inputs(opts, steps)
+    _check_displacement_bound(image, given, opts)
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
                             progress=opts.verbose, statistics=True, safeguards=opts.safeguards)
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
+    _check_result(result, opts)
     if refine:
         from brainshift.device import resolve_device
 
         device = str(resolve_device(opts.device))
-    written = _write_outputs(out, fmt, image, result, opts, steps)
-    summary = _summary(opts, image, result, weights, device, written, steps, fmt)
-    summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
-    from brainshift.io.atomic import atomic_output
-
-    with atomic_output(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    removed = remove_stale_outputs(out, keep=set(summary["outputs"]))
-    if removed:
-        warnings.warn(f"removed outputs of an earlier run in {out} that this run did not write: {', '.join(removed)}",
-                      stacklevel=2)
+    with outputs:
+        _write_outputs(outputs, fmt, image, result, opts, steps)
+        summary = _summary(opts, image, result, weights, device, outputs.written, steps, fmt)
+        summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
+        outputs.commit(summary)
     return summary
 
 
-def _write_outputs(out: Path, fmt: str, image: Volume, result, opts: InferOptions, steps: StepTimer) -> list[str]:
-    """Write the fields (and the inverse / warped image when asked); return the file names written."""
+def _planned_outputs(opts: InferOptions, fmt: str, refine: bool) -> list[str]:
+    """The file names a run with these options writes (checked against the folder before any work)."""
+    ext = _EXT[fmt]
+    names = [f"initial_disp_field{ext}"]
+    final = "corrected" if refine else "initial"
+    if refine:
+        names.append(f"corrected_disp_field{ext}")
+    if opts.save_inverse:
+        names.append(f"{final}_inverse_disp_field{ext}")
+    if opts.save_warped:
+        names.append("preop_warped_to_intraop.nii.gz")
+    if opts.save_uncertainty:
+        names.append("uncertainty_mm.nii.gz")
+    return names
+
+
+def _check_displacement_bound(image: Volume, given: dict, opts: InferOptions) -> None:
+    """Refuse keypoint or initial-field displacements longer than ``opts.max_displacement_mm``.
+
+    Raises:
+        KeypointError: a keypoint displacement beyond the bound (named by its row, 1-based, and its length).
+        InputFileError: an initial field beyond the bound.
+    """
+    import numpy as np
+
+    from brainshift.errors import KeypointError
+
+    bound = float(opts.max_displacement_mm)
+    a = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if "keypoints" in given:
+        disps_mm = np.linalg.norm(np.asarray(given["keypoints"][1], dtype=np.float64) @ a.T, axis=1)
+        if disps_mm.size and not np.all(disps_mm <= bound):
+            i = int(np.argmax(np.where(np.isfinite(disps_mm), disps_mm, np.inf)))
+            raise KeypointError(f"expected keypoint displacements of at most {bound:g} mm (--max-displacement), "
+                                f"got {disps_mm[i]:.6g} mm in data row {i + 1} of {opts.kpt_disps}")
+    else:
+        fld = np.asarray(given["initial_field"])
+        mm = np.sqrt(sum(np.square(np.tensordot(a[r], fld, axes=(0, 0)), dtype=np.float64) for r in range(3)))
+        worst = float(np.max(mm)) if mm.size else 0.0
+        if not np.isfinite(worst) or worst > bound:
+            raise InputFileError(f"expected initial-field displacements of at most {bound:g} mm "
+                                 f"(--max-displacement), got {worst:.6g} mm in {opts.init_disp}")
+
+
+def _check_result(result, opts: InferOptions) -> None:
+    """Refuse a computed field that is non-finite or beyond the bound (never write it, never put inf in JSON)."""
+    import numpy as np
+
+    bound = float(opts.max_displacement_mm)
+    for name, fld in (("initial", result.initial_field), ("refined", result.refined_field)):
+        if fld is not None and not np.isfinite(fld).all():
+            raise BrainshiftError(f"expected a finite {name} field, got NaN or inf in {int((~np.isfinite(fld)).sum())} "
+                                  f"components; check the inputs for non-finite or extreme values")
+    for name, stats in result.statistics.items():
+        worst = stats.get("max_displacement_mm")
+        if worst is None:
+            continue
+        if not np.isfinite(worst) or worst > bound:
+            raise BrainshiftError(f"expected a {name} field with displacements of at most {bound:g} mm "
+                                  f"(--max-displacement), got {worst:.6g} mm; check the keypoints' units and frame")
+
+
+def _write_outputs(outputs, fmt: str, image: Volume, result, opts: InferOptions, steps: StepTimer) -> None:
+    """Write the fields (and the inverse / warped image when asked) into the staging folder of ``outputs``.
+
+    Every file goes through :meth:`brainshift.io.output_set.OutputSet.write`; nothing reaches ``-o`` before
+    :meth:`~brainshift.io.output_set.OutputSet.commit`.
+    """
     from brainshift.io.fields import invert_field, warp_image, write_field
+    from brainshift.io.images import write_image
 
     final = result.field
     final_key = "corrected_disp_field" if result.refined_field is not None else "initial_disp_field"
@@ -201,34 +272,23 @@ def _write_outputs(out: Path, fmt: str, image: Volume, result, opts: InferOption
     if opts.save_warped:
         with steps.step("warp the preop image into intraop space"):
             warped = warp_image(image, final, image.affine, inverse_field=inverse)
-    out.mkdir(parents=True, exist_ok=True)
     fields = {"initial_disp_field": result.initial_field}
     if result.refined_field is not None:
         fields["corrected_disp_field"] = result.refined_field
     if inverse is not None and opts.save_inverse:
         fields[f"{final_key.replace('_disp_field', '')}_inverse_disp_field"] = inverse
-    written = []
     with steps.step("write outputs"):
         for name, fld in fields.items():
-            path = out / f"{name}{_EXT[fmt]}"
-            write_field(path, fld, image.affine, h5_dtype=opts.h5_dtype, compression=int(opts.h5_compression))
-            written.append(path.name)
+            outputs.write(f"{name}{_EXT[fmt]}", lambda p, fld=fld: write_field(
+                p, fld, image.affine, h5_dtype=opts.h5_dtype, compression=int(opts.h5_compression)))
         if warped is not None:
-            from brainshift.io.images import write_image
-
-            path = out / "preop_warped_to_intraop.nii.gz"
-            write_image(warped, path)
-            written.append(path.name)
+            outputs.write("preop_warped_to_intraop.nii.gz", lambda p: write_image(warped, p))
         if opts.save_uncertainty and result.uncertainty is not None:
-            from brainshift.io.images import write_image
-
-            path = out / "uncertainty_mm.nii.gz"
-            write_image(Volume(result.uncertainty, image.affine, "intensity"), path)
-            written.append(path.name)
+            unc = Volume(result.uncertainty, image.affine, "intensity")
+            outputs.write("uncertainty_mm.nii.gz", lambda p: write_image(unc, p))
     if opts.save_uncertainty and result.uncertainty is None:
         warnings.warn("--save-uncertainty: no uncertainty map without keypoints, refinement and safeguards; "
                       "none written", stacklevel=2)
-    return written
 
 
 def _summary(opts: InferOptions, image: Volume, result, weights, device: str, written: list[str],
@@ -256,7 +316,7 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
         "device": device,
         "keypoint_count": result.n_keypoints,
         "fields": {names[k]: v for k, v in result.statistics.items()},
-        "outputs": written + ["summary.json"],
+        "outputs": [*written, "summary.json"],
         "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
     }
     if result.model is not None:
@@ -266,39 +326,14 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
     return summary
 
 
-#: File names ``brainshift infer`` writes (any format); used to clear an earlier run's leftovers.
-OUTPUT_PATTERNS = ("initial_disp_field.*", "corrected_disp_field.*", "*_inverse_disp_field.*",
-                   "preop_warped_to_intraop.nii.gz", "uncertainty_mm.nii.gz", "summary.json")
-
-
-def remove_stale_outputs(out: Path, keep: set[str]) -> list[str]:
-    """Delete files in ``out`` that match :data:`OUTPUT_PATTERNS` but are not in ``keep``; return their names.
-
-    A re-run into the same folder (another interpolator, format or option set) then never leaves an earlier
-    run's field beside the new ones. Other files are never touched.
-    """
-    removed = []
-    for pattern in OUTPUT_PATTERNS:
-        for p in out.glob(pattern):
-            if p.is_file() and p.name not in keep:
-                p.unlink()
-                removed.append(p.name)
-    return sorted(removed)
-
-
 def check_output_dir(out: Path) -> None:
-    """Raise :class:`InputFileError` unless ``out`` is, or can be created as, a directory.
+    """Raise :class:`InputFileError` unless ``out`` is, or can be created as, a writable directory.
 
-    Checked before any work, so a bad ``-o`` fails at once: an existing file, or a file among its parents.
+    Kept here for the commands that import it; see :func:`brainshift.io.output_set.check_output_dir`.
     """
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise InputFileError(f"expected -o/--output to be a directory, got {out} "
-                                     f"({p} is an existing file)")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise InputFileError(f"expected a writable output directory, got {p} (permission denied)")
-            return
+    from brainshift.io.output_set import check_output_dir as check
+
+    check(out)
 
 
 def _check_keypoint_options(opts: InferOptions) -> None:

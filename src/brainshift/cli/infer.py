@@ -46,6 +46,9 @@ def infer_command(
     h5_compression: int = typer.Option(0, "--h5-compression", min=0, max=9,
                                        help=".h5 gzip level (0: none, the fastest; 1: ~0.77x the size, ~1.3 s "
                                             "more per MNI-sized field)."),
+    max_displacement_mm: float = typer.Option(100.0, "--max-displacement",
+                                              help="Refuse keypoint, initial-field or result displacements "
+                                                   "longer than this (mm)."),
     save_inverse: bool = typer.Option(False, "--save-inverse", help="Also write the inverse field."),
     save_warped: bool = typer.Option(False, "--save-warped", help="Also write the preop image warped to intraop."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress output."),
@@ -58,7 +61,8 @@ def infer_command(
         interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
-        h5_dtype=h5_dtype, h5_compression=h5_compression, verbose=not quiet))
+        h5_dtype=h5_dtype, h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
+        verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
