@@ -127,10 +127,11 @@ def _load_network_async(weights: Path, device: str):
 
 def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
     """The preop image and either ``{"initial_field": ...}`` or ``{"keypoints": (points_vox, disps_vox)}``."""
-    from brainshift.io.images import read_image
+    from brainshift.io.images import check_intensities, read_image
 
     with steps.step("load preop image"):
         image = read_image(opts.preop_scan)
+        check_intensities(image, opts.preop_scan, "preop image")
     if opts.init_disp is not None:
         from brainshift.io.fields import read_field
 

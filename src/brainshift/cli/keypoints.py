@@ -33,29 +33,40 @@ def keypoints_command(
     PREFIX.csv has columns x,y,z,scale_mm,response in the voxel frame (0-based i, j, k); PREFIX.key uses the
     3D SIFT-Rank text layout (voxel coordinates + 0.5 and scales in voxels, as that tool writes them).
     """
+    import math
     import time
 
-    from brainshift.io.images import read_image
+    from brainshift.errors import BrainshiftError
+    from brainshift.io.images import check_intensities, read_image
     from brainshift.io.keypoints import write_detected_keypoints, write_sift_key
     from brainshift.keypoints.detect import detect_keypoints
 
-    _check_options({"--sigma-min-mm": (sigma_min_mm, sigma_min_mm > 0, "> 0"),
+    _check_options({"--sigma-min-mm": (sigma_min_mm, math.isfinite(sigma_min_mm) and sigma_min_mm > 0, "> 0"),
                     "--octaves": (n_octaves, n_octaves >= 1, ">= 1"),
                     "--scales": (n_scales, n_scales >= 1, ">= 1"),
-                    "--contrast": (contrast_threshold, contrast_threshold >= 0, ">= 0"),
-                    "--edge-ratio": (edge_ratio, edge_ratio >= 1, ">= 1"),
-                    "--min-distance-mm": (min_distance_mm, min_distance_mm >= 0, ">= 0"),
-                    "--border-mm": (border_mm, border_mm >= 0, ">= 0"),
+                    "--contrast": (contrast_threshold, math.isfinite(contrast_threshold) and contrast_threshold >= 0,
+                                   ">= 0"),
+                    "--edge-ratio": (edge_ratio, math.isfinite(edge_ratio) and edge_ratio >= 1, ">= 1"),
+                    "--min-distance-mm": (min_distance_mm, math.isfinite(min_distance_mm) and min_distance_mm >= 0,
+                                          ">= 0"),
+                    "--border-mm": (border_mm, math.isfinite(border_mm) and border_mm >= 0, ">= 0"),
                     "--max": (max_keypoints, max_keypoints is None or max_keypoints >= 1, ">= 1")})
     volume = read_image(image)
+    check_intensities(volume, image, "image")
     mask_volume = read_image(mask, kind="label") if mask is not None else None
     start = time.perf_counter()
-    kp = detect_keypoints(
-        volume, mask_volume, sigma_min_mm=sigma_min_mm, n_octaves=n_octaves, n_scales=n_scales,
-        contrast_threshold=contrast_threshold, edge_ratio=edge_ratio, min_distance_mm=min_distance_mm,
-        border_mm=border_mm, max_keypoints=max_keypoints,
-    )
+    try:
+        kp = detect_keypoints(
+            volume, mask_volume, sigma_min_mm=sigma_min_mm, n_octaves=n_octaves, n_scales=n_scales,
+            contrast_threshold=contrast_threshold, edge_ratio=edge_ratio, min_distance_mm=min_distance_mm,
+            border_mm=border_mm, max_keypoints=max_keypoints,
+        )
+    except BrainshiftError as exc:  # name the command-line options, not the library's parameters
+        raise type(exc)(_option_names(str(exc))) from None
     elapsed = time.perf_counter() - start
+    if len(kp) == 0:
+        raise BrainshiftError(f"expected keypoints in {image}, got none (an image with little structure, or too "
+                              f"strict options: try a lower --contrast, a smaller --border-mm or a --mask)")
     prefix = out if out is not None else image.parent / f"{_stem(image)}_keypoints"
     if prefix.suffix.lower() in (".csv", ".key"):
         prefix = prefix.with_suffix("")
@@ -78,6 +89,19 @@ def _check_options(options: dict) -> None:
     for name, (value, ok, expected) in options.items():
         if not ok:
             raise BrainshiftError(f"expected {name} {expected}, got {value}")
+
+
+#: library parameter -> command-line option of ``brainshift keypoints``
+_OPTIONS = {"sigma_min_mm": "--sigma-min-mm", "n_octaves": "--octaves", "n_scales": "--scales",
+            "contrast_threshold": "--contrast", "edge_ratio": "--edge-ratio", "min_distance_mm": "--min-distance-mm",
+            "border_mm": "--border-mm", "max_keypoints": "--max"}
+
+
+def _option_names(message: str) -> str:
+    """``message`` with the detector's parameter names replaced by the options that set them."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(_OPTIONS) + r")\b", lambda m: _OPTIONS[m.group(1)], message)
 
 
 def _stem(path: Path) -> str:

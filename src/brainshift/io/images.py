@@ -3,7 +3,9 @@
 Readers:
 
 - NIfTI (``.nii``, ``.nii.gz``) through nibabel; the affine is nibabel's ``img.affine`` (sform if set, else
-  qform), which is the voxel-to-RAS+ mm map.
+  qform), which is the voxel-to-RAS+ mm map. Geometry is checked (:func:`check_nifti_geometry`): no sform
+  and no qform, or an sform and a qform that disagree, warn naming both and the one used; a degenerate
+  affine (zero or non-finite spacing) is refused.
 - NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) through SimpleITK; ITK's LPS geometry
   (origin, spacing, direction) becomes a voxel-to-RAS affine with :func:`brainshift.io.frames.affine_from_itk`
   and the ``(z, y, x)`` NumPy view becomes nibabel order with :func:`~brainshift.io.frames.array_from_itk_order`.
@@ -15,11 +17,12 @@ are :func:`volume_to_sitk` and :func:`volume_from_sitk`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from brainshift.errors import InputFileError
+from brainshift.errors import GeometryError, InputFileError
 from brainshift.io.atomic import atomic_output
 from brainshift.io.frames import affine_from_itk, affine_to_itk, array_from_itk_order, array_to_itk_order
 from brainshift.io.paths import check_readable, match_suffix
@@ -65,7 +68,77 @@ def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume
     else:
         data, affine = _read_itk(p)
     data = _squeeze_to_3d(data, p)
+    _check_affine_of(affine, p)
     return Volume(_cast(data, kind, p), affine, kind)
+
+
+def _check_affine_of(affine: np.ndarray, p: Path) -> None:
+    """Refuse a degenerate voxel-to-world map (non-finite, a zero spacing, singular), naming the file."""
+    a = np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0)) if a.shape == (4, 4) else np.zeros(3)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or not (spacing > 1e-6).all() \
+            or abs(np.linalg.det(a[:3, :3])) < 1e-12 * float(np.prod(spacing)):
+        raise GeometryError(f"expected a non-degenerate voxel-to-world geometry (finite, non-zero spacing, "
+                            f"invertible) in {str(p)!r}, got spacing {_fmt_vec(spacing)} mm and affine "
+                            f"{_fmt_affine(a)}")
+
+
+def check_intensities(volume: Volume, path: str | os.PathLike[str], what: str = "image") -> None:
+    """Refuse an intensity image that is unusable as input: non-finite values, or a constant (or empty) image.
+
+    Args:
+        volume: the image as read.
+        path: its file (named in the message).
+        what: what the image is, for the message (``"preop image"``).
+
+    Raises:
+        InputFileError: NaN or inf voxels (their count); all voxels equal (e.g. an all-zero image).
+    """
+    data = np.asarray(volume.data)
+    if data.size == 0:
+        raise InputFileError(f"expected a non-empty {what}, got shape {data.shape} in {str(path)!r}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise InputFileError(f"expected finite intensities in the {what} {str(path)!r}, got "
+                             f"{int(data.size - finite.sum())} NaN or inf voxels of {data.size}")
+    lo, hi = float(data.min()), float(data.max())
+    if hi <= lo:
+        raise InputFileError(f"expected an {what} with some structure, got a constant image (every voxel {lo:g}) "
+                             f"in {str(path)!r}")
+
+
+def check_nifti_geometry(img, p: Path) -> None:
+    """Warn about an ambiguous NIfTI geometry, naming the file, both affines and the one nibabel (and brainshift) uses.
+
+    - no sform and no qform (both codes 0): only the voxel sizes are known; nibabel's default affine is used;
+    - sform and qform both set but differing by more than 1e-3 mm: the sform is used (ITK-based tools may
+      use the qform, so results would differ between tools).
+    """
+    hdr = img.header
+    try:
+        s_code, q_code = int(hdr["sform_code"]), int(hdr["qform_code"])
+    except (KeyError, TypeError, ValueError):
+        return  # not a NIfTI-1/2 header (nothing to compare)
+    if s_code == 0 and q_code == 0:
+        warnings.warn(f"{str(p)!r} has no sform and no qform (both codes 0): its position and orientation are "
+                      f"unknown; using nibabel's default affine {_fmt_affine(img.affine)} from the voxel sizes",
+                      stacklevel=4)
+    elif s_code > 0 and q_code > 0:
+        sform, qform = hdr.get_sform(), hdr.get_qform()
+        diff = float(np.abs(np.asarray(sform) - np.asarray(qform)).max())
+        if not np.isfinite(diff) or diff > 1e-3:
+            warnings.warn(f"{str(p)!r} has an sform and a qform that disagree (by up to {diff:.4g}): sform "
+                          f"{_fmt_affine(sform)}, qform {_fmt_affine(qform)}; using the sform (as nibabel does; "
+                          f"ITK-based tools may use the qform)", stacklevel=4)
+
+
+def _fmt_vec(v) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in np.asarray(v).ravel()) + ")"
+
+
+def _fmt_affine(a) -> str:
+    a = np.asarray(a, dtype=np.float64)
+    return "[" + "; ".join(" ".join(f"{float(x):.4g}" for x in row) for row in a[:3]) + "]"
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +149,13 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types (ImageFileError, OSError, EOFError, zlib.error...)
-        raise InputFileError(f"expected a readable NIfTI image, got {str(p)!r}: {exc}") from None
+        raise InputFileError(f"expected a readable NIfTI image, got {str(p)!r}: {_one_line(exc)}") from None
+    check_nifti_geometry(img, p)
     return data, affine
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_itk(p: Path) -> tuple[np.ndarray, np.ndarray]:
