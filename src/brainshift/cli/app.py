@@ -2,20 +2,78 @@
 
 Each command parses options and calls one library function; heavy modules (torch, SimpleITK, scipy) are
 imported inside the commands so ``brainshift --help`` is instant. Any :class:`BrainshiftError` (bad input)
-is printed as one line ``error: ...`` on stderr with exit code 2, never a traceback.
+is printed as one line ``error: ...`` on stderr with exit code 2, never a traceback. Usage errors (an unknown
+option, a bad value, a missing argument) are one line too (:class:`OneLineErrorsGroup`, not click's box), and
+an error never continues a progress bar's line (:func:`error_line`).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click as typer._click; older ones use click itself
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exceptions
 
 from brainshift.errors import BrainshiftError
 
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by spaces (a library message spanning lines becomes one line)."""
+    return " ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
+
+
+def error_line(message: str) -> None:
+    """Print ``error: message`` as one line on stderr, after ending any progress bar still on screen."""
+    _end_progress_bars()
+    typer.echo(f"error: {one_line(message)}", err=True)
+
+
+def _end_progress_bars() -> None:
+    """Close active tqdm bars so that the next line starts on a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The command group: usage errors as one ``error:`` line (exit 2) instead of click's multi-line box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx is not None else str(exc), err=True)
+            sys.exit(2)
+        except _click_exceptions.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else (prog_name or "brainshift")
+            error_line(f"{exc.format_message()} (see {cmd} --help)")
+            sys.exit(2)
+        except _click_exceptions.ClickException as exc:
+            error_line(exc.format_message())
+            sys.exit(exc.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            error_line("interrupted; nothing was written (outputs appear only when a run completes)")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrorsGroup,
     name="brainshift",
     help="Keypoint-based brain-shift compensation: sparse keypoints -> dense displacement field.",
     no_args_is_help=True,
@@ -32,15 +90,14 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except BrainshiftError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            error_line(str(exc))
             raise typer.Exit(code=2) from None
         except OSError as exc:  # missing files, a file where a folder is expected, permissions, full disk
             where = f" {exc.filename!s}" if exc.filename else ""
-            typer.echo(f"error: expected a readable input / writable output path, got{where}: "
-                       f"{exc.strerror or exc}", err=True)
+            error_line(f"expected a readable input / writable output path, got{where}: {exc.strerror or exc}")
             raise typer.Exit(code=2) from None
         except MemoryError:
-            typer.echo("error: out of memory; use fewer keypoints, a coarser grid or another interpolator", err=True)
+            error_line("out of memory; use fewer keypoints, a coarser grid or another interpolator")
             raise typer.Exit(code=2) from None
 
     return wrapper
