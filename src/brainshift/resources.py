@@ -48,6 +48,8 @@ def resolve_weights(weights: str | Path | None, *, required: bool = False) -> Pa
     """
     if weights is not None:
         p = Path(weights)
+        if p.is_dir():
+            raise InputFileError(f"expected a weights file at -w/--weights, got the directory {p}")
         if not p.is_file():
             raise InputFileError(f"expected a weights file at {p}, got no such file (not found)")
         return p

@@ -201,8 +201,13 @@ def test_bad_field_files(tmp_path, oblique_affine):
     with pytest.raises(InputFileError, match=r"expected a valid displacement field .* shape \(3, I, J, K\)"):
         read_field(tmp_path / "g.npz")
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
-    with pytest.raises(InputFileError, match=r"expected a readable ITK transform file"):
+    with pytest.raises(InputFileError, match=r"expected an ITK transform file \(HDF5\) .*not HDF5"):
         read_field(tmp_path / "bad.h5")
+    good = tmp_path / "good.h5"
+    write_field(good, np.zeros((3, 4, 5, 6), np.float32), oblique_affine)
+    (tmp_path / "cut.h5").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputFileError, match=r"truncated or corrupt"):
+        read_field(tmp_path / "cut.h5")
 
 
 def test_write_field_leaves_nothing_on_bad_input(tmp_path, oblique_affine):

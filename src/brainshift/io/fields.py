@@ -334,6 +334,7 @@ def check_same_grid(shape, affine: np.ndarray, reference: Volume, what: str = "f
 def _read_h5(p: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    _check_hdf5(p)
     try:
         tx = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
@@ -342,6 +343,33 @@ def _read_h5(p: Path) -> tuple[np.ndarray, np.ndarray]:
                              f"{lines[-1].strip() if lines else exc}") from None
     dft = _displacement_transform(tx, p)
     return _field_from_image(dft.GetDisplacementField())
+
+
+def _check_hdf5(p: Path) -> None:
+    """Refuse an empty, non-HDF5, truncated or corrupt ``.h5`` with a message saying which (ITK's is unclear).
+
+    Raises:
+        InputFileError: naming the file and the cause.
+    """
+    import h5py
+
+    if p.stat().st_size == 0:
+        raise InputFileError(f"expected an ITK transform file (HDF5) in {str(p)!r}, got an empty file (0 bytes)")
+    if not h5py.is_hdf5(str(p)):
+        raise InputFileError(f"expected an ITK transform file (HDF5) in {str(p)!r}, got a file that is not HDF5")
+    try:
+        with h5py.File(str(p), "r") as fh:
+            fh.visit(lambda name: None)
+            group = fh.get("TransformGroup")
+            if group is not None:
+                for key in group:
+                    params = group[key].get("TransformParameters")
+                    if params is not None and params.size:
+                        np.asarray(params[-1:])  # reading the last values checks that the data is all there
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputFileError(f"expected a complete ITK transform file (HDF5) in {str(p)!r}, got a truncated or "
+                             f"corrupt file ({cause[:160]})") from None
 
 
 def _read_nifti_field(p: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -154,17 +154,41 @@ def _load_safetensors(p: Path, device) -> LoadedModel:
     return _build_loaded(state, config, metadata, device)
 
 
+def _torch_file_kind(p: Path) -> str:
+    """``"zip"`` (torch >= 1.6 format), ``"pickle"`` (legacy), ``"empty"`` or ``"other"`` from the first bytes."""
+    with open(p, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return "empty"
+    if head == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "other"
+
+
 def _load_published(p: Path, device, config: NetworkConfig | None) -> LoadedModel:
+    kind = _torch_file_kind(p)
+    if kind == "empty":
+        raise InputFileError(f"expected a torch checkpoint in {p}, got an empty file (0 bytes)")
+    if kind == "other":
+        raise InputFileError(f"expected a torch checkpoint (a zip archive or a pickle) in {p}, got a file that is "
+                             f"neither: corrupt, or another format")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        first = f"it references {match.group(1)}" if match else type(exc).__name__
+        if match is None:
+            raise InputFileError(f"expected a readable torch checkpoint in {p}, got a corrupt file "
+                                 f"(its pickle cannot be read)") from None
         raise InputFileError(
             f"expected a torch checkpoint loadable with weights_only=True (tensors and plain containers only), "
-            f"got {p.name}, which needs arbitrary unpickling; refusing to load it ({first})") from None
+            f"got {p.name}, which needs arbitrary unpickling; refusing to load it (it references "
+            f"{match.group(1)})") from None
     except (OSError, RuntimeError, EOFError) as exc:
-        raise InputFileError(f"expected a readable torch checkpoint, got {p}: {exc}") from None
+        cause = " ".join(str(exc).split(".")[0].split()) or type(exc).__name__
+        raise InputFileError(f"expected a complete torch checkpoint in {p}, got a truncated or corrupt file "
+                             f"({cause})") from None
     metadata: dict = {}
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         state = obj["model_state_dict"]
@@ -208,6 +232,8 @@ def load_weights(path: str | os.PathLike, device="cpu", config: NetworkConfig | 
     from brainshift.device import resolve_device
 
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"expected a weights file, got the directory {p}")
     if not p.is_file():
         raise InputFileError(f"expected a weights file, got a missing path {p}")
     dev = resolve_device(device)
