@@ -4,43 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
+from _register_pair import INTRAOP_AFFINE, SHAPE, make_pair, true_field
 from brainshift.errors import GeometryError
 from brainshift.register import RegistrationError, brain_mask, register
 from brainshift.volume import Volume
-
-SHAPE = (64, 64, 64)
-CENTRE = np.array([34.0, 30.0, 32.0])
-
-
-def textured_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    """Gaussian-smoothed (sigma 2 voxels) white noise rescaled to [0, 1] (as tests/keypoints/_textured.py)."""
-    img = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 2.0)
-    return (img - img.min()) / (img.max() - img.min())
-
-
-def _u(x: np.ndarray) -> np.ndarray:
-    """Forward field (preop voxels = mm): a smooth bump up to ~3 mm plus a 0.5 mm shift; x (3, ...) -> (3, ...)."""
-    w = np.exp(-((x - CENTRE.reshape(3, *[1] * (x.ndim - 1))) ** 2).sum(axis=0) / (2 * 16.0**2))
-    return np.stack([2.5 * w, -1.5 * w, 1.0 * w + 0.5])
 
 
 @pytest.fixture(scope="module")
 def pair():
     """Preop: textured volume, identity affine. Intraop: the moved tissue on a grid flipped along i, spacing
     1.1 mm, origin shifted, so voxel indices of the two images differ and only world coordinates agree."""
-    pre = textured_volume(SHAPE, seed=3).astype(np.float32)
-    aff_b = np.diag([-1.1, 1.1, 1.1, 1.0])
-    aff_b[:3, 3] = [66.0, -3.0, -2.0]
-    shape_b = (62, 60, 60)
-    g = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape_b], indexing="ij"))
-    y = np.einsum("ab,b...->a...", aff_b[:3, :3], g) + aff_b[:3, 3].reshape(3, 1, 1, 1)  # world = preop voxel
-    q = y.copy()
-    for _ in range(30):  # preop point q that lands at y: q + u(q) = y
-        q = y - _u(q)
-    intra = ndimage.map_coordinates(pre, q, order=3, mode="nearest").astype(np.float32)
-    return Volume(pre, np.eye(4)), Volume(intra, aff_b)
+    pre, intra = make_pair()
+    return Volume(pre, np.eye(4)), Volume(intra, INTRAOP_AFFINE)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +28,7 @@ def result(pair):
 def test_matches_are_precise_in_the_preop_voxel_frame(result):
     # dx must be the intraop point mapped back to preop voxels minus the preop point: with the flipped,
     # rescaled intraop grid any frame mix-up gives errors of tens of voxels.
-    true = _u(result.points_vox.T).T
+    true = true_field(result.points_vox.T).T
     err = np.linalg.norm(result.disps_vox - true, axis=1)
     c = result.counts
     assert c["inliers"] >= 30 and c["keypoints_preop"] > 0 and c["keypoints_intraop"] > 0
@@ -68,7 +44,7 @@ def test_dense_field_follows_the_truth_near_the_keypoints(result):
     assert result.compensation.refined_field is None
     p = np.round(result.points_vox[:20]).astype(int)
     dense = f[:, p[:, 0], p[:, 1], p[:, 2]].T
-    assert np.median(np.linalg.norm(dense - _u(p.T.astype(float)).T, axis=1)) < 0.5
+    assert np.median(np.linalg.norm(dense - true_field(p.T.astype(float)).T, axis=1)) < 0.5
     assert {"detect keypoints", "describe keypoints", "match keypoints", "interpolate (tps3d)"} <= set(
         result.timings_s)
 

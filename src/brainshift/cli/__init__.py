@@ -14,10 +14,12 @@ from brainshift.cli.demo import demo_command
 from brainshift.cli.evaluate import evaluate_command
 from brainshift.cli.infer import infer_command
 from brainshift.cli.keypoints import keypoints_command
+from brainshift.cli.register import register_command
 from brainshift.cli.simulate import simulate_batch_command, simulate_command
 from brainshift.cli.train import train_command
 
 app.command("infer")(infer_command)
+app.command("register")(register_command)
 app.command("demo")(demo_command)
 app.command("evaluate")(evaluate_command)
 app.command("keypoints")(keypoints_command)
