@@ -443,11 +443,28 @@ def invert_field(field_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
     flt.SetEnforceBoundaryCondition(True)
     inv_img = flt.Execute(_field_image(f, a))
     if flt.GetMaxErrorNorm() > INVERT_WARN_MM:
+        boundary_mm = _boundary_displacement_mm(f, a)
+        if boundary_mm > INVERT_WARN_MM:  # the usual cause: ITK holds the inverse at zero on the grid boundary
+            cause = (f"the field moves the grid boundary by up to {boundary_mm:.3g} mm while the inverse is held at "
+                     f"zero there, so it is inexact near the image edge")
+        else:
+            cause = "the forward field may fold or be too large to invert there"
         warnings.warn(f"the inverse field's worst residual is {flt.GetMaxErrorNorm():.3g} mm (tolerance "
-                      f"{INVERT_MAX_ERROR_MM} mm): the forward field may fold or be too large to invert there",
-                      stacklevel=2)
+                      f"{INVERT_MAX_ERROR_MM} mm): {cause}", stacklevel=2)
     inv, _ = _field_from_image(inv_img)
     return inv
+
+
+def _boundary_displacement_mm(field_vox: np.ndarray, affine: np.ndarray) -> float:
+    """The largest displacement (mm) on the six faces of the grid."""
+    a = affine[:3, :3]
+    worst = 0.0
+    for axis in range(3):
+        for idx in (0, -1):
+            face = np.take(field_vox, idx, axis=axis + 1).reshape(3, -1)
+            if face.size:
+                worst = max(worst, float(np.linalg.norm(a @ face, axis=0).max()))
+    return worst
 
 
 #: Default subsampling of :func:`coarse_inverse_field`.
