@@ -179,6 +179,84 @@ def _check_inputs(preop: Volume, intraop: Volume, mask) -> np.ndarray:
     return m
 
 
+@dataclass
+class MatchTable:
+    """Inlier matches of two keypoint sets as a keypoint table in the frame of set A (:func:`match_features`).
+
+    Attributes:
+        points_vox: ``(M, 3)`` float64 A's keypoints, 0-based voxel indices of A's grid.
+        disps_vox: ``(M, 3)`` float64 displacements in A's voxel units: B's keypoint mapped into A's voxel
+            coordinates through world space, minus A's keypoint.
+        intraop_points_vox: ``(M, 3)`` B's matched keypoints, voxel indices of B's grid.
+        index_a, index_b: ``(M,)`` indices of the matches in A's and B's keypoint sets.
+        scores: per-match ``(M,)`` arrays ``descriptor_distance``, ``ratio``, ``residual_mm``.
+        counts: ``candidate_pairs``, ``candidate_matches``, ``inliers``, ``inlier_ratio``, ``interpolated``
+            (the M kept).
+    """
+
+    points_vox: np.ndarray
+    disps_vox: np.ndarray
+    intraop_points_vox: np.ndarray
+    index_a: np.ndarray
+    index_b: np.ndarray
+    scores: dict[str, np.ndarray]
+    counts: dict[str, float]
+
+
+def match_features(points_a_vox: np.ndarray, desc_a: np.ndarray, affine_a: np.ndarray, points_b_vox: np.ndarray,
+                   desc_b: np.ndarray, affine_b: np.ndarray, *, ratio: float = 0.9, max_displacement_mm: float = 30.0,
+                   max_matches: int | None = None, reject_options: dict | None = None) -> MatchTable:
+    """Match two described keypoint sets through world coordinates and keep the geometrically consistent ones.
+
+    The step of :func:`register` after description, usable on its own (e.g. on two featExtract ``.key`` files
+    read by :func:`brainshift.io.keypoints.read_sift_key_features`; ``brainshift match``): positions go to world
+    RAS mm through each grid's affine, :func:`~brainshift.keypoints.match.match_keypoints` pairs them (mutual
+    nearest neighbours, ratio test, ``max_displacement_mm``), :func:`~brainshift.keypoints.match.reject_outliers`
+    removes displacements inconsistent with their neighbours', and the inliers (at most ``max_matches``, smallest
+    descriptor distance first) are expressed in A's voxel frame.
+
+    Args:
+        points_a_vox, points_b_vox: ``(N_a, 3)``, ``(N_b, 3)`` 0-based voxel indices of each image's grid.
+        desc_a, desc_b: ``(N_a, D)``, ``(N_b, D)`` descriptors.
+        affine_a, affine_b: 4x4 voxel-to-RAS mm affines of the two grids.
+        ratio, max_displacement_mm: see :func:`~brainshift.keypoints.match.match_keypoints`.
+        max_matches: keep at most this many inliers; None keeps all.
+        reject_options: keyword options of :func:`~brainshift.keypoints.match.reject_outliers`.
+
+    Returns:
+        :class:`MatchTable` (possibly empty: the caller decides how many matches it needs).
+
+    Raises:
+        KeypointError: malformed points or descriptors. BrainshiftError: invalid options.
+    """
+    from brainshift.keypoints.match import match_keypoints, reject_outliers
+
+    a_aff, b_aff = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    pa_vox, pb_vox = np.asarray(points_a_vox, dtype=np.float64), np.asarray(points_b_vox, dtype=np.float64)
+    for name, pts in (("A", pa_vox), ("B", pb_vox)):
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise KeypointError(f"expected keypoints of set {name} of shape (N, 3), got {pts.shape}")
+    pa_mm, pb_mm = _to_world(pa_vox, a_aff), _to_world(pb_vox, b_aff)
+    matches = match_keypoints(desc_a, pa_mm, desc_b, pb_mm, ratio=ratio, max_displacement_mm=max_displacement_mm)
+    p_mm = pa_mm[matches.index_a]
+    d_mm = pb_mm[matches.index_b] - p_mm
+    inlier = reject_outliers(p_mm, d_mm, **(reject_options or {})) if len(matches) else np.zeros(0, bool)
+    residual = _local_residual_mm(p_mm, d_mm, inlier)
+    sel = np.nonzero(inlier)[0]  # matches are sorted by descriptor distance: the first are the most distinctive
+    if max_matches is not None and len(sel) > int(max_matches):
+        sel = sel[: int(max_matches)]
+    m = matches.take(sel)
+    points_vox = pa_vox[m.index_a]
+    q_a_vox = (pb_mm[m.index_b] - a_aff[:3, 3]) @ np.linalg.inv(a_aff[:3, :3]).T  # B's point in A's voxel frame
+    counts = {"candidate_pairs": int(matches.n_candidates), "candidate_matches": len(matches),
+              "inliers": int(inlier.sum()),
+              "inlier_ratio": round(float(inlier.mean()), 4) if len(matches) else 0.0, "interpolated": int(len(sel))}
+    return MatchTable(points_vox=points_vox, disps_vox=q_a_vox - points_vox, intraop_points_vox=pb_vox[m.index_b],
+                      index_a=m.index_a, index_b=m.index_b,
+                      scores={"descriptor_distance": m.distance, "ratio": m.ratio, "residual_mm": residual[sel]},
+                      counts=counts)
+
+
 def register(
     preop: Volume,
     intraop: Volume,
@@ -237,7 +315,6 @@ def register(
     from brainshift.compensate import compensate
     from brainshift.keypoints.describe import describe_keypoints
     from brainshift.keypoints.detect import detect_keypoints
-    from brainshift.keypoints.match import match_keypoints, reject_outliers
 
     if max_matches is not None and (isinstance(max_matches, bool) or int(max_matches) < MIN_MATCHES):
         raise BrainshiftError(f"expected max_matches >= {MIN_MATCHES} or None, got {max_matches!r}")
@@ -263,42 +340,25 @@ def register(
     timings["describe keypoints"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pre_mm = _to_world(kp_pre.points_vox, preop.affine)
-    intra_mm = _to_world(kp_intra.points_vox, intraop.affine)
-    matches = match_keypoints(desc_pre, pre_mm, desc_intra, intra_mm, ratio=ratio,
-                              max_displacement_mm=max_displacement_mm)
-    p_mm = pre_mm[matches.index_a]
-    d_mm = intra_mm[matches.index_b] - p_mm
-    inlier = reject_outliers(p_mm, d_mm, **(reject_options or {})) if len(matches) else np.zeros(0, bool)
-    residual = _local_residual_mm(p_mm, d_mm, inlier)
+    table = match_features(kp_pre.points_vox, desc_pre, preop.affine, kp_intra.points_vox, desc_intra,
+                           intraop.affine, ratio=ratio, max_displacement_mm=max_displacement_mm,
+                           max_matches=max_matches, reject_options=reject_options)
     timings["match keypoints"] = time.perf_counter() - t0
-    counts = {"keypoints_preop": len(kp_pre), "keypoints_intraop": len(kp_intra),
-              "candidate_pairs": int(matches.n_candidates), "candidate_matches": len(matches),
-              "inliers": int(inlier.sum()),
-              "inlier_ratio": round(float(inlier.mean()), 4) if len(matches) else 0.0}
-    n_in = counts["inliers"]
-    if n_in < MIN_MATCHES:
+    counts = {"keypoints_preop": len(kp_pre), "keypoints_intraop": len(kp_intra), **table.counts}
+    if counts["inliers"] < MIN_MATCHES:
         raise RegistrationError(
-            f"found {n_in} inlier matches, need at least {MIN_MATCHES} (keypoints: {len(kp_pre)} preop, "
-            f"{len(kp_intra)} intraop; {len(matches)} candidate matches): expected images of the same anatomy "
-            f"within {max_displacement_mm:g} mm")
-    sel = np.nonzero(inlier)[0]  # matches are sorted by descriptor distance: the first are the most distinctive
-    if max_matches is not None and len(sel) > int(max_matches):
-        sel = sel[: int(max_matches)]
-    counts["interpolated"] = int(len(sel))
-    m = matches.take(sel)
-    points_vox = kp_pre.points_vox[m.index_a]
-    q_pre_vox = (intra_mm[m.index_b] - preop.affine[:3, 3]) @ np.linalg.inv(preop.affine[:3, :3]).T
-    disps_vox = q_pre_vox - points_vox
-    scores = {"descriptor_distance": m.distance, "ratio": m.ratio, "residual_mm": residual[sel],
-              "scale_mm": kp_pre.scales_mm[m.index_a]}
+            f"found {counts['inliers']} inlier matches, need at least {MIN_MATCHES} (keypoints: {len(kp_pre)} "
+            f"preop, {len(kp_intra)} intraop; {counts['candidate_matches']} candidate matches): expected images of "
+            f"the same anatomy within {max_displacement_mm:g} mm")
+    scores = {**table.scores, "scale_mm": kp_pre.scales_mm[table.index_a]}
+    points_vox, disps_vox = table.points_vox, table.disps_vox
 
     result = compensate(preop, keypoints=(points_vox, disps_vox), method=method, model=model, mask=m_pre,
                         device=device, interp_options=interp_options, statistics=statistics,
                         statistics_mask=m_pre, safeguards=safeguards)
     timings.update(result.timings_s)
     return RegisterResult(compensation=result, points_vox=points_vox, disps_vox=disps_vox, scores=scores,
-                          intraop_points_vox=kp_intra.points_vox[m.index_b], mask=m_pre, counts=counts,
+                          intraop_points_vox=table.intraop_points_vox, mask=m_pre, counts=counts,
                           timings_s=timings)
 
 

@@ -84,15 +84,48 @@ def _plan(opts: RegisterOptions) -> tuple[str, bool, Path | None, list[str]]:
     return fmt, refine, (weights if refine else None), names
 
 
-def matches_table(result) -> str:
-    """The text of ``matches.csv`` (module docstring) for a :class:`brainshift.register.RegisterResult`."""
-    cols = [result.points_vox, result.disps_vox, *[result.scores[c][:, None] for c in SCORE_COLUMNS],
-            result.intraop_points_vox]
-    table = np.column_stack(cols)
-    header = ",".join(["x", "y", "z", "dx", "dy", "dz", *SCORE_COLUMNS, "x_intraop", "y_intraop", "z_intraop"])
+def matches_table(points_vox: np.ndarray, disps_vox: np.ndarray, scores: dict[str, np.ndarray],
+                  other_points_vox: np.ndarray, other: str = "intraop") -> str:
+    """The text of ``matches.csv``: ``x,y,z,dx,dy,dz`` (frame of the first image, voxel), the ``scores`` columns
+    in :data:`SCORE_COLUMNS` order (those present), then ``x_<other>,y_<other>,z_<other>`` (the matched keypoint in
+    voxel indices of the other image). A plain CSV with a header line; NaN written as ``nan``."""
+    names = [c for c in SCORE_COLUMNS if c in scores]
+    table = np.column_stack([points_vox, disps_vox, *[np.asarray(scores[c])[:, None] for c in names],
+                             other_points_vox]) if len(points_vox) else np.zeros((0, 9 + len(names)))
+    header = ",".join(["x", "y", "z", "dx", "dy", "dz", *names, f"x_{other}", f"y_{other}", f"z_{other}"])
     lines = [header]  # a plain CSV (no comment line): pandas / numpy read it as it is
     lines += [",".join("nan" if not np.isfinite(v) else f"{v:.6g}" for v in row) for row in table]
     return "\n".join(lines) + "\n"
+
+
+def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Path, *, ratio: float = 0.9,
+              max_displacement_mm: float = 30.0) -> dict:
+    """``brainshift match``: match the features of two 3D SIFT-Rank ``.key`` files and write ``matches.csv``.
+
+    The ``.key`` files hold voxel positions (featExtract's voxel mode) and descriptors (``brainshift keypoints``
+    or featExtract); each image gives its grid's affine, so the two may lie on different grids. Matching is
+    :func:`brainshift.register.match_features`; the table is in A's voxel frame (``x,y,z,dx,dy,dz``), plus
+    ``descriptor_distance, ratio, residual_mm`` and B's voxel indices ``x_b, y_b, z_b``. Written atomically.
+
+    Returns:
+        The counts of :class:`brainshift.register.MatchTable` plus ``features_a`` and ``features_b``.
+
+    Raises:
+        InputFileError, KeypointError: unreadable files, malformed ``.key`` files, different descriptor lengths.
+    """
+    from brainshift.io.atomic import atomic_output
+    from brainshift.io.images import read_image
+    from brainshift.io.keypoints import read_sift_key_features
+    from brainshift.register import match_features
+
+    fa, fb = read_sift_key_features(key_a), read_sift_key_features(key_b)
+    aff_a, aff_b = read_image(image_a).affine, read_image(image_b).affine
+    table = match_features(fa.points_vox, fa.descriptors, aff_a, fb.points_vox, fb.descriptors, aff_b,
+                           ratio=ratio, max_displacement_mm=max_displacement_mm)
+    text = matches_table(table.points_vox, table.disps_vox, table.scores, table.intraop_points_vox, other="b")
+    with atomic_output(output) as tmp:
+        tmp.write_text(text)
+    return {"features_a": len(fa.points_vox), "features_b": len(fb.points_vox), **table.counts}
 
 
 def run_register(opts: RegisterOptions) -> dict:
@@ -138,7 +171,7 @@ def run_register(opts: RegisterOptions) -> dict:
         from brainshift.io.fields import write_field
 
         with steps.step("write outputs"):
-            text = matches_table(result)
+            text = matches_table(result.points_vox, result.disps_vox, result.scores, result.intraop_points_vox)
             outputs.write(MATCHES_NAME, lambda p: p.write_text(text))
             fields = {"initial_disp_field": comp.initial_field, "corrected_disp_field": comp.refined_field}
             for name, fld in fields.items():

@@ -31,7 +31,8 @@ def keypoints_command(
     """Detect 3-D scale-space keypoints (DoG extrema, 3D SIFT-Rank style) and write them as CSV and .key.
 
     PREFIX.csv has columns x,y,z,scale_mm,response in the voxel frame (0-based i, j, k); PREFIX.key uses the
-    3D SIFT-Rank text layout (voxel coordinates + 0.5 and scales in voxels, as that tool writes them).
+    3D SIFT-Rank text layout (voxel coordinates + 0.5 and scales in voxels, as that tool writes them) with
+    64 rank-ordered descriptor values per keypoint (``brainshift match`` reads them).
     """
     import math
     import time
@@ -75,8 +76,13 @@ def keypoints_command(
     write_detected_keypoints(csv_path, kp)
     # .key scales are in voxels (SIFT-Rank ignores the voxel size): mm over the geometric-mean spacing
     spacing = volume.spacing
+    # descriptors: 3D SIFT-Rank-style ranks in world RAS axes (brainshift.keypoints.describe), read back by
+    # io.keypoints.read_sift_key_features and matched by `brainshift match`
+    from brainshift.keypoints.describe import describe_keypoints
+
+    descriptors = describe_keypoints(volume, kp.points_vox, kp.scales_mm)
     write_sift_key(key_path, kp.points_vox, kp.scales_mm / float(spacing.prod() ** (1 / 3)), shape=volume.shape,
-                   spacing_mm=tuple(float(s) for s in spacing))
+                   spacing_mm=tuple(float(s) for s in spacing), descriptors=descriptors)
     n_bright = int((kp.polarity > 0).sum())
     typer.echo(f"{len(kp)} keypoints ({n_bright} bright, {len(kp) - n_bright} dark) in {elapsed:.2f} s; "
                f"wrote {csv_path} and {key_path}")

@@ -1,0 +1,51 @@
+"""``brainshift keypoints`` writes descriptors into the .key file and ``brainshift match`` matches two .key files."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from typer.testing import CliRunner
+
+from _register_pair import INTRAOP_AFFINE, make_pair, true_field
+from brainshift.cli import app
+from brainshift.io.keypoints import read_sift_key_features
+
+runner = CliRunner()
+
+
+def test_keypoints_then_match_gives_the_true_displacements(tmp_path):
+    pre, intra = make_pair()
+    nib.save(nib.Nifti1Image(pre, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(intra, INTRAOP_AFFINE), tmp_path / "b.nii.gz")
+    for name in ("a", "b"):
+        r = runner.invoke(app, ["keypoints", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    feats = read_sift_key_features(tmp_path / "a.key")
+    assert feats.descriptors.shape == (len(feats.points_vox), 64)
+    # real SIFT-Rank descriptors: every row a permutation of the ranks 0..63 (zeros before this change)
+    assert np.array_equal(np.sort(feats.descriptors, axis=1), np.tile(np.arange(64), (len(feats.descriptors), 1)))
+
+    out = tmp_path / "m.csv"
+    r = runner.invoke(app, ["match", str(tmp_path / "a.key"), str(tmp_path / "b.key"), "-a", str(tmp_path / "a.nii.gz"),
+                            "-b", str(tmp_path / "b.nii.gz"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    t = np.genfromtxt(out, delimiter=",", names=True)
+    pts = np.column_stack([t["x"], t["y"], t["z"]])
+    disps = np.column_stack([t["dx"], t["dy"], t["dz"]])
+    assert len(pts) >= 20  # measured 34
+    # A's voxel frame (identity affine = mm): the displacement is the known field at A's keypoint
+    assert (np.linalg.norm(disps - true_field(pts.T).T, axis=1) < 1.0).mean() >= 0.9
+    assert {"descriptor_distance", "ratio", "residual_mm", "x_b", "y_b", "z_b"} <= set(t.dtype.names)
+
+
+def test_match_without_descriptor_columns_is_one_line_error(tmp_path):
+    key = tmp_path / "short.key"
+    key.write_text("# featExtract 1.1\n# Extraction Voxel Resolution (ijk) : 8 8 8\n# Extraction Voxel Size (mm) : "
+                   "1 1 1\n# Feature Coordinate Space: voxel\nFeatures: 1\nScale-space location[x y z scale]\n"
+                   "1\t2\t3\t1.5\n")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "i.nii.gz")
+    out = tmp_path / "m.csv"
+    r = runner.invoke(app, ["match", str(key), str(key), "-a", str(tmp_path / "i.nii.gz"), "-b",
+                            str(tmp_path / "i.nii.gz"), "-o", str(out)])
+    assert r.exit_code == 2 and r.output.startswith("error: expected 81 finite numbers on line 7")
+    assert not out.exists()
