@@ -218,18 +218,22 @@ def main() -> None:
     for name, path in sets:
         rows += evaluate_family(path, name, loaded, seed=args.seed, n_keypoints=args.n_keypoints, cases=args.cases,
                                 rng_voxels=rng_vox, calib=calib)
+        write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
+    print((out / "summary.md").read_text())
+    print((out / "reliability.md").read_text())
+
+
+def write_results(out: Path, rows: list[dict], calib: list, args, seconds: float) -> None:
     with open(out / "per_case.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     header = (f"Weights: `{args.weights}`; {args.n_keypoints} keypoints (detected DoG candidates), seed {args.seed}; "
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
-              f"{time.perf_counter() - t0:.0f} s.\n\n")
+              f"{seconds:.0f} s.\n\n")
     (out / "summary.md").write_text(header + summarise(rows))
     plot_ratios(rows, out)
     (out / "reliability.md").write_text(reliability(calib, out))
-    print(header + summarise(rows))
-    print((out / "reliability.md").read_text())
 
 
 if __name__ == "__main__":
