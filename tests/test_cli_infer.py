@@ -140,7 +140,7 @@ def test_conflicting_duplicate_keypoints_are_named(tmp_path, image_path):
     kp = _table(tmp_path / "kp.csv", rows)
     out = tmp_path / "o"
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"])
-    _assert_clean_error(res, out, "keypoints 2 and 8", "(9, 9, 9)")
+    _assert_clean_error(res, out, "line 4 of kp.csv and the keypoint on line 10 of kp.csv", "(9, 9, 9)")
 
 
 def test_nan_in_table(tmp_path, image_path):
@@ -165,7 +165,7 @@ def test_keypoint_outside_image(tmp_path, image_path):
     kp = _table(tmp_path / "kp.csv", rows)
     out = tmp_path / "o"
     _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "--no-refine"]),
-                        out, "outside")
+                        out, "outside", "line 2 of kp.csv")
 
 
 def test_field_on_another_grid(tmp_path, image_path):
@@ -249,7 +249,7 @@ def test_absurd_displacements_are_refused(tmp_path, image_path):
     kp = _table(tmp_path / "kp.csv", rows)
     out = tmp_path / "o"
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q"])
-    _assert_clean_error(res, out, "--max-displacement", "data row 4")
+    _assert_clean_error(res, out, "--max-displacement", "line 5 of kp.csv")
 
 
 def test_output_below_an_existing_file_fails_before_any_work(tmp_path, image_path, monkeypatch):

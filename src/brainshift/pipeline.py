@@ -139,13 +139,30 @@ def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
             warnings.warn("both an initial field and keypoints were given: the initial field is used", stacklevel=3)
         with steps.step("load initial field"):
             init_field, _ = read_field(opts.init_disp, reference=image)
+            _check_field_bound(image, init_field, opts)
         return image, {"initial_field": init_field}
     from brainshift.io.keypoints import read_keypoints
 
     with steps.step("load keypoints"):
         points_vox, disps_vox = read_keypoints(opts.kpt_disps, frame=opts.coords, affine=image.affine,
                                                intraop_path=opts.kpt_intraop)
+        names = _keypoint_names(opts.kpt_disps)
+        _check_displacement_bound(image, disps_vox, names, opts)
+        if names is not None:  # validated here so that messages name the file's lines (compensate re-checks)
+            from brainshift.keypoints.validate import validate_keypoints
+
+            points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape, names=names)
     return image, {"keypoints": (points_vox, disps_vox)}
+
+
+def _keypoint_names(path: Path) -> list[str] | None:
+    """``"line N of FILE"`` for each row of a keypoint table (what a user sees in an editor); None otherwise."""
+    from brainshift.io.keypoints import TABLE_SUFFIXES, keypoint_table_lines
+
+    p = Path(path)
+    if not p.name.lower().endswith(TABLE_SUFFIXES):
+        return None
+    return [f"line {n} of {p.name}" for n in keypoint_table_lines(p)]
 
 
 def run_infer(opts: InferOptions) -> dict:
@@ -173,7 +190,6 @@ def run_infer(opts: InferOptions) -> dict:
         device = str(resolve_device(opts.device))
     pending = _load_network_async(weights, opts.device) if refine else None
     image, given = _read_inputs(opts, steps)
-    _check_displacement_bound(image, given, opts)
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
@@ -209,12 +225,11 @@ def _planned_outputs(opts: InferOptions, fmt: str, refine: bool) -> list[str]:
     return names
 
 
-def _check_displacement_bound(image: Volume, given: dict, opts: InferOptions) -> None:
-    """Refuse keypoint or initial-field displacements longer than ``opts.max_displacement_mm``.
+def _check_displacement_bound(image: Volume, disps_vox, names: list[str] | None, opts: InferOptions) -> None:
+    """Refuse keypoint displacements longer than ``opts.max_displacement_mm`` (or non-finite).
 
     Raises:
-        KeypointError: a keypoint displacement beyond the bound (named by its row, 1-based, and its length).
-        InputFileError: an initial field beyond the bound.
+        KeypointError: naming the first offending keypoint (its file line for a table) and its length in mm.
     """
     import numpy as np
 
@@ -222,19 +237,31 @@ def _check_displacement_bound(image: Volume, given: dict, opts: InferOptions) ->
 
     bound = float(opts.max_displacement_mm)
     a = np.asarray(image.affine, dtype=np.float64)[:3, :3]
-    if "keypoints" in given:
-        disps_mm = np.linalg.norm(np.asarray(given["keypoints"][1], dtype=np.float64) @ a.T, axis=1)
-        if disps_mm.size and not np.all(disps_mm <= bound):
-            i = int(np.argmax(np.where(np.isfinite(disps_mm), disps_mm, np.inf)))
-            raise KeypointError(f"expected keypoint displacements of at most {bound:g} mm (--max-displacement), "
-                                f"got {disps_mm[i]:.6g} mm in data row {i + 1} of {opts.kpt_disps}")
-    else:
-        fld = np.asarray(given["initial_field"])
-        mm = np.sqrt(sum(np.square(np.tensordot(a[r], fld, axes=(0, 0)), dtype=np.float64) for r in range(3)))
-        worst = float(np.max(mm)) if mm.size else 0.0
-        if not np.isfinite(worst) or worst > bound:
-            raise InputFileError(f"expected initial-field displacements of at most {bound:g} mm "
-                                 f"(--max-displacement), got {worst:.6g} mm in {opts.init_disp}")
+    disps_mm = np.linalg.norm(np.asarray(disps_vox, dtype=np.float64) @ a.T, axis=1)
+    bad = np.flatnonzero(~(disps_mm <= bound))
+    if bad.size:
+        i = int(bad[0])
+        where = names[i] if names is not None else f"keypoint {i + 1} of {Path(opts.kpt_disps).name}"
+        raise KeypointError(f"expected keypoint displacements of at most {bound:g} mm (--max-displacement), "
+                            f"got {disps_mm[i]:.6g} mm on {where}")
+
+
+def _check_field_bound(image: Volume, field_vox, opts: InferOptions) -> None:
+    """Refuse an initial field with displacements longer than ``opts.max_displacement_mm`` (or non-finite).
+
+    Raises:
+        InputFileError: naming the file and the longest displacement in mm.
+    """
+    import numpy as np
+
+    bound = float(opts.max_displacement_mm)
+    a = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    fld = np.asarray(field_vox)
+    mm2 = sum(np.square(np.tensordot(a[r], fld, axes=(0, 0)), dtype=np.float64) for r in range(3))
+    worst = float(np.sqrt(np.max(mm2))) if fld.size else 0.0
+    if not worst <= bound:
+        raise InputFileError(f"expected initial-field displacements of at most {bound:g} mm (--max-displacement), "
+                             f"got {worst:.6g} mm in {opts.init_disp}")
 
 
 def _check_result(result, opts: InferOptions) -> None:

@@ -69,12 +69,20 @@ def _split(line: str) -> list[str]:
     return line.split()
 
 
+#: a decimal number as written in a table (Python's float() also takes "1_000" and non-ASCII digits; we do not),
+#: or nan / inf spelled out (accepted here so that the message can say "finite")
+_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE)
+
+
 def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+    return _NUMBER.fullmatch(token.strip()) is not None
+
+
+def _strict_float(token: str) -> float:
+    """``float(token)`` for a plain decimal number only; raises ValueError otherwise."""
+    if not _is_number(token):
+        raise ValueError(token)
+    return float(token)
 
 
 def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
@@ -102,7 +110,27 @@ def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
     """
     p = Path(path)
     frame = check_frame(frame)
+    table, _ = _parse_keypoint_table(p)
+    _need_affine(frame, affine, p)
+    return points_to_voxel(table[:, :3], frame, affine), vectors_to_voxel(table[:, 3:], frame, affine)
+
+
+def keypoint_table_lines(path: str | os.PathLike[str]) -> list[int]:
+    """The 1-based line number in the file (header and comments counted) of each keypoint row of a table.
+
+    Row ``n`` of :func:`read_keypoint_table`'s arrays came from line ``keypoint_table_lines(path)[n]``: what
+    error messages name, since that is what a user sees in an editor.
+
+    Raises:
+        InputFileError, KeypointError: as :func:`read_keypoint_table`.
+    """
+    return _parse_keypoint_table(Path(path))[1]
+
+
+def _parse_keypoint_table(p: Path) -> tuple[np.ndarray, list[int]]:
+    """``(table (N, 6) in column order x, y, z, dx, dy, dz, 1-based line numbers)``; see read_keypoint_table."""
     text = _read_text(p, "keypoint table")
+    linenos: list[int] = []
     rows: list[list[float]] = []
     order = list(range(6))
     first = True
@@ -124,17 +152,16 @@ def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
             raise KeypointError(f"expected 6 columns x,y,z,dx,dy,dz on line {lineno} of {str(p)!r}, "
                                 f"got {len(tokens)}: {line!r}")
         try:
-            values = [float(t) for t in tokens]
+            values = [_strict_float(t) for t in tokens]
         except ValueError:
             raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {line!r}") from None
         if not all(np.isfinite(values)):
             raise KeypointError(f"expected finite numbers on line {lineno} of {str(p)!r}, got {line!r}")
         rows.append([values[i] for i in order])
+        linenos.append(lineno)
     if not rows:
         raise KeypointError(f"expected at least one keypoint row x,y,z,dx,dy,dz in {str(p)!r}, got none")
-    table = np.asarray(rows, dtype=np.float64)
-    _need_affine(frame, affine, p)
-    return points_to_voxel(table[:, :3], frame, affine), vectors_to_voxel(table[:, 3:], frame, affine)
+    return np.asarray(rows, dtype=np.float64), linenos
 
 
 def write_keypoint_table(path: str | os.PathLike[str], points_vox: np.ndarray, disps_vox: np.ndarray,

@@ -33,7 +33,7 @@ def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int] | None, *,
-                       min_points: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                       min_points: int = 4, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check keypoints before interpolation; merge identical duplicates.
 
     Checks, in order: shapes ``(N, 3)``; finite values; every point inside the image
@@ -48,6 +48,8 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
         shape: image grid ``(I, J, K)``; ``None`` skips the inside-the-image check (frame-free use, e.g. by
             the interpolators on points that may lie anywhere).
         min_points: minimum number of distinct keypoints.
+        names: how messages name keypoint ``n`` (e.g. ``"line 7 of kp.csv"``, the line a user sees in the file);
+            default ``"keypoint n"`` (0-based row).
 
     Returns:
         ``(points_vox, disps_vox)`` float64, duplicates merged (first occurrence kept, order preserved).
@@ -56,17 +58,21 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
         KeypointError: with an "expected ..., got ..." message for each failed check.
     """
     pts, dsp = _check_pairs(points_vox, disps_vox)
+
+    def name(i: int) -> str:
+        return f"keypoint {i}" if names is None or i >= len(names) else f"the keypoint on {names[i]}"
+
     if not (np.all(np.isfinite(pts)) and np.all(np.isfinite(dsp))):
         bad = int(np.flatnonzero(~(np.isfinite(pts).all(1) & np.isfinite(dsp).all(1)))[0])
-        raise KeypointError(f"expected finite keypoints and displacements, got NaN or inf in keypoint {bad} "
+        raise KeypointError(f"expected finite keypoints and displacements, got NaN or inf in {name(bad)} "
                             f"{_fmt(pts[bad])} -> {_fmt(dsp[bad])}")
     upper = np.asarray(shape if shape is not None else (np.inf,) * 3, dtype=np.float64) - 1
     outside = np.flatnonzero(((pts < -INSIDE_ATOL_VOX) | (pts > upper + INSIDE_ATOL_VOX)).any(axis=1))
     if shape is not None and outside.size:
         i = int(outside[0])
         raise KeypointError(f"expected keypoints inside the image (0 <= voxel index <= shape - 1, image shape "
-                            f"{tuple(int(s) for s in shape)}), got {outside.size} outside, the first being keypoint "
-                            f"{i} at voxel {_fmt(pts[i])}")
+                            f"{tuple(int(s) for s in shape)}), got {outside.size} outside, the first being "
+                            f"{name(i)} at voxel {_fmt(pts[i])}")
     key = np.round(pts / DUPLICATE_ATOL_VOX).astype(np.int64)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
@@ -77,14 +83,18 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
             if j == i:
                 continue
             if np.abs(dsp[i] - dsp[j]).max() > DUPLICATE_ATOL_VOX:
-                raise KeypointError(f"expected one displacement per keypoint location, got keypoints {j} and {i} at "
+                raise KeypointError(f"expected one displacement per keypoint location, got "
+                                    f"{f'keypoints {j} and {i}' if names is None else f'{name(j)} and {name(i)}'} at "
                                     f"voxel {_fmt(pts[i])} with displacements {_fmt(dsp[j])} and {_fmt(dsp[i])}")
             merged.append((j, i))
         keep = np.sort(first)
-        names = ", ".join(f"{i} (= {j} at {_fmt(pts[j])})" for j, i in merged[:5])
+        if names is None:
+            listed = "keypoints " + ", ".join(f"{i} (= {j} at {_fmt(pts[j])})" for j, i in merged[:5])
+        else:
+            listed = ", ".join(f"{name(i)} (= {name(j)} at {_fmt(pts[j])})" for j, i in merged[:5])
         more = f" and {len(merged) - 5} more" if len(merged) > 5 else ""
-        warnings.warn(f"merged {len(merged)} duplicate keypoint(s) with identical displacements: keypoints "
-                      f"{names}{more}", stacklevel=2)
+        warnings.warn(f"merged {len(merged)} duplicate keypoint(s) with identical displacements: "
+                      f"{listed}{more}", stacklevel=2)
         pts, dsp = pts[keep], dsp[keep]
     n = len(pts)
     if n < min_points:
