@@ -43,7 +43,7 @@ def simulate_command(
     from brainshift.errors import BrainshiftError
     from brainshift.simulate import batch
     from brainshift.simulate.case import draw_case_parameters, simulate_case
-    from brainshift.simulate.dataset import write_case, write_subject
+    from brainshift.simulate.dataset import case_intraop_image, write_case, write_subject
     from brainshift.simulate.preview import save_displacement_png
 
     real = [image, brain_mask, tumour]
@@ -88,8 +88,9 @@ def simulate_command(
     result = simulate_case(subject, sim_cfg, params, progress=True)
     meta = {**result.meta, "batch_seed": int(seed), "subject_index": entry["index"], "case_index": 0,
             "case_seed": cseed, "wall_s": time.perf_counter() - t0}
+    intraop = case_intraop_image(subject, result.field_vox, result.cavity_mask, cseed)
     case_dir = write_case(out, cid, entry["subject_id"], result.field_vox, subject.image.affine, result.cavity_mask,
-                          meta)
+                          meta, intraop=intraop)
     png = save_displacement_png(subject.image, result.field_vox, case_dir / "displacement_magnitude.png",
                                 cavity=result.cavity_mask, brain=subject.brain_mask,
                                 title=f"{cid}: {sim_cfg.material}, {sim_cfg.resolution_mm:g} mm elements")

@@ -275,7 +275,7 @@ def _cached_subject(out_dir: str, subject_id: str, mtime: float):
 def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, extra_meta: dict) -> dict:
     """Task: simulate and write one case. Returns a status dict (never raises)."""
     from brainshift.simulate import case as case_mod
-    from brainshift.simulate.dataset import write_case
+    from brainshift.simulate.dataset import case_intraop_image, write_case
 
     sid = subject_status["subject_id"]
     t0 = time.perf_counter()
@@ -287,7 +287,10 @@ def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, e
         params = case_mod.draw_case_parameters(subject, config, seed)
         result = case_mod.simulate_case(subject, config, params)
         meta = {**result.meta, **extra_meta, "case_seed": int(seed), "wall_s": time.perf_counter() - t0}
-        write_case(out_dir, cid, sid, result.field_vox, subject.image.affine, result.cavity_mask, meta)
+        intraop = case_intraop_image(subject, result.field_vox, result.cavity_mask, seed)
+        meta["wall_s"] = time.perf_counter() - t0
+        write_case(out_dir, cid, sid, result.field_vox, subject.image.affine, result.cavity_mask, meta,
+                   intraop=intraop)
         return {"case_id": cid, "status": "ok", "time_s": time.perf_counter() - t0,
                 "max_displacement_mm": float(result.meta.get("max_displacement_mm", float("nan")))}
     except Exception as exc:

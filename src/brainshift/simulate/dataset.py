@@ -13,6 +13,9 @@ Layout::
       cases/<case_id>/          one simulation of one subject
         field.npz               ``field`` float32 (3, I, J, K) on the subject's grid, ``affine`` (4, 4)
         cavity_mask.nii.gz      uint8 0/1: resection cavity (the removed tumour), preop grid
+        intraop_t1.nii.gz       synthetic intraoperative MRI (:func:`case_intraop_image`: the preop image moved by
+                                the ground truth, fluid-filled cavity, bias field, Rician noise, its own grid);
+                                its drawn parameters are ``meta.json["intraop"]``
         meta.json               every simulation parameter, seed, solver iterations, residual, time,
                                 max / median displacement (mm), and ``"subject": <subject_id>``
 
@@ -126,9 +129,40 @@ def write_subject(root: str | Path, subject: Subject) -> Path:
     return d
 
 
+#: File name of a case's synthetic intraoperative MRI.
+INTRAOP_FILE = "intraop_t1.nii.gz"
+#: Stream of the case seed that draws the intraop image (:func:`intraop_seed`); the simulation uses the seed itself.
+_INTRAOP_STREAM = 1
+
+
+def intraop_seed(case_seed: int) -> int:
+    """The seed of a case's synthetic intraop image, derived from the case seed (an independent stream:
+    ``numpy.random.SeedSequence([case_seed, 1])``), so the image is reproducible from ``meta.json`` alone."""
+    return int(np.random.SeedSequence([int(case_seed), _INTRAOP_STREAM]).generate_state(1)[0])
+
+
+def case_intraop_image(subject: Subject, field: np.ndarray, cavity_mask: Volume, case_seed: int
+                       ) -> tuple[Volume, dict]:
+    """The synthetic intraop MRI of a case: :func:`brainshift.simulate.intraop.synthesize_intraop_image` of the
+    subject's image with the case's ground truth and cavity, seeded by :func:`intraop_seed` of ``case_seed``.
+
+    Returns:
+        ``(intraop, params)``: the image on its drawn grid and the JSON-serialisable drawn parameters.
+
+    Convention: ``field`` float32 (3, I, J, K), forward Lagrangian, voxel units on the subject grid.
+    """
+    from brainshift.simulate.intraop import synthesize_intraop_image
+
+    return synthesize_intraop_image(subject.image, field, cavity_mask, intraop_seed(case_seed),
+                                    brain_mask=subject.brain_mask)
+
+
 def write_case(root: str | Path, case_id: str, subject_id: str, field: np.ndarray, affine: np.ndarray,
-               cavity_mask: Volume, meta: dict) -> Path:
+               cavity_mask: Volume, meta: dict, *, intraop: tuple[Volume, dict] | None = None) -> Path:
     """Write one simulation under ``root/cases/<case_id>/``; ``meta.json`` is written last.
+
+    ``intraop``: the case's synthetic intraop image and its parameters (:func:`case_intraop_image`), written as
+    ``intraop_t1.nii.gz`` with the parameters in ``meta.json["intraop"]``.
 
     Convention: ``field`` float32 (3, I, J, K), forward Lagrangian, voxel units on the subject grid.
     """
@@ -136,11 +170,18 @@ def write_case(root: str | Path, case_id: str, subject_id: str, field: np.ndarra
 
     d = Path(root) / "cases" / case_id
     d.mkdir(parents=True, exist_ok=True)
+    # a case is complete only while its meta.json exists: an earlier one goes first, so a case being rewritten
+    # (and killed half-way) is never taken for a complete one by --resume or the training loader
+    (d / "meta.json").unlink(missing_ok=True)
     with atomic_output(d / "field.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, field=np.asarray(field, dtype=np.float32), affine=np.asarray(affine, np.float64))
     _write_nifti(cavity_mask, d / "cavity_mask.nii.gz")
-    _write_json({**meta, "case_id": case_id, "subject": subject_id}, d / "meta.json")
+    extra = {}
+    if intraop is not None:
+        _write_nifti(intraop[0], d / INTRAOP_FILE)
+        extra["intraop"] = {"file": INTRAOP_FILE, **intraop[1]}
+    _write_json({**meta, **extra, "case_id": case_id, "subject": subject_id}, d / "meta.json")
     return d
 
 
