@@ -14,6 +14,7 @@ from brainshift.cli.demo import demo_command
 from brainshift.cli.evaluate import evaluate_command
 from brainshift.cli.infer import infer_command
 from brainshift.cli.keypoints import keypoints_command
+from brainshift.cli.landmarks import evaluate_landmarks_command
 from brainshift.cli.match import match_command
 from brainshift.cli.register import register_command
 from brainshift.cli.simulate import simulate_batch_command, simulate_command
@@ -23,6 +24,7 @@ app.command("infer")(infer_command)
 app.command("register")(register_command)
 app.command("demo")(demo_command)
 app.command("evaluate")(evaluate_command)
+app.command("evaluate-landmarks")(evaluate_landmarks_command)
 app.command("keypoints")(keypoints_command)
 app.command("match")(match_command)
 app.command("train")(train_command)

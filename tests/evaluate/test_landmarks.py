@@ -1,0 +1,95 @@
+"""TRE at landmark pairs (brainshift.evaluate.landmarks, ``brainshift evaluate-landmarks``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainshift.cli import app
+from brainshift.errors import GeometryError, InputFileError
+from brainshift.evaluate.landmarks import evaluate_landmarks, move_points, read_tag_file
+from brainshift.io.fields import write_field
+
+runner = CliRunner()
+# grid: 2 mm voxels, origin (-20, -20, -20) RAS; field: +1 voxel along i everywhere = +2 mm along R (x)
+AFFINE = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -20], [0, 0, 2.0, -20], [0, 0, 0, 1]])
+PRE = np.array([[0.0, 0.0, 0.0], [4.0, -6.0, 2.0], [-8.0, 10.0, 6.0]])
+# intraop: moved by exactly +2 mm in x, except the third, 1 mm further in y (a residual the field cannot explain)
+INTRA = PRE + [[2.0, 0, 0], [2.0, 0, 0], [2.0, 1.0, 0]]
+
+
+@pytest.fixture
+def field_file(tmp_path):
+    f = np.zeros((3, 20, 20, 20), np.float32)
+    f[0] = 1.0
+    return write_field(tmp_path / "field.npz", f, AFFINE)
+
+
+def _tag(path, *sets, labels=None):
+    lines = ["MNI Tag Point File", f"Volumes = {len(sets)};", "% made by the test", "", "Points ="]
+    for i in range(len(sets[0])):
+        xyz = " ".join(f"{v:g}" for s in sets for v in s[i])
+        lines.append(f" {xyz}" + (f' 1 1 1 "{labels[i]}"' if labels else ""))
+    lines[-1] += ";"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_two_volume_tag_file_gives_tre_before_and_after(tmp_path, field_file):
+    tag = _tag(tmp_path / "pairs.tag", PRE, INTRA, labels=["a", "b", "c d"])
+    res = evaluate_landmarks(tag, None, field_file)
+    assert res.labels == ["a", "b", "c d"]
+    # by hand: before |INTRA - PRE| = 2, 2, sqrt(5); after the 2 mm shift: 0, 0, 1
+    np.testing.assert_allclose(res.before_mm, [2.0, 2.0, np.sqrt(5.0)], atol=1e-6)
+    np.testing.assert_allclose(res.after_mm, [0.0, 0.0, 1.0], atol=1e-5)
+    assert not res.outside.any() and res.summary()["after"]["max_mm"] == pytest.approx(1.0, abs=1e-5)
+    # tag_preop_volume=2 swaps the roles: the field now moves the intraop points further away
+    swapped = evaluate_landmarks(tag, None, field_file, tag_preop_volume=2)
+    np.testing.assert_allclose(swapped.after_mm[:2], [4.0, 4.0], atol=1e-5)
+
+
+def test_one_volume_tags_tables_and_slicer_markups_agree(tmp_path, field_file):
+    t1 = _tag(tmp_path / "pre.tag", PRE)
+    t2 = _tag(tmp_path / "intra.tag", INTRA)
+    ref = evaluate_landmarks(t1, t2, field_file).after_mm
+    lps = lambda a: a * [-1, -1, 1]  # noqa: E731
+    for name, pts in (("pre", PRE), ("intra", INTRA)):  # tables in LPS mm
+        rows = "\n".join(f"{x:g},{y:g},{z:g}" for x, y, z in lps(pts))
+        (tmp_path / f"{name}.csv").write_text("x,y,z\n" + rows + "\n")
+        fc = "\n".join(f"F_{i},{x:g},{y:g},{z:g},0,0,0,1,1,1,0,L{i},," for i, (x, y, z) in enumerate(lps(pts)))
+        (tmp_path / f"{name}.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+                                               "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,"
+                                               "associatedNodeID\n" + fc + "\n")
+    table = evaluate_landmarks(tmp_path / "pre.csv", tmp_path / "intra.csv", field_file, frame="lps")
+    fcsv = evaluate_landmarks(tmp_path / "pre.fcsv", tmp_path / "intra.fcsv", field_file)
+    np.testing.assert_allclose(table.after_mm, ref, atol=1e-5)
+    np.testing.assert_allclose(fcsv.after_mm, ref, atol=1e-5)
+    np.testing.assert_allclose(fcsv.preop_ras, PRE, atol=1e-5)
+
+
+def test_move_points_is_the_forward_field_in_world_mm():
+    f = np.zeros((3, 5, 5, 5), np.float32)
+    f[2] = 0.5  # half a voxel along k
+    aff = np.diag([1.0, 1.0, -3.0, 1.0])  # k points inferior, 3 mm voxels: +0.5 voxel = 1.5 mm inferior
+    moved, outside = move_points(np.array([[1.0, 2.0, -6.0], [50.0, 0.0, 0.0]]), f, aff)
+    np.testing.assert_allclose(moved[0], [1.0, 2.0, -7.5])
+    assert list(outside) == [False, True]
+
+
+def test_bad_files_raise_and_the_cli_reports(tmp_path, field_file):
+    (tmp_path / "bad.tag").write_text("not a tag file\n")
+    with pytest.raises(InputFileError, match="MNI tag file"):
+        read_tag_file(tmp_path / "bad.tag")
+    far = _tag(tmp_path / "far.tag", PRE + 500.0, INTRA + 500.0)
+    with pytest.raises(GeometryError, match="inside the field's grid"):
+        evaluate_landmarks(far, None, field_file)
+    tag = _tag(tmp_path / "pairs.tag", PRE, INTRA)
+    out = tmp_path / "tre.csv"
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tag), "--field", str(field_file),
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "3 landmarks: TRE before 2.08" in r.output and "after 0.33" in r.output
+    assert out.read_text().splitlines()[0] == "label,x,y,z,tre_before_mm,tre_after_mm"
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(far), "--field", str(field_file)])
+    assert r.exit_code == 2 and r.output.startswith("error: expected preop landmarks inside")
