@@ -103,8 +103,8 @@ def check_intensities(volume: Volume, path: str | os.PathLike[str], what: str = 
                              f"{int(data.size - finite.sum())} NaN or inf voxels of {data.size}")
     lo, hi = float(data.min()), float(data.max())
     if hi <= lo:
-        raise InputFileError(f"expected an {what} with some structure, got a constant image (every voxel {lo:g}) "
-                             f"in {str(path)!r}")
+        raise InputFileError(f"expected some structure in the {what} {str(path)!r}, got a constant image "
+                             f"(every voxel {lo:g})")
 
 
 def check_nifti_geometry(img, p: Path) -> None:
