@@ -110,9 +110,12 @@ def test_uncertainty_zero_spread_grows_away_from_keypoints():
     res = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps")
     sig = res.uncertainty_mm
     assert sig.shape == SHAPE and sig.dtype == np.float32 and (sig >= 0).all()
+    # distance to the nearest keypoint on the network grid, resampled: small at the keypoints, growing away
     at_kp = sig[tuple(np.rint(pts).astype(int).T)]
-    assert at_kp.max() == 0.0 and sig.max() > 0
-    assert res.info["rho"] > 0
+    rho = res.info["rho"]
+    assert rho > 0 and sig.max() > 0
+    assert at_kp.max() <= rho * 2.0 * np.sqrt(3.0) + 1e-6  # within one 2 mm voxel diagonal of a keypoint
+    assert sig.max() > 4.0 * at_kp.max()
 
 
 def test_few_keypoints_skip_cross_validation_and_bad_input_raises():

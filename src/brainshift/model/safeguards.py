@@ -17,7 +17,8 @@ learnt, using only what the user gave: the keypoints.
 2. **Keypoint consistency.** The residuals of the blended field at *all* keypoints (trilinear sampling) are
    interpolated with a thin-plate spline (:func:`brainshift.interpolate.tps_interpolate`) and added, so the
    output honours the driving keypoints as well as the classical field does.
-3. **Uncertainty.** A per-voxel standard deviation (mm) ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``:
+3. **Uncertainty.** A per-voxel standard deviation (mm) ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``,
+   computed on the network grid and resampled trilinearly to the image grid:
    ``s`` is the spread of the network's two left-right mirrored passes (half their difference, mm; the mirrored
    problem is an exact solution of the same mechanics, so disagreement means the network is unsure), ``d`` the
    distance (mm) to the nearest keypoint, and ``rho`` (mm of error per mm of distance) fitted per case from the
@@ -39,8 +40,11 @@ import torch
 
 from brainshift.errors import BrainshiftError
 from brainshift.field import check_field
+from brainshift.geometry import spacing_from_affine
 from brainshift.model.checkpoint import LoadedModel
 from brainshift.model.grid import (
+    crop_pad,
+    extend_from_region,
     mirror_network_tensor,
     network_grid,
     refined_from_prediction,
@@ -102,6 +106,37 @@ def _two_passes(loaded: LoadedModel, net_input, device) -> tuple[torch.Tensor, t
     return a.float().cpu(), b.float().cpu()
 
 
+def _spread_mm(half_diff: torch.Tensor, net_input) -> torch.Tensor:
+    """``(I', J', K')`` magnitude (mm) of a network-unit field on the (unpadded) network grid, continued outside
+    the brain from the nearest brain voxel (as the network's correction is)."""
+    a_net = np.asarray(net_input.net_affine, np.float64)[:3, :3]
+    units = spacing_from_affine(net_input.net_affine) if net_input.config.field_units == "mm" else np.ones(3)
+    to_mm = torch.as_tensor(a_net @ np.diag(1.0 / units), dtype=torch.float32)
+    d = extend_from_region(crop_pad(half_diff[0, :3], net_input.pad), crop_pad(net_input.mask, net_input.pad))
+    return torch.linalg.vector_norm(torch.einsum("ab,b...->a...", to_mm, d.float()), dim=0)
+
+
+def _keypoint_distance_mm(points_ras: np.ndarray, net_input) -> torch.Tensor:
+    """``(I', J', K')`` exact distance (mm) from each (unpadded) network-grid voxel centre to the nearest
+    keypoint (``scipy.spatial.cKDTree``)."""
+    from scipy.spatial import cKDTree
+
+    shape = tuple(int(s) for s in net_input.net_shape)
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    a = np.asarray(net_input.net_affine, np.float64)
+    world = idx @ a[:3, :3].T.astype(np.float32) + a[:3, 3].astype(np.float32)
+    d, _ = cKDTree(np.asarray(points_ras, np.float64)).query(world)
+    return torch.from_numpy(d.astype(np.float32).reshape(shape))
+
+
+def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
+    """A scalar map on the unpadded network grid resampled (trilinearly) onto the input grid."""
+    v = values[None].float()
+    if not net_input.same_grid:
+        v = resample_channels(v, net_input.net_affine, net_input.input_shape, net_input.input_affine)
+    return np.ascontiguousarray(v[0].numpy(), dtype=np.float32)
+
+
 def _folds(n: int, folds: int, min_per_fold: int, seed: int) -> list[np.ndarray]:
     k = min(int(folds), n // int(min_per_fold))
     if k < 2:
@@ -152,8 +187,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
 
     Convention: forward Lagrangian, voxel units of ``image``'s grid, in and out.
     """
-    from scipy.ndimage import distance_transform_edt
-
     from brainshift.interpolate import interpolate
 
     t0 = time.perf_counter()
@@ -167,14 +200,13 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     opts = dict(interpolate_options or {})
     a3 = np.asarray(image.affine, np.float64)[:3, :3]
 
-    # the network on the full problem: two passes (plain and mirrored)
+    # the network on the full problem: two passes (plain and mirrored); their mean is the refinement (mapped
+    # back once: the map is linear), half their difference the spread, kept on the network grid
     net_input = to_network_grid(image, init, mask, loaded.config)
     pa, pb = _two_passes(loaded, net_input, device)
-    ra = refined_from_prediction(pa, net_input, init)
-    rb = refined_from_prediction(pb, net_input, init)
-    net_field = (0.5 * (ra + rb)).astype(np.float32)
-    spread_mm = 0.5 * np.linalg.norm(np.einsum("ij,j...->i...", a3, (ra - rb).astype(np.float64)), axis=0)
-    del ra, rb
+    net_field = refined_from_prediction(0.5 * (pa + pb), net_input, init)
+    spread_net = _spread_mm(0.5 * (pa - pb), net_input)
+    del pa, pb
     times["network_s"] = time.perf_counter() - t0
 
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
@@ -228,17 +260,14 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     after = keypoint_residuals_mm(out, pts, dsp, image.affine)
     times["consistency_s"] = time.perf_counter() - t2
 
-    # 3. uncertainty
+    # 3. uncertainty, on the network grid, then resampled to the image grid once
     t3 = time.perf_counter()
-    near = np.zeros(image.shape, dtype=bool)
-    idx = np.clip(np.rint(pts).astype(np.int64), 0, np.array(image.shape) - 1)
-    near[tuple(idx.T)] = True
-    spacing = np.linalg.norm(a3, axis=0)
-    dist_mm = distance_transform_edt(~near, sampling=spacing).astype(np.float32)
     rho = 0.0
     if split and cv["heldout_rms_distance_mm"] > 0:
         rho = cv["heldout_rmse_output_mm"] / cv["heldout_rms_distance_mm"]
-    sigma = np.sqrt((alpha * spread_mm) ** 2 + (rho * dist_mm) ** 2).astype(np.float32)
+    dist_net = _keypoint_distance_mm(pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3], net_input)
+    sigma_net = torch.sqrt((alpha * spread_net) ** 2 + (rho * dist_net) ** 2)
+    sigma = _scalar_to_input_grid(sigma_net, net_input)
     times["uncertainty_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0
     cv.update({"alpha": alpha, "rho": rho, "keypoint_residual_mean_mm_before": float(before.mean()),
