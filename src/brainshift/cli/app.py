@@ -48,6 +48,9 @@ def _end_progress_bars() -> None:
             pass
 
 
+_INTERRUPTED = "interrupted; nothing was written (outputs appear only when a run completes)"
+
+
 class OneLineErrorsGroup(TyperGroup):
     """The command group: usage errors as one ``error:`` line (exit 2) instead of click's multi-line box."""
 
@@ -67,7 +70,7 @@ class OneLineErrorsGroup(TyperGroup):
             error_line(exc.format_message())
             sys.exit(exc.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            error_line("interrupted; nothing was written (outputs appear only when a run completes)")
+            error_line(_INTERRUPTED)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -99,6 +102,9 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MemoryError:
             error_line("out of memory; use fewer keypoints, a coarser grid or another interpolator")
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            error_line(_INTERRUPTED)
+            raise typer.Exit(code=130) from None
 
     return wrapper
 

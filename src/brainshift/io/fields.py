@@ -205,8 +205,14 @@ def write_field(path: str | os.PathLike[str], field_vox: np.ndarray, affine: np.
     f = check_field(field_vox)
     a = check_affine(affine)
     if suffix in (".h5", ".hdf5"):
-        with atomic_output(p) as tmp:
-            _write_itk_h5(tmp, f, a, np.dtype(h5_dtype), int(compression))
+        import io
+
+        # built in memory, then written with Python's file I/O: HDF5 crashes the process (SIGSEGV, in
+        # H5Fclose) when its own writes fail on a full disk; a failed Python write is a clean OSError
+        buf = io.BytesIO()
+        _write_itk_h5(buf, f, a, np.dtype(h5_dtype), int(compression))
+        with atomic_output(p) as tmp, open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
     elif suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 
@@ -247,8 +253,11 @@ def itk_field_parameters(field_vox: np.ndarray, affine: np.ndarray, dtype=np.flo
     return out
 
 
-def _write_itk_h5(path: Path, field_vox: np.ndarray, affine: np.ndarray, dtype: np.dtype, compression: int) -> None:
-    """The HDF5 transform file of ``itk::HDF5TransformIOTemplate`` for one displacement-field transform."""
+def _write_itk_h5(path, field_vox: np.ndarray, affine: np.ndarray, dtype: np.dtype, compression: int) -> None:
+    """The HDF5 transform file of ``itk::HDF5TransformIOTemplate`` for one displacement-field transform.
+
+    ``path``: a file path or a binary file object (h5py writes either).
+    """
     import h5py
 
     origin, spacing, direction = affine_to_itk(affine)

@@ -33,7 +33,6 @@ from brainshift.errors import BrainshiftError, InputFileError
 
 MANIFEST = "summary.json"
 STAGING_PREFIX = ".brainshift-staging-"
-_MARKER = ".brainshift-staging"
 
 
 class OutputError(BrainshiftError):
@@ -128,8 +127,12 @@ class OutputSet:
         self.out.mkdir(parents=True, exist_ok=True)
         self._created = missing  # deepest first: removed in this order on failure
         self._remove_abandoned_staging()
-        self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
-        (self.staging / _MARKER).write_text(str(os.getpid()))
+        try:  # the process id in the name marks it (no file to write: that could fail on a full disk)
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.out))
+        except OSError as exc:
+            self.__exit__(OSError, exc, None)
+            raise OutputError(f"expected to create a staging folder in {self.out}, got: {one_line_cause(exc)}; "
+                              f"nothing in {self.out} was changed") from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -210,13 +213,12 @@ class OutputSet:
                               f"nothing in {self.out} was changed") from None
 
     def _remove_abandoned_staging(self) -> None:
-        """Remove staging folders of killed runs (marked by brainshift, their process gone)."""
+        """Remove staging folders of killed runs (``.brainshift-staging-<pid>-*`` whose process is gone)."""
         for d in self.out.glob(STAGING_PREFIX + "*"):
-            marker = d / _MARKER
-            try:
-                pid = int(marker.read_text())
-            except (OSError, ValueError):
-                continue  # not one of ours (or unreadable): leave it
+            pid_text = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            if not pid_text.isdigit() or not d.is_dir() or d.is_symlink():
+                continue  # not one of ours: leave it
+            pid = int(pid_text)
             if pid != os.getpid() and not _alive(pid):
                 shutil.rmtree(d, ignore_errors=True)
 
