@@ -137,7 +137,7 @@ def _fmt_vec(v) -> str:
 
 
 def _fmt_affine(a) -> str:
-    a = np.asarray(a, dtype=np.float64)
+    a = np.round(np.asarray(a, dtype=np.float64), 4) + 0.0  # no 4e-08 from a float32 qform, no -0
     return "[" + "; ".join(" ".join(f"{float(x):.4g}" for x in row) for row in a[:3]) + "]"
 
 
