@@ -108,9 +108,10 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
             brain, or a mask whose foreground is not inside the image's field of view (more than 1 % of its
             voxels outside), i.e. a geometry mismatch beyond resampling.
     """
-    from brainshift.io.images import read_image
+    from brainshift.io.images import check_intensities, read_image
 
     image = read_image(image_path, kind="intensity")
+    check_intensities(image, image_path, "subject image")
     brain = _mask_on_grid(read_image(brain_mask_path, kind="label"), image, None, "brain mask", brain_mask_path)
     tumour_map = read_image(tumour_path, kind="label")
     tumour = _mask_on_grid(tumour_map, image, tumour_labels, "tumour mask", tumour_path)
