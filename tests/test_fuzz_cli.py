@@ -4,7 +4,8 @@ Malformed keypoint tables, images and initial fields are generated with hypothes
 inputs on every run, so CI is reproducible); every run must keep the contract of
 :func:`_fuzz_helpers.check_contract`: exit 0 or 2, no traceback, one ``error:`` line on failure, the output
 folder untouched on failure, and on success the user's files kept and exactly the listed outputs written.
-160 + 80 + 80 = 320 generated inputs per run, on a 12^3 image without refinement (about a minute on 2 cores).
+160 + 80 + 80 + 60 = 380 generated inputs per run, on a 12^3 image without refinement (about a minute on 2
+cores).
 """
 
 from __future__ import annotations
@@ -256,3 +257,30 @@ def test_fuzz_initial_fields(ws, fld, fmt):
     path = fresh_out(ws).parent / name
     path.write_bytes(content)
     _run(ws, ["-p", str(ws["image"]), "-i", str(path), "-f", fmt])
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+_TOKENS = ["-p", "-k", "-i", "-o", "-m", "-f", "-w", "-d", "--coords", "--h5-compression", "--h5-dtype",
+           "--max-displacement", "--refine", "--no-refine", "--save-inverse", "--bogus", "-q", "--", "tps", "npz",
+           "nan", "-1", "1e400", "cuda", "lps", "", "x.csv", "infer", "keypoints", "version", "--octaves", "0"]
+
+
+@settings(FUZZ, max_examples=60)
+@given(argv=st.lists(st.one_of(st.sampled_from(_TOKENS), st.text(max_size=6)), max_size=8),
+       command=st.sampled_from(["infer", "infer", "infer", "keypoints", "zzz"]))
+def test_fuzz_command_lines(ws, argv, command):
+    """Random command lines: exit 0 or 2, one line on failure (usage errors included), nothing written."""
+    out = fresh_out(ws)
+    before = snapshot(out)
+    args = [command, *argv]
+    if command == "infer":
+        args += ["-o", str(out), "-q"]
+    res = runner.invoke(app, args)
+    assert res.exit_code in (0, 2), f"exit {res.exit_code} for {args}: {res.output}\n{res.exception!r}"
+    assert "Traceback" not in res.output
+    if res.exit_code == 2:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, res.stderr)
+    if res.exit_code == 2 or command != "infer":
+        assert snapshot(out) == before
