@@ -157,7 +157,7 @@ def test_bad_requests_raise(tmp_path):
 def test_subject_keypoints_written_and_added_on_resume(tmp_path, monkeypatch):
     from brainshift.keypoints.detect import detect_keypoints
     from brainshift.simulate import case as case_mod
-    from brainshift.train.data import read_keypoint_candidates
+    from brainshift.simulate.dataset import read_subject_keypoints
 
     monkeypatch.setattr(case_mod, "simulate_case", _fake_simulate_case())
     spec = write_phantom_files(tmp_path / "in", "a")
@@ -166,7 +166,7 @@ def test_subject_keypoints_written_and_added_on_resume(tmp_path, monkeypatch):
                          processes=False, progress=False)
     assert rep.ok
     kp_file = out / "subjects" / "s0000" / "keypoints.csv"
-    cands = read_keypoint_candidates(kp_file.parent)
+    cands = read_subject_keypoints(out, "s0000")
     subj = read_subject(out, "s0000")
     allowed = (subj.brain_mask.data > 0) & (subj.tumour_mask.data == 0)
     expected = detect_keypoints(subj.image, allowed).points_vox

@@ -11,7 +11,7 @@ import scipy.ndimage as ndi
 
 from brainshift.errors import GeometryError, InputFileError
 from brainshift.field import jacobian_determinant
-from brainshift.io.frames import ras_to_voxel, voxel_to_ras
+from brainshift.geometry import ras_to_voxel, voxel_to_ras
 from brainshift.simulate.subject import SynthesisConfig, _synthesize, load_subject, synthesize_subject
 
 CFG = SynthesisConfig()

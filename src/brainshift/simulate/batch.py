@@ -251,7 +251,7 @@ def _write_subject_keypoints(out_dir: str | Path, subject_id: str) -> Path:
     """Detect keypoints of a written subject inside brain minus tumour; write ``keypoints.csv`` unless present.
 
     Columns ``x,y,z,scale_mm,response``, 0-based voxel indices of the subject grid (``brainshift keypoints``
-    output, read by :func:`brainshift.train.data.read_keypoint_candidates`). Written atomically.
+    output, read by :func:`brainshift.simulate.dataset.read_subject_keypoints`). Written atomically.
     """
     from brainshift.io.keypoints import write_detected_keypoints
     from brainshift.keypoints.detect import detect_keypoints

@@ -364,9 +364,12 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     t_start = time.perf_counter()
     times: dict[str, float] = {}
 
+    from brainshift.progress import StepTimer
+
+    notes = StepTimer(verbose=progress)
+
     def _log(msg: str) -> None:
-        if progress:
-            print(f"[simulate {time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
+        notes.note(f"[simulate {time.perf_counter() - t_start:6.1f} s] {msg}")
 
     t0 = time.perf_counter()
     g_ras = np.asarray(params.gravity_direction_ras, dtype=np.float64)
@@ -501,7 +504,7 @@ def _intensity_at(image: Volume, points_ras: np.ndarray) -> np.ndarray:
 def _midline_and_ventricle_top(subject: Subject) -> tuple[float, float]:
     """RAS x of the midsagittal plane (the brain's centroid) and RAS z of the top of the ventricles (the brain's
     centroid height when there are no ventricles)."""
-    from brainshift.io.frames import voxel_to_ras
+    from brainshift.geometry import voxel_to_ras
 
     brain = voxel_to_ras(np.argwhere(_brain_region(subject)).astype(np.float64), subject.image.affine)
     vent_idx = np.argwhere(np.asarray(subject.ventricles_mask.data) > 0)

@@ -65,6 +65,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from brainshift.errors import SolverError
+from brainshift.progress import StepTimer
 from brainshift.simulate.fem import AMGSolver, BlockPattern, SolveInfo, apply_constraints, check_rigid_modes_removed
 
 
@@ -344,6 +345,7 @@ class ContactSolver:
         history = [active.copy()]
         frozen = np.zeros(cn.size, dtype=bool)
         node_changes = np.zeros(cn.size, dtype=np.int64)
+        notes = StepTimer(verbose=progress)
         # one iteration more than the cap: a set that settled in the last allowed iteration still gets its
         # final (tight) solve; changes in that extra iteration are an error
         for it in range(1, self.max_iterations + 2):
@@ -362,7 +364,7 @@ class ContactSolver:
             result.changes.append(n_changes)
             result.iterations = it
             if progress:
-                print(f"  contact iteration {it}: {int(active.sum())} active, released {int(release.sum())}, "
+                notes.note(f"  contact iteration {it}: {int(active.sum())} active, released {int(release.sum())}, "
                       f"activated {int(activate.sum())}, CG {info.iterations} its (rtol {rtol:g}), "
                       f"{info.solve_s:.2f} s")
             if n_changes == 0:
@@ -379,7 +381,7 @@ class ContactSolver:
             if osc.any():
                 frozen |= osc
                 if progress:
-                    print(f"  contact: active-set cycle or chattering, {int(osc.sum())} node(s) held in contact")
+                    notes.note(f"  contact: active-set cycle or chattering, {int(osc.sum())} node(s) held in contact")
             history.append(active.copy())
         else:
             raise SolverError(f"expected the skull-contact active set to settle within {self.max_iterations} "

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from brainshift.errors import SolverError
+from brainshift.progress import StepTimer
 from brainshift.simulate import fem
 from brainshift.simulate.contact import (
     check_contact_model,
@@ -208,8 +209,8 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
             un, rn = ur[contact_nodes, 2], r[contact_nodes, 2]
             release, activate = next_active_set(active, live, un, rn, force_tol, gap_tol_mm, never_release, frozen)
             if progress:
-                print(f"  load step {step}: Newton {it} its, released {int(release.sum())}, activated "
-                      f"{int(activate.sum())}")
+                StepTimer(verbose=True).note(f"  load step {step}: Newton {it} its, released "
+                                             f"{int(release.sum())}, activated {int(activate.sum())}")
             if not (release.any() or activate.any()):
                 break
             chatter = hold_chattering(node_changes, release, activate, frozen)

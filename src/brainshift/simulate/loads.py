@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainshift.errors import GeometryError
-from brainshift.io.frames import voxel_to_ras
+from brainshift.geometry import voxel_to_ras
 
 
 def tumour_centre_ras(tumour_mask) -> np.ndarray:
