@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/brainshift demo --out demo_output
+	$(VENV)/bin/brainshift register -p demo_output/preop_t1.nii.gz -t demo_output/intraop_t1.nii.gz \
+		--mask demo_output/brain_mask.nii.gz -o demo_output/register
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -27,7 +27,9 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    (``brain_mask``, ``tumour_mask``, ``cavity_mask`` ``.nii.gz``), ``field_ground_truth`` and
    ``field_<method>`` as ITK ``.h5`` and NIfTI ``.nii.gz`` (see the README for what they mean),
    ``intraop_t1_ground_truth.nii.gz`` (the synthetic intraoperative image: the preop image with the cavity
-   emptied, warped by the ground truth), ``preop_t1_warped_<best>.nii.gz`` (the preop image warped into
+   emptied, warped by the ground truth), ``intraop_t1.nii.gz`` (a synthetic intraop MRI on its own grid with
+   noise and bias, :func:`brainshift.simulate.intraop.synthesize_intraop_image`: ``make demo`` registers it
+   with ``brainshift register``), ``preop_t1_warped_<best>.nii.gz`` (the preop image warped into
    intraop space by the method with the lowest MSE; both warps pull through an inverse computed on a grid
    subsampled by 2, :func:`brainshift.io.fields.coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
    (voxel frame, ``x,y,z,dx,dy,dz``), ``metrics.csv``, ``metrics.json`` and ``report.html`` with its figures
@@ -305,6 +307,15 @@ def write_case_files(out: Path, case: DemoCase, kp: CaseKeypoints, fields: dict[
         intraop = warp_image(emptied, gt, affine, inverse_field=coarse_inverse_field(gt, affine))
         write_image(intraop, record("intraop_t1_ground_truth.nii.gz", "synthetic intraop image: preop with the "
                                     "cavity emptied, warped by the ground truth"))
+    with timer.step("synthetic intraop MRI for brainshift register"):
+        from zlib import crc32
+
+        from brainshift.simulate.intraop import synthesize_intraop_image
+
+        mri, _ = synthesize_intraop_image(image, gt, case.cavity_mask, crc32(subject.subject_id.encode()),
+                                          brain_mask=subject.brain_mask)
+        write_image(mri, record("intraop_t1.nii.gz", "synthetic intraop MRI on its own grid (fluid-filled cavity, "
+                                "bias field, Rician noise): the input of `brainshift register` (make demo)"))
         warped = warp_image(image, fields[best], affine, inverse_field=coarse_inverse_field(fields[best], affine))
         write_image(warped, record(f"preop_t1_warped_{best}.nii.gz", f"preop image warped into intraop space by "
                                    f"{best} (lowest MSE)"))
