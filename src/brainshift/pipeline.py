@@ -42,7 +42,7 @@ class InferOptions:
     init_disp: Path | None = None
     kpt_disps: Path | None = None
     kpt_intraop: Path | None = None
-    interp_mode: str = "linear"
+    interp_mode: str = "tps"
     coords: str = "voxel"
     device: str = "auto"
     output_fmt: str = "h5"

@@ -21,7 +21,7 @@ def infer_command(
                                                "markups (.fcsv/.mrk.json) with --kpt-intraop."),
     kpt_intraop: Path | None = typer.Option(None, "--kpt-intraop",
                                             help="Intraop Slicer markups matching -k (by label or order)."),
-    interp_mode: str = typer.Option("linear", "-m", "--interp_mode", "--interp-mode",
+    interp_mode: str = typer.Option("tps", "-m", "--interp_mode", "--interp-mode",
                                     help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
                                          "spline: not exact at the keypoints) | tps3d (biharmonic, exact)."),
     device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
