@@ -79,3 +79,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(images, tmp_path, case)
     lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], r.output
     assert not out.exists()
+
+
+@pytest.mark.slow  # ~13 s CPU, 30+ s on the loaded 2-core machine (the safeguards' network passes)
+def test_refine_writes_the_corrected_field_and_safeguards(images, tmp_path):
+    from conftest import write_tiny_weights
+
+    w = write_tiny_weights(tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    r = _run("-p", images / "preop.nii.gz", "-t", images / "intraop.nii.gz", "--mask", images / "mask.nii.gz",
+             "-m", "linear", "-w", w, "-f", "nii", "--no-report", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refined"] and summary["safeguards"] is not None
+    assert set(summary["outputs"]) == {"matches.csv", "initial_disp_field.nii.gz", "corrected_disp_field.nii.gz",
+                                       "summary.json"}
