@@ -87,3 +87,22 @@ def test_field_or_mask_on_another_grid_raises():
         synthesize_intraop_image(preop, field[:, :-1], None, seed=0)
     with pytest.raises(GeometryError, match="cavity_mask on the preop grid"):
         synthesize_intraop_image(preop, field, np.zeros((4, 4, 4), bool), seed=0)
+
+
+def test_inversion_skips_points_the_field_cannot_reach_without_changing_the_result():
+    """Only points within reach of the field's support are iterated; the result equals the plain fixed-point
+    iteration everywhere (also for a field nonzero on the grid boundary, which continues outside the grid)."""
+    from scipy import ndimage
+
+    from brainshift.simulate.intraop import invert_field_at
+
+    shape = (30, 34, 26)
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt((i - 15) ** 2 + (j - 17) ** 2 + (k - 13) ** 2)
+    f = np.stack([2 * np.exp(-r ** 2 / 50) * (r < 10), -1.5 * np.exp(-r ** 2 / 80) * (r < 10), np.zeros(shape)])
+    q = np.random.default_rng(0).uniform(-4, 38, size=(3, 20000))
+    for field in (f.astype(np.float32), np.where(i[None] == 0, 0.5, f).astype(np.float32)):
+        p = q.copy()
+        for _ in range(20):
+            p = q - np.stack([ndimage.map_coordinates(c, p, order=1, mode="nearest") for c in field])
+        np.testing.assert_array_equal(invert_field_at(field, q)[0], p)

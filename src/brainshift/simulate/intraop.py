@@ -137,11 +137,31 @@ def invert_field_at(field_vox: np.ndarray, q_vox: np.ndarray, iterations: int = 
     from scipy import ndimage
 
     p = q_vox.copy()
+    if p.size == 0:
+        return p, 0.0
+    # only points that can reach the field's support move: u = 0 farther than the largest displacement (plus
+    # the trilinear stencil) from where the field is nonzero, so p = q there exactly (most of the field of view)
+    nonzero = np.any(field_vox != 0, axis=0)
+    if not nonzero.any():
+        return p, 0.0
+    reach = int(np.ceil(float(np.sqrt((np.asarray(field_vox, np.float64) ** 2).sum(axis=0)).max()))) + 2
+    near = ndimage.binary_dilation(nonzero, structure=np.ones((3, 3, 3), bool), iterations=reach)
+    qi = np.rint(q_vox).astype(np.int64)
+    inside = np.all((qi >= 0) & (qi < np.asarray(near.shape)[:, None]), axis=0)
+    sel = np.zeros(q_vox.shape[1], dtype=bool)
+    sel[inside] = near[tuple(qi[:, inside])]
+    edge = np.zeros_like(nonzero)
+    edge[1:-1, 1:-1, 1:-1] = True
+    if (nonzero & ~edge).any():  # a field nonzero on the grid boundary continues outside it ("nearest")
+        sel |= ~inside
+    qs = q_vox[:, sel]
+    ps = qs.copy()
     for _ in range(int(iterations)):
-        u = np.stack([ndimage.map_coordinates(c, p, order=1, mode="nearest") for c in field_vox])
-        p = q_vox - u
-    u = np.stack([ndimage.map_coordinates(c, p, order=1, mode="nearest") for c in field_vox])
-    residual = float(np.abs(p + u - q_vox).max()) if p.size else 0.0
+        u = np.stack([ndimage.map_coordinates(c, ps, order=1, mode="nearest") for c in field_vox])
+        ps = qs - u
+    u = np.stack([ndimage.map_coordinates(c, ps, order=1, mode="nearest") for c in field_vox])
+    residual = float(np.abs(ps + u - qs).max()) if ps.size else 0.0
+    p[:, sel] = ps
     return p, residual
 
 
