@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 from _fuzz_helpers import AFFINE, SHAPE, check_contract, fresh_out, good_rows, make_workspace, runner, snapshot
 from brainshift.cli import app
 
+#: warnings (odd NIfTI geometry, merged duplicate keypoints) are expected output here, not test failures
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
