@@ -133,7 +133,7 @@ def image_files(draw):
     elif values == "int16":
         data = (data * 1000).astype(np.int16)
     elif values == "huge":
-        data *= np.float32(3e38)
+        data = (data.astype(np.float64) * 3e38).astype(np.float32)  # inf where above float32 range
     elif values == "bool":
         data = data > 0.7
     affine = AFFINE.copy()

@@ -76,8 +76,10 @@ def _check_affine_of(affine: np.ndarray, p: Path) -> None:
     """Refuse a degenerate voxel-to-world map (non-finite, a zero spacing, singular), naming the file."""
     a = np.asarray(affine, dtype=np.float64)
     spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0)) if a.shape == (4, 4) else np.zeros(3)
-    if a.shape != (4, 4) or not np.isfinite(a).all() or not (spacing > 1e-6).all() \
-            or abs(np.linalg.det(a[:3, :3])) < 1e-12 * float(np.prod(spacing)):
+    with np.errstate(all="ignore"):  # a NaN affine: refused below, without numpy's own warnings first
+        singular = a.shape != (4, 4) or not np.isfinite(a).all() or not (spacing > 1e-6).all() \
+            or not abs(np.linalg.det(a[:3, :3])) >= 1e-12 * float(np.prod(spacing))
+    if singular:
         raise GeometryError(f"expected a non-degenerate voxel-to-world geometry (finite, non-zero spacing, "
                             f"invertible) in {str(p)!r}, got spacing {_fmt_vec(spacing)} mm and affine "
                             f"{_fmt_affine(a)}")
