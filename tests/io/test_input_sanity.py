@@ -136,3 +136,17 @@ def test_keypoints_on_a_featureless_image_is_an_error_naming_options(tmp_path):
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith("error: expected keypoints in ") and "--contrast" in res.stderr, res.stderr
     assert not (tmp_path / "kp.csv").exists()
+
+
+def test_zero_voxel_size_in_a_qform_only_header_is_refused_not_set_to_one(tmp_path, capfd):
+    """nibabel replaces a zero pixdim by 1 mm while loading (printing a log line); with no sform that is the
+    grid, so it is refused. The header is patched by hand: nibabel itself never writes a zero pixdim."""
+    import struct
+
+    p = _nifti(tmp_path / "q.nii", s_code=0, affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    raw = bytearray(p.read_bytes())
+    raw[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)  # pixdim[1:4] (NIfTI-1 header offsets 76 + 4 * 1..3)
+    p.write_bytes(bytes(raw))
+    with pytest.raises(GeometryError, match=r"zero voxel size in the header's pixdim and no sform"):
+        read_image(p)
+    assert "pixdim" not in capfd.readouterr().err  # nibabel's own log line is not printed besides the error

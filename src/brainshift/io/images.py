@@ -16,6 +16,7 @@ are :func:`volume_to_sitk` and :func:`volume_from_sitk`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -147,13 +148,41 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(p))
+        with _nibabel_fixes() as fixes:
+            img = nib.load(str(p))
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types (ImageFileError, OSError, EOFError, zlib.error...)
         raise InputFileError(f"expected a readable NIfTI image, got {str(p)!r}: {_one_line(exc)}") from None
+    if any("pixdim[1,2,3]" in f for f in fixes) and int(img.header["sform_code"]) == 0:
+        # nibabel silently replaced a zero voxel size by 1 mm, and the grid comes from those voxel sizes
+        raise GeometryError(f"expected a non-degenerate voxel-to-world geometry in {str(p)!r}, got a zero voxel "
+                            f"size in the header's pixdim and no sform")
+    for fix in fixes:
+        if "pixdim[1,2,3]" not in fix:
+            warnings.warn(f"{str(p)!r}: {fix} (nibabel)", stacklevel=3)
     check_nifti_geometry(img, p)
     return data, affine
+
+
+@contextlib.contextmanager
+def _nibabel_fixes():
+    """Collect the header fixes nibabel logs while loading (instead of printing them on stderr)."""
+    import logging
+
+    logger = logging.getLogger("nibabel.global")
+    fixes: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fixes.append(record.getMessage())
+
+    handler, propagate, saved = _Collect(), logger.propagate, list(logger.handlers)
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield fixes
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
 
 
 def _one_line(exc: BaseException) -> str:
