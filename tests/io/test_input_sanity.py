@@ -3,6 +3,7 @@ what every reader makes of the images brainshift writes, usage errors and progre
 
 from __future__ import annotations
 
+import re
 import sys
 
 import nibabel as nib
@@ -150,3 +151,36 @@ def test_zero_voxel_size_in_a_qform_only_header_is_refused_not_set_to_one(tmp_pa
     with pytest.raises(GeometryError, match=r"zero voxel size in the header's pixdim and no sform"):
         read_image(p)
     assert "pixdim" not in capfd.readouterr().err  # nibabel's own log line is not printed besides the error
+
+
+def test_inverse_of_a_pure_translation_blames_the_grid_boundary_not_a_fold():
+    from brainshift.io.fields import invert_field
+
+    field = np.zeros((3, 10, 10, 10), np.float32)
+    field[0] = 2.0  # 2 voxels of 1 mm along i everywhere: no fold anywhere
+    with pytest.warns(UserWarning, match=r"moves the grid boundary by up to 2 mm") as record:
+        invert_field(field, np.eye(4))
+    assert not any("fold" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "got an empty file (0 bytes)"),
+    (bytes(range(7, 250)), "a zip archive or a pickle"),
+    (b"PK\x03\x04 truncated", "truncated or corrupt"),
+])
+def test_unreadable_weights_say_why(tmp_path, content, message):
+    from brainshift.model.checkpoint import load_weights
+
+    (tmp_path / "w.pt").write_bytes(content)
+    with pytest.raises(InputFileError, match=re.escape(message)):
+        load_weights(tmp_path / "w.pt")
+
+
+def test_weights_naming_a_directory_say_so(tmp_path):
+    (tmp_path / "w.pt").mkdir()
+    img = _nifti(tmp_path / "i.nii.gz")
+    kp = tmp_path / "kp.csv"
+    kp.write_text("x,y,z,dx,dy,dz\n1,1,1,0,0,0\n4,1,1,0,0,0\n1,5,1,0,0,0\n1,1,3,0,0,0\n")
+    res = runner.invoke(app, ["infer", "-p", str(img), "-k", str(kp), "-w", str(tmp_path / "w.pt"), "-q",
+                              "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "got the directory" in res.stderr, res.output
