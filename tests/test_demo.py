@@ -180,3 +180,21 @@ def test_coarse_inverse_field_inverts_a_smooth_field():
     assert float(np.linalg.norm(v, axis=0).max()) > 1.5  # it moves points back (|v| ~ |u|, up to 1.97 voxels)
     # factor 1 is invert_field itself
     np.testing.assert_array_equal(coarse_inverse_field(u, affine, factor=1), invert_field(u, affine))
+
+
+def test_demo_outputs_are_one_set_with_a_manifest(quick_run, tmp_path):
+    """The demo's files appear together with summary.json listing exactly them; a folder holding a user's file
+    at an output path is refused before any work and left as it was."""
+    from brainshift.errors import BrainshiftError
+
+    out, _ = quick_run
+    listed = set(json.loads((out / "summary.json").read_text())["outputs"])
+    on_disk = {p.name for p in out.iterdir() if p.is_file()}
+    assert listed == on_disk and "report.html" in listed
+    assert not [p for p in out.iterdir() if p.name.startswith(".brainshift-staging")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my notes")
+    with pytest.raises(BrainshiftError, match="did not write"):
+        run_demo(mine, seed=1, quick=True, verbose=False)
+    assert [p.name for p in mine.iterdir()] == ["report.html"] and (mine / "report.html").read_text() == "my notes"

@@ -329,6 +329,10 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
              device: str = "cpu", verbose: bool = True) -> list[dict]:
     """Run the demo (module docstring) and return one metrics row per method.
 
+    Every file is written into a staging folder inside ``out_dir`` and moved into place at the end with a
+    ``summary.json`` manifest (:class:`brainshift.io.output_set.OutputSet`): a failed run leaves ``out_dir`` as
+    it was, and a re-run replaces only the files an earlier run listed.
+
     Args:
         out_dir: output folder (created).
         seed: seed of the tumour, the simulation's draws and the keypoint draw.
@@ -349,15 +353,15 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         InputFileError: ``weights`` given but missing or unreadable.
         BrainshiftError: from the simulation, the keypoints or a bad device.
     """
-    from brainshift.evaluate.case_report import write_case_report
-    from brainshift.evaluate.tables import write_per_case_csv
-    from brainshift.io.atomic import atomic_output
+    from brainshift.io.output_set import OutputSet
     from brainshift.progress import StepTimer
     from brainshift.resources import resolve_weights
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # an output folder we may not write into (a user's file at one of the fixed names) is refused before the work;
+    # the commit checks every name again
+    OutputSet(out, ("report.html", "metrics.csv", "metrics.json", "preop_t1.nii.gz", "keypoints.csv"))
     timer = StepTimer(verbose=verbose)
     weights_path = resolve_weights(weights)
     title = "brainshift demo: " + ("quick test case" if quick else "the MNI152 brain with a simulated tumour case")
@@ -387,6 +391,29 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
                  "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))}
                 for method, fld in [("none", np.zeros_like(case.field_vox)), *fields.items()]]
     best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
+    with OutputSet(out) as outputs:
+        info = _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, title=title, seed=seed,
+                                   quick=quick, n_detected=n_detected, weights_path=weights_path, t_start=t_start)
+    report = out / "report.html"
+    gt_max, gt_median = info["ground-truth displacement max / median (mm)"]
+    timer.note(f"\nground-truth displacement: max {gt_max:.2f} mm, median {gt_median:.2f} mm (brain minus cavity); "
+               f"lowest MSE: {best}")
+    if loaded is None:
+        timer.note(f"NOTE: {NO_MODEL_NOTE}")
+    n_files = sum(1 for p in out.iterdir() if p.is_file())
+    timer.note(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {info['total time (s)']:.1f} s")
+    return rows
+
+
+def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, title, seed, quick, n_detected,
+                        weights_path, t_start):
+    """Write every demo file into ``outputs``' staging folder and commit the set (see :func:`run_demo`); returns
+    the case information of the report (with the step and total times)."""
+    from brainshift.evaluate.case_report import write_case_report
+    from brainshift.evaluate.tables import write_per_case_csv
+    from brainshift.io.atomic import atomic_output
+
+    out = outputs.staging
     files, images = write_case_files(out, case, kp, fields, best, timer)
     info = demo_info(case, kp, title=title, seed=seed, quick=quick, best=best, n_detected=n_detected,
                      weights_path=weights_path, files=files)
@@ -403,14 +430,11 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
     info["total time (s)"] = total
     with atomic_output(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
-    gt_max, gt_median = info["ground-truth displacement max / median (mm)"]
-    timer.note(f"\nground-truth displacement: max {gt_max:.2f} mm, median {gt_median:.2f} mm (brain minus cavity); "
-               f"lowest MSE: {best}")
-    if loaded is None:
-        timer.note(f"NOTE: {NO_MODEL_NOTE}")
-    n_files = sum(1 for p in out.iterdir() if p.is_file())
-    timer.note(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {total:.1f} s")
-    return rows
+    with timer.step("move the outputs into place"):
+        outputs.adopt_staged()
+        outputs.commit({"command": "brainshift demo", "seed": int(seed), "quick": bool(quick),
+                        "best_method": best, "report": report.name})
+    return info
 
 
 def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick: bool, best: str,

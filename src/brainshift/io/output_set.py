@@ -169,6 +169,25 @@ class OutputSet:
         self.written.append(name)
         return p
 
+    def adopt_staged(self) -> list[str]:
+        """Count every plain file a writer put directly in the staging folder as written (for commands such as
+        the demo that write a whole folder through their own writers, given :attr:`staging` as their output
+        folder). Returns the adopted names.
+
+        Raises:
+            OutputError: a writer left a sub-folder in the staging folder (outputs are plain files).
+        """
+        if self.staging is None:
+            raise RuntimeError("OutputSet.adopt_staged outside its with-block")
+        names = []
+        for p in sorted(self.staging.iterdir()):
+            if p.is_dir():
+                raise OutputError(f"expected only files among the outputs for {self.out}, got a folder {p.name}")
+            if p.name not in self.written and p.name != MANIFEST:
+                names.append(p.name)
+        self.written.extend(names)
+        return names
+
     def commit(self, summary: dict) -> None:
         """Write ``summary`` (strict JSON: no NaN or Infinity) as ``summary.json`` and move the set into ``out``.
 
