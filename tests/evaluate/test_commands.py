@@ -17,7 +17,8 @@ def test_evaluate_command_writes_report_and_prints_table(tiny_dataset, tmp_path)
     assert res.exit_code == 0, res.output
     assert "| linear | 2 |" in res.output and "| tps | 2 |" in res.output
     assert "MSE / " in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["boxplots.png", "metrics_per_case.csv", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["boxplots.png", "metrics_per_case.csv", "summary.json",
+                                                  "summary.md"]
     rows = read_per_case_csv(out / "metrics_per_case.csv")
     assert [(r["case"], r["method"], r["n_keypoints"]) for r in rows] == [
         ("a_000", "linear", 8), ("a_000", "tps", 8), ("a_001", "linear", 8), ("a_001", "tps", 8)]

@@ -75,9 +75,16 @@ def test_write_report_files_and_csv_round_trip(tmp_path):
     assert back[1]["mse_mm2"] == 3.0 and back[1]["method"] == "linear" and back[1]["n_keypoints"] == 20
     assert math.isnan(back[0]["dice_tumour"])
     assert list(back[0])[: len(ROW_COLUMNS)] == list(ROW_COLUMNS)
-    # atomic writes leave no temporary files behind
+    # one set with its manifest; no temporary files or staging folder left behind
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["boxplots.png", "metrics_per_case.csv",
-                                                                   "summary.md"]
+                                                                   "summary.json", "summary.md"]
+    # a re-run replaces its own outputs; a user's file at an output name is refused and kept
+    write_tables(rows, tmp_path / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.md").write_text("my notes")
+    with pytest.raises(BrainshiftError, match="did not write"):
+        write_tables(rows, tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["summary.md"]
 
 
 def test_sweep_table_and_plot(tmp_path):

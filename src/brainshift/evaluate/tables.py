@@ -237,17 +237,24 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str | Path,
 
 
 def write_tables(rows: Sequence[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """Write ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` into ``out_dir`` (created).
+    """Write ``metrics_per_case.csv``, ``summary.md`` and ``boxplots.png`` into ``out_dir`` (created) as one set
+    with a ``summary.json`` manifest (:class:`brainshift.io.output_set.OutputSet`: a failure leaves ``out_dir``
+    as it was; a user's file at one of these names is an error, never overwritten).
 
     Returns:
-        ``{"csv": path, "summary": path, "boxplots": path}``.
+        ``{"csv": path, "summary": path, "boxplots": path}`` (their final paths).
+
+    Raises:
+        OutputError: a file could not be written, or a file brainshift did not write is in the way.
     """
+    from brainshift.io.output_set import OutputSet
+
     _check_rows(rows)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": write_per_case_csv(rows, out / "metrics_per_case.csv")}
-    with atomic_output(out / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(rows, title=title))
-    paths["summary"] = out / "summary.md"
-    paths["boxplots"] = plot_boxplots(rows, out / "boxplots.png")
-    return paths
+    names = {"csv": "metrics_per_case.csv", "summary": "summary.md", "boxplots": "boxplots.png"}
+    with OutputSet(out, names.values()) as outputs:
+        outputs.write(names["csv"], lambda p: write_per_case_csv(rows, p))
+        outputs.write(names["summary"], lambda p: p.write_text(summary_markdown(rows, title=title)))
+        outputs.write(names["boxplots"], lambda p: plot_boxplots(rows, p))
+        outputs.commit({"command": "brainshift evaluate", "title": title, "rows": len(rows)})
+    return {k: out / v for k, v in names.items()}

@@ -200,6 +200,10 @@ class OutputSet:
         """
         names = [*self.written, MANIFEST]
         summary["outputs"] = names
+        if "brainshift_version" not in summary:  # what marks a manifest as ours (read_manifest)
+            from brainshift import __version__
+
+            summary["brainshift_version"] = __version__
         try:
             text = json.dumps(summary, indent=2, allow_nan=False)
         except ValueError as exc:
