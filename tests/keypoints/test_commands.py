@@ -54,3 +54,24 @@ def test_keypoints_command_bad_input_exits_2(tmp_path):
     result = runner.invoke(app, ["keypoints", str(image), "--octaves", "0"])
     assert result.exit_code == 2 and "expected --octaves >= 1, got 0" in result.output
     assert not list(tmp_path.glob("*.csv"))  # nothing written on error
+
+
+def test_keypoints_pair_is_written_together_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing the .key (a full disk) leaves the earlier .csv and .key exactly as they were."""
+    import errno
+
+    import brainshift.io.keypoints as kio
+
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    (tmp_path / "kp.csv").write_text("old csv")
+    (tmp_path / "kp.key").write_text("old key")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kio, "write_sift_key", full_disk)
+    result = runner.invoke(app, ["keypoints", str(image), "--out", str(tmp_path / "kp")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (tmp_path / "kp.csv").read_text() == "old csv" and (tmp_path / "kp.key").read_text() == "old key"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs.nii.gz", "kp.csv", "kp.key"]

@@ -73,16 +73,20 @@ def keypoints_command(
         prefix = prefix.with_suffix("")
     csv_path = prefix.parent / f"{prefix.name}.csv"
     key_path = prefix.parent / f"{prefix.name}.key"
-    write_detected_keypoints(csv_path, kp)
     # .key scales are in voxels (SIFT-Rank ignores the voxel size): mm over the geometric-mean spacing
     spacing = volume.spacing
     # descriptors: 3D SIFT-Rank-style ranks in world RAS axes (brainshift.keypoints.describe), read back by
     # io.keypoints.read_sift_key_features and matched by `brainshift match`
+    from brainshift.io.atomic import atomic_output
     from brainshift.keypoints.describe import describe_keypoints
 
     descriptors = describe_keypoints(volume, kp.points_vox, kp.scales_mm)
-    write_sift_key(key_path, kp.points_vox, kp.scales_mm / float(spacing.prod() ** (1 / 3)), shape=volume.shape,
-                   spacing_mm=tuple(float(s) for s in spacing), descriptors=descriptors)
+    # the pair is written together: both files complete under temporary names before either replaces anything,
+    # so a failure (full disk, an interruption) leaves the earlier .csv and .key as they were
+    with atomic_output(csv_path) as tmp_csv, atomic_output(key_path) as tmp_key:
+        write_detected_keypoints(tmp_csv, kp)
+        write_sift_key(tmp_key, kp.points_vox, kp.scales_mm / float(spacing.prod() ** (1 / 3)), shape=volume.shape,
+                       spacing_mm=tuple(float(s) for s in spacing), descriptors=descriptors)
     n_bright = int((kp.polarity > 0).sum())
     typer.echo(f"{len(kp)} keypoints ({n_bright} bright, {len(kp) - n_bright} dark) in {elapsed:.2f} s; "
                f"wrote {csv_path} and {key_path}")
