@@ -11,6 +11,7 @@ from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 from brainshift.evaluate.run import (
     ROW_COLUMNS,
     draw_case_keypoints,
+    evaluate_case,
     evaluate_dataset,
     keypoint_mask,
     parse_methods,
@@ -129,6 +130,10 @@ def test_bad_requests_raise(tiny_dataset, tmp_path):
         evaluate_dataset(tiny_dataset, ["net-linear"], weights=tmp_path / "missing.safetensors", progress=False)
     with pytest.raises(KeypointError):
         evaluate_dataset(tiny_dataset, ["linear"], n_keypoints=0, progress=False)
+    case = read_case(tiny_dataset, "a_000")
+    case.field[0, 3, 3, 3] = np.nan  # a corrupt ground truth is refused, not scored
+    with pytest.raises(InputFileError, match="finite ground-truth field in case a_000, got 1 NaN"):
+        evaluate_case(case, ["linear"], n_keypoints=4)
 
 
 def _tiny_weights(path, zero_residual: bool):

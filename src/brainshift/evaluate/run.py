@@ -176,6 +176,9 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
     from brainshift.field import displacement_magnitude_mm
 
     gt = case.field
+    if not np.all(np.isfinite(gt)):
+        raise InputFileError(f"expected a finite ground-truth field in case {case.case_id}, got "
+                             f"{int((~np.isfinite(gt)).sum())} NaN or infinite values")
     subject = case.subject
     affine = subject.image.affine
     eval_mask = evaluation_mask(case)
