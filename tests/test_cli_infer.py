@@ -338,3 +338,19 @@ def test_refined_infer_records_safeguards_and_writes_uncertainty(tmp_path, image
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["safeguards"] is None and not (out / "uncertainty_mm.nii.gz").exists()
+
+
+def test_sheared_image_is_refused_for_itk_and_nifti_outputs_but_not_npz(tmp_path):
+    """ITK directions are orthonormal: a sheared grid cannot be written so that every reader agrees, so .h5 and
+    .nii outputs are refused before any work, with one line; .npz keeps the exact affine."""
+    data = np.random.default_rng(0).random(SHAPE).astype(np.float32) + 0.1
+    affine = np.diag([1.0, 1.0, 1.5, 1.0])
+    affine[0, 2] = 0.3  # the k axis leans along x: a gantry-tilt-like shear
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke(["infer", "-p", str(path), "-k", str(kp), "-o", str(out), "--no-refine"]), out,
+                        "orthogonal voxel axes")
+    res = _invoke(["infer", "-p", str(path), "-k", str(kp), "-o", str(out), "--no-refine", "-f", "npz"])
+    assert res.exit_code == 0, res.output

@@ -61,3 +61,30 @@ def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along ``i, j, k``: the norms of the affine's first three columns, ``(3,)`` float64."""
     a = check_affine(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+
+
+def max_shear(affine: np.ndarray) -> float:
+    """Largest ``|cos|`` of the angle between two voxel axes in world space (0 for an orthogonal grid).
+
+    ITK images and transforms carry an orthonormal direction matrix, so a grid whose axes are not orthogonal
+    (a sheared affine, e.g. a gantry-tilted CT) has no exact ITK geometry.
+    """
+    a = check_affine(affine)[:3, :3]
+    u = a / np.linalg.norm(a, axis=0, keepdims=True)
+    g = np.abs(u.T @ u - np.eye(3))
+    return float(g.max())
+
+
+#: Largest ``|cos|`` between voxel axes accepted as orthogonal (float32-stored affines are exact to ~1e-7).
+SHEAR_TOLERANCE = 1e-4
+
+
+def check_no_shear(affine: np.ndarray, what: str = "the image grid") -> None:
+    """Raise :class:`GeometryError` if ``affine``'s voxel axes are not orthogonal (see :func:`max_shear`)."""
+    s = max_shear(affine)
+    if s > SHEAR_TOLERANCE:
+        angle = float(np.degrees(np.arccos(min(1.0, s))))
+        raise GeometryError(f"expected {what} with orthogonal voxel axes (ITK's .h5 and NIfTI readers such as "
+                            f"SimpleITK cannot represent shear), got axes {angle:.2f} degrees apart from "
+                            f"perpendicular by {90.0 - angle:.2f}; resample the image onto an orthogonal grid, or "
+                            f"write -f npz")

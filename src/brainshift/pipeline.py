@@ -190,6 +190,10 @@ def run_infer(opts: InferOptions) -> dict:
         device = str(resolve_device(opts.device))
     pending = _load_network_async(weights, opts.device) if refine else None
     image, given = _read_inputs(opts, steps)
+    if fmt in ("h5", "nii"):  # refused before the work, not when the first field is written
+        from brainshift.geometry import check_no_shear
+
+        check_no_shear(image.affine, f"the preop image {opts.preop_scan}")
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,

@@ -83,7 +83,14 @@ def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
     ITK indexes an image as ``(x, y, z) = (i, j, k)`` (the same axis order as nibabel), so no axis is
     permuted here; only the world frame is flipped. ``direction`` is the row-major 3x3 matrix.
+
+    Raises:
+        GeometryError: a sheared affine (no orthonormal ITK direction exists;
+            :func:`brainshift.geometry.check_no_shear`).
     """
+    from brainshift.geometry import check_no_shear
+
+    check_no_shear(affine)  # an ITK direction matrix is orthonormal: never write a geometry readers would change
     a = RAS_TO_LPS_4 @ check_affine(affine)
     spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
     direction = a[:3, :3] / spacing
