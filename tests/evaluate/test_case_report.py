@@ -151,8 +151,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     status = re.search(r'<div id="img-status"[^>]*>([^<]*)</div>', dom.stdout)
     assert status is not None, dom.stdout[:2000]
-    assert status.group(1) == "4/4 images loaded", status.group(1)
-    assert 'data-loaded="4"' in status.group(0) and 'data-total="4"' in status.group(0)
+    assert status.group(1) == "5/5 images loaded", status.group(1)
+    assert 'data-loaded="5"' in status.group(0) and 'data-total="5"' in status.group(0)
     assert re.search(r'<table id="metrics">.*?<td>linear</td>.*?<td>spiky</td>', dom.stdout, re.S)
     # 2. a screenshot: written, a valid PNG, and not blank
     shot = tmp_path / "shot.png"
@@ -175,4 +175,4 @@ def test_broken_image_is_reported_by_the_page(tmp_path):
     dom = _run_chromium(exe, tmp_path / "profile", "--run-all-compositor-stages-before-draw",
                         "--virtual-time-budget=5000", "--dump-dom", path.resolve().as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "3/4 images loaded" in dom.stdout
+    assert "4/5 images loaded" in dom.stdout
