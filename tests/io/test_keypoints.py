@@ -374,3 +374,21 @@ def test_table_comments_after_a_row_and_after_the_header(tmp_path):
     pts, disps = read_keypoint_table(path)
     np.testing.assert_array_equal(pts, [[120, 96, 70], [1, 2, 3]])
     np.testing.assert_array_equal(disps, [[0, 0, -4], [0.5, 0, 0]])
+
+
+def test_table_with_extra_named_columns_reads_the_six(tmp_path):
+    """register's matches.csv (the six columns plus scores) is a valid -k table: extra named columns are
+    ignored; a row must still have the header's column count, and each of the six must be named exactly once."""
+    from brainshift.io.keypoints import read_keypoint_table
+
+    p = tmp_path / "matches.csv"
+    p.write_text("x,y,z,dx,dy,dz,ratio,note\n1,2,3,0.5,-0.5,0.25,0.4,good\n4,5,6,0,0,1,0.9,ok\n")
+    pts, d = read_keypoint_table(p)
+    np.testing.assert_array_equal(pts, [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(d, [[0.5, -0.5, 0.25], [0, 0, 1]])
+    p.write_text("x,y,z,dx,dy,dz,ratio\n1,2,3,0.5,-0.5,0.25\n")
+    with pytest.raises(KeypointError, match="7 columns as in the header on line 2"):
+        read_keypoint_table(p)
+    p.write_text("x,y,z,dx,dy,dz,x\n1,2,3,0.5,-0.5,0.25,9\n")
+    with pytest.raises(KeypointError, match="expected a header naming the columns"):
+        read_keypoint_table(p)

@@ -91,7 +91,9 @@ def read_keypoint_table(path: str | os.PathLike[str], frame: str = "voxel",
 
     Format: CSV or TXT, one keypoint per line, six numbers separated by commas, tabs or spaces; blank lines
     and lines starting with ``#`` are ignored. The first line may be a header naming the six columns
-    ``x, y, z, dx, dy, dz`` (any order, case-insensitive); a header with other names is an error. The point
+    ``x, y, z, dx, dy, dz`` (any order, case-insensitive), each exactly once; further named columns are ignored
+    (e.g. the score columns of ``brainshift register``'s ``matches.csv``), and every row then has the header's
+    column count; a header without the six is an error. The point
     ``(x, y, z)`` moves to ``(x + dx, y + dy, z + dz)``, all in ``frame``.
 
     Args:
@@ -133,6 +135,7 @@ def _parse_keypoint_table(p: Path) -> tuple[np.ndarray, list[int]]:
     linenos: list[int] = []
     rows: list[list[float]] = []
     order = list(range(6))
+    n_cols = 6
     first = True
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()  # '#' starts a comment, on its own line or after a row
@@ -141,23 +144,24 @@ def _parse_keypoint_table(p: Path) -> tuple[np.ndarray, list[int]]:
         tokens = _split(line)
         if first and not any(_is_number(t) for t in tokens):
             names = [t.strip().strip("\"'").lower() for t in tokens]
-            if sorted(names) != sorted(TABLE_COLUMNS):
+            if any(names.count(c) != 1 for c in TABLE_COLUMNS) or len(set(names)) != len(names) or not all(names):
                 raise KeypointError(f"expected a header naming the columns {','.join(TABLE_COLUMNS)} (or no header) "
                                     f"on line {lineno} of {str(p)!r}, got {line!r}")
             order = [names.index(c) for c in TABLE_COLUMNS]
+            n_cols = len(names)
             first = False
             continue
         first = False
-        if len(tokens) != 6:
-            raise KeypointError(f"expected 6 columns x,y,z,dx,dy,dz on line {lineno} of {str(p)!r}, "
-                                f"got {len(tokens)}: {line!r}")
+        if len(tokens) != n_cols:
+            what = "6 columns x,y,z,dx,dy,dz" if n_cols == 6 else f"{n_cols} columns as in the header"
+            raise KeypointError(f"expected {what} on line {lineno} of {str(p)!r}, got {len(tokens)}: {line!r}")
         try:
-            values = [_strict_float(t) for t in tokens]
+            values = [_strict_float(tokens[i]) for i in order]
         except ValueError:
             raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {line!r}") from None
         if not all(np.isfinite(values)):
             raise KeypointError(f"expected finite numbers on line {lineno} of {str(p)!r}, got {line!r}")
-        rows.append([values[i] for i in order])
+        rows.append(values)
         linenos.append(lineno)
     if not rows:
         raise KeypointError(f"expected at least one keypoint row x,y,z,dx,dy,dz in {str(p)!r}, got none")
