@@ -187,7 +187,7 @@ def write_keypoint_table(path: str | os.PathLike[str], points_vox: np.ndarray, d
     """
     p = Path(path)
     frame = check_frame(frame)
-    pts, dsp = _check_pairs(points_vox, disps_vox)
+    pts, dsp = check_keypoint_pairs(points_vox, disps_vox)
     _need_affine(frame, affine, p)
     pts_out = points_from_voxel(pts, frame, affine)
     dsp_out = vectors_from_voxel(dsp, frame, affine)
@@ -246,7 +246,12 @@ def read_keypoint_positions(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
-def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
+def check_keypoint_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
+    """``(points, displacements)`` as float64 ``(N, 3)`` arrays of equal shape.
+
+    Raises:
+        KeypointError: other shapes, naming both.
+    """
     pts = np.asarray(points_vox, dtype=np.float64)
     dsp = np.asarray(disps_vox, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3 or dsp.shape != pts.shape:

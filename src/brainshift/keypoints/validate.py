@@ -23,15 +23,6 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{float(x):.6g}" for x in v) + ")"
 
 
-def _check_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]:
-    pts = np.asarray(points_vox, dtype=np.float64)
-    dsp = np.asarray(disps_vox, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3 or dsp.shape != pts.shape:
-        raise KeypointError(f"expected keypoints and displacements of equal shape (N, 3), got {pts.shape} and "
-                            f"{dsp.shape}")
-    return pts, dsp
-
-
 def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int] | None, *,
                        min_points: int = 4, names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check keypoints before interpolation; merge identical duplicates.
@@ -57,7 +48,9 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
     Raises:
         KeypointError: with an "expected ..., got ..." message for each failed check.
     """
-    pts, dsp = _check_pairs(points_vox, disps_vox)
+    from brainshift.io.keypoints import check_keypoint_pairs
+
+    pts, dsp = check_keypoint_pairs(points_vox, disps_vox)
 
     def name(i: int) -> str:
         return f"keypoint {i}" if names is None or i >= len(names) else f"the keypoint on {names[i]}"
