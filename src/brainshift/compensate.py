@@ -168,7 +168,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         method, n_kpts = "given", None if keypoints is None else int(len(points_vox))
     else:
         t0 = time.perf_counter()
-        init = interpolate_keypoints(image, points_vox, disps_vox, method, **(interp_options or {}))
+        from brainshift.interpolate import interpolate  # the keypoints were validated above
+
+        init = np.asarray(interpolate(method, points_vox, disps_vox, image.shape, image.affine,
+                                      **(interp_options or {})), dtype=np.float32)
         timings[f"interpolate ({method})"] = time.perf_counter() - t0
         n_kpts = int(len(points_vox))
     result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
