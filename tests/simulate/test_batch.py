@@ -210,3 +210,17 @@ def test_local_workers_keep_glibc_dynamic_mmap_threshold(monkeypatch):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             assert list(client.run(worker_env).values()) == [str(default)]
+
+
+def test_no_intraop_skips_the_synthetic_intraop_image(tmp_path, monkeypatch):
+    from brainshift.simulate import case as case_mod
+    from brainshift.simulate.dataset import INTRAOP_FILE
+
+    monkeypatch.setattr(case_mod, "simulate_case", _fake_simulate_case())
+    spec = write_phantom_files(tmp_path / "in", "a")
+    for flag, expected in ((False, False), (True, True)):
+        out = tmp_path / f"ds_{flag}"
+        rep = simulate_batch(out, subjects=[spec], cases_per_subject=1, config=FAST, seed=5, n_workers=1,
+                             processes=False, progress=False, keypoints=False, intraop=flag)
+        assert rep.ok
+        assert (out / "cases" / "s0000_c00" / INTRAOP_FILE).is_file() is expected

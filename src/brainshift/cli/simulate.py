@@ -121,6 +121,9 @@ def simulate_batch_command(
     keypoints: bool = typer.Option(True, "--keypoints/--no-keypoints",
                                    help="Detect each subject's keypoints into subjects/<id>/keypoints.csv "
                                         "(training and evaluation draw keypoints among them)."),
+    intraop: bool = typer.Option(True, "--intraop/--no-intraop",
+                                 help="Write each case's synthetic intraop MRI (intraop_t1.nii.gz; 1-3 min per "
+                                      "case on a small CPU; training sets do not need it)."),
 ) -> None:
     """Simulate many cases as Dask tasks into a dataset folder (resumable; failures logged, not fatal).
 
@@ -138,7 +141,7 @@ def simulate_batch_command(
         raise BrainshiftError(f"expected --subjects as a number or a .csv file, got {subjects!r}")
     report = simulate_batch(out, subjects=subject_arg, cases_per_subject=cases_per_subject, config=sim_cfg, seed=seed,
                             scheduler_address=scheduler_address, n_workers=workers, progress=progress,
-                            synthesis=synth_cfg, keypoints=keypoints)
+                            synthesis=synth_cfg, keypoints=keypoints, intraop=intraop)
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(code=1)

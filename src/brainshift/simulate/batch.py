@@ -272,8 +272,10 @@ def _cached_subject(out_dir: str, subject_id: str, mtime: float):
     return read_subject(out_dir, subject_id)
 
 
-def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, extra_meta: dict) -> dict:
-    """Task: simulate and write one case. Returns a status dict (never raises)."""
+def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, extra_meta: dict,
+              intraop: bool = True) -> dict:
+    """Task: simulate and write one case (with its synthetic intraop MRI when ``intraop``). Returns a status
+    dict (never raises)."""
     from brainshift.simulate import case as case_mod
     from brainshift.simulate.dataset import case_intraop_image, write_case
 
@@ -287,10 +289,10 @@ def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, e
         params = case_mod.draw_case_parameters(subject, config, seed)
         result = case_mod.simulate_case(subject, config, params)
         meta = {**result.meta, **extra_meta, "case_seed": int(seed), "wall_s": time.perf_counter() - t0}
-        intraop = case_intraop_image(subject, result.field_vox, result.cavity_mask, seed)
+        image = case_intraop_image(subject, result.field_vox, result.cavity_mask, seed) if intraop else None
         meta["wall_s"] = time.perf_counter() - t0
         write_case(out_dir, cid, sid, result.field_vox, subject.image.affine, result.cavity_mask, meta,
-                   intraop=intraop)
+                   intraop=image)
         return {"case_id": cid, "status": "ok", "time_s": time.perf_counter() - t0,
                 "max_displacement_mm": float(result.meta.get("max_displacement_mm", float("nan")))}
     except Exception as exc:
@@ -365,7 +367,7 @@ LOCAL_WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOL
 def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cases_per_subject: int, config,
                    seed: int, scheduler_address: str | None = None, n_workers: int | None = None,
                    progress: bool = True, synthesis=None, processes: bool = True,
-                   keypoints: bool = True) -> BatchReport:
+                   keypoints: bool = True, intraop: bool = True) -> BatchReport:
     """Simulate ``cases_per_subject`` cases for each subject as Dask tasks, into the dataset layout.
 
     Args:
@@ -384,6 +386,8 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
         processes: LocalCluster workers are processes (default) or threads of this process.
         keypoints: detect every subject's keypoint candidates into ``subjects/<id>/keypoints.csv`` (module
             docstring); subjects that lack the file get it on a resumed run.
+        intraop: write every case's synthetic intraop MRI (``intraop_t1.nii.gz``, 1-3 min per case on a
+            2-core CPU); training sets do not need it (``--no-intraop``).
 
     Returns:
         :class:`BatchReport`. Failed cases do not stop the others: each is listed there and its traceback
@@ -438,7 +442,7 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
             for e, j, cid in todo:
                 extra = {"batch_seed": int(seed), "subject_index": e["index"], "case_index": j}
                 futures.append(client.submit(_run_case, str(out), subject_futures[e["subject_id"]], cid,
-                                             case_seed(seed, e["index"], j), config, extra, pure=False,
+                                             case_seed(seed, e["index"], j), config, extra, intraop, pure=False,
                                              key=f"case-{cid}-{time.time_ns()}"))
             cid_of = {f.key: cid for f, (_, _, cid) in zip(futures, todo, strict=True)}
             bar = tqdm(total=len(futures), desc="cases", unit="case", disable=not progress)
