@@ -304,7 +304,8 @@ def _run_case(out_dir: str, subject_status: dict, cid: str, seed: int, config, e
 # --------------------------------------------------------------------------------------------- the batch
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """The CPU cores this process may use (the default number of LocalCluster workers)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
@@ -429,7 +430,7 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
             client = Client(scheduler_address)
         else:
             with dask.config.set(LOCAL_WORKER_CONFIG):
-                cluster = LocalCluster(n_workers=n_workers or _default_workers(), threads_per_worker=1,
+                cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=1,
                                        processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
         try:

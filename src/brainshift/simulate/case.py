@@ -246,6 +246,12 @@ class SimulationResult:
             times (s), mesh size, max / median displacement (mm).
         mesh: the final mesh (after resection) for export.
         nodal_displacement_mm: ``(mesh.n_nodes, 3)`` total displacement of the mesh nodes, RAS mm.
+        preop_mesh: the mesh before resection (the node numbering of ``stage_displacements_local_mm``).
+        stage_displacements_local_mm: ``{"gravity": u1, "final": u}``, each ``(preop_mesh.n_nodes, 3)`` in the
+            mesh's local frame (voxel axes, mm): the gravity equilibrium with the tumour in place, and the final
+            state (after resection when there is one; equal to ``"gravity"`` otherwise). In ``"final"`` the
+            resected nodes carry their gravity-stage value. Used by the deformation atlas
+            (:mod:`brainshift.simulate.atlas`), which takes both states from one solve.
     """
 
     field_vox: np.ndarray
@@ -253,13 +259,16 @@ class SimulationResult:
     meta: dict
     mesh: HexMesh
     nodal_displacement_mm: np.ndarray
+    preop_mesh: HexMesh | None = None
+    stage_displacements_local_mm: dict = dataclasses.field(default_factory=dict)
 
 
 def _brain_region(subject: Subject) -> np.ndarray:
     return (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
 
 
-def _check_subject(subject: Subject) -> None:
+def check_subject(subject: Subject) -> None:
+    """Raise :class:`GeometryError` unless every mask of ``subject`` is on its image's grid."""
     for name in ("brain_mask", "tumour_mask", "ventricles_mask"):
         vol = getattr(subject, name)
         if not vol.same_grid(subject.image):
@@ -288,7 +297,7 @@ def draw_case_parameters(subject: Subject, config: SimulationConfig, rng: np.ran
     """
     from brainshift.simulate import loads
 
-    _check_subject(subject)
+    check_subject(subject)
     seed = None
     if not isinstance(rng, np.random.Generator):
         seed = None if rng is None else int(rng)
@@ -360,7 +369,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     if params.model:
         config = config.with_model(params.model)
     config.validate()
-    _check_subject(subject)
+    check_subject(subject)
     t_start = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -394,13 +403,19 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         times["coarse_start_s"] = time.perf_counter() - t0
         _log(f"coarse start: {coarse_info}")
     solver_log: list[dict] = []
+    stages: dict[str, np.ndarray] = {}
     if config.material == "linear":
         u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress,
-                                               active0=active0)
+                                               active0=active0, stages=stages)
     else:
         from brainshift.simulate.hyperelastic import neo_hookean_case
 
-        u_full, interface_force = neo_hookean_case(problem, config, do_resect, times, solver_log, _log, progress)
+        u_full, interface_force = neo_hookean_case(problem, config, do_resect, times, solver_log, _log, progress,
+                                                   stages=stages)
+    u_gravity = np.array(stages.get("gravity", u_full), dtype=np.float64)
+    u_total = np.array(u_full, dtype=np.float64)
+    if do_resect:
+        u_total[problem.removed_nodes] = u_gravity[problem.removed_nodes]
     u_final = u_full[old_nodes]
 
     t0 = time.perf_counter()
@@ -441,7 +456,8 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     _log(f"done: max {meta['max_displacement_mm']:.2f} mm, median {meta['median_displacement_mm']:.2f} mm")
     return SimulationResult(field_vox=field_vox, cavity_mask=Volume(cavity.astype(np.uint8), subject.image.affine,
                                                                      "label"),
-                            meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras)
+                            meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras, preop_mesh=mesh,
+                            stage_displacements_local_mm={"gravity": u_gravity, "final": u_total})
 
 
 def _setup_problem(subject: Subject, config: SimulationConfig, params: CaseParameters, resolution_mm: float,
@@ -566,8 +582,12 @@ def _solve_log(name: str, res, seconds: float) -> dict:
 
 
 def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,
-                 progress: bool = False, active0: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes."""
+                 progress: bool = False, active0: np.ndarray | None = None, stages: dict | None = None
+                 ) -> tuple[np.ndarray, float]:
+    """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes.
+
+    ``stages``, when given, receives the gravity equilibrium as ``stages["gravity"]`` (preop nodes, local mm).
+    """
     from brainshift.simulate import fem
     from brainshift.simulate.contact import ContactSolver
 
@@ -587,6 +607,8 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     res1 = cs.solve(f, active0=active0, progress=progress)
     times["gravity_solve_s"] = time.perf_counter() - t0
     log.append(_solve_log("gravity", res1, times["gravity_solve_s"]))
+    if stages is not None:
+        stages["gravity"] = np.array(res1.u, dtype=np.float64)
     _log(f"gravity: {res1.iterations} solves, CG {[x.iterations for x in res1.solves]}, "
          f"{int(res1.active.sum())}/{res1.active.size} in contact, {times['gravity_solve_s']:.1f} s")
     if not do_resect:

@@ -226,9 +226,10 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
     return u, active, info
 
 
-def neo_hookean_case(pb, config, do_resect: bool, times: dict, log: list, _log, progress: bool = False
-                     ) -> tuple[np.ndarray, float]:
-    """The neo-Hookean counterpart of the linear case solve (see :mod:`brainshift.simulate.case`)."""
+def neo_hookean_case(pb, config, do_resect: bool, times: dict, log: list, _log, progress: bool = False,
+                     stages: dict | None = None) -> tuple[np.ndarray, float]:
+    """The neo-Hookean counterpart of the linear case solve (see :mod:`brainshift.simulate.case`); ``stages``
+    receives the gravity equilibrium as ``stages["gravity"]``."""
     m = pb.mesh
     settings = dict(contact_nodes=pb.contact_nodes, normals=pb.normals, fixed_nodes=pb.fixed_nodes,
                     load_steps=config.newton_load_steps, rtol=config.newton_rtol,
@@ -245,6 +246,8 @@ def neo_hookean_case(pb, config, do_resect: bool, times: dict, log: list, _log, 
     times["gravity_solve_s"] = time.perf_counter() - t0
     log.append({"stage": "gravity", **info1, "seconds": times["gravity_solve_s"]})
     _log(f"gravity (neo-Hookean): Newton {info1['newton_iterations']}, {times['gravity_solve_s']:.1f} s")
+    if stages is not None:
+        stages["gravity"] = np.array(u1, dtype=np.float64)
     if not do_resect:
         return u1, 0.0
     t0 = time.perf_counter()

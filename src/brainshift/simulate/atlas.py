@@ -1,0 +1,452 @@
+"""Build a per-patient deformation atlas: biomechanical solutions of one brain over its plausible conditions.
+
+Before surgery, the patient's own brain is simulated (:func:`brainshift.simulate.case.simulate_case`) under a
+grid of conditions (Miga et al., Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014):
+
+- gravity directions: the surgical approach (craniotomy entry -> tumour centre) and ``n_ring_directions``
+  directions tilted by ``gravity_cone_deg`` around it; with no tumour, directions over the upper hemisphere
+  (tilted up to 60 degrees from straight down) with the craniotomy at the highest brain point along each;
+- CSF drainage levels (``drainage_fractions``), skull contact models (``contact_models``);
+- with and without resection: both come from one solve (the gravity equilibrium with the tumour in place is
+  the first stage of the resection solve, :attr:`SimulationResult.stage_displacements_local_mm`);
+- stiffness: in linear elasticity with contact that is frictionless or bonded and no initial gap, scaling
+  every modulus by ``1/s`` scales the solution by ``s`` exactly (the equilibrium and the contact conditions
+  are positively homogeneous), so each solve also gives members at the ends of ``stiffness_range_pa`` without
+  another solve.
+
+Each solve is a Dask task (a ``distributed.LocalCluster`` of single-threaded worker processes, or an existing
+scheduler), written to ``members/<solve id>.npz`` as soon as it is done, so an interrupted build resumes.
+The members are then reduced to a mean and principal components (:func:`brainshift.atlas.basis.reduce_members`)
+and saved with :func:`brainshift.atlas.basis.save_atlas` (``atlas.json`` last).
+
+The members share one mesh: the preop mesh of the brain at ``resolution_mm`` (deterministic given the masks),
+so only the loads, supports and contact state differ between solves. Only the linear material is used (the
+stiffness scaling and the stage split rely on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError, GeometryError
+from brainshift.simulate.dataset import Subject
+
+log = logging.getLogger(__name__)
+
+MEMBERS_DIR = "members"
+BUILD_JSON = "build.json"
+#: Fields of :class:`~brainshift.simulate.case.SimulationConfig` an atlas config may set in ``simulation``.
+_FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "resection", "family",
+          "craniotomy_radius_mm", "tumour_stiffness_ratio")
+
+
+@dataclass
+class AtlasConfig:
+    """What an atlas spans (YAML/JSON section ``atlas:``; every field optional).
+
+    Attributes:
+        resolution_mm: element size of the mesh (mm).
+        contact_models: skull contact models, one set of solves each (:mod:`brainshift.simulate.contact`).
+        drainage_fractions: drained CSF levels (fraction of the brain's extent along gravity).
+        gravity_cone_deg: tilt (degrees) of the ring of gravity directions around the surgical approach.
+        n_ring_directions: directions on that ring (the approach itself is always included).
+        no_tumour_directions: gravity directions over the upper hemisphere when no tumour is given.
+        resection: members with the tumour resected as well as in place (needs a tumour).
+        shear_modulus_pa: parenchyma shear modulus of the solves (Pa).
+        stiffness_range_pa: shear moduli (Pa) of the scaled members (the solution scaled by
+            ``shear_modulus_pa / mu``); empty for none.
+        tumour_stiffness_ratio: tumour / parenchyma stiffness.
+        craniotomy_radius_mm: radius of the craniotomy (mm).
+        energy: fraction of the members' variance the basis retains.
+        max_components: cap on the number of components (None: no cap).
+        simulation: further :class:`~brainshift.simulate.case.SimulationConfig` fields of every solve
+            (e.g. ``poisson_ratio``, ``ventricle_model``, ``falx``, ``buoyant_weight_fraction``).
+    """
+
+    resolution_mm: float = 3.0
+    contact_models: list = field(default_factory=lambda: ["unilateral", "no_slip"])
+    drainage_fractions: list = field(default_factory=lambda: [0.2, 0.5])
+    gravity_cone_deg: float = 25.0
+    n_ring_directions: int = 4
+    no_tumour_directions: int = 9
+    resection: bool = True
+    shear_modulus_pa: float = 1225.0
+    stiffness_range_pa: list = field(default_factory=lambda: [500.0, 3000.0])
+    tumour_stiffness_ratio: float = 2.0
+    craniotomy_radius_mm: float = 30.0
+    energy: float = 0.999
+    max_components: int | None = None
+    simulation: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.contact_models = [str(c) for c in self.contact_models]
+        self.drainage_fractions = [float(v) for v in self.drainage_fractions]
+        self.stiffness_range_pa = [float(v) for v in self.stiffness_range_pa]
+        self.simulation = dict(self.simulation or {})
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`BrainshiftError` naming the first bad field."""
+        from brainshift.simulate.contact import check_contact_model
+
+        if not self.contact_models:
+            raise BrainshiftError("expected at least one contact model in the atlas config, got none")
+        for c in self.contact_models:
+            check_contact_model(c)
+        if not self.drainage_fractions or not all(0.0 <= v <= 1.0 for v in self.drainage_fractions):
+            raise BrainshiftError(f"expected drainage_fractions in [0, 1], got {self.drainage_fractions}")
+        if not 0.0 <= self.gravity_cone_deg < 90.0:
+            raise BrainshiftError(f"expected gravity_cone_deg in [0, 90), got {self.gravity_cone_deg}")
+        if self.n_ring_directions < 0 or self.no_tumour_directions < 1:
+            raise BrainshiftError(f"expected n_ring_directions >= 0 and no_tumour_directions >= 1, got "
+                                  f"{self.n_ring_directions} and {self.no_tumour_directions}")
+        if self.shear_modulus_pa <= 0 or any(v <= 0 for v in self.stiffness_range_pa):
+            raise BrainshiftError(f"expected positive shear moduli, got {self.shear_modulus_pa} and "
+                                  f"{self.stiffness_range_pa}")
+        if not 0.0 < self.energy <= 1.0:
+            raise BrainshiftError(f"expected energy in (0, 1], got {self.energy}")
+        bad = sorted(set(self.simulation) & set(_FIXED))
+        if bad:
+            raise BrainshiftError(f"expected the atlas's own fields for {bad}, got them under simulation:")
+        self.simulation_config()  # validates the remaining simulation fields
+
+    def simulation_config(self, contact_model: str | None = None):
+        """The :class:`SimulationConfig` of a solve with this contact model."""
+        from brainshift.simulate.case import SimulationConfig
+
+        return SimulationConfig(**{**self.simulation, "material": "linear", "resolution_mm": self.resolution_mm,
+                                   "contact_model": contact_model or self.contact_models[0],
+                                   "shear_modulus_pa": self.shear_modulus_pa, "resection": self.resection,
+                                   "craniotomy_radius_mm": self.craniotomy_radius_mm,
+                                   "tumour_stiffness_ratio": self.tumour_stiffness_ratio})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AtlasConfig:
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(d) - names
+        if bad:
+            raise BrainshiftError(f"expected atlas config keys among {sorted(names)}, got unknown {sorted(bad)}")
+        return cls(**d)
+
+
+def read_atlas_config(path: str | Path | None) -> AtlasConfig:
+    """An :class:`AtlasConfig` from a YAML/JSON file (its ``atlas:`` section, or the whole file); None: defaults.
+
+    Raises:
+        InputFileError: unreadable file. BrainshiftError: unknown or invalid keys.
+    """
+    if path is None:
+        return AtlasConfig()
+    from brainshift.errors import InputFileError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InputFileError(f"expected a readable atlas config file, got {p} ({exc.strerror or exc})") from None
+    try:
+        import yaml
+
+        data = yaml.safe_load(text) if p.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except Exception as exc:  # yaml / json parse errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"expected YAML or JSON in {p}, got unparsable content ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BrainshiftError(f"expected a mapping in {p}, got {type(data).__name__}")
+    return AtlasConfig.from_dict(data.get("atlas", data) if "atlas" in data else data)
+
+
+# ------------------------------------------------------------------------------------------------ the solves
+
+
+def _ring(axis: np.ndarray, tilt_deg: float, n: int, phase: float = 0.0) -> list[np.ndarray]:
+    a = axis / np.linalg.norm(axis)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(a[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(a, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(a, e1)
+    t = np.deg2rad(tilt_deg)
+    out = []
+    for k in range(n):
+        phi = phase + 2.0 * np.pi * k / n
+        v = np.cos(t) * a + np.sin(t) * (np.cos(phi) * e1 + np.sin(phi) * e2)
+        out.append(v / np.linalg.norm(v))
+    return out
+
+
+def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | None = None) -> list[dict]:
+    """The solves of an atlas: one dict per solve with its id, contact model, drainage, gravity and entry.
+
+    Args:
+        subject: the brain (a tumour mask that may be empty).
+        config: :class:`AtlasConfig`.
+        entry_ras: the craniotomy centre (RAS mm) when known; default: the simulator's rule (the brain-surface
+            point nearest the tumour centre above it), or with no tumour the highest brain point along each
+            gravity direction.
+
+    Returns:
+        A list of JSON-serialisable dicts (``id``, ``contact_model``, ``drainage_fraction``,
+        ``drainage_level_mm``, ``gravity_direction_ras``, ``gravity_tilt_deg``, ``entry_point_ras``,
+        ``tumour_centre_ras``, ``approach_direction_ras``).
+    """
+    from brainshift.simulate import loads
+    from brainshift.volume import Volume
+
+    region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
+    region_vol = Volume(region.astype(np.uint8), subject.brain_mask.affine, "label")
+    has_tumour = bool(np.asarray(subject.tumour_mask.data).any())
+    dirs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (gravity, entry, centre)
+    if has_tumour:
+        centre = loads.tumour_centre_ras(subject.tumour_mask)
+        entry = (np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None
+                 else loads.entry_point_ras(subject.brain_mask, subject.tumour_mask, centre))
+        approach = centre - entry
+        if np.linalg.norm(approach) < 1e-6:
+            raise GeometryError("expected the craniotomy entry away from the tumour centre, got them at one point")
+        approach /= np.linalg.norm(approach)
+        gs = [approach] + _ring(approach, config.gravity_cone_deg, config.n_ring_directions)
+        dirs = [(g, entry, centre) for g in gs]
+    else:
+        from brainshift.geometry import voxel_to_ras
+
+        centre = voxel_to_ras(np.argwhere(region).mean(axis=0, keepdims=True), subject.brain_mask.affine)[0]
+        down = np.array([0.0, 0.0, -1.0])
+        n = config.no_tumour_directions
+        gs = [down] + _ring(down, 30.0, max((n - 1) // 3, 0)) + _ring(down, 60.0, n - 1 - max((n - 1) // 3, 0),
+                                                                          phase=0.5)
+        surf = loads.brain_surface_points_ras(subject.brain_mask, subject.tumour_mask)
+        for g in gs[:n]:
+            entry = (np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None
+                     else surf[int(np.argmax(surf @ -g))])
+            dirs.append((g, entry, centre))
+    plan = []
+    for contact in config.contact_models:
+        for frac in config.drainage_fractions:
+            for k, (g, entry, c) in enumerate(dirs):
+                _, extent = loads.brain_depth_range_mm(region_vol, g)
+                axis = dirs[0][0]
+                tilt = float(np.degrees(np.arccos(np.clip(float(g @ axis), -1.0, 1.0))))
+                plan.append({"id": f"{contact}_d{frac:.2f}_g{k:02d}", "contact_model": contact,
+                             "drainage_fraction": float(frac), "drainage_level_mm": float(frac * extent),
+                             "gravity_direction_ras": np.asarray(g).tolist(), "gravity_tilt_deg": round(tilt, 2),
+                             "entry_point_ras": np.asarray(entry).tolist(), "tumour_centre_ras": np.asarray(c).tolist(),
+                             "approach_direction_ras": np.asarray(dirs[0][0]).tolist()})
+    return plan
+
+
+def solve_member(subject: Subject, config: AtlasConfig, solve: dict) -> dict:
+    """Run one solve of the atlas (deterministic). Returns ``{"gravity": (n, 3), "final": (n, 3), "meta": {...}}``
+    nodal displacements on the preop mesh, local frame (voxel axes), mm."""
+    from brainshift.simulate.case import CaseParameters, simulate_case
+
+    cfg = config.simulation_config(solve["contact_model"])
+    params = CaseParameters(gravity_direction_ras=np.asarray(solve["gravity_direction_ras"]),
+                            entry_point_ras=np.asarray(solve["entry_point_ras"]),
+                            tumour_centre_ras=np.asarray(solve["tumour_centre_ras"]),
+                            approach_direction_ras=np.asarray(solve["approach_direction_ras"]),
+                            gravity_perturbation_deg=float(solve["gravity_tilt_deg"]),
+                            drainage_fraction=float(solve["drainage_fraction"]),
+                            drainage_level_mm=float(solve["drainage_level_mm"]))
+    res = simulate_case(subject, cfg, params)
+    st = res.stage_displacements_local_mm
+    mesh = res.preop_mesh
+    return {"gravity": st["gravity"].astype(np.float32), "final": st["final"].astype(np.float32),
+            "node_grid": mesh.node_grid.astype(np.int32), "origin_vox": mesh.origin_vox, "step_vox": mesh.step_vox,
+            "node_grid_shape": np.asarray(mesh.node_grid_shape), "resected": bool(res.meta["n_resected_elements"]),
+            "seconds": float(res.meta["times_s"]["total_s"])}
+
+
+def _run_solve(folder: str, subject: Subject, config: AtlasConfig, solve: dict) -> dict:
+    """Task: one solve, written to ``members/<id>.npz`` atomically. Returns a status dict (never raises)."""
+    from brainshift.io.atomic import atomic_output
+
+    t0 = time.perf_counter()
+    try:
+        out = solve_member(subject, config, solve)
+        path = Path(folder) / MEMBERS_DIR / f"{solve['id']}.npz"
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{k: np.asarray(v) for k, v in out.items()})
+        return {"id": solve["id"], "status": "ok", "seconds": time.perf_counter() - t0}
+    except Exception as exc:
+        return {"id": solve["id"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------ the build
+
+
+@dataclass
+class AtlasBuildReport:
+    """What :func:`build_atlas` did: ``solved`` / ``skipped`` solve ids, ``failed`` ``{id: error}``, ``wall_s``,
+    ``n_members``, ``n_components``, ``retained_energy``, ``size_mb`` (the atlas folder on disk)."""
+
+    folder: Path
+    solved: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    n_members: int = 0
+    n_components: int = 0
+    retained_energy: float = 0.0
+    size_mb: float = 0.0
+
+    def summary(self) -> str:
+        return (f"atlas {self.folder}: {len(self.solved)} solves run, {len(self.skipped)} reused, "
+                f"{len(self.failed)} failed; {self.n_members} members -> {self.n_components} components "
+                f"({100 * self.retained_energy:.2f} % of the variance), {self.size_mb:.1f} MB, {self.wall_s:.0f} s")
+
+
+def _check_resume(folder: Path, record: dict) -> None:
+    p = folder / BUILD_JSON
+    if not p.is_file():
+        return
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError):
+        raise BrainshiftError(f"expected {p} to be the record of an earlier atlas build, got unreadable content; "
+                              f"choose another -o") from None
+    for key in ("image_sha256", "config", "entry_ras"):
+        if old.get(key) != record.get(key):
+            raise BrainshiftError(f"expected {folder} to resume an atlas of the same image and config, got another "
+                                  f"{key.replace('_', ' ')} in {p}; choose another -o")
+
+
+def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None = None, *,
+                entry_ras: np.ndarray | None = None, scheduler_address: str | None = None,
+                n_workers: int | None = None, progress: bool = True, processes: bool = True) -> AtlasBuildReport:
+    """Simulate the atlas members of one brain and save the reduced atlas into ``folder`` (module docstring).
+
+    Args:
+        folder: the atlas folder (created; an unfinished build of the same image and config is resumed).
+        subject: the preop image with brain, tumour (may be empty) and ventricle masks on its grid.
+        config: :class:`AtlasConfig` (default: its defaults).
+        entry_ras: the craniotomy centre (RAS mm), when known.
+        scheduler_address: an existing Dask scheduler (``tcp://host:8786``); default: a ``LocalCluster``.
+        n_workers: LocalCluster workers (default: the CPU cores available), one thread each.
+        progress: a tqdm bar over the solves.
+        processes: LocalCluster workers are processes (default) or threads.
+
+    Returns:
+        :class:`AtlasBuildReport`.
+
+    Raises:
+        BrainshiftError: a bad config, a folder holding another image's build, or solves that failed (their
+            errors; the solves that succeeded are kept for a resumed run).
+        GeometryError: masks off the image grid, empty brain.
+    """
+    import dask
+    from distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    from brainshift.atlas.basis import DeformationAtlas, NodeGrid, image_digest, reduce_members, save_atlas
+    from brainshift.io.atomic import atomic_output
+    from brainshift.simulate.batch import LOCAL_WORKER_CONFIG, default_workers
+    from brainshift.simulate.case import check_subject
+
+    t_start = time.perf_counter()
+    config = config or AtlasConfig()
+    check_subject(subject)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = image_digest(subject.image.data)
+    plan = plan_solves(subject, config, entry_ras)
+    record = {"image_sha256": digest, "config": config.to_dict(),
+              "entry_ras": None if entry_ras is None else np.asarray(entry_ras, dtype=float).tolist()}
+    _check_resume(folder, record)
+    with atomic_output(folder / BUILD_JSON) as tmp:
+        tmp.write_text(json.dumps({**record, "solves": plan}, indent=1))
+    (folder / MEMBERS_DIR).mkdir(exist_ok=True)
+    report = AtlasBuildReport(folder=folder)
+    todo = [s for s in plan if not (folder / MEMBERS_DIR / f"{s['id']}.npz").is_file()]
+    report.skipped = [s["id"] for s in plan if s not in todo]
+    if todo:
+        if scheduler_address:
+            cluster, client = None, Client(scheduler_address)
+        else:
+            with dask.config.set(LOCAL_WORKER_CONFIG):
+                cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=1,
+                                       processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
+            client = Client(cluster)
+        try:
+            subj = client.scatter(subject, broadcast=True)
+            futures = [client.submit(_run_solve, str(folder), subj, config, s, pure=False,
+                                     key=f"atlas-{s['id']}-{time.time_ns()}") for s in todo]
+            bar = tqdm(total=len(futures), desc="atlas solves", unit="solve", disable=not progress)
+            for fut in as_completed(futures):
+                try:
+                    status = fut.result()
+                except Exception as exc:  # a worker died
+                    status = {"id": "?", "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                if status["status"] == "ok":
+                    report.solved.append(status["id"])
+                else:
+                    report.failed[status["id"]] = status["error"].splitlines()[0]
+                    log.warning("atlas solve %s failed: %s", status["id"], status.get("traceback", status["error"]))
+                bar.update(1)
+                fut.release()
+            bar.close()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    if report.failed:
+        first = next(iter(report.failed.items()))
+        raise BrainshiftError(f"expected every atlas solve to succeed, got {len(report.failed)} failed (first: "
+                              f"{first[0]}: {first[1]}); run again with the same -o to retry them")
+
+    # ---- reduce
+    members, info = [], []
+    node_ref = None
+    factors = [(config.shear_modulus_pa, 1.0)] + [(mu, config.shear_modulus_pa / mu) for mu in
+                                                  config.stiffness_range_pa if mu != config.shear_modulus_pa]
+    for s in plan:
+        with np.load(folder / MEMBERS_DIR / f"{s['id']}.npz", allow_pickle=False) as z:
+            arrs = {k: z[k] for k in z.files}
+        if node_ref is None:
+            node_ref = arrs
+        elif arrs["node_grid"].shape != node_ref["node_grid"].shape or not np.array_equal(arrs["node_grid"],
+                                                                                          node_ref["node_grid"]):
+            raise BrainshiftError(f"expected every atlas solve on one mesh, got another mesh in solve {s['id']}")
+        stages = [("gravity", False)] + ([("final", True)] if bool(arrs["resected"]) else [])
+        for stage, resected in stages:
+            for mu, scale in factors:
+                members.append(arrs[stage].astype(np.float64) * scale)
+                info.append({"solve": s["id"], "contact_model": s["contact_model"],
+                             "drainage_fraction": s["drainage_fraction"], "gravity_tilt_deg": s["gravity_tilt_deg"],
+                             "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
+                             "resection": resected, "shear_modulus_pa": mu})
+    mean, comps, coords, sv, retained = reduce_members(np.stack(members), config.energy, config.max_components)
+    region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
+    spacing = np.sqrt((subject.image.affine[:3, :3] ** 2).sum(axis=0))
+    nodes = NodeGrid(node_grid=node_ref["node_grid"].astype(np.int64),
+                     shape=tuple(int(v) for v in node_ref["node_grid_shape"]),
+                     origin_vox=np.asarray(node_ref["origin_vox"], dtype=np.float64),
+                     step_vox=np.asarray(node_ref["step_vox"], dtype=np.float64),
+                     image_shape=tuple(int(v) for v in subject.image.shape), spacing_mm=spacing)
+    report.wall_s = time.perf_counter() - t_start
+    atlas = DeformationAtlas(nodes=nodes, mean=mean, components=comps, coordinates=coords, singular_values=sv,
+                             region=region, affine=np.asarray(subject.image.affine, dtype=np.float64),
+                             image_sha256=digest, members=info,
+                             info={"config": config.to_dict(), "retained_energy": retained,
+                                   "n_solves": len(plan), "subject_id": subject.subject_id,
+                                   "has_tumour": bool(np.asarray(subject.tumour_mask.data).any()),
+                                   "build_wall_s": round(report.wall_s, 1)})
+    save_atlas(folder, atlas)
+    report.n_members, report.n_components, report.retained_energy = len(members), atlas.n_components, retained
+    report.size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    return report

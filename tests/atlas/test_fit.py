@@ -1,0 +1,92 @@
+"""Fitting an atlas to keypoints: exact recovery inside its span, keypoints honoured, regularisation by CV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brainshift.atlas.basis import DeformationAtlas, NodeGrid, reduce_members
+from brainshift.atlas.fit import choose_tau, fit_atlas
+from brainshift.errors import KeypointError
+
+
+def _affine_atlas(n_members=8, seed=0):
+    """An atlas whose members are affine fields (local mm) on a full node grid covering the image."""
+    shape, image_shape = (8, 9, 7), (22, 25, 19)
+    g = np.argwhere(np.ones(shape, dtype=bool))
+    nodes = NodeGrid(node_grid=g, shape=shape, origin_vox=np.zeros(3), step_vox=np.array([3.0, 3.0, 3.0]),
+                     image_shape=image_shape, spacing_mm=np.array([1.0, 1.0, 1.0]))
+    p = nodes.origin_vox + g * nodes.step_vox
+    rng = np.random.default_rng(seed)
+    params = [(rng.normal(scale=0.02, size=(3, 3)), rng.normal(size=3)) for _ in range(n_members)]
+    members = np.stack([p @ a.T + b for a, b in params])
+    mean, comps, coords, sv, _ = reduce_members(members, energy=1.0)
+    region = np.ones(image_shape, dtype=bool)
+    atlas = DeformationAtlas(nodes=nodes, mean=mean, components=comps, coordinates=coords, singular_values=sv,
+                             region=region, affine=np.eye(4), image_sha256="x",
+                             members=[{"k": i} for i in range(n_members)])
+    return atlas, params
+
+
+def _truth(atlas, weights, params):
+    """Voxel field (3, I, J, K) of the member combination sum w_i member_i (sum w = 1)."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"), -1).astype(float)
+    out = sum(w * (grid @ a.T + b) for w, (a, b) in zip(weights, params, strict=True))
+    return np.moveaxis(out, -1, 0).astype(np.float32)
+
+
+def test_a_field_in_the_atlas_span_is_recovered_exactly():
+    atlas, params = _affine_atlas()
+    w = np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0])
+    truth = _truth(atlas, w, params)
+    pts = np.random.default_rng(1).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))
+    idx = np.round(pts).astype(int)
+    pts = idx.astype(float)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    fit = fit_atlas(atlas, pts, d, residual_method="none")
+    assert fit.info["tau_mm2"] <= 1e-2  # noiseless data: the weakest regularisation is chosen
+    np.testing.assert_allclose(fit.atlas_field_vox, truth, atol=0.02)
+    assert fit.info["fit_residual_mm"]["max"] < 0.02
+    # the member weights name the members that made it
+    top = {m["member"] for m in fit.info["member_weights"][:3]}
+    assert top == {0, 1, 2}
+
+
+def test_the_final_field_honours_keypoints_outside_the_span():
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([1.0, 0, 0, 0, 0, 0, 0, 0]), params)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
+    truth = truth + 0.8 * np.sin(grid[0] / 4.0)[None]  # not an affine field
+    idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::97][:40]
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    fit = fit_atlas(atlas, idx.astype(float), d)
+    at_kp = fit.field_vox[(slice(None),) + tuple(idx.T)].T
+    from brainshift.interpolate import interpolate
+
+    tps = interpolate("tps", idx.astype(float), d, atlas.nodes.image_shape)
+    tps_kp = tps[(slice(None),) + tuple(idx.T)].T
+    # honoured as well as the classical TPS honours them (its coarse-grid evaluation is not exact either)
+    err_atlas = np.linalg.norm(at_kp - d, axis=1)
+    err_tps = np.linalg.norm(tps_kp - d, axis=1)
+    assert err_atlas.mean() <= err_tps.mean() + 0.01 and err_atlas.max() <= err_tps.max() + 0.01
+    atlas_only = fit.atlas_field_vox[(slice(None),) + tuple(idx.T)].T
+    assert np.abs(atlas_only - d).max() > 0.3  # ... which the atlas alone cannot do
+
+
+def test_noise_is_regularised_more_strongly():
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
+    rng = np.random.default_rng(5)
+    idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(25, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    clean = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
+    noisy = fit_atlas(atlas, idx.astype(float), d + rng.normal(scale=1.0, size=d.shape), residual_method="none")
+    assert noisy.info["tau_mm2"] > clean.info["tau_mm2"]
+
+
+def test_choose_tau_single_keypoint_and_outside_points():
+    tau, cv = choose_tau(np.ones((3, 2)), np.zeros(3), 1)
+    assert tau == 1.0 and cv == {}
+    atlas, _ = _affine_atlas()
+    with pytest.raises(KeypointError, match="inside the atlas.s brain"):
+        fit_atlas(atlas, np.array([[5.0, 5.0, 5.0], [80.0, 5.0, 5.0]]), np.zeros((2, 3)))

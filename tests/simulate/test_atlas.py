@@ -1,0 +1,92 @@
+"""Building a deformation atlas on the phantom: members, stiffness scaling, resume, recovery of a member."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tests.simulate.phantoms import ellipsoid_subject
+
+from brainshift.atlas import fit_atlas, load_atlas
+from brainshift.errors import BrainshiftError
+from brainshift.simulate.atlas import AtlasConfig, build_atlas, plan_solves, solve_member
+
+CFG = AtlasConfig(resolution_mm=5.0, contact_models=["unilateral"], drainage_fractions=[0.3, 0.6],
+                  n_ring_directions=2)
+
+
+def test_plan_covers_directions_drainage_and_contact():
+    subj = ellipsoid_subject()
+    plan = plan_solves(subj, AtlasConfig(contact_models=["unilateral", "no_slip"], drainage_fractions=[0.2, 0.5],
+                                         n_ring_directions=4, gravity_cone_deg=25.0))
+    assert len(plan) == 2 * 2 * 5 and len({p["id"] for p in plan}) == 20
+    tilts = sorted({p["gravity_tilt_deg"] for p in plan})
+    assert tilts == pytest.approx([0.0, 25.0], abs=1e-6)
+    g = np.array([p["gravity_direction_ras"] for p in plan])
+    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, atol=1e-12)
+    # no tumour: directions over the upper hemisphere, each with its own craniotomy at the top
+    subj.tumour_mask.data[:] = 0
+    plan = plan_solves(subj, AtlasConfig(contact_models=["unilateral"], drainage_fractions=[0.3],
+                                         no_tumour_directions=7))
+    g = np.array([p["gravity_direction_ras"] for p in plan])
+    assert len(plan) == 7 and (g[:, 2] < 0).all()
+    entries = np.array([p["entry_point_ras"] for p in plan])
+    assert np.all(np.einsum("ij,ij->i", entries, -g) > 15.0)  # on the side opposite to gravity
+
+
+def test_stiffness_scaling_is_exact_for_the_linear_model():
+    """Halving every modulus doubles the solution (frictionless contact with no gap is positively homogeneous)."""
+    subj = ellipsoid_subject()
+    solve = plan_solves(subj, CFG)[1]
+    a = solve_member(subj, CFG, solve)
+    half = AtlasConfig(**{**CFG.to_dict(), "shear_modulus_pa": CFG.shear_modulus_pa / 2})
+    b = solve_member(subj, half, solve)
+    scale = np.abs(a["final"]).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(b["gravity"], 2.0 * a["gravity"], atol=2e-3 * scale)
+    np.testing.assert_allclose(b["final"], 2.0 * a["final"], atol=2e-3 * scale)
+    assert a["resected"] and not np.allclose(a["final"], a["gravity"])
+
+
+def test_build_resume_and_recover_a_member(tmp_path):
+    subj = ellipsoid_subject()
+    out = tmp_path / "atlas"
+    rep = build_atlas(out, subj, CFG, n_workers=1, processes=False, progress=False)
+    n_solves = 2 * 3
+    assert len(rep.solved) == n_solves and not rep.failed
+    assert rep.n_members == n_solves * 2 * 3  # with/without resection x 3 stiffnesses
+    atlas = load_atlas(out)
+    assert atlas.info["retained_energy"] >= CFG.energy and atlas.n_components < rep.n_members
+    atlas.check_image(subj.image.shape, subj.image.affine, subj.image.data)
+    # resumed: nothing is solved again and the atlas is the same
+    before = (out / "basis.npz").read_bytes()
+    rep2 = build_atlas(out, subj, CFG, n_workers=1, processes=False, progress=False)
+    assert rep2.solved == [] and len(rep2.skipped) == n_solves
+    assert (out / "basis.npz").read_bytes() == before
+    # another config into the same folder is refused
+    with pytest.raises(BrainshiftError, match="same image and config"):
+        build_atlas(out, subj, AtlasConfig(**{**CFG.to_dict(), "drainage_fractions": [0.4]}), n_workers=1,
+                    processes=False, progress=False)
+    assert json.loads((out / "atlas.json").read_text())["n_members"] == rep.n_members
+    # a member (resected, stiffest) is recovered from 20 of its keypoints far better than by TPS
+    from brainshift.interpolate import interpolate
+    from brainshift.simulate.rasterise import rasterise_displacement
+
+    solve = plan_solves(subj, CFG)[4]
+    u = solve_member(subj, CFG, solve)["final"] * (CFG.shear_modulus_pa / 3000.0)
+    region = (subj.brain_mask.data > 0) & (subj.tumour_mask.data == 0)
+    from brainshift.simulate.mesh import build_mesh
+
+    mesh = build_mesh(subj.brain_mask, subj.tumour_mask, subj.ventricles_mask, resolution_mm=CFG.resolution_mm)
+    truth = rasterise_displacement(mesh, u, region | (subj.tumour_mask.data > 0))
+    idx = np.argwhere(region)
+    pts = idx[np.random.default_rng(0).choice(len(idx), 20, replace=False)].astype(float)
+    d = truth[(slice(None),) + tuple(pts.astype(int).T)].T
+    fit = fit_atlas(atlas, pts, d)
+    tps = interpolate("tps", pts, d, subj.image.shape)
+
+    def mse(f):
+        return float(((f - truth) ** 2).sum(0)[region].mean())
+
+    assert mse(fit.field_vox) < 0.1 * mse(tps)
