@@ -37,6 +37,7 @@ from brainshift.errors import BrainshiftError
 from brainshift.volume import Volume
 
 if TYPE_CHECKING:
+    from brainshift.atlas.basis import DeformationAtlas
     from brainshift.model.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Result:
             (only with safeguards).
         safeguards: the safeguards' record (``alpha``: kept fraction of the learnt correction, cross-validation
             errors, keypoint residuals), or None when they did not run.
+        atlas_fit: with ``method="atlas"``, the fit's record (:attr:`brainshift.atlas.fit.AtlasFit.info`:
+            regularisation chosen by cross-validation, fit residual, closest members); else None.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -74,6 +77,7 @@ class Result:
     statistics: dict[str, dict[str, float]] = dc_field(default_factory=dict)
     uncertainty: np.ndarray | None = None
     safeguards: dict | None = None
+    atlas_fit: dict | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -118,7 +122,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                model: LoadedModel | Future | None = None, mask: np.ndarray | None = None, device: str = "cpu",
                mirror_average: bool | None = None, interp_options: dict | None = None,
                statistics: bool = False, statistics_mask: np.ndarray | None = None,
-               progress: bool = False, safeguards: bool = True, safeguard_seed: int = 0) -> Result:
+               progress: bool = False, safeguards: bool = True, safeguard_seed: int = 0,
+               atlas: DeformationAtlas | None = None) -> Result:
     """Brain-shift compensation of one image: the initial field from keypoints, refined by the network.
 
     Args:
@@ -128,7 +133,9 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         initial_field: a ready ``(3, I, J, K)`` initial field instead of interpolating ``keypoints`` (voxel
             units). Given together with ``keypoints``, the field is used as it is and the keypoints only serve
             the safeguards.
-        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``).
+        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``), or ``atlas``: the patient's
+            deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals
+            (:func:`brainshift.atlas.fit.fit_atlas`; needs ``atlas``).
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
             of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
         mask: brain mask for the network (z-score region, where the initial field is kept); default: the
@@ -143,14 +150,19 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         safeguards: with keypoints and a model, refine through :func:`brainshift.model.safeguards.safe_refine`
             (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes);
             False: the network alone, as published.
-        safeguard_seed: seed of the safeguards' keypoint folds.
+        safeguard_seed: seed of the safeguards' keypoint folds (and of the atlas fit's folds).
+        atlas: the :class:`~brainshift.atlas.basis.DeformationAtlas` of ``image`` (``brainshift atlas``), for
+            ``method="atlas"``. With a model too (``net-atlas``), the network refines the atlas field; the
+            safeguards' cross-validation then re-fits the atlas without each fold's keypoints.
 
     Returns:
         :class:`Result`.
 
     Raises:
-        BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device.
-        KeypointError: invalid keypoints. GeometryError: a field or mask not on the image grid.
+        BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device; ``method="atlas"`` without an
+            atlas or without keypoints.
+        KeypointError: invalid keypoints (for the atlas: outside its brain). GeometryError: a field or mask not on
+            the image grid; an atlas built for another image.
 
     Convention: every field forward Lagrangian, voxel units along ``i, j, k`` of ``image``'s grid.
     """
@@ -166,6 +178,17 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
     if initial_field is not None:
         init = check_field(initial_field, image.shape)
         method, n_kpts = "given", None if keypoints is None else int(len(points_vox))
+    elif str(method).lower() == "atlas":
+        if atlas is None:
+            raise BrainshiftError("expected an atlas (brainshift atlas; infer --atlas FOLDER) for the method "
+                                  "'atlas', got none")
+        from brainshift.atlas.fit import fit_atlas
+
+        t0 = time.perf_counter()
+        atlas.check_image(image.shape, image.affine, image.data, "the preop image")
+        fit = fit_atlas(atlas, points_vox, disps_vox, seed=safeguard_seed, residual_options=interp_options)
+        init, method, n_kpts = fit.field_vox, "atlas", int(len(points_vox))
+        timings["interpolate (atlas)"] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
         from brainshift.interpolate import interpolate  # the keypoints were validated above
@@ -175,6 +198,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         timings[f"interpolate ({method})"] = time.perf_counter() - t0
         n_kpts = int(len(points_vox))
     result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
+    if method == "atlas":
+        result.atlas_fit = fit.info
     if model is not None:
         if isinstance(model, Future):  # resolved before importing brainshift.model: its loader imports it too
             t0 = time.perf_counter()
@@ -187,10 +212,18 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         if safeguards and keypoints is not None:
             from brainshift.model.safeguards import safe_refine
 
+            fold_field = None
+            if method == "atlas":
+                from brainshift.atlas.fit import fold_field_on_grid
+
+                def fold_field(keep, grid_shape, grid_affine):
+                    return fold_field_on_grid(atlas, points_vox[keep], disps_vox[keep], grid_shape, grid_affine,
+                                              seed=safeguard_seed)
             safe = safe_refine(image, points_vox, disps_vox, init, model,
-                               method=method if method != "given" else "tps", mask=mask, device=device,
-                               seed=safeguard_seed,
-                               interpolate_options=(interp_options or {}) if method != "given" else {})
+                               method=method if method not in ("given", "atlas") else "tps", mask=mask,
+                               device=device, seed=safeguard_seed,
+                               interpolate_options=(interp_options or {}) if method not in ("given", "atlas")
+                               else {}, fold_field=fold_field)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
             result.mirror_average = True

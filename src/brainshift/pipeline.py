@@ -58,6 +58,7 @@ class InferOptions:
     h5_dtype: str = "float32"
     h5_compression: int = INFER_H5_COMPRESSION
     max_displacement_mm: float = MAX_DISPLACEMENT_MM
+    atlas: Path | None = None
 
 
 def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
@@ -101,6 +102,14 @@ def _check_options(opts: InferOptions) -> str:
     if not (bound > 0 and bound < float("inf")):
         raise BrainshiftError(f"expected --max-displacement a positive number of mm, got {opts.max_displacement_mm}")
     _check_keypoint_options(opts)
+    if str(opts.interp_mode).lower() == "atlas":
+        if opts.atlas is None:
+            raise BrainshiftError("expected --atlas FOLDER (made by brainshift atlas) with -m atlas, got none")
+        if opts.kpt_disps is None:
+            raise BrainshiftError("expected keypoints (-k) with -m atlas (the atlas is fitted to them), got only an "
+                                  "initial field")
+    elif opts.atlas is not None:
+        raise BrainshiftError(f"expected --atlas only with -m atlas, got -m {opts.interp_mode}")
     return fmt
 
 
@@ -189,6 +198,12 @@ def run_infer(opts: InferOptions) -> dict:
 
         device = str(resolve_device(opts.device))
     pending = _load_network_async(weights, opts.device) if refine else None
+    atlas = None
+    if opts.atlas is not None:
+        from brainshift.atlas.basis import load_atlas
+
+        with steps.step("load atlas"):
+            atlas = load_atlas(opts.atlas)
     image, given = _read_inputs(opts, steps)
     if fmt in ("h5", "nii"):  # refused before the work, not when the first field is written
         from brainshift.geometry import check_no_shear
@@ -197,7 +212,7 @@ def run_infer(opts: InferOptions) -> dict:
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
-                            progress=opts.verbose, statistics=True, safeguards=opts.safeguards)
+                            progress=opts.verbose, statistics=True, safeguards=opts.safeguards, atlas=atlas)
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)
@@ -335,6 +350,7 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
             "kpt_disps": str(opts.kpt_disps) if opts.kpt_disps else None,
             "kpt_intraop": str(opts.kpt_intraop) if opts.kpt_intraop else None,
             "weights": str(weights) if weights is not None else None,
+            "atlas": str(opts.atlas) if opts.atlas is not None else None,
         },
         "image": {"shape": list(image.shape), "spacing_mm": [round(float(s), 6) for s in image.spacing],
                   "affine_voxel_to_ras": image.affine.round(6).tolist()},
@@ -355,6 +371,8 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
                               "mirror_average": result.mirror_average}
         summary["safeguards"] = result.safeguards
+    if result.atlas_fit is not None:
+        summary["atlas_fit"] = result.atlas_fit
     return summary
 
 

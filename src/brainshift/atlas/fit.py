@@ -122,6 +122,89 @@ def member_weights(atlas: DeformationAtlas, coefficients: np.ndarray, top: int =
     return out
 
 
+def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
+                     taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The atlas coordinates that fit the keypoints (module docstring), without making a field.
+
+    Args:
+        atlas, points_vox, disps_vox, taus, n_folds, seed: as :func:`fit_atlas`.
+
+    Returns:
+        ``(coefficients (r,) mm, residuals (m, 3) local mm at the keypoints, info)``.
+
+    Raises:
+        BrainshiftError: shapes that do not match. KeypointError: keypoints outside the atlas's brain.
+    """
+    p = np.asarray(points_vox, dtype=np.float64)
+    d = np.asarray(disps_vox, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or len(p) == 0:
+        raise BrainshiftError(f"expected (m, 3) keypoints and displacements with m >= 1, got {p.shape} and {d.shape}")
+    atlas.check_points(p)
+    spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
+    m = len(p)
+    mean, basis = atlas.sample(p)  # (m, 3), (m, 3, r)
+    r = (d * spacing - mean).reshape(-1)
+    s = atlas.prior_std_mm
+    bw = basis.reshape(3 * m, -1) * s[None, :]
+    if bw.shape[1] == 0:
+        tau, cv, z = 1.0, {}, np.zeros(0)
+    else:
+        tau, cv = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
+        z = _solve(bw, r, tau)
+    c = s * z
+    fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
+    resid_mm = d * spacing - fitted
+    dist = np.linalg.norm(resid_mm, axis=1)
+    info = {"tau_mm2": tau, "cv_rmse_mm": {f"{t:.4g}": round(v, 4) for t, v in cv.items()},
+            "n_components": int(atlas.n_components), "n_keypoints": m,
+            "fit_residual_mm": {"mean": round(float(dist.mean()), 4), "max": round(float(dist.max()), 4)},
+            "coefficient_norm": round(float(np.linalg.norm(z)), 4)}
+    return c, resid_mm, info
+
+
+def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray,
+                       shape: tuple[int, int, int], affine: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """The atlas method's field for these keypoints, evaluated on another grid (e.g. the network's grid).
+
+    Used by the safeguards' cross-validation (:func:`brainshift.model.safeguards.safe_refine`), whose folds run
+    on the network grid. The atlas fit (coefficients) is the same as on the preop grid; the atlas field is
+    sampled at the other grid's voxel centres (zero outside the atlas's brain region) and the keypoint residuals
+    are interpolated by a thin-plate spline on that grid.
+
+    Args:
+        atlas: the atlas.
+        points_vox, disps_vox: ``(m, 3)`` keypoints and displacements on the **atlas's** (preop) grid, voxels.
+        shape, affine: the target grid.
+        seed: seed of the fit's folds.
+
+    Returns:
+        float32 ``(3, *shape)``. Convention: forward Lagrangian, voxel units along the target grid's axes.
+    """
+    from brainshift.interpolate import interpolate
+
+    c, resid_mm, _ = fit_coefficients(atlas, points_vox, disps_vox, seed=seed)
+    a_full = np.asarray(atlas.affine, dtype=np.float64)
+    a_t = np.asarray(affine, dtype=np.float64)
+    t = np.linalg.inv(a_full) @ a_t  # target voxel -> preop voxel
+    idx = np.argwhere(np.ones(tuple(shape), dtype=bool)).astype(np.float64)
+    p_full = idx @ t[:3, :3].T + t[:3, 3]
+    near = np.round(p_full).astype(np.int64)
+    inside = np.all((near >= 0) & (near < np.asarray(atlas.nodes.image_shape)), axis=1)
+    inside[inside] = atlas.region[tuple(near[inside].T)]
+    nodal = atlas.nodal(c)
+    u_local = np.zeros((len(idx), 3))
+    if inside.any():
+        nid, w = atlas.nodes.trilinear(p_full[inside])
+        u_local[inside] = np.einsum("mc,mcd->md", w, nodal[nid])
+    rot = a_full[:3, :3] / np.asarray(atlas.nodes.spacing_mm)  # local mm -> RAS
+    to_t = np.linalg.inv(a_t[:3, :3]) @ rot  # local mm -> target voxel units
+    field = (u_local @ to_t.T).T.reshape((3,) + tuple(shape)).astype(np.float32)
+    tinv = np.linalg.inv(t)
+    pts_t = np.asarray(points_vox, dtype=np.float64) @ tinv[:3, :3].T + tinv[:3, 3]
+    corr = interpolate("tps", pts_t, resid_mm @ to_t.T, tuple(shape), a_t)
+    return (field + np.asarray(corr, dtype=np.float32)).astype(np.float32)
+
+
 def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
               taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, residual_method: str = "tps",
               residual_options: dict | None = None, affine: np.ndarray | None = None) -> AtlasFit:
@@ -148,30 +231,10 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     """
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or len(p) == 0:
-        raise BrainshiftError(f"expected (m, 3) keypoints and displacements with m >= 1, got {p.shape} and {d.shape}")
-    atlas.check_points(p)
+    c, resid_mm, info = fit_coefficients(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed)
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
-    m = len(p)
-    mean, basis = atlas.sample(p)  # (m, 3), (m, 3, r)
-    r = (d * spacing - mean).reshape(-1)
-    s = atlas.prior_std_mm
-    bw = basis.reshape(3 * m, -1) * s[None, :]
-    if bw.shape[1] == 0:
-        tau, cv, z = 1.0, {}, np.zeros(0)
-    else:
-        tau, cv = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
-        z = _solve(bw, r, tau)
-    c = s * z
-    fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
-    resid_mm = d * spacing - fitted
-    dist = np.linalg.norm(resid_mm, axis=1)
     atlas_field = atlas.nodes.rasterise(atlas.nodal(c), atlas.region)
-    info = {"tau_mm2": tau, "cv_rmse_mm": {f"{t:.4g}": round(v, 4) for t, v in cv.items()},
-            "n_components": int(atlas.n_components), "n_keypoints": m,
-            "fit_residual_mm": {"mean": round(float(dist.mean()), 4), "max": round(float(dist.max()), 4)},
-            "coefficient_norm": round(float(np.linalg.norm(z)), 4),
-            "member_weights": member_weights(atlas, c), "residual_method": residual_method}
+    info = {**info, "member_weights": member_weights(atlas, c), "residual_method": residual_method}
     if residual_method == "none":
         return AtlasFit(field_vox=atlas_field, atlas_field_vox=atlas_field, coefficients=c, info=info)
     from brainshift.interpolate import interpolate

@@ -10,6 +10,7 @@ the command line shows its INFO records on stderr unless ``-q``.
 from __future__ import annotations
 
 from brainshift.cli.app import app, cli_errors
+from brainshift.cli.atlas import atlas_command
 from brainshift.cli.demo import demo_command
 from brainshift.cli.evaluate import evaluate_command
 from brainshift.cli.infer import infer_command
@@ -30,6 +31,7 @@ app.command("match")(match_command)
 app.command("train")(train_command)
 app.command("simulate")(simulate_command)
 app.command("simulate-batch")(simulate_batch_command)
+app.command("atlas")(atlas_command)
 
 __all__ = ["app", "cli_errors", "main"]
 

@@ -23,7 +23,11 @@ def infer_command(
                                             help="Intraop Slicer markups matching -k (by label or order)."),
     interp_mode: str = typer.Option("tps", "-m", "--interp_mode", "--interp-mode",
                                     help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
-                                         "spline: not exact at the keypoints) | tps3d (biharmonic, exact)."),
+                                         "spline: not exact at the keypoints) | tps3d (biharmonic, exact) | atlas "
+                                         "(the patient's deformation atlas fitted to the keypoints; needs --atlas)."),
+    atlas: Path | None = typer.Option(None, "--atlas",
+                                      help="Deformation atlas folder of this preop image (brainshift atlas), for "
+                                           "-m atlas."),
     device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
     output_fmt: str = typer.Option("h5", "-f", "--output_fmt", "--output-fmt", help="Field format: h5 | npz | nii."),
@@ -62,7 +66,7 @@ def infer_command(
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
         h5_dtype=h5_dtype, h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
-        verbose=not quiet))
+        atlas=atlas, verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "

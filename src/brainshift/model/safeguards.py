@@ -162,7 +162,7 @@ def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel)
 def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, init_field_vox: np.ndarray,
                 loaded: LoadedModel, *, method: str, mask: np.ndarray | None = None, device: str = "cpu",
                 folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
-                interpolate_options: dict | None = None) -> SafeRefinement:
+                interpolate_options: dict | None = None, fold_field=None) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -178,6 +178,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         seed: seed of the fold split.
         consistency: add the thin-plate spline of the keypoint residuals (step 2).
         interpolate_options: keyword options of ``method`` for the folds (as given for the initial field).
+        fold_field: optional ``fold_field(keep, shape, affine) -> (3, *shape)`` giving a fold's initial field
+            from the keypoints ``keep`` (indices) on the grid ``(shape, affine)`` (voxel units of that grid),
+            for initial fields that are not made by an interpolator (the atlas:
+            :func:`brainshift.atlas.fit.fold_field_on_grid`); default: ``method`` with ``interpolate_options``.
 
     Returns:
         :class:`SafeRefinement`.
@@ -222,7 +226,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         ac3 = np.asarray(img_c.affine, np.float64)[:3, :3]
         for held in split:
             keep = np.setdiff1d(np.arange(len(pts)), held)
-            init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
+            if fold_field is not None:
+                init_c = np.asarray(fold_field(keep, img_c.shape, img_c.affine), dtype=np.float32)
+            else:
+                init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
             ni = to_network_grid(img_c, init_c, mask_c, loaded.config)
             with torch.inference_mode():
                 from brainshift.device import resolve_device

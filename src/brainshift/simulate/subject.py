@@ -75,7 +75,7 @@ SYNTHETIC_SOURCE = "synthetic-mni152"
 # --------------------------------------------------------------------------------------------- real cohorts
 
 
-def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_path: str | Path, *,
+def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_path: str | Path | None, *,
                  ventricles_path: str | Path | None = None, tumour_labels: tuple[int, ...] | list[int] | None = None,
                  ventricle_labels: tuple[int, ...] | list[int] | None = None,
                  subject_id: str | None = None) -> Subject:
@@ -90,7 +90,8 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
         image_path: preop image (NIfTI, NRRD or MetaImage; read with :func:`brainshift.io.images.read_image`).
         brain_mask_path: brain mask (any non-zero voxel is brain).
         tumour_path: tumour mask or label map (BraTS / UPENN-GBM style); any non-zero label is tumour unless
-            ``tumour_labels`` is given.
+            ``tumour_labels`` is given. None: no tumour (an empty tumour mask; the deformation atlas accepts
+            it, a simulated case needs a tumour).
         ventricles_path: optional ventricle / CSF mask or label map.
         tumour_labels: label values of ``tumour_path`` that are tumour.
         ventricle_labels: label values that are ventricles, taken from ``ventricles_path`` if given, else
@@ -113,8 +114,14 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
     image = read_image(image_path, kind="intensity")
     check_intensities(image, image_path, "subject image")
     brain = _mask_on_grid(read_image(brain_mask_path, kind="label"), image, None, "brain mask", brain_mask_path)
-    tumour_map = read_image(tumour_path, kind="label")
-    tumour = _mask_on_grid(tumour_map, image, tumour_labels, "tumour mask", tumour_path)
+    if tumour_path is None:
+        if ventricle_labels is not None and ventricles_path is None:
+            raise InputFileError("expected a tumour label map or a ventricles file with ventricle_labels, got "
+                                 "neither")
+        tumour_map, tumour = None, np.zeros(image.shape, dtype=bool)
+    else:
+        tumour_map = read_image(tumour_path, kind="label")
+        tumour = _mask_on_grid(tumour_map, image, tumour_labels, "tumour mask", tumour_path)
     if ventricles_path is not None:
         ventricles = _mask_on_grid(read_image(ventricles_path, kind="label"), image, ventricle_labels,
                                    "ventricles mask", ventricles_path, allow_empty=True)
@@ -130,7 +137,7 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
 
     n_tumour = int(tumour.sum())
     inside = int((tumour & brain).sum())
-    if inside < 0.5 * n_tumour:
+    if n_tumour and inside < 0.5 * n_tumour:
         raise GeometryError(f"expected the tumour inside the brain mask, got {n_tumour - inside} of {n_tumour} "
                             f"tumour voxels outside it ({tumour_path} vs {brain_mask_path})")
     added = n_tumour - inside
@@ -140,7 +147,8 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
         subject_id = subject_id_from_path(image_path)
     info = {
         "source": "file",
-        "image": str(image_path), "brain_mask": str(brain_mask_path), "tumour": str(tumour_path),
+        "image": str(image_path), "brain_mask": str(brain_mask_path),
+        "tumour": None if tumour_path is None else str(tumour_path),
         "ventricles": None if ventricles_path is None else str(ventricles_path),
         "tumour_labels": None if tumour_labels is None else [int(v) for v in tumour_labels],
         "ventricle_labels": None if ventricle_labels is None else [int(v) for v in ventricle_labels],
