@@ -90,3 +90,25 @@ def test_choose_tau_single_keypoint_and_outside_points():
     atlas, _ = _affine_atlas()
     with pytest.raises(KeypointError, match="inside the atlas.s brain"):
         fit_atlas(atlas, np.array([[5.0, 5.0, 5.0], [80.0, 5.0, 5.0]]), np.zeros((2, 3)))
+
+
+def test_fold_field_on_another_grid_is_the_same_field_in_that_grid_units():
+    """On a coarser grid (voxels 2x larger, shifted by one preop voxel) the fold field is the fitted field at those
+    points, expressed in the coarse grid's voxel units (half the preop's)."""
+    from brainshift.atlas.fit import fold_field_on_grid
+
+    atlas, params = _affine_atlas()
+    w = np.array([0.2, 0.3, 0.5, 0, 0, 0, 0, 0])
+    truth = _truth(atlas, w, params)
+    idx = np.round(np.random.default_rng(7).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse[:3, 3] = 1.0
+    shape = (10, 11, 8)
+    f = fold_field_on_grid(atlas, idx.astype(float), d, shape, coarse)
+    q = np.argwhere(np.ones(shape, dtype=bool))
+    p_full = q * 2.0 + 1.0  # the coarse voxel centres on the preop grid (identity affine)
+    a_sum = sum(wi * a for wi, (a, _) in zip(w, params, strict=True))
+    b_sum = sum(wi * b for wi, (_, b) in zip(w, params, strict=True))
+    expect = (p_full @ a_sum.T + b_sum) / 2.0  # mm (= preop voxels) -> coarse voxels
+    np.testing.assert_allclose(f.reshape(3, -1).T, expect, atol=0.03)
