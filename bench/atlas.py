@@ -278,8 +278,9 @@ def timing(case_dir: Path, subject_dir: Path, atlas: Path, out: Path, repeats: i
             o.rmdir()
     table.unlink()
     med = {m: statistics.median(v) for m, v in times.items()}
-    return (f"`infer --no-refine -f npz`, 20 keypoints, case {case_dir.name} ({'x'.join(map(str, case.subject.image.shape))}"
-            f" voxels), {repeats} runs each, interleaved, wall time of the whole command:\n\n"
+    grid = "x".join(map(str, case.subject.image.shape))
+    return (f"`infer --no-refine -f npz`, 20 keypoints, case {case_dir.name} ({grid} voxels), {repeats} runs each, "
+            "interleaved, wall time of the whole command:\n\n"
             f"| method | median s | runs s |\n|---|---|---|\n"
             + "\n".join(f"| {m} | {med[m]:.2f} | {', '.join(f'{t:.2f}' for t in times[m])} |" for m in times)
             + f"\n\nRatio atlas / tps: **{med['atlas'] / med['tps']:.2f}** (target <= 1.5).\n")
