@@ -271,7 +271,7 @@ def timing(case_dir: Path, subject_dir: Path, atlas: Path, out: Path, repeats: i
             extra = ["-m", m] + (["--atlas", str(atlas)] if m == "atlas" else [])
             o = out / f"timing_run_{m}_{i}"
             t0 = time.perf_counter()
-            subprocess.run(exe + extra + ["-o", str(o)], check=True)
+            subprocess.run(exe + extra + ["-o", str(o)], check=True, capture_output=True)
             times[m].append(time.perf_counter() - t0)
             for f in o.iterdir():
                 f.unlink()

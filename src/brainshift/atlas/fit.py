@@ -13,8 +13,8 @@ keypoints (the value with the smallest held-out prediction error). The residuals
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
 a classical interpolator does. This follows the atlas approach of Miga et al. (Int J CARS 2016,
 doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian prior on a reduced basis in place
-of their constrained member weights; for reporting, the fitted coefficients are also expressed as non-negative
-member weights (NNLS), which name the modelling choices closest to the fit.
+of their constrained member weights; for reporting, the members nearest the fit (in the prior's metric) are
+named with their modelling choices.
 
 Convention: keypoints are continuous voxel indices ``(i, j, k)`` of the atlas's preop grid with displacements
 in voxel units; fields are float32 ``(3, I, J, K)``, forward Lagrangian, voxel units along ``i, j, k``. The
@@ -44,8 +44,8 @@ class AtlasFit:
         coefficients: ``(r,)`` fitted coordinates in the atlas basis (mm).
         info: ``tau`` (chosen), ``cv`` (``{tau: held-out RMS error mm}``), ``fit_residual_mm`` (mean and max
             distance between the atlas fit and the keypoint displacements before the residual interpolation),
-            ``n_components``, ``member_weights`` (the largest non-negative member weights with each member's
-            modelling choices), ``residual_method``.
+            ``n_components``, ``member_weights`` (the members nearest the fit with their modelling choices,
+            :func:`member_weights`), ``residual_method``.
     """
 
     field_vox: np.ndarray
@@ -98,27 +98,28 @@ def choose_tau(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS, n_fo
 
 
 def member_weights(atlas: DeformationAtlas, coefficients: np.ndarray, top: int = 5) -> list[dict]:
-    """The fitted coefficients as non-negative member weights (NNLS, weights softly summing to one).
+    """The members nearest the fit: Gaussian-kernel weights on the whitened coordinates.
+
+    ``w_i ~ exp(-0.5 * sum_k ((c_k - x_ik) / s_k)^2)`` over the members' coordinates ``x_i`` (normalised to sum
+    to one), ``s_k`` the prior standard deviations: how much each member explains the fitted field, in the
+    prior's own metric. Reported in ``summary.json`` to name the modelling choices closest to the fit.
 
     Returns:
-        Up to ``top`` dicts ``{"member": index, "weight": w, **the member's modelling choices}``, largest first.
+        Up to ``top`` dicts ``{"member": index, "weight": w, "distance": whitened distance, **the member's
+        modelling choices}``, largest weight first.
     """
-    from scipy.optimize import nnls
-
     coords = np.asarray(atlas.coordinates, dtype=np.float64)  # (n_members, r)
     if len(coords) == 0:
         return []
-    scale = float(np.abs(coords).max()) if coords.size else 1.0
-    a = np.vstack([coords.T, np.full((1, len(coords)), max(scale, 1e-6))])
-    b = np.concatenate([np.asarray(coefficients, dtype=np.float64), [max(scale, 1e-6)]])
-    w, _ = nnls(a, b)
-    order = np.argsort(w)[::-1][:top]
+    z = (coords - np.asarray(coefficients, dtype=np.float64)[None, :]) / atlas.prior_std_mm[None, :]
+    d2 = (z ** 2).sum(axis=1)
+    w = np.exp(-0.5 * (d2 - d2.min()))
+    w /= w.sum()
     out = []
-    for i in order:
-        if w[i] <= 1e-6:
-            break
+    for i in np.argsort(-w)[:top]:
         member = atlas.members[i] if i < len(atlas.members) else {}
-        out.append({"member": int(i), "weight": round(float(w[i]), 4), **member})
+        out.append({"member": int(i), "weight": round(float(w[i]), 4), "distance": round(float(np.sqrt(d2[i])), 3),
+                    **member})
     return out
 
 
