@@ -34,17 +34,18 @@ def simulate_command(
 ) -> None:
     """Simulate one brain-shift case (biomechanical FEM) and write it in the dataset layout.
 
-    Writes OUT/subjects/<id>/, OUT/cases/<id>_c00/ (field.npz, cavity_mask.nii.gz, meta.json,
-    displacement_magnitude.png and, with --vtu, mesh.vtu) and OUT/dataset.json. With --demo the subject
-    and case are those of `simulate-batch --subjects 1 --cases-per-subject 1` with the same --seed.
+    Writes OUT/subjects/<id>/, OUT/cases/<id>_c00/ (field.npz, cavity_mask.nii.gz, intraop_t1.nii.gz, meta.json,
+    displacement_magnitude.png and, with --vtu, mesh.vtu), OUT/dataset.json and OUT/summary.json, all or nothing
+    (as infer's outputs). With --demo the subject and case are those of
+    `simulate-batch --subjects 1 --cases-per-subject 1` with the same --seed.
     """
     import time
 
     from brainshift.errors import BrainshiftError
+    from brainshift.io.output_set import OutputSet
     from brainshift.simulate import batch
     from brainshift.simulate.case import draw_case_parameters, simulate_case
-    from brainshift.simulate.dataset import case_intraop_image, write_case, write_subject
-    from brainshift.simulate.preview import save_displacement_png
+    from brainshift.simulate.dataset import case_intraop_image
 
     real = [image, brain_mask, tumour]
     if demo == any(p is not None for p in real) or (not demo and any(p is None for p in real)):
@@ -65,43 +66,79 @@ def simulate_command(
         entries = batch.normalise_subjects([spec], seed)
     entry = entries[0]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = batch.start_dataset(out, entries, cases_per_subject=1, config=sim_cfg, seed=seed, synthesis=synth_cfg)
+    sid = entry["subject_id"]
+    cid = batch.case_id(sid, 0)
+    # a user's file at one of the output names is refused before the simulation (minutes); the commit checks again
+    planned = _simulate_outputs(sid, cid, vtu=vtu)
+    OutputSet(out, planned)
 
     t0 = time.perf_counter()
     if demo:
         from brainshift.simulate.subject import synthesize_subject
 
-        typer.echo(f"synthesising subject {entry['subject_id']} from the MNI152 template (seed {entry['seed']})")
-        subject = synthesize_subject(entry["seed"], config=synth_cfg, subject_id=entry["subject_id"])
+        typer.echo(f"synthesising subject {sid} from the MNI152 template (seed {entry['seed']})")
+        subject = synthesize_subject(entry["seed"], config=synth_cfg, subject_id=sid)
     else:
         from brainshift.simulate.subject import load_subject
 
         s = entry["spec"]
         subject = load_subject(s["image"], s["brain_mask"], s["tumour"], ventricles_path=s.get("ventricles"),
                                tumour_labels=s.get("tumour_labels"), ventricle_labels=s.get("ventricle_labels"),
-                               subject_id=entry["subject_id"])
-    write_subject(out, subject)
-    cid = batch.case_id(entry["subject_id"], 0)
+                               subject_id=sid)
     cseed = batch.case_seed(seed, entry["index"], 0)
     params = draw_case_parameters(subject, sim_cfg, cseed)
     result = simulate_case(subject, sim_cfg, params, progress=True)
     meta = {**result.meta, "batch_seed": int(seed), "subject_index": entry["index"], "case_index": 0,
             "case_seed": cseed, "wall_s": time.perf_counter() - t0}
     intraop = case_intraop_image(subject, result.field_vox, result.cavity_mask, cseed)
-    case_dir = write_case(out, cid, entry["subject_id"], result.field_vox, subject.image.affine, result.cavity_mask,
-                          meta, intraop=intraop)
-    png = save_displacement_png(subject.image, result.field_vox, case_dir / "displacement_magnitude.png",
-                                cavity=result.cavity_mask, brain=subject.brain_mask,
-                                title=f"{cid}: {sim_cfg.material}, {sim_cfg.resolution_mm:g} mm elements")
+    with OutputSet(out, planned) as outputs:
+        _write_simulated_case(outputs, subject, cid, result, meta, intraop, sim_cfg, vtu=vtu)
+
+        def dataset_json(path: Path) -> None:  # its counts are those of the staged case
+            record = batch.start_dataset(path.parent, entries, cases_per_subject=1, config=sim_cfg, seed=seed,
+                                         synthesis=synth_cfg)
+            batch.finish_dataset(path.parent, record, simulated=1, failed=0)
+
+        outputs.write(batch.DATASET_JSON, dataset_json)
+        outputs.commit({"command": "brainshift simulate", "seed": int(seed), "subject": sid, "case": cid})
+    typer.echo(f"case {cid}: max displacement {result.meta['max_displacement_mm']:.2f} mm, median "
+               f"{result.meta['median_displacement_mm']:.2f} mm ({time.perf_counter() - t0:.1f} s); wrote "
+               f"{out / 'cases' / cid} and {_PNG}" + (" and mesh.vtu" if vtu else ""))
+
+
+_PNG = "displacement_magnitude.png"
+
+
+def _simulate_outputs(subject_id: str, case_id: str, *, vtu: bool) -> list[str]:
+    """The files ``simulate`` writes, as paths relative to ``--out`` (summary.json aside)."""
+    from brainshift.simulate.batch import DATASET_JSON
+    from brainshift.simulate.dataset import INTRAOP_FILE, SUBJECT_FILES
+
+    subject = [f"subjects/{subject_id}/{name}" for name in [*SUBJECT_FILES.values(), "subject.json"]]
+    case = [f"cases/{case_id}/{name}" for name in ["field.npz", "cavity_mask.nii.gz", INTRAOP_FILE, "meta.json",
+                                                   _PNG, *(["mesh.vtu"] if vtu else [])]]
+    return [*subject, *case, DATASET_JSON]
+
+
+def _write_simulated_case(outputs, subject, case_id: str, result, meta: dict, intraop, sim_cfg, *, vtu: bool) -> None:
+    """Stage the subject and case folders in ``outputs`` (an open :class:`~brainshift.io.output_set.OutputSet`),
+    each folder's marker last (``subject.json``, then ``meta.json``: a case is complete only once it exists)."""
+    from brainshift.simulate.dataset import case_writers, subject_writers
+    from brainshift.simulate.preview import save_displacement_png
+
+    for name, writer in subject_writers(subject):
+        outputs.write(f"subjects/{subject.subject_id}/{name}", writer)
+    case = f"cases/{case_id}"
+    outputs.write(f"{case}/{_PNG}", lambda p: save_displacement_png(
+        subject.image, result.field_vox, p, cavity=result.cavity_mask, brain=subject.brain_mask,
+        title=f"{case_id}: {sim_cfg.material}, {sim_cfg.resolution_mm:g} mm elements"))
     if vtu:
         from brainshift.simulate.export import export_vtu
 
-        export_vtu(result, case_dir / "mesh.vtu")
-    batch.finish_dataset(out, record, simulated=1, failed=0)
-    typer.echo(f"case {cid}: max displacement {result.meta['max_displacement_mm']:.2f} mm, median "
-               f"{result.meta['median_displacement_mm']:.2f} mm ({time.perf_counter() - t0:.1f} s); wrote {case_dir}"
-               f" and {png.name}" + (" and mesh.vtu" if vtu else ""))
+        outputs.write(f"{case}/mesh.vtu", lambda p: export_vtu(result, p))
+    for name, writer in case_writers(case_id, subject.subject_id, result.field_vox, subject.image.affine,
+                                     result.cavity_mask, meta, intraop=intraop):
+        outputs.write(f"{case}/{name}", writer)
 
 
 @cli_errors

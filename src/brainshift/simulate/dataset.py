@@ -28,7 +28,9 @@ makes batch generation resumable.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -119,13 +121,21 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def subject_writers(subject: Subject) -> list[tuple[str, Callable[[Path], None]]]:
+    """The files of a subject folder as ``(file name, writer(path))`` in the order written, ``subject.json`` last
+    (for a caller that writes them one by one, e.g. through :class:`brainshift.io.output_set.OutputSet`)."""
+    writers: list[tuple[str, Callable[[Path], None]]] = [
+        (name, functools.partial(_write_nifti, getattr(subject, attr))) for attr, name in SUBJECT_FILES.items()]
+    writers.append(("subject.json", functools.partial(_write_json, {"subject_id": subject.subject_id, **subject.info})))
+    return writers
+
+
 def write_subject(root: str | Path, subject: Subject) -> Path:
     """Write ``subject`` under ``root/subjects/<subject_id>/`` (``subject.json`` last). Returns its folder."""
     d = Path(root) / "subjects" / subject.subject_id
     d.mkdir(parents=True, exist_ok=True)
-    for attr, name in SUBJECT_FILES.items():
-        _write_nifti(getattr(subject, attr), d / name)
-    _write_json({"subject_id": subject.subject_id, **subject.info}, d / "subject.json")
+    for name, writer in subject_writers(subject):
+        writer(d / name)
     return d
 
 
@@ -166,23 +176,43 @@ def write_case(root: str | Path, case_id: str, subject_id: str, field: np.ndarra
 
     Convention: ``field`` float32 (3, I, J, K), forward Lagrangian, voxel units on the subject grid.
     """
-    from brainshift.io.atomic import atomic_output
-
     d = Path(root) / "cases" / case_id
     d.mkdir(parents=True, exist_ok=True)
     # a case is complete only while its meta.json exists: an earlier one goes first, so a case being rewritten
     # (and killed half-way) is never taken for a complete one by --resume or the training loader
     (d / "meta.json").unlink(missing_ok=True)
-    with atomic_output(d / "field.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, field=np.asarray(field, dtype=np.float32), affine=np.asarray(affine, np.float64))
-    _write_nifti(cavity_mask, d / "cavity_mask.nii.gz")
+    for name, writer in case_writers(case_id, subject_id, field, affine, cavity_mask, meta, intraop=intraop):
+        writer(d / name)
+    return d
+
+
+def case_writers(case_id: str, subject_id: str, field: np.ndarray, affine: np.ndarray, cavity_mask: Volume,
+                 meta: dict, *, intraop: tuple[Volume, dict] | None = None
+                 ) -> list[tuple[str, Callable[[Path], None]]]:
+    """The files of a case folder (:func:`write_case`) as ``(file name, writer(path))`` in the order written,
+    ``meta.json`` last (for a caller that writes them one by one, e.g. through
+    :class:`brainshift.io.output_set.OutputSet`).
+
+    Convention: ``field`` float32 (3, I, J, K), forward Lagrangian, voxel units on the subject grid.
+    """
+    writers: list[tuple[str, Callable[[Path], None]]] = [
+        ("field.npz", functools.partial(_write_field_npz, field, affine)),
+        ("cavity_mask.nii.gz", functools.partial(_write_nifti, cavity_mask))]
     extra = {}
     if intraop is not None:
-        _write_nifti(intraop[0], d / INTRAOP_FILE)
+        writers.append((INTRAOP_FILE, functools.partial(_write_nifti, intraop[0])))
         extra["intraop"] = {"file": INTRAOP_FILE, **intraop[1]}
-    _write_json({**meta, **extra, "case_id": case_id, "subject": subject_id}, d / "meta.json")
-    return d
+    writers.append(("meta.json", functools.partial(_write_json, {**meta, **extra, "case_id": case_id,
+                                                                  "subject": subject_id})))
+    return writers
+
+
+def _write_field_npz(field: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    from brainshift.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, field=np.asarray(field, dtype=np.float32), affine=np.asarray(affine, np.float64))
 
 
 def read_subject(root: str | Path, subject_id: str) -> Subject:
