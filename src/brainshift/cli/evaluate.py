@@ -13,9 +13,10 @@ from brainshift.cli.app import cli_errors
 def evaluate_command(
     data: Path = typer.Option(..., "--data", help="Simulated dataset folder (subjects/ and cases/)."),
     methods: str | None = typer.Option(None, "--methods",
-                                       help="Comma-separated: none, linear, tps, tps3d, net-linear, net-tps "
-                                            "[default: linear,tps,net-linear,net-tps; the net-* methods only when "
-                                            "weights are available]."),
+                                       help="Comma-separated: none, linear, tps, tps3d, net-linear, net-tps, "
+                                            "atlas, net-atlas [default: linear,tps,net-linear,net-tps, plus "
+                                            "atlas,net-atlas with --atlases; the net-* methods only when weights "
+                                            "are available]."),
     weights: Path | None = typer.Option(None, "--weights", "-w",
                                         help="Network weights for net-* (default: the shipped model)."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder (CSV, summary.md, PNG)."),
@@ -33,6 +34,9 @@ def evaluate_command(
     safeguards: bool = typer.Option(True, "--safeguards/--no-safeguards",
                                     help="net-* methods under the safeguards, as infer runs them (default); "
                                          "--no-safeguards: the network alone."),
+    atlases: Path | None = typer.Option(None, "--atlases",
+                                        help="Folder of per-subject deformation atlases (brainshift atlas -o "
+                                             "DIR/<subject_id>): enables the methods atlas and net-atlas."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Per case and method: MSE/MAE/P95 (mm), TRE, det J, Dice/HD95, time; writes CSV, summary.md, box plots."""
@@ -44,16 +48,16 @@ def evaluate_command(
 
     check_output_dir(out)
     if methods is None:
-        methods = "linear,tps,net-linear,net-tps"
+        methods = "linear,tps,net-linear,net-tps" + (",atlas,net-atlas" if atlases is not None else "")
         if resolve_weights(weights) is None:
-            methods = "linear,tps"
+            methods = "linear,tps" + (",atlas" if atlases is not None else "")
             typer.echo(f"warning: no network weights (no --weights and no default model at {DEFAULT_WEIGHTS}): "
-                       f"evaluating the classical methods {methods} only", err=True)
+                       f"evaluating {methods} only (no network methods)", err=True)
     if any(m.strip().startswith("net") for m in methods.split(",")):
         device = str(resolve_device(device))
     rows = evaluate_dataset(data, methods, weights=weights, seed=seed, n_keypoints=num_kpts, noise_mm=noise_mm,
                             cases=cases, device=device, progress=not quiet, overlap=not no_overlap,
-                            mirror_average=mirror_average, safeguards=safeguards)
+                            mirror_average=mirror_average, safeguards=safeguards, atlases=atlases)
     paths = write_tables(rows, out, title=f"{data} ({num_kpts} keypoints, noise {noise_mm:g} mm, seed {seed})")
     typer.echo(summary_markdown(rows))
     typer.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")

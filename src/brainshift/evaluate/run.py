@@ -22,7 +22,11 @@ Per case:
 Methods: ``none`` (zero field: how far the tissue moved), ``linear``, ``tps``, ``tps3d`` (classical
 interpolators, :func:`brainshift.interpolate.interpolate` with their defaults), ``net-linear`` and
 ``net-tps`` (network refinement, :func:`brainshift.model.inference.refine_field`, of the linear / TPS
-field). A ``net-*`` method's time includes its initial interpolation.
+field), and with a folder of per-subject atlases (``atlases``, ``brainshift atlas -o DIR/<subject_id>``)
+``atlas`` (the subject's deformation atlas fitted to the keypoints plus a thin-plate spline of the
+residuals, :func:`brainshift.atlas.fit.fit_atlas`) and ``net-atlas`` (the network refining the atlas
+field; under the safeguards their cross-validation re-fits the atlas without each fold's keypoints). A
+``net-*`` method's time includes its initial interpolation (or atlas fit).
 
 Metrics (see :mod:`brainshift.evaluate.metrics`): MSE / MAE / 95th-percentile error (mm) and the Jacobian
 statistics over brain minus cavity; TRE over the held-out keypoints (mean, median, max); Dice and HD95
@@ -42,8 +46,11 @@ import numpy as np
 from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 
 CLASSICAL_METHODS = ("linear", "tps", "tps3d")
-NETWORK_METHODS = ("net-linear", "net-tps")
-METHODS = ("none", *CLASSICAL_METHODS, *NETWORK_METHODS)
+#: Methods that need the patient's deformation atlas (``brainshift atlas``; ``evaluate --atlases DIR``).
+ATLAS_METHODS = ("atlas", "net-atlas")
+#: Methods that need the network.
+NETWORK_METHODS = ("net-linear", "net-tps", "net-atlas")
+METHODS = ("none", *CLASSICAL_METHODS, "net-linear", "net-tps", *ATLAS_METHODS)
 
 #: Columns of every result row, in CSV order.
 ROW_COLUMNS = (
@@ -149,7 +156,7 @@ def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine:
 def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
                   noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
                   device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None,
-                  safeguards: bool = True) -> list[dict]:
+                  safeguards: bool = True, atlas=None) -> list[dict]:
     """Evaluate ``methods`` on one :class:`~brainshift.simulate.dataset.SimCase` (rows in ``methods`` order).
 
     Args:
@@ -167,9 +174,15 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             model's default; only without safeguards).
         safeguards: ``net-*`` refine under :mod:`brainshift.model.safeguards` with the case's driving
             keypoints (as ``infer`` does by default); False: the network alone.
+        atlas: the subject's :class:`~brainshift.atlas.basis.DeformationAtlas`, needed by ``atlas`` and
+            ``net-atlas`` (one fit serves both: ``net-atlas`` refines the ``atlas`` field).
 
     Returns:
         One dict per method with the keys :data:`ROW_COLUMNS`.
+
+    Raises:
+        BrainshiftError: a ``net-*`` method without ``loaded``, an atlas method without ``atlas``.
+        GeometryError: an atlas built for another image. KeypointError: keypoints outside the atlas's brain.
     """
     from brainshift.compensate import compensate
     from brainshift.evaluate import metrics
@@ -197,11 +210,27 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             init_cache[kind] = (res.initial_field, res.timings_s[f"interpolate ({kind})"])
         return init_cache[kind]
 
+    if any(m in ATLAS_METHODS for m in methods):
+        if atlas is None:
+            raise BrainshiftError(f"expected the atlas of subject {subject.subject_id} for the methods "
+                                  f"{', '.join(ATLAS_METHODS)}, got none")
+        if "net-atlas" in methods and loaded is None:
+            raise BrainshiftError("expected a loaded network for method 'net-atlas', got none")
+        # one fit for both: with the network, compensate refines the atlas field it has just fitted (and its
+        # safeguards re-fit the atlas without each fold's keypoints)
+        res = compensate(subject.image, keypoints=(kp.points_vox, kp.disps_vox), method="atlas", atlas=atlas,
+                         model=loaded if "net-atlas" in methods else None, safeguards=safeguards,
+                         mask=subject.brain_mask.data > 0, device=device, mirror_average=mirror_average)
+        t_fit = res.timings_s["interpolate (atlas)"]
+        init_cache["atlas"] = (res.initial_field, t_fit)
+        if res.refined_field is not None:
+            init_cache["net-atlas"] = (res.refined_field, t_fit + res.timings_s["refine with the network"])
+
     rows = []
     for method in methods:
         if method == "none":
             pred, dt = np.zeros_like(gt), 0.0
-        elif method in CLASSICAL_METHODS:
+        elif method in CLASSICAL_METHODS or method in ATLAS_METHODS:
             pred, dt = initial(method)
         else:
             if loaded is None:
@@ -231,8 +260,8 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
 def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights: str | Path | None = None,
                      seed: int = 0, n_keypoints: int = 20, noise_mm: float = 0.0, cases: int | None = None,
                      device: str = "cpu", progress: bool = True, n_heldout: int = 100,
-                     overlap: bool = True, mirror_average: bool | None = None, safeguards: bool = True
-                     ) -> list[dict]:
+                     overlap: bool = True, mirror_average: bool | None = None, safeguards: bool = True,
+                     atlases: str | Path | None = None) -> list[dict]:
     """Evaluate methods on every complete case of a simulated dataset.
 
     Args:
@@ -250,14 +279,20 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         mirror_average: left-right mirror averaging of the network (None: the model's default, see
             :func:`brainshift.model.inference.refine_field`).
         safeguards: as in :func:`evaluate_case`.
+        atlases: folder holding one atlas folder per subject id (``brainshift atlas -o DIR/<subject_id>``),
+            needed by the methods ``atlas`` and ``net-atlas``; each subject's atlas is loaded once and must be
+            built on that subject's preop image.
 
     Returns:
         One dict per (case, method), keys :data:`ROW_COLUMNS`, cases in sorted order, methods in the
         given order. Deterministic given ``seed`` except ``time_s``.
 
     Raises:
-        InputFileError: no complete case in ``data_dir``, or missing weights for ``net-*``.
-        BrainshiftError: unknown method, bad counts, or a device that is not available.
+        InputFileError: no complete case in ``data_dir``, missing weights for ``net-*``, a missing or unreadable
+            atlas of a subject (the message names the subject).
+        BrainshiftError: unknown method, bad counts, atlas methods without ``atlases``, or a device that is not
+            available.
+        GeometryError: an atlas built for another image than its subject's.
     """
     from brainshift.device import resolve_device
     from brainshift.resources import resolve_weights
@@ -270,6 +305,13 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         raise BrainshiftError(f"expected a noise level >= 0 mm, got {noise_mm}")
     if cases is not None and cases < 1:
         raise BrainshiftError(f"expected --cases >= 1, got {cases}")
+    wants_atlas = [m for m in names if m in ATLAS_METHODS]
+    if wants_atlas and atlases is None:
+        raise BrainshiftError(f"expected --atlases DIR (one `brainshift atlas` folder per subject id) for the "
+                              f"methods {', '.join(wants_atlas)}, got none")
+    if atlases is not None and not Path(atlases).is_dir():
+        raise InputFileError(f"expected --atlases to be a folder of per-subject atlases, got {atlases} "
+                             f"({'a file' if Path(atlases).exists() else 'no such folder'})")
     ids = list_cases(data_dir)
     if not ids:
         raise InputFileError(f"expected a dataset with complete cases under {Path(data_dir) / 'cases'}, found none")
@@ -285,15 +327,45 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     rows: list[dict] = []
     subject = None
     candidates = None
+    atlas = None
     for case_id in tqdm(ids, desc="evaluate", unit="case", disable=not progress):
         case = read_case(data_dir, case_id, subject=subject)
         if subject is None or case.subject.subject_id != subject.subject_id:
             candidates = read_subject_keypoints(data_dir, case.subject.subject_id)
+            if wants_atlas:
+                atlas = load_subject_atlas(atlases, case.subject)
         subject = case.subject
         rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
                                   noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
-                                  overlap=overlap, mirror_average=mirror_average, safeguards=safeguards))
+                                  overlap=overlap, mirror_average=mirror_average, safeguards=safeguards,
+                                  atlas=atlas))
     return rows
+
+
+def load_subject_atlas(atlases: str | Path, subject):
+    """The deformation atlas of one subject: ``atlases/<subject_id>`` (:func:`brainshift.atlas.basis.load_atlas`),
+    checked against the subject's preop image.
+
+    Raises:
+        InputFileError: no atlas folder for the subject, or a corrupt one (one line naming the subject).
+        GeometryError: the atlas was built on another image or grid (one line naming the subject).
+    """
+    from brainshift.atlas.basis import load_atlas
+    from brainshift.errors import GeometryError
+
+    sid = subject.subject_id
+    folder = Path(atlases) / sid
+    if not folder.is_dir():
+        raise InputFileError(f"expected an atlas of subject {sid} at {folder} (brainshift atlas -o {folder}), got "
+                             f"{'a file' if folder.exists() else 'no such folder'}")
+    try:
+        atlas = load_atlas(folder)
+        image = subject.image
+        atlas.check_image(image.shape, image.affine, image.data, f"the preop image of subject {sid}")
+    except (InputFileError, GeometryError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise type(exc)(msg if sid in msg else f"subject {sid}: {msg}") from None
+    return atlas
 
 
 def evaluate_sweep(data_dir: str | Path, methods: list[str] | str, *, n_keypoints=(20,), noise_mm=(0.0,),
