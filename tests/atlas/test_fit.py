@@ -112,3 +112,19 @@ def test_fold_field_on_another_grid_is_the_same_field_in_that_grid_units():
     b_sum = sum(wi * b for wi, (_, b) in zip(w, params, strict=True))
     expect = (p_full @ a_sum.T + b_sum) / 2.0  # mm (= preop voxels) -> coarse voxels
     np.testing.assert_allclose(f.reshape(3, -1).T, expect, atol=0.03)
+
+
+def test_residual_spline_is_smoothed_for_noisy_keypoints_only():
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
+    rng = np.random.default_rng(11)
+    idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(40, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    clean = fit_atlas(atlas, idx.astype(float), d)
+    assert clean.info["residual_lam"] == 0.1  # noiseless: honoured as tps does
+    noisy_d = d + rng.normal(scale=1.0, size=d.shape)
+    noisy = fit_atlas(atlas, idx.astype(float), noisy_d)
+    assert noisy.info["residual_lam"] != 0.1  # smoother, or no residual spline at all
+    mse = float(((noisy.field_vox - truth) ** 2).sum(0).mean())
+    exact = fit_atlas(atlas, idx.astype(float), noisy_d, residual_options={"lam": 0.1})
+    assert mse < float(((exact.field_vox - truth) ** 2).sum(0).mean())  # and closer to the truth for it

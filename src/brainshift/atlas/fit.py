@@ -11,7 +11,8 @@ with isotropic noise. The estimate is the posterior mean (regularised least squa
 where ``tau`` (mm^2, the noise variance relative to the prior) is chosen by K-fold cross-validation over the
 keypoints (the value with the smallest held-out prediction error). The residuals left at the keypoints are then
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
-a classical interpolator does. This follows the atlas approach of Miga et al. (Int J CARS 2016,
+a classical interpolator does; the spline's ridge is chosen by the same cross-validation, so noisy keypoints
+are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of Miga et al. (Int J CARS 2016,
 doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian prior on a reduced basis in place
 of their constrained member weights; for reporting, the members nearest the fit (in the prior's metric) are
 named with their modelling choices.
@@ -123,6 +124,69 @@ def member_weights(atlas: DeformationAtlas, coefficients: np.ndarray, top: int =
     return out
 
 
+#: Candidate ridges of the residual thin-plate spline (``tps``'s ``lam``; 0.1 is the ``tps`` interpolator's own),
+#: and ``None`` for no residual spline (the atlas fit alone).
+RESIDUAL_LAMS = (0.1, 1.0, 10.0, None)
+#: A smoother residual spline than ``tps``'s own is chosen only when it predicts held-out keypoints at least this
+#: much better (relative RMS error), so noiseless keypoints keep being honoured.
+RESIDUAL_MARGIN = 0.05
+
+
+def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, tau: float, *,
+                        lams=RESIDUAL_LAMS, n_folds: int = 5, seed: int = 0) -> tuple[float | None, dict]:
+    """Cross-validated smoothing of the residual spline (noisy keypoints should not be honoured exactly).
+
+    For each fold: the atlas coordinates are fitted to the other keypoints (regularisation ``tau``), a thin-plate
+    spline with ridge ``lam`` (``tps``'s normalised coordinates, :func:`brainshift.interpolate.tps.tps_fit`) is
+    fitted to their residuals, and both predict the held-out keypoints. The ridge with the smallest RMS error
+    wins if it beats ``lam = 0.1`` (the ``tps`` interpolator's own) by ``RESIDUAL_MARGIN`` and by more than
+    0.01 mm; otherwise 0.1.
+
+    Returns:
+        ``(lam or None for no residual spline, {str(lam): RMS held-out error mm})``; ``(0.1, {})`` with fewer
+        than 10 keypoints (folds too small for a spline).
+    """
+    from brainshift.errors import KeypointError
+    from brainshift.interpolate.tps import normalise_voxel_coords, tps_evaluate, tps_fit
+
+    p = np.asarray(points_vox, dtype=np.float64)
+    d = np.asarray(disps_vox, dtype=np.float64)
+    m = len(p)
+    default = lams[0]
+    if m < 10 or atlas.n_components == 0:
+        return default, {}
+    spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
+    mean, basis = atlas.sample(p)
+    s = atlas.prior_std_mm
+    bw = basis.reshape(3 * m, -1) * s[None, :]
+    r = (d * spacing - mean).reshape(-1)
+    rows = np.arange(3 * m).reshape(m, 3)
+    norm = normalise_voxel_coords(p, tuple(atlas.nodes.image_shape))
+    err = {lam: 0.0 for lam in lams}
+    for test in _folds(m, min(int(n_folds), m), seed):
+        train = np.setdiff1d(np.arange(m), test)
+        tr, te = rows[train].ravel(), rows[test].ravel()
+        z = _solve(bw[tr], r[tr], tau)
+        res_tr = (r[tr] - bw[tr] @ z).reshape(-1, 3)
+        res_te = (r[te] - bw[te] @ z).reshape(-1, 3)
+        for lam in lams:
+            if lam is None:
+                pred = 0.0
+            else:
+                try:
+                    w, a = tps_fit(norm[train], res_tr, lam)
+                except KeypointError:
+                    err[lam] = np.inf
+                    continue
+                pred = tps_evaluate(norm[test], norm[train], w, a)
+            err[lam] += float(((res_te - pred) ** 2).sum())
+    rms = {lam: float(np.sqrt(e / m)) for lam, e in err.items()}
+    best = min(rms, key=lambda k: rms[k])
+    better = rms[default] - rms[best]
+    chosen = best if better > RESIDUAL_MARGIN * rms[default] and better > 0.01 else default
+    return chosen, {("none" if k is None else f"{k:g}"): round(v, 4) for k, v in rms.items()}
+
+
 def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
                      taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
     """The atlas coordinates that fit the keypoints (module docstring), without making a field.
@@ -170,7 +234,7 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
     Used by the safeguards' cross-validation (:func:`brainshift.model.safeguards.safe_refine`), whose folds run
     on the network grid. The atlas fit (coefficients) is the same as on the preop grid; the atlas field is
     sampled at the other grid's voxel centres (zero outside the atlas's brain region) and the keypoint residuals
-    are interpolated by a thin-plate spline on that grid.
+    are interpolated by a thin-plate spline on that grid (its ridge chosen as in :func:`fit_atlas`).
 
     Args:
         atlas: the atlas.
@@ -183,7 +247,8 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
     """
     from brainshift.interpolate import interpolate
 
-    c, resid_mm, _ = fit_coefficients(atlas, points_vox, disps_vox, seed=seed)
+    c, resid_mm, info = fit_coefficients(atlas, points_vox, disps_vox, seed=seed)
+    lam, _ = choose_residual_lam(atlas, points_vox, disps_vox, info["tau_mm2"], seed=seed)
     a_full = np.asarray(atlas.affine, dtype=np.float64)
     a_t = np.asarray(affine, dtype=np.float64)
     t = np.linalg.inv(a_full) @ a_t  # target voxel -> preop voxel
@@ -202,7 +267,9 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
     field = (u_local @ to_t.T).T.reshape((3,) + tuple(shape)).astype(np.float32)
     tinv = np.linalg.inv(t)
     pts_t = np.asarray(points_vox, dtype=np.float64) @ tinv[:3, :3].T + tinv[:3, 3]
-    corr = interpolate("tps", pts_t, resid_mm @ to_t.T, tuple(shape), a_t)
+    if lam is None:
+        return field
+    corr = interpolate("tps", pts_t, resid_mm @ to_t.T, tuple(shape), a_t, lam=lam)
     return (field + np.asarray(corr, dtype=np.float32)).astype(np.float32)
 
 
@@ -219,7 +286,9 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
         n_folds: cross-validation folds over the keypoints.
         seed: seed of the folds.
         residual_method: interpolator of the residuals left at the keypoints (``tps``, ``linear``, ``tps3d``;
-            :func:`brainshift.interpolate.interpolate`), or ``"none"`` to return the atlas fit alone.
+            :func:`brainshift.interpolate.interpolate`), or ``"none"`` to return the atlas fit alone. For
+            ``tps`` without a ``lam`` option its ridge is chosen by cross-validation
+            (:func:`choose_residual_lam`: 0.1 as ``tps``, smoother, or no spline, for noisy keypoints).
         residual_options: options of that interpolator.
         affine: the grid's affine (for ``tps3d``); default: the atlas's.
 
@@ -235,6 +304,15 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     c, resid_mm, info = fit_coefficients(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed)
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
     atlas_field = atlas.nodes.rasterise(atlas.nodal(c), atlas.region)
+    options = dict(residual_options or {})
+    if residual_method == "tps" and "lam" not in options:
+        lam, lam_cv = choose_residual_lam(atlas, p, d, info["tau_mm2"], n_folds=n_folds, seed=seed)
+        info["residual_lam_cv_rmse_mm"] = lam_cv
+        if lam is None:
+            residual_method = "none"
+        else:
+            options["lam"] = lam
+        info["residual_lam"] = lam
     info = {**info, "member_weights": member_weights(atlas, c), "residual_method": residual_method}
     if residual_method == "none":
         return AtlasFit(field_vox=atlas_field, atlas_field_vox=atlas_field, coefficients=c, info=info)
@@ -243,6 +321,6 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     resid_vox = resid_mm / spacing
     shape = tuple(int(v) for v in atlas.nodes.image_shape)
     corr = interpolate(residual_method, p, resid_vox, shape, atlas.affine if affine is None else affine,
-                       **(residual_options or {}))
+                       **options)
     total = (atlas_field + np.asarray(corr, dtype=np.float32)).astype(np.float32)
     return AtlasFit(field_vox=total, atlas_field_vox=atlas_field, coefficients=c, info=info)
