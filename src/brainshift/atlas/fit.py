@@ -12,8 +12,8 @@ where ``tau`` (mm^2, the noise variance relative to the prior) is chosen by K-fo
 keypoints (the value with the smallest held-out prediction error). The residuals left at the keypoints are then
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
 a classical interpolator does; the spline's ridge is chosen by the same cross-validation, so noisy keypoints
-are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of Miga et al. (Int J CARS 2016,
-doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian prior on a reduced basis in place
+are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of
+Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian prior on a reduced basis in place
 of their constrained member weights; for reporting, the members nearest the fit (in the prior's metric) are
 named with their modelling choices.
 
