@@ -13,9 +13,9 @@ keypoints (the value with the smallest held-out prediction error). The residuals
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
 a classical interpolator does; the spline's ridge is chosen by the same cross-validation, so noisy keypoints
 are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of
-Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian prior on a reduced basis in place
-of their constrained member weights; for reporting, the members nearest the fit (in the prior's metric) are
-named with their modelling choices.
+Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian
+prior on a reduced basis in place of their constrained member weights; for reporting, the members nearest the
+fit (in the prior's metric) are named with their modelling choices.
 
 Convention: keypoints are continuous voxel indices ``(i, j, k)`` of the atlas's preop grid with displacements
 in voxel units; fields are float32 ``(3, I, J, K)``, forward Lagrangian, voxel units along ``i, j, k``. The
