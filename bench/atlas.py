@@ -47,16 +47,16 @@ METHODS = ("linear", "tps", "atlas", "safe-tps", "safe-atlas")
 SWEEP_METHODS = ("linear", "tps", "atlas", "safe-tps")
 
 
-def build_atlases(families: Path, atlases: Path, config_path: Path, workers: int | None) -> list[dict]:
+def build_atlases(families: Path, atlases: Path, config_path: Path, workers: int | None,
+                  n_subjects: int | None = None) -> list[dict]:
     from brainshift.simulate.atlas import build_atlas, read_atlas_config
     from brainshift.simulate.dataset import read_subject
 
     cfg = read_atlas_config(config_path)
     first = next(p for p in sorted(families.iterdir()) if (p / "subjects").is_dir())
     rows = []
-    for sdir in sorted((first / "subjects").iterdir()):
-        if not (sdir / "subject.json").is_file():
-            continue
+    sdirs = [d for d in sorted((first / "subjects").iterdir()) if (d / "subject.json").is_file()]
+    for sdir in sdirs[:n_subjects] if n_subjects else sdirs:
         sid = sdir.name
         folder = atlases / sid
         reused = (folder / "atlas.json").is_file()
@@ -304,7 +304,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/atlas")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-keypoints", type=int, default=20)
-    ap.add_argument("--cases", type=int, default=None, help="first N cases of each family")
+    ap.add_argument("--cases", type=int, default=None,
+                    help="first N cases of each family (and atlases of the first N subjects)")
     ap.add_argument("--sweep-cases", type=int, default=2, help="first N cases of each family for the sweep")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list among build,main,sweep,timing")
@@ -320,7 +321,7 @@ def main() -> None:
     families, atlases = Path(args.families), Path(args.atlases)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU"
     if "build" not in skip:
-        builds = build_atlases(families, atlases, Path(args.atlas_config), args.workers)
+        builds = build_atlases(families, atlases, Path(args.atlas_config), args.workers, args.cases)
         lines = [f"Atlases built with `{args.atlas_config}` on {machine} (build time from each atlas.json; "
                  "'reused' = built by an earlier run).\n",
                  "| subject | solves | members | components | retained energy | build s | reused | folder MB | "
