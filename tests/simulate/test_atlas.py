@@ -90,3 +90,13 @@ def test_build_resume_and_recover_a_member(tmp_path):
         return float(((f - truth) ** 2).sum(0)[region].mean())
 
     assert mse(fit.field_vox) < 0.1 * mse(tps)
+
+
+def test_a_folder_with_foreign_atlas_files_is_refused(tmp_path):
+    subj = ellipsoid_subject()
+    out = tmp_path / "atlas"
+    out.mkdir()
+    (out / "atlas.json").write_text("{}")  # a user's file of that name
+    with pytest.raises(BrainshiftError, match="empty or an atlas build"):
+        build_atlas(out, subj, CFG, n_workers=1, processes=False, progress=False)
+    assert (out / "atlas.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == ["atlas.json"]

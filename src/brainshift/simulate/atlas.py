@@ -312,8 +312,15 @@ class AtlasBuildReport:
 
 
 def _check_resume(folder: Path, record: dict) -> None:
+    from brainshift.atlas.basis import ATLAS_JSON, BASIS_FILE
+
     p = folder / BUILD_JSON
     if not p.is_file():
+        theirs = [n for n in (ATLAS_JSON, BASIS_FILE, MEMBERS_DIR) if (folder / n).exists()]
+        if theirs:
+            raise BrainshiftError(f"expected {folder} to be empty or an atlas build (with {BUILD_JSON}), got "
+                                  f"{', '.join(theirs)} without it; choose another -o (files brainshift did not "
+                                  f"write are never replaced)")
         return
     try:
         old = json.loads(p.read_text())
