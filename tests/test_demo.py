@@ -37,13 +37,17 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_rows_have_finite_metrics_and_beat_no_correction(quick_run):
     out, rows = quick_run
     by = {r["method"]: r for r in rows}
-    assert list(by) == ["none", "linear", "tps"]
-    for method in ("linear", "tps"):
-        for m in METRICS:
+    assert list(by) == ["none", "linear", "tps", "atlas"]
+    for method in ("linear", "tps", "atlas"):
+        for m in (*METRICS, "kp_residual_mm"):
             assert math.isfinite(by[method][m]), (method, m)
         assert by[method]["n_keypoints"] == 20 and by[method]["n_heldout"] >= 20
         # interpolating 20 exact keypoints must beat leaving the tissue where it was
         assert by[method]["mse_mm2"] < by["none"]["mse_mm2"]
+    # the 'none' residual is the keypoints' own mean displacement; linear interpolation honours them exactly and
+    # the atlas (fit + spline of its residuals) nearly: the analytic sag field is no member of the atlas
+    assert by["none"]["kp_residual_mm"] > 0.2
+    assert by["linear"]["kp_residual_mm"] < 0.05 and by["atlas"]["kp_residual_mm"] < 0.3 * by["none"]["kp_residual_mm"]
     # the zero field's error is the ground truth itself: MSE = mean |u_gt|^2 > 0, no folding
     assert by["none"]["mse_mm2"] > 0 and by["none"]["pct_jacobian_nonpositive"] == 0.0
 
@@ -79,7 +83,7 @@ def test_quick_demo_writes_report_fields_images_and_keypoints(quick_run):
     lin, _ = read_field(out / "field_linear.h5")
     np.testing.assert_allclose(trilinear_sample(lin, pts), disps, atol=0.05)
     saved = json.loads((out / "metrics.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == ["none", "linear", "tps"]
+    assert [r["method"] for r in saved["rows"]] == ["none", "linear", "tps", "atlas"]
     assert saved["rows"][1]["mse_mm2"] == pytest.approx(rows[1]["mse_mm2"])
     assert not list(out.glob(".*"))  # no temporary files left
 
@@ -88,20 +92,27 @@ def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path, tiny_defau
     # the fast-small architecture on the quick case's own 3 mm grid, given explicitly
     rows = run_demo(tmp_path / "out", seed=2, quick=True, weights=tiny_default_weights, verbose=False)
     by = {r["method"]: r for r in rows}
-    assert list(by) == ["none", "linear", "tps", "net-linear", "net-tps"]
-    for method in ("net-linear", "net-tps"):
-        for m in METRICS:
+    assert list(by) == ["none", "linear", "tps", "atlas", "net-linear", "net-tps", "net-atlas"]
+    for method in ("net-linear", "net-tps", "net-atlas"):
+        for m in (*METRICS, "kp_residual_mm"):
             assert math.isfinite(by[method][m]), (method, m)
-        # a refined method's time includes its initial interpolation
+        # a refined method's time includes its initial interpolation (or atlas fit)
         assert by[method]["time_s"] >= by[method.removeprefix("net-")]["time_s"]
+        # under the safeguards the refined field honours the keypoints (a spline of the residuals)
+        assert by[method]["kp_residual_mm"] < 0.3 * by["none"]["kp_residual_mm"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["methods"] == list(by) and summary["metrics"]["net-atlas"]["mse_mm2"] == pytest.approx(
+        by["net-atlas"]["mse_mm2"])
     report = (tmp_path / "out" / "report.html").read_text()
     assert NO_MODEL_NOTE not in report
     assert "<td>net-tps</td>" in report
     # the refined methods run under the safeguards: the report shows their uncertainty map beside the error
     assert (tmp_path / "out" / FIGURES["uncertainty"]).stat().st_size > 1000
     assert f'src="{FIGURES["uncertainty"]}"' in report
-    net, _ = read_field(tmp_path / "out" / "field_net-linear.h5")
-    assert np.isfinite(net).all()
+    assert "<td>net-atlas</td>" in report
+    for name in ("net-linear", "net-atlas"):
+        net, _ = read_field(tmp_path / "out" / f"field_{name}.h5")
+        assert np.isfinite(net).all()
 
 
 def test_demo_missing_weights_is_an_error(tmp_path):
@@ -111,15 +122,17 @@ def test_demo_missing_weights_is_an_error(tmp_path):
 
 
 def test_demo_uses_the_default_model_without_weights_option(tmp_path, tiny_default_weights):
-    rows = run_demo(tmp_path / "out", seed=2, quick=True, verbose=False)
+    rows = run_demo(tmp_path / "out", seed=2, quick=True, verbose=False, atlas=False)
     assert [r["method"] for r in rows] == ["none", "linear", "tps", "net-linear", "net-tps"]
+    assert not (tmp_path / "out" / "atlas").exists()
     assert NO_MODEL_NOTE not in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_demo_cli_quick_prints_table_and_note(tmp_path, no_default_weights):
-    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "o"), "--seed", "3"])
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "o"), "--seed", "3", "--no-atlas"])
     assert res.exit_code == 0, res.output
     assert "MSE mm^2" in res.output and "linear" in res.output and "tps" in res.output
+    assert "kp res mm" in res.output and "atlas" not in res.output  # --no-atlas: no atlas built, no atlas rows
     assert NO_MODEL_NOTE in res.output
     assert (tmp_path / "o" / "report.html").is_file()
     bad = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "p"), "--weights",
@@ -143,9 +156,10 @@ def test_analytic_sag_field_peak_and_direction():
 def test_format_table_lists_every_row():
     row = {"method": "linear", "mse_mm2": 1.0, "mae_mm": 0.5, "p95_mm": 2.0, "tre_mm": 0.7,
            "pct_jacobian_nonpositive": 0.0, "time_s": 0.25}
-    text = format_table([row, {**row, "method": "net-linear"}])
+    text = format_table([row, {**row, "method": "net-linear", "kp_residual_mm": 0.125}])
     assert text.splitlines()[2].split()[:2] == ["linear", "1.000"]
-    assert text.splitlines()[3].startswith("net-linear")
+    assert text.splitlines()[2].split()[-2] == "-"  # no keypoint residual in that row
+    assert text.splitlines()[3].startswith("net-linear") and text.splitlines()[3].split()[-2] == "0.125"
 
 
 @pytest.mark.slow
@@ -189,8 +203,9 @@ def test_demo_outputs_are_one_set_with_a_manifest(quick_run, tmp_path):
 
     out, _ = quick_run
     listed = set(json.loads((out / "summary.json").read_text())["outputs"])
-    on_disk = {p.name for p in out.iterdir() if p.is_file()}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert listed == on_disk and "report.html" in listed
+    assert {"atlas/atlas.json", "atlas/basis.npz", "atlas/build.json"} <= listed  # the atlas is part of the set
     assert not [p for p in out.iterdir() if p.name.startswith(".brainshift-staging")]
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -198,3 +213,28 @@ def test_demo_outputs_are_one_set_with_a_manifest(quick_run, tmp_path):
     with pytest.raises(BrainshiftError, match="did not write"):
         run_demo(mine, seed=1, quick=True, verbose=False)
     assert [p.name for p in mine.iterdir()] == ["report.html"] and (mine / "report.html").read_text() == "my notes"
+
+
+def test_quick_demo_builds_the_atlas_and_lists_the_atlas_methods(quick_run):
+    """The atlas is built into the output set (as ``brainshift atlas`` makes it, less the reduced member files),
+    fitted to the demo's keypoints (its record in summary.json and metrics.json) and shown in the report."""
+    from brainshift.atlas import load_atlas
+
+    out, rows = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"] == ["none", "linear", "tps", "atlas"]
+    assert summary["metrics"]["atlas"]["mse_mm2"] == pytest.approx(rows[3]["mse_mm2"])
+    assert summary["atlas"]["folder"] == "atlas" and summary["atlas"]["n_solves"] == 6  # QUICK_ATLAS_CONFIG
+    assert summary["atlas"]["n_members"] == 6 * 2 * 3  # with/without resection x 3 stiffnesses
+    fit = summary["atlas_fit"]
+    assert fit["n_keypoints"] == 20 and fit["tau_mm2"] > 0 and fit["member_weights"]
+    assert json.loads((out / "metrics.json").read_text())["atlas_fit"] == fit
+    preop = read_image(out / "preop_t1.nii.gz")
+    atlas = load_atlas(out / "atlas")
+    atlas.check_image(preop.shape, preop.affine, preop.data)  # built on the demo's own preop image
+    assert atlas.n_components == summary["atlas"]["n_components"] and not (out / "atlas" / "members").exists()
+    field, _ = read_field(out / "field_atlas.h5", reference=preop)
+    assert np.isfinite(field).all() and np.abs(field).max() > 0.1
+    report = (out / "report.html").read_text()
+    assert "<td>atlas</td>" in report and "atlas fit" in report and "keypoint residual (mm)" in report
+

@@ -15,15 +15,22 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    (:func:`brainshift.keypoints.detect_keypoints`); ``n_keypoints`` (20, as published) of them drive the
    interpolation, their displacements sampled trilinearly from the ground truth; all other detected
    keypoints are held-out targets for the TRE (:func:`brainshift.evaluate.run.draw_case_keypoints`).
-4. **Methods.** Delaunay-linear and thin-plate-spline interpolation (:func:`brainshift.interpolate.
-   interpolate`) through :func:`brainshift.compensate.compensate` (:func:`run_methods`); when a trained model
-   exists (``weights`` or the shipped default, :func:`brainshift.resources.resolve_weights`) each is refined by
-   the network (``net-linear``, ``net-tps``). Without weights the demo says so and shows the classical methods
-   only.
-5. **Metrics** (:func:`brainshift.evaluate.metrics.score_field`, as in ``brainshift evaluate``): MSE, mean and
+4. **Atlas** (``atlas=True``, the default): the subject's deformation atlas
+   (:func:`brainshift.simulate.atlas.build_atlas`, as ``brainshift atlas`` builds it) from the preop image and
+   masks alone, with the light config ``configs/atlas_demo.yaml`` (:data:`DEMO_ATLAS_CONFIG`; the quick case
+   uses :data:`QUICK_ATLAS_CONFIG`), written to ``atlas/`` in the output folder.
+5. **Methods.** Delaunay-linear and thin-plate-spline interpolation (:func:`brainshift.interpolate.
+   interpolate`) and the atlas fitted to the keypoints (``atlas``: :func:`brainshift.atlas.fit.fit_atlas`, a
+   Gaussian-prior fit plus a thin-plate spline of the residuals) through :func:`brainshift.compensate.compensate`
+   (:func:`run_methods`); when a trained model exists (``weights`` or the shipped default,
+   :func:`brainshift.resources.resolve_weights`) each is refined by the network under the safeguards
+   (``net-linear``, ``net-tps``, ``net-atlas``). Without weights the demo says so and shows the classical methods
+   and the atlas only.
+6. **Metrics** (:func:`brainshift.evaluate.metrics.score_field`, as in ``brainshift evaluate``): MSE, mean and
    95th-percentile error (mm) over brain minus the resection cavity, TRE at the held-out keypoints,
-   % det J <= 0, time per method; a ``none`` row (zero field) shows how far the tissue moved.
-6. **Outputs** in ``out_dir`` (every file written atomically): ``preop_t1.nii.gz``, masks
+   % det J <= 0, the mean keypoint residual (mm: how far each field is from the driving keypoints' own
+   displacements), time per method; a ``none`` row (zero field) shows how far the tissue moved.
+7. **Outputs** in ``out_dir`` (every file written atomically): ``preop_t1.nii.gz``, masks
    (``brain_mask``, ``tumour_mask``, ``cavity_mask`` ``.nii.gz``), ``field_ground_truth`` and
    ``field_<method>`` as ITK ``.h5`` and NIfTI ``.nii.gz`` (see the README for what they mean),
    ``intraop_t1_ground_truth.nii.gz`` (the synthetic intraoperative image: the preop image with the cavity
@@ -32,13 +39,16 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    with ``brainshift register``), ``preop_t1_warped_<best>.nii.gz`` (the preop image warped into
    intraop space by the method with the lowest MSE; both warps pull through an inverse computed on a grid
    subsampled by 2, :func:`brainshift.io.fields.coarse_inverse_field`), ``keypoints.csv`` and ``heldout_keypoints.csv``
-   (voxel frame, ``x,y,z,dx,dy,dz``), ``metrics.csv``, ``metrics.json`` and ``report.html`` with its figures
+   (voxel frame, ``x,y,z,dx,dy,dz``), ``atlas/`` (the deformation atlas: ``atlas.json``, ``basis.npz``,
+   ``build.json``; ``brainshift infer -m atlas --atlas`` reads it; the solves' member files are dropped once
+   reduced), ``metrics.csv``, ``metrics.json`` (with the atlas fit's record) and ``report.html`` with its figures
    (:func:`brainshift.evaluate.case_report.write_case_report`); ``brainshift demo`` prints the metrics table.
 
 ``quick=True`` replaces steps 1-2 by a small case for tests (seconds): the template resampled to
 :data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
 (:func:`brainshift.simulate.analytic.analytic_sag_field`, zero outside the brain; the cavity is the tumour)
-instead of the simulation.
+instead of the simulation; its atlas (:data:`QUICK_ATLAS_CONFIG`, 6 solves at 6 mm on the 3 mm grid, one
+in-process worker) takes 20-80 s depending on the machine's load, and the analytic field is no member of it.
 
 Convention: every field is float32 ``(3, I, J, K)`` on the subject's grid, forward Lagrangian (preop voxel
 ``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``.
@@ -70,6 +80,13 @@ DEMO_RESOLUTION_MM = 3.0
 QUICK_SPACING_MM = 3.0
 #: Classical methods of the demo (each is refined as ``net-<name>`` when a model is available).
 DEMO_METHODS = ("linear", "tps")
+#: Shipped atlas config of the demo (``configs/atlas_demo.yaml``: 16 solves at 5 mm; see the file for its time).
+DEMO_ATLAS_CONFIG = "atlas_demo"
+#: Atlas of the quick test case: 1 contact model x 2 drainage levels x 3 gravity directions at 6 mm.
+QUICK_ATLAS_CONFIG = {"resolution_mm": 6.0, "contact_models": ["unilateral"], "drainage_fractions": [0.2, 0.5],
+                      "n_ring_directions": 2}
+#: Sub-folder of the demo output holding the atlas.
+ATLAS_DIR = "atlas"
 #: Fewest held-out TRE targets; random brain voxels are added to the detected keypoints if there are fewer.
 MIN_HELDOUT = 20
 NO_MODEL_NOTE = "no trained model shipped yet; classical methods only"
@@ -228,17 +245,22 @@ def score(field_vox: np.ndarray, case: DemoCase, kp: CaseKeypoints) -> dict:
 
 
 def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu", timer=None,
-                progress: bool = False, uncertainty: dict | None = None) -> tuple[dict[str, np.ndarray],
-                                                                               dict[str, float]]:
+                progress: bool = False, uncertainty: dict | None = None, atlas=None,
+                atlas_fit: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every demo method's field and time: :data:`DEMO_METHODS` by :func:`brainshift.compensate.compensate`,
-    each refined as ``net-<name>`` when ``loaded`` is a network (its time includes the interpolation), under
-    the safeguards as ``infer`` runs it.
+    ``atlas`` when an atlas is given, each refined as ``net-<name>`` when ``loaded`` is a network (its time
+    includes the interpolation or atlas fit), under the safeguards as ``infer`` runs it.
 
     Args:
         uncertainty: if a dict, filled with ``net-<name>`` -> ``(I, J, K)`` uncertainty map (mm).
+        atlas: the subject's :class:`~brainshift.atlas.basis.DeformationAtlas` (None: no atlas methods). One
+            :func:`~brainshift.compensate.compensate` call gives ``atlas`` and, with a network, ``net-atlas``
+            (whose safeguards re-fit the atlas without each fold's keypoints).
+        atlas_fit: if a dict, filled with the atlas fit's record (:attr:`brainshift.compensate.Result.atlas_fit`).
 
     Returns:
-        ``(fields, times_s)`` keyed by method name, classical methods first.
+        ``(fields, times_s)`` keyed by method name: the classical methods and ``atlas`` first, then the refined
+        ones (``net-linear``, ``net-tps``, ``net-atlas``).
 
     Convention: fields float32 ``(3, I, J, K)``, forward Lagrangian, voxel units on the case's grid.
     """
@@ -248,22 +270,87 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
     timer = timer or StepTimer(verbose=False)
     image = case.subject.image
     brain = case.subject.brain_mask.data > 0
+    keypoints = (kp.points_vox, kp.disps_vox)
     results = {}
     for method in DEMO_METHODS:
         with timer.step(f"interpolate ({method})"):
-            results[method] = compensate(image, keypoints=(kp.points_vox, kp.disps_vox), method=method)
+            results[method] = compensate(image, keypoints=keypoints, method=method)
     fields = {m: r.initial_field for m, r in results.items()}
     times = {m: r.timings_s[f"interpolate ({m})"] for m, r in results.items()}
+    refined: dict[str, np.ndarray] = {}
+    if atlas is not None:
+        step = "fit the atlas" + (" and refine it with the network" if loaded is not None else "")
+        with timer.step(step):
+            res = compensate(image, keypoints=keypoints, method="atlas", atlas=atlas, model=loaded, mask=brain,
+                             device=device, progress=progress)
+        fields["atlas"] = res.initial_field
+        times["atlas"] = res.timings_s["interpolate (atlas)"]
+        if atlas_fit is not None:
+            atlas_fit.update(res.atlas_fit or {})
+        if res.refined_field is not None:
+            refined["net-atlas"] = res.refined_field
+            times["net-atlas"] = times["atlas"] + res.timings_s["refine with the network"]
+            if uncertainty is not None and res.uncertainty is not None:
+                uncertainty["net-atlas"] = res.uncertainty
     if loaded is not None:
         for method in DEMO_METHODS:
             with timer.step(f"refine {method} with the network"):
-                res = compensate(image, initial_field=fields[method], keypoints=(kp.points_vox, kp.disps_vox),
+                res = compensate(image, initial_field=fields[method], keypoints=keypoints,
                                  model=loaded, mask=brain, device=device, progress=progress)
             fields[f"net-{method}"] = res.refined_field
             if uncertainty is not None and res.uncertainty is not None:
                 uncertainty[f"net-{method}"] = res.uncertainty
             times[f"net-{method}"] = times[method] + res.timings_s["refine with the network"]
+    fields.update(refined)  # net-atlas after net-linear and net-tps
     return fields, times
+
+
+def load_demo_atlas_config(atlas_config=None, *, quick: bool = False):
+    """The :class:`~brainshift.simulate.atlas.AtlasConfig` of the demo's atlas.
+
+    Args:
+        atlas_config: an ``AtlasConfig``, a YAML/JSON file (:func:`~brainshift.simulate.atlas.read_atlas_config`)
+            or None: :data:`QUICK_ATLAS_CONFIG` with ``quick``, else the shipped :data:`DEMO_ATLAS_CONFIG`.
+
+    Raises:
+        InputFileError: an unreadable file. BrainshiftError: invalid keys.
+    """
+    from brainshift.simulate.atlas import AtlasConfig, read_atlas_config
+
+    if isinstance(atlas_config, AtlasConfig):
+        return atlas_config
+    if atlas_config is not None:
+        return read_atlas_config(atlas_config)
+    if quick:
+        return AtlasConfig.from_dict(QUICK_ATLAS_CONFIG)
+    from brainshift.resources import config_path
+
+    return read_atlas_config(config_path(DEMO_ATLAS_CONFIG))
+
+
+def build_demo_atlas(folder: Path, case: DemoCase, config, *, quick: bool = False, progress: bool = False):
+    """Build the subject's deformation atlas into ``folder`` (:func:`brainshift.simulate.atlas.build_atlas`) and
+    load it; the solves' member files (``members/``, already reduced into the basis) are removed.
+
+    The quick case solves in one in-process worker (no process start-up); the full demo in a ``LocalCluster``
+    with a worker process per core.
+
+    Returns:
+        ``(atlas, report)``: the loaded :class:`~brainshift.atlas.basis.DeformationAtlas` and the
+        :class:`~brainshift.simulate.atlas.AtlasBuildReport`.
+
+    Raises:
+        BrainshiftError: failed solves, a bad config. GeometryError: from the masks.
+    """
+    import shutil
+
+    from brainshift.atlas.basis import load_atlas
+    from brainshift.simulate.atlas import MEMBERS_DIR, build_atlas
+
+    kw = {"n_workers": 1, "processes": False} if quick else {}
+    report = build_atlas(folder, case.subject, config, progress=progress, **kw)
+    shutil.rmtree(folder / MEMBERS_DIR, ignore_errors=True)
+    return load_atlas(folder), report
 
 
 def write_case_files(out: Path, case: DemoCase, kp: CaseKeypoints, fields: dict[str, np.ndarray], best: str,
@@ -326,42 +413,53 @@ def write_case_files(out: Path, case: DemoCase, kp: CaseKeypoints, fields: dict[
 
 def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str | Path | None = None,
              n_keypoints: int = 20, quick: bool = False, resolution_mm: float = DEMO_RESOLUTION_MM,
-             device: str = "cpu", verbose: bool = True) -> list[dict]:
+             device: str = "cpu", verbose: bool = True, atlas: bool = True,
+             atlas_config: str | Path | None = None) -> list[dict]:
     """Run the demo (module docstring) and return one metrics row per method.
 
     Every file is written into a staging folder inside ``out_dir`` and moved into place at the end with a
     ``summary.json`` manifest (:class:`brainshift.io.output_set.OutputSet`): a failed run leaves ``out_dir`` as
-    it was, and a re-run replaces only the files an earlier run listed.
+    it was, and a re-run replaces only the files an earlier run listed. The atlas is built straight into the
+    staging folder (``atlas/``), so it is part of that set.
 
     Args:
         out_dir: output folder (created).
         seed: seed of the tumour, the simulation's draws and the keypoint draw.
         weights: network weights (our ``.safetensors`` or a published checkpoint); default: the shipped model
-            (:func:`brainshift.resources.resolve_weights`), otherwise classical methods only.
+            (:func:`brainshift.resources.resolve_weights`), otherwise classical methods (and the atlas) only.
         n_keypoints: driving keypoints (20 as published).
         quick: the small test case (:func:`make_quick_case`) instead of the simulated MNI152 case.
         resolution_mm: element edge (mm) of the simulation.
         device: torch device of the network (``auto``, ``cpu``, ``cuda``).
         verbose: report the steps and where the outputs are on stderr (:class:`brainshift.progress.StepTimer`).
+        atlas: build the subject's deformation atlas and add the methods ``atlas`` (and ``net-atlas`` with a
+            model).
+        atlas_config: the atlas's config file (:func:`load_demo_atlas_config`; default: the shipped
+            ``atlas_demo``, or :data:`QUICK_ATLAS_CONFIG` with ``quick``).
 
     Returns:
-        Rows (dicts) for ``none``, ``linear``, ``tps`` and, with a model, ``net-linear`` and ``net-tps``, with
-        ``method``, the keys of :data:`brainshift.evaluate.metrics.SCORE_KEYS`, ``time_s``, ``n_keypoints``,
-        ``n_heldout``.
+        Rows (dicts) for ``none``, ``linear``, ``tps``, ``atlas`` (with ``atlas``) and, with a model,
+        ``net-linear``, ``net-tps`` and ``net-atlas``, with ``method``, the keys of
+        :data:`brainshift.evaluate.metrics.SCORE_KEYS`, ``kp_residual_mm`` (mean distance, mm, between a field at
+        the driving keypoints and their displacements), ``time_s``, ``n_keypoints``, ``n_heldout``.
 
     Raises:
-        InputFileError: ``weights`` given but missing or unreadable.
-        BrainshiftError: from the simulation, the keypoints or a bad device.
+        InputFileError: ``weights`` or ``atlas_config`` given but missing or unreadable.
+        BrainshiftError: from the simulation, the atlas build, the keypoints or a bad device.
     """
+    from brainshift.evaluate.metrics import tre_mm
     from brainshift.io.output_set import OutputSet
     from brainshift.progress import StepTimer
     from brainshift.resources import resolve_weights
+    from brainshift.simulate.atlas import BUILD_JSON
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     # an output folder we may not write into (a user's file at one of the fixed names) is refused before the work;
     # the commit checks every name again
-    OutputSet(out, ("report.html", "metrics.csv", "metrics.json", "preop_t1.nii.gz", "keypoints.csv"))
+    atlas_names = tuple(f"{ATLAS_DIR}/{n}" for n in ("atlas.json", "basis.npz", BUILD_JSON)) if atlas else ()
+    OutputSet(out, ("report.html", "metrics.csv", "metrics.json", "preop_t1.nii.gz", "keypoints.csv", *atlas_names))
+    atlas_cfg = load_demo_atlas_config(atlas_config, quick=quick) if atlas else None
     timer = StepTimer(verbose=verbose)
     weights_path = resolve_weights(weights)
     title = "brainshift demo: " + ("quick test case" if quick else "the MNI152 brain with a simulated tumour case")
@@ -384,29 +482,57 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         kp, n_detected = demo_keypoints(case, seed=seed, n_keypoints=n_keypoints)
     timer.note(f"  {n_detected} keypoints detected in brain minus tumour: {len(kp.points_vox)} drive the "
                f"interpolation, {len(kp.heldout_points_vox)} are held-out TRE targets")
-    unc: dict[str, np.ndarray] = {}
-    fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose, uncertainty=unc)
-    with timer.step("metrics"):
-        rows = [{"method": method, **score(fld, case, kp), "time_s": float(times.get(method, 0.0)),
-                 "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))}
-                for method, fld in [("none", np.zeros_like(case.field_vox)), *fields.items()]]
-    best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
     with OutputSet(out) as outputs:
+        atlas_obj, atlas_record, fit = None, None, {}
+        if atlas_cfg is not None:
+            with timer.step(f"build the deformation atlas ({atlas_cfg.resolution_mm:g} mm elements)"):
+                atlas_obj, report = build_demo_atlas(outputs.staging / ATLAS_DIR, case, atlas_cfg, quick=quick,
+                                                     progress=verbose)
+            timer.note("  " + report.summary().replace(str(report.folder), str(out / ATLAS_DIR)))
+            atlas_record = {"folder": ATLAS_DIR, "n_solves": len(report.solved) + len(report.skipped),
+                            "n_members": report.n_members, "n_components": report.n_components,
+                            "retained_energy": round(float(report.retained_energy), 6),
+                            "build_s": round(float(report.wall_s), 1), "config": atlas_cfg.to_dict()}
+        unc: dict[str, np.ndarray] = {}
+        fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose, uncertainty=unc,
+                                    atlas=atlas_obj, atlas_fit=fit)
+        affine = case.subject.image.affine
+        with timer.step("metrics"):
+            rows = [{"method": method, **score(fld, case, kp),
+                     "kp_residual_mm": float(tre_mm(fld, kp.points_vox, kp.disps_vox, affine).mean()),
+                     "time_s": float(times.get(method, 0.0)),
+                     "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox))}
+                    for method, fld in [("none", np.zeros_like(case.field_vox)), *fields.items()]]
+        best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
         info = _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, title=title, seed=seed,
-                                   quick=quick, n_detected=n_detected, weights_path=weights_path, t_start=t_start)
-    report = out / "report.html"
+                                   quick=quick, n_detected=n_detected, weights_path=weights_path, t_start=t_start,
+                                   atlas_record=atlas_record, atlas_fit=fit or None)
+    report_path = out / "report.html"
     gt_max, gt_median = info["ground-truth displacement max / median (mm)"]
     timer.note(f"\nground-truth displacement: max {gt_max:.2f} mm, median {gt_median:.2f} mm (brain minus cavity); "
                f"lowest MSE: {best}")
     if loaded is None:
         timer.note(f"NOTE: {NO_MODEL_NOTE}")
-    n_files = sum(1 for p in out.iterdir() if p.is_file())
-    timer.note(f"report: {report}\nall outputs in {out}/ ({n_files} files); total {info['total time (s)']:.1f} s")
+    n_files = sum(1 for p in out.rglob("*") if p.is_file())
+    timer.note(f"report: {report_path}\nall outputs in {out}/ ({n_files} files); total {info['total time (s)']:.1f} s")
     return rows
 
 
+def _json_safe(obj):
+    """``obj`` with non-finite floats replaced by None (``summary.json`` is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, title, seed, quick, n_detected,
-                        weights_path, t_start):
+                        weights_path, t_start, atlas_record=None, atlas_fit=None):
     """Write every demo file into ``outputs``' staging folder and commit the set (see :func:`run_demo`); returns
     the case information of the report (with the step and total times)."""
     from brainshift.evaluate.case_report import write_case_report
@@ -415,8 +541,11 @@ def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, ti
 
     out = outputs.staging
     files, images = write_case_files(out, case, kp, fields, best, timer)
+    if atlas_record is not None:
+        files.append((f"{ATLAS_DIR}/atlas.json", "the subject's deformation atlas (with basis.npz and build.json "
+                      f"in {ATLAS_DIR}/): brainshift infer -m atlas --atlas {outputs.out / ATLAS_DIR}"))
     info = demo_info(case, kp, title=title, seed=seed, quick=quick, best=best, n_detected=n_detected,
-                     weights_path=weights_path, files=files)
+                     weights_path=weights_path, files=files, atlas_record=atlas_record, atlas_fit=atlas_fit)
     masks = {"brain": case.subject.brain_mask.data > 0, "tumour": case.subject.tumour_mask.data > 0,
              "cavity": case.cavity_mask.data > 0}
     with timer.step("report and figures"):
@@ -429,17 +558,25 @@ def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, ti
     info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
     info["total time (s)"] = total
     with atomic_output(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "info": info}, indent=2, default=str))
+        tmp.write_text(json.dumps({"rows": rows, "info": info, "atlas": atlas_record, "atlas_fit": atlas_fit},
+                                  indent=2, default=str))
+    summary_keys = ("mse_mm2", "tre_mm", "pct_jacobian_nonpositive", "kp_residual_mm", "time_s")
     with timer.step("move the outputs into place"):
-        outputs.adopt_staged()
-        outputs.commit({"command": "brainshift demo", "seed": int(seed), "quick": bool(quick),
-                        "best_method": best, "report": report.name})
+        outputs.adopt_staged(recursive=True)
+        outputs.commit(_json_safe({
+            "command": "brainshift demo", "seed": int(seed), "quick": bool(quick), "best_method": best,
+            "report": report.name, "methods": [r["method"] for r in rows],
+            "metrics": {r["method"]: {k: r[k] for k in summary_keys} for r in rows},
+            "atlas": atlas_record, "atlas_fit": atlas_fit}))
     return info
 
 
 def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick: bool, best: str,
-              n_detected: int, weights_path: Path | None, files: list[tuple[str, str]]) -> dict:
-    """The case information shown in the report and saved in ``metrics.json`` (JSON-serialisable)."""
+              n_detected: int, weights_path: Path | None, files: list[tuple[str, str]],
+              atlas_record: dict | None = None, atlas_fit: dict | None = None) -> dict:
+    """The case information shown in the report and saved in ``metrics.json`` (JSON-serialisable); with an atlas,
+    one line on how it was built (``atlas_record``) and one on its fit (``atlas_fit``,
+    :attr:`brainshift.compensate.Result.atlas_fit`)."""
     from brainshift.evaluate.metrics import evaluation_region
 
     image, gt = case.subject.image, case.field_vox
@@ -460,16 +597,43 @@ def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick
         "ground-truth displacement max / median (mm)": [float(gt_mag.max()), float(np.median(gt_mag))],
         "keypoints detected / driving / held-out": [n_detected, len(kp.points_vox), len(kp.heldout_points_vox)],
         "model": str(weights_path) if weights_path is not None else "none",
+        **_atlas_info(atlas_record, atlas_fit),
         "files": files,
     }
 
 
+def _atlas_info(record: dict | None, fit: dict | None) -> dict:
+    """Report lines on the demo's atlas: its build and its fit to the keypoints (empty without an atlas)."""
+    if record is None:
+        return {}
+    cfg = record["config"]
+    out = {"atlas": f"{record['n_solves']} solves at {cfg['resolution_mm']:g} mm (contact "
+                    f"{', '.join(cfg['contact_models'])}; drainage "
+                    f"{', '.join(f'{v:g}' for v in cfg['drainage_fractions'])}; gravity: the approach and "
+                    f"{cfg['n_ring_directions']} directions tilted {cfg['gravity_cone_deg']:g} deg), "
+                    f"{record['n_members']} members -> {record['n_components']} components "
+                    f"({100 * record['retained_energy']:.2f} % of the variance), built in {record['build_s']:.0f} s"}
+    if fit:
+        res = fit.get("fit_residual_mm", {})
+        top = (fit.get("member_weights") or [{}])[0]
+        closest = ", ".join(f"{k} {v}" for k, v in top.items() if k in ("contact_model", "drainage_fraction",
+                                                                       "gravity_tilt_deg", "resection",
+                                                                       "shear_modulus_pa"))
+        out["atlas fit"] = (f"prior weight tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by "
+                            f"cross-validation; residual at the keypoints before the spline: mean "
+                            f"{res.get('mean', float('nan')):.2f} mm, max {res.get('max', float('nan')):.2f} mm"
+                            + (f"; closest member: {closest}" if closest else ""))
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of demo metrics rows (MSE, mean / P95 error, TRE, % det J <= 0, time)."""
+    """A fixed-width text table of demo metrics rows (MSE, mean / P95 error, TRE, % det J <= 0, mean keypoint
+    residual, time); a row without ``kp_residual_mm`` shows ``-`` there."""
     head = (f"{'method':<11} {'MSE mm^2':>9} {'mean mm':>8} {'p95 mm':>7} {'TRE mm':>7} {'detJ<=0 %':>9} "
-            f"{'time s':>7}")
+            f"{'kp res mm':>9} {'time s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        kp_res = f"{r['kp_residual_mm']:>9.3f}" if "kp_residual_mm" in r else f"{'-':>9}"
         lines.append(f"{r['method']:<11} {r['mse_mm2']:>9.3f} {r['mae_mm']:>8.3f} {r['p95_mm']:>7.3f} "
-                     f"{r['tre_mm']:>7.3f} {r['pct_jacobian_nonpositive']:>9.4f} {r['time_s']:>7.3f}")
+                     f"{r['tre_mm']:>7.3f} {r['pct_jacobian_nonpositive']:>9.4f} {kp_res} {r['time_s']:>7.3f}")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ TABLE_COLUMNS = {
     "tre_max_mm": "TRE max (mm)",
     "pct_jacobian_nonpositive": "det J &le; 0 (%)",
     "std_log_jac": "std log det J",
+    "kp_residual_mm": "keypoint residual (mm)",
     "time_s": "time (s)",
 }
 #: Columns where lower is better (the best method's cell is marked).
@@ -533,8 +534,10 @@ def _html_page(info: Mapping, rows: Sequence[Mapping], figs: list[str]) -> str:
         parts.append(f"<p>{html.escape(str(info['summary']))}</p>")
     parts += ["<h2>Metrics</h2>", metrics_table_html(rows),
               "<p>MSE, mean and P95 error: Euclidean error in world mm over brain minus cavity; TRE at the held-out "
-              "keypoints; det J &le; 0: percentage of folded voxels over brain minus cavity; time: interpolation "
-              "(and refinement) wall time. The lowest error per column is highlighted.</p>",
+              "keypoints; det J &le; 0: percentage of folded voxels over brain minus cavity; keypoint residual: mean "
+              "distance between a field at the driving keypoints and their displacements (0 for a method that "
+              "honours them); time: interpolation (or atlas fit, and refinement) wall time. The lowest error per "
+              "column is highlighted.</p>",
               "<h2>Figures</h2>", '<div id="img-status">images not checked yet</div>', *figs]
     case_table = _info_html(info)
     if case_table:
