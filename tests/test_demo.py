@@ -138,6 +138,11 @@ def test_demo_cli_quick_prints_table_and_note(tmp_path, no_default_weights):
     bad = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "p"), "--weights",
                                    str(tmp_path / "nope.safetensors")])
     assert bad.exit_code == 2 and "not found" in bad.output
+    # an unreadable atlas config is refused before any work, in one line
+    bad = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "q"), "--atlas-config",
+                                   str(tmp_path / "nope.yaml")])
+    assert bad.exit_code == 2 and bad.output.startswith("error: expected a readable atlas config file")
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
 
 
 def test_analytic_sag_field_peak_and_direction():

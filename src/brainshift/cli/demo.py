@@ -19,7 +19,7 @@ def demo_command(
     resolution: float = typer.Option(3.0, "--resolution", help="Element edge (mm) of the simulation."),
     atlas: bool = typer.Option(True, "--atlas/--no-atlas",
                                help="Build the subject's deformation atlas (into OUT/atlas) and add the methods "
-                                    "atlas and net-atlas (about a minute on 2 cores)."),
+                                    "atlas and net-atlas (70-80 s more on 2 free cores)."),
     atlas_config: Path | None = typer.Option(None, "--atlas-config",
                                              help="Atlas config (YAML/JSON, section atlas:) [default: the shipped "
                                                   "atlas_demo; a 6 mm one with --quick]."),
