@@ -243,3 +243,26 @@ def test_quick_demo_builds_the_atlas_and_lists_the_atlas_methods(quick_run):
     report = (out / "report.html").read_text()
     assert "<td>atlas</td>" in report and "atlas fit" in report and "keypoint residual (mm)" in report
 
+
+
+def test_demo_rerun_replaces_its_atlas_and_refuses_a_users_atlas_folder(quick_run, tmp_path, no_default_weights):
+    """The atlas files belong to the demo's output set: a re-run without the atlas removes them (the folder
+    too, once empty); a user's own ``atlas`` file where the folder goes is refused before any work."""
+    import shutil
+
+    from brainshift.errors import BrainshiftError
+
+    out, _ = quick_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    rows = run_demo(again, seed=1, quick=True, verbose=False, atlas=False)
+    assert [r["method"] for r in rows] == ["none", "linear", "tps"]
+    assert not (again / "atlas").exists() and not (again / "field_atlas.h5").exists()
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["atlas"] is None and not [n for n in summary["outputs"] if "atlas" in n]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "atlas").write_text("my notes")
+    with pytest.raises(BrainshiftError, match="expected a folder or nothing at .*atlas"):
+        run_demo(mine, seed=1, quick=True, verbose=False)
+    assert [p.name for p in mine.iterdir()] == ["atlas"] and (mine / "atlas").read_text() == "my notes"
