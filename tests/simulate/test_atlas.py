@@ -69,6 +69,10 @@ def test_build_resume_and_recover_a_member(tmp_path):
         build_atlas(out, subj, AtlasConfig(**{**CFG.to_dict(), "drainage_fractions": [0.4]}), n_workers=1,
                     processes=False, progress=False)
     assert json.loads((out / "atlas.json").read_text())["n_members"] == rep.n_members
+    # only the basis settings changed: re-reduced from the stored solves, no solve run
+    rep3 = build_atlas(out, subj, AtlasConfig(**{**CFG.to_dict(), "energy": 0.9}), n_workers=1, processes=False,
+                       progress=False)
+    assert rep3.solved == [] and rep3.n_components <= atlas.n_components
     # a member (resected, stiffest) is recovered from 20 of its keypoints far better than by TPS
     from brainshift.interpolate import interpolate
     from brainshift.simulate.rasterise import rasterise_displacement

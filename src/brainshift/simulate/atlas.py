@@ -42,6 +42,8 @@ from brainshift.simulate.dataset import Subject
 log = logging.getLogger(__name__)
 
 MEMBERS_DIR = "members"
+#: Config fields that only change the reduction of the members (a finished build may be re-reduced with others).
+_BASIS_KEYS = ("energy", "max_components")
 BUILD_JSON = "build.json"
 #: Fields of :class:`~brainshift.simulate.case.SimulationConfig` an atlas config may set in ``simulation``.
 _FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "resection", "family",
@@ -327,7 +329,13 @@ def _check_resume(folder: Path, record: dict) -> None:
     except (OSError, ValueError):
         raise BrainshiftError(f"expected {p} to be the record of an earlier atlas build, got unreadable content; "
                               f"choose another -o") from None
-    for key in ("image_sha256", "config", "entry_ras"):
+    def solves_of(rec: dict) -> dict:  # the basis settings do not change the solves
+        return {k: v for k, v in (rec.get("config") or {}).items() if k not in _BASIS_KEYS}
+
+    if solves_of(old) != solves_of(record):
+        raise BrainshiftError(f"expected {folder} to resume an atlas of the same image and config, got another "
+                              f"config in {p}; choose another -o")
+    for key in ("image_sha256", "entry_ras"):
         if old.get(key) != record.get(key):
             raise BrainshiftError(f"expected {folder} to resume an atlas of the same image and config, got another "
                                   f"{key.replace('_', ' ')} in {p}; choose another -o")
@@ -339,7 +347,8 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
     """Simulate the atlas members of one brain and save the reduced atlas into ``folder`` (module docstring).
 
     Args:
-        folder: the atlas folder (created; an unfinished build of the same image and config is resumed).
+        folder: the atlas folder (created; an unfinished build of the same image and config is resumed; a
+            finished one is reused, and re-reduced when only ``energy`` / ``max_components`` differ).
         subject: the preop image with brain, tumour (may be empty) and ventricle masks on its grid.
         config: :class:`AtlasConfig` (default: its defaults).
         entry_ras: the craniotomy centre (RAS mm), when known.
