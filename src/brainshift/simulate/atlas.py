@@ -394,7 +394,11 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
         if scheduler_address:
             cluster, client = None, Client(scheduler_address)
         else:
-            with dask.config.set(LOCAL_WORKER_CONFIG):
+            import warnings
+
+            with dask.config.set(LOCAL_WORKER_CONFIG), warnings.catch_warnings():
+                # the scheduler's HTTP endpoint moves off a busy port 8787 with a UserWarning: nothing to act on
+                warnings.filterwarnings("ignore", message=".*Port 8787 is already in use.*")
                 cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=1,
                                        processes=processes, dashboard_address=None, silence_logs=logging.ERROR)
             client = Client(cluster)
