@@ -84,7 +84,7 @@ class AtlasConfig:
     stiffness_range_pa: list = field(default_factory=lambda: [500.0, 3000.0])
     tumour_stiffness_ratio: float = 2.0
     craniotomy_radius_mm: float = 30.0
-    energy: float = 0.999
+    energy: float = 0.9999
     max_components: int | None = None
     simulation: dict = field(default_factory=dict)
 
