@@ -295,7 +295,9 @@ def _run_solve(folder: str, subject: Subject, config: AtlasConfig, solve: dict) 
 @dataclass
 class AtlasBuildReport:
     """What :func:`build_atlas` did: ``solved`` / ``skipped`` solve ids, ``failed`` ``{id: error}``, ``wall_s``,
-    ``n_members``, ``n_components``, ``retained_energy``, ``size_mb`` (the atlas folder on disk)."""
+    ``n_members``, ``n_components``, ``retained_energy``, ``size_mb`` (the atlas folder on disk). ``atlas.json``
+    records ``build_wall_s`` (this run; a resumed or re-reduced build counts only its own work) and
+    ``solve_seconds_total`` (the sum of every solve's own time, as each worker measured it)."""
 
     folder: Path
     solved: list = field(default_factory=list)
@@ -432,11 +434,13 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
     # ---- reduce
     members, info = [], []
     node_ref = None
+    solve_seconds = 0.0
     factors = [(config.shear_modulus_pa, 1.0)] + [(mu, config.shear_modulus_pa / mu) for mu in
                                                   config.stiffness_range_pa if mu != config.shear_modulus_pa]
     for s in plan:
         with np.load(folder / MEMBERS_DIR / f"{s['id']}.npz", allow_pickle=False) as z:
             arrs = {k: z[k] for k in z.files}
+        solve_seconds += float(arrs.get("seconds", 0.0))
         if node_ref is None:
             node_ref = arrs
         elif arrs["node_grid"].shape != node_ref["node_grid"].shape or not np.array_equal(arrs["node_grid"],
@@ -465,7 +469,8 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
                              info={"config": config.to_dict(), "retained_energy": retained,
                                    "n_solves": len(plan), "subject_id": subject.subject_id,
                                    "has_tumour": bool(np.asarray(subject.tumour_mask.data).any()),
-                                   "build_wall_s": round(report.wall_s, 1)})
+                                   "build_wall_s": round(report.wall_s, 1),
+                                   "solve_seconds_total": round(solve_seconds, 1)})
     save_atlas(folder, atlas)
     report.n_members, report.n_components, report.retained_energy = len(members), atlas.n_components, retained
     report.size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
