@@ -214,6 +214,7 @@ def plot_sweep(rows: list[dict], out: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks([5, 10, 20, 40], ["5", "10", "20", "40"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("keypoints")
         ax.set_title(f"keypoint noise {noise:g} mm")
     np.atleast_1d(axes)[0].set_ylabel("mean MSE in the brain (mm²)")
