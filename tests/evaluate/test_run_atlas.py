@@ -32,18 +32,12 @@ runner = CliRunner()
 
 def _simulate(subject, solve):
     """The simulator's field and cavity for one planned solve of CFG, at CASE_SHEAR_PA."""
-    from brainshift.simulate.case import CaseParameters, simulate_case
+    from brainshift.simulate.atlas import solve_parameters
+    from brainshift.simulate.case import simulate_case
 
     cfg = AtlasConfig(**{**CFG.to_dict(), "shear_modulus_pa": CASE_SHEAR_PA}).simulation_config(
         solve["contact_model"])
-    params = CaseParameters(gravity_direction_ras=np.asarray(solve["gravity_direction_ras"]),
-                            entry_point_ras=np.asarray(solve["entry_point_ras"]),
-                            tumour_centre_ras=np.asarray(solve["tumour_centre_ras"]),
-                            approach_direction_ras=np.asarray(solve["approach_direction_ras"]),
-                            gravity_perturbation_deg=float(solve["gravity_tilt_deg"]),
-                            drainage_fraction=float(solve["drainage_fraction"]),
-                            drainage_level_mm=float(solve["drainage_level_mm"]))
-    res = simulate_case(subject, cfg, params)
+    res = simulate_case(subject, cfg, solve_parameters(solve))
     return res.field_vox, res.cavity_mask
 
 

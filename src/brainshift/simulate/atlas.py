@@ -250,20 +250,25 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
     return plan
 
 
+def solve_parameters(solve: dict):
+    """The :class:`~brainshift.simulate.case.CaseParameters` of one planned solve (:func:`plan_solves`)."""
+    from brainshift.simulate.case import CaseParameters
+
+    return CaseParameters(gravity_direction_ras=np.asarray(solve["gravity_direction_ras"]),
+                          entry_point_ras=np.asarray(solve["entry_point_ras"]),
+                          tumour_centre_ras=np.asarray(solve["tumour_centre_ras"]),
+                          approach_direction_ras=np.asarray(solve["approach_direction_ras"]),
+                          gravity_perturbation_deg=float(solve["gravity_tilt_deg"]),
+                          drainage_fraction=float(solve["drainage_fraction"]),
+                          drainage_level_mm=float(solve["drainage_level_mm"]))
+
+
 def solve_member(subject: Subject, config: AtlasConfig, solve: dict) -> dict:
     """Run one solve of the atlas (deterministic). Returns ``{"gravity": (n, 3), "final": (n, 3), "meta": {...}}``
     nodal displacements on the preop mesh, local frame (voxel axes), mm."""
-    from brainshift.simulate.case import CaseParameters, simulate_case
+    from brainshift.simulate.case import simulate_case
 
-    cfg = config.simulation_config(solve["contact_model"])
-    params = CaseParameters(gravity_direction_ras=np.asarray(solve["gravity_direction_ras"]),
-                            entry_point_ras=np.asarray(solve["entry_point_ras"]),
-                            tumour_centre_ras=np.asarray(solve["tumour_centre_ras"]),
-                            approach_direction_ras=np.asarray(solve["approach_direction_ras"]),
-                            gravity_perturbation_deg=float(solve["gravity_tilt_deg"]),
-                            drainage_fraction=float(solve["drainage_fraction"]),
-                            drainage_level_mm=float(solve["drainage_level_mm"]))
-    res = simulate_case(subject, cfg, params)
+    res = simulate_case(subject, config.simulation_config(solve["contact_model"]), solve_parameters(solve))
     st = res.stage_displacements_local_mm
     mesh = res.preop_mesh
     return {"gravity": st["gravity"].astype(np.float32), "final": st["final"].astype(np.float32),
