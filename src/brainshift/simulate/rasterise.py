@@ -19,23 +19,18 @@ import numpy as np
 from brainshift.simulate.mesh import HexMesh
 
 
-def node_grid_array(mesh: HexMesh, nodal: np.ndarray) -> np.ndarray:
-    """``(C, *node_grid_shape)`` array of nodal values, holes filled by the nearest node's value."""
-    from scipy import ndimage
+def node_grid(mesh: HexMesh):
+    """The mesh's nodes as a :class:`brainshift.atlas.basis.NodeGrid` (which does the sampling for both the
+    simulator and the deformation atlas)."""
+    from brainshift.atlas.basis import NodeGrid
 
-    vals = np.asarray(nodal, dtype=np.float64)
-    out = np.zeros((vals.shape[1],) + mesh.node_grid_shape)
-    valid = np.zeros(mesh.node_grid_shape, dtype=bool)
-    valid[tuple(mesh.node_grid.T)] = True
-    out[(slice(None),) + tuple(mesh.node_grid.T)] = vals.T
-    if not valid.all():
-        _, ind = ndimage.distance_transform_edt(~valid, return_indices=True)
-        out = out[(slice(None),) + tuple(ind)]
-    return out
+    return NodeGrid(node_grid=mesh.node_grid, shape=mesh.node_grid_shape, origin_vox=np.asarray(mesh.origin_vox),
+                    step_vox=np.asarray(mesh.step_vox), image_shape=tuple(mesh.image_shape),
+                    spacing_mm=mesh.spacing_mm)
 
 
 def rasterise_displacement(mesh: HexMesh, u_local_mm: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Dense field on the subject grid from nodal displacements.
+    """Dense field on the subject grid from nodal displacements (:meth:`brainshift.atlas.basis.NodeGrid.rasterise`).
 
     Args:
         mesh: the mesh (its ``image_shape`` / ``image_affine`` define the output grid).
@@ -47,15 +42,7 @@ def rasterise_displacement(mesh: HexMesh, u_local_mm: np.ndarray, region: np.nda
 
     Convention: forward Lagrangian, voxel units along ``i, j, k`` of the subject grid, zero outside ``region``.
     """
-    from scipy import ndimage
-
-    grid = node_grid_array(mesh, np.asarray(u_local_mm) / mesh.spacing_mm)
-    vox = np.argwhere(region)
-    coords = ((vox - mesh.origin_vox) / mesh.step_vox).T
-    field = np.zeros((3,) + tuple(mesh.image_shape), dtype=np.float32)
-    for c in range(3):
-        field[c][tuple(vox.T)] = ndimage.map_coordinates(grid[c], coords, order=1, mode="nearest")
-    return field
+    return node_grid(mesh).rasterise(u_local_mm, np.asarray(region, dtype=bool))
 
 
 def rasterise_elements(mesh: HexMesh, which: np.ndarray) -> np.ndarray:
