@@ -35,6 +35,48 @@ def test_plan_covers_directions_drainage_and_contact():
     assert np.all(np.einsum("ij,ij->i", entries, -g) > 15.0)  # on the side opposite to gravity
 
 
+SAMPLE = dict(design="sample", contact_models=["unilateral", "no_slip"], gravity_cone_deg=45.0,
+              drainage_range=[0.05, 0.7], craniotomy_radius_range_mm=[15.0, 45.0],
+              poisson_ratio_range=[0.40, 0.49], tumour_stiffness_ratio_range=[1.0, 3.0])
+
+
+def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
+    subj = ellipsoid_subject()
+    plan = plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=16, seed=3))
+    assert len(plan) == 16 and len({p["id"] for p in plan}) == 16
+    contact = np.array([p["contact_model"] for p in plan])
+    assert (contact == "unilateral").sum() == 8  # balanced
+    tilt = np.array([p["gravity_tilt_deg"] for p in plan])
+    # the contact model is not tied to the tilt (each model gets small and large tilts)
+    for c in ("unilateral", "no_slip"):
+        assert tilt[contact == c].min() < 25.0 < tilt[contact == c].max()
+    drain = np.array([p["drainage_fraction"] for p in plan])
+    crani = np.array([p["craniotomy_radius_mm"] for p in plan])
+    assert tilt.max() <= 45.0 + 1e-6 and tilt.max() > 35.0 and tilt.min() < 20.0
+    assert drain.min() >= 0.05 and drain.max() <= 0.7 and drain.max() - drain.min() > 0.5
+    assert crani.min() >= 15.0 and crani.max() <= 45.0 and crani.max() - crani.min() > 20.0
+    nu = np.array([p["poisson_ratio"] for p in plan])
+    assert nu.min() >= 0.40 and nu.max() <= 0.49
+    g = np.array([p["gravity_direction_ras"] for p in plan])
+    a = np.array(plan[0]["approach_direction_ras"])
+    np.testing.assert_allclose(np.degrees(np.arccos(np.clip(g @ a, -1, 1))), tilt, atol=0.01)
+    # nested: the first k solves of a larger sample are the sample of size k; the seed changes the draw
+    assert plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=24, seed=3))[:16] == plan
+    assert plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=16, seed=4)) != plan
+    # a sampled solve runs with its own draw (here: the craniotomy radius)
+    cfg = AtlasConfig(**SAMPLE, n_solves=2).simulation_config(plan[1]["contact_model"], plan[1])
+    assert cfg.craniotomy_radius_mm == plan[1]["craniotomy_radius_mm"] and cfg.contact_model == plan[1]["contact_model"]
+    assert cfg.poisson_ratio == plan[1]["poisson_ratio"]
+
+
+@pytest.mark.parametrize("bad", [{"design": "lattice"}, {"design": "sample", "n_solves": 0},
+                                 {"drainage_range": [0.7, 0.1]}, {"poisson_ratio_range": [0.4, 0.5]},
+                                 {"craniotomy_radius_range_mm": [20.0]}])
+def test_sampled_config_rejects_bad_fields(bad):
+    with pytest.raises(BrainshiftError, match="expected"):
+        AtlasConfig(**bad)
+
+
 def test_stiffness_scaling_is_exact_for_the_linear_model():
     """Halving every modulus doubles the solution (frictionless contact with no gap is positively homogeneous)."""
     subj = ellipsoid_subject()

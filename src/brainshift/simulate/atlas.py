@@ -48,6 +48,11 @@ BUILD_JSON = "build.json"
 #: Fields of :class:`~brainshift.simulate.case.SimulationConfig` an atlas config may set in ``simulation``.
 _FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "resection", "family",
           "craniotomy_radius_mm", "tumour_stiffness_ratio")
+#: Ranges of a sampled design and the bounds each must lie in.
+_RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200.0),
+           "poisson_ratio_range": (0.0, 0.4999), "tumour_stiffness_ratio_range": (0.01, 100.0)}
+#: Simulation fields a sampled solve may carry (its own draw).
+_PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio")
 
 
 @dataclass
@@ -71,6 +76,18 @@ class AtlasConfig:
         max_components: cap on the number of components (None: no cap).
         simulation: further :class:`~brainshift.simulate.case.SimulationConfig` fields of every solve
             (e.g. ``poisson_ratio``, ``ventricle_model``, ``falx``, ``buoyant_weight_fraction``).
+        design: ``"grid"`` (every combination of the lists above) or ``"sample"``: ``n_solves`` solves whose
+            choices are drawn from a scrambled Halton sequence (``seed``; nested: the first k solves of a
+            sample are the sample of size k) over the ranges below, so a few solves cover wide ranges.
+        n_solves: solves of a ``"sample"`` design.
+        drainage_range: ``[min, max]`` drained fraction of a ``"sample"`` design.
+        craniotomy_radius_range_mm: ``[min, max]`` craniotomy radius (mm) of a ``"sample"`` design; None:
+            ``craniotomy_radius_mm`` for every solve.
+        poisson_ratio_range: ``[min, max]`` parenchyma Poisson ratio of a ``"sample"`` design; None: the
+            simulation config's.
+        tumour_stiffness_ratio_range: ``[min, max]`` tumour / parenchyma stiffness of a ``"sample"`` design;
+            None: ``tumour_stiffness_ratio``.
+        seed: scrambling seed of the ``"sample"`` design.
     """
 
     resolution_mm: float = 3.0
@@ -87,12 +104,23 @@ class AtlasConfig:
     energy: float = 0.9999
     max_components: int | None = None
     simulation: dict = field(default_factory=dict)
+    design: str = "grid"
+    n_solves: int = 24
+    drainage_range: list = field(default_factory=lambda: [0.05, 0.7])
+    craniotomy_radius_range_mm: list | None = None
+    poisson_ratio_range: list | None = None
+    tumour_stiffness_ratio_range: list | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self.contact_models = [str(c) for c in self.contact_models]
         self.drainage_fractions = [float(v) for v in self.drainage_fractions]
         self.stiffness_range_pa = [float(v) for v in self.stiffness_range_pa]
         self.simulation = dict(self.simulation or {})
+        for name in _RANGES:
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, [float(x) for x in v])
         self.validate()
 
     def validate(self) -> None:
@@ -115,20 +143,32 @@ class AtlasConfig:
                                   f"{self.stiffness_range_pa}")
         if not 0.0 < self.energy <= 1.0:
             raise BrainshiftError(f"expected energy in (0, 1], got {self.energy}")
+        if self.design not in ("grid", "sample"):
+            raise BrainshiftError(f"expected design 'grid' or 'sample' in the atlas config, got {self.design!r}")
+        if self.design == "sample" and int(self.n_solves) < 1:
+            raise BrainshiftError(f"expected n_solves >= 1 for a sampled atlas, got {self.n_solves}")
+        for name, (lo_ok, hi_ok) in _RANGES.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if len(v) != 2 or not (lo_ok <= v[0] <= v[1] <= hi_ok):
+                raise BrainshiftError(f"expected {name} as [min, max] within [{lo_ok:g}, {hi_ok:g}], got {v}")
         bad = sorted(set(self.simulation) & set(_FIXED))
         if bad:
             raise BrainshiftError(f"expected the atlas's own fields for {bad}, got them under simulation:")
         self.simulation_config()  # validates the remaining simulation fields
 
-    def simulation_config(self, contact_model: str | None = None):
-        """The :class:`SimulationConfig` of a solve with this contact model."""
+    def simulation_config(self, contact_model: str | None = None, solve: dict | None = None):
+        """The :class:`SimulationConfig` of a solve with this contact model (and a sampled solve's own
+        craniotomy radius, Poisson ratio and tumour stiffness, when ``solve`` carries them)."""
         from brainshift.simulate.case import SimulationConfig
 
+        own = {k: solve[k] for k in _PER_SOLVE if solve is not None and k in solve}
         return SimulationConfig(**{**self.simulation, "material": "linear", "resolution_mm": self.resolution_mm,
                                    "contact_model": contact_model or self.contact_models[0],
                                    "shear_modulus_pa": self.shear_modulus_pa, "resection": self.resection,
                                    "craniotomy_radius_mm": self.craniotomy_radius_mm,
-                                   "tumour_stiffness_ratio": self.tumour_stiffness_ratio})
+                                   "tumour_stiffness_ratio": self.tumour_stiffness_ratio, **own})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,6 +233,14 @@ def _ring(axis: np.ndarray, tilt_deg: float, n: int, phase: float = 0.0) -> list
 def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | None = None) -> list[dict]:
     """The solves of an atlas: one dict per solve with its id, contact model, drainage, gravity and entry.
 
+    A ``"grid"`` design crosses ``contact_models`` x ``drainage_fractions`` x gravity directions (the approach
+    and a ring of ``n_ring_directions`` tilted by ``gravity_cone_deg``; without a tumour, directions over the
+    upper hemisphere). A ``"sample"`` design draws ``n_solves`` solves from a scrambled Halton sequence
+    (``scipy.stats.qmc.Halton``, seeded by ``seed``): gravity uniform on the spherical cap of half-angle
+    ``gravity_cone_deg`` around the approach (60 degrees around straight down without a tumour), drainage
+    uniform in ``drainage_range``, and the craniotomy radius, Poisson ratio and tumour stiffness uniform in
+    their ranges when given, and the contact model uniform over ``contact_models``.
+
     Args:
         subject: the brain (a tumour mask that may be empty).
         config: :class:`AtlasConfig`.
@@ -203,7 +251,8 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
     Returns:
         A list of JSON-serialisable dicts (``id``, ``contact_model``, ``drainage_fraction``,
         ``drainage_level_mm``, ``gravity_direction_ras``, ``gravity_tilt_deg``, ``entry_point_ras``,
-        ``tumour_centre_ras``, ``approach_direction_ras``).
+        ``tumour_centre_ras``, ``approach_direction_ras``; a sampled solve also carries the drawn
+        ``craniotomy_radius_mm`` / ``poisson_ratio`` / ``tumour_stiffness_ratio`` whose range is given).
     """
     from brainshift.simulate import loads
     from brainshift.volume import Volume
@@ -211,42 +260,79 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
     region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
     region_vol = Volume(region.astype(np.uint8), subject.brain_mask.affine, "label")
     has_tumour = bool(np.asarray(subject.tumour_mask.data).any())
-    dirs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (gravity, entry, centre)
     if has_tumour:
         centre = loads.tumour_centre_ras(subject.tumour_mask)
-        entry = (np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None
-                 else loads.entry_point_ras(subject.brain_mask, subject.tumour_mask, centre))
-        approach = centre - entry
-        if np.linalg.norm(approach) < 1e-6:
+        entry0 = (np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None
+                  else loads.entry_point_ras(subject.brain_mask, subject.tumour_mask, centre))
+        axis = centre - entry0
+        if np.linalg.norm(axis) < 1e-6:
             raise GeometryError("expected the craniotomy entry away from the tumour centre, got them at one point")
-        approach /= np.linalg.norm(approach)
-        gs = [approach] + _ring(approach, config.gravity_cone_deg, config.n_ring_directions)
-        dirs = [(g, entry, centre) for g in gs]
+        axis /= np.linalg.norm(axis)
     else:
         from brainshift.geometry import voxel_to_ras
 
         centre = voxel_to_ras(np.argwhere(region).mean(axis=0, keepdims=True), subject.brain_mask.affine)[0]
-        down = np.array([0.0, 0.0, -1.0])
-        n = config.no_tumour_directions
-        gs = [down] + _ring(down, 30.0, max((n - 1) // 3, 0)) + _ring(down, 60.0, n - 1 - max((n - 1) // 3, 0),
-                                                                          phase=0.5)
+        axis = np.array([0.0, 0.0, -1.0])
         surf = loads.brain_surface_points_ras(subject.brain_mask, subject.tumour_mask)
-        for g in gs[:n]:
-            entry = (np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None
-                     else surf[int(np.argmax(surf @ -g))])
-            dirs.append((g, entry, centre))
+
+    def entry_for(g: np.ndarray) -> np.ndarray:
+        if has_tumour:
+            return entry0
+        return np.asarray(entry_ras, dtype=np.float64) if entry_ras is not None else surf[int(np.argmax(surf @ -g))]
+
+    def solve_dict(sid: str, contact: str, frac: float, g: np.ndarray) -> dict:
+        _, extent = loads.brain_depth_range_mm(region_vol, g)
+        tilt = float(np.degrees(np.arccos(np.clip(float(g @ axis), -1.0, 1.0))))
+        return {"id": sid, "contact_model": contact, "drainage_fraction": float(frac),
+                "drainage_level_mm": float(frac * extent), "gravity_direction_ras": np.asarray(g).tolist(),
+                "gravity_tilt_deg": round(tilt, 2), "entry_point_ras": np.asarray(entry_for(g)).tolist(),
+                "tumour_centre_ras": np.asarray(centre).tolist(), "approach_direction_ras": axis.tolist()}
+
+    if config.design == "sample":
+        return _sample_solves(config, axis, has_tumour, solve_dict)
+    if has_tumour:
+        gs = [axis] + _ring(axis, config.gravity_cone_deg, config.n_ring_directions)
+    else:
+        n = config.no_tumour_directions
+        gs = [axis] + _ring(axis, 30.0, max((n - 1) // 3, 0)) + _ring(axis, 60.0, n - 1 - max((n - 1) // 3, 0),
+                                                                      phase=0.5)
+        gs = gs[:n]
+    return [solve_dict(f"{contact}_d{frac:.2f}_g{k:02d}", contact, frac, g)
+            for contact in config.contact_models for frac in config.drainage_fractions for k, g in enumerate(gs)]
+
+
+def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solve_dict) -> list[dict]:
+    """The solves of a ``"sample"`` design (:func:`plan_solves`)."""
+    import warnings
+
+    from scipy.stats import qmc
+
+    ranges = [("drainage_fraction", config.drainage_range), ("craniotomy_radius_mm", config.craniotomy_radius_range_mm),
+              ("poisson_ratio", config.poisson_ratio_range),
+              ("tumour_stiffness_ratio", config.tumour_stiffness_ratio_range)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # qmc warns about balance for sizes that are not powers of two
+        u = qmc.Halton(d=3 + len(ranges), scramble=True, seed=int(config.seed)).random(int(config.n_solves))
+    cap = np.deg2rad(config.gravity_cone_deg if has_tumour else 60.0)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e1 = np.cross(axis, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(axis, e1)
     plan = []
-    for contact in config.contact_models:
-        for frac in config.drainage_fractions:
-            for k, (g, entry, c) in enumerate(dirs):
-                _, extent = loads.brain_depth_range_mm(region_vol, g)
-                axis = dirs[0][0]
-                tilt = float(np.degrees(np.arccos(np.clip(float(g @ axis), -1.0, 1.0))))
-                plan.append({"id": f"{contact}_d{frac:.2f}_g{k:02d}", "contact_model": contact,
-                             "drainage_fraction": float(frac), "drainage_level_mm": float(frac * extent),
-                             "gravity_direction_ras": np.asarray(g).tolist(), "gravity_tilt_deg": round(tilt, 2),
-                             "entry_point_ras": np.asarray(entry).tolist(), "tumour_centre_ras": np.asarray(c).tolist(),
-                             "approach_direction_ras": np.asarray(dirs[0][0]).tolist()})
+    for i, row in enumerate(u):
+        # one Halton dimension per choice, the contact model included (cycling it by index would tie it to
+        # the base-2 first dimension, i.e. to the tilt)
+        contact = config.contact_models[min(int(row[0] * len(config.contact_models)), len(config.contact_models) - 1)]
+        cos_t = 1.0 - row[1] * (1.0 - np.cos(cap))  # uniform on the cap
+        sin_t = np.sqrt(max(0.0, 1.0 - cos_t * cos_t))
+        phi = 2.0 * np.pi * row[2]
+        g = cos_t * axis + sin_t * (np.cos(phi) * e1 + np.sin(phi) * e2)
+        g /= np.linalg.norm(g)
+        drawn = {name: float(lo + r * (hi - lo)) for (name, rng), r in zip(ranges, row[3:], strict=True)
+                 if rng is not None for lo, hi in [rng]}
+        d = solve_dict(f"s{i:03d}_{contact}", contact, drawn.pop("drainage_fraction"), g)
+        d.update({k: round(v, 4) for k, v in drawn.items()})
+        plan.append(d)
     return plan
 
 
@@ -268,7 +354,7 @@ def solve_member(subject: Subject, config: AtlasConfig, solve: dict) -> dict:
     nodal displacements on the preop mesh, local frame (voxel axes), mm."""
     from brainshift.simulate.case import simulate_case
 
-    res = simulate_case(subject, config.simulation_config(solve["contact_model"]), solve_parameters(solve))
+    res = simulate_case(subject, config.simulation_config(solve["contact_model"], solve), solve_parameters(solve))
     st = res.stage_displacements_local_mm
     mesh = res.preop_mesh
     return {"gravity": st["gravity"].astype(np.float32), "final": st["final"].astype(np.float32),
@@ -337,7 +423,12 @@ def _check_resume(folder: Path, record: dict) -> None:
         raise BrainshiftError(f"expected {p} to be the record of an earlier atlas build, got unreadable content; "
                               f"choose another -o") from None
     def solves_of(rec: dict) -> dict:  # the basis settings do not change the solves
-        return {k: v for k, v in (rec.get("config") or {}).items() if k not in _BASIS_KEYS}
+        cfg = rec.get("config") or {}
+        try:  # a record written before a field existed holds that field's default
+            cfg = AtlasConfig.from_dict(cfg).to_dict()
+        except BrainshiftError:
+            pass
+        return {k: v for k, v in cfg.items() if k not in _BASIS_KEYS}
 
     if solves_of(old) != solves_of(record):
         raise BrainshiftError(f"expected {folder} to resume an atlas of the same image and config, got another "
@@ -458,7 +549,8 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
                 info.append({"solve": s["id"], "contact_model": s["contact_model"],
                              "drainage_fraction": s["drainage_fraction"], "gravity_tilt_deg": s["gravity_tilt_deg"],
                              "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
-                             "resection": resected, "shear_modulus_pa": mu})
+                             "resection": resected, "shear_modulus_pa": mu,
+                             **{k: s[k] for k in _PER_SOLVE if k in s}})
     mean, comps, coords, sv, retained = reduce_members(np.stack(members), config.energy, config.max_components)
     region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
     spacing = np.sqrt((subject.image.affine[:3, :3] ** 2).sum(axis=0))
