@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from brainshift.cli import app
 
 runner = CliRunner()
-CONFIG = "atlas:\n  resolution_mm: 6.0\n  contact_models: [unilateral]\n  drainage_fractions: [0.3, 0.6]\n" \
+CONFIG = "atlas:\n  design: grid\n  gravity_cone_deg: 25.0\n" \
+         "  resolution_mm: 6.0\n  contact_models: [unilateral]\n  drainage_fractions: [0.3, 0.6]\n" \
          "  n_ring_directions: 2\n"
 
 

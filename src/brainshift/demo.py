@@ -83,8 +83,8 @@ DEMO_METHODS = ("linear", "tps")
 #: Shipped atlas config of the demo (``configs/atlas_demo.yaml``: 16 solves at 5 mm; see the file for its time).
 DEMO_ATLAS_CONFIG = "atlas_demo"
 #: Atlas of the quick test case: 1 contact model x 2 drainage levels x 3 gravity directions at 6 mm.
-QUICK_ATLAS_CONFIG = {"resolution_mm": 6.0, "contact_models": ["unilateral"], "drainage_fractions": [0.2, 0.5],
-                      "n_ring_directions": 2}
+QUICK_ATLAS_CONFIG = {"design": "grid", "resolution_mm": 6.0, "contact_models": ["unilateral"],
+                      "drainage_fractions": [0.2, 0.5], "gravity_cone_deg": 25.0, "n_ring_directions": 2}
 #: Sub-folder of the demo output holding the atlas.
 ATLAS_DIR = "atlas"
 #: Fewest held-out TRE targets; random brain voxels are added to the detected keypoints if there are fewer.
@@ -607,10 +607,15 @@ def _atlas_info(record: dict | None, fit: dict | None) -> dict:
     if record is None:
         return {}
     cfg = record["config"]
+    if cfg.get("design", "grid") == "sample":
+        lo, hi = cfg["drainage_range"]
+        spans = (f"sampled: drainage {lo:g}-{hi:g}; gravity within {cfg['gravity_cone_deg']:g} deg of the "
+                 f"approach")
+    else:
+        spans = (f"drainage {', '.join(f'{v:g}' for v in cfg['drainage_fractions'])}; gravity: the approach and "
+                 f"{cfg['n_ring_directions']} directions tilted {cfg['gravity_cone_deg']:g} deg")
     out = {"atlas": f"{record['n_solves']} solves at {cfg['resolution_mm']:g} mm (contact "
-                    f"{', '.join(cfg['contact_models'])}; drainage "
-                    f"{', '.join(f'{v:g}' for v in cfg['drainage_fractions'])}; gravity: the approach and "
-                    f"{cfg['n_ring_directions']} directions tilted {cfg['gravity_cone_deg']:g} deg), "
+                    f"{', '.join(cfg['contact_models'])}; {spans}), "
                     f"{record['n_members']} members -> {record['n_components']} components "
                     f"({100 * record['retained_energy']:.2f} % of the variance), built in {record['build_s']:.0f} s"}
     if fit:

@@ -21,7 +21,8 @@ from brainshift.simulate.dataset import read_subject, write_case, write_subject
 from .test_run import _tiny_weights
 
 #: A tiny atlas: 1 contact model x 2 drainage levels x 3 gravity directions at 6 mm (6 solves, seconds).
-CFG = AtlasConfig(resolution_mm=6.0, contact_models=["unilateral"], drainage_fractions=[0.3, 0.6],
+CFG = AtlasConfig(design="grid", gravity_cone_deg=25.0,
+                  resolution_mm=6.0, contact_models=["unilateral"], drainage_fractions=[0.3, 0.6],
                   n_ring_directions=2)
 #: The case's parenchyma is stiffer than the atlas's solves (1225 Pa) but inside its stiffness range
 #: (500-3000 Pa): the linear solution scales by 1225 / 2000, so the case lies in the atlas's span without being

@@ -12,13 +12,15 @@ from brainshift.atlas import fit_atlas, load_atlas
 from brainshift.errors import BrainshiftError
 from brainshift.simulate.atlas import AtlasConfig, build_atlas, plan_solves, solve_member
 
-CFG = AtlasConfig(resolution_mm=5.0, contact_models=["unilateral"], drainage_fractions=[0.3, 0.6],
+CFG = AtlasConfig(design="grid", gravity_cone_deg=25.0,
+                  resolution_mm=5.0, contact_models=["unilateral"], drainage_fractions=[0.3, 0.6],
                   n_ring_directions=2)
 
 
 def test_plan_covers_directions_drainage_and_contact():
     subj = ellipsoid_subject()
-    plan = plan_solves(subj, AtlasConfig(contact_models=["unilateral", "no_slip"], drainage_fractions=[0.2, 0.5],
+    plan = plan_solves(subj, AtlasConfig(design="grid", contact_models=["unilateral", "no_slip"],
+                                         drainage_fractions=[0.2, 0.5],
                                          n_ring_directions=4, gravity_cone_deg=25.0))
     assert len(plan) == 2 * 2 * 5 and len({p["id"] for p in plan}) == 20
     tilts = sorted({p["gravity_tilt_deg"] for p in plan})
@@ -27,7 +29,7 @@ def test_plan_covers_directions_drainage_and_contact():
     np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, atol=1e-12)
     # no tumour: directions over the upper hemisphere, each with its own craniotomy at the top
     subj.tumour_mask.data[:] = 0
-    plan = plan_solves(subj, AtlasConfig(contact_models=["unilateral"], drainage_fractions=[0.3],
+    plan = plan_solves(subj, AtlasConfig(design="grid", contact_models=["unilateral"], drainage_fractions=[0.3],
                                          no_tumour_directions=7))
     g = np.array([p["gravity_direction_ras"] for p in plan])
     assert len(plan) == 7 and (g[:, 2] < 0).all()
@@ -77,6 +79,14 @@ def test_sampled_config_rejects_bad_fields(bad):
         AtlasConfig(**bad)
 
 
+def test_shipped_default_config_is_the_dataclass_default():
+    from brainshift.resources import config_path
+    from brainshift.simulate.atlas import read_atlas_config
+
+    assert read_atlas_config(config_path("atlas")) == AtlasConfig()
+    assert AtlasConfig().design == "sample" and AtlasConfig().n_solves == 24
+
+
 def test_stiffness_scaling_is_exact_for_the_linear_model():
     """Halving every modulus doubles the solution (frictionless contact with no gap is positively homogeneous)."""
     subj = ellipsoid_subject()
@@ -115,6 +125,15 @@ def test_build_resume_and_recover_a_member(tmp_path):
     rep3 = build_atlas(out, subj, AtlasConfig(**{**CFG.to_dict(), "energy": 0.9}), n_workers=1, processes=False,
                        progress=False)
     assert rep3.solved == [] and rep3.n_components <= atlas.n_components
+    # a record written before the sampled design existed (no design / range fields) resumes as the grid it was
+    rec = json.loads((out / "build.json").read_text())
+    for key in ("design", "n_solves", "drainage_range", "craniotomy_radius_range_mm", "poisson_ratio_range",
+                "tumour_stiffness_ratio_range", "seed"):
+        del rec["config"][key]
+    (out / "build.json").write_text(json.dumps(rec))
+    rep4 = build_atlas(out, subj, AtlasConfig(**{**CFG.to_dict(), "energy": 0.9}), n_workers=1, processes=False,
+                       progress=False)
+    assert rep4.solved == [] and len(rep4.skipped) == n_solves
     # a member (resected, stiffest) is recovered from 20 of its keypoints far better than by TPS
     from brainshift.interpolate import interpolate
     from brainshift.simulate.rasterise import rasterise_displacement

@@ -93,7 +93,7 @@ class AtlasConfig:
     resolution_mm: float = 3.0
     contact_models: list = field(default_factory=lambda: ["unilateral", "no_slip"])
     drainage_fractions: list = field(default_factory=lambda: [0.2, 0.5])
-    gravity_cone_deg: float = 25.0
+    gravity_cone_deg: float = 45.0
     n_ring_directions: int = 4
     no_tumour_directions: int = 9
     resection: bool = True
@@ -104,12 +104,12 @@ class AtlasConfig:
     energy: float = 0.9999
     max_components: int | None = None
     simulation: dict = field(default_factory=dict)
-    design: str = "grid"
+    design: str = "sample"
     n_solves: int = 24
     drainage_range: list = field(default_factory=lambda: [0.05, 0.7])
-    craniotomy_radius_range_mm: list | None = None
-    poisson_ratio_range: list | None = None
-    tumour_stiffness_ratio_range: list | None = None
+    craniotomy_radius_range_mm: list | None = field(default_factory=lambda: [15.0, 45.0])
+    poisson_ratio_range: list | None = field(default_factory=lambda: [0.40, 0.49])
+    tumour_stiffness_ratio_range: list | None = field(default_factory=lambda: [1.0, 3.0])
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -423,7 +423,8 @@ def _check_resume(folder: Path, record: dict) -> None:
         raise BrainshiftError(f"expected {p} to be the record of an earlier atlas build, got unreadable content; "
                               f"choose another -o") from None
     def solves_of(rec: dict) -> dict:  # the basis settings do not change the solves
-        cfg = rec.get("config") or {}
+        cfg = dict(rec.get("config") or {})
+        cfg.setdefault("design", "grid")  # records written before the sampled design were grids
         try:  # a record written before a field existed holds that field's default
             cfg = AtlasConfig.from_dict(cfg).to_dict()
         except BrainshiftError:
