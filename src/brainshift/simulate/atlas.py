@@ -1,12 +1,15 @@
 """Build a per-patient deformation atlas: biomechanical solutions of one brain over its plausible conditions.
 
 Before surgery, the patient's own brain is simulated (:func:`brainshift.simulate.case.simulate_case`) under a
-grid of conditions (Miga et al., Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014):
+design of conditions (Miga et al., Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014),
+a ``"sample"`` (default: ``n_solves`` draws spread by a scrambled Halton sequence) or a ``"grid"``
+(:func:`plan_solves`):
 
-- gravity directions: the surgical approach (craniotomy entry -> tumour centre) and ``n_ring_directions``
-  directions tilted by ``gravity_cone_deg`` around it; with no tumour, directions over the upper hemisphere
-  (tilted up to 60 degrees from straight down) with the craniotomy at the highest brain point along each;
-- CSF drainage levels (``drainage_fractions``), skull contact models (``contact_models``);
+- gravity directions around the surgical approach (craniotomy entry -> tumour centre), within
+  ``gravity_cone_deg``; with no tumour, directions over the upper hemisphere (tilted up to 60 degrees from
+  straight down) with the craniotomy at the highest brain point along each;
+- CSF drainage levels, skull contact models (``contact_models``), and for a sample the craniotomy radius,
+  Poisson ratio and tumour stiffness;
 - with and without resection: both come from one solve (the gravity equilibrium with the tumour in place is
   the first stage of the resection solve, :attr:`SimulationResult.stage_displacements_local_mm`);
 - stiffness: in linear elasticity with contact that is frictionless or bonded and no initial gap, scaling
@@ -63,8 +66,9 @@ class AtlasConfig:
         resolution_mm: element size of the mesh (mm).
         contact_models: skull contact models, one set of solves each (:mod:`brainshift.simulate.contact`).
         drainage_fractions: drained CSF levels (fraction of the brain's extent along gravity).
-        gravity_cone_deg: tilt (degrees) of the ring of gravity directions around the surgical approach.
-        n_ring_directions: directions on that ring (the approach itself is always included).
+        gravity_cone_deg: a grid's tilt (degrees) of the ring of gravity directions around the surgical
+            approach; a sample's half-angle of the cap around it in which gravity is drawn.
+        n_ring_directions: directions on a grid's ring (the approach itself is always included).
         no_tumour_directions: gravity directions over the upper hemisphere when no tumour is given.
         resection: members with the tumour resected as well as in place (needs a tumour).
         shear_modulus_pa: parenchyma shear modulus of the solves (Pa).
