@@ -266,3 +266,15 @@ def test_demo_rerun_replaces_its_atlas_and_refuses_a_users_atlas_folder(quick_ru
     with pytest.raises(BrainshiftError, match="expected a folder or nothing at .*atlas"):
         run_demo(mine, seed=1, quick=True, verbose=False)
     assert [p.name for p in mine.iterdir()] == ["atlas"] and (mine / "atlas").read_text() == "my notes"
+
+
+def test_atlas_report_line_names_the_design():
+    from brainshift.demo import _atlas_info
+    from brainshift.simulate.atlas import AtlasConfig
+
+    rec = {"n_solves": 24, "n_members": 144, "n_components": 26, "retained_energy": 0.9999, "build_s": 527.0}
+    line = _atlas_info({**rec, "config": AtlasConfig().to_dict()}, None)["atlas"]
+    assert "sampled: drainage 0.05-0.7; gravity within 45 deg" in line and "24 solves at 3 mm" in line
+    grid = AtlasConfig(design="grid", gravity_cone_deg=25.0, n_ring_directions=3).to_dict()
+    line = _atlas_info({**rec, "config": grid}, None)["atlas"]
+    assert "drainage 0.2, 0.5; gravity: the approach and 3 directions tilted 25 deg" in line
