@@ -165,3 +165,19 @@ def test_coarse_contact_start_gives_the_same_equilibrium(phantom):
     diff = np.abs(plain.nodal_displacement_mm - started.nodal_displacement_mm).max()
     assert diff < 1e-3 * np.abs(plain.nodal_displacement_mm).max()
     assert started.meta["solves"][0]["max_outward_mm"] <= 0.2
+
+
+def test_tilted_direction_and_cap_draws_have_the_asked_angles():
+    from brainshift.simulate.loads import perturb_direction, tilted_direction
+
+    d = np.array([0.3, -0.2, -0.9])
+    for cos_t, phi in ((1.0, 0.3), (0.8, 1.0), (0.0, 4.0)):
+        v, ang = tilted_direction(d, cos_t, phi)
+        assert np.linalg.norm(v) == pytest.approx(1.0) and ang == pytest.approx(np.degrees(np.arccos(cos_t)))
+        assert float(v @ d / np.linalg.norm(d)) == pytest.approx(cos_t, abs=1e-12)
+    a, _ = tilted_direction(d, 0.5, 0.0)
+    b, _ = tilted_direction(d, 0.5, np.pi)
+    np.testing.assert_allclose(a + b, 2 * 0.5 * d / np.linalg.norm(d), atol=1e-12)  # opposite azimuths
+    rng = np.random.default_rng(0)
+    angles = [perturb_direction(d, 30.0, rng)[1] for _ in range(200)]
+    assert max(angles) <= 30.0 + 1e-9 and max(angles) > 25.0

@@ -220,18 +220,10 @@ def read_atlas_config(path: str | Path | None) -> AtlasConfig:
 
 
 def _ring(axis: np.ndarray, tilt_deg: float, n: int, phase: float = 0.0) -> list[np.ndarray]:
-    a = axis / np.linalg.norm(axis)
-    helper = np.array([1.0, 0.0, 0.0]) if abs(a[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    e1 = np.cross(a, helper)
-    e1 /= np.linalg.norm(e1)
-    e2 = np.cross(a, e1)
-    t = np.deg2rad(tilt_deg)
-    out = []
-    for k in range(n):
-        phi = phase + 2.0 * np.pi * k / n
-        v = np.cos(t) * a + np.sin(t) * (np.cos(phi) * e1 + np.sin(phi) * e2)
-        out.append(v / np.linalg.norm(v))
-    return out
+    from brainshift.simulate.loads import tilted_direction
+
+    cos_t = float(np.cos(np.deg2rad(tilt_deg)))
+    return [tilted_direction(axis, cos_t, phase + 2.0 * np.pi * k / n)[0] for k in range(n)]
 
 
 def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | None = None) -> list[dict]:
@@ -317,21 +309,15 @@ def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solv
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # qmc warns about balance for sizes that are not powers of two
         u = qmc.Halton(d=3 + len(ranges), scramble=True, seed=int(config.seed)).random(int(config.n_solves))
+    from brainshift.simulate.loads import tilted_direction
+
     cap = np.deg2rad(config.gravity_cone_deg if has_tumour else 60.0)
-    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    e1 = np.cross(axis, helper)
-    e1 /= np.linalg.norm(e1)
-    e2 = np.cross(axis, e1)
     plan = []
     for i, row in enumerate(u):
         # one Halton dimension per choice, the contact model included (cycling it by index would tie it to
         # the base-2 first dimension, i.e. to the tilt)
         contact = config.contact_models[min(int(row[0] * len(config.contact_models)), len(config.contact_models) - 1)]
-        cos_t = 1.0 - row[1] * (1.0 - np.cos(cap))  # uniform on the cap
-        sin_t = np.sqrt(max(0.0, 1.0 - cos_t * cos_t))
-        phi = 2.0 * np.pi * row[2]
-        g = cos_t * axis + sin_t * (np.cos(phi) * e1 + np.sin(phi) * e2)
-        g /= np.linalg.norm(g)
+        g, _ = tilted_direction(axis, 1.0 - row[1] * (1.0 - np.cos(cap)), 2.0 * np.pi * row[2])  # uniform on the cap
         drawn = {name: float(lo + r * (hi - lo)) for (name, rng), r in zip(ranges, row[3:], strict=True)
                  if rng is not None for lo, hi in [rng]}
         d = solve_dict(f"s{i:03d}_{contact}", contact, drawn.pop("drainage_fraction"), g)

@@ -72,11 +72,20 @@ def perturb_direction(direction: np.ndarray, max_angle_deg: float, rng: np.rando
     Returns:
         ``(vector, angle_deg)``, the angle between the draw and ``direction``.
     """
-    d = np.asarray(direction, dtype=np.float64)
-    d = d / np.linalg.norm(d)
     cos_max = np.cos(np.deg2rad(max_angle_deg))
     cos_t = rng.uniform(cos_max, 1.0)
     phi = rng.uniform(0.0, 2.0 * np.pi)
+    return tilted_direction(direction, cos_t, phi)
+
+
+def tilted_direction(direction: np.ndarray, cos_t: float, phi: float) -> tuple[np.ndarray, float]:
+    """The unit vector at polar angle ``arccos(cos_t)`` from ``direction`` and azimuth ``phi`` (radians) around it.
+
+    The azimuth is measured in a fixed frame orthogonal to ``direction`` (its cross product with the x axis, or
+    the y axis when ``direction`` is nearly along x). Returns ``(vector, angle_deg)``.
+    """
+    d = np.asarray(direction, dtype=np.float64)
+    d = d / np.linalg.norm(d)
     helper = np.array([1.0, 0.0, 0.0]) if abs(d[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
     e1 = np.cross(d, helper)
     e1 /= np.linalg.norm(e1)
