@@ -69,11 +69,19 @@ def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
     cfg = AtlasConfig(**SAMPLE, n_solves=2).simulation_config(plan[1]["contact_model"], plan[1])
     assert cfg.craniotomy_radius_mm == plan[1]["craniotomy_radius_mm"] and cfg.contact_model == plan[1]["contact_model"]
     assert cfg.poisson_ratio == plan[1]["poisson_ratio"]
+    # the falx drawn per solve on its own dimension: the other draws stay as they were
+    assert all("falx" not in p for p in plan)
+    with_falx = plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=16, seed=3, falx_probability=0.5))
+    falx = [p.pop("falx") for p in with_falx]
+    assert with_falx == plan and 4 <= sum(falx) <= 12
+    k = falx.index(True)
+    assert AtlasConfig(**SAMPLE, falx_probability=0.5).simulation_config(with_falx[k]["contact_model"],
+                                                                       {**with_falx[k], "falx": True}).falx
 
 
 @pytest.mark.parametrize("bad", [{"design": "lattice"}, {"design": "sample", "n_solves": 0},
                                  {"drainage_range": [0.7, 0.1]}, {"poisson_ratio_range": [0.4, 0.5]},
-                                 {"craniotomy_radius_range_mm": [20.0]}])
+                                 {"craniotomy_radius_range_mm": [20.0]}, {"falx_probability": 1.5}])
 def test_sampled_config_rejects_bad_fields(bad):
     with pytest.raises(BrainshiftError, match="expected"):
         AtlasConfig(**bad)

@@ -55,7 +55,7 @@ _FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "res
 _RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200.0),
            "poisson_ratio_range": (0.0, 0.4999), "tumour_stiffness_ratio_range": (0.01, 100.0)}
 #: Simulation fields a sampled solve may carry (its own draw).
-_PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio")
+_PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx")
 
 
 @dataclass
@@ -92,6 +92,8 @@ class AtlasConfig:
         tumour_stiffness_ratio_range: ``[min, max]`` tumour / parenchyma stiffness of a ``"sample"`` design;
             None: ``tumour_stiffness_ratio``.
         seed: scrambling seed of the ``"sample"`` design.
+        falx_probability: fraction of a ``"sample"`` design's solves with the falx (drawn on its own Halton
+            dimension); None: the simulation config's ``falx`` for every solve.
     """
 
     resolution_mm: float = 3.0
@@ -115,6 +117,7 @@ class AtlasConfig:
     poisson_ratio_range: list | None = field(default_factory=lambda: [0.40, 0.49])
     tumour_stiffness_ratio_range: list | None = field(default_factory=lambda: [1.0, 3.0])
     seed: int = 0
+    falx_probability: float | None = None
 
     def __post_init__(self) -> None:
         self.contact_models = [str(c) for c in self.contact_models]
@@ -149,6 +152,8 @@ class AtlasConfig:
             raise BrainshiftError(f"expected energy in (0, 1], got {self.energy}")
         if self.design not in ("grid", "sample"):
             raise BrainshiftError(f"expected design 'grid' or 'sample' in the atlas config, got {self.design!r}")
+        if self.falx_probability is not None and not 0.0 <= float(self.falx_probability) <= 1.0:
+            raise BrainshiftError(f"expected falx_probability in [0, 1], got {self.falx_probability}")
         if self.design == "sample" and int(self.n_solves) < 1:
             raise BrainshiftError(f"expected n_solves >= 1 for a sampled atlas, got {self.n_solves}")
         for name, (lo_ok, hi_ok) in _RANGES.items():
@@ -308,7 +313,8 @@ def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solv
               ("tumour_stiffness_ratio", config.tumour_stiffness_ratio_range)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # qmc warns about balance for sizes that are not powers of two
-        u = qmc.Halton(d=3 + len(ranges), scramble=True, seed=int(config.seed)).random(int(config.n_solves))
+        n_dims = 3 + len(ranges) + (config.falx_probability is not None)  # falx last: same draws without it
+        u = qmc.Halton(d=n_dims, scramble=True, seed=int(config.seed)).random(int(config.n_solves))
     from brainshift.simulate.loads import tilted_direction
 
     cap = np.deg2rad(config.gravity_cone_deg if has_tumour else 60.0)
@@ -318,10 +324,12 @@ def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solv
         # the base-2 first dimension, i.e. to the tilt)
         contact = config.contact_models[min(int(row[0] * len(config.contact_models)), len(config.contact_models) - 1)]
         g, _ = tilted_direction(axis, 1.0 - row[1] * (1.0 - np.cos(cap)), 2.0 * np.pi * row[2])  # uniform on the cap
-        drawn = {name: float(lo + r * (hi - lo)) for (name, rng), r in zip(ranges, row[3:], strict=True)
+        drawn = {name: float(lo + r * (hi - lo)) for (name, rng), r in zip(ranges, row[3:3 + len(ranges)], strict=True)
                  if rng is not None for lo, hi in [rng]}
         d = solve_dict(f"s{i:03d}_{contact}", contact, drawn.pop("drainage_fraction"), g)
         d.update({k: round(v, 4) for k, v in drawn.items()})
+        if config.falx_probability is not None:
+            d["falx"] = bool(row[-1] < config.falx_probability)
         plan.append(d)
     return plan
 
