@@ -9,7 +9,7 @@ a ``"sample"`` (default: ``n_solves`` draws spread by a scrambled Halton sequenc
   ``gravity_cone_deg``; with no tumour, directions over the upper hemisphere (tilted up to 60 degrees from
   straight down) with the craniotomy at the highest brain point along each;
 - CSF drainage levels, skull contact models (``contact_models``), and for a sample the craniotomy radius,
-  Poisson ratio and tumour stiffness;
+  Poisson ratio, tumour stiffness and (with ``falx_probability``) the falx;
 - with and without resection: both come from one solve (the gravity equilibrium with the tumour in place is
   the first stage of the resection solve, :attr:`SimulationResult.stage_displacements_local_mm`);
 - stiffness: in linear elasticity with contact that is frictionless or bonded and no initial gap, scaling
@@ -169,7 +169,7 @@ class AtlasConfig:
 
     def simulation_config(self, contact_model: str | None = None, solve: dict | None = None):
         """The :class:`SimulationConfig` of a solve with this contact model (and a sampled solve's own
-        craniotomy radius, Poisson ratio and tumour stiffness, when ``solve`` carries them)."""
+        craniotomy radius, Poisson ratio, tumour stiffness and falx, when ``solve`` carries them)."""
         from brainshift.simulate.case import SimulationConfig
 
         own = {k: solve[k] for k in _PER_SOLVE if solve is not None and k in solve}
@@ -253,7 +253,8 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
         A list of JSON-serialisable dicts (``id``, ``contact_model``, ``drainage_fraction``,
         ``drainage_level_mm``, ``gravity_direction_ras``, ``gravity_tilt_deg``, ``entry_point_ras``,
         ``tumour_centre_ras``, ``approach_direction_ras``; a sampled solve also carries the drawn
-        ``craniotomy_radius_mm`` / ``poisson_ratio`` / ``tumour_stiffness_ratio`` whose range is given).
+        ``craniotomy_radius_mm`` / ``poisson_ratio`` / ``tumour_stiffness_ratio`` whose range is given, and
+        ``falx`` with ``falx_probability``).
     """
     from brainshift.simulate import loads
     from brainshift.volume import Volume
