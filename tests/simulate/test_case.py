@@ -159,12 +159,22 @@ def test_coarse_contact_start_gives_the_same_equilibrium(phantom):
     plain = simulate_case(phantom, cfg, params)
     started = simulate_case(phantom, SimulationConfig(resolution_mm=3.0, coarse_start_min_elements=1), params)
     assert plain.meta["coarse_start"] == "off"
-    assert "fine contact nodes start in contact" in started.meta["coarse_start"]
-    # same contact conditions on the fine mesh (the active set is checked on the fine solution): the fields
-    # agree to the contact tolerances (gap 1e-3 mm)
-    diff = np.abs(plain.nodal_displacement_mm - started.nodal_displacement_mm).max()
-    assert diff < 1e-3 * np.abs(plain.nodal_displacement_mm).max()
-    assert started.meta["solves"][0]["max_outward_mm"] <= 0.2
+    # both stages start from the coarse case's active sets (the phantom's tumour is resected)
+    assert started.meta["n_resected_elements"] > 0
+    assert "fine contact nodes starting in contact: gravity" in started.meta["coarse_start"]
+    assert ", resection " in started.meta["coarse_start"]
+    # same contact conditions on the fine mesh (each stage's active set is checked on the fine solution). The
+    # gravity equilibrium agrees to the contact tolerances (gap 1e-3 mm); the resection's to 1 % of the largest
+    # displacement: started from the gravity stage's larger set, a few nodes whose reaction is tensile below the
+    # force tolerance stay in contact, started from the coarse set they stay free with a gap below the gap
+    # tolerance (both are equilibria within the tolerances; measured 0.012 mm of 1.5 mm here)
+    for stage in ("gravity", "final"):
+        a = plain.stage_displacements_local_mm[stage]
+        b = started.stage_displacements_local_mm[stage]
+        bound = (1e-3 if stage == "gravity" else 1e-2) * np.abs(a).max()
+        assert np.abs(a - b).max() < bound, stage
+    for stage in (0, 1):
+        assert started.meta["solves"][stage]["max_outward_mm"] <= 0.2
 
 
 def test_tilted_direction_and_cap_draws_have_the_asked_angles():
