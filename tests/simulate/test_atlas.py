@@ -79,6 +79,15 @@ def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
                                                                        {**with_falx[k], "falx": True}).falx
 
 
+def test_atlas_solves_settle_the_contact_tail_unless_configured_otherwise():
+    from brainshift.simulate.atlas import ATLAS_CONTACT_SETTLE_FRACTION
+
+    assert 0.0 < ATLAS_CONTACT_SETTLE_FRACTION < 0.01
+    assert AtlasConfig().simulation_config().contact_settle_fraction == ATLAS_CONTACT_SETTLE_FRACTION
+    exact = AtlasConfig(simulation={"contact_settle_fraction": 0.0})
+    assert exact.simulation_config("no_slip").contact_settle_fraction == 0.0
+
+
 @pytest.mark.parametrize("bad", [{"design": "lattice"}, {"design": "sample", "n_solves": 0},
                                  {"drainage_range": [0.7, 0.1]}, {"poisson_ratio_range": [0.4, 0.5]},
                                  {"craniotomy_radius_range_mm": [20.0]}, {"falx_probability": 1.5}])

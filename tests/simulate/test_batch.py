@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -123,6 +124,18 @@ def test_synthetic_subjects_use_derived_seeds(tmp_path, monkeypatch):
     with pytest.raises(BrainshiftError, match="same simulation_config"):
         simulate_batch(out, subjects=2, cases_per_subject=1, config=SimulationConfig(resolution_mm=5.0), seed=11,
                        processes=False, progress=False)
+    # a dataset written by a version without a field that now exists resumes when the field keeps its default
+    # (the old behaviour), and is refused when the request sets it to something else
+    ds = json.loads((out / "dataset.json").read_text())
+    del ds["simulation_config"]["contact_settle_fraction"]
+    (out / "dataset.json").write_text(json.dumps(ds))
+    rep = simulate_batch(out, subjects=2, cases_per_subject=1, config=FAST, seed=11, processes=False, progress=False)
+    assert rep.ok and rep.skipped == ["s0000_c00", "s0001_c00"]
+    assert json.loads((out / "dataset.json").read_text())["simulation_config"]["contact_settle_fraction"] == 0.0
+    (out / "dataset.json").write_text(json.dumps(ds))  # the old record again
+    with pytest.raises(BrainshiftError, match="same simulation_config"):
+        simulate_batch(out, subjects=2, cases_per_subject=1, seed=11, processes=False, progress=False,
+                       config=dataclasses.replace(FAST, contact_settle_fraction=0.01))
 
 
 def test_read_subjects_csv(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainshift.errors import SolverError
+from brainshift.errors import BrainshiftError, SolverError
 from brainshift.simulate import fem as F
 from brainshift.simulate import materials as MAT
 from brainshift.simulate import mesh as M
@@ -202,3 +202,45 @@ def test_hold_chattering_counts_changes_per_node():
     assert held.tolist() == [True, False, False] and changes.tolist() == [MAX_NODE_CHANGES, 2, 0]
     frozen |= held
     assert not hold_chattering(changes, flip, np.zeros(3, bool), frozen)[0]  # a frozen node is not returned again
+
+
+def test_settle_fraction_holds_the_last_changing_nodes_in_contact():
+    """With a settle fraction above the lid's share of the contact nodes, the lid nodes whose release is due in
+    the first iteration are held in contact instead: the answer is then exactly the bilateral one (floor and lid
+    normals fixed, sliding allowed), and the held nodes are counted."""
+    rho_g = MAT.weight_density_pa_per_mm()
+    m, pat, k, f, x, bottom, top = _column_system(-rho_g)
+    cn = np.concatenate([bottom, top])
+    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    pinned = np.concatenate([bottom[:1], bottom[-1:]])
+    b = F.rigid_body_modes(x)
+    exact = ContactSolver(k, pat, b, cn, nn, pinned, rtol=1e-10).solve(f)
+    assert not exact.active[np.isin(cn, top)].any()  # the lid is released without the settle fraction
+    held = ContactSolver(k, pat, b, cn, nn, pinned, rtol=1e-10, settle_fraction=0.9).solve(f)
+    assert held.active[~np.isin(cn, pinned)].all()
+    assert held.held_nodes == top.size
+    free = np.ones((m.n_nodes, 3), bool)
+    free[pinned] = False
+    free[cn, 2] = False
+    ref, _ = F.solve_constrained(k, f, free, pattern=pat, near_null=b, rtol=1e-11)
+    np.testing.assert_allclose(held.u, ref, atol=1e-7 * np.abs(ref).max())
+    with pytest.raises(SolverError, match="settle_fraction"):
+        ContactSolver(k, pat, b, cn, nn, pinned, settle_fraction=1.0)
+
+
+def test_phantom_settle_fraction_fewer_solves_close_field_nothing_through_skull():
+    s = ellipsoid_subject()
+    cfg = SimulationConfig(resolution_mm=3.0, contact_model="no_slip")
+    p = draw_case_parameters(s, cfg, 3)
+    exact = simulate_case(s, cfg, p)
+    fast = simulate_case(s, SimulationConfig(resolution_mm=3.0, contact_model="no_slip",
+                                             contact_settle_fraction=0.02), p)
+    its = [sum(st["contact_iterations"] for st in r.meta["solves"]) for r in (exact, fast)]
+    assert its[1] < its[0]
+    assert sum(st["contact_nodes_held"] for st in fast.meta["solves"]) > 0
+    for stage in fast.meta["solves"]:
+        assert stage["max_outward_mm"] <= 0.2
+    a, b = exact.nodal_displacement_mm, fast.nodal_displacement_mm
+    assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(a)
+    with pytest.raises(BrainshiftError, match="contact_settle_fraction"):
+        SimulationConfig(contact_settle_fraction=0.1)

@@ -55,6 +55,13 @@ _FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "res
 _RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200.0),
            "poisson_ratio_range": (0.0, 0.4999), "tumour_stiffness_ratio_range": (0.01, 100.0)}
 #: Simulation fields a sampled solve may carry (its own draw).
+#: The atlas's solves stop the contact active-set iteration when at most this fraction of the contact nodes still
+#: change state, holding those in contact (``SimulationConfig.contact_settle_fraction``; ``simulation:`` may set
+#: another value, 0 for exact convergence): a member is one basis vector of a fit, where the state of 0.2 % of
+#: the surface nodes does not matter, and the iteration's tail (a few nodes per full solve) is a large part of a
+#: solve's time (bench/RESULTS.md, session 7).
+ATLAS_CONTACT_SETTLE_FRACTION = 0.002
+
 _PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx")
 
 
@@ -173,7 +180,8 @@ class AtlasConfig:
         from brainshift.simulate.case import SimulationConfig
 
         own = {k: solve[k] for k in _PER_SOLVE if solve is not None and k in solve}
-        return SimulationConfig(**{**self.simulation, "material": "linear", "resolution_mm": self.resolution_mm,
+        return SimulationConfig(**{"contact_settle_fraction": ATLAS_CONTACT_SETTLE_FRACTION, **self.simulation,
+                                   "material": "linear", "resolution_mm": self.resolution_mm,
                                    "contact_model": contact_model or self.contact_models[0],
                                    "shear_modulus_pa": self.shear_modulus_pa, "resection": self.resection,
                                    "craniotomy_radius_mm": self.craniotomy_radius_mm,

@@ -316,6 +316,28 @@ def _config_dict(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else asdict(config)
 
 
+def _with_new_defaults(old, new, key: str):
+    """``old`` (a configuration as an earlier version stored it) with the fields it lacks filled with their
+    defaults, so that a dataset resumes after a version that added a field with a default that keeps the old
+    behaviour (a field the new request sets to anything else still differs)."""
+    import json
+
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old
+    if key == "simulation_config":
+        from brainshift.simulate.case import SimulationConfig
+
+        defaults = SimulationConfig().to_dict()
+    elif key == "synthesis_config":
+        from brainshift.simulate.subject import SynthesisConfig
+
+        defaults = asdict(SynthesisConfig())
+    else:
+        return old
+    defaults = json.loads(json.dumps(defaults, default=str))
+    return {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
+
+
 def _check_resume(path: Path, record: dict) -> dict:
     """Compare the request with an existing ``dataset.json``; return the merged subjects table."""
     import json
@@ -326,7 +348,7 @@ def _check_resume(path: Path, record: dict) -> dict:
         raise InputFileError(f"expected a readable {path} from the earlier run, got: {exc}") from None
     new = json.loads(json.dumps(record, default=str))  # compare as stored (tuples become lists)
     for key in ("seed", "simulation_config", "synthesis_config"):
-        if old.get(key) != new[key]:
+        if _with_new_defaults(old.get(key), new[key], key) != new[key]:
             raise BrainshiftError(f"expected the same {key} as the existing dataset in {path.parent} to resume it, "
                                   f"got a different one (old {old.get(key)!r} vs new {record[key]!r}); use a new "
                                   f"output folder for a different configuration")

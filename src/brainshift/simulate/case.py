@@ -77,6 +77,10 @@ class SimulationConfig:
         contact_gap_tolerance_mm: outward motion (mm) beyond which a free surface node is put in contact.
         contact_force_tolerance: tensile reaction, relative to the largest nodal load, beyond which a node
             is released.
+        contact_settle_fraction: the contact active set also counts as settled when at most this fraction of
+            the contact nodes would still change state; they are held in contact (0, the default: exact
+            active-set convergence; the deformation atlas's members use 0.002, see
+            :class:`brainshift.simulate.contact.ContactSolver`).
         newton_load_steps: load steps of the neo-Hookean solve.
         newton_rtol: Newton convergence: residual norm relative to the load norm.
         newton_max_iterations: Newton iterations per load step.
@@ -124,6 +128,7 @@ class SimulationConfig:
     white_grey_stiffness_ratio: float = 1.0
     falx: bool = False
     family: dict | None = None
+    contact_settle_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         self.drainage_fraction_range = tuple(float(x) for x in self.drainage_fraction_range)  # type: ignore
@@ -174,6 +179,8 @@ class SimulationConfig:
                                   f"{self.shear_modulus_pa}, {self.white_grey_stiffness_ratio}")
         if self.solver_maxiter < 1 or self.max_contact_iterations < 1 or self.newton_load_steps < 1:
             raise BrainshiftError("expected solver_maxiter, max_contact_iterations and newton_load_steps >= 1")
+        if not 0.0 <= self.contact_settle_fraction < 0.05:
+            raise BrainshiftError(f"expected contact_settle_fraction in [0, 0.05), got {self.contact_settle_fraction}")
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict of every field."""
@@ -531,7 +538,8 @@ def _midline_and_ventricle_top(subject: Subject) -> tuple[float, float]:
 
 def _contact_settings(pb: _Problem, config: SimulationConfig) -> dict:
     """Keyword arguments of the contact solvers for this problem's contact model and falx."""
-    return {"contact_model": config.contact_model, "plane_nodes": pb.plane_nodes, "plane_normal": pb.plane_normal}
+    return {"contact_model": config.contact_model, "plane_nodes": pb.plane_nodes, "plane_normal": pb.plane_normal,
+            "settle_fraction": config.contact_settle_fraction}
 
 
 def _coarse_active_set(subject: Subject, config: SimulationConfig, params: CaseParameters, top_mm: float,
