@@ -39,7 +39,7 @@ def test_plan_covers_directions_drainage_and_contact():
 
 SAMPLE = dict(design="sample", contact_models=["unilateral", "no_slip"], gravity_cone_deg=45.0,
               drainage_range=[0.05, 0.7], craniotomy_radius_range_mm=[15.0, 45.0],
-              poisson_ratio_range=[0.40, 0.49], tumour_stiffness_ratio_range=[1.0, 3.0])
+              poisson_ratio_range=[0.40, 0.49], tumour_stiffness_ratio_range=[1.0, 3.0], falx_probability=None)
 
 
 def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
@@ -71,11 +71,11 @@ def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
     assert cfg.poisson_ratio == plan[1]["poisson_ratio"]
     # the falx drawn per solve on its own dimension: the other draws stay as they were
     assert all("falx" not in p for p in plan)
-    with_falx = plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=16, seed=3, falx_probability=0.5))
+    with_falx = plan_solves(subj, AtlasConfig(**{**SAMPLE, "falx_probability": 0.5}, n_solves=16, seed=3))
     falx = [p.pop("falx") for p in with_falx]
     assert with_falx == plan and 4 <= sum(falx) <= 12
     k = falx.index(True)
-    assert AtlasConfig(**SAMPLE, falx_probability=0.5).simulation_config(with_falx[k]["contact_model"],
+    assert AtlasConfig(**{**SAMPLE, "falx_probability": 0.5}).simulation_config(with_falx[k]["contact_model"],
                                                                        {**with_falx[k], "falx": True}).falx
 
 
