@@ -29,6 +29,13 @@ def _column_system(gz: float):
     return m, pat, k, f, x, bottom, top
 
 
+def _floor_and_lid(bottom: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contact nodes (floor then lid) and their outward normals (down for the floor, up for the lid)."""
+    cn = np.concatenate([bottom, top])
+    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    return cn, nn
+
+
 def test_column_pressed_on_floor_equals_bilateral_support():
     """Gravity presses the column onto a frictionless floor: every floor node stays in contact (compressive), so
     the unilateral solution equals the bilateral one (floor nodes' vertical DOF fixed, sliding allowed)."""
@@ -55,8 +62,7 @@ def test_lid_detaches_and_floor_holds():
     no node moves outward through either surface."""
     rho_g = MAT.weight_density_pa_per_mm()
     m, pat, k, f, x, bottom, top = _column_system(-rho_g)
-    cn = np.concatenate([bottom, top])
-    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    cn, nn = _floor_and_lid(bottom, top)
     fixed = bottom[:1]
     # two pinned bottom nodes remove the in-plane rigid modes; the rest of the floor is frictionless contact
     cs = ContactSolver(k, pat, F.rigid_body_modes(x), cn, nn, np.concatenate([fixed, bottom[-1:]]), rtol=1e-10)
@@ -120,8 +126,7 @@ def test_bilateral_lid_stays_in_contact_and_equals_fixed_normals():
     the linear solve with the normal DOFs of floor and lid fixed (computed independently by solve_constrained)."""
     rho_g = MAT.weight_density_pa_per_mm()
     m, pat, k, f, x, bottom, top = _column_system(-rho_g)
-    cn = np.concatenate([bottom, top])
-    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    cn, nn = _floor_and_lid(bottom, top)
     fixed = np.concatenate([bottom[:1], bottom[-1:]])
     b = F.rigid_body_modes(x)
     cs = ContactSolver(k, pat, b, cn, nn, fixed, rtol=1e-11, contact_model="bilateral")
@@ -210,8 +215,7 @@ def test_settle_fraction_holds_the_last_changing_nodes_in_contact():
     normals fixed, sliding allowed), and the held nodes are counted."""
     rho_g = MAT.weight_density_pa_per_mm()
     m, pat, k, f, x, bottom, top = _column_system(-rho_g)
-    cn = np.concatenate([bottom, top])
-    nn = np.concatenate([np.tile([0.0, 0.0, -1.0], (bottom.size, 1)), np.tile([0.0, 0.0, 1.0], (top.size, 1))])
+    cn, nn = _floor_and_lid(bottom, top)
     pinned = np.concatenate([bottom[:1], bottom[-1:]])
     b = F.rigid_body_modes(x)
     exact = ContactSolver(k, pat, b, cn, nn, pinned, rtol=1e-10).solve(f)

@@ -54,7 +54,6 @@ _FIXED = ("material", "resolution_mm", "contact_model", "shear_modulus_pa", "res
 #: Ranges of a sampled design and the bounds each must lie in.
 _RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200.0),
            "poisson_ratio_range": (0.0, 0.4999), "tumour_stiffness_ratio_range": (0.01, 100.0)}
-#: Simulation fields a sampled solve may carry (its own draw).
 #: The atlas's solves stop the contact active-set iteration when at most this fraction of the contact nodes still
 #: change state, holding those in contact (``SimulationConfig.contact_settle_fraction``; ``simulation:`` may set
 #: another value, 0 for exact convergence): a member is one basis vector of a fit, where the state of 0.2 % of
@@ -62,6 +61,7 @@ _RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200
 #: solve's time (bench/RESULTS.md, session 7).
 ATLAS_CONTACT_SETTLE_FRACTION = 0.002
 
+#: Simulation fields a sampled solve may carry (its own draw).
 _PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx")
 
 

@@ -73,7 +73,8 @@ class SimulationConfig:
         max_contact_iterations: maximum active-set iterations per equilibrium.
         coarse_start_min_elements: linear model with at least this many elements: the contact active sets of
             the gravity equilibrium and of the resection start from the same case solved at twice the element
-            size (same result, fewer fine solves and AMG setups); 0 disables it.
+            size (an equilibrium within the same contact tolerances, fewer fine solves and AMG setups; see
+            ``_coarse_active_set``); 0 disables it.
         contact_gap_tolerance_mm: outward motion (mm) beyond which a free surface node is put in contact.
         contact_force_tolerance: tensile reaction, relative to the largest nodal load, beyond which a node
             is released.
