@@ -151,3 +151,26 @@ def test_single_precision_cycle_same_solution_as_double():
     assert np.linalg.norm(v32 - v64) < 1e-5 * np.linalg.norm(v64)  # the same cycle up to float32 rounding (~5e-7)
     with pytest.raises(ValueError, match="precision"):
         F.AMGSolver(kc, b, precision="half")
+
+
+def test_update_constraints_equals_a_fresh_application():
+    """Updating a constrained matrix for a changed constraint set gives apply_constraints' matrix bit for bit,
+    including nodes that were held and are now free (their rows come back from the unconstrained matrix)."""
+    m = M.build_mesh(box_volume((24, 21, 18)), resolution_mm=3.0)
+    pat = F.block_pattern(m)
+    mu = MU * np.random.default_rng(3).uniform(0.05, 2.0, m.n_elements)
+    k = F.assemble_stiffness(m, MAT.lame_lambda(mu, 0.45), mu, pattern=pat)
+    rng = np.random.default_rng(4)
+    diag = np.einsum("bii->bi", k.data[pat.diag_pos]) * 2.0  # a given diagonal, not k's own
+    free_a = rng.random((m.n_nodes, 3)) > 0.2
+    free_b = free_a.copy()
+    flip = rng.choice(m.n_nodes, size=m.n_nodes // 10, replace=False)
+    free_b[flip] = rng.random((flip.size, 3)) > 0.5  # some released, some newly held, some partly
+    for d in (None, diag):
+        kc_a = F.apply_constraints(k, free_a, pat.diag_pos, pat.rows, diag=d)
+        updated = F.update_constraints(kc_a, k, free_b, free_a, pat.diag_pos, pat.rows, diag=d)
+        fresh = F.apply_constraints(k, free_b, pat.diag_pos, pat.rows, diag=d)
+        assert np.array_equal(updated.data, fresh.data)
+        assert not np.array_equal(fresh.data, F.apply_constraints(k, free_a, pat.diag_pos, pat.rows, diag=d).data)
+    same = F.apply_constraints(k, free_b, pat.diag_pos, pat.rows)
+    assert F.update_constraints(same, k, free_b, free_b, pat.diag_pos, pat.rows) is same  # nothing changed

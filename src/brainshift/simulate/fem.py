@@ -241,6 +241,29 @@ def apply_constraints(k: sp.bsr_matrix, free: np.ndarray, diag_pos: np.ndarray, 
     return sp.bsr_matrix((data, k.indices, k.indptr), shape=k.shape)
 
 
+def update_constraints(kc: sp.bsr_matrix, k: sp.bsr_matrix, free: np.ndarray, free_prev: np.ndarray,
+                       diag_pos: np.ndarray, rows: np.ndarray, diag: np.ndarray | None = None) -> sp.bsr_matrix:
+    """:func:`apply_constraints` for a new ``free`` given ``kc = apply_constraints(k, free_prev, ...)``, in place.
+
+    Only the blocks in the rows and columns of nodes whose constraints changed are recomputed (from ``k``), so
+    an active-set iteration that changes a few hundred contact nodes does not copy the whole matrix (measured:
+    0.7-0.9 s per copy of a 255k-DOF stiffness on the shared 2-core machine). The result equals
+    ``apply_constraints(k, free, ...)`` bit for bit. ``kc``'s data array is overwritten and returned wrapped in a
+    new matrix: nothing else may still use ``kc`` (an AMG hierarchy built from it in float64 would change).
+    """
+    changed = (free != free_prev).any(axis=1)
+    if not changed.any():
+        return kc
+    data = kc.data
+    sel = np.nonzero(changed[rows] | changed[k.indices])[0]
+    m = free.astype(np.float64)
+    data[sel] = k.data[sel] * (m[rows[sel]][:, :, None] * m[k.indices[sel]][:, None, :])
+    cn = np.nonzero(changed & ~free.all(axis=1))[0]
+    dg = np.einsum("bii->bi", k.data[diag_pos]) if diag is None else diag
+    data[diag_pos[cn]] += np.einsum("bi,ij->bij", (1.0 - m[cn]) * dg[cn], np.eye(3))
+    return sp.bsr_matrix((data, kc.indices, kc.indptr), shape=kc.shape)
+
+
 class AMGSolver:
     """Smoothed-aggregation AMG preconditioned CG for one SPD matrix (pyamg + scipy).
 
