@@ -10,7 +10,7 @@ from brainshift.interpolate import interpolate
 from brainshift.model.checkpoint import LoadedModel
 from brainshift.model.grid import mirror_network_tensor, to_network_grid
 from brainshift.model.network import NetworkConfig
-from brainshift.model.safeguards import keypoint_residuals_mm, safe_refine, sample_field
+from brainshift.model.safeguards import fit_blend, keypoint_residuals_mm, safe_refine, sample_field
 from brainshift.volume import Volume
 
 CFG = NetworkConfig(features=(4, 8), spacing_mm=2.0)
@@ -91,6 +91,29 @@ def test_harmful_network_falls_back_to_the_classical_field():
     assert np.abs(res.network_field_vox - init).max() > 0.2  # the network itself did move the field
 
 
+class _Shift(torch.nn.Module):
+    """Adds a constant to its input field: an affine correction, which the consistency spline removes exactly."""
+
+    def forward(self, x):
+        return x[:, :3] + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1, 1)
+
+
+def test_cross_validation_scores_the_output_after_the_consistency_step():
+    """The folds score what the output will be: a correction that the keypoint-consistency spline removes
+    (a constant) can neither help nor hurt, so none of it is kept, and the output is the network-free one."""
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt, n=30)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps")
+    plain = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps")
+    assert shifted.alpha == 0.0 and plain.alpha == 0.0
+    assert shifted.info["heldout_rmse_output_mm"] == pytest.approx(plain.info["heldout_rmse_output_mm"], abs=1e-6)
+    np.testing.assert_allclose(shifted.field_vox, plain.field_vox, atol=1e-5)
+    # scored without the step, the same constant looks like a change of the held-out error
+    raw = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", consistency=False)
+    assert raw.info["heldout_rmse_network_mm"] > raw.info["heldout_rmse_classical_mm"] + 0.1
+
+
 def test_consistency_honours_the_keypoints_at_least_as_well_as_the_initial_field():
     image, gt = _image(), _smooth_field()
     pts, d = _keypoints(gt, n=30)
@@ -126,3 +149,20 @@ def test_few_keypoints_skip_cross_validation_and_bad_input_raises():
     assert res.alpha == 1.0 and res.info["folds"] == 0
     with pytest.raises(BrainshiftError, match="keypoints"):
         safe_refine(image, pts, d[:3], init, LoadedModel(_Identity(), CFG, {}), method="tps")
+
+
+def test_fit_blend_recovers_the_weights_and_respects_the_box():
+    """Held-out errors made of known multiples of the correction c and the spline t give those multiples back;
+    outside [0, 1]^2 the exact box-constrained minimum (checked on a fine grid) is returned."""
+    rng = np.random.default_rng(5)
+    c, t = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
+    assert fit_blend(-(0.3 * c + 0.8 * t), c, t) == pytest.approx((0.3, 0.8), abs=1e-9)
+    assert fit_blend(-0.5 * c, c, None) == pytest.approx((0.5, 0.0), abs=1e-12)
+    assert fit_blend(-0.5 * c, c, np.zeros_like(t)) == pytest.approx((0.5, 0.0), abs=1e-12)  # no spline: beta 0
+    assert fit_blend(-0.5 * c, np.zeros_like(c), t)[0] == 0.0  # nothing to keep: alpha 0
+    grid = np.linspace(0.0, 1.0, 201)
+    for e0 in (2.0 * c - 0.4 * t, -(1.7 * c + 0.2 * t) + 0.1 * rng.normal(size=c.shape), 3.0 * t - 2.5 * c):
+        a, b = fit_blend(e0, c, t)
+        assert 0.0 <= a <= 1.0 and 0.0 <= b <= 1.0
+        costs = [float(((e0 + x * c + y * t) ** 2).sum()) for x in grid for y in grid]
+        assert float(((e0 + a * c + b * t) ** 2).sum()) <= min(costs) + 1e-9
