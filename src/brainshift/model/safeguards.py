@@ -286,7 +286,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     t1 = time.perf_counter()
     split = _folds(len(pts), folds, min_per_fold, seed)
     alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts))}
-    held_err0, held_corr, held_dist, held_classical, held_spline = [], [], [], [], []
+    held_err0, held_corr, held_dist, held_classical, held_spline, held_raw = [], [], [], [], [], []
     if split:
         img_c, mask_c = _coarse_problem(image, mask, loaded)
         to_c = np.linalg.inv(img_c.affine) @ np.asarray(image.affine, np.float64)
@@ -310,6 +310,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             at_ref = sample_field(ref_c, pts_c[held])
             err0, corr = (at_init - dsp_c[held]) @ ac3.T, (at_ref - at_init) @ ac3.T
             held_classical.append(err0)
+            held_raw.append(err0 + corr)  # the network's own held-out error
             spline = np.zeros_like(err0)
             if consistency:  # score the output as it will be made: after the keypoint-consistency spline
                 spline, c_spline = _consistency_at(pts, keep, held, image.shape,
@@ -330,7 +331,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         dist = np.concatenate(held_dist)
         cv.update({
             "heldout_rmse_classical_mm": float(np.sqrt((np.concatenate(held_classical) ** 2).sum(axis=1).mean())),
-            "heldout_rmse_network_mm": float(np.sqrt(((e0 + c) ** 2).sum(axis=1).mean())),
+            "heldout_rmse_network_mm": float(np.sqrt((np.concatenate(held_raw) ** 2).sum(axis=1).mean())),
             "heldout_rmse_output_mm": float(np.sqrt((e_out ** 2).sum(axis=1).mean())),
             "heldout_rms_distance_mm": float(np.sqrt((dist ** 2).mean())),
         })
