@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--ants", action="store_true", help="also run the ANTs SyN baseline (antspyx)")
     ap.add_argument("--threads", type=int, default=2, help="ITK threads for ANTs")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N cases (resume)")
+    ap.add_argument("--ants-from", default=None,
+                    help="an earlier run's cases.jsonl (same data and seed): take its ants-syn rows instead of "
+                         "re-running SyN (they do not depend on brainshift's code)")
     ap.add_argument("--out", default="bench/register")
     args = ap.parse_args()
     from brainshift.simulate.dataset import list_cases
@@ -184,6 +187,9 @@ def main() -> None:
         if cid in finished:
             continue
         new = run_case(data, cid, seed=args.seed, refine_model=model, ants=args.ants, threads=args.threads)
+        if args.ants_from:
+            new += [r for r in (json.loads(line) for line in Path(args.ants_from).read_text().splitlines())
+                    if r["case"] == cid and r["method"] == "ants-syn"]
         with open(done, "a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in new)
         rows += new

@@ -7,7 +7,7 @@ described once in both images, and the matches are made and filtered for each ``
 cavity, TRE at 100 held-out detected keypoints) and their precision (displacement within 1 mm of the ground
 truth) counted. Prints one JSON line per case and threshold.
 
-    .venv/bin/python bench/register_validation.py --thresholds 1.0,1.5,2.0
+    .venv/bin/python bench/register_validation.py --thresholds 1.0,1.5,2.0 --local-models median,affine
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/lomo_train")
     ap.add_argument("--cases", default=",".join(f"s{i:04d}_c0{(i + 2) % 5}" for i in range(20, 28)))
     ap.add_argument("--thresholds", default="1.0,1.5,2.0")
+    ap.add_argument("--local-models", default="median", help="comma-separated local_model values")
     args = ap.parse_args()
     from brainshift.evaluate.metrics import score_field
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
@@ -48,13 +49,13 @@ def main() -> None:
         k_in = detect_keypoints(intraop, _intraop_region(brain, subject.image, intraop, 5.0))
         d_pre = describe_keypoints(subject.image, k_pre.points_vox, k_pre.scales_mm)
         d_in = describe_keypoints(intraop, k_in.points_vox, k_in.scales_mm)
-        for thr in (float(x) for x in args.thresholds.split(",")):
+        for model, thr in ((m, float(x)) for m in args.local_models.split(",") for x in args.thresholds.split(",")):
             t = match_features(k_pre.points_vox, d_pre, aff, k_in.points_vox, d_in, intraop.affine,
-                               max_matches=2000, reject_options={"threshold_mm": thr})
+                               max_matches=2000, reject_options={"threshold_mm": thr, "local_model": model})
             err = np.linalg.norm((t.disps_vox - trilinear_sample(gt, t.points_vox)) @ aff[:3, :3].T, axis=1)
             f = interpolate("tps", t.points_vox, t.disps_vox, gt.shape[1:], aff)
             s = score_field(f, gt, aff, region, kp.heldout_points_vox, kp.heldout_disps_vox)
-            print(json.dumps({"case": cid, "threshold_mm": thr, "inliers": int(len(err)),
+            print(json.dumps({"case": cid, "local_model": model, "threshold_mm": thr, "inliers": int(len(err)),
                               "candidates": int(t.counts["candidate_matches"]),
                               "precision_1mm": float((err < 1).mean()), "mse_mm2": s["mse_mm2"],
                               "tre_mm": s["tre_mm"], "max_disp_mm": float(case.meta.get("max_displacement_mm", 0))}),

@@ -14,7 +14,7 @@
    tissue little and the descriptors of both images share the world axes).
 4. ``match keypoints``: mutual nearest neighbours with a ratio test among pairs within
    ``max_displacement_mm`` in world mm (:func:`brainshift.keypoints.match.match_keypoints`), then geometric
-   outlier rejection against a robust local median of the displacements
+   outlier rejection against a local affine fit of the neighbours' displacements
    (:func:`brainshift.keypoints.match.reject_outliers`).
 5. The inliers become a keypoint table in the **preop voxel frame**: the preop keypoint ``p`` (0-based
    ``i, j, k`` of the preop grid) and ``d = A_pre^-1 A_intra q - p`` with ``q`` the matched intraop keypoint

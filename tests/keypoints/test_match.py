@@ -121,3 +121,34 @@ def test_bad_inputs_raise():
     with pytest.raises(KeypointError, match="equal shape"):
         reject_outliers(np.zeros((5, 3)), np.zeros((4, 3)))
     assert len(match_keypoints(np.zeros((0, 4)), np.zeros((0, 3)), np.zeros((2, 4)), np.zeros((2, 3)))) == 0
+
+
+def test_affine_local_model_keeps_every_match_of_a_steep_affine_shift():
+    # exact property: a locally affine displacement is predicted exactly by the local affine fit, so every
+    # match is kept even at a tight threshold; the local median is biased by gradient x neighbour spread
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 100, size=(300, 3))
+    jac = rng.normal(scale=0.15, size=(3, 3))
+    disp = pts @ jac.T + np.array([2.0, -1.0, 0.5])
+    assert reject_outliers(pts, disp, threshold_mm=0.1, local_model="affine").all()
+    assert reject_outliers(pts, disp, threshold_mm=0.1, local_model="median").mean() < 0.5
+
+
+def test_affine_local_model_rejects_wrong_matches_on_a_steep_shift():
+    rng = np.random.default_rng(6)
+    pts = rng.uniform(0, 100, size=(400, 3))
+    true = np.stack([8 * np.sin(pts[:, 0] / 40), 6 * np.cos(pts[:, 1] / 35), 0.12 * pts[:, 2]], axis=1)
+    disp = true + rng.normal(scale=0.2, size=true.shape)
+    bad = rng.choice(400, size=60, replace=False)
+    disp[bad] = true[bad] + rng.uniform(3, 15, size=(60, 1)) * rng.normal(size=(60, 3)) / 1.7
+    wrong = np.linalg.norm(disp - true, axis=1) > 2.5
+    good = np.linalg.norm(disp - true, axis=1) < 1.0
+    inlier = reject_outliers(pts, disp)  # defaults: affine, 1.5 mm
+    assert not inlier[wrong].any()
+    assert inlier[good].mean() >= 0.95
+    assert inlier[good].mean() > reject_outliers(pts, disp, local_model="median")[good].mean()
+
+
+def test_reject_outliers_bad_local_model_raises():
+    with pytest.raises(BrainshiftError, match="local_model"):
+        reject_outliers(np.zeros((5, 3)), np.zeros((5, 3)), local_model="spline")
