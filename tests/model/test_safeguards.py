@@ -137,6 +137,9 @@ def test_uncertainty_zero_spread_grows_away_from_keypoints():
     at_kp = sig[tuple(np.rint(pts).astype(int).T)]
     rho = res.info["rho"]
     assert rho > 0 and sig.max() > 0
+    # rho is per world component: the held-out 3-D RMS error over sqrt(3), per mm of distance
+    cv = res.info
+    assert rho == pytest.approx(cv["heldout_rmse_output_mm"] / np.sqrt(3.0) / cv["heldout_rms_distance_mm"], rel=1e-9)
     assert at_kp.max() <= rho * 2.0 * np.sqrt(3.0) + 1e-6  # within one 2 mm voxel diagonal of a keypoint
     assert sig.max() > 4.0 * at_kp.max()
 

@@ -28,13 +28,17 @@ learnt, using only what the user gave: the keypoints.
    sampling) are interpolated with a thin-plate spline (:func:`brainshift.interpolate.tps_interpolate`, ridge
    :data:`CONSISTENCY_LAM`) and added, so the output honours the driving keypoints at least as well as the
    classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the spline fits them).
-3. **Uncertainty.** A per-voxel standard deviation (mm) ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``,
-   computed on the network grid and resampled trilinearly to the image grid:
-   ``s`` is the spread of the network's two left-right mirrored passes (half their difference, mm; the mirrored
-   problem is an exact solution of the same mechanics, so disagreement means the network is unsure), ``d`` the
-   distance (mm) to the nearest keypoint, and ``rho`` (mm of error per mm of distance) fitted per case from the
-   cross-validation: the RMS error of the output at the held-out keypoints over their RMS distance to the
-   nearest kept keypoint. Its calibration is measured in ``bench/generalization.py`` (reliability table).
+3. **Uncertainty.** A per-voxel standard deviation (mm) of each world component of the output,
+   ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``, computed on the network grid and resampled trilinearly
+   to the image grid: ``s`` is the spread of the network's two left-right mirrored passes (the magnitude of half
+   their difference over ``sqrt(3)``, mm; the mirrored problem is an exact solution of the same mechanics, so
+   disagreement means the network is unsure), ``d`` the distance (mm) to the nearest keypoint, and ``rho`` (mm
+   of error per component per mm of distance) fitted per case from the cross-validation: the RMS error of the
+   output at the held-out keypoints per component (3-D RMS over ``sqrt(3)``) over their RMS distance to the
+   nearest kept keypoint. Both terms are 3-D magnitudes spread evenly over the three components (an isotropic
+   error); before session 9 they were not divided by ``sqrt(3)``, which made the map conservative by that factor
+   (measured 0.5-0.7 x in every reliability bin). Its calibration is measured in ``bench/generalization.py``
+   (reliability table).
 
 Convention: every field here is float32 ``(3, I, J, K)``, forward Lagrangian (preop voxel ``p`` moves to
 ``p + u(p)``), voxel units along ``i, j, k`` of the image grid; keypoints are 0-based voxel indices with
@@ -118,13 +122,14 @@ def _two_passes(loaded: LoadedModel, net_input, device) -> tuple[torch.Tensor, t
 
 
 def _spread_mm(half_diff: torch.Tensor, net_input) -> torch.Tensor:
-    """``(I', J', K')`` magnitude (mm) of a network-unit field on the (unpadded) network grid, continued outside
-    the brain from the nearest brain voxel (as the network's correction is)."""
+    """``(I', J', K')`` magnitude (mm) of a network-unit field on the (unpadded) network grid over ``sqrt(3)`` (its
+    RMS per world component), continued outside the brain from the nearest brain voxel (as the network's
+    correction is)."""
     a_net = np.asarray(net_input.net_affine, np.float64)[:3, :3]
     units = spacing_from_affine(net_input.net_affine) if net_input.config.field_units == "mm" else np.ones(3)
     to_mm = torch.as_tensor(a_net @ np.diag(1.0 / units), dtype=torch.float32)
     d = extend_from_region(crop_pad(half_diff[0, :3], net_input.pad), crop_pad(net_input.mask, net_input.pad))
-    return torch.linalg.vector_norm(torch.einsum("ab,b...->a...", to_mm, d.float()), dim=0)
+    return torch.linalg.vector_norm(torch.einsum("ab,b...->a...", to_mm, d.float()), dim=0) / np.sqrt(3.0)
 
 
 def _keypoint_distance_mm(points_ras: np.ndarray, net_input) -> torch.Tensor:
@@ -353,7 +358,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     t3 = time.perf_counter()
     rho = 0.0
     if split and cv["heldout_rms_distance_mm"] > 0:
-        rho = cv["heldout_rmse_output_mm"] / cv["heldout_rms_distance_mm"]
+        rho = cv["heldout_rmse_output_mm"] / np.sqrt(3.0) / cv["heldout_rms_distance_mm"]
     dist_net = _keypoint_distance_mm(pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3], net_input)
     sigma_net = torch.sqrt((alpha * spread_net) ** 2 + (rho * dist_net) ** 2)
     sigma = _scalar_to_input_grid(sigma_net, net_input)
