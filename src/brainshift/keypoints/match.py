@@ -6,7 +6,7 @@ plausible displacement (world mm; brain shift stays below ~30 mm) are candidates
 the other's nearest candidate in descriptor space (mutual nearest neighbours) and the nearest is clearly
 better than the second nearest (Lowe's ratio test, IJCV 2004). :func:`reject_outliers` then removes matches
 whose displacement disagrees with the smooth displacement of their neighbours (iterative rejection against a
-robust local median). Everything is in world millimetres: the two images may be on different grids.
+robust local fit: median, then affine). Everything is in world millimetres: the two images may be on different grids.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def reject_outliers(
     Args:
         points_mm: ``(M, 3)`` match positions in world mm (e.g. the preop keypoints).
         disps_mm: ``(M, 3)`` their displacements in world mm.
-        n_neighbors: neighbours in each local median.
+        n_neighbors: neighbours in each local fit.
         radius_mm: largest distance of a neighbour.
         threshold_mm: residual always accepted (the matches' own localisation error, ~1 voxel). The defaults
             (``"affine"``, 1.5 mm) were chosen on 8 validation cases of training subjects
