@@ -262,6 +262,18 @@ def test_mrk_json_skips_undefined_points_and_checks_units(tmp_path, oblique_affi
         read_slicer_markups(tmp_path / "b.mrk.json", tmp_path / "b.mrk.json", oblique_affine)
 
 
+@pytest.mark.parametrize("markups, expected", [
+    ([{"coordinateSystem": "RAS", "controlPoints": {"A": [1, 2, 3]}}], r"expected a 'controlPoints' list .* got dict"),
+    ([{"coordinateSystem": "RAS", "controlPoints": [1, 2]}], r"expected control point 0 of markup 0 .* got 1"),
+    ([], r"expected a non-empty 'markups' list .* got an empty list"),
+])
+def test_mrk_json_malformed_control_points_are_keypoint_errors(tmp_path, oblique_affine, markups, expected):
+    # a hand-edited or foreign .mrk.json: a one-line KeypointError, never an AttributeError
+    (tmp_path / "a.mrk.json").write_text(json.dumps({"markups": markups}))
+    with pytest.raises(KeypointError, match=expected):
+        read_slicer_markups(tmp_path / "a.mrk.json", tmp_path / "a.mrk.json", oblique_affine)
+
+
 # ----------------------------------------------------------------------------------------------- dispatch
 
 

@@ -515,7 +515,8 @@ def _read_mrk_json(p: Path) -> tuple[np.ndarray, list[str]]:
         raise InputFileError(f"expected a JSON Slicer markups file, got {str(p)!r}: {exc}") from None
     markups = doc.get("markups") if isinstance(doc, dict) else None
     if not isinstance(markups, list) or not markups:
-        raise KeypointError(f"expected a 'markups' list in {str(p)!r}, got {type(markups).__name__}")
+        got = "an empty list" if isinstance(markups, list) else type(markups).__name__
+        raise KeypointError(f"expected a non-empty 'markups' list in {str(p)!r}, got {got}")
     pts, labels = [], []
     for m_index, markup in enumerate(markups):
         system = markup.get("coordinateSystem") if isinstance(markup, dict) else None
@@ -528,7 +529,14 @@ def _read_mrk_json(p: Path) -> tuple[np.ndarray, list[str]]:
         units = markup.get("coordinateUnits", "mm")
         if str(units).lower() != "mm":
             raise KeypointError(f"expected coordinateUnits 'mm' in markup {m_index} of {str(p)!r}, got {units!r}")
-        for c_index, cp in enumerate(markup.get("controlPoints") or []):
+        control_points = markup.get("controlPoints") or []
+        if not isinstance(control_points, list):
+            raise KeypointError(f"expected a 'controlPoints' list in markup {m_index} of {str(p)!r}, got "
+                                f"{type(control_points).__name__}")
+        for c_index, cp in enumerate(control_points):
+            if not isinstance(cp, dict):
+                raise KeypointError(f"expected control point {c_index} of markup {m_index} in {str(p)!r} to be an "
+                                    f"object with a 'position', got {cp!r:.80}")
             status = str(cp.get("positionStatus", "defined")).lower()
             if status != "defined":
                 warnings.warn(f"skipping control point {cp.get('label', c_index)!r} of {str(p)!r}: positionStatus "
