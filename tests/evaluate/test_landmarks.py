@@ -93,3 +93,17 @@ def test_bad_files_raise_and_the_cli_reports(tmp_path, field_file):
     assert out.read_text().splitlines()[0] == "label,x,y,z,tre_before_mm,tre_after_mm"
     r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(far), "--field", str(field_file)])
     assert r.exit_code == 2 and r.output.startswith("error: expected preop landmarks inside")
+
+
+def test_tables_with_a_byte_order_mark_or_not_utf8(tmp_path, field_file):
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a Latin-1 label is not UTF-8: an error, not a traceback
+    pre = "x,y,z,label\n" + "".join(f"{x:g},{y:g},{z:g},p{i}\n" for i, (x, y, z) in enumerate(PRE))
+    intra = "x,y,z\n" + "".join(f"{x:g},{y:g},{z:g}\n" for x, y, z in INTRA)
+    (tmp_path / "pre.csv").write_bytes(b"\xef\xbb\xbf" + pre.encode())
+    (tmp_path / "intra.csv").write_text(intra)
+    tre = evaluate_landmarks(tmp_path / "pre.csv", tmp_path / "intra.csv", field_file)
+    assert tre.labels == ["p0", "p1", "p2"]
+    (tmp_path / "latin1.csv").write_bytes(pre.replace("p0", "caf\xe9").encode("latin-1"))
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tmp_path / "latin1.csv"),
+                            "--intraop-landmarks", str(tmp_path / "intra.csv"), "--field", str(field_file)])
+    assert r.exit_code == 2 and r.output.startswith("error: expected a UTF-8 text landmark table"), r.output
