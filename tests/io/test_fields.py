@@ -210,6 +210,28 @@ def test_bad_field_files(tmp_path, oblique_affine):
         read_field(tmp_path / "cut.h5")
 
 
+@pytest.mark.parametrize("layout", ["utf8_type", "fixed_type", "no_parameters", "no_group"])
+def test_h5_not_in_itk_layout_is_one_clear_error(tmp_path, capfd, layout):
+    # written with h5py by another tool: ITK's HDF5 cannot read UTF-8 or fixed-length strings or missing
+    # datasets and prints dozens of HDF5-DIAG lines on stderr before failing; we refuse such files first
+    import h5py
+
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as h5:
+        if layout != "no_group":
+            g = h5.create_group("TransformGroup/0")
+            dtype = {"fixed_type": "S34"}.get(layout, h5py.string_dtype("utf-8" if layout == "utf8_type" else "ascii"))
+            g["TransformType"] = np.array([b"DisplacementFieldTransform_float_3_3"], dtype=dtype)
+            if layout != "no_parameters":
+                g["TransformParameters"] = np.zeros(3 * 8, np.float32)
+                g["TransformFixedParameters"] = np.r_[[2.0, 2, 2], np.zeros(3), np.ones(3), np.eye(3).ravel()]
+        else:
+            h5["x"] = 1
+    with pytest.raises(InputFileError, match=r"expected an ITK transform file in ITK's HDF5 layout"):
+        read_field(path)
+    assert "HDF5-DIAG" not in capfd.readouterr().err
+
+
 def test_write_field_leaves_nothing_on_bad_input(tmp_path, oblique_affine):
     field = smooth_field(OBLIQUE_SHAPE)
     field[0, 1, 1, 1] = np.nan

@@ -375,10 +375,48 @@ def _check_hdf5(p: Path) -> None:
                     params = group[key].get("TransformParameters")
                     if params is not None and params.size:
                         np.asarray(params[-1:])  # reading the last values checks that the data is all there
+            problem = _itk_layout_problem(fh)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         cause = " ".join(str(exc).split()) or type(exc).__name__
         raise InputFileError(f"expected a complete ITK transform file (HDF5) in {str(p)!r}, got a truncated or "
                              f"corrupt file ({cause[:160]})") from None
+    if problem:
+        raise InputFileError(f"expected an ITK transform file in ITK's HDF5 layout in {str(p)!r}, got {problem}")
+
+
+def _itk_layout_problem(fh) -> str | None:
+    """What in an open HDF5 file ITK's transform reader would fail on, or None.
+
+    ITK (SimpleITK, Slicer, ANTs) needs ``/TransformGroup/<n>/TransformType`` as a variable-length ASCII string
+    (h5py's default strings are UTF-8, which ITK's HDF5 cannot convert) and, except for a composite's own
+    entry, ``TransformParameters`` and ``TransformFixedParameters``. Checked here because ITK's HDF5 prints
+    dozens of diagnostic lines to stderr before it fails on such a file.
+    """
+    import h5py
+
+    group = fh.get("TransformGroup")
+    if not isinstance(group, h5py.Group) or not len(group):
+        return "no transform in /TransformGroup"
+    for key in group:
+        entry = group[key]
+        if not isinstance(entry, h5py.Group):
+            return f"/TransformGroup/{key} that is not a group"
+        ttype = entry.get("TransformType")
+        info = h5py.check_string_dtype(ttype.dtype) if isinstance(ttype, h5py.Dataset) else None
+        if info is None or info.length is not None or info.encoding != "ascii" or ttype.size < 1:
+            what = "none" if ttype is None else f"dtype {ttype.dtype}"
+            if info is not None:
+                what += f" ({info.encoding}, {'variable' if info.length is None else 'fixed'} length)"
+            return (f"/TransformGroup/{key}/TransformType {what}; ITK reads it only as a variable-length ASCII "
+                    f"string")
+        name = np.ravel(ttype[()])[0]
+        name = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+        if not name.startswith("CompositeTransform"):
+            missing = [d for d in ("TransformParameters", "TransformFixedParameters")
+                       if not isinstance(entry.get(d), h5py.Dataset)]
+            if missing:
+                return f"no {' and no '.join(missing)} in /TransformGroup/{key} ({name})"
+    return None
 
 
 def _read_nifti_field(p: Path) -> tuple[np.ndarray, np.ndarray]:
