@@ -56,6 +56,19 @@ def test_keypoints_command_bad_input_exits_2(tmp_path):
     assert not list(tmp_path.glob("*.csv"))  # nothing written on error
 
 
+def test_keypoints_out_that_is_a_directory_is_refused(tmp_path, monkeypatch):
+    # "--out ''" and "--out DIR/" used to write the hidden files ".csv" and ".key" (or DIR.csv beside DIR)
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    (tmp_path / "kp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for out in ("", ".", "kp", "kp/"):
+        result = runner.invoke(app, ["keypoints", str(image), "--out", out])
+        assert result.exit_code == 2, (out, result.output)
+        assert result.output.startswith("error: expected --out a file prefix"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs.nii.gz", "kp"] and not any((tmp_path / "kp").iterdir())
+
+
 def test_keypoints_pair_is_written_together_or_not_at_all(tmp_path, monkeypatch):
     """A failure while writing the .key (a full disk) leaves the earlier .csv and .key exactly as they were."""
     import errno

@@ -52,6 +52,9 @@ def keypoints_command(
                                           ">= 0"),
                     "--border-mm": (border_mm, math.isfinite(border_mm) and border_mm >= 0, ">= 0"),
                     "--max": (max_keypoints, max_keypoints is None or max_keypoints >= 1, ">= 1")})
+    if out is not None and (out.name in ("", ".", "..") or out.is_dir()):  # "" or "dir/" would write .csv/.key
+        raise BrainshiftError(f"expected --out a file prefix (writes PREFIX.csv and PREFIX.key), got the directory "
+                              f"{str(out)!r}; give a name inside it, e.g. {str(out / 'keypoints')!r}")
     volume = read_image(image)
     check_intensities(volume, image, "image")
     mask_volume = read_image(mask, kind="label") if mask is not None else None
