@@ -111,7 +111,8 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
         The counts of :class:`brainshift.register.MatchTable` plus ``features_a`` and ``features_b``.
 
     Raises:
-        InputFileError, KeypointError: unreadable files, malformed ``.key`` files, different descriptor lengths.
+        InputFileError, KeypointError: unreadable files, malformed ``.key`` files, different descriptor lengths,
+            features outside their image's grid (a ``.key`` file of another image).
     """
     from brainshift.io.atomic import atomic_output
     from brainshift.io.images import read_image
@@ -119,13 +120,32 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
     from brainshift.register import match_features
 
     fa, fb = read_sift_key_features(key_a), read_sift_key_features(key_b)
-    aff_a, aff_b = read_image(image_a).affine, read_image(image_b).affine
+    vol_a, vol_b = read_image(image_a), read_image(image_b)
+    _check_features_on_grid(fa.points_vox, vol_a.shape, key_a, image_a, "-a")
+    _check_features_on_grid(fb.points_vox, vol_b.shape, key_b, image_b, "-b")
+    aff_a, aff_b = vol_a.affine, vol_b.affine
     table = match_features(fa.points_vox, fa.descriptors, aff_a, fb.points_vox, fb.descriptors, aff_b,
                            ratio=ratio, max_displacement_mm=max_displacement_mm)
     text = matches_table(table.points_vox, table.disps_vox, table.scores, table.intraop_points_vox, other="b")
     with atomic_output(output) as tmp:
         tmp.write_text(text)
     return {"features_a": len(fa.points_vox), "features_b": len(fb.points_vox), **table.counts}
+
+
+def _check_features_on_grid(points_vox: np.ndarray, shape, key: Path, image: Path, option: str) -> None:
+    """Refuse ``.key`` features outside their image's voxel grid: the ``.key`` file was made from another image.
+
+    Raises:
+        KeypointError: naming the count outside, the first one and the option that gave the image.
+    """
+    from brainshift.errors import KeypointError
+
+    outside = np.any((points_vox < -0.5) | (points_vox > np.asarray(shape) - 0.5), axis=1)
+    if outside.any():
+        first = ", ".join(f"{v:g}" for v in points_vox[np.argmax(outside)])
+        raise KeypointError(f"expected the features of {str(key)!r} inside the grid of {option} {str(image)!r} "
+                            f"(shape {tuple(shape)}), got {int(outside.sum())} of {len(points_vox)} outside, the "
+                            f"first at voxel ({first}); was the .key file made from this image?")
 
 
 def run_register(opts: RegisterOptions) -> dict:

@@ -49,3 +49,22 @@ def test_match_without_descriptor_columns_is_one_line_error(tmp_path):
                             str(tmp_path / "i.nii.gz"), "-o", str(out)])
     assert r.exit_code == 2 and r.output.startswith("error: expected 81 finite numbers on line 7")
     assert not out.exists()
+
+
+def test_match_refuses_features_outside_their_image(tmp_path):
+    # a .key file of another (larger) image given with -a: was an empty table and exit 0
+    from brainshift.io.keypoints import write_sift_key
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 15, size=(20, 3))
+    descriptors = np.argsort(rng.random((20, 64)), axis=1)
+    write_sift_key(tmp_path / "big.key", points, 2.0, shape=(16, 16, 16), spacing_mm=(1, 1, 1),
+                   descriptors=descriptors)
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), np.eye(4)), tmp_path / "big.nii.gz")
+    nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4)), tmp_path / "small.nii.gz")
+    out = tmp_path / "m.csv"
+    r = runner.invoke(app, ["match", str(tmp_path / "big.key"), str(tmp_path / "big.key"), "-a",
+                            str(tmp_path / "small.nii.gz"), "-b", str(tmp_path / "big.nii.gz"), "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: expected the features of") and "inside the grid of -a" in r.output, r.output
+    assert not out.exists()
