@@ -15,6 +15,7 @@ from brainshift.io.keypoints import (
     read_keypoint_table,
     read_keypoints,
     read_sift_key,
+    read_sift_key_features,
     read_slicer_markups,
     write_keypoint_table,
     write_sift_key,
@@ -132,6 +133,10 @@ def test_sift_key_errors(tmp_path):
     (tmp_path / "empty.key").write_text(KEY_HEADER)
     with pytest.raises(KeypointError, match=r"expected at least one feature row"):
         read_sift_key(tmp_path / "empty.key")
+    # a full row with a NaN descriptor value: the message names the value (it said "got 81" of 81)
+    (tmp_path / "nan.key").write_text(KEY_HEADER + _key_row(1, 2, 3).replace("\t6\t", "\tnan\t", 1) + "\n")
+    with pytest.raises(KeypointError, match=r"expected 81 finite numbers on line 7 .*, got nan$"):
+        read_sift_key_features(tmp_path / "nan.key")
 
 
 # ----------------------------------------------------------------------------------------- Slicer markups

@@ -319,9 +319,13 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
             values = [float(t) for t in tokens[:SIFT_KEY_COLUMNS]]
         except ValueError:
             raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {raw.strip()[:80]!r}") from None
-        if len(values) < SIFT_KEY_COLUMNS or not np.all(np.isfinite(values)):
+        if len(values) < SIFT_KEY_COLUMNS:
             raise KeypointError(f"expected {SIFT_KEY_COLUMNS} finite numbers on line {lineno} of {str(p)!r}, got "
                                 f"{len(values)}")
+        if not np.all(np.isfinite(values)):
+            bad = ", ".join(tokens[i] for i in np.flatnonzero(~np.isfinite(values))[:3])
+            raise KeypointError(f"expected {SIFT_KEY_COLUMNS} finite numbers on line {lineno} of {str(p)!r}, got "
+                                f"{bad}")
         rows.append(values)
     if not rows:
         raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
