@@ -274,6 +274,14 @@ def test_intraop_markups_with_a_table_is_refused(tmp_path, image_path):
     _assert_clean_error(res, out, "--kpt-intraop only with Slicer markups")
 
 
+def test_unknown_interpolator_names_the_option_and_every_choice(tmp_path, image_path):
+    # the message listed ['linear', 'tps', 'tps3d'] without 'atlas' and without the option's name
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "cubic", "--no-refine",
+                                 "-o", str(out)]), out, "expected -m/--interp_mode one of", "'atlas'", "got 'cubic'")
+
+
 def test_unknown_device_is_refused_even_without_refinement(tmp_path, image_path):
     kp = _table(tmp_path / "kp.csv", _good_rows())
     out = tmp_path / "o"

@@ -87,11 +87,15 @@ def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
 
 def _check_options(opts: InferOptions) -> str:
     """Validate the options that need no file; return the output format."""
+    from brainshift.interpolate import available_interpolators
     from brainshift.io.fields import H5_DTYPES
 
     fmt = opts.output_fmt.lower()
     if fmt not in OUTPUT_FORMATS:
         raise BrainshiftError(f"expected --output_fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
+    methods = [*available_interpolators(), "atlas"]
+    if str(opts.interp_mode).lower() not in methods:
+        raise BrainshiftError(f"expected -m/--interp_mode one of {methods}, got {opts.interp_mode!r}")
     if opts.init_disp is None and opts.kpt_disps is None:
         raise BrainshiftError("expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got neither")
     if opts.h5_dtype not in H5_DTYPES:
