@@ -96,7 +96,8 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
     sv = np.linalg.svd(centred, compute_uv=False) if n > 1 else np.zeros(3)
     sv = np.concatenate([sv, np.zeros(3 - len(sv))]) if len(sv) < 3 else sv
     if sv[0] == 0 or sv[2] <= COPLANAR_RTOL * sv[0]:
-        where = "on one line" if sv[1] <= COPLANAR_RTOL * sv[0] else "in one plane"
+        where, what = ("on one line", "line") if sv[1] <= COPLANAR_RTOL * sv[0] else ("in one plane", "plane")
         raise KeypointError(f"expected keypoints spanning 3-D space, got: all {n} keypoints lie {where} "
-                            f"(singular values of the centred points {_fmt(sv)} voxels); add keypoints off that plane")
+                            f"(singular values of the centred points {_fmt(sv)} voxels); add keypoints off that "
+                            f"{what}")
     return pts, dsp
