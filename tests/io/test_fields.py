@@ -200,6 +200,9 @@ def test_bad_field_files(tmp_path, oblique_affine):
     np.savez(tmp_path / "g.npz", field=np.zeros((2, 4, 4, 4)), affine=np.eye(4))
     with pytest.raises(InputFileError, match=r"expected a valid displacement field .* shape \(3, I, J, K\)"):
         read_field(tmp_path / "g.npz")
+    (tmp_path / "junk.npz").write_bytes(bytes(range(256)) * 4)  # was "This file contains pickled (object) data"
+    with pytest.raises(InputFileError, match=r"expected a \.npz field file .* not a zip archive"):
+        read_field(tmp_path / "junk.npz")
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(InputFileError, match=r"expected an ITK transform file \(HDF5\) .*not HDF5"):
         read_field(tmp_path / "bad.h5")

@@ -440,6 +440,11 @@ def _read_nifti_field(p: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    import zipfile
+
+    if not zipfile.is_zipfile(p):  # np.load would take it for a pickle and say "contains pickled (object) data"
+        raise InputFileError(f"expected a .npz field file (a zip archive of 'field' and 'affine'), got {str(p)!r}, "
+                             f"which is not a zip archive (empty, truncated or another format)")
     try:
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
