@@ -282,6 +282,19 @@ def test_unknown_interpolator_names_the_option_and_every_choice(tmp_path, image_
                                  "-o", str(out)]), out, "expected -m/--interp_mode one of", "'atlas'", "got 'cubic'")
 
 
+def test_intraop_markups_without_preop_markups_is_refused(tmp_path, image_path):
+    # without -k it said "got neither"; with -i it was silently ignored
+    mk = tmp_path / "intra.mrk.json"
+    mk.write_text('{"markups": [{"coordinateSystem": "RAS", "controlPoints": [{"position": [0, 0, 0]}]}]}')
+    out = tmp_path / "o"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "--kpt-intraop", str(mk), "--no-refine",
+                                 "-o", str(out)]), out, "got only --kpt-intraop")
+    field = tmp_path / "f.npz"
+    np.savez(field, field=np.zeros((3, *SHAPE), np.float32), affine=nib.load(image_path).affine)
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(field), "--kpt-intraop", str(mk),
+                                 "--no-refine", "-o", str(out)]), out, "--kpt-intraop intra.mrk.json without -k")
+
+
 def test_unknown_device_is_refused_even_without_refinement(tmp_path, image_path):
     kp = _table(tmp_path / "kp.csv", _good_rows())
     out = tmp_path / "o"

@@ -97,7 +97,8 @@ def _check_options(opts: InferOptions) -> str:
     if str(opts.interp_mode).lower() not in methods:
         raise BrainshiftError(f"expected -m/--interp_mode one of {methods}, got {opts.interp_mode!r}")
     if opts.init_disp is None and opts.kpt_disps is None:
-        raise BrainshiftError("expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got neither")
+        got = "only --kpt-intraop (the preop markups go in -k)" if opts.kpt_intraop is not None else "neither"
+        raise BrainshiftError(f"expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got {got}")
     if opts.h5_dtype not in H5_DTYPES:
         raise BrainshiftError(f"expected --h5-dtype one of {H5_DTYPES}, got {opts.h5_dtype!r}")
     if not 0 <= int(opts.h5_compression) <= 9:
@@ -393,6 +394,9 @@ def check_output_dir(out: Path) -> None:
 def _check_keypoint_options(opts: InferOptions) -> None:
     """Options that only make sense together: refuse silent no-ops."""
     if opts.kpt_disps is None:
+        if opts.kpt_intraop is not None:  # with -i it would be ignored
+            raise BrainshiftError(f"expected --kpt-intraop only with the preop Slicer markups in -k, got "
+                                  f"--kpt-intraop {Path(opts.kpt_intraop).name} without -k")
         return
     suffix = "".join(Path(opts.kpt_disps).suffixes[-2:]).lower()
     markups = suffix.endswith(".fcsv") or suffix.endswith(".mrk.json") or suffix.endswith(".json")
