@@ -26,6 +26,12 @@ def write_tiny_weights(path: Path, spacing_mm: float = 3.0) -> Path:
 
 
 @pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """A tiny random network saved as ``tmp_path/tiny.safetensors`` (not installed as the default model)."""
+    return write_tiny_weights(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
 def no_default_weights(tmp_path, monkeypatch) -> Path:
     """No default model: ``DEFAULT_WEIGHTS`` points at a file that does not exist."""
     import brainshift.resources as resources

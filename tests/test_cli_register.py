@@ -82,10 +82,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(images, tmp_path, case)
 
 
 @pytest.mark.slow  # ~13 s CPU, 30+ s on the loaded 2-core machine (the safeguards' network passes)
-def test_refine_writes_the_corrected_field_and_safeguards(images, tmp_path):
-    from conftest import write_tiny_weights
-
-    w = write_tiny_weights(tmp_path / "tiny.safetensors")
+def test_refine_writes_the_corrected_field_and_safeguards(images, tmp_path, tiny_weights):
+    w = tiny_weights
     out = tmp_path / "out"
     r = _run("-p", images / "preop.nii.gz", "-t", images / "intraop.nii.gz", "--mask", images / "mask.nii.gz",
              "-m", "linear", "-w", w, "-f", "nii", "--no-report", "-o", out, "-q")
