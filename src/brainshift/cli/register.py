@@ -18,7 +18,9 @@ def register_command(
                                            "overlapping the preop in world space."),
     mask: Path | None = typer.Option(None, "--mask",
                                      help="Brain mask of the preop image (default: computed; Otsu threshold, "
-                                          "largest component, holes filled)."),
+                                          "largest component, holes filled). A mask on another grid is "
+                                          "resampled to the preop grid through world coordinates (nearest "
+                                          "neighbour)."),
     interp_mode: str = typer.Option("tps", "-m", "--interp_mode", "--interp-mode",
                                     help="Interpolator of the matches: linear | tps | tps3d."),
     refine: bool | None = typer.Option(None, "--refine/--no-refine",
