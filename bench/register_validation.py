@@ -4,7 +4,8 @@ For each case (default: training subjects of ``data/lomo_train``, not the held-o
 ``bench/register.py``), the synthetic intraop MRI is made as ``simulate`` makes it, keypoints are detected and
 described once in both images, and the matches are made and filtered for each ``threshold_mm`` of
 :func:`brainshift.keypoints.match.reject_outliers`; the inliers' ``tps`` field is scored (MSE over brain minus
-cavity, TRE at 100 held-out detected keypoints) and their precision (displacement within 1 mm of the ground
+cavity, TRE at 100 held-out detected keypoints; also with the ridge chosen by cross-validation over the
+matches, :func:`brainshift.interpolate.tps.choose_tps_lam`) and their precision (displacement within 1 mm of the ground
 truth) counted. Prints one JSON line per case and threshold.
 
     .venv/bin/python bench/register_validation.py --thresholds 1.0,1.5,2.0 --local-models median,affine
@@ -29,6 +30,7 @@ def main() -> None:
     from brainshift.evaluate.metrics import score_field
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
+    from brainshift.interpolate.tps import choose_tps_lam
     from brainshift.keypoints.describe import describe_keypoints
     from brainshift.keypoints.detect import detect_keypoints
     from brainshift.keypoints.sampling import trilinear_sample
@@ -55,7 +57,11 @@ def main() -> None:
             err = np.linalg.norm((t.disps_vox - trilinear_sample(gt, t.points_vox)) @ aff[:3, :3].T, axis=1)
             f = interpolate("tps", t.points_vox, t.disps_vox, gt.shape[1:], aff)
             s = score_field(f, gt, aff, region, kp.heldout_points_vox, kp.heldout_disps_vox)
+            lam, _ = choose_tps_lam(t.points_vox, t.disps_vox, gt.shape[1:], aff)
+            f_cv = interpolate("tps", t.points_vox, t.disps_vox, gt.shape[1:], aff, lam=lam)
+            s_cv = score_field(f_cv, gt, aff, region, kp.heldout_points_vox, kp.heldout_disps_vox)
             print(json.dumps({"case": cid, "local_model": model, "threshold_mm": thr, "inliers": int(len(err)),
+                              "tps_lam_cv": lam, "mse_mm2_lam_cv": s_cv["mse_mm2"], "tre_mm_lam_cv": s_cv["tre_mm"],
                               "candidates": int(t.counts["candidate_matches"]),
                               "precision_1mm": float((err < 1).mean()), "mse_mm2": s["mse_mm2"],
                               "tre_mm": s["tre_mm"], "max_disp_mm": float(case.meta.get("max_displacement_mm", 0))}),

@@ -74,3 +74,21 @@ def test_brain_mask_is_the_filled_largest_component():
     m = brain_mask(Volume(img.astype(np.float32), np.eye(4)))
     assert m[24, 24, 24] and m[24, 24, 38] and not m[3, 3, 3] and not m[24, 24, 41]
     assert abs(m.sum() - (r <= 15).sum()) <= 0.02 * (r <= 15).sum()
+
+
+def test_tps_ridge_is_chosen_by_cross_validation_over_the_matches(pair):
+    from brainshift.interpolate import interpolate
+    from brainshift.interpolate.tps import LAM_GRID
+
+    pre, intra = pair
+    res = register(pre, intra, mask=np.ones(SHAPE, bool), method="tps", statistics=False)
+    lam = res.interp_options["lam"]
+    assert lam in LAM_GRID and set(res.lam_cv_rmse_mm) == set(LAM_GRID)
+    assert res.lam_cv_rmse_mm[lam] == min(res.lam_cv_rmse_mm.values())
+    # the initial field is exactly the spline of the matches with that ridge
+    expected = interpolate("tps", res.points_vox, res.disps_vox, SHAPE, pre.affine, lam=lam)
+    np.testing.assert_array_equal(res.compensation.initial_field, expected)
+    # a ridge given by the caller is kept, and no cross-validation runs
+    given = register(pre, intra, mask=np.ones(SHAPE, bool), method="tps", interp_options={"lam": 0.1},
+                     statistics=False)
+    assert given.interp_options == {"lam": 0.1} and given.lam_cv_rmse_mm == {}

@@ -20,7 +20,10 @@
    ``i, j, k`` of the preop grid) and ``d = A_pre^-1 A_intra q - p`` with ``q`` the matched intraop keypoint
    (voxel indices of the intraop grid), i.e. the intraop point mapped into preop voxel coordinates minus the
    preop point; then :func:`brainshift.compensate.compensate` (interpolation, and refinement under the
-   safeguards when a model is given).
+   safeguards when a model is given). With ``method="tps"`` and at least :data:`MIN_MATCHES_LAM_CV` matches,
+   the spline's ridge ``lam`` is chosen by 5-fold cross-validation over the matches
+   (:func:`brainshift.interpolate.tps.choose_tps_lam`; the published 0.1 fits the matches' localisation
+   noise; chosen on validation cases, bench/RESULTS.md, session 9), unless ``interp_options`` gives one.
 
 Convention: every field is float32 ``(3, I, J, K)`` on the preop grid, forward Lagrangian (the preop point at
 voxel ``p`` moves to ``p + u(p)`` intraoperatively), components in voxel units along ``i, j, k``.
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 
 #: Fewest inlier matches :func:`register` interpolates (a 3-D affine needs 4 points in general position).
 MIN_MATCHES = 4
+#: With at least this many inlier matches and ``method="tps"`` (and no ``lam`` given), the spline's ridge is
+#: chosen by 5-fold cross-validation over the matches (:func:`brainshift.interpolate.tps.choose_tps_lam`).
+MIN_MATCHES_LAM_CV = 20
 
 
 class RegistrationError(KeypointError):
@@ -70,6 +76,8 @@ class RegisterResult:
             displacement), ``candidate_matches`` (after mutual nearest neighbours and the ratio test),
             ``inliers``, ``inlier_ratio`` (inliers / candidate matches).
         timings_s: seconds per step (module docstring), including those of ``compensation``.
+        interp_options: the interpolator options used (with ``lam`` when it was chosen by cross-validation).
+        lam_cv_rmse_mm: ``{lam: RMS held-out match error (mm)}`` of that cross-validation (empty if none ran).
 
     Convention: the fields of ``compensation`` are forward Lagrangian, voxel units along ``i, j, k`` of the
     preop grid.
@@ -83,6 +91,8 @@ class RegisterResult:
     mask: np.ndarray
     counts: dict[str, float]
     timings_s: dict[str, float] = field(default_factory=dict)
+    interp_options: dict = field(default_factory=dict)
+    lam_cv_rmse_mm: dict[float, float] = field(default_factory=dict)
 
     @property
     def field(self) -> np.ndarray:
@@ -353,13 +363,21 @@ def register(
     scores = {**table.scores, "scale_mm": kp_pre.scales_mm[table.index_a]}
     points_vox, disps_vox = table.points_vox, table.disps_vox
 
+    interp = dict(interp_options or {})
+    lam_rmse: dict[float, float] = {}
+    if method == "tps" and "lam" not in interp and len(points_vox) >= MIN_MATCHES_LAM_CV:
+        from brainshift.interpolate.tps import choose_tps_lam
+
+        t0 = time.perf_counter()
+        interp["lam"], lam_rmse = choose_tps_lam(points_vox, disps_vox, preop.shape, preop.affine)
+        timings["choose the spline's ridge"] = time.perf_counter() - t0
     result = compensate(preop, keypoints=(points_vox, disps_vox), method=method, model=model, mask=m_pre,
-                        device=device, interp_options=interp_options, statistics=statistics,
+                        device=device, interp_options=interp or None, statistics=statistics,
                         statistics_mask=m_pre, safeguards=safeguards)
     timings.update(result.timings_s)
     return RegisterResult(compensation=result, points_vox=points_vox, disps_vox=disps_vox, scores=scores,
                           intraop_points_vox=table.intraop_points_vox, mask=m_pre, counts=counts,
-                          timings_s=timings)
+                          timings_s=timings, interp_options=interp, lam_cv_rmse_mm=lam_rmse)
 
 
 def _local_residual_mm(p_mm: np.ndarray, d_mm: np.ndarray, inlier: np.ndarray, k: int = 10) -> np.ndarray:

@@ -248,6 +248,9 @@ def _summary(opts: RegisterOptions, preop, intraop, result, weights, fmt: str, s
                    "output_files": _format_note(fmt)},
         "matching": {k: (float(v) if isinstance(v, float) else int(v)) for k, v in result.counts.items()},
         "interpolation": comp.method,
+        "interpolation_options": {k: (float(v) if isinstance(v, (int, float)) else v)
+                                  for k, v in result.interp_options.items()},
+        "tps_lam_cv_rmse_mm": {f"{k:g}": round(float(v), 6) for k, v in result.lam_cv_rmse_mm.items()},
         "refined": comp.refined_field is not None,
         "keypoint_count": comp.n_keypoints,
         "fields": {names[k]: v for k, v in comp.statistics.items()},

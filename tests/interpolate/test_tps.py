@@ -7,7 +7,7 @@ import pytest
 
 from brainshift.errors import BrainshiftError, KeypointError
 from brainshift.interpolate import tps_interpolate
-from brainshift.interpolate.tps import normalise_voxel_coords, upsample_trilinear
+from brainshift.interpolate.tps import choose_tps_lam, normalise_voxel_coords, upsample_trilinear
 
 from ._util import affine_disps, affine_field, grid_keypoints
 
@@ -144,3 +144,29 @@ def test_memory_guard_refuses_before_fitting(monkeypatch):
     pts = rng.uniform(0, 100, size=(30000, 3))
     with pytest.raises(BrainshiftError, match=r"tps with 30000 keypoints needs about \d+\.\d GB"):
         tps_mod.tps_interpolate(pts, np.zeros_like(pts), (160, 192, 144))
+
+
+def test_choose_tps_lam_smooths_noise_and_keeps_exact_data():
+    rng = np.random.default_rng(0)
+    shape, affine = (40, 48, 40), np.diag([2.0, 2.0, 2.0, 1.0])
+    pts = rng.uniform(2, 37, size=(300, 3))
+    smooth = np.stack([2 * np.sin(pts[:, 0] / 8), 1.5 * np.cos(pts[:, 1] / 9), 0.02 * pts[:, 2]], axis=1)
+    # exact samples of a smooth field: the least smoothing predicts held-out points best
+    lam_exact, rmse_exact = choose_tps_lam(pts, smooth, shape, affine)
+    assert lam_exact <= 0.1 and rmse_exact[lam_exact] == min(rmse_exact.values())
+    # an affine field plus noise: the affine part is reproduced at any lam, the kernel part only fits the
+    # noise, so the largest ridge on the grid wins
+    aff_d = pts @ np.array([[0.02, 0.0, 0.01], [0.0, -0.03, 0.0], [0.01, 0.0, 0.02]]).T + 0.5
+    lam_noisy, rmse_noisy = choose_tps_lam(pts, aff_d + rng.normal(scale=0.3, size=pts.shape), shape, affine)
+    assert lam_noisy == max(rmse_noisy)
+    assert rmse_noisy[lam_noisy] < rmse_noisy[0.1]
+
+
+def test_choose_tps_lam_bad_input():
+    pts = np.random.default_rng(1).uniform(0, 9, size=(6, 3))
+    with pytest.raises(KeypointError, match="cross-validation"):
+        choose_tps_lam(pts, np.zeros((6, 3)), (10, 10, 10), np.eye(4))
+    with pytest.raises(BrainshiftError, match="lam"):
+        choose_tps_lam(pts, np.zeros((6, 3)), (10, 10, 10), np.eye(4), lams=(-1.0,))
+    with pytest.raises(BrainshiftError, match="folds"):
+        choose_tps_lam(pts, np.zeros((6, 3)), (10, 10, 10), np.eye(4), folds=1)

@@ -241,6 +241,64 @@ def tps_interpolate(
     return upsample_trilinear(coarse, shape)
 
 
+#: Ridge values tried by :func:`choose_tps_lam` (log-spaced around the published 0.1).
+LAM_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+def choose_tps_lam(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int],
+                   affine: np.ndarray, *, lams: tuple[float, ...] = LAM_GRID, folds: int = 5,
+                   seed: int = 0) -> tuple[float, dict[float, float]]:
+    """The ridge ``lam`` of :func:`tps_interpolate` that best predicts held-out keypoints (k-fold CV).
+
+    For noisy keypoints in the hundreds (``brainshift register``'s matches, ~0.3 mm localisation noise), the
+    published ``lam = 0.1`` fits the noise; a larger ridge smooths it. The keypoints are split into ``folds``
+    seeded folds; for each ``lam`` the spline of the other folds (:func:`tps_fit` on the same normalised
+    coordinates as :func:`tps_interpolate`) is evaluated exactly at the held-out keypoints, and the ``lam``
+    with the smallest RMS held-out error (world mm, through ``affine``) is returned (the smallest such ``lam``
+    on ties). This is the classical choice of a smoothing spline's parameter by cross-validation (Wahba,
+    Spline Models for Observational Data, 1990), over a fixed grid.
+
+    Args:
+        points_vox, disps_vox: ``(N, 3)`` keypoints (0-based voxel indices) and displacements (voxel units).
+        shape: grid shape ``(I, J, K)`` (defines the normalisation, as in :func:`tps_interpolate`).
+        affine: ``(4, 4)`` voxel-to-world affine (errors are scored in mm).
+        lams: candidate ridges (each ``>= 0``).
+        folds: number of folds (``2 <= folds <= N``; each training set keeps at least 5 keypoints).
+        seed: seed of the fold split.
+
+    Returns:
+        ``(lam, {lam: RMS held-out error in mm})``.
+
+    Raises:
+        KeypointError: invalid keypoints (as :func:`tps_interpolate`), or too few for ``folds``.
+        BrainshiftError: invalid ``lams`` or ``folds``.
+    """
+    shape = check_shape(shape)
+    pts, disps = check_keypoints(points_vox, disps_vox)
+    lams = tuple(float(v) for v in lams)
+    if not lams or not all(math.isfinite(v) and v >= 0 for v in lams):
+        raise BrainshiftError(f"expected candidate lam values >= 0, got {lams!r}")
+    n = len(pts)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise BrainshiftError(f"expected folds an integer >= 2, got {folds!r}")
+    if n - math.ceil(n / folds) < 5:
+        raise KeypointError(f"expected enough keypoints for {folds}-fold cross-validation (each fit keeps >= 5), "
+                            f"got {n}")
+    centers = normalise_voxel_coords(pts, shape)
+    a3 = np.asarray(affine, dtype=np.float64)[:3, :3]
+    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    sq = {lam: 0.0 for lam in lams}
+    for f in range(folds):
+        held, keep = fold_of == f, fold_of != f
+        for lam in lams:
+            w, a = tps_fit(centers[keep], disps[keep], lam)
+            err = (tps_evaluate(centers[held], centers[keep], w, a) - disps[held]) @ a3.T
+            sq[lam] += float((err**2).sum())
+    rmse = {lam: math.sqrt(sq[lam] / n) for lam in lams}
+    best = min(lams, key=lambda v: (rmse[v], v))
+    return best, rmse
+
+
 def tps_memory_bytes(n_points: int, coarse_shape: tuple[int, int, int], shape: tuple[int, int, int]) -> float:
     """Estimated peak memory of :func:`tps_interpolate` in bytes.
 
