@@ -375,3 +375,45 @@ def test_sheared_image_is_refused_for_itk_and_nifti_outputs_but_not_npz(tmp_path
                         "orthogonal voxel axes")
     res = _invoke(["infer", "-p", str(path), "-k", str(kp), "-o", str(out), "--no-refine", "-f", "npz"])
     assert res.exit_code == 0, res.output
+
+
+def test_tps_lam_cv_chooses_the_ridge_and_a_number_sets_it(tmp_path, image_path):
+    """--tps-lam cv runs choose_tps_lam over the keypoints (recorded in summary.json) and its field is the tps of
+    that ridge; --tps-lam 0 gives the exact spline, which reproduces the keypoints' affine field at a keypoint."""
+    from brainshift.interpolate.tps import choose_tps_lam
+    from brainshift.io.fields import read_field
+
+    rng = np.random.default_rng(3)
+    rows = _good_rows(30, seed=4)
+    rows[:, 3:] += rng.normal(0.0, 0.3, size=(30, 3))  # noisy: the cross-validation prefers some smoothing
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "cv"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", "cv", "-f", "npz",
+                   "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    img = nib.load(str(image_path))
+    lam, rmse = choose_tps_lam(rows[:, :3], rows[:, 3:], SHAPE, img.affine)
+    assert summary["interpolation_options"]["lam"] == pytest.approx(lam)
+    assert set(summary["tps_lam_cv_rmse_mm"]) == {f"{k:g}" for k in rmse}
+    fixed = tmp_path / "fixed"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", f"{lam!r}",
+                   "-f", "npz", "-o", str(fixed), "-q"])
+    assert res.exit_code == 0, res.output
+    a, _ = read_field(out / "initial_disp_field.npz")
+    b, _ = read_field(fixed / "initial_disp_field.npz")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert "tps_lam_cv_rmse_mm" not in json.loads((fixed / "summary.json").read_text())
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--tps-lam", "-1"], "number >= 0"),
+    (["--tps-lam", "abc"], "number >= 0"),
+    (["--tps-lam", "cv", "-m", "linear"], "only with -m tps"),
+    (["--tps-lam", "cv"], "at least 20 keypoints"),
+])
+def test_bad_tps_lam_is_refused(tmp_path, image_path, args, fragment):
+    kp = _table(tmp_path / "kp.csv", _good_rows(12))
+    out = tmp_path / "out"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q", *args])
+    _assert_clean_error(res, out, fragment)

@@ -59,6 +59,7 @@ class InferOptions:
     h5_compression: int = INFER_H5_COMPRESSION
     max_displacement_mm: float = MAX_DISPLACEMENT_MM
     atlas: Path | None = None
+    tps_lam: str | None = None
 
 
 def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
@@ -107,6 +108,7 @@ def _check_options(opts: InferOptions) -> str:
     if not (bound > 0 and bound < float("inf")):
         raise BrainshiftError(f"expected --max-displacement a positive number of mm, got {opts.max_displacement_mm}")
     _check_keypoint_options(opts)
+    _tps_lam_option(opts)
     if str(opts.interp_mode).lower() == "atlas":
         if opts.atlas is None:
             raise BrainshiftError("expected --atlas FOLDER (made by brainshift atlas) with -m atlas, got none")
@@ -210,12 +212,13 @@ def run_infer(opts: InferOptions) -> dict:
         with steps.step("load atlas"):
             atlas = load_atlas(opts.atlas)
     image, given = _read_inputs(opts, steps)
+    interp_options, lam_cv = _interp_options(opts, image, given, steps)
     if fmt in ("h5", "nii"):  # refused before the work, not when the first field is written
         from brainshift.geometry import check_no_shear
 
         check_no_shear(image.affine, f"the preop image {opts.preop_scan}")
     with steps.step("interpolate, refine and field statistics"):
-        result = compensate(image, **given, method=opts.interp_mode, interp_options=opts.interp_options,
+        result = compensate(image, **given, method=opts.interp_mode, interp_options=interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
                             progress=opts.verbose, statistics=True, safeguards=opts.safeguards, atlas=atlas)
     del steps.timings_s["interpolate, refine and field statistics"]
@@ -228,9 +231,76 @@ def run_infer(opts: InferOptions) -> dict:
     with outputs:
         _write_outputs(outputs, fmt, image, result, opts, steps)
         summary = _summary(opts, image, result, weights, device, outputs.written, steps, fmt)
+        if interp_options:
+            summary["interpolation_options"] = {k: (round(float(v), 6) if isinstance(v, float) else v)
+                                                for k, v in interp_options.items()}
+        if lam_cv:
+            summary["tps_lam_cv_rmse_mm"] = {f"{k:g}": round(float(v), 6) for k, v in lam_cv.items()}
         summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 4)
         outputs.commit(summary)
     return summary
+
+
+#: ``--tps-lam cv`` needs at least this many keypoints (5 folds, each fit keeping enough of them to score).
+MIN_KEYPOINTS_LAM_CV = 20
+
+
+def _tps_lam_option(opts: InferOptions) -> float | str | None:
+    """``--tps-lam``: None, ``"cv"`` or a ridge ``>= 0`` (checked before any file is read).
+
+    Raises:
+        BrainshiftError: not a number ``>= 0`` nor ``cv``, or given with another method than ``tps``.
+    """
+    import math
+
+    if opts.tps_lam is None:
+        return None
+    if str(opts.interp_mode).lower() != "tps":
+        raise BrainshiftError(f"expected --tps-lam only with -m tps, got -m {opts.interp_mode}")
+    text = str(opts.tps_lam).strip().lower()
+    if text == "cv":
+        return "cv"
+    try:
+        lam = float(text)
+    except ValueError:
+        lam = float("nan")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise BrainshiftError(f"expected --tps-lam a number >= 0 or 'cv', got {opts.tps_lam!r}")
+    return lam
+
+
+def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepTimer
+                    ) -> tuple[dict, dict[float, float]]:
+    """The interpolator options of this run and, for ``--tps-lam cv``, the cross-validation's RMS errors.
+
+    ``--tps-lam cv`` chooses the thin-plate spline's ridge by 5-fold cross-validation over the keypoints
+    (:func:`brainshift.interpolate.tps.choose_tps_lam`, as ``brainshift register`` does for its matches).
+
+    Raises:
+        KeypointError: ``--tps-lam cv`` with fewer than :data:`MIN_KEYPOINTS_LAM_CV` keypoints.
+        BrainshiftError: ``--tps-lam`` with an initial field (no interpolation to tune).
+    """
+    from brainshift.errors import KeypointError
+
+    options = dict(opts.interp_options)
+    lam = _tps_lam_option(opts)
+    if lam is None:
+        return options, {}
+    if "keypoints" not in given:
+        raise BrainshiftError("expected keypoints (-k) for --tps-lam, got an initial field (-i): nothing is "
+                              "interpolated")
+    if lam != "cv":
+        options["lam"] = float(lam)
+        return options, {}
+    points_vox, disps_vox = given["keypoints"]
+    if len(points_vox) < MIN_KEYPOINTS_LAM_CV:
+        raise KeypointError(f"expected at least {MIN_KEYPOINTS_LAM_CV} keypoints for --tps-lam cv (5-fold "
+                            f"cross-validation), got {len(points_vox)}; give a number instead (published: 0.1)")
+    from brainshift.interpolate.tps import choose_tps_lam
+
+    with steps.step("choose tps ridge (cross-validation)"):
+        options["lam"], rmse = choose_tps_lam(points_vox, disps_vox, image.shape, image.affine)
+    return options, rmse
 
 
 def _planned_outputs(opts: InferOptions, fmt: str, refine: bool) -> list[str]:

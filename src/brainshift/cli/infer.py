@@ -25,6 +25,10 @@ def infer_command(
                                     help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
                                          "spline: not exact at the keypoints) | tps3d (biharmonic, exact) | atlas "
                                          "(the patient's deformation atlas fitted to the keypoints; needs --atlas)."),
+    tps_lam: str | None = typer.Option(None, "--tps-lam",
+                                       help="Ridge of -m tps: a number >= 0 (default: the published 0.1) or cv "
+                                            "(chosen by 5-fold cross-validation over the keypoints, as register "
+                                            "does; for many noisy keypoints, at least 20)."),
     atlas: Path | None = typer.Option(None, "--atlas",
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
@@ -66,7 +70,7 @@ def infer_command(
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
         h5_dtype=h5_dtype, h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
-        atlas=atlas, verbose=not quiet))
+        atlas=atlas, tps_lam=tps_lam, verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
