@@ -112,13 +112,16 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
 
     Raises:
         InputFileError, KeypointError: unreadable files, malformed ``.key`` files, different descriptor lengths,
-            features outside their image's grid (a ``.key`` file of another image).
+            features outside their image's grid (a ``.key`` file of another image), no match left.
+        BrainshiftError: an output name that is not a table (``.csv``/``.txt``).
     """
     from brainshift.io.atomic import atomic_output
     from brainshift.io.images import read_image
     from brainshift.io.keypoints import read_sift_key_features
     from brainshift.register import match_features
 
+    if not Path(output).name.lower().endswith((".csv", ".txt")):
+        raise BrainshiftError(f"expected -o/--output a keypoint table (.csv or .txt), got {str(output)!r}")
     fa, fb = read_sift_key_features(key_a), read_sift_key_features(key_b)
     vol_a, vol_b = read_image(image_a), read_image(image_b)
     _check_features_on_grid(fa.points_vox, vol_a.shape, key_a, image_a, "-a")
@@ -126,6 +129,14 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
     aff_a, aff_b = vol_a.affine, vol_b.affine
     table = match_features(fa.points_vox, fa.descriptors, aff_a, fb.points_vox, fb.descriptors, aff_b,
                            ratio=ratio, max_displacement_mm=max_displacement_mm)
+    if len(table.points_vox) == 0:
+        from brainshift.errors import KeypointError
+
+        c = table.counts
+        raise KeypointError(f"expected at least one consistent match, got none ({c.get('candidate_matches', 0)} "
+                            f"candidate matches of {len(fa.points_vox)} / {len(fb.points_vox)} features); are both "
+                            f"images of the same patient? (--ratio {ratio:g}, --max-displacement-mm "
+                            f"{max_displacement_mm:g})")
     text = matches_table(table.points_vox, table.disps_vox, table.scores, table.intraop_points_vox, other="b")
     with atomic_output(output) as tmp:
         tmp.write_text(text)

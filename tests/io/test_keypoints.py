@@ -409,3 +409,23 @@ def test_table_with_extra_named_columns_reads_the_six(tmp_path):
     p.write_text("x,y,z,dx,dy,dz,x\n1,2,3,0.5,-0.5,0.25,9\n")
     with pytest.raises(KeypointError, match="expected a header naming the columns"):
         read_keypoint_table(p)
+
+
+def test_truncated_sift_key_warns_in_both_readers(tmp_path):
+    """The header declares 3 features; a file cut after 2 rows is read with a warning naming both counts (some
+    tools write a placeholder count, so not an error); 3 rows: no warning."""
+    import warnings
+
+    from brainshift.io.keypoints import read_sift_key_features
+
+    rows = [_key_row(10.5, 20.5, 30.5), _key_row(3.25, 4.5, 5.75), _key_row(7.5, 8.5, 9.5)]
+    (tmp_path / "cut.key").write_text(KEY_HEADER + "\n".join(rows[:2]) + "\n")
+    for reader in (read_sift_key, read_sift_key_features):
+        with pytest.warns(UserWarning, match=r"has 2 feature rows but its header says 'Features: 3'; is the file "
+                                             r"truncated"):
+            reader(tmp_path / "cut.key")
+    (tmp_path / "full.key").write_text(KEY_HEADER + "\n".join(rows) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(read_sift_key(tmp_path / "full.key")) == 3
+        assert len(read_sift_key_features(tmp_path / "full.key").points_vox) == 3

@@ -68,3 +68,32 @@ def test_match_refuses_features_outside_their_image(tmp_path):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: expected the features of") and "inside the grid of -a" in r.output, r.output
     assert not out.exists()
+
+
+def _key_pair(tmp_path):
+    """Two .key files on one 16^3 image whose features lie 8+ mm apart (no pair within 3 mm)."""
+    from brainshift.io.keypoints import write_sift_key
+
+    rng = np.random.default_rng(1)
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), np.eye(4)), tmp_path / "i.nii.gz")
+    for name, lo, hi in (("a", 0, 4), ("b", 12, 15)):
+        write_sift_key(tmp_path / f"{name}.key", rng.uniform(lo, hi, size=(10, 3)), 2.0, shape=(16, 16, 16),
+                       spacing_mm=(1, 1, 1), descriptors=np.argsort(rng.random((10, 64)), axis=1))
+    return [str(tmp_path / "a.key"), str(tmp_path / "b.key"), "-a", str(tmp_path / "i.nii.gz"), "-b",
+            str(tmp_path / "i.nii.gz")]
+
+
+def test_match_with_no_consistent_match_is_an_error_not_an_empty_table(tmp_path):
+    out = tmp_path / "m.csv"
+    r = runner.invoke(app, ["match", *_key_pair(tmp_path), "-o", str(out), "--max-displacement-mm", "3"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: expected at least one consistent match, got none (0 candidate"), r.output
+    assert not out.exists()
+
+
+def test_match_output_must_be_a_table(tmp_path):
+    out = tmp_path / "m.nii.gz"
+    r = runner.invoke(app, ["match", *_key_pair(tmp_path), "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: expected -o/--output a keypoint table (.csv or .txt)"), r.output
+    assert not out.exists()

@@ -280,6 +280,26 @@ def _sift_key_start(p: Path, lines: list[str]) -> int:
                         f"in {str(p)!r}, got none in the first 20 lines")
 
 
+def _check_sift_key_count(p: Path, lines: list[str], start: int, n_rows: int) -> None:
+    """Warn when a ``.key`` file has another number of feature rows than its header's ``Features: N`` declares.
+
+    featExtract writes the count of the rows that follow, so fewer rows usually mean a truncated file (an
+    interrupted copy or write). Some tools write a fixed placeholder count, so this is a warning, not an error;
+    a header without a readable count is accepted silently.
+    """
+    for line in lines[:start]:
+        key, _, value = line.strip().partition(":")
+        if key.strip().lower() == "features":
+            try:
+                declared = int(value.strip())
+            except ValueError:
+                return
+            if n_rows != declared:
+                warnings.warn(f"{str(p)!r} has {n_rows} feature rows but its header says 'Features: {declared}'"
+                              f"{'; is the file truncated?' if n_rows < declared else ''}", stacklevel=3)
+            return
+
+
 @dataclass(frozen=True)
 class SiftKeyFeatures:
     """The features of a 3D SIFT-Rank ``.key`` file, one per row (a location may repeat with another descriptor).
@@ -306,7 +326,7 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
     Raises:
         InputFileError: missing or unreadable file.
         KeypointError: no header, millimetre coordinate mode, a row with fewer than 81 numbers or non-finite
-            values (naming the line), no features.
+            values (naming the line), no features. A row count other than the header's ``Features: N`` is a warning.
     """
     p = Path(path)
     lines = _read_text(p, ".key").splitlines()
@@ -329,6 +349,7 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
         rows.append(values)
     if not rows:
         raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
+    _check_sift_key_count(p, lines, _sift_key_start(p, lines), len(rows))
     table = np.asarray(rows, dtype=np.float64)
     return SiftKeyFeatures(table[:, :3] - SIFT_KEY_OFFSET_VOX, table[:, 3].copy(),
                            table[:, SIFT_KEY_COLUMNS - 64 :].astype(np.float32))
@@ -355,7 +376,8 @@ def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         InputFileError: missing or unreadable file.
         KeypointError: header not found, a file in world (millimetre) coordinate mode, rows with fewer than 4
-            numbers or non-numeric/non-finite values (naming the line), no features.
+            numbers or non-numeric/non-finite values (naming the line), no features. A row count other than
+            the header's ``Features: N`` (a truncated file?) is a warning.
     """
     p = Path(path)
     lines = _read_text(p, ".key").splitlines()
@@ -376,6 +398,7 @@ def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
         locs.append(xyz)
     if not locs:
         raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
+    _check_sift_key_count(p, lines, start, len(locs))
     pts = np.asarray(locs, dtype=np.float64) - SIFT_KEY_OFFSET_VOX
     _, first = np.unique(pts, axis=0, return_index=True)
     return pts[np.sort(first)]
