@@ -69,7 +69,8 @@ class RegisterResult:
         points_vox: ``(M, 3)`` float64 inlier preop keypoints, 0-based voxel indices of the preop grid.
         disps_vox: ``(M, 3)`` float64 their displacements, preop voxel units (the keypoint table's dx, dy, dz).
         scores: per-inlier ``(M,)`` arrays: ``descriptor_distance``, ``ratio`` (Lowe's), ``residual_mm``
-            (distance to the local median of the neighbours' displacements), ``scale_mm`` (preop keypoint).
+            (distance to the displacement its inlier neighbours predict, the local model of the outlier
+            rejection: :func:`brainshift.keypoints.match.local_residuals_mm`), ``scale_mm`` (preop keypoint).
         intraop_points_vox: ``(M, 3)`` the matched intraop keypoints, voxel indices of the intraop grid.
         mask: ``(I, J, K)`` bool brain mask of the preop image that was used.
         counts: ``keypoints_preop``, ``keypoints_intraop``, ``candidate_pairs`` (pairs within the maximum
@@ -239,7 +240,7 @@ def match_features(points_a_vox: np.ndarray, desc_a: np.ndarray, affine_a: np.nd
     Raises:
         KeypointError: malformed points or descriptors. BrainshiftError: invalid options.
     """
-    from brainshift.keypoints.match import match_keypoints, reject_outliers
+    from brainshift.keypoints.match import local_residuals_mm, match_keypoints, reject_outliers
 
     a_aff, b_aff = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
     pa_vox, pb_vox = np.asarray(points_a_vox, dtype=np.float64), np.asarray(points_b_vox, dtype=np.float64)
@@ -251,7 +252,7 @@ def match_features(points_a_vox: np.ndarray, desc_a: np.ndarray, affine_a: np.nd
     p_mm = pa_mm[matches.index_a]
     d_mm = pb_mm[matches.index_b] - p_mm
     inlier = reject_outliers(p_mm, d_mm, **(reject_options or {})) if len(matches) else np.zeros(0, bool)
-    residual = _local_residual_mm(p_mm, d_mm, inlier)
+    residual = local_residuals_mm(p_mm, d_mm, inlier, **_residual_options(reject_options))
     sel = np.nonzero(inlier)[0]  # matches are sorted by descriptor distance: the first are the most distinctive
     if max_matches is not None and len(sel) > int(max_matches):
         sel = sel[: int(max_matches)]
@@ -380,21 +381,10 @@ def register(
                           timings_s=timings, interp_options=interp, lam_cv_rmse_mm=lam_rmse)
 
 
-def _local_residual_mm(p_mm: np.ndarray, d_mm: np.ndarray, inlier: np.ndarray, k: int = 10) -> np.ndarray:
-    """Distance (mm) of each match's displacement to the median displacement of its ``k`` nearest inliers."""
-    from scipy.spatial import cKDTree
-
-    out = np.full(len(p_mm), np.nan)
-    idx = np.nonzero(inlier)[0]
-    if len(idx) < 2:
-        return out
-    kk = min(k + 1, len(idx))
-    _, nb = cKDTree(p_mm[idx]).query(p_mm, k=kk)
-    nb = idx[np.atleast_2d(nb.T).T]
-    for i in range(len(p_mm)):
-        others = nb[i][nb[i] != i][:k]
-        out[i] = np.linalg.norm(d_mm[i] - np.median(d_mm[others], axis=0))
-    return out
+def _residual_options(reject_options: dict | None) -> dict:
+    """The options of :func:`reject_outliers` that :func:`local_residuals_mm` shares (the same local model)."""
+    keys = ("n_neighbors", "radius_mm", "local_model")
+    return {k: v for k, v in (reject_options or {}).items() if k in keys}
 
 
 def _world_box(volume: Volume, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

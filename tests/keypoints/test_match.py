@@ -9,7 +9,7 @@ from scipy import ndimage
 from brainshift.errors import BrainshiftError, KeypointError
 from brainshift.keypoints.describe import describe_keypoints
 from brainshift.keypoints.detect import detect_keypoints
-from brainshift.keypoints.match import match_keypoints, reject_outliers
+from brainshift.keypoints.match import local_residuals_mm, match_keypoints, reject_outliers
 from brainshift.volume import Volume
 
 from ._textured import textured_volume
@@ -152,3 +152,27 @@ def test_affine_local_model_rejects_wrong_matches_on_a_steep_shift():
 def test_reject_outliers_bad_local_model_raises():
     with pytest.raises(BrainshiftError, match="local_model"):
         reject_outliers(np.zeros((5, 3)), np.zeros((5, 3)), local_model="spline")
+
+
+def test_local_residuals_are_exact_for_an_affine_shift_and_measure_a_wrong_match():
+    """On a steep affine shift the affine local model predicts every match exactly from its neighbours (residual
+    0), a wrong match's residual is its offset, and the median model is biased by the gradient; NaN without
+    support (fewer than 3 inlier neighbours within the radius)."""
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0, 80, size=(200, 3))
+    jac = np.array([[0.15, 0.02, 0.0], [0.0, -0.1, 0.05], [0.03, 0.0, 0.12]])
+    d = (p - 40.0) @ jac.T + [1.0, -2.0, 0.5]
+    d[7] += [3.0, 0.0, -4.0]  # a wrong match, 5 mm off
+    inlier = np.ones(200, bool)
+    inlier[7] = False
+    r = local_residuals_mm(p, d, inlier)
+    others = np.delete(np.arange(200), 7)
+    assert np.max(r[others]) < 1e-3  # exact up to the 1e-6 ridge on the gradient (measured 3e-5 mm)
+    assert r[7] == pytest.approx(5.0, abs=1e-3)
+    r_med = local_residuals_mm(p, d, inlier, local_model="median")
+    assert np.median(r_med[others]) > 0.3  # the median's bias on a 0.1-0.15 mm/mm gradient
+    far = np.vstack([p, [[500.0, 500.0, 500.0]]])
+    r_far = local_residuals_mm(far, np.vstack([d, [[0.0, 0.0, 0.0]]]), np.append(inlier, True))
+    assert np.isnan(r_far[-1])
+    with pytest.raises(BrainshiftError, match="local_model"):
+        local_residuals_mm(p, d, inlier, local_model="spline")

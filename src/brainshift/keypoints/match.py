@@ -187,8 +187,6 @@ def reject_outliers(
         KeypointError: mismatched shapes or non-finite values.
         BrainshiftError: invalid options.
     """
-    from scipy.spatial import cKDTree
-
     p = np.asarray(points_mm, dtype=np.float64)
     d = np.asarray(disps_mm, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape:
@@ -207,32 +205,10 @@ def reject_outliers(
     if n < 4:
         return np.zeros(n, dtype=bool)
     for it in range(int(max_iter)):
-        idx_in = np.nonzero(inlier)[0]
-        if len(idx_in) < 4:
+        if int(inlier.sum()) < 4:
             return np.zeros(n, dtype=bool)
-        k = min(n_neighbors + 1, len(idx_in))
-        dist, nb = cKDTree(p[idx_in]).query(p, k=k, distance_upper_bound=float(radius_mm))
-        nb_global = np.where(np.isfinite(dist), idx_in[np.minimum(nb, len(idx_in) - 1)], -1)
-        nb_global[nb_global == np.arange(n)[:, None]] = -1  # a match does not support itself
-        valid = nb_global >= 0
-        nb_d = np.where(valid[..., None], d[np.maximum(nb_global, 0)], np.nan)  # (n, k, 3)
-        # keep at most n_neighbors valid neighbours (the self match, when present, was one of the k)
-        rank = np.cumsum(valid, axis=1)
-        nb_d[rank > n_neighbors] = np.nan
-        support = np.minimum(valid.sum(axis=1), n_neighbors)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no support
-                pred = np.nanmedian(nb_d, axis=1)
-        if local_model == "affine" and it > 0:
-            use = (support >= 5) & np.isfinite(pred).all(axis=1)
-            nb_p = np.where(valid[..., None], p[np.maximum(nb_global, 0)], np.nan)
-            nb_p[rank > n_neighbors] = np.nan
-            pred[use] = _local_affine_prediction(p[use], nb_p[use], nb_d[use])
-        resid = np.linalg.norm(d - pred, axis=1)
-        resid[support < 3] = np.inf
+        resid = _local_residuals(p, d, inlier, n_neighbors, float(radius_mm), local_model if it > 0 else "median")
+        resid[~np.isfinite(resid)] = np.inf
         r_in = resid[inlier & np.isfinite(resid)]
         mad = float(np.median(np.abs(r_in - np.median(r_in)))) if len(r_in) else 0.0
         new = resid <= max(float(threshold_mm), n_mad * 1.4826 * mad)
@@ -240,6 +216,72 @@ def reject_outliers(
             break
         inlier = new
     return inlier
+
+
+def local_residuals_mm(points_mm: np.ndarray, disps_mm: np.ndarray, inlier: np.ndarray, *, n_neighbors: int = 10,
+                       radius_mm: float = 40.0, local_model: str = "affine") -> np.ndarray:
+    """Each match's distance (mm) to the displacement its inlier neighbours predict, as :func:`reject_outliers`
+    scores it (the same neighbours, radius and local model; the match itself never supports itself).
+
+    Args:
+        points_mm, disps_mm: ``(M, 3)`` match positions and displacements in world mm.
+        inlier: ``(M,)`` bool, the matches allowed to support others (e.g. :func:`reject_outliers`'s mask).
+        n_neighbors, radius_mm, local_model: as in :func:`reject_outliers`.
+
+    Returns:
+        ``(M,)`` float64 residuals in mm; NaN where fewer than 3 inlier neighbours lie within ``radius_mm``.
+
+    Raises:
+        KeypointError: mismatched shapes. BrainshiftError: unknown ``local_model``.
+    """
+    p = np.asarray(points_mm, dtype=np.float64)
+    d = np.asarray(disps_mm, dtype=np.float64)
+    mask = np.asarray(inlier, dtype=bool)
+    if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or mask.shape != (len(p),):
+        raise KeypointError(f"expected points and displacements (M, 3) and an inlier mask (M,), got {p.shape}, "
+                            f"{d.shape} and {mask.shape}")
+    if local_model not in ("median", "affine"):
+        raise BrainshiftError(f"expected local_model 'median' or 'affine', got {local_model!r}")
+    if int(mask.sum()) < 1:
+        return np.full(len(p), np.nan)
+    return _local_residuals(p, d, mask, int(n_neighbors), float(radius_mm), local_model)
+
+
+def _local_residuals(p: np.ndarray, d: np.ndarray, inlier: np.ndarray, n_neighbors: int, radius_mm: float,
+                     local_model: str) -> np.ndarray:
+    """``|d - prediction|`` from the ``n_neighbors`` nearest inliers within ``radius_mm`` (NaN: support < 3).
+
+    The prediction is the neighbours' component-wise median, or (``"affine"``, with at least 5 neighbours)
+    :func:`_local_affine_prediction`.
+    """
+    import warnings
+
+    from scipy.spatial import cKDTree
+
+    n = len(p)
+    idx_in = np.nonzero(inlier)[0]
+    k = min(n_neighbors + 1, len(idx_in))
+    dist, nb = cKDTree(p[idx_in]).query(p, k=k, distance_upper_bound=radius_mm)
+    dist, nb = np.atleast_2d(dist.T).T.reshape(n, k), np.atleast_2d(nb.T).T.reshape(n, k)
+    nb_global = np.where(np.isfinite(dist), idx_in[np.minimum(nb, len(idx_in) - 1)], -1)
+    nb_global[nb_global == np.arange(n)[:, None]] = -1  # a match does not support itself
+    valid = nb_global >= 0
+    nb_d = np.where(valid[..., None], d[np.maximum(nb_global, 0)], np.nan)  # (n, k, 3)
+    # keep at most n_neighbors valid neighbours (the self match, when present, was one of the k)
+    rank = np.cumsum(valid, axis=1)
+    nb_d[rank > n_neighbors] = np.nan
+    support = np.minimum(valid.sum(axis=1), n_neighbors)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no support
+        pred = np.nanmedian(nb_d, axis=1)
+    if local_model == "affine":
+        use = (support >= 5) & np.isfinite(pred).all(axis=1)
+        nb_p = np.where(valid[..., None], p[np.maximum(nb_global, 0)], np.nan)
+        nb_p[rank > n_neighbors] = np.nan
+        pred[use] = _local_affine_prediction(p[use], nb_p[use], nb_d[use])
+    resid = np.linalg.norm(d - pred, axis=1)
+    resid[support < 3] = np.nan
+    return resid
 
 
 def _local_affine_prediction(p: np.ndarray, nb_p: np.ndarray, nb_d: np.ndarray) -> np.ndarray:
