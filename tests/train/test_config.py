@@ -147,3 +147,11 @@ def test_keypoint_policy_options_parse_and_validate():
     for bad in ({"keypoint_rules": ["everywhere"]}, {"noise_mm": [1.0, 0.5]}, {"interp_methods": ["nearest"]}):
         with pytest.raises(BrainshiftError):
             from_dict(bad)
+
+
+def test_a_negative_seed_in_a_config_is_refused(tmp_path):
+    # numpy's generators take only non-negative seeds (the splits and the samples' draws): was a traceback
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: -5\n")
+    with pytest.raises(BrainshiftError, match="expected seed >= 0, got -5"):
+        load_config(p)

@@ -12,7 +12,7 @@ from brainshift.cli.app import cli_errors
 @cli_errors
 def demo_command(
     out: Path = typer.Option(Path("demo_output"), "--out", "-o", help="Output directory."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random draw."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of every random draw."),
     weights: Path = typer.Option(None, "--weights", "-w", help="Network weights (default: the shipped model "
                                  "if present, else classical methods only)."),
     quick: bool = typer.Option(False, "--quick", help="Small 3 mm case with an analytic field (seconds)."),

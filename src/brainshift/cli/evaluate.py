@@ -20,7 +20,7 @@ def evaluate_command(
     weights: Path | None = typer.Option(None, "--weights", "-w",
                                         help="Network weights for net-* (default: the shipped model)."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder (CSV, summary.md, PNG)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the keypoint draws (per case: seed + case id)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the keypoint draws (per case: seed + case id)."),
     num_kpts: int = typer.Option(20, "--num-kpts", help="Driving keypoints per case."),
     noise_mm: float = typer.Option(0.0, "--noise-mm", help="Std (mm) of Gaussian noise per world component on "
                                                            "the keypoint displacements."),

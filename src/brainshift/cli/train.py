@@ -44,7 +44,7 @@ def train_command(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimiser steps."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop (validate, save) after this many "
                                              "minutes of training; --resume continues."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random draw."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of every random draw."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
     """Train the refinement network (Adam, validation, best/last checkpoints, TensorBoard logs)."""

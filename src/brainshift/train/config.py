@@ -316,7 +316,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "epochs", "evaluate_every", "num_levels", "num_features", "lncc_window"):
         if getattr(cfg, name) < 1:
             raise BrainshiftError(f"expected {name} >= 1, got {getattr(cfg, name)}")
-    for name in ("num_workers", "variants_per_case", "heldout_kpts"):
+    for name in ("num_workers", "variants_per_case", "heldout_kpts", "seed"):
         if getattr(cfg, name) < 0:
             raise BrainshiftError(f"expected {name} >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
