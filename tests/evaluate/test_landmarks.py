@@ -107,3 +107,38 @@ def test_tables_with_a_byte_order_mark_or_not_utf8(tmp_path, field_file):
     r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tmp_path / "latin1.csv"),
                             "--intraop-landmarks", str(tmp_path / "intra.csv"), "--field", str(field_file)])
     assert r.exit_code == 2 and r.output.startswith("error: expected a UTF-8 text landmark table"), r.output
+
+
+@pytest.mark.parametrize("name,message", [
+    ("pre.csv", "expected -o/--output to be another file than the inputs, got the input"),
+    ("field.npz", "expected -o/--output a table file (.csv or .txt), got"),
+    ("tre.npz", "expected -o/--output a table file (.csv or .txt), got"),
+    ("adir", "expected -o/--output a table file (.csv or .txt), got a directory"),
+])
+def test_output_that_is_an_input_or_not_a_table_is_refused_before_the_work(tmp_path, field_file, name, message):
+    # -o naming an input overwrote it with the CSV table (exit 0); a directory was refused only after the table
+    # was printed; 'tre.npz' got CSV text
+    (tmp_path / "pre.csv").write_text("x,y,z\n" + "".join(f"{x:g},{y:g},{z:g}\n" for x, y, z in PRE))
+    (tmp_path / "intra.csv").write_text("x,y,z\n" + "".join(f"{x:g},{y:g},{z:g}\n" for x, y, z in INTRA))
+    (tmp_path / "adir").mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tmp_path / "pre.csv"),
+                            "--intraop-landmarks", str(tmp_path / "intra.csv"), "--field", str(field_file),
+                            "-o", str(tmp_path / name)])
+    assert r.exit_code == 2 and r.output.startswith("error: " + message), r.output
+    assert len(r.output.splitlines()) == 1  # nothing printed before the error
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "adir"])
+
+
+def test_a_frame_other_than_ras_or_lps_is_refused_also_with_a_tag_file(tmp_path, field_file):
+    # a .tag file does not use --frame, so '--frame voxel' was silently read as RAS
+    tag = _tag(tmp_path / "pairs.tag", PRE, INTRA)
+    with pytest.raises(InputFileError, match="expected the landmark frame ras or lps, got 'voxel'"):
+        evaluate_landmarks(tag, None, field_file, frame="voxel")
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tag), "--field", str(field_file),
+                            "--frame", "voxel"])
+    assert r.exit_code == 2 and r.output == "error: expected the landmark frame ras or lps, got 'voxel'\n"
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tag), "--field", str(field_file),
+                            "--frame", "LPS"])
+    assert r.exit_code == 0, r.output

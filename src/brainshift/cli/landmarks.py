@@ -26,6 +26,8 @@ def evaluate_landmarks_command(
     """Report the target registration error (mm) of each landmark before and after applying the field."""
     from brainshift.evaluate.landmarks import evaluate_landmarks
 
+    if output is not None:
+        _check_output_table(output, [preop_landmarks, intraop_landmarks, field])
     res = evaluate_landmarks(preop_landmarks, intraop_landmarks, field, frame=frame.lower(),
                              tag_preop_volume=tag_preop_volume)
     typer.echo(f"{'landmark':>12} {'TRE before (mm)':>16} {'TRE after (mm)':>15}")
@@ -42,3 +44,15 @@ def evaluate_landmarks_command(
         with atomic_output(output) as tmp:
             tmp.write_text(res.table())
         typer.echo(f"wrote {output}")
+
+
+def _check_output_table(output: Path, inputs: list[Path | None]) -> None:
+    """Refuse ``-o`` before any work unless it names a new or earlier ``.csv``/``.txt`` table that is no input."""
+    from brainshift.errors import BrainshiftError
+
+    if not output.name.lower().endswith((".csv", ".txt")) or output.is_dir():
+        kind = "a directory" if output.is_dir() else repr(str(output))
+        raise BrainshiftError(f"expected -o/--output a table file (.csv or .txt), got {kind}")
+    for path in inputs:
+        if path is not None and output.exists() and path.exists() and output.samefile(path):
+            raise BrainshiftError(f"expected -o/--output to be another file than the inputs, got the input {path}")

@@ -280,11 +280,14 @@ def evaluate_landmarks(preop_landmarks: str | os.PathLike[str], intraop_landmark
         :class:`LandmarkTRE`.
 
     Raises:
-        InputFileError, KeypointError: unreadable or inconsistent files. GeometryError: every preop landmark
-            outside the field's grid (the wrong field, or landmarks of another image).
+        InputFileError, KeypointError: unreadable or inconsistent files, a frame other than ras or lps.
+        GeometryError: every preop landmark outside the field's grid (the wrong field, or landmarks of another
+            image).
     """
     from brainshift.io.fields import read_field
 
+    if frame not in ("ras", "lps"):  # a .tag file ignores it: checked here so that a typo is never silent
+        raise InputFileError(f"expected the landmark frame ras or lps, got {frame!r}")
     field, affine = read_field(field_path)
     pre, intra, labels = read_landmark_pairs(preop_landmarks, intraop_landmarks, affine=affine, frame=frame,
                                              tag_preop_volume=tag_preop_volume)
