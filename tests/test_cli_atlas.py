@@ -135,3 +135,34 @@ def test_compensate_net_atlas_runs_the_safeguards_on_atlas_folds(built, tiny_def
     at = res.refined_field[(slice(None),) + tuple(np.round(pts).astype(int).T)].T
     at0 = res.initial_field[(slice(None),) + tuple(np.round(pts).astype(int).T)].T
     assert np.abs(at - d).mean() <= np.abs(at0 - d).mean() + 0.05  # keypoint consistency
+
+
+@pytest.mark.parametrize("text,message", [
+    ("atlas:\n  n_solves: abc\n", "expected n_solves in the atlas config as an integer, got 'abc'"),
+    ("atlas:\n  n_solves: 2.7\n", "expected n_solves in the atlas config as an integer, got 2.7"),
+    ("atlas:\n  seed: 1.5\n", "expected seed in the atlas config as an integer, got 1.5"),
+    ("atlas:\n  drainage_fractions: 0.5\n", "expected drainage_fractions in the atlas config as a list of numbers"),
+    ("atlas:\n  contact_models: unilateral\n",
+     "expected contact_models in the atlas config as a list of strings, got 'unilateral'"),
+    ("atlas:\n  energy: '0.5'\n", "expected energy in the atlas config as a finite number, got '0.5'"),
+    ("atlas:\n  energy:\n", "expected energy in the atlas config as a finite number, got null"),
+    ("atlas:\n  falx_probability: abc\n", "expected falx_probability in the atlas config as a finite number or null"),
+    ("atlas:\n  resection: 'no'\n", "expected resection in the atlas config as true or false, got 'no'"),
+    ("atlas:\n  simulation: 3\n", "expected simulation in the atlas config as a mapping, got 3"),
+    ("atlas:\n  simulation: {foo: 1}\n", "under simulation: in the atlas config, got unknown ['foo']"),
+    ("atlas:\n  simulation: {falx: 'yes'}\n",
+     "expected falx in the atlas config's simulation: as true or false, got 'yes'"),
+    ("atlas: hello\n", "expected the section atlas: of"),
+    (b"\xff\xfeatlas: {}\n", "expected a UTF-8 text atlas config file (YAML or JSON), got"),
+])
+def test_atlas_config_values_of_the_wrong_type_are_one_line_exit_2(tmp_path, text, message):
+    # were TypeError / ValueError / UnicodeDecodeError tracebacks, or used as they came (n_solves 2.7, seed 1.5,
+    # resection 'no' as true)
+    cfg = tmp_path / "atlas.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    res = runner.invoke(app, ["atlas", "-p", str(tmp_path / "p.nii.gz"), "--brain-mask", str(tmp_path / "b.nii.gz"),
+                              "--config", str(cfg), "-o", str(tmp_path / "a")])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and len(res.output.splitlines()) == 1, res.output
+    assert message in res.output, res.output
+    assert not (tmp_path / "a").exists()

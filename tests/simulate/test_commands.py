@@ -157,3 +157,36 @@ def test_displacement_png_slices_through_the_peak(tmp_path):
     path = save_displacement_png(s.image, field, tmp_path / "d.png", brain=s.brain_mask, title="t")
     img = mpimg.imread(path)
     assert img.shape[2] in (3, 4) and img.shape[0] > 100
+
+
+@pytest.mark.parametrize("text,message", [
+    ("resolution_mm: abc\n", "expected resolution_mm in the simulation config as a finite number, got 'abc'"),
+    ("resolution_mm: .inf\n", "expected resolution_mm in the simulation config as a finite number, got inf"),
+    ("resection: 'no'\n", "expected resection in the simulation config as true or false, got 'no'"),
+    ("solver_maxiter: 2.5\n", "expected solver_maxiter in the simulation config as an integer, got 2.5"),
+    ("drainage_fraction_range: 0.5\n",
+     "expected drainage_fraction_range in the simulation config as a list of 2 numbers, got 0.5"),
+    ("family: 3\n", "expected family in the simulation config as a mapping or null, got 3"),
+    ("simulation: abc\n", "expected the section simulation: of"),
+    ("synthesis: [1, 2]\n", "expected the section synthesis: of"),
+    ("synthesis: {warp_steps: abc}\n", "expected warp_steps in the synthesis config as an integer, got 'abc'"),
+    ("synthesis: {tumour_radius_range_mm: 5}\n",
+     "expected tumour_radius_range_mm in the synthesis config as a list of 2 numbers, got 5"),
+    (b"\xff\xferesolution_mm: 3\n", "expected a UTF-8 text config file (YAML or JSON), got"),
+    (None, "(a directory)"),
+])
+@pytest.mark.parametrize("command", [["simulate", "--demo"], ["simulate-batch", "--subjects", "1",
+                                                              "--cases-per-subject", "1"]])
+def test_simulation_config_values_of_the_wrong_type_are_one_line_exit_2(tmp_path, command, text, message):
+    # were TypeError / ValueError / UnicodeDecodeError tracebacks, or used as they came (resection 'no' as true,
+    # 2.5 CG iterations, an infinite element size); a folder was reported as 'not found'
+    cfg = tmp_path / "sim.yaml"
+    if text is None:
+        cfg.mkdir()
+    else:
+        cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    res = runner.invoke(app, [*command, "--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and len(res.output.splitlines()) == 1, res.output
+    assert message in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -155,3 +155,13 @@ def test_a_negative_seed_in_a_config_is_refused(tmp_path):
     p.write_text("seed: -5\n")
     with pytest.raises(BrainshiftError, match="expected seed >= 0, got -5"):
         load_config(p)
+
+
+def test_a_config_that_is_not_utf8_or_a_folder_is_an_input_file_error(tmp_path):
+    # a Latin-1 byte was a UnicodeDecodeError traceback; a folder was reported as not existing
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"epochs: 2 # \xe9\n")
+    with pytest.raises(InputFileError, match="expected a UTF-8 text training config file"):
+        load_config(p)
+    with pytest.raises(InputFileError, match="expected a training config file at .*, got a directory"):
+        load_config(tmp_path)

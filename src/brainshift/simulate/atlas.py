@@ -200,6 +200,16 @@ class AtlasConfig:
         bad = set(d) - names
         if bad:
             raise BrainshiftError(f"expected atlas config keys among {sorted(names)}, got unknown {sorted(bad)}")
+        from brainshift.simulate.case import SimulationConfig
+        from brainshift.simulate.config_values import check_field_values
+
+        check_field_values(d, cls, "the atlas config", {"contact_models": "str"})
+        sim_names = {f.name for f in dataclasses.fields(SimulationConfig)}
+        bad = set(d.get("simulation") or {}) - sim_names
+        if bad:
+            raise BrainshiftError(f"expected simulation config keys among {sorted(sim_names)} under simulation: in "
+                                  f"the atlas config, got unknown {sorted(bad)}")
+        check_field_values(d.get("simulation") or {}, SimulationConfig, "the atlas config's simulation:")
         return cls(**d)
 
 
@@ -215,9 +225,12 @@ def read_atlas_config(path: str | Path | None) -> AtlasConfig:
 
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputFileError(f"expected a readable atlas config file, got {p} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputFileError(f"expected a UTF-8 text atlas config file (YAML or JSON), got {p}, which is not "
+                             f"UTF-8 text") from None
     try:
         import yaml
 
@@ -229,7 +242,11 @@ def read_atlas_config(path: str | Path | None) -> AtlasConfig:
         data = {}
     if not isinstance(data, dict):
         raise BrainshiftError(f"expected a mapping in {p}, got {type(data).__name__}")
-    return AtlasConfig.from_dict(data.get("atlas", data) if "atlas" in data else data)
+    section = data.get("atlas", data) if "atlas" in data else data
+    if not isinstance(section or {}, dict):
+        raise BrainshiftError(f"expected the section atlas: of {p} to be a mapping of atlas config keys, got "
+                              f"{section!r}")
+    return AtlasConfig.from_dict(section)
 
 
 # ------------------------------------------------------------------------------------------------ the solves

@@ -565,8 +565,13 @@ def read_config_file(path: Path | None, *, resolution: float | None = None, mate
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise InputFileError(f"expected a config file (YAML or JSON), got {str(p)!r} (not found)")
-        text = p.read_text()
+            raise InputFileError(f"expected a config file (YAML or JSON), got {str(p)!r} "
+                                 f"({'a directory' if p.is_dir() else 'not found'})")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputFileError(f"expected a UTF-8 text config file (YAML or JSON), got {str(p)!r}, which is not "
+                                 f"UTF-8 text") from None
         try:
             if p.suffix.lower() == ".json":
                 import json
@@ -586,6 +591,10 @@ def read_config_file(path: Path | None, *, resolution: float | None = None, mate
         unknown = set(data) - {"simulation", "synthesis"}
         if unknown:
             raise InputFileError(f"expected only the sections simulation and synthesis, got also {sorted(unknown)}")
+        for section in ("simulation", "synthesis"):
+            if not isinstance(data.get(section) or {}, dict):
+                raise InputFileError(f"expected the section {section}: of {path} to be a mapping of config keys, "
+                                     f"got {data[section]!r}")
         sim, synth = dict(data.get("simulation") or {}), dict(data.get("synthesis") or {})
     else:
         sim, synth = dict(data), {}

@@ -196,6 +196,9 @@ class SimulationConfig:
         bad = set(d) - names
         if bad:
             raise BrainshiftError(f"expected simulation config keys among {sorted(names)}, got unknown {sorted(bad)}")
+        from brainshift.simulate.config_values import check_field_values
+
+        check_field_values(d, cls, "the simulation config")
         return cls(**d)
 
 

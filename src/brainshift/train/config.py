@@ -377,8 +377,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise InputFileError(f"expected a training config file at {p}, it does not exist")
-    text = p.read_text()
+        raise InputFileError(f"expected a training config file at {p}, "
+                             + ("got a directory" if p.is_dir() else "it does not exist"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputFileError(f"expected a UTF-8 text training config file (YAML or JSON), got {p}, which is not "
+                             f"UTF-8 text") from None
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
