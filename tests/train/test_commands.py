@@ -73,3 +73,15 @@ def test_trained_weights_work_with_infer_refine(tiny_dataset, tmp_path):
     assert summary["refined"] is True
     with np.load(tmp_path / "inf" / "corrected_disp_field.npz") as z:
         assert np.isfinite(z[z.files[0]]).all()
+
+
+def test_a_training_size_the_network_cannot_take_is_refused_before_writing(tiny_dataset, tmp_path):
+    # the check came after config_resolved.yaml and splits.json were written into --save-dir
+    cfg = _write_config(tmp_path / "c.yaml", size=[31, 32, 32])
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(out),
+                              "--device", "cpu", "--max-steps", "1", "-q"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: expected a training size made of multiples of 2") and \
+        len(res.output.splitlines()) == 1, res.output
+    assert not out.exists()

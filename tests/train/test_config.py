@@ -165,3 +165,29 @@ def test_a_config_that_is_not_utf8_or_a_folder_is_an_input_file_error(tmp_path):
         load_config(p)
     with pytest.raises(InputFileError, match="expected a training config file at .*, got a directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: .nan\n", "expected a finite number for option 'lr', got nan"),
+    ("lr: .inf\n", "expected a finite number for option 'lr', got inf"),
+    ("lr: true\n", "expected a finite number for option 'lr', got True"),
+    ("reg_w: .inf\n", "expected a finite number for option 'reg_w', got inf"),
+    ("size: '123'\n", "expected a valid value for option 'size', got '123'"),
+    ("size: [64.5, 64, 64]\n", "expected a valid value for option 'size', got [64.5, 64, 64]"),
+    ("split: '01'\n", "expected a valid value for option 'split', got '01'"),
+    ("spacing_mm: 0\n", "expected spacing_mm > 0 (mm) or null, got 0.0"),
+])
+def test_config_values_that_were_silently_misread_are_refused(tmp_path, text, message):
+    # were accepted: a NaN / infinite / boolean learning rate, size '123' read as (1, 2, 3), 64.5 truncated to
+    # 64, split '01' read as [0.0, 1.0], a zero grid spacing
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(BrainshiftError) as err:
+        load_config(p)
+    assert str(err.value) == message
+
+
+def test_network_values_of_the_wrong_type_are_a_brainshift_error():
+    # network: {features: abc} was a ValueError traceback when the run started
+    with pytest.raises(BrainshiftError, match="expected valid network values, got {'features': 'abc'}"):
+        network_config(from_dict({"network": {"features": "abc"}}))

@@ -234,6 +234,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return int(value)
         if name in _FLOAT or name in _OPT_FLOAT:
+            if isinstance(value, bool) or not math.isfinite(float(value)):
+                raise BrainshiftError(f"expected a finite number for option {name!r}, got {value!r}")
             return float(value)
         if name in _BOOL:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -249,11 +251,15 @@ def _coerce(name: str, value: Any) -> Any:
                 return None
             return s
         if name == "split":
+            if not isinstance(value, list | tuple):
+                raise ValueError
             vals = tuple(float(v) for v in value)
             if len(vals) != 2:
                 raise ValueError
             return vals
         if name == "size":
+            if not isinstance(value, list | tuple) or any(isinstance(v, bool) or float(v) != int(v) for v in value):
+                raise ValueError
             vals = tuple(int(v) for v in value)
             if len(vals) != 3:
                 raise ValueError
@@ -343,6 +349,8 @@ def validate(cfg: TrainConfig) -> None:
         raise BrainshiftError(f"expected size (I, J, K) of positive ints or None, got {cfg.size}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise BrainshiftError(f"expected device 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.spacing_mm is not None and not cfg.spacing_mm > 0:
+        raise BrainshiftError(f"expected spacing_mm > 0 (mm) or null, got {cfg.spacing_mm}")
     if not isinstance(cfg.network, dict):
         raise BrainshiftError(f"expected network to be a mapping of NetworkConfig fields, got {cfg.network!r}")
 
@@ -463,6 +471,11 @@ def network_config(cfg: TrainConfig):
     values.update(cfg.network)
     if cfg.spacing_mm is not None:
         values["spacing_mm"] = float(cfg.spacing_mm)
-    if "features" in values:
-        values["features"] = tuple(int(f) for f in values["features"])
-    return NetworkConfig(**values)
+    try:
+        if "features" in values:
+            values["features"] = tuple(int(f) for f in values["features"])
+        return NetworkConfig(**values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, BrainshiftError):
+            raise
+        raise BrainshiftError(f"expected valid network values, got {cfg.network!r} ({exc})") from None

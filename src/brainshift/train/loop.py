@@ -283,14 +283,14 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
     splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed)
     if not splits.train:
         raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
+    if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
+        raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
+                              f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
     if ctx.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, save_dir / "config_resolved.yaml")
         with atomic_output(save_dir / "splits.json") as tmp:
             Path(tmp).write_text(json.dumps(splits.to_dict(), indent=2))
-    if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
-        raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
-                              f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
     model = initial_network(net_cfg, cfg, init_loaded)
     model.to(ctx.device)
     run = _Run(cfg=cfg, ctx=ctx, net_cfg=net_cfg, splits=splits, model=model,
