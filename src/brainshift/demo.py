@@ -444,15 +444,19 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
         the driving keypoints and their displacements), ``time_s``, ``n_keypoints``, ``n_heldout``.
 
     Raises:
-        InputFileError: ``weights`` or ``atlas_config`` given but missing or unreadable.
+        InputFileError: ``weights`` or ``atlas_config`` given but missing or unreadable. BrainshiftError: a
+            ``resolution_mm`` that is not a positive number (before anything is done).
         BrainshiftError: from the simulation, the atlas build, the keypoints or a bad device.
     """
+    from brainshift.errors import BrainshiftError
     from brainshift.evaluate.metrics import tre_mm
     from brainshift.io.output_set import OutputSet
     from brainshift.progress import StepTimer
     from brainshift.resources import resolve_weights
     from brainshift.simulate.atlas import BUILD_JSON
 
+    if not (np.isfinite(float(resolution_mm)) and float(resolution_mm) > 0):  # found only after the synthesis
+        raise BrainshiftError(f"expected --resolution > 0 (mm, the simulation's element edge), got {resolution_mm}")
     t_start = time.perf_counter()
     out = Path(out_dir)
     # an output folder we may not write into (a user's file at one of the fixed names) is refused before the work;
