@@ -62,3 +62,11 @@ def test_evaluate_output_below_a_file_fails_at_once(tiny_dataset, tmp_path):
                               str(blocker / "eval"), "-q"])
     assert res.exit_code == 2
     assert "error: expected -o/--output to be a directory" in res.output
+
+
+def test_evaluate_fewer_than_four_keypoints_is_refused_naming_the_option(tiny_dataset, tmp_path):
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear", "--num-kpts", "3",
+                              "--out", str(tmp_path / "eval"), "-q"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: expected --num-kpts >= 4"), res.output
+    assert not (tmp_path / "eval").exists()

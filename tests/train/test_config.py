@@ -70,10 +70,17 @@ def test_yaml_then_overrides_and_resolved_roundtrip(tmp_path):
     ({"lr": 1e-4, "lr_min": 1e-3, "lr_schedule": "cosine"}, "lr_min"),
     ({"lr_min": -1.0}, "lr_min"),
     ({"flip_axes": [0.5]}, "list of array axes"),
+    ({"device": "cudax"}, "device 'cpu', 'cuda' or 'cuda:N'"),
+    ({"mse_w": -1.0}, "mse_w >= 0"),
+    ({"reg_w": -0.1}, "reg_w >= 0"),
 ])
 def test_bad_values_raise(values, match):
     with pytest.raises(BrainshiftError, match=match):
         from_dict(values)
+
+
+def test_cuda_device_index_is_accepted():
+    assert from_dict({"device": "cuda:1"}).device == "cuda:1"
 
 
 def test_interp_none_spellings_mean_random():

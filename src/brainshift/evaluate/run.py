@@ -299,8 +299,9 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     from brainshift.simulate.dataset import list_cases, read_case, read_subject_keypoints
 
     names = parse_methods(methods)
-    if n_keypoints < 1:
-        raise KeypointError(f"expected --num-kpts >= 1, got {n_keypoints}")
+    if n_keypoints < 4:
+        raise KeypointError(f"expected --num-kpts >= 4 (the interpolators need 4 keypoints not on one plane), got "
+                            f"{n_keypoints}")
     if noise_mm < 0 or not np.isfinite(noise_mm):
         raise BrainshiftError(f"expected a noise level >= 0 mm, got {noise_mm}")
     if cases is not None and cases < 1:

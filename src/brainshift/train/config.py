@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,8 +348,11 @@ def validate(cfg: TrainConfig) -> None:
                               f"{list(cfg.interp_methods)}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):
         raise BrainshiftError(f"expected size (I, J, K) of positive ints or None, got {cfg.size}")
-    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
-        raise BrainshiftError(f"expected device 'cpu' or 'cuda', got {cfg.device!r}")
+    if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
+        raise BrainshiftError(f"expected device 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    for name in ("mse_w", "lncc_w", "reg_w"):
+        if not getattr(cfg, name) >= 0:
+            raise BrainshiftError(f"expected {name} >= 0 (a loss weight), got {getattr(cfg, name)}")
     if cfg.spacing_mm is not None and not cfg.spacing_mm > 0:
         raise BrainshiftError(f"expected spacing_mm > 0 (mm) or null, got {cfg.spacing_mm}")
     if not isinstance(cfg.network, dict):
