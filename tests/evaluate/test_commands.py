@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from brainshift.cli import app
@@ -70,3 +71,24 @@ def test_evaluate_fewer_than_four_keypoints_is_refused_naming_the_option(tiny_da
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: expected --num-kpts >= 4"), res.output
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--noise-mm", "1e9"], "expected a noise level of 0-20 mm, got 1000000000.0"),
+    (["--device", "gpu"], "expected a torch device such as 'cpu' or 'cuda', got 'gpu'"),
+])
+def test_evaluate_absurd_noise_and_unknown_device_are_refused_before_the_work(tiny_dataset, tmp_path, args,
+                                                                                fragment):
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear", "--out",
+                              str(tmp_path / "eval"), "-q", *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {fragment}"), res.output
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_missing_dataset_folder_says_so(tmp_path):
+    res = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "nope"), "--methods", "linear", "--out",
+                              str(tmp_path / "eval"), "-q"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: expected a dataset folder (brainshift simulate-batch --out) at"), res.output
+    assert "no such folder" in res.output

@@ -257,6 +257,11 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
     return rows
 
 
+#: The largest keypoint noise (mm, standard deviation per world component) ``evaluate`` accepts: localisation
+#: errors of centimetres are not keypoints any more, and larger values are far likelier a typo.
+MAX_NOISE_MM = 20.0
+
+
 def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights: str | Path | None = None,
                      seed: int = 0, n_keypoints: int = 20, noise_mm: float = 0.0, cases: int | None = None,
                      device: str = "cpu", progress: bool = True, n_heldout: int = 100,
@@ -288,10 +293,11 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         given order. Deterministic given ``seed`` except ``time_s``.
 
     Raises:
-        InputFileError: no complete case in ``data_dir``, missing weights for ``net-*``, a missing or unreadable
-            atlas of a subject (the message names the subject).
-        BrainshiftError: unknown method, bad counts, atlas methods without ``atlases``, or a device that is not
-            available.
+        InputFileError: no ``data_dir`` folder or no complete case in it, missing weights for ``net-*``, a
+            missing or unreadable atlas of a subject (the message names the subject).
+        BrainshiftError: unknown method, bad counts, noise outside 0-:data:`MAX_NOISE_MM` mm, atlas methods
+            without ``atlases``, or a device that is unknown or not available (checked when named explicitly,
+            even without network methods).
         GeometryError: an atlas built for another image than its subject's.
     """
     from brainshift.device import resolve_device
@@ -302,8 +308,13 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     if n_keypoints < 4:
         raise KeypointError(f"expected --num-kpts >= 4 (the interpolators need 4 keypoints not on one plane), got "
                             f"{n_keypoints}")
-    if noise_mm < 0 or not np.isfinite(noise_mm):
-        raise BrainshiftError(f"expected a noise level >= 0 mm, got {noise_mm}")
+    if not 0 <= noise_mm <= MAX_NOISE_MM:
+        raise BrainshiftError(f"expected a noise level of 0-{MAX_NOISE_MM:g} mm, got {noise_mm}")
+    if str(device).strip().lower() not in ("cpu", "auto"):
+        resolve_device(device)  # an explicitly named device is checked even when no network runs
+    if not Path(data_dir).is_dir():
+        raise InputFileError(f"expected a dataset folder (brainshift simulate-batch --out) at {data_dir}, got "
+                             f"{'a file' if Path(data_dir).exists() else 'no such folder'}")
     if cases is not None and cases < 1:
         raise BrainshiftError(f"expected --cases >= 1, got {cases}")
     wants_atlas = [m for m in names if m in ATLAS_METHODS]
