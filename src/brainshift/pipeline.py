@@ -241,10 +241,6 @@ def run_infer(opts: InferOptions) -> dict:
     return summary
 
 
-#: ``--tps-lam cv`` needs at least this many keypoints (5 folds, each fit keeping enough of them to score).
-MIN_KEYPOINTS_LAM_CV = 20
-
-
 def _tps_lam_option(opts: InferOptions) -> float | str | None:
     """``--tps-lam``: None, ``"cv"`` or a ridge ``>= 0`` (checked before any file is read).
 
@@ -277,7 +273,8 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     (:func:`brainshift.interpolate.tps.choose_tps_lam`, as ``brainshift register`` does for its matches).
 
     Raises:
-        KeypointError: ``--tps-lam cv`` with fewer than :data:`MIN_KEYPOINTS_LAM_CV` keypoints.
+        KeypointError: ``--tps-lam cv`` with fewer than
+            :data:`brainshift.interpolate.tps.MIN_KEYPOINTS_LAM_CV` keypoints.
         BrainshiftError: ``--tps-lam`` with an initial field (no interpolation to tune).
     """
     from brainshift.errors import KeypointError
@@ -292,11 +289,12 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     if lam != "cv":
         options["lam"] = float(lam)
         return options, {}
+    from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV, choose_tps_lam
+
     points_vox, disps_vox = given["keypoints"]
     if len(points_vox) < MIN_KEYPOINTS_LAM_CV:
         raise KeypointError(f"expected at least {MIN_KEYPOINTS_LAM_CV} keypoints for --tps-lam cv (5-fold "
                             f"cross-validation), got {len(points_vox)}; give a number instead (published: 0.1)")
-    from brainshift.interpolate.tps import choose_tps_lam
 
     with steps.step("choose tps ridge (cross-validation)"):
         options["lam"], rmse = choose_tps_lam(points_vox, disps_vox, image.shape, image.affine)

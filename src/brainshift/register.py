@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from brainshift.errors import BrainshiftError, GeometryError, KeypointError
+from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV
 from brainshift.volume import Volume
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 MIN_MATCHES = 4
 #: With at least this many inlier matches and ``method="tps"`` (and no ``lam`` given), the spline's ridge is
 #: chosen by 5-fold cross-validation over the matches (:func:`brainshift.interpolate.tps.choose_tps_lam`).
-MIN_MATCHES_LAM_CV = 20
+MIN_MATCHES_LAM_CV = MIN_KEYPOINTS_LAM_CV
 
 
 class RegistrationError(KeypointError):

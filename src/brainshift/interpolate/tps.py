@@ -243,6 +243,9 @@ def tps_interpolate(
 
 #: Ridge values tried by :func:`choose_tps_lam` (log-spaced around the published 0.1).
 LAM_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+#: The fewest keypoints for which ``register`` and ``infer --tps-lam cv`` choose ``lam`` by 5-fold
+#: cross-validation (:func:`choose_tps_lam`): each fold's fit keeps 16, the held-out folds score 4 each.
+MIN_KEYPOINTS_LAM_CV = 20
 
 
 def choose_tps_lam(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tuple[int, int, int],
