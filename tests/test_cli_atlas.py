@@ -144,7 +144,7 @@ def test_compensate_net_atlas_runs_the_safeguards_on_atlas_folds(built, tiny_def
     ("atlas:\n  drainage_fractions: 0.5\n", "expected drainage_fractions in the atlas config as a list of numbers"),
     ("atlas:\n  contact_models: unilateral\n",
      "expected contact_models in the atlas config as a list of strings, got 'unilateral'"),
-    ("atlas:\n  energy: '0.5'\n", "expected energy in the atlas config as a finite number, got '0.5'"),
+    ("atlas:\n  energy: 'nan'\n", "expected energy in the atlas config as a finite number, got 'nan'"),
     ("atlas:\n  energy:\n", "expected energy in the atlas config as a finite number, got null"),
     ("atlas:\n  falx_probability: abc\n", "expected falx_probability in the atlas config as a finite number or null"),
     ("atlas:\n  resection: 'no'\n", "expected resection in the atlas config as true or false, got 'no'"),

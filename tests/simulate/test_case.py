@@ -61,6 +61,42 @@ def test_config_roundtrip_and_validation():
         SimulationConfig(ventricle_model="water")
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("solver_rtol", -1.0, "expected solver_rtol in (0, 1), got -1.0"),
+    ("solver_rtol", 0.0, "expected solver_rtol in (0, 1)"),
+    ("newton_rtol", 2.0, "expected newton_rtol in (0, 1)"),
+    ("tumour_stiffness_ratio", 0.0, "expected tumour_stiffness_ratio > 0"),
+    ("tumour_element_fraction", 1.5, "expected tumour_element_fraction in (0, 1]"),
+    ("min_brain_fraction", 0.0, "expected min_brain_fraction in (0, 1]"),
+    ("contact_gap_tolerance_mm", 0.0, "expected contact_gap_tolerance_mm > 0"),
+    ("contact_force_tolerance", -1e-3, "expected contact_force_tolerance > 0"),
+    ("normal_smoothing_mm", -1.0, "expected non-negative normal_smoothing_mm"),
+    ("coarse_start_min_elements", -5, "expected non-negative normal_smoothing_mm and coarse_start_min_elements"),
+    ("newton_max_iterations", 0, "expected newton_max_iterations >= 1"),
+])
+def test_config_values_out_of_range_are_refused(field, value, message):
+    # were accepted (a negative CG tolerance, a zero-stiffness tumour) and failed deep in the solver, or not at all
+    with pytest.raises(BrainshiftError) as err:
+        SimulationConfig(**{field: value})
+    assert message in str(err.value)
+
+
+def test_config_numbers_written_as_strings_are_numbers():
+    # PyYAML reads YAML 1.1: `solver_rtol: 1e-6` (no dot) is the string '1e-6'; it was refused as not a number
+    import yaml
+
+    d = yaml.safe_load("solver_rtol: 1e-6\npoisson_ratio: '0.46'\nsolver_maxiter: '300'\n"
+                       "drainage_fraction_range: [1e-1, '0.3']\n")
+    assert d["solver_rtol"] == "1e-6"  # the premise: PyYAML's reading
+    cfg = SimulationConfig.from_dict(d)
+    assert cfg.solver_rtol == 1e-6 and cfg.poisson_ratio == 0.46 and cfg.solver_maxiter == 300
+    assert cfg.drainage_fraction_range == (0.1, 0.3)
+    with pytest.raises(BrainshiftError, match="expected solver_maxiter in the simulation config as an integer"):
+        SimulationConfig.from_dict({"solver_maxiter": "2.5"})
+    with pytest.raises(BrainshiftError, match="expected resection in the simulation config as true or false"):
+        SimulationConfig.from_dict({"resection": "no"})
+
+
 def test_case_outputs(phantom, case4):
     cfg, params, r = case4
     shape = phantom.image.shape

@@ -203,13 +203,14 @@ class AtlasConfig:
         from brainshift.simulate.case import SimulationConfig
         from brainshift.simulate.config_values import check_field_values
 
-        check_field_values(d, cls, "the atlas config", {"contact_models": "str"})
+        d = check_field_values(d, cls, "the atlas config", {"contact_models": "str"})
         sim_names = {f.name for f in dataclasses.fields(SimulationConfig)}
         bad = set(d.get("simulation") or {}) - sim_names
         if bad:
             raise BrainshiftError(f"expected simulation config keys among {sorted(sim_names)} under simulation: in "
                                   f"the atlas config, got unknown {sorted(bad)}")
-        check_field_values(d.get("simulation") or {}, SimulationConfig, "the atlas config's simulation:")
+        if d.get("simulation"):
+            d["simulation"] = check_field_values(d["simulation"], SimulationConfig, "the atlas config's simulation:")
         return cls(**d)
 
 

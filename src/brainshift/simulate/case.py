@@ -180,6 +180,25 @@ class SimulationConfig:
                                   f"{self.shear_modulus_pa}, {self.white_grey_stiffness_ratio}")
         if self.solver_maxiter < 1 or self.max_contact_iterations < 1 or self.newton_load_steps < 1:
             raise BrainshiftError("expected solver_maxiter, max_contact_iterations and newton_load_steps >= 1")
+        if not self.tumour_stiffness_ratio > 0:
+            raise BrainshiftError(f"expected tumour_stiffness_ratio > 0, got {self.tumour_stiffness_ratio}")
+        for name in ("tumour_element_fraction", "min_brain_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise BrainshiftError(f"expected {name} in (0, 1], got {v}")
+        for name in ("solver_rtol", "newton_rtol"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise BrainshiftError(f"expected {name} in (0, 1), got {v}")
+        for name in ("contact_gap_tolerance_mm", "contact_force_tolerance"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise BrainshiftError(f"expected {name} > 0, got {v}")
+        if self.normal_smoothing_mm < 0 or self.coarse_start_min_elements < 0:
+            raise BrainshiftError("expected non-negative normal_smoothing_mm and coarse_start_min_elements, got "
+                                  f"{self.normal_smoothing_mm}, {self.coarse_start_min_elements}")
+        if self.newton_max_iterations < 1:
+            raise BrainshiftError(f"expected newton_max_iterations >= 1, got {self.newton_max_iterations}")
         if not 0.0 <= self.contact_settle_fraction < 0.05:
             raise BrainshiftError(f"expected contact_settle_fraction in [0, 0.05), got {self.contact_settle_fraction}")
 
@@ -198,8 +217,7 @@ class SimulationConfig:
             raise BrainshiftError(f"expected simulation config keys among {sorted(names)}, got unknown {sorted(bad)}")
         from brainshift.simulate.config_values import check_field_values
 
-        check_field_values(d, cls, "the simulation config")
-        return cls(**d)
+        return cls(**check_field_values(d, cls, "the simulation config"))
 
 
 @dataclass

@@ -6,6 +6,10 @@ type (``resolution_mm: abc``, ``drainage_fractions: 0.5``, ``simulation: 3``) wa
 and some were used as they came (``resection: 'no'`` is a true string, ``n_solves: 2.7``, ``seed: 1.5``).
 :func:`check_field_values` refuses them by the field's annotation, naming the field, the type expected and the
 value found.
+
+Numbers written as strings are read as numbers, as the training config reads them: PyYAML follows YAML 1.1, where
+a float needs a dot, so ``solver_rtol: 1e-6`` arrives as the string ``'1e-6'`` (``1.0e-6`` is a float); quoted
+numbers (``'0.45'``) are read the same way. Booleans stay strict (``'no'`` is refused, not read as true).
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _as_number(v: Any, kind: str) -> Any:
+    """``v`` as a float / int when it is a string spelling a finite number (an integer for ``int``), else ``v``."""
+    if not isinstance(v, str) or kind not in ("float", "int"):
+        return v
+    try:
+        x = float(v.strip())
+    except ValueError:
+        return v
+    if not math.isfinite(x):
+        return v
+    if kind == "int":
+        return int(x) if x == int(x) and "." not in v and "e" not in v.lower() else v
+    return x
+
+
 def _is_kind(v: Any, kind: str) -> bool:
     if kind == "float":
         return _is_number(v)
@@ -38,7 +57,7 @@ def _is_kind(v: Any, kind: str) -> bool:
     return True  # annotations this module does not know are left to the config's own checks
 
 
-def check_field_values(values: dict, cls: type, where: str, list_items: dict[str, str] | None = None) -> None:
+def check_field_values(values: dict, cls: type, where: str, list_items: dict[str, str] | None = None) -> dict:
     """Refuse values of the wrong type for the fields of the dataclass ``cls`` (its string annotations).
 
     Annotations understood: ``float`` (a finite number, not a boolean), ``int`` (an integer, not a boolean), ``bool``,
@@ -52,10 +71,15 @@ def check_field_values(values: dict, cls: type, where: str, list_items: dict[str
         list_items: the item type of ``list`` fields whose items are not numbers (e.g. ``{"contact_models":
             "str"}``).
 
+    Returns:
+        A copy of ``values`` where numbers given as strings (``'1e-6'``, see the module docstring) are numbers;
+        other values unchanged. Use it in place of ``values``.
+
     Raises:
         BrainshiftError: ``expected <field> in <where> as <type>, got <value>`` for the first bad value.
     """
     list_items = list_items or {}
+    out = dict(values)
     kinds = {f.name: str(f.type).replace(" ", "") for f in dataclasses.fields(cls)}
     for name, value in values.items():
         kind = kinds.get(name)
@@ -66,16 +90,23 @@ def check_field_values(values: dict, cls: type, where: str, list_items: dict[str
         if kind == "list":
             item = list_items.get(name, "float")
             desc = f"a list of {'strings' if item == 'str' else 'numbers'}"
+            if isinstance(value, list | tuple):
+                value = type(value)(_as_number(v, item) for v in value)
             ok = isinstance(value, list | tuple) and all(_is_kind(v, item) for v in value)
         elif kind.startswith("tuple[") and kind.endswith("]"):
             items = kind[len("tuple["):-1].split(",")
             desc = f"a list of {len(items)} {'integers' if items[0] == 'int' else 'numbers'}"
+            if isinstance(value, list | tuple) and len(value) == len(items):
+                value = type(value)(_as_number(v, k) for v, k in zip(value, items, strict=True))
             ok = (isinstance(value, list | tuple) and len(value) == len(items)
                   and all(_is_kind(v, k) for v, k in zip(value, items, strict=True)))
         else:
+            value = _as_number(value, kind)
             desc, ok = _DESCRIPTIONS.get(kind, kind), _is_kind(value, kind)
         if value is None:
             ok = optional
         if not ok:
             raise BrainshiftError(f"expected {name} in {where} as {desc}{' or null' if optional else ''}, got "
                                   f"{'null' if value is None else repr(value)}")
+        out[name] = value
+    return out

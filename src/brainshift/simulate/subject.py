@@ -310,7 +310,7 @@ class SynthesisConfig:
             raise GeometryError(f"expected synthesis parameters among {sorted(names)}, got unknown {unknown}")
         from brainshift.simulate.config_values import check_field_values
 
-        check_field_values(d, cls, "the synthesis config")
+        d = check_field_values(d, cls, "the synthesis config")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
