@@ -34,6 +34,31 @@ def test_train_command_runs_and_summarises(tiny_dataset, tmp_path):
     assert "trained 2 steps" in res.output
 
 
+def test_load_model_fine_tunes_from_given_weights(tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _write_config(tmp_path / "c.yaml")
+    first = tmp_path / "first"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(first),
+                              "--device", "cpu", "--max-steps", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    # lr 1e-12: Adam moves each weight by ~1e-12, so the result is the loaded network to 1e-9 (a fresh network of the
+    # same seed differs from it by the first run's Adam step, ~1e-3 per weight)
+    second = tmp_path / "second"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir", str(second),
+                              "--load-model", str(first / "best.safetensors"), "--lr", "1e-12", "--device", "cpu",
+                              "--max-steps", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((second / "config_resolved.yaml").read_text())["load_model"] == str(first /
+                                                                                            "best.safetensors")
+    a, b = load_file(str(first / "best.safetensors")), load_file(str(second / "best.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in a)
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_dataset), "--save-dir",
+                              str(tmp_path / "third"), "--load-model", str(tmp_path / "missing.safetensors"),
+                              "--device", "cpu", "-q"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "missing.safetensors" in res.output
+
+
 def test_train_command_errors_are_one_line(tiny_dataset, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 1\nnot_an_option: 3\n")

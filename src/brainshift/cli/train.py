@@ -37,6 +37,8 @@ def train_command(
                                                                      "option names accepted)."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder (overrides the config)."),
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Output folder (default: checkpoints)."),
+    load_model: Path | None = typer.Option(None, "--load-model", help="Initial weights to fine-tune (.safetensors, "
+                                           "or the published .pt; overrides the config's load_model)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Number of epochs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from SAVE_DIR/last.pt."),
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (also applies to a resumed run)."),
@@ -52,6 +54,7 @@ def train_command(
     from brainshift.train.loop import train
 
     overrides = {"data": str(data) if data else None, "save_dir": str(save_dir) if save_dir else None,
+                 "load_model": str(load_model) if load_model else None,
                  "epochs": epochs, "resume": True if resume else None, "device": device, "max_steps": max_steps,
                  "max_minutes": max_minutes,
                  "seed": seed, "lr": lr, "progress": False if quiet else None}
