@@ -138,6 +138,37 @@ def test_synthetic_subjects_use_derived_seeds(tmp_path, monkeypatch):
                        config=dataclasses.replace(FAST, contact_settle_fraction=0.01))
 
 
+def test_a_batch_made_in_parts_equals_the_whole(tmp_path, monkeypatch):
+    # --subjects START:STOP: the same subject ids, subject seeds and case seeds as that part of a batch of STOP,
+    # so parts made on different days or machines add up to the documented batch
+    from brainshift.simulate import case as case_mod
+    from brainshift.simulate import subject as subject_mod
+
+    def fake_synth(seed, *, config=None, subject_id=None):
+        s = phantom_subject(subject_id)
+        s.info = {"source": "synthetic-mni152", "seed": seed}
+        return s
+
+    monkeypatch.setattr(subject_mod, "synthesize_subject", fake_synth)
+    monkeypatch.setattr(case_mod, "simulate_case", _fake_simulate_case())
+    assert batch_mod.normalise_subjects(range(1, 3), 7) == batch_mod.normalise_subjects(3, 7)[1:]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    simulate_batch(whole, subjects=3, cases_per_subject=2, config=FAST, seed=7, processes=False, progress=False)
+    rep = simulate_batch(parts, subjects=range(2, 3), cases_per_subject=2, config=FAST, seed=7, processes=False,
+                         progress=False)
+    assert rep.simulated == ["s0002_c00", "s0002_c01"]
+    simulate_batch(parts, subjects=range(0, 2), cases_per_subject=2, config=FAST, seed=7, processes=False,
+                   progress=False)
+    a, b = (json.loads((d / "dataset.json").read_text()) for d in (whole, parts))
+    assert sorted(a["subjects"], key=lambda e: e["index"]) == sorted(b["subjects"], key=lambda e: e["index"])
+    for cid in ("s0000_c01", "s0002_c00"):
+        ma, mb = (json.loads((d / "cases" / cid / "meta.json").read_text()) for d in (whole, parts))
+        assert ma["case_seed"] == mb["case_seed"] == case_seed(7, int(cid[1:5]), int(cid[-2:]))
+    for bad in (range(3, 3), range(0, 4, 2)):
+        with pytest.raises(BrainshiftError, match="range of synthetic subjects"):
+            batch_mod.normalise_subjects(bad, 0)
+
+
 def test_read_subjects_csv(tmp_path):
     (tmp_path / "sub").mkdir()
     csv = tmp_path / "sub" / "subjects.csv"

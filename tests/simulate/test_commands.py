@@ -127,7 +127,15 @@ def test_simulate_batch_command_parses_and_reports(tmp_path, monkeypatch):
 
     res = runner.invoke(app, ["simulate-batch", "--subjects", "many", "--cases-per-subject", "1", "--out",
                               str(tmp_path / "ds3")])
-    assert res.exit_code == 2 and "number or a .csv" in res.output
+    assert res.exit_code == 2 and "a number, a part START:STOP or a .csv" in res.output
+    res = runner.invoke(app, ["simulate-batch", "--subjects", "30:60", "--cases-per-subject", "1", "--out",
+                              str(tmp_path / "ds4"), "--no-progress"])
+    assert res.exit_code == 0 and calls[2]["subjects"] == range(30, 60)
+    for bad in ("60:30", "5:5"):
+        res = runner.invoke(app, ["simulate-batch", "--subjects", bad, "--cases-per-subject", "1", "--out",
+                                  str(tmp_path / "ds5")])
+        assert res.exit_code == 2 and "START < STOP" in res.output and len(res.output.splitlines()) == 1, res.output
+    assert not (tmp_path / "ds5").exists()
 
 
 def test_read_config_file_flat_json_and_overrides(tmp_path):

@@ -143,7 +143,9 @@ def _write_simulated_case(outputs, subject, case_id: str, result, meta: dict, in
 
 @cli_errors
 def simulate_batch_command(
-    subjects: str = typer.Option(..., "--subjects", help="Number of synthetic subjects, or a CSV file with columns "
+    subjects: str = typer.Option(..., "--subjects", help="Number of synthetic subjects; a part START:STOP of them "
+                                 "(the subjects sSTART..s(STOP-1) of a batch of STOP, same seeds: make a batch in "
+                                 "parts); or a CSV file with columns "
                                  "image,brain_mask,tumour[,ventricles,subject_id,tumour_labels,ventricle_labels]."),
     cases_per_subject: int = typer.Option(..., "--cases-per-subject", help="Cases simulated per subject."),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder (resumed if it exists)."),
@@ -170,12 +172,19 @@ def simulate_batch_command(
     from brainshift.simulate.batch import read_config_file, read_subjects_csv, simulate_batch
 
     sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
-    if subjects.strip().isdigit():
-        subject_arg: int | list = int(subjects)
-    elif subjects.lower().endswith(".csv"):
-        subject_arg = read_subjects_csv(subjects)
+    text = subjects.strip()
+    part = text.split(":")
+    if text.isdigit():
+        subject_arg: int | list | range = int(text)
+    elif len(part) == 2 and all(p.strip().isdigit() for p in part):
+        start, stop = (int(p) for p in part)
+        if start >= stop:
+            raise BrainshiftError(f"expected --subjects START:STOP with START < STOP, got {subjects!r}")
+        subject_arg = range(start, stop)
+    elif text.lower().endswith(".csv"):
+        subject_arg = read_subjects_csv(text)
     else:
-        raise BrainshiftError(f"expected --subjects as a number or a .csv file, got {subjects!r}")
+        raise BrainshiftError(f"expected --subjects as a number, a part START:STOP or a .csv file, got {subjects!r}")
     report = simulate_batch(out, subjects=subject_arg, cases_per_subject=cases_per_subject, config=sim_cfg, seed=seed,
                             scheduler_address=scheduler_address, n_workers=workers, progress=progress,
                             synthesis=synth_cfg, keypoints=keypoints, intraop=intraop)

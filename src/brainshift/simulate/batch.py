@@ -154,7 +154,9 @@ def normalise_subjects(subjects, seed: int) -> list[dict]:
     """The subjects of a batch as JSON-serialisable entries (recorded in ``dataset.json``).
 
     Args:
-        subjects: a number of synthetic subjects, or a list of real-subject spec dicts (keys ``image``,
+        subjects: a number of synthetic subjects, a ``range`` of them (``range(30, 60)``: subjects ``s0030`` ...
+            ``s0059``, the same ids and seeds as in a request of 60 subjects, so a batch can be made in parts on
+            several machines or days and its folders merged), or a list of real-subject spec dicts (keys ``image``,
             ``brain_mask``, ``tumour`` [, ``ventricles``, ``tumour_labels``, ``ventricle_labels``,
             ``subject_id``]) or subject folders in the dataset layout.
         seed: the batch seed (synthetic subjects' seeds derive from it).
@@ -164,9 +166,15 @@ def normalise_subjects(subjects, seed: int) -> list[dict]:
         (``"synthetic"``, ``"file"`` or ``"folder"``) and ``seed``, ``spec`` or ``path`` respectively.
 
     Raises:
-        BrainshiftError: no subjects, unknown or missing spec keys, duplicate ids.
+        BrainshiftError: no subjects, an empty or stepped range, unknown or missing spec keys, duplicate ids.
         InputFileError: a subject folder without ``subject.json``.
     """
+    if isinstance(subjects, range):
+        if subjects.step != 1 or subjects.start < 0 or len(subjects) < 1:
+            raise BrainshiftError(f"expected a range of synthetic subjects START:STOP with 0 <= START < STOP, got "
+                                  f"{subjects.start}:{subjects.stop}")
+        return [{"index": i, "subject_id": f"s{i:04d}", "kind": "synthetic", "seed": subject_seed(seed, i)}
+                for i in subjects]
     if isinstance(subjects, (int, np.integer)) and not isinstance(subjects, bool):
         if subjects < 1:
             raise BrainshiftError(f"expected at least 1 subject, got {subjects}")
@@ -387,7 +395,7 @@ def _log_failure(out_dir: Path, status: dict) -> None:
 LOCAL_WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
-def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cases_per_subject: int, config,
+def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int | range, cases_per_subject: int, config,
                    seed: int, scheduler_address: str | None = None, n_workers: int | None = None,
                    progress: bool = True, synthesis=None, processes: bool = True,
                    keypoints: bool = True, intraop: bool = True) -> BatchReport:
@@ -395,7 +403,8 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int, cas
 
     Args:
         out_dir: dataset folder (created; an existing one is resumed).
-        subjects: number of synthetic subjects (``s0000`` ...), or a list of real-subject specs: dicts with
+        subjects: number of synthetic subjects (``s0000`` ...), a ``range`` of them (a part of a larger batch:
+            :func:`normalise_subjects`), or a list of real-subject specs: dicts with
             ``image``, ``brain_mask``, ``tumour`` [, ``ventricles``, ``tumour_labels``, ``ventricle_labels``,
             ``subject_id``] (e.g. from :func:`read_subjects_csv`), or paths of existing subject folders.
         cases_per_subject: cases per subject (ids ``<subject>_c00`` ...).
