@@ -142,3 +142,40 @@ def test_a_frame_other_than_ras_or_lps_is_refused_also_with_a_tag_file(tmp_path,
     r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tag), "--field", str(field_file),
                             "--frame", "LPS"])
     assert r.exit_code == 0, r.output
+
+
+def _table(path, points, labels=None):
+    head = "x,y,z" + (",label" if labels else "")
+    rows = [f"{x:g},{y:g},{z:g}" + (f",{labels[i]}" if labels else "") for i, (x, y, z) in enumerate(points)]
+    path.write_text(head + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_labelled_tables_and_tags_are_paired_by_label_not_by_row_order(tmp_path, field_file):
+    # the intraop file lists the same labelled landmarks in another order: they were paired by row order (exit 0,
+    # TRE before 2, 2, sqrt(5) became |INTRA[2] - PRE[0]| ...), now by label, as Slicer markups are
+    order = [2, 0, 1]
+    pre = _table(tmp_path / "pre.csv", PRE, labels=["a", "b", "c"])
+    intra = _table(tmp_path / "intra.csv", INTRA[order], labels=[["a", "b", "c"][i] for i in order])
+    res = evaluate_landmarks(pre, intra, field_file)
+    assert res.labels == ["a", "b", "c"]
+    np.testing.assert_allclose(res.before_mm, [2.0, 2.0, np.sqrt(5.0)], atol=1e-6)  # as in the tag test above
+    np.testing.assert_allclose(res.after_mm, [0.0, 0.0, 1.0], atol=1e-5)
+    tag_pre = _tag(tmp_path / "pre.tag", PRE, labels=["a", "b", "c"])
+    tag_intra = _tag(tmp_path / "intra.tag", INTRA[order], labels=[["a", "b", "c"][i] for i in order])
+    np.testing.assert_allclose(evaluate_landmarks(tag_pre, tag_intra, field_file).after_mm, [0.0, 0.0, 1.0],
+                               atol=1e-5)
+    # a landmark missing intraop is dropped with a warning naming it; labels shared by none pair by order, warned
+    short = _table(tmp_path / "short.csv", INTRA[[2, 0]], labels=["c", "a"])
+    with pytest.warns(UserWarning, match="dropped 1 without a partner: b"):
+        res = evaluate_landmarks(pre, short, field_file)
+    assert res.labels == ["a", "c"]
+    np.testing.assert_allclose(res.after_mm, [0.0, 1.0], atol=1e-5)
+    other = _table(tmp_path / "other.csv", INTRA, labels=["x", "y", "z"])
+    with pytest.warns(UserWarning, match="share no label; matching 3 points by order"):
+        np.testing.assert_allclose(evaluate_landmarks(pre, other, field_file).after_mm, [0.0, 0.0, 1.0], atol=1e-5)
+    # without labels in one file: by order, equal counts required
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(pre), "--intraop-landmarks",
+                            str(_table(tmp_path / "two.csv", INTRA[:2])), "--field", str(field_file)])
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+    assert r.output.startswith("error: expected as many intraop as preop landmarks (3 in ")

@@ -15,7 +15,11 @@ Landmark files (world coordinates; the format follows the extension):
 - 3D Slicer ``.fcsv`` / ``.mrk.json``: read by :func:`brainshift.io.keypoints.read_slicer_markups` (their own
   coordinate system, RAS or LPS; matched by label when all labels are unique and shared, else by order).
 - Tables ``.csv`` / ``.txt``: a header naming ``x, y, z`` (and optionally ``label``), RAS mm by default
-  (``frame="lps"`` for LPS); pairs by order.
+  (``frame="lps"`` for LPS).
+
+A preop and an intraop file (tables, one-volume tags) are paired by label when both label every point, each
+label once, and they share labels (a point without a partner is dropped with a warning), else by order
+(:func:`brainshift.io.keypoints.pair_points_by_label`, as Slicer markups).
 
 Sources: RESECT (Xiao et al., Med Phys 2017) and BITE (Mercier et al., Med Phys 2012) landmark files.
 
@@ -84,11 +88,18 @@ def _suffix(p: Path) -> str:
 def read_tag_file(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Points of an MNI ``.tag`` file: ``(volume1 (N, 3), volume2 (N, 3) or None, labels)`` in RAS mm.
 
+    A point without a quoted label is labelled by its 1-based number (``"1"``, ``"2"``, ...).
+
     Raises:
         InputFileError: unreadable file, not a tag file (no ``MNI Tag Point File`` line), or a malformed point line
             (its line number given).
     """
-    p = Path(path)
+    v1, v2, labels = _read_tag(Path(path))
+    return v1, v2, [lab or str(i + 1) for i, lab in enumerate(labels)]
+
+
+def _read_tag(p: Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """:func:`read_tag_file` with ``""`` as the label of a point that has none."""
     try:
         text = p.read_text(errors="replace")
     except OSError as exc:
@@ -122,7 +133,7 @@ def read_tag_file(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray 
             pts.append(values)
             extra = tokens[3 * n_vol:]
             quoted = [t for t in extra if not _is_number(t)]
-            labels.append(quoted[-1] if quoted else str(len(pts)))
+            labels.append(quoted[-1] if quoted else "")
         if done:
             break
     if not pts:
@@ -142,10 +153,17 @@ def _is_number(t: str) -> bool:
 def read_point_table(path: str | os.PathLike[str], frame: str = "ras") -> tuple[np.ndarray, list[str]]:
     """Points ``(N, 3)`` RAS mm and labels from a table with a header naming ``x, y, z`` (and ``label``).
 
+    A row without a label (no ``label`` column, or an empty cell) is labelled by its 1-based number.
+
     Raises:
         InputFileError: unreadable file, no ``x, y, z`` header, a malformed row (its line number given).
     """
-    p = Path(path)
+    pts, labels = _read_table(Path(path), frame)
+    return pts, [lab or str(i + 1) for i, lab in enumerate(labels)]
+
+
+def _read_table(p: Path, frame: str) -> tuple[np.ndarray, list[str]]:
+    """:func:`read_point_table` with ``""`` as the label of a row that has none."""
     if frame not in ("ras", "lps"):
         raise InputFileError(f"expected a table frame ras or lps, got {frame!r}")
     try:
@@ -174,7 +192,7 @@ def read_point_table(path: str | os.PathLike[str], frame: str = "ras") -> tuple[
         if not np.all(np.isfinite(xyz)):
             raise InputFileError(f"expected finite x, y, z on line {n} of {str(p)!r}, got {ln[:80]!r}")
         pts.append(xyz)
-        labels.append(tok[il] if il is not None and il < len(tok) and tok[il] else str(len(pts)))
+        labels.append(tok[il] if il is not None and il < len(tok) else "")
     if not pts:
         raise InputFileError(f"expected at least one landmark row in {str(p)!r}, got none")
     a = np.asarray(pts, dtype=np.float64)
@@ -212,38 +230,50 @@ def read_landmark_pairs(preop_path: str | os.PathLike[str], intraop_path: str | 
         intra = (pts_vox + disps_vox) @ a[:3, :3].T + a[:3, 3]
         return pre, intra, [str(i + 1) for i in range(len(pre))]
     if s == ".tag":
-        v1, v2, labels = read_tag_file(pre_p)
+        v1, v2, labels = _read_tag(pre_p)
         if intraop_path is None:
             if v2 is None:
                 raise KeypointError(f"expected --intraop-landmarks or a two-volume tag file, got {pre_p} with "
                                     f"Volumes = 1")
-            return (v1, v2, labels) if tag_preop_volume == 1 else (v2, v1, labels)
+            return (v1, v2, _numbered(labels)) if tag_preop_volume == 1 else (v2, v1, _numbered(labels))
         pre = v1 if (v2 is None or tag_preop_volume == 1) else v2
-        intra, _ = _read_single(Path(intraop_path), frame, volume=tag_preop_volume)
-        return _paired(pre, intra, labels, pre_p)
+        intra, intra_labels = _read_single(Path(intraop_path), frame, volume=tag_preop_volume)
+        return _paired(pre, intra, labels, intra_labels, pre_p, Path(intraop_path))
     if s in _TABLES:
         if intraop_path is None:
             raise KeypointError(f"expected --intraop-landmarks for the table {pre_p}, got none")
-        pre, labels = read_point_table(pre_p, frame)
-        intra, _ = _read_single(Path(intraop_path), frame, volume=1)
-        return _paired(pre, intra, labels, pre_p)
+        pre, labels = _read_table(pre_p, frame)
+        intra, intra_labels = _read_single(Path(intraop_path), frame, volume=1)
+        return _paired(pre, intra, labels, intra_labels, pre_p, Path(intraop_path))
     raise InputFileError(f"expected landmarks as .tag, .fcsv, .mrk.json or a table (.csv/.txt), got {str(pre_p)!r}")
 
 
 def _read_single(p: Path, frame: str, volume: int) -> tuple[np.ndarray, list[str]]:
     s = _suffix(p)
     if s == ".tag":
-        v1, v2, labels = read_tag_file(p)
+        v1, v2, labels = _read_tag(p)
         return (v2 if (v2 is not None and volume == 1) else v1), labels  # intraop: the other volume of a pair file
     if s in _TABLES:
-        return read_point_table(p, frame)
+        return _read_table(p, frame)
     raise InputFileError(f"expected intraop landmarks as .tag or a table (.csv/.txt), got {str(p)!r}")
 
 
-def _paired(pre: np.ndarray, intra: np.ndarray, labels: list[str], p: Path):
-    if len(pre) != len(intra):
+def _paired(pre: np.ndarray, intra: np.ndarray, labels: list[str], intra_labels: list[str], p: Path, q: Path):
+    """Preop and intraop landmarks paired by label when both files label every point uniquely and share labels
+    (:func:`brainshift.io.keypoints.pair_points_by_label`), else by order (equal counts required)."""
+    from brainshift.io.keypoints import pair_points_by_label
+
+    if not (any(labels) and any(intra_labels)) and len(pre) != len(intra):
         raise KeypointError(f"expected as many intraop as preop landmarks ({len(pre)} in {p}), got {len(intra)}")
-    return pre, intra, labels
+    keep, partner = pair_points_by_label(labels, intra_labels, p, q, what="landmarks")
+    return pre[keep], intra[partner], _numbered([labels[i] for i in keep], keep)
+
+
+def _numbered(labels: list[str], index=None) -> list[str]:
+    """``labels`` with each empty one replaced by the point's 1-based number in its file (``index``: those numbers
+    minus one; default the positions)."""
+    index = range(len(labels)) if index is None else index
+    return [lab or str(int(i) + 1) for lab, i in zip(labels, index, strict=True)]
 
 
 def move_points(points_ras: np.ndarray, field_vox: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

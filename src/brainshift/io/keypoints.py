@@ -593,6 +593,53 @@ def _read_markups_ras(p: Path) -> tuple[np.ndarray, list[str]]:
     raise InputFileError(f"expected a Slicer markups file ending in .fcsv or .mrk.json, got {str(p)!r}")
 
 
+def pair_points_by_label(pre_labels: list[str], intra_labels: list[str], pre_path: str | os.PathLike[str],
+                         intra_path: str | os.PathLike[str], what: str = "markups") -> tuple[np.ndarray, np.ndarray]:
+    """Pair two point lists (preop, intraop) by label, or by order when labels cannot pair them.
+
+    By label when all labels are non-empty and unique in both lists and the lists share labels: points whose
+    label has no partner in the other list are dropped with a warning naming them. Otherwise (a label missing,
+    repeated, or no label in common) by order, which requires equal counts (a warning is issued if both label
+    sets are unique but disjoint). Used for Slicer markups (:func:`read_slicer_markups`) and the landmark files
+    of ``brainshift evaluate-landmarks``.
+
+    Args:
+        pre_labels, intra_labels: one label per point (``""`` for a point without a label).
+        pre_path, intra_path: the files they come from (named in the messages).
+        what: what the points are, for the messages (``"markups"``, ``"landmark"``).
+
+    Returns:
+        ``(pre_index, intra_index)``: integer arrays of equal length, the i-th preop point kept and its partner,
+        in preop order.
+
+    Raises:
+        KeypointError: labels that cannot pair the points and different counts (order cannot pair them either).
+    """
+
+    def unique(labels: list[str]) -> bool:
+        return all(labels) and len(set(labels)) == len(labels)
+
+    common = set(pre_labels) & set(intra_labels) if unique(pre_labels) and unique(intra_labels) else set()
+    if common:
+        if common != set(pre_labels) or common != set(intra_labels):
+            dropped = sorted((set(pre_labels) | set(intra_labels)) - common)
+            warnings.warn(f"matching the {len(common)} {what} labels present in both files; dropped "
+                          f"{len(dropped)} without a partner: {', '.join(dropped[:10])}"
+                          f"{' ...' if len(dropped) > 10 else ''}", stacklevel=3)
+        keep = [i for i, lab in enumerate(pre_labels) if lab in common]
+        index = {lab: i for i, lab in enumerate(intra_labels)}
+        return np.asarray(keep, dtype=np.intp), np.asarray([index[pre_labels[i]] for i in keep], dtype=np.intp)
+    if len(pre_labels) != len(intra_labels):
+        raise KeypointError(f"expected the same number of preop and intraop points to match by order (labels "
+                            f"are not unique or differ), got {len(pre_labels)} in {str(pre_path)!r} and "
+                            f"{len(intra_labels)} in {str(intra_path)!r}")
+    if unique(pre_labels) and unique(intra_labels):
+        warnings.warn(f"preop and intraop {what} share no label; matching {len(pre_labels)} points by order",
+                      stacklevel=3)
+    order = np.arange(len(pre_labels), dtype=np.intp)
+    return order, order
+
+
 def read_slicer_markups(preop_path: str | os.PathLike[str], intraop_path: str | os.PathLike[str],
                         affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Matched keypoints from a pair of 3D Slicer markups files (preop points, intraop points).
@@ -624,29 +671,8 @@ def read_slicer_markups(preop_path: str | os.PathLike[str], intraop_path: str | 
     pre_p, intra_p = Path(preop_path), Path(intraop_path)
     pre, pre_labels = _read_markups_ras(pre_p)
     intra, intra_labels = _read_markups_ras(intra_p)
-
-    def unique(labels: list[str]) -> bool:
-        return all(labels) and len(set(labels)) == len(labels)
-
-    common = set(pre_labels) & set(intra_labels) if unique(pre_labels) and unique(intra_labels) else set()
-    if common:
-        if common != set(pre_labels) or common != set(intra_labels):
-            dropped = sorted((set(pre_labels) | set(intra_labels)) - common)
-            warnings.warn(f"matching the {len(common)} markups labels present in both files; dropped "
-                          f"{len(dropped)} without a partner: {', '.join(dropped[:10])}"
-                          f"{' ...' if len(dropped) > 10 else ''}", stacklevel=2)
-        keep = [i for i, lab in enumerate(pre_labels) if lab in common]
-        pre = pre[keep]
-        index = {lab: i for i, lab in enumerate(intra_labels)}
-        intra = intra[[index[pre_labels[i]] for i in keep]]
-    else:
-        if len(pre) != len(intra):
-            raise KeypointError(f"expected the same number of preop and intraop points to match by order (labels "
-                                f"are not unique or differ), got {len(pre)} in {str(pre_p)!r} and {len(intra)} in "
-                                f"{str(intra_p)!r}")
-        if unique(pre_labels) and unique(intra_labels):
-            warnings.warn(f"preop and intraop markups share no label; matching {len(pre)} points by order",
-                          stacklevel=2)
+    keep, partner = pair_points_by_label(pre_labels, intra_labels, pre_p, intra_p, what="markups")
+    pre, intra = pre[keep], intra[partner]
     points_vox = points_to_voxel(pre, "ras", affine)
     disps_vox = vectors_to_voxel(intra - pre, "ras", affine)
     return points_vox, disps_vox
