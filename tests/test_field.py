@@ -84,3 +84,15 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions open() would give
+
+
+def test_check_field_refuses_non_real_dtypes_and_values_beyond_float32():
+    # text / objects raised numpy's TypeError from isfinite; complex lost its imaginary part and 1e300 (float64)
+    # became inf as float32, both returned without a word
+    for dtype in (object, np.complex64, "<U3"):
+        with pytest.raises(GeometryError, match=r"^expected a displacement field of real numbers \(float32\), got "
+                                                r"dtype (object|complex64|<U3)$"):
+            check_field(np.zeros((3, 2, 2, 2), dtype=dtype))
+    with pytest.raises(GeometryError, match="beyond float32's range"):
+        check_field(np.full((3, 2, 2, 2), 1e300))
+    assert check_field(np.ones((3, 2, 2, 2), np.int16)).dtype == np.float32  # integers are real numbers

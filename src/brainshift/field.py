@@ -18,16 +18,23 @@ def check_field(field: np.ndarray, shape: tuple[int, int, int] | None = None) ->
     """Validate a ``(3, I, J, K)`` field (and its grid shape if given); return it as float32.
 
     Raises:
-        GeometryError: wrong rank, wrong component count, grid mismatch or non-finite values.
+        GeometryError: wrong rank, wrong component count, grid mismatch, a dtype that is not real numbers
+            (complex, text, objects), or values that are not finite as float32 (NaN, inf, or beyond
+            float32's range, which the conversion would turn into inf).
     """
     f = np.asarray(field)
     if f.ndim != 4 or f.shape[0] != 3:
         raise GeometryError(f"expected a displacement field of shape (3, I, J, K), got {f.shape}")
     if shape is not None and tuple(f.shape[1:]) != tuple(shape):
         raise GeometryError(f"expected a displacement field on the image grid {tuple(shape)}, got {tuple(f.shape[1:])}")
+    if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
+        raise GeometryError(f"expected a displacement field of real numbers (float32), got dtype {f.dtype}")
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf: refused below
+        f = f.astype(np.float32, copy=False)
     if not np.all(np.isfinite(f)):
-        raise GeometryError("expected a finite displacement field, found NaN or inf values")
-    return f.astype(np.float32, copy=False)
+        raise GeometryError("expected a finite displacement field, found NaN or inf values (or values beyond "
+                            "float32's range)")
+    return f
 
 
 def field_voxel_to_ras(field_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
