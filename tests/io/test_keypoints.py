@@ -429,3 +429,18 @@ def test_truncated_sift_key_warns_in_both_readers(tmp_path):
         warnings.simplefilter("error")
         assert len(read_sift_key(tmp_path / "full.key")) == 3
         assert len(read_sift_key_features(tmp_path / "full.key").points_vox) == 3
+
+
+def test_check_keypoint_pairs_refuses_values_that_are_not_real_numbers():
+    # complex keypoints lost their imaginary part silently; text raised numpy's ValueError
+    from brainshift.io.keypoints import check_keypoint_pairs
+
+    pts = np.arange(12, dtype=float).reshape(4, 3)
+    with pytest.raises(KeypointError, match=r"^expected keypoints as real numbers of shape \(N, 3\), got complex128 "
+                                            r"values of shape \(4, 3\)$"):
+        check_keypoint_pairs(pts + 1j, pts)
+    with pytest.raises(KeypointError, match=r"^expected displacements as real numbers of shape \(N, 3\), got <U1 "
+                                            r"values of shape \(4, 3\)$"):
+        check_keypoint_pairs(pts, np.full((4, 3), "x"))
+    p, d = check_keypoint_pairs(pts.astype(str), pts.tolist())  # numbers as text or lists are numbers
+    assert p.dtype == d.dtype == np.float64 and np.array_equal(p, pts)

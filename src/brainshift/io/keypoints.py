@@ -250,10 +250,20 @@ def check_keypoint_pairs(points_vox, disps_vox) -> tuple[np.ndarray, np.ndarray]
     """``(points, displacements)`` as float64 ``(N, 3)`` arrays of equal shape.
 
     Raises:
-        KeypointError: other shapes, naming both.
+        KeypointError: other shapes, naming both; values that are not real numbers (complex, objects, text
+            that is not numbers).
     """
-    pts = np.asarray(points_vox, dtype=np.float64)
-    dsp = np.asarray(disps_vox, dtype=np.float64)
+    arrays = []
+    for what, values in (("keypoints", points_vox), ("displacements", disps_vox)):
+        a = np.asarray(values)
+        try:  # complex would silently lose its imaginary part; text or objects that are no numbers fail in numpy
+            if a.dtype.kind == "c":
+                raise TypeError
+            arrays.append(np.asarray(a, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise KeypointError(f"expected {what} as real numbers of shape (N, 3), got {a.dtype} values of shape "
+                                f"{a.shape}") from None
+    pts, dsp = arrays
     if pts.ndim != 2 or pts.shape[1] != 3 or dsp.shape != pts.shape:
         raise KeypointError(f"expected keypoints and displacements of equal shape (N, 3), got {pts.shape} and "
                             f"{dsp.shape}")
