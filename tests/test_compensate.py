@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from brainshift.compensate import Result, compensate, foreground_mask
-from brainshift.errors import BrainshiftError, KeypointError
+from brainshift.errors import BrainshiftError, GeometryError, KeypointError
 from brainshift.volume import Volume
 
 SHAPE = (16, 18, 14)
@@ -70,6 +70,36 @@ def test_bad_calls_raise(image):
         compensate(image)
     with pytest.raises(KeypointError, match="inside the image"):
         compensate(image, keypoints=(pts + 20.0, disps))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # each raised a raw AttributeError / TypeError from inside numpy, or returned a wrong field without a word
+    (lambda img, p, d: compensate(img.data, keypoints=(p, d)), GeometryError,
+     "expected the image as a brainshift Volume (array + affine: Volume(data, affine)), got ndarray"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d, d)), KeypointError,
+     "expected keypoints as a pair (points_vox, disps_vox) of (N, 3) arrays, got tuple of length 3"),
+    (lambda img, p, d: compensate(img, keypoints=(p + 0j, d)), KeypointError,  # imaginary part silently dropped
+     "expected keypoints as real numbers of shape (N, 3), got complex128 values of shape (10, 3)"),
+    (lambda img, p, d: compensate(img, keypoints=(p, np.full(d.shape, "a"))), KeypointError,
+     "expected displacements as real numbers of shape (N, 3), got <U1 values of shape (10, 3)"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d), method="tps", interp_options=[0.1]), BrainshiftError,
+     "expected interp_options as a dict of the interpolator's options, got list"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d), mask=np.ones((8, 8, 8))), GeometryError,
+     "expected the mask on the image grid (16, 18, 14), got shape (8, 8, 8)"),  # was ignored without a model
+    (lambda img, p, d: compensate(img, keypoints=(p, d), statistics=True, statistics_mask=np.ones((8, 8, 8))),
+     GeometryError, "expected the statistics_mask on the image grid (16, 18, 14), got shape (8, 8, 8)"),
+    (lambda img, p, d: compensate(img, initial_field=np.zeros((3, *SHAPE), dtype=object)), GeometryError,
+     "expected a displacement field of real numbers (float32), got dtype object"),
+    (lambda img, p, d: compensate(img, initial_field=np.zeros((3, *SHAPE), np.complex64)), GeometryError,
+     "expected a displacement field of real numbers (float32), got dtype complex64"),
+    (lambda img, p, d: compensate(img, initial_field=np.full((3, *SHAPE), 1e300)), GeometryError,  # inf as float32
+     "expected a finite displacement field, found NaN or inf values (or values beyond float32's range)"),
+])
+def test_malformed_arguments_raise_naming_expected_and_got(image, call, error, message):
+    pts, disps = _keypoints()
+    with pytest.raises(error) as info:
+        call(image, pts, disps)
+    assert str(info.value) == message
 
 
 def test_foreground_mask_is_above_the_minimum_or_everything():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from brainshift.errors import BrainshiftError
+from brainshift.errors import BrainshiftError, GeometryError, KeypointError
 from brainshift.volume import Volume
 
 if TYPE_CHECKING:
@@ -160,16 +161,31 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
 
     Raises:
         BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device; ``method="atlas"`` without an
-            atlas or without keypoints.
-        KeypointError: invalid keypoints (for the atlas: outside its brain). GeometryError: a field or mask not on
-            the image grid; an atlas built for another image.
+            atlas or without keypoints; ``interp_options`` not a dict.
+        KeypointError: invalid keypoints (not a pair of ``(N, 3)`` real arrays, non-finite, outside the image;
+            for the atlas: outside its brain). GeometryError: ``image`` not a Volume; a field or mask not on the
+            image grid, or a field that is not finite real numbers; an atlas built for another image.
 
     Convention: every field forward Lagrangian, voxel units along ``i, j, k`` of ``image``'s grid.
     """
     from brainshift.field import check_field, field_statistics
 
+    if not isinstance(image, Volume):
+        raise GeometryError(f"expected the image as a brainshift Volume (array + affine: Volume(data, affine)), "
+                            f"got {type(image).__name__}")
     if keypoints is None and initial_field is None:
         raise BrainshiftError("expected keypoints or an initial_field, got neither")
+    if keypoints is not None and (isinstance(keypoints, (str, bytes)) or not hasattr(keypoints, "__len__")
+                                  or len(keypoints) != 2):
+        got = f"{type(keypoints).__name__} of length {len(keypoints)}" if hasattr(keypoints, "__len__") else \
+            type(keypoints).__name__
+        raise KeypointError(f"expected keypoints as a pair (points_vox, disps_vox) of (N, 3) arrays, got {got}")
+    for name, m in (("mask", mask), ("statistics_mask", statistics_mask)):  # before any work, not after it
+        if m is not None and np.shape(m) != image.shape:
+            raise GeometryError(f"expected the {name} on the image grid {image.shape}, got shape {np.shape(m)}")
+    if interp_options is not None and not isinstance(interp_options, Mapping):
+        raise BrainshiftError(f"expected interp_options as a dict of the interpolator's options, got "
+                              f"{type(interp_options).__name__}")
     timings: dict[str, float] = {}
     if keypoints is not None:
         from brainshift.keypoints.validate import validate_keypoints
