@@ -142,3 +142,60 @@ def test_corrupt_or_unfinished_atlas_folders_are_refused(tmp_path):
     (folder / "atlas.json").unlink()
     with pytest.raises(InputFileError, match="unfinished build"):
         load_atlas(folder)
+
+
+def _set(section, key, value):
+    return lambda m: m[section].__setitem__(key, value) if section else m.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # each was a raw ValueError / TypeError traceback, or (affine NaN) an atlas accepted for any image
+    (_set(None, "format_version", "x"), "expected an integer format_version in .*atlas.json, got 'x'"),
+    (_set(None, "image", "x"), "expected objects 'image' and 'node_grid' in .*atlas.json, got str and dict"),
+    (_set("image", "affine", [[float("nan")] * 4] * 4), r"image.affine .* \(expected a finite invertible 4x4"),
+    (_set("image", "shape", [16, 19]), r"image.shape \[16, 19\] \(expected three positive integers\)"),
+    (_set("image", "spacing_mm", [0, 0, 0]), r"image.spacing_mm \[0, 0, 0\] \(expected three finite positive"),
+    (_set("node_grid", "origin_vox", [0, 0]), r"node_grid.origin_vox \[0, 0\] \(expected three finite numbers\)"),
+    (_set("node_grid", "step_vox", [0, 1, 1]), r"node_grid.step_vox \[0, 1, 1\] \(expected three finite positive"),
+    (_set(None, "members", "abc"), r"members 'abc' \(expected a list of objects\)"),
+])
+def test_a_malformed_atlas_json_is_one_error_naming_the_field(tmp_path, edit, message):
+    _atlas(tmp_path, np.zeros((16, 19, 13), dtype=np.float32))
+    path = tmp_path / "atlas" / "atlas.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputFileError, match=message) as info:
+        load_atlas(tmp_path / "atlas")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    # a truncated region gave a zero field (exit 0); a float node grid was truncated to integers; complex
+    # components lost their imaginary part; text raised numpy's TypeError; negative singular values changed the
+    # fit's prior silently
+    ("region", lambda a: a[:10], r"region of 10 uint8 values \(expected the 494 packed bytes of the image grid"),
+    ("region", np.zeros_like, r"an empty brain region"),
+    ("node_grid", lambda a: a + 0.5, r"node_grid of dtype float64 and shape \(\d+, 3\) \(expected integers"),
+    ("components", lambda a: a.astype(np.complex64), r"components of dtype complex64 \(expected floating-point"),
+    ("mean", lambda a: a.astype(str), r"mean of dtype <U\d+ \(expected floating-point numbers\)"),
+    ("singular_values", np.negative, r"singular_values \[-.* \(expected finite, non-negative, one per component"),
+])
+def test_malformed_basis_arrays_are_one_error_naming_the_array(tmp_path, name, change, message):
+    _atlas(tmp_path, np.zeros((16, 19, 13), dtype=np.float32))
+    path = tmp_path / "atlas" / "basis.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays[name] = change(arrays[name])
+    np.savez(path, **arrays)
+    with pytest.raises(InputFileError, match="expected a consistent atlas basis in .*basis.npz, got .*" + message):
+        load_atlas(tmp_path / "atlas")
+
+
+def test_check_image_refuses_a_nan_affine():
+    # a NaN difference compared False with the tolerance, so any image passed the affine check
+    atlas = DeformationAtlas(nodes=_grid(hole=False), mean=np.zeros((1, 3)), components=np.zeros((0, 1, 3)),
+                             coordinates=np.zeros((2, 0)), singular_values=np.zeros(0),
+                             region=np.ones((16, 19, 13), bool), affine=np.eye(4), image_sha256="")
+    with pytest.raises(GeometryError, match="affine"):
+        atlas.check_image((16, 19, 13), np.full((4, 4), np.nan))

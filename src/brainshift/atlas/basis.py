@@ -225,7 +225,7 @@ class DeformationAtlas:
             raise GeometryError(f"expected {where} on the atlas's grid {tuple(self.nodes.image_shape)}, got "
                                 f"{tuple(shape)}: the atlas was built for another image")
         diff = float(np.abs(np.asarray(affine, dtype=np.float64) - self.affine).max())
-        if diff > AFFINE_TOL_MM:
+        if not diff <= AFFINE_TOL_MM:  # also a NaN difference
             raise GeometryError(f"expected {where} with the atlas's affine, got one differing by {diff:.3g} mm: "
                                 f"the atlas was built for another image")
         if data is not None and image_digest(data) != self.image_sha256:
@@ -299,9 +299,13 @@ def load_atlas(folder: str | Path) -> DeformationAtlas:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputFileError(f"expected {meta_path} of format {FORMAT!r}, got "
                              f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+    version = meta.get("format_version", -1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InputFileError(f"expected an integer format_version in {meta_path}, got {version!r}")
+    if version > FORMAT_VERSION:
         raise InputFileError(f"expected atlas format version <= {FORMAT_VERSION}, got {meta.get('format_version')} "
                              f"(made by a newer brainshift)")
+    _check_meta(meta, meta_path)
     try:
         with np.load(basis_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("node_grid", "mean", "components", "coordinates", "singular_values",
@@ -313,17 +317,91 @@ def load_atlas(folder: str | Path) -> DeformationAtlas:
                          origin_vox=np.asarray(ng["origin_vox"], dtype=np.float64),
                          step_vox=np.asarray(ng["step_vox"], dtype=np.float64), image_shape=shape,
                          spacing_mm=np.asarray(img["spacing_mm"], dtype=np.float64))
-        region = np.unpackbits(arrays["region"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+        _check_arrays(arrays, shape, basis_path)
+        region = np.unpackbits(arrays["region"].ravel(), count=int(np.prod(shape))).astype(bool).reshape(shape)
         atlas = DeformationAtlas(nodes=nodes, mean=arrays["mean"], components=arrays["components"],
                                  coordinates=arrays["coordinates"], singular_values=arrays["singular_values"],
                                  region=region, affine=affine, image_sha256=str(img["sha256"]),
                                  members=list(meta.get("members", [])), info=meta)
+    except InputFileError:  # _check_arrays: already one line naming the file
+        raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"expected a readable atlas basis in {basis_path}, got a corrupt or incomplete one "
                              f"({cause})") from None
     _check_consistent(atlas, basis_path)
     return atlas
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """Refuse an ``atlas.json`` whose grid fields are malformed (a hand-edited or damaged file), naming each one.
+
+    Raises:
+        InputFileError: ``image.shape`` / ``node_grid.shape`` not three positive integers; ``image.affine`` not a
+            finite invertible 4x4 matrix; ``spacing_mm`` / ``step_vox`` not three finite positive numbers;
+            ``origin_vox`` not three finite numbers; ``members`` not a list of objects.
+    """
+    img, ng = meta.get("image"), meta.get("node_grid")
+    if not isinstance(img, dict) or not isinstance(ng, dict):
+        raise InputFileError(f"expected objects 'image' and 'node_grid' in {path}, got {type(img).__name__} and "
+                             f"{type(ng).__name__}")
+    problems = []
+
+    def vector(section: dict, name: str, where: str, positive: bool, integer: bool = False):
+        value = section.get(name)
+        try:
+            v = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            v = np.zeros(0)
+        ok = v.shape == (3,) and bool(np.all(np.isfinite(v))) and (not positive or bool(np.all(v > 0))) and \
+            (not integer or bool(np.all(v == np.round(v))))
+        if not ok:
+            kind = "positive integers" if integer else "finite positive numbers" if positive else "finite numbers"
+            problems.append(f"{where}.{name} {value!r} (expected three {kind})")
+
+    vector(img, "shape", "image", positive=True, integer=True)
+    vector(img, "spacing_mm", "image", positive=True)
+    vector(ng, "shape", "node_grid", positive=True, integer=True)
+    vector(ng, "origin_vox", "node_grid", positive=False)
+    vector(ng, "step_vox", "node_grid", positive=True)
+    try:
+        from brainshift.geometry import check_affine
+
+        check_affine(np.asarray(img.get("affine"), dtype=np.float64))
+    except (TypeError, ValueError):  # GeometryError is a ValueError
+        problems.append(f"image.affine {str(img.get('affine'))[:80]} (expected a finite invertible 4x4 matrix)")
+    members = meta.get("members", [])
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        problems.append(f"members {str(members)[:40]!r} (expected a list of objects)")
+    if problems:
+        raise InputFileError(f"expected a consistent atlas description in {path}, got {'; '.join(problems)}")
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], shape: tuple[int, ...], path: Path) -> None:
+    """Refuse ``basis.npz`` arrays of the wrong kind before they are used (shapes are :func:`_check_consistent`'s).
+
+    Raises:
+        InputFileError: ``node_grid`` not integers of shape ``(n, 3)``; ``mean``, ``components``, ``coordinates``
+            or ``singular_values`` not real floating-point numbers; ``region`` not the packed bits of the image grid
+            (``ceil(I*J*K / 8)`` bytes); singular values negative or not finite.
+    """
+    problems = []
+    ng = arrays["node_grid"]
+    if not np.issubdtype(ng.dtype, np.integer) or ng.ndim != 2 or ng.shape[1] != 3:
+        problems.append(f"node_grid of dtype {ng.dtype} and shape {ng.shape} (expected integers of shape (n, 3))")
+    for name in ("mean", "components", "coordinates", "singular_values"):
+        if not np.issubdtype(arrays[name].dtype, np.floating):
+            problems.append(f"{name} of dtype {arrays[name].dtype} (expected floating-point numbers)")
+    sv = arrays["singular_values"]
+    if np.issubdtype(sv.dtype, np.floating) and (sv.ndim != 1 or not np.all(np.isfinite(sv)) or np.any(sv < 0)):
+        problems.append(f"singular_values {np.array2string(sv.ravel()[:5], precision=3)} of shape {sv.shape} "
+                        f"(expected finite, non-negative, one per component)")
+    region, n_bytes = arrays["region"], -(-int(np.prod(shape)) // 8)
+    if region.dtype != np.uint8 or region.size != n_bytes:
+        problems.append(f"region of {region.size} {region.dtype} values (expected the {n_bytes} packed bytes of the "
+                        f"image grid {tuple(shape)})")
+    if problems:
+        raise InputFileError(f"expected a consistent atlas basis in {path}, got {'; '.join(problems)}")
 
 
 def _check_consistent(atlas: DeformationAtlas, path: Path) -> None:
@@ -343,6 +421,8 @@ def _check_consistent(atlas: DeformationAtlas, path: Path) -> None:
     for name in ("mean", "components", "coordinates"):
         if not np.all(np.isfinite(getattr(atlas, name))):
             problems.append(f"non-finite {name}")
+    if not atlas.region.any():
+        problems.append("an empty brain region")
     if problems:
         raise InputFileError(f"expected a consistent atlas basis in {path}, got {'; '.join(problems)}")
 
