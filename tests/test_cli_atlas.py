@@ -166,3 +166,14 @@ def test_atlas_config_values_of_the_wrong_type_are_one_line_exit_2(tmp_path, tex
     assert res.output.startswith("error: ") and len(res.output.splitlines()) == 1, res.output
     assert message in res.output, res.output
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_atlas_command_refuses_a_worker_count_below_one_before_any_work(tmp_path, workers):
+    # --workers 0 silently became one worker per core (a full build started); -2 reached Dask's LocalCluster
+    spec = write_phantom_files(tmp_path / "in", "ph")
+    res = runner.invoke(app, ["atlas", "-p", spec["image"], "--brain-mask", spec["brain_mask"], "--workers",
+                              workers, "-o", str(tmp_path / "a"), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert res.output == f"error: expected --workers >= 1 (or omitted: one per CPU core), got {workers}\n"
+    assert not (tmp_path / "a").exists()

@@ -48,6 +48,8 @@ def atlas_command(
             entry_ras = None
         if entry_ras is None or entry_ras.shape != (3,) or not np.all(np.isfinite(entry_ras)):
             raise BrainshiftError(f"expected --craniotomy-centre as three numbers 'x,y,z' (RAS mm), got {entry!r}")
+    if workers is not None and workers < 1:  # 0 silently became every core; a negative count reached Dask
+        raise BrainshiftError(f"expected --workers >= 1 (or omitted: one per CPU core), got {workers}")
     cfg = read_atlas_config(config)
     if out.exists() and not out.is_dir():
         raise BrainshiftError(f"expected -o to be a folder for the atlas, got the file {out}")

@@ -488,8 +488,8 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
         :class:`AtlasBuildReport`.
 
     Raises:
-        BrainshiftError: a bad config, a folder holding another image's build, or solves that failed (their
-            errors; the solves that succeeded are kept for a resumed run).
+        BrainshiftError: a bad config, ``n_workers`` below 1, a folder holding another image's build, or solves
+            that failed (their errors; the solves that succeeded are kept for a resumed run).
         GeometryError: masks off the image grid, empty brain.
     """
     import dask
@@ -502,6 +502,8 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
     from brainshift.simulate.case import check_subject
 
     t_start = time.perf_counter()
+    if n_workers is not None and (isinstance(n_workers, bool) or int(n_workers) < 1):
+        raise BrainshiftError(f"expected n_workers >= 1 or None (one per CPU core), got {n_workers!r}")
     config = config or AtlasConfig()
     check_subject(subject)
     folder = Path(folder)
