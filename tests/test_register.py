@@ -57,6 +57,17 @@ def test_images_that_do_not_overlap_raise(pair):
         register(pre, Volume(intra.data, far), mask=np.ones(SHAPE, bool))
 
 
+def test_a_brain_mask_elsewhere_in_world_space_is_named_so(pair):
+    # a non-empty mask on a grid 1000 mm away was reported as "expected a non-empty brain mask, got no voxel inside"
+    pre, intra = pair
+    far = pre.affine.copy()
+    far[:3, 3] += 1000.0
+    with pytest.raises(GeometryError, match="expected a brain mask that overlaps the preop image in world space"):
+        register(pre, intra, mask=Volume(np.ones(SHAPE, np.uint8), far, "label"))
+    with pytest.raises(GeometryError, match="expected a non-empty brain mask, got no voxel inside"):
+        register(pre, intra, mask=Volume(np.zeros(SHAPE, np.uint8), far, "label"))
+
+
 def test_unrelated_images_give_too_few_matches(pair):
     pre, _ = pair
     other = Volume(np.full(SHAPE, 1.0, np.float32), np.eye(4))  # no structure: no intraop keypoints

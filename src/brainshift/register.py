@@ -179,6 +179,7 @@ def _check_inputs(preop: Volume, intraop: Volume, mask) -> np.ndarray:
             raise GeometryError(f"expected finite intensities in the {name} image, got NaN or inf")
     if mask is None:
         return brain_mask(preop)
+    resampled = isinstance(mask, Volume) and not mask.same_grid(preop) and bool(np.any(mask.data > 0))
     if isinstance(mask, Volume):
         m = mask.data if mask.same_grid(preop) else Volume(mask.data, mask.affine, "label").resample_like(preop).data
     else:
@@ -187,6 +188,10 @@ def _check_inputs(preop: Volume, intraop: Volume, mask) -> np.ndarray:
         raise GeometryError(f"expected a brain mask on the preop grid {preop.shape}, got shape {m.shape}")
     m = m > 0
     if not m.any():
+        if resampled:  # not empty on its own grid: it lies elsewhere in world space
+            raise GeometryError("expected a brain mask that overlaps the preop image in world space, got one whose "
+                                "voxels all fall outside the preop grid once resampled onto it (a mask of another "
+                                "image?)")
         raise GeometryError("expected a non-empty brain mask, got no voxel inside")
     return m
 

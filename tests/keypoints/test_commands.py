@@ -88,3 +88,17 @@ def test_keypoints_pair_is_written_together_or_not_at_all(tmp_path, monkeypatch)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert (tmp_path / "kp.csv").read_text() == "old csv" and (tmp_path / "kp.key").read_text() == "old key"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs.nii.gz", "kp.csv", "kp.key"]
+
+
+def test_keypoints_mask_of_another_place_in_world_space_is_named_so(tmp_path):
+    # a non-empty mask whose grid lies elsewhere was reported as "an empty mask"
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    far = AFFINE.copy()
+    far[:3, 3] += 1000.0
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.uint8), far), tmp_path / "mask.nii.gz")
+    result = runner.invoke(app, ["keypoints", str(image), "--mask", str(tmp_path / "mask.nii.gz")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: expected a mask that overlaps the image in world space, got one whose "
+                                    "voxels all fall outside the image's grid"), result.output
+    assert len(result.output.splitlines()) == 1 and not list(tmp_path.glob("*.csv"))

@@ -388,9 +388,12 @@ def _suppress_duplicates(points: np.ndarray, affine: np.ndarray, radius_mm: floa
 def _mask_array(volume: Volume, mask: Volume | np.ndarray | None) -> np.ndarray:
     if mask is None:
         return np.ones(volume.shape, dtype=bool)
+    resampled = False
     if isinstance(mask, Volume):
         if not mask.same_grid(volume):
-            mask = Volume(np.asarray(mask.data) != 0, mask.affine, "label").resample_like(volume)
+            if not np.any(np.asarray(mask.data) != 0):
+                raise GeometryError("expected a mask with at least one voxel inside, got an empty mask")
+            mask, resampled = Volume(np.asarray(mask.data) != 0, mask.affine, "label").resample_like(volume), True
         arr = np.asarray(mask.data)
     else:
         arr = np.asarray(mask)
@@ -398,6 +401,9 @@ def _mask_array(volume: Volume, mask: Volume | np.ndarray | None) -> np.ndarray:
         raise GeometryError(f"expected a mask on the image grid {volume.shape}, got shape {arr.shape}")
     inside = arr != 0
     if not inside.any():
+        if resampled:  # not empty on its own grid: it lies elsewhere in world space
+            raise GeometryError("expected a mask that overlaps the image in world space, got one whose voxels all "
+                                "fall outside the image's grid once resampled onto it (a mask of another image?)")
         raise GeometryError("expected a mask with at least one voxel inside, got an empty mask")
     return inside
 
