@@ -192,6 +192,11 @@ def test_read_subjects_csv(tmp_path):
 def test_bad_requests_raise(tmp_path):
     with pytest.raises(BrainshiftError, match="cases_per_subject"):
         simulate_batch(tmp_path, subjects=1, cases_per_subject=0, config=FAST, seed=0, progress=False)
+    for n in (0, -2):  # 0 silently meant one worker per core
+        with pytest.raises(BrainshiftError, match=f"expected at least 1 worker, got {n}"):
+            simulate_batch(tmp_path / "w", subjects=1, cases_per_subject=1, config=FAST, seed=0, n_workers=n,
+                           progress=False)
+    assert not (tmp_path / "w").exists()
     with pytest.raises(BrainshiftError, match="spec keys"):
         simulate_batch(tmp_path, subjects=[{"image": "x"}], cases_per_subject=1, config=FAST, seed=0, progress=False)
     with pytest.raises(BrainshiftError, match="unique"):

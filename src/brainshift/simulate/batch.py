@@ -438,6 +438,8 @@ def simulate_batch(out_dir: str | Path, *, subjects: list[str | dict] | int | ra
     t_start = time.perf_counter()
     if int(cases_per_subject) < 1:
         raise BrainshiftError(f"expected cases_per_subject >= 1, got {cases_per_subject}")
+    if n_workers is not None and int(n_workers) < 1:
+        raise BrainshiftError(f"expected at least 1 worker, got {n_workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = normalise_subjects(subjects, seed)
