@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+# Usage: .venv/bin/python bench/lomo_validation.py
+# (after a part of configs/train_family_lomo.yaml; writes /tmp/val_compare.json)
+"""Shipped default vs stage-1 weights on stage 1's validation subjects: the same (case, variant) items the
+training validates on (one fixed keypoint draw per case, never in a training pool), network alone and under the
+safeguards (infer's default; mirror averaging as each model's default)."""
+import json
+import time
+
+import numpy as np
+import torch
+
+from brainshift.compensate import compensate
+from brainshift.evaluate.metrics import score_field
+from brainshift.model import load_weights
+from brainshift.train.config import load_config
+from brainshift.train.data import as_numpy, validation_items
+from brainshift.train.loop import network_config
+from brainshift.volume import Volume
+
+torch.set_num_threads(2)
+cfg = load_config("checkpoints/family_lomo_s1/config_resolved.yaml")
+splits = json.load(open("checkpoints/family_lomo_s1/splits.json"))
+net = network_config(cfg)
+t = time.perf_counter()
+items = validation_items(cfg.data, splits["val"], net, seed=cfg.seed, interp=cfg.interp, k_range=cfg.k_range,
+                         heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
+print(f"{len(items)} items in {time.perf_counter()-t:.0f} s", flush=True)
+models = {"default": load_weights("weights/default.safetensors", device="cpu"),
+          "stage1": load_weights("checkpoints/family_lomo_s1/best.safetensors", device="cpu")}
+rows = []
+for case, var in items:
+    c = {k: as_numpy(v) for k, v in case.items()}
+    img = Volume(c["image"], c["affine"])
+    hp = np.asarray(var["heldout_points"], float).reshape(-1, 3)
+    hd = np.asarray(var["heldout_disps"], float).reshape(-1, 3)
+
+    def ev(f, c=c, hp=hp, hd=hd):
+        return score_field(f, c["gt"], c["affine"], c["eval_mask"] > 0, hp, hd)
+
+    s0 = ev(var["init"])
+    row = {"case": c["case_id"], "init": var["method"], "k": len(var["points"]), "rule": var["rule"],
+           "noise": round(float(var["noise_mm"]), 2), "mse_init": s0["mse_mm2"], "tre_init": s0["tre_mm"]}
+    for name, m in models.items():
+        for sg in (False, True):
+            r = compensate(img, keypoints=(var["points"], var["disps"]), initial_field=var["init"], model=m,
+                           mask=c["brain"], safeguards=sg)
+            s = ev(r.refined_field)
+            tag = f"{name}{'_safe' if sg else ''}"
+            row[f"mse_{tag}"] = s["mse_mm2"]
+            row[f"tre_{tag}"] = s["tre_mm"]
+            row[f"detj_{tag}"] = s["pct_jacobian_nonpositive"]
+    rows.append(row)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+json.dump(rows, open("/tmp/val_compare.json", "w"), indent=1)
+keys = [k for k in rows[0] if k.startswith("mse_")]
+print("| weights | MSE mm² (mean) | ratio to initial field (mean per case) | TRE mm | detJ<=0 % |")
+for k in keys:
+    tag = k[4:]
+    r = np.mean([x[k] / x["mse_init"] for x in rows])
+    tre = np.nanmean([x["tre_" + tag] for x in rows])
+    print(f"| {tag} | {np.mean([x[k] for x in rows]):.3f} | {r:.3f} | {tre:.3f} | "
+          f"{np.mean([x.get('detj_'+tag, 0) for x in rows]):.4f} |")
