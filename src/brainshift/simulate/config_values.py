@@ -33,14 +33,10 @@ def _as_number(v: Any, kind: str) -> Any:
     if not isinstance(v, str) or kind not in ("float", "int"):
         return v
     try:
-        x = float(v.strip())
+        x = int(v.strip()) if kind == "int" else float(v.strip())
     except ValueError:
         return v
-    if not math.isfinite(x):
-        return v
-    if kind == "int":
-        return int(x) if x == int(x) and "." not in v and "e" not in v.lower() else v
-    return x
+    return x if kind == "int" or math.isfinite(x) else v
 
 
 def _is_kind(v: Any, kind: str) -> bool:
