@@ -73,6 +73,8 @@ def test_yaml_then_overrides_and_resolved_roundtrip(tmp_path):
     ({"device": "cudax"}, "device 'cpu', 'cuda' or 'cuda:N'"),
     ({"mse_w": -1.0}, "mse_w >= 0"),
     ({"reg_w": -0.1}, "reg_w >= 0"),
+    ({"val_subjects": ["s0001", "s0001"]}, "val_subjects"),
+    ({"val_subjects": [1, 2]}, "val_subjects"),
 ])
 def test_bad_values_raise(values, match):
     with pytest.raises(BrainshiftError, match=match):
@@ -140,6 +142,8 @@ def test_flip_axes_and_schedule_spellings():
     assert from_dict({"flip_axes": [1]}).flip_axes == (1,)
     assert from_dict({}).flip_axes == () and from_dict({}).lr_schedule == "constant"
     assert from_dict({"flip_axes": None}).flip_axes == ()  # null: no mirroring
+    assert from_dict({"val_subjects": "s0011, s0027"}).val_subjects == ("s0011", "s0027")
+    assert from_dict({"val_subjects": None}).val_subjects == () == from_dict({}).val_subjects
     assert from_dict({"lr": 1e-4, "lr_min": 1e-3}).lr_min == 1e-3  # unused by the constant schedule
 
 

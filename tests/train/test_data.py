@@ -35,6 +35,20 @@ def test_split_by_subject(small_dataset):
     assert any(o != s.subjects["val"] for o in others)
 
 
+def test_split_with_explicit_validation_subjects(small_dataset):
+    s = split_cases(small_dataset, (0.25, 0.25), seed=0)
+    subjects = sorted(s.subjects["train"] + s.subjects["val"] + s.subjects["test"])
+    chosen = [subjects[0], subjects[3]]
+    e = split_cases(small_dataset, (0.9, 0.25), seed=0, val_subjects=chosen)  # the val fraction is ignored
+    assert e.subjects["val"] == chosen and len(e.val) == 4
+    assert len(e.subjects["test"]) == 1 and len(e.subjects["train"]) == 1
+    assert not set(e.subjects["test"]) & set(chosen)
+    with pytest.raises(InputFileError, match="s9999"):
+        split_cases(small_dataset, val_subjects=[subjects[0], "s9999"])
+    with pytest.raises(InputFileError, match="at least one subject for training"):
+        split_cases(small_dataset, val_subjects=subjects)
+
+
 def test_split_keeps_a_training_subject(tiny_dataset, tmp_path):
     s = split_cases(tiny_dataset, (0.1, 0.15), seed=0)
     assert s.train == ["sub00_c0"] and s.val == [] and s.test == []

@@ -114,6 +114,9 @@ class TrainConfig:
         resume: continue from ``save_dir/last.pt`` (or ``checkpoint``): weights, Adam moments, epoch and step;
             the learning rate is this config's ``lr`` (so a resumed run can lower it).
         progress: tqdm progress bars.
+        val_subjects: subject ids (``sNNNN``) that form the validation split, replacing its fraction (e.g. to
+            keep the same validation subjects while a dataset grows in parts); the test fraction is then drawn
+            from the remaining subjects. Every id must be a subject of ``data``.
     """
 
     data: str | None = None
@@ -174,6 +177,7 @@ class TrainConfig:
     log_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    val_subjects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -225,8 +229,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Convert a value read from a file or the command line to the option's type."""
     try:
         if value is None:
-            if name == "flip_axes":
-                return ()  # null: no mirroring
+            if name in ("flip_axes", "val_subjects"):
+                return ()  # null: no mirroring / the validation fraction
             if name in _INT | _FLOAT | _BOOL | _STR | {"split", "network"}:
                 raise BrainshiftError(f"expected a value for option {name!r}, got null")
             return None
@@ -274,7 +278,7 @@ def _coerce(name: str, value: Any) -> Any:
             except (TypeError, ValueError):
                 raise BrainshiftError(f"expected flip_axes to be a list of array axes among 0, 1, 2 (e.g. [0]), "
                                       f"got {value!r}") from None
-        if name in ("keypoint_rules", "interp_methods"):
+        if name in ("keypoint_rules", "interp_methods", "val_subjects"):
             items = str(value).replace(",", " ").split() if isinstance(value, str) else value
             if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
                 raise ValueError
@@ -346,6 +350,9 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.interp_methods or set(cfg.interp_methods) - {"linear", "tps", "tps3d"}:
         raise BrainshiftError(f"expected interp_methods among ['linear', 'tps', 'tps3d'], got "
                               f"{list(cfg.interp_methods)}")
+    if len(set(cfg.val_subjects)) != len(cfg.val_subjects) or not all(str(v).strip() for v in cfg.val_subjects):
+        raise BrainshiftError(f"expected val_subjects to be distinct, non-empty subject ids, got "
+                              f"{list(cfg.val_subjects)}")
     if cfg.size is not None and (len(cfg.size) != 3 or min(cfg.size) < 1):
         raise BrainshiftError(f"expected size (I, J, K) of positive ints or None, got {cfg.size}")
     if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):

@@ -69,23 +69,28 @@ def _n_for(frac: float, n: int) -> int:
     return 0 if frac <= 0 else max(1, int(round(frac * n)))
 
 
-def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15), seed: int = 0) -> Splits:
+def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15), seed: int = 0,
+                val_subjects: tuple[str, ...] | list[str] = ()) -> Splits:
     """Split the complete cases of a dataset by SUBJECT into train / validation / test.
 
     The subjects are shuffled with ``numpy.random.default_rng(seed)``; ``round(fraction * n_subjects)``
     subjects (at least one when the fraction is positive) go to validation, then to test, as long as at least
-    one subject remains for training (validation is served before test).
+    one subject remains for training (validation is served before test). Given ``val_subjects``, exactly
+    those subjects are the validation split (its fraction is ignored) and the test fraction is taken from the
+    others, in the same shuffled order.
 
     Args:
         data_dir: dataset folder (layout of :mod:`brainshift.simulate.dataset`).
         split: ``(validation, test)`` fractions of the subjects.
         seed: shuffle seed.
+        val_subjects: explicit validation subject ids (empty: use the fraction).
 
     Returns:
         :class:`Splits`.
 
     Raises:
-        InputFileError: no complete case in ``data_dir``.
+        InputFileError: no complete case in ``data_dir``, or a ``val_subjects`` id with no complete case
+            there, or ``val_subjects`` naming every subject (none left to train on).
     """
     from brainshift.simulate.dataset import case_subject_id, list_cases
 
@@ -95,6 +100,17 @@ def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15),
     case_subject = {c: case_subject_id(data_dir, c) for c in cases}
     subjects = sorted(set(case_subject.values()))
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    if val_subjects:
+        missing = sorted(set(val_subjects) - set(subjects))
+        if missing:
+            raise InputFileError(f"expected val_subjects among the subjects with complete cases in {data_dir}, "
+                                 f"got {', '.join(missing)} (found {len(subjects)} subjects: "
+                                 f"{', '.join(subjects[:5])}{' ...' if len(subjects) > 5 else ''})")
+        if len(set(val_subjects)) >= len(subjects):
+            raise InputFileError(f"expected val_subjects to leave at least one subject for training, got all "
+                                 f"{len(subjects)} subjects of {data_dir}")
+        order = sorted(set(val_subjects)) + [s for s in order if s not in set(val_subjects)]
+        split = (len(set(val_subjects)) / len(subjects), split[1])
     n = len(order)
     n_val = min(_n_for(split[0], n), n - 1)
     n_test = min(_n_for(split[1], n), n - 1 - n_val)

@@ -280,7 +280,7 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
         init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
             ".safetensors") else net_cfg)
         net_cfg = init_loaded.config
-    splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed)
+    splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed, cfg.val_subjects)
     if not splits.train:
         raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
     if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
