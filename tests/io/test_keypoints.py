@@ -411,6 +411,31 @@ def test_table_with_extra_named_columns_reads_the_six(tmp_path):
         read_keypoint_table(p)
 
 
+def test_sift_key_row_with_more_than_81_values_is_refused_by_both_readers(tmp_path):
+    # the 2nd feature row (line 9: a blank line 8 between) has one value too many, as when two rows run together;
+    # read_sift_key_features cut it to its first 81 values and read_sift_key took its first 3, silently
+    rows = [_key_row(10.5, 20.5, 30.5), "", _key_row(3.25, 4.5, 5.75) + "7", _key_row(7.5, 8.5, 9.5)]
+    (tmp_path / "long.key").write_text(KEY_HEADER + "\n".join(rows) + "\n")
+    for reader in (read_sift_key, read_sift_key_features):
+        with pytest.raises(KeypointError, match=r"^expected at most 81 values \(x y z scale, 9 orientation, 3 "
+                                                r"eigenvalues, info flag, 64 descriptor values\) on line 9 of "
+                                                r"'.*long\.key' \(feature row 2\), got 82$"):
+            reader(tmp_path / "long.key")
+
+
+def test_sift_key_features_write_read_round_trip_with_descriptors(tmp_path):
+    # the writer's rows have exactly 81 values: the refusal of longer rows keeps its own files readable
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 30, size=(7, 3))
+    desc = np.argsort(rng.random((7, 64)), axis=1)
+    path = write_sift_key(tmp_path / "d.key", pts, rng.uniform(1, 4, size=7), shape=(32, 32, 32),
+                          spacing_mm=(1.0, 1.0, 1.5), descriptors=desc)
+    assert {len(row.split("\t")) for row in path.read_text().splitlines()[6:]} == {81}
+    feats = read_sift_key_features(path)
+    np.testing.assert_allclose(feats.points_vox, pts, atol=1e-6)
+    np.testing.assert_array_equal(feats.descriptors, desc.astype(np.float32))
+
+
 def test_truncated_sift_key_warns_in_both_readers(tmp_path):
     """The header declares 3 features; a file cut after 2 rows is read with a warning naming both counts (some
     tools write a placeholder count, so not an error); 3 rows: no warning."""

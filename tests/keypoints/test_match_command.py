@@ -97,3 +97,17 @@ def test_match_output_must_be_a_table(tmp_path):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: expected -o/--output a keypoint table (.csv or .txt)"), r.output
     assert not out.exists()
+
+
+def test_match_refuses_a_key_row_with_more_than_81_values(tmp_path):
+    # a row of 82 values (e.g. two rows run together) was cut to its first 81 and matched; now one error line
+    args = _key_pair(tmp_path)
+    lines = (tmp_path / "b.key").read_text().splitlines()
+    lines[8] += "\t5"  # the 3rd feature row (line 9)
+    (tmp_path / "b.key").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m.csv"
+    r = runner.invoke(app, ["match", *args, "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: expected at most 81 values") and r.output.rstrip().endswith(
+        "on line 9 of " + repr(str(tmp_path / "b.key")) + " (feature row 3), got 82"), r.output
+    assert len(r.output.splitlines()) == 1 and not out.exists()

@@ -310,6 +310,26 @@ def _check_sift_key_count(p: Path, lines: list[str], start: int, n_rows: int) ->
             return
 
 
+def _sift_key_rows(p: Path, lines: list[str], start: int):
+    """``(1-based line number, line, tokens)`` of each non-blank feature row from line index ``start`` on.
+
+    Raises:
+        KeypointError: a row with more than :data:`SIFT_KEY_COLUMNS` values (two rows run together, or another
+            layout), naming its line, its feature-row number and both counts (such rows used to be cut to 81).
+    """
+    n_row = 0
+    for lineno, raw in enumerate(lines[start:], start=start + 1):
+        tokens = raw.split()
+        if not tokens:
+            continue
+        n_row += 1
+        if len(tokens) > SIFT_KEY_COLUMNS:
+            raise KeypointError(f"expected at most {SIFT_KEY_COLUMNS} values (x y z scale, 9 orientation, 3 "
+                                f"eigenvalues, info flag, 64 descriptor values) on line {lineno} of {str(p)!r} "
+                                f"(feature row {n_row}), got {len(tokens)}")
+        yield lineno, raw, tokens
+
+
 @dataclass(frozen=True)
 class SiftKeyFeatures:
     """The features of a 3D SIFT-Rank ``.key`` file, one per row (a location may repeat with another descriptor).
@@ -335,16 +355,14 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
 
     Raises:
         InputFileError: missing or unreadable file.
-        KeypointError: no header, millimetre coordinate mode, a row with fewer than 81 numbers or non-finite
+        KeypointError: no header, millimetre coordinate mode, a row with other than 81 numbers or non-finite
             values (naming the line), no features. A row count other than the header's ``Features: N`` is a warning.
     """
     p = Path(path)
     lines = _read_text(p, ".key").splitlines()
+    start = _sift_key_start(p, lines)
     rows = []
-    for lineno, raw in enumerate(lines[_sift_key_start(p, lines):], start=_sift_key_start(p, lines) + 1):
-        tokens = raw.split()
-        if not tokens:
-            continue
+    for lineno, raw, tokens in _sift_key_rows(p, lines, start):
         try:
             values = [float(t) for t in tokens[:SIFT_KEY_COLUMNS]]
         except ValueError:
@@ -359,7 +377,7 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
         rows.append(values)
     if not rows:
         raise KeypointError(f"expected at least one feature row in {str(p)!r}, got none")
-    _check_sift_key_count(p, lines, _sift_key_start(p, lines), len(rows))
+    _check_sift_key_count(p, lines, start, len(rows))
     table = np.asarray(rows, dtype=np.float64)
     return SiftKeyFeatures(table[:, :3] - SIFT_KEY_OFFSET_VOX, table[:, 3].copy(),
                            table[:, SIFT_KEY_COLUMNS - 64 :].astype(np.float32))
@@ -386,17 +404,14 @@ def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         InputFileError: missing or unreadable file.
         KeypointError: header not found, a file in world (millimetre) coordinate mode, rows with fewer than 4
-            numbers or non-numeric/non-finite values (naming the line), no features. A row count other than
-            the header's ``Features: N`` (a truncated file?) is a warning.
+            or more than 81 numbers or non-numeric/non-finite values (naming the line), no features. A row count
+            other than the header's ``Features: N`` (a truncated file?) is a warning.
     """
     p = Path(path)
     lines = _read_text(p, ".key").splitlines()
     start = _sift_key_start(p, lines)
     locs = []
-    for lineno, raw in enumerate(lines[start:], start=start + 1):
-        tokens = raw.split()
-        if not tokens:
-            continue
+    for lineno, raw, tokens in _sift_key_rows(p, lines, start):
         if len(tokens) < 4:
             raise KeypointError(f"expected at least x y z scale on line {lineno} of {str(p)!r}, got {raw.strip()!r}")
         try:
