@@ -112,18 +112,22 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
 
     Raises:
         InputFileError, KeypointError: unreadable files, malformed ``.key`` files, different descriptor lengths,
-            features outside their image's grid (a ``.key`` file of another image), no match left.
+            a ``.key`` header recording another grid shape or voxel size than its image
+            (:func:`brainshift.io.keypoints.check_sift_key_grid`), features outside their image's grid (a ``.key``
+            file of another image), no match left.
         BrainshiftError: an output name that is not a table (``.csv``/``.txt``).
     """
     from brainshift.io.atomic import atomic_output
     from brainshift.io.images import read_image
-    from brainshift.io.keypoints import read_sift_key_features
+    from brainshift.io.keypoints import check_sift_key_grid, read_sift_key_features
     from brainshift.register import match_features
 
     if not Path(output).name.lower().endswith((".csv", ".txt")):
         raise BrainshiftError(f"expected -o/--output a keypoint table (.csv or .txt), got {str(output)!r}")
     fa, fb = read_sift_key_features(key_a), read_sift_key_features(key_b)
     vol_a, vol_b = read_image(image_a), read_image(image_b)
+    check_sift_key_grid(fa, vol_a.shape, vol_a.spacing, key_path=key_a, image=f"-a {str(image_a)!r}")
+    check_sift_key_grid(fb, vol_b.shape, vol_b.spacing, key_path=key_b, image=f"-b {str(image_b)!r}")
     _check_features_on_grid(fa.points_vox, vol_a.shape, key_a, image_a, "-a")
     _check_features_on_grid(fb.points_vox, vol_b.shape, key_b, image_b, "-b")
     aff_a, aff_b = vol_a.affine, vol_b.affine

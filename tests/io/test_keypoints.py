@@ -436,6 +436,44 @@ def test_sift_key_features_write_read_round_trip_with_descriptors(tmp_path):
     np.testing.assert_array_equal(feats.descriptors, desc.astype(np.float32))
 
 
+def test_sift_key_header_grid_is_read_and_checked_against_an_image(tmp_path):
+    from brainshift.io.keypoints import check_sift_key_grid
+
+    row = _key_row(10.5, 20.5, 30.5)
+    (tmp_path / "a.key").write_text(KEY_HEADER.replace("Features: 3", "Features: 1") + row + "\n")  # 64 64 40, 1 mm
+    feats = read_sift_key_features(tmp_path / "a.key")
+    assert feats.grid_shape == (64, 64, 40) and feats.spacing_mm == (1.0, 1.0, 1.0)
+    # the image's shape, or (featExtract -2+ / -2-: extraction on a doubled / halved grid, coordinates of the
+    # input grid) that shape doubled or halved; the voxel size to 0.1 %
+    check_sift_key_grid(feats, (64, 64, 40), (1.0, 1.0, 1.0), key_path="a.key", image="-a 'i'")
+    check_sift_key_grid(feats, (32, 32, 20), (1.0005, 1.0, 1.0), key_path="a.key", image="-a 'i'")
+    check_sift_key_grid(feats, (129, 129, 81), (1.0, 1.0, 1.0), key_path="a.key", image="-a 'i'")  # 64 = 129 // 2
+    with pytest.raises(KeypointError, match=r"^expected the header of 'a\.key' to record the grid of -a 'i': "
+                                            r"'Extraction Voxel Resolution' \(64, 40, 64\) .* got \(64, 64, 40\); "
+                                            r"was the \.key file made from this image\?$"):
+        check_sift_key_grid(feats, (64, 40, 64), (1.0, 1.0, 1.0), key_path="a.key", image="-a 'i'")
+    with pytest.raises(KeypointError, match=r"'Extraction Voxel Size' \(1, 1, 1\.2\) mm, got \(1, 1, 1\) mm"):
+        check_sift_key_grid(feats, (64, 64, 40), (1.0, 1.0, 1.2), key_path="a.key", image="-a 'i'")
+
+
+def test_sift_key_header_without_a_grid_records_nothing(tmp_path):
+    from brainshift.io.keypoints import check_sift_key_grid
+
+    # write_sift_key without shape / spacing writes zeros: not recorded, so not compared with any image
+    path = write_sift_key(tmp_path / "z.key", np.zeros((1, 3)))
+    assert "(ijk) : 0 0 0" in path.read_text() and "(ijk) : 0.000000 0.000000 0.000000" in path.read_text()
+    feats = read_sift_key_features(path)
+    assert feats.grid_shape is None and feats.spacing_mm is None
+    check_sift_key_grid(feats, (5, 6, 7), (0.5, 0.5, 3.0), key_path=path, image="-a 'i'")
+    # a header line that is no three numbers: a warning, the features are read, the grid is not compared
+    header = KEY_HEADER.replace("64 64 40", "64 x 40").replace("Features: 3", "Features: 1")
+    (tmp_path / "bad.key").write_text(header + _key_row(1, 2, 3) + "\n")
+    with pytest.warns(UserWarning, match=r"expected three non-negative numbers on the header line "
+                                         r"'# Extraction Voxel Resolution \(ijk\) : 64 x 40' .*not compared"):
+        feats = read_sift_key_features(tmp_path / "bad.key")
+    assert feats.grid_shape is None and feats.spacing_mm == (1.0, 1.0, 1.0)
+
+
 def test_truncated_sift_key_warns_in_both_readers(tmp_path):
     """The header declares 3 features; a file cut after 2 rows is read with a warning naming both counts (some
     tools write a placeholder count, so not an error); 3 rows: no warning."""

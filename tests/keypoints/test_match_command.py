@@ -58,8 +58,8 @@ def test_match_refuses_features_outside_their_image(tmp_path):
     rng = np.random.default_rng(0)
     points = rng.uniform(0, 15, size=(20, 3))
     descriptors = np.argsort(rng.random((20, 64)), axis=1)
-    write_sift_key(tmp_path / "big.key", points, 2.0, shape=(16, 16, 16), spacing_mm=(1, 1, 1),
-                   descriptors=descriptors)
+    # no grid in the header (zeros): the features' positions are what gives the other image away
+    write_sift_key(tmp_path / "big.key", points, 2.0, descriptors=descriptors)
     nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), np.eye(4)), tmp_path / "big.nii.gz")
     nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4)), tmp_path / "small.nii.gz")
     out = tmp_path / "m.csv"
@@ -111,3 +111,31 @@ def test_match_refuses_a_key_row_with_more_than_81_values(tmp_path):
     assert r.output.startswith("error: expected at most 81 values") and r.output.rstrip().endswith(
         "on line 9 of " + repr(str(tmp_path / "b.key")) + " (feature row 3), got 82"), r.output
     assert len(r.output.splitlines()) == 1 and not out.exists()
+
+
+def test_match_refuses_a_key_header_recording_another_grid_or_voxel_size(tmp_path):
+    # a .key file made from a 12^3 image given with an 8^3 (or a 2 mm) image: the header says so; it was read as
+    # voxels of the wrong image (or refused only when a feature happened to lie outside it)
+    from brainshift.io.keypoints import write_sift_key
+
+    rng = np.random.default_rng(0)
+    points, descriptors = rng.uniform(0, 7, size=(20, 3)), np.argsort(rng.random((20, 64)), axis=1)
+    write_sift_key(tmp_path / "k12.key", points, 2.0, shape=(12, 12, 12), spacing_mm=(1, 1, 1),
+                   descriptors=descriptors)
+    write_sift_key(tmp_path / "k8.key", points, 2.0, shape=(8, 8, 8), spacing_mm=(1, 1, 1),
+                   descriptors=descriptors)
+    data = rng.random((8, 8, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "i8.nii.gz")
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "i8_2mm.nii.gz")
+    out = tmp_path / "m.csv"
+    cases = [("k12.key", "i8.nii.gz", "grid", "'Extraction Voxel Resolution' (8, 8, 8) (or doubled / halved: "
+                                              "featExtract -2+ / -2-), got (12, 12, 12)"),
+             ("k8.key", "i8_2mm.nii.gz", "voxel size", "'Extraction Voxel Size' (2, 2, 2) mm, got (1, 1, 1) mm")]
+    for key, image, what, detail in cases:
+        r = runner.invoke(app, ["match", str(tmp_path / "k8.key"), str(tmp_path / key), "-a",
+                                str(tmp_path / "i8.nii.gz"), "-b", str(tmp_path / image), "-o", str(out)])
+        assert r.exit_code == 2, r.output
+        expected = (f"error: expected the header of {str(tmp_path / key)!r} to record the {what} of -b "
+                    f"{str(tmp_path / image)!r}: {detail}; was the .key file made from this image?")
+        assert r.output.strip() == expected, r.output
+        assert not out.exists()

@@ -13,8 +13,11 @@ from brainshift.cli.app import cli_errors
 def match_command(
     key_a: Path = typer.Argument(..., help="Features of image A (preop): a .key file with descriptors."),
     key_b: Path = typer.Argument(..., help="Features of image B (intraop): a .key file with descriptors."),
-    image_a: Path = typer.Option(..., "-a", "--image-a", help="Image A (its grid maps the .key voxels to world mm)."),
-    image_b: Path = typer.Option(..., "-b", "--image-b", help="Image B (may lie on another grid than A)."),
+    image_a: Path = typer.Option(..., "-a", "--image-a",
+                                 help="Image A, the one KEY_A was made from (its grid maps the .key voxels to world "
+                                      "mm; a grid or voxel size recorded in the .key header must agree)."),
+    image_b: Path = typer.Option(..., "-b", "--image-b",
+                                 help="Image B, the one KEY_B was made from (may lie on another grid than A)."),
     output: Path = typer.Option(Path("matches.csv"), "-o", "--output", help="Output table (.csv)."),
     ratio: float = typer.Option(0.9, "--ratio", help="Lowe's ratio test (1 disables it)."),
     max_displacement_mm: float = typer.Option(30.0, "--max-displacement-mm",

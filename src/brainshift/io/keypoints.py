@@ -310,6 +310,40 @@ def _check_sift_key_count(p: Path, lines: list[str], start: int, n_rows: int) ->
             return
 
 
+#: header lines of a ``.key`` file that record the grid the features were extracted on (featExtract, ijk order)
+_SIFT_KEY_GRID_LINES = {"extraction voxel resolution": "grid_shape", "extraction voxel size": "spacing_mm"}
+
+
+def _sift_key_grid(p: Path, lines: list[str], start: int) -> dict:
+    """``{"grid_shape": (I, J, K) | None, "spacing_mm": (3,) | None}`` from a ``.key`` header.
+
+    featExtract writes ``# Extraction Voxel Resolution (ijk) : I J K`` (its extraction grid) and ``# Extraction
+    Voxel Size (mm)  (ijk) : dx dy dz`` (the NIfTI pixdim). A line that is absent or all zeros (what
+    :func:`write_sift_key` writes without ``shape`` / ``spacing_mm``) records nothing: None. A line that is not
+    three such numbers is warned about and also gives None (the file's features are still readable).
+    """
+    grid: dict = {"grid_shape": None, "spacing_mm": None}
+    for line in lines[:start]:
+        low = line.strip().lstrip("#").strip().lower()
+        name = next((v for k, v in _SIFT_KEY_GRID_LINES.items() if low.startswith(k)), None)
+        if name is None:
+            continue
+        tokens = low.rpartition(":")[2].split()
+        try:
+            values = [_strict_float(t) for t in tokens]
+        except ValueError:
+            values = []
+        ok = len(values) == 3 and all(np.isfinite(values)) and all(v >= 0 for v in values)
+        if ok and name == "grid_shape":
+            ok = all(v == int(v) for v in values)
+        if not ok:
+            warnings.warn(f"expected three non-negative numbers on the header line {line.strip()!r} of {str(p)!r}, "
+                          f"got {tokens}; the .key file's grid is not compared with its image", stacklevel=3)
+        elif any(v > 0 for v in values):
+            grid[name] = tuple(int(v) for v in values) if name == "grid_shape" else tuple(values)
+    return grid
+
+
 def _sift_key_rows(p: Path, lines: list[str], start: int):
     """``(1-based line number, line, tokens)`` of each non-blank feature row from line index ``start`` on.
 
@@ -339,11 +373,17 @@ class SiftKeyFeatures:
         scales: ``(N,)`` float64 feature scales as written (featExtract: voxels; brainshift writes the DoG
             sigma in mm divided by the geometric-mean voxel size).
         descriptors: ``(N, 64)`` float32 descriptor values (SIFT-Rank: ranks 0..63).
+        grid_shape: the header's ``Extraction Voxel Resolution (ijk)``: the grid the features were extracted on
+            (featExtract: the image's shape, doubled with ``-2+``, halved with ``-2-``); None when not recorded.
+        spacing_mm: the header's ``Extraction Voxel Size (mm) (ijk)`` (the image's voxel size); None when not
+            recorded. Compared with an image by :func:`check_sift_key_grid`.
     """
 
     points_vox: np.ndarray
     scales: np.ndarray
     descriptors: np.ndarray
+    grid_shape: tuple[int, int, int] | None = None
+    spacing_mm: tuple[float, float, float] | None = None
 
 
 def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
@@ -380,7 +420,46 @@ def read_sift_key_features(path: str | os.PathLike[str]) -> SiftKeyFeatures:
     _check_sift_key_count(p, lines, start, len(rows))
     table = np.asarray(rows, dtype=np.float64)
     return SiftKeyFeatures(table[:, :3] - SIFT_KEY_OFFSET_VOX, table[:, 3].copy(),
-                           table[:, SIFT_KEY_COLUMNS - 64 :].astype(np.float32))
+                           table[:, SIFT_KEY_COLUMNS - 64 :].astype(np.float32), **_sift_key_grid(p, lines, start))
+
+
+#: relative tolerance of the voxel-size comparison (the header has 6 decimals of a float32 pixdim)
+SIFT_KEY_SPACING_RTOL = 1e-3
+
+
+def check_sift_key_grid(features: SiftKeyFeatures, shape, spacing_mm, *, key_path: str | os.PathLike[str],
+                        image: str) -> None:
+    """Refuse ``.key`` features whose header records another grid than the image they are used with.
+
+    The header's extraction grid (``features.grid_shape``) must be the image's ``shape``, or that shape
+    doubled or halved on all three axes (featExtract's ``-2+`` / ``-2-`` extract on a resampled grid but write
+    coordinates of the input grid); its voxel size (``features.spacing_mm``) must equal ``spacing_mm`` to a
+    relative :data:`SIFT_KEY_SPACING_RTOL`. What the header does not record is not compared.
+
+    Args:
+        features: from :func:`read_sift_key_features`.
+        shape: the image's grid size ``(I, J, K)``.
+        spacing_mm: the image's voxel size along ``i, j, k`` (mm).
+        key_path: the ``.key`` file (named in the message).
+        image: how the message names the image (e.g. ``"-a 'preop.nii.gz'"``).
+
+    Raises:
+        KeypointError: a recorded shape or voxel size that disagrees, naming both.
+    """
+    shape = tuple(int(n) for n in shape)
+    key = str(key_path)
+    if features.grid_shape is not None:
+        allowed = (shape, tuple(2 * n for n in shape), tuple(n // 2 for n in shape))
+        if tuple(features.grid_shape) not in allowed:
+            raise KeypointError(f"expected the header of {key!r} to record the grid of {image}: 'Extraction Voxel "
+                                f"Resolution' {shape} (or doubled / halved: featExtract -2+ / -2-), got "
+                                f"{tuple(features.grid_shape)}; was the .key file made from this image?")
+    if features.spacing_mm is not None:
+        sp = np.asarray(spacing_mm, dtype=np.float64)
+        if not np.allclose(features.spacing_mm, sp, rtol=SIFT_KEY_SPACING_RTOL, atol=1e-6):
+            raise KeypointError(f"expected the header of {key!r} to record the voxel size of {image}: 'Extraction "
+                                f"Voxel Size' {_fmt(sp)} mm, got {_fmt(features.spacing_mm)} mm; was the .key file "
+                                f"made from this image?")
 
 
 def read_sift_key(path: str | os.PathLike[str]) -> np.ndarray:
@@ -436,7 +515,8 @@ def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales:
     """Write keypoint locations in the 3D SIFT-Rank ``.key`` text layout (voxel coordinate mode).
 
     The header has the six lines of ``featExtract 1.1`` (resolution and voxel size from ``shape`` and
-    ``spacing_mm`` if given, else zeros and ones); each row is tab-separated: ``x y z`` = ``points_vox + 0.5``
+    ``spacing_mm`` if given, else zeros: not recorded, so not compared with an image by
+    :func:`check_sift_key_grid`); each row is tab-separated: ``x y z`` = ``points_vox + 0.5``
     (SIFT-Rank's voxel-centre convention), ``scale``, then an identity orientation, zero eigenvalues, a zero
     info flag and the 64 ``descriptors`` values (integers when they are, e.g. SIFT-Rank ranks from
     :func:`brainshift.keypoints.describe.describe_keypoints`; zeros when not given: a file for tools that read
@@ -463,7 +543,7 @@ def write_sift_key(path: str | os.PathLike[str], points_vox: np.ndarray, scales:
     if not np.all(np.isfinite(sc)):
         raise KeypointError("expected finite keypoint scales, got NaN or inf")
     res = " ".join(str(int(s)) for s in shape) if shape is not None else "0 0 0"
-    vs = " ".join(f"{float(s):.6f}" for s in spacing_mm) if spacing_mm is not None else "1.000000 1.000000 1.000000"
+    vs = " ".join(f"{float(s):.6f}" for s in spacing_mm) if spacing_mm is not None else "0.000000 0.000000 0.000000"
     header = [
         "# featExtract 1.1",
         f"# Extraction Voxel Resolution (ijk) : {res}",
