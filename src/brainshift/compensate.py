@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from brainshift.errors import BrainshiftError, GeometryError, KeypointError
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 if TYPE_CHECKING:
     from brainshift.atlas.basis import DeformationAtlas
@@ -139,14 +139,14 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             (:func:`brainshift.atlas.fit.fit_atlas`; needs ``atlas``).
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
             of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
-        mask: brain mask for the network (z-score region, where the initial field is kept); default: the
-            foreground ``image > min``.
+        mask: brain mask for the network (z-score region, where the initial field is kept; nonzero = inside,
+            :func:`brainshift.volume.mask_inside`); default: the foreground ``image > min``.
         device: torch device of the network (``cpu``, ``cuda[:N]``; see :func:`brainshift.device.resolve_device`).
         mirror_average: average the network with its left-right mirrored problem; None: the model's default
             (:func:`brainshift.model.inference.use_mirror_average`).
         interp_options: keyword options of the interpolator.
         statistics: also compute :func:`brainshift.field.field_statistics` of each field.
-        statistics_mask: region of the statistics (default: :func:`foreground_mask`).
+        statistics_mask: region of the statistics (nonzero = inside; default: :func:`foreground_mask`).
         progress: let the network step show a tqdm bar.
         safeguards: with keypoints and a model, refine through :func:`brainshift.model.safeguards.safe_refine`
             (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes);
@@ -164,7 +164,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             atlas or without keypoints; ``interp_options`` not a dict.
         KeypointError: invalid keypoints (not a pair of ``(N, 3)`` real arrays, non-finite, outside the image;
             for the atlas: outside its brain). GeometryError: ``image`` not a Volume; a field or mask not on the
-            image grid, or a field that is not finite real numbers; an atlas built for another image.
+            image grid, a mask with negative or non-finite values, or a field that is not finite real numbers;
+            an atlas built for another image.
 
     Convention: every field forward Lagrangian, voxel units along ``i, j, k`` of ``image``'s grid.
     """
@@ -183,6 +184,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
     for name, m in (("mask", mask), ("statistics_mask", statistics_mask)):  # before any work, not after it
         if m is not None and np.shape(m) != image.shape:
             raise GeometryError(f"expected the {name} on the image grid {image.shape}, got shape {np.shape(m)}")
+    if statistics_mask is not None:
+        statistics_mask = mask_inside(statistics_mask, "statistics_mask")
+    if mask is not None:
+        mask = mask_inside(mask, "mask")
     if interp_options is not None and not isinstance(interp_options, Mapping):
         raise BrainshiftError(f"expected interp_options as a dict of the interpolator's options, got "
                               f"{type(interp_options).__name__}")
@@ -250,7 +255,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:
         t0 = time.perf_counter()
-        region = foreground_mask(image) if statistics_mask is None else np.asarray(statistics_mask) > 0
+        region = foreground_mask(image) if statistics_mask is None else statistics_mask
         result.statistics["initial"] = field_statistics(init, image.affine, region)
         if result.refined_field is not None:
             result.statistics["refined"] = field_statistics(result.refined_field, image.affine, region)

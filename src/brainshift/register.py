@@ -43,7 +43,7 @@ import numpy as np
 
 from brainshift.errors import BrainshiftError, GeometryError, KeypointError
 from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 if TYPE_CHECKING:
     from brainshift.compensate import Result
@@ -179,14 +179,16 @@ def _check_inputs(preop: Volume, intraop: Volume, mask) -> np.ndarray:
             raise GeometryError(f"expected finite intensities in the {name} image, got NaN or inf")
     if mask is None:
         return brain_mask(preop)
-    resampled = isinstance(mask, Volume) and not mask.same_grid(preop) and bool(np.any(mask.data > 0))
+    resampled = False
     if isinstance(mask, Volume):
-        m = mask.data if mask.same_grid(preop) else Volume(mask.data, mask.affine, "label").resample_like(preop).data
+        m = mask_inside(mask, "brain mask")  # nonzero = inside, on the mask's own grid
+        if not mask.same_grid(preop):
+            resampled = bool(m.any())
+            m = Volume(m.astype(np.uint8), mask.affine, "label").resample_like(preop).data != 0
     else:
-        m = np.asarray(mask)
-    if m.shape != preop.shape:
-        raise GeometryError(f"expected a brain mask on the preop grid {preop.shape}, got shape {m.shape}")
-    m = m > 0
+        if np.shape(mask) != preop.shape:
+            raise GeometryError(f"expected a brain mask on the preop grid {preop.shape}, got shape {np.shape(mask)}")
+        m = mask_inside(mask, "brain mask")
     if not m.any():
         if resampled:  # not empty on its own grid: it lies elsewhere in world space
             raise GeometryError("expected a brain mask that overlaps the preop image in world space, got one whose "
@@ -298,8 +300,9 @@ def register(
         preop: preop intensity Volume; defines the output grid.
         intraop: intraop intensity Volume on any grid (spacing, orientation, field of view) overlapping the
             preop in world (RAS mm) space.
-        mask: brain mask on the preop grid (Volume, resampled if on another grid, or ``(I, J, K)`` array);
-            default :func:`brain_mask` of the preop. Keypoints are searched inside it, and the network uses it.
+        mask: brain mask on the preop grid (Volume, resampled if on another grid, or ``(I, J, K)`` array;
+            nonzero = inside, :func:`brainshift.volume.mask_inside`); default :func:`brain_mask` of the preop.
+            Keypoints are searched inside it, and the network uses it.
         method: interpolator (``linear``, ``tps``, ``tps3d``).
         model: network weights (:func:`brainshift.model.checkpoint.load_weights`) or a Future of them; None: no
             refinement.
@@ -320,8 +323,8 @@ def register(
         :class:`RegisterResult`.
 
     Raises:
-        GeometryError: non-finite images, a mask not on the preop grid or empty, images that do not overlap in
-            world space.
+        GeometryError: non-finite images, a mask not on the preop grid, empty, or with negative or non-finite
+            values, images that do not overlap in world space.
         RegistrationError: fewer than :data:`MIN_MATCHES` inlier matches ("found N inlier matches, need at
             least 4").
         KeypointError, BrainshiftError: invalid options, or inlier keypoints unusable by the interpolator

@@ -189,6 +189,10 @@ def run_register(opts: RegisterOptions) -> dict:
         intraop = read_image(opts.intraop_scan)
         check_intensities(intraop, opts.intraop_scan, "intraop image")
         mask = read_image(opts.mask, kind="label") if opts.mask is not None else None
+        if mask is not None:  # nonzero = inside, as keypoints --mask; checked here to name the file
+            from brainshift.volume import mask_inside
+
+            mask_inside(mask, f"mask {str(opts.mask)!r} (--mask)")
     with steps.step("register and compensate"):
         result = register(preop, intraop, mask=mask, method=opts.interp_mode, model=pending,
                           device=opts.device if refine else "cpu", safeguards=opts.safeguards)

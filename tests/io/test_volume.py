@@ -48,3 +48,25 @@ def test_resample_to_1mm_and_back_keeps_ramp_and_orientation(oblique_affine):
     assert ok.sum() > 0.2 * len(ok)
     err = np.abs(back.data.reshape(-1)[ok] - vol.data.reshape(-1)[ok])
     assert err.max() < 1e-3
+
+
+def test_mask_inside_nonzero_is_inside_and_signed_or_non_finite_values_are_refused():
+    import pytest
+
+    from brainshift.errors import GeometryError
+    from brainshift.volume import mask_inside
+
+    labels = np.array([[[0, 2, 4]]], dtype=np.int16)  # a label map: every label is inside
+    np.testing.assert_array_equal(mask_inside(labels), [[[False, True, True]]])
+    np.testing.assert_array_equal(mask_inside(Volume(labels.astype(np.float32), np.eye(4), "label")),
+                                  [[[False, True, True]]])
+    np.testing.assert_array_equal(mask_inside(np.array([[[0.0, 0.25]]])), [[[False, True]]])
+    np.testing.assert_array_equal(mask_inside(np.array([[[True, False]]])), [[[True, False]]])
+    with pytest.raises(GeometryError, match=r"^expected a brain mask of non-negative values \(nonzero = inside\), "
+                                            r"got 2 negative voxels \(down to -3\); a signed image rather than a "
+                                            r"mask\?$"):
+        mask_inside(np.array([[[0, -1, 1, -3]]], dtype=np.int8), "brain mask")
+    with pytest.raises(GeometryError, match=r"^expected a mask of finite values \(nonzero = inside\), got NaN"):
+        mask_inside(np.array([[[0.0, np.nan]]]))
+    with pytest.raises(GeometryError, match=r"^expected a mask of numbers \(nonzero = inside\), got complex128"):
+        mask_inside(np.array([[[1j]]]))

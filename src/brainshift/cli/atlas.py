@@ -13,7 +13,8 @@ from brainshift.cli.app import cli_errors
 @cli_errors
 def atlas_command(
     preop_scan: Path = typer.Option(..., "-p", "--preop_scan", "--preop-scan", help="Preop image."),
-    brain_mask: Path = typer.Option(..., "--brain-mask", help="Brain mask of the preop image."),
+    brain_mask: Path = typer.Option(..., "--brain-mask", help="Brain mask of the preop image (nonzero = inside; "
+                                                                  "negative values are refused)."),
     tumour: Path | None = typer.Option(None, "--tumour",
                                        help="Tumour mask (resection members and the surgical approach); without "
                                             "it gravity directions cover the upper hemisphere."),

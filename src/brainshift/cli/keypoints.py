@@ -15,7 +15,9 @@ from brainshift.cli.app import cli_errors
 @cli_errors
 def keypoints_command(
     image: Path = typer.Argument(..., help="Image to detect keypoints in (NIfTI, NRRD or MetaImage)."),
-    mask: Path | None = typer.Option(None, "--mask", "-m", help="Region to restrict keypoints to (non-zero inside)."),
+    mask: Path | None = typer.Option(None, "--mask", "-m",
+                                     help="Region to restrict keypoints to (nonzero = inside; negative values are "
+                                          "refused)."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output prefix; writes PREFIX.csv and PREFIX.key (default: IMAGE stem + _keypoints)."
     ),
@@ -58,6 +60,10 @@ def keypoints_command(
     volume = read_image(image)
     check_intensities(volume, image, "image")
     mask_volume = read_image(mask, kind="label") if mask is not None else None
+    if mask_volume is not None:  # nonzero = inside, as register --mask; checked here to name the file
+        from brainshift.volume import mask_inside
+
+        mask_inside(mask_volume, f"mask {str(mask)!r} (--mask)")
     start = time.perf_counter()
     try:
         kp = detect_keypoints(

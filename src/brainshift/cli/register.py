@@ -17,7 +17,8 @@ def register_command(
                                       help="Intraop image, on any grid (spacing, orientation, field of view) "
                                            "overlapping the preop in world space."),
     mask: Path | None = typer.Option(None, "--mask",
-                                     help="Brain mask of the preop image (default: computed; Otsu threshold, "
+                                     help="Brain mask of the preop image, nonzero = inside (negative values are "
+                                          "refused; default: computed; Otsu threshold, "
                                           "largest component, holes filled). A mask on another grid is "
                                           "resampled to the preop grid through world coordinates (nearest "
                                           "neighbour)."),

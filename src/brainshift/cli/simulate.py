@@ -19,7 +19,9 @@ def simulate_command(
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (subjects/, cases/, dataset.json)."),
     demo: bool = typer.Option(False, "--demo", help="Simulate a synthetic subject made from the MNI152 template."),
     image: Path | None = typer.Option(None, "--image", help="Real input: preop image (NIfTI, NRRD, MetaImage)."),
-    brain_mask: Path | None = typer.Option(None, "--brain-mask", help="Real input: brain mask."),
+    brain_mask: Path | None = typer.Option(None, "--brain-mask",
+                                           help="Real input: brain mask (nonzero = inside; negative values are "
+                                                "refused)."),
     tumour: Path | None = typer.Option(None, "--tumour", help="Real input: tumour mask or BraTS-style label map."),
     ventricles: Path | None = typer.Option(None, "--ventricles", help="Real input: ventricle mask or label map."),
     tumour_labels: str | None = typer.Option(None, "--tumour-labels",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainshift.errors import GeometryError
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 _NOMINAL_BLUR_VOX = 0.5  # blur assumed present in the input image, in voxels (Lowe 2004)
 _MAX_REFINE_STEPS = 5  # Lowe's maximum number of re-centring steps in the quadratic refinement
@@ -107,8 +107,8 @@ def detect_keypoints(
 
     Args:
         volume: the image (intensity); any orientation and voxel size.
-        mask: optional region (non-zero = inside) on the same grid, as a Volume (resampled to the image
-            grid with nearest neighbour if its grid differs) or an ``(I, J, K)`` array.
+        mask: optional region (nonzero = inside: :func:`brainshift.volume.mask_inside`), as a Volume (resampled
+            to the image grid with nearest neighbour if its grid differs) or an ``(I, J, K)`` array.
         sigma_min_mm: sigma in mm of the first pyramid level.
         n_octaves: number of octaves (each doubles sigma).
         n_scales: DoG levels searched per octave (Lowe's ``s``).
@@ -124,7 +124,8 @@ def detect_keypoints(
         :class:`Keypoints` sorted by decreasing response, points in 0-based voxel indices of ``volume``.
 
     Raises:
-        GeometryError: mask shape differs from the image, an empty mask, or non-finite intensities.
+        GeometryError: mask shape differs from the image, an empty mask or one with negative or non-finite
+            values, or non-finite intensities.
         BrainshiftError: a parameter out of range.
     """
     import scipy.ndimage as ndi
@@ -390,16 +391,16 @@ def _mask_array(volume: Volume, mask: Volume | np.ndarray | None) -> np.ndarray:
         return np.ones(volume.shape, dtype=bool)
     resampled = False
     if isinstance(mask, Volume):
+        inside = mask_inside(mask)  # nonzero = inside, on the mask's own grid
         if not mask.same_grid(volume):
-            if not np.any(np.asarray(mask.data) != 0):
+            if not inside.any():
                 raise GeometryError("expected a mask with at least one voxel inside, got an empty mask")
-            mask, resampled = Volume(np.asarray(mask.data) != 0, mask.affine, "label").resample_like(volume), True
-        arr = np.asarray(mask.data)
+            inside = Volume(inside.astype(np.uint8), mask.affine, "label").resample_like(volume).data != 0
+            resampled = True
     else:
-        arr = np.asarray(mask)
-    if arr.shape != volume.shape:
-        raise GeometryError(f"expected a mask on the image grid {volume.shape}, got shape {arr.shape}")
-    inside = arr != 0
+        if np.shape(mask) != volume.shape:
+            raise GeometryError(f"expected a mask on the image grid {volume.shape}, got shape {np.shape(mask)}")
+        inside = mask_inside(mask)
     if not inside.any():
         if resampled:  # not empty on its own grid: it lies elsewhere in world space
             raise GeometryError("expected a mask that overlaps the image in world space, got one whose voxels all "

@@ -40,7 +40,7 @@ from brainshift.field import check_field
 from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.model.network import NetworkConfig
 from brainshift.model.warp import voxel_to_grid_sample
-from brainshift.volume import Volume, grid_with_spacing
+from brainshift.volume import Volume, grid_with_spacing, mask_inside
 
 Pad = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -260,15 +260,16 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     Args:
         image: the preop image (intensity :class:`~brainshift.volume.Volume`).
         field_vox: ``(3, I, J, K)`` initial displacement on ``image``'s grid, voxel units.
-        mask: optional ``(I, J, K)`` brain mask (nonzero = brain) on ``image``'s grid.
+        mask: optional ``(I, J, K)`` brain mask (nonzero = brain: :func:`brainshift.volume.mask_inside`) on
+            ``image``'s grid.
         config: the network's configuration (``spacing_mm``, ``field_units``, ``features`` for the padding).
 
     Returns:
         A :class:`NetworkInput` (CPU tensors).
 
     Raises:
-        GeometryError: a field or mask not on the image grid, non-finite values, or a network expecting a
-            channel count other than 4.
+        GeometryError: a field or mask not on the image grid, non-finite values, a mask with negative values,
+            or a network expecting a channel count other than 4.
 
     Convention: ``field_vox`` is forward Lagrangian in voxel units of the input grid; the result's field
     channels are forward Lagrangian in ``config.field_units`` on the network grid.
@@ -289,7 +290,7 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
         mk = np.asarray(mask)
         if mk.shape != shape:
             raise GeometryError(f"expected a brain mask on the image grid {shape}, got {mk.shape}")
-        chans.append(torch.from_numpy((mk != 0).astype(np.float32))[None])
+        chans.append(torch.from_numpy(mask_inside(mk, "brain mask").astype(np.float32))[None])
     data = torch.cat(chans)
     if not same:
         data = resample_channels(data, image.affine, net_shape, net_affine)

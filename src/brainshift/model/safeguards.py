@@ -66,7 +66,7 @@ from brainshift.model.grid import (
     resample_channels,
     to_network_grid,
 )
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 
 @dataclass
@@ -224,7 +224,7 @@ def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel)
     net_shape, net_affine = network_grid(image.shape, image.affine, loaded.config)
     chans = [torch.from_numpy(np.ascontiguousarray(np.asarray(image.data, np.float32)))[None]]
     if mask is not None:
-        chans.append(torch.from_numpy((np.asarray(mask) != 0).astype(np.float32))[None])
+        chans.append(torch.from_numpy(mask_inside(mask, "brain mask").astype(np.float32))[None])
     data = torch.cat(chans)
     if not (tuple(net_shape) == tuple(image.shape) and np.allclose(net_affine, image.affine)):
         data = resample_channels(data, image.affine, net_shape, net_affine)

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from brainshift.errors import BrainshiftError, GeometryError
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 #: Fixed-point iterations of the field inversion (the residual is reported in the parameters).
 INVERSE_ITERATIONS = 20
@@ -244,7 +244,7 @@ def synthesize_intraop_image(
         arr = np.asarray(m.data if isinstance(m, Volume) else m)
         if arr.shape != preop.shape or (isinstance(m, Volume) and not m.same_grid(preop)):
             raise GeometryError(f"expected {name} on the preop grid {preop.shape}, got shape {arr.shape}")
-        masks.append(arr > 0)
+        masks.append(mask_inside(arr, name))
     params = draw_intraop_parameters(preop, seed, mask=masks[1], **draw_options)  # type: ignore[arg-type]
     image, residual = render_intraop_image(preop, field, masks[0], params)
     params["inverse_residual_vox"] = residual

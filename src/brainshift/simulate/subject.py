@@ -67,7 +67,7 @@ import numpy as np
 
 from brainshift.errors import GeometryError, InputFileError
 from brainshift.simulate.dataset import Subject
-from brainshift.volume import Volume
+from brainshift.volume import Volume, mask_inside
 
 SYNTHETIC_SOURCE = "synthetic-mni152"
 
@@ -88,7 +88,7 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
 
     Args:
         image_path: preop image (NIfTI, NRRD or MetaImage; read with :func:`brainshift.io.images.read_image`).
-        brain_mask_path: brain mask (any non-zero voxel is brain).
+        brain_mask_path: brain mask (any nonzero voxel is brain: :func:`brainshift.volume.mask_inside`).
         tumour_path: tumour mask or label map (BraTS / UPENN-GBM style); any non-zero label is tumour unless
             ``tumour_labels`` is given. None: no tumour (an empty tumour mask; the deformation atlas accepts
             it, a simulated case needs a tumour).
@@ -105,9 +105,10 @@ def load_subject(image_path: str | Path, brain_mask_path: str | Path, tumour_pat
     Raises:
         InputFileError: missing or unreadable file (from ``read_image``); ``ventricle_labels`` from the tumour
             map without ``tumour_labels``.
-        GeometryError: empty brain or tumour mask (after label selection), tumour mostly (> 50 %) outside the
-            brain, or a mask whose foreground is not inside the image's field of view (more than 1 % of its
-            voxels outside), i.e. a geometry mismatch beyond resampling.
+        GeometryError: a mask read without labels that has negative or non-finite values (as
+            :func:`brainshift.volume.mask_inside`), empty brain or tumour mask (after label selection), tumour
+            mostly (> 50 %) outside the brain, or a mask whose foreground is not inside the image's field of
+            view (more than 1 % of its voxels outside), i.e. a geometry mismatch beyond resampling.
     """
     from brainshift.io.images import check_intensities, read_image
 
@@ -175,15 +176,16 @@ def _label(mask: np.ndarray, affine: np.ndarray) -> Volume:
     return Volume(mask.astype(np.uint8), affine, "label")
 
 
-def _select(data: np.ndarray, labels) -> np.ndarray:
+def _select(data: np.ndarray, labels, what: str = "mask") -> np.ndarray:
+    """The voxels with one of ``labels``, or without labels every nonzero voxel (:func:`mask_inside`)."""
     if labels is None:
-        return data != 0
+        return mask_inside(data, what)
     return np.isin(data, np.asarray(list(labels)))
 
 
 def _mask_on_grid(vol: Volume, image: Volume, labels, what: str, path, allow_empty: bool = False) -> np.ndarray:
     """Select ``labels`` of ``vol`` and bring the mask onto ``image``'s grid (nearest neighbour)."""
-    sel = _select(vol.data, labels)
+    sel = _select(vol.data, labels, f"{what} {str(path)!r}")
     n = int(sel.sum())
     if n == 0:
         if allow_empty:
