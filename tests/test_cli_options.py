@@ -93,3 +93,58 @@ def test_a_mask_of_zeros_and_twos_is_the_mask_of_zeros_and_ones_in_register_and_
         assert res.exit_code == 0, res.output
         outputs.append((mask.parent / "kp.csv").read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 2 + 2  # the two blobs in the mask
+
+
+@pytest.mark.parametrize("args, reached", [
+    # each command gets upper-case choices and a missing input: the error is the input's, so the choices passed
+    (["register", "-p", "{missing}", "-t", "{missing}", "-m", "TPS", "-f", "NII", "-d", "CPU"],
+     "expected an existing image file"),  # -m TPS was refused while -f NII was accepted
+    (["evaluate", "--data", "{missing}", "--methods", "LINEAR,Net-TPS", "-d", "CPU"], "expected a dataset folder"),
+    (["train", "--data", "{missing}", "-d", "CPU"], "expected a dataset folder"),  # -d CPU was refused
+    (["simulate", "--image", "{missing}", "--brain-mask", "{missing}", "--tumour", "{missing}", "--material",
+      "Neo-Hookean"], "expected an existing image file"),  # --material Neo-Hookean was refused
+    (["evaluate-landmarks", "--preop-landmarks", "{missing}", "--field", "{missing}", "--frame", "LPS"],
+     "expected an existing displacement field file"),
+])
+def test_choice_options_are_accepted_in_any_case_by_every_command(tmp_path, args, reached):
+    missing = str(tmp_path / "missing.nii.gz")
+    out = tmp_path / "out"
+    out_option = [] if args[0] == "evaluate-landmarks" else ["--save-dir" if args[0] == "train" else "-o", str(out)]
+    res = runner.invoke(app, [a.replace("{missing}", missing) for a in args] + out_option)
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {reached}"), res.output
+    assert not out.exists()
+
+
+def test_infer_accepts_upper_case_choices_and_writes_what_lower_case_writes(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), np.eye(4)), tmp_path / "pre.nii.gz")
+    pts = rng.uniform(2, 13, size=(24, 3))
+    rows = np.hstack([pts, 0.05 * pts - 0.3])
+    np.savetxt(tmp_path / "k.csv", rows, delimiter=",", header="x,y,z,dx,dy,dz", comments="")
+    fields = []
+    for name, choices in (("lower", ["tps", "npz", "voxel", "cpu", "cv"]), ("upper", ["TPS", "NPZ", "VOXEL", "CPU",
+                                                                                      "CV"])):
+        m, f, coords, device, lam = choices
+        res = runner.invoke(app, ["infer", "-p", str(tmp_path / "pre.nii.gz"), "-k", str(tmp_path / "k.csv"), "-m", m,
+                                  "-f", f, "--coords", coords, "-d", device, "--tps-lam", lam, "--h5-dtype",
+                                  "FLOAT64" if name == "upper" else "float64", "--no-refine", "-q", "-o",
+                                  str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        with np.load(tmp_path / name / "initial_disp_field.npz") as z:
+            fields.append(z["field"])
+    np.testing.assert_array_equal(fields[0], fields[1])
+
+
+def test_register_library_call_takes_the_method_in_any_case_and_refuses_an_unknown_one_at_once():
+    from brainshift.errors import BrainshiftError
+    from brainshift.register import register
+    from brainshift.volume import Volume
+
+    vol = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    # refused before the keypoint detection (it came after detection, matching and outlier rejection)
+    with pytest.raises(BrainshiftError, match=r"^expected method one of \['linear', 'tps', 'tps3d'\], got 'spline'$"):
+        register(vol, vol, method="Spline")

@@ -303,7 +303,7 @@ def register(
         mask: brain mask on the preop grid (Volume, resampled if on another grid, or ``(I, J, K)`` array;
             nonzero = inside, :func:`brainshift.volume.mask_inside`); default :func:`brain_mask` of the preop.
             Keypoints are searched inside it, and the network uses it.
-        method: interpolator (``linear``, ``tps``, ``tps3d``).
+        method: interpolator (``linear``, ``tps``, ``tps3d``; any case).
         model: network weights (:func:`brainshift.model.checkpoint.load_weights`) or a Future of them; None: no
             refinement.
         device: torch device of the network.
@@ -333,9 +333,13 @@ def register(
     Convention: the fields of the result are forward Lagrangian, voxel units along ``i, j, k`` of the preop grid.
     """
     from brainshift.compensate import compensate
+    from brainshift.interpolate import available_interpolators
     from brainshift.keypoints.describe import describe_keypoints
     from brainshift.keypoints.detect import detect_keypoints
 
+    method = method.strip().lower() if isinstance(method, str) else method  # "TPS" skipped the ridge's choice
+    if method not in available_interpolators():  # before the detection, not after it
+        raise BrainshiftError(f"expected method one of {available_interpolators()}, got {method!r}")
     if max_matches is not None and (isinstance(max_matches, bool) or int(max_matches) < MIN_MATCHES):
         raise BrainshiftError(f"expected max_matches >= {MIN_MATCHES} or None, got {max_matches!r}")
     timings: dict[str, float] = {}

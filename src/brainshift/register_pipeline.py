@@ -66,7 +66,7 @@ def _plan(opts: RegisterOptions) -> tuple[str, bool, Path | None, list[str]]:
     fmt = opts.output_fmt.lower()
     if fmt not in OUTPUT_FORMATS:
         raise BrainshiftError(f"expected --output-fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
-    if opts.interp_mode not in METHODS:
+    if str(opts.interp_mode).strip().lower() not in METHODS:
         raise BrainshiftError(f"expected -m/--interp-mode one of {METHODS}, got {opts.interp_mode!r}")
     weights = resolve_weights(opts.weights) if (opts.weights is not None or opts.refine is not False) else None
     refine = weights is not None if opts.refine is None else bool(opts.refine)

@@ -85,6 +85,16 @@ app = typer.Typer(
 )
 
 
+def choice(value: str | None) -> str | None:
+    """A choice option's value as the library spells its choices: stripped, lower case (None stays None).
+
+    Every choice option of the command line (``-m``, ``-f``, ``--coords``, ``--frame``, ``-d``, ``--h5-dtype``,
+    ``--material``, ``--methods``, ``--tps-lam cv``) goes through it, so that ``-m TPS`` is accepted as ``-f NII``
+    always was; the library then validates the value and names the choices.
+    """
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for commands: bad input becomes a one-line ``error:`` message and exit code 2."""
 

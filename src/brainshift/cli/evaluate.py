@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 @cli_errors
@@ -47,6 +47,7 @@ def evaluate_command(
     from brainshift.resources import DEFAULT_WEIGHTS, resolve_weights
 
     check_output_dir(out)
+    methods, device = choice(methods), choice(device)
     if methods is None:
         methods = "linear,tps,net-linear,net-tps" + (",atlas,net-atlas" if atlases is not None else "")
         if resolve_weights(weights) is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 @cli_errors
@@ -66,11 +66,12 @@ def infer_command(
 
     summary = run_infer(InferOptions(
         preop_scan=preop_scan, output=output, init_disp=init_disp, kpt_disps=kpt_disps, kpt_intraop=kpt_intraop,
-        interp_mode=interp_mode, coords=coords, device=device, output_fmt=output_fmt, weights=weights,
+        interp_mode=choice(interp_mode), coords=choice(coords), device=choice(device),
+        output_fmt=choice(output_fmt), weights=weights,
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
-        h5_dtype=h5_dtype, h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
-        atlas=atlas, tps_lam=tps_lam, verbose=not quiet))
+        h5_dtype=choice(h5_dtype), h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
+        atlas=atlas, tps_lam=choice(tps_lam), verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 @cli_errors
@@ -28,7 +28,7 @@ def evaluate_landmarks_command(
 
     if output is not None:
         _check_output_table(output, [preop_landmarks, intraop_landmarks, field])
-    res = evaluate_landmarks(preop_landmarks, intraop_landmarks, field, frame=frame.lower(),
+    res = evaluate_landmarks(preop_landmarks, intraop_landmarks, field, frame=choice(frame),
                              tag_preop_volume=tag_preop_volume)
     typer.echo(f"{'landmark':>12} {'TRE before (mm)':>16} {'TRE after (mm)':>15}")
     for lab, b, a, out in zip(res.labels, res.before_mm, res.after_mm, res.outside, strict=True):

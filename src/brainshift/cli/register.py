@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 @cli_errors
@@ -39,8 +39,9 @@ def register_command(
     from brainshift.register_pipeline import RegisterOptions, run_register
 
     summary = run_register(RegisterOptions(
-        preop_scan=preop_scan, intraop_scan=intraop_scan, output=output, mask=mask, interp_mode=interp_mode,
-        refine=refine, weights=weights, output_fmt=output_fmt, report=report, device=device, safeguards=safeguards,
+        preop_scan=preop_scan, intraop_scan=intraop_scan, output=output, mask=mask, interp_mode=choice(interp_mode),
+        refine=refine, weights=weights, output_fmt=choice(output_fmt), report=report, device=choice(device),
+        safeguards=safeguards,
         verbose=not quiet))
     m = summary["matching"]
     typer.echo(f"{m['keypoints_preop']} preop / {m['keypoints_intraop']} intraop keypoints, "

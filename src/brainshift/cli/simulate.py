@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 @cli_errors
@@ -53,7 +53,7 @@ def simulate_command(
     if demo == any(p is not None for p in real) or (not demo and any(p is None for p in real)):
         raise BrainshiftError("expected either --demo or all of --image, --brain-mask and --tumour, got "
                               + ("both" if demo else "an incomplete real input"))
-    sim_cfg, synth_cfg = batch.read_config_file(config, resolution=resolution, material=material)
+    sim_cfg, synth_cfg = batch.read_config_file(config, resolution=resolution, material=choice(material))
     if demo:
         entries = batch.normalise_subjects(1, seed)
     else:
@@ -173,7 +173,7 @@ def simulate_batch_command(
     from brainshift.errors import BrainshiftError
     from brainshift.simulate.batch import read_config_file, read_subjects_csv, simulate_batch
 
-    sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=material)
+    sim_cfg, synth_cfg = read_config_file(config, resolution=resolution, material=choice(material))
     text = subjects.strip()
     part = text.split(":")
     if text.isdigit():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from brainshift.cli.app import cli_errors
+from brainshift.cli.app import choice, cli_errors
 
 
 def format_summary(result) -> str:
@@ -55,7 +55,7 @@ def train_command(
 
     overrides = {"data": str(data) if data else None, "save_dir": str(save_dir) if save_dir else None,
                  "load_model": str(load_model) if load_model else None,
-                 "epochs": epochs, "resume": True if resume else None, "device": device, "max_steps": max_steps,
+                 "epochs": epochs, "resume": True if resume else None, "device": choice(device), "max_steps": max_steps,
                  "max_minutes": max_minutes,
                  "seed": seed, "lr": lr, "progress": False if quiet else None}
     cfg = load_config(config, overrides)
