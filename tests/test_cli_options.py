@@ -137,14 +137,3 @@ def test_infer_accepts_upper_case_choices_and_writes_what_lower_case_writes(tmp_
         with np.load(tmp_path / name / "initial_disp_field.npz") as z:
             fields.append(z["field"])
     np.testing.assert_array_equal(fields[0], fields[1])
-
-
-def test_register_library_call_takes_the_method_in_any_case_and_refuses_an_unknown_one_at_once():
-    from brainshift.errors import BrainshiftError
-    from brainshift.register import register
-    from brainshift.volume import Volume
-
-    vol = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
-    # refused before the keypoint detection (it came after detection, matching and outlier rejection)
-    with pytest.raises(BrainshiftError, match=r"^expected method one of \['linear', 'tps', 'tps3d'\], got 'spline'$"):
-        register(vol, vol, method="Spline")

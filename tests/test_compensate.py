@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,18 @@ def test_bad_calls_raise(image):
      "expected a displacement field of real numbers (float32), got dtype complex64"),
     (lambda img, p, d: compensate(img, initial_field=np.full((3, *SHAPE), 1e300)), GeometryError,  # inf as float32
      "expected a finite displacement field, found NaN or inf values (or values beyond float32's range)"),
+    # a path, a name or a number as the model / atlas: an AttributeError deep inside (compensate reads no file)
+    (lambda img, p, d: compensate(img, keypoints=(p, d), model="weights/default.safetensors"), BrainshiftError,
+     "expected model as a LoadedModel (brainshift.model.checkpoint.load_weights), a concurrent.futures.Future of "
+     "one, or None, got str (a path: load it first with brainshift.model.checkpoint.load_weights(path))"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d), model=3), BrainshiftError,
+     "expected model as a LoadedModel (brainshift.model.checkpoint.load_weights), a concurrent.futures.Future of "
+     "one, or None, got int"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d), method="atlas", atlas=Path("atlas")), BrainshiftError,
+     "expected atlas as a DeformationAtlas (brainshift.atlas.basis.load_atlas) or None, got PosixPath (a folder: "
+     "load it first with brainshift.atlas.basis.load_atlas(folder))"),
+    (lambda img, p, d: compensate(img, keypoints=(p, d), method="atlas", atlas=7), BrainshiftError,
+     "expected atlas as a DeformationAtlas (brainshift.atlas.basis.load_atlas) or None, got int"),
 ])
 def test_malformed_arguments_raise_naming_expected_and_got(image, call, error, message):
     pts, disps = _keypoints()
@@ -106,3 +119,14 @@ def test_foreground_mask_is_above_the_minimum_or_everything():
     v = Volume(np.array([[[0.0, 1.0], [0.0, 2.0]]], np.float32), np.eye(4))
     np.testing.assert_array_equal(foreground_mask(v), [[[False, True], [False, True]]])
     assert foreground_mask(Volume(np.zeros((2, 2, 2), np.float32), np.eye(4))).all()
+
+
+def test_a_model_future_must_give_a_loaded_model(image):
+    # a Future resolving to a path (or None) was an AttributeError in the refinement
+    future: Future = Future()
+    future.set_result("weights.safetensors")
+    with pytest.raises(BrainshiftError) as info:
+        compensate(image, keypoints=_keypoints(), method="linear", model=future)
+    assert str(info.value) == ("expected the model Future to give a LoadedModel (brainshift.model.checkpoint."
+                               "load_weights), got str (a path: load it first with "
+                               "brainshift.model.checkpoint.load_weights(path))")

@@ -103,3 +103,14 @@ def test_tps_ridge_is_chosen_by_cross_validation_over_the_matches(pair):
     given = register(pre, intra, mask=np.ones(SHAPE, bool), method="tps", interp_options={"lam": 0.1},
                      statistics=False)
     assert given.interp_options == {"lam": 0.1} and given.lam_cv_rmse_mm == {}
+
+
+def test_register_takes_the_method_in_any_case_and_refuses_bad_method_or_model_before_any_work():
+    from brainshift.errors import BrainshiftError
+
+    vol = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    # each came only after detection, description and matching (a model that is a path: an AttributeError)
+    with pytest.raises(BrainshiftError, match=r"^expected method one of \['linear', 'tps', 'tps3d'\], got 'spline'$"):
+        register(vol, vol, method="Spline")
+    with pytest.raises(BrainshiftError, match=r"^expected model as a LoadedModel .* got str \(a path: load it"):
+        register(vol, vol, model="weights.safetensors")

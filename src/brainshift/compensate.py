@@ -25,6 +25,8 @@ at voxel ``p`` moves to ``p + u(p)`` intraoperatively), components in voxel unit
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -94,6 +96,52 @@ def foreground_mask(image: Volume) -> np.ndarray:
     return m if m.any() else np.ones(image.shape, dtype=bool)
 
 
+def check_model(model, *, resolved: bool = False) -> None:
+    """Refuse a ``model`` argument that is neither None, a ``LoadedModel`` nor a ``Future`` (of one).
+
+    A path or a name was an AttributeError deep inside the refinement; :func:`compensate` reads no file, so the
+    message says how to load one. Used by :func:`compensate` and :func:`brainshift.register.register`.
+
+    Args:
+        model: the argument.
+        resolved: ``model`` is a Future's result: only a ``LoadedModel`` will do.
+
+    Raises:
+        BrainshiftError: naming the expected type and the type given.
+    """
+    if not resolved and (model is None or isinstance(model, Future)):
+        return
+    # a LoadedModel exists only once its module is imported: no torch import just to refuse a str or an int
+    checkpoint = sys.modules.get("brainshift.model.checkpoint")
+    if checkpoint is not None and isinstance(model, checkpoint.LoadedModel):
+        return
+    hint = (" (a path: load it first with brainshift.model.checkpoint.load_weights(path))"
+            if isinstance(model, (str, bytes, os.PathLike)) else "")
+    if resolved:
+        raise BrainshiftError(f"expected the model Future to give a LoadedModel "
+                              f"(brainshift.model.checkpoint.load_weights), got {type(model).__name__}{hint}")
+    raise BrainshiftError(f"expected model as a LoadedModel (brainshift.model.checkpoint.load_weights), a "
+                          f"concurrent.futures.Future of one, or None, got {type(model).__name__}{hint}")
+
+
+def check_atlas(atlas) -> None:
+    """Refuse an ``atlas`` argument that is neither None nor a ``DeformationAtlas``.
+
+    Raises:
+        BrainshiftError: naming the expected type and the type given (a folder path: load it with
+            :func:`brainshift.atlas.basis.load_atlas`).
+    """
+    if atlas is None:
+        return
+    from brainshift.atlas.basis import DeformationAtlas
+
+    if not isinstance(atlas, DeformationAtlas):
+        hint = (" (a folder: load it first with brainshift.atlas.basis.load_atlas(folder))"
+                if isinstance(atlas, (str, bytes, os.PathLike)) else "")
+        raise BrainshiftError(f"expected atlas as a DeformationAtlas (brainshift.atlas.basis.load_atlas) or None, "
+                              f"got {type(atlas).__name__}{hint}")
+
+
 def interpolate_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, method: str,
                           **options) -> np.ndarray:
     """Validate keypoints on ``image``'s grid and interpolate them to a dense field.
@@ -160,8 +208,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         :class:`Result`.
 
     Raises:
-        BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device; ``method="atlas"`` without an
-            atlas or without keypoints; ``interp_options`` not a dict.
+        BrainshiftError: neither ``keypoints`` nor ``initial_field``; bad device; ``model`` or ``atlas`` of
+            another type (a path included: this function reads no file; :func:`check_model`,
+            :func:`check_atlas`); ``method="atlas"`` without an atlas or without keypoints; ``interp_options``
+            not a dict.
         KeypointError: invalid keypoints (not a pair of ``(N, 3)`` real arrays, non-finite, outside the image;
             for the atlas: outside its brain). GeometryError: ``image`` not a Volume; a field or mask not on the
             image grid, a mask with negative or non-finite values, or a field that is not finite real numbers;
@@ -174,6 +224,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
     if not isinstance(image, Volume):
         raise GeometryError(f"expected the image as a brainshift Volume (array + affine: Volume(data, affine)), "
                             f"got {type(image).__name__}")
+    check_model(model)
+    check_atlas(atlas)
     if keypoints is None and initial_field is None:
         raise BrainshiftError("expected keypoints or an initial_field, got neither")
     if keypoints is not None and (isinstance(keypoints, (str, bytes)) or not hasattr(keypoints, "__len__")
@@ -226,6 +278,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             t0 = time.perf_counter()
             model = model.result()
             timings["load network weights"] = time.perf_counter() - t0
+            check_model(model, resolved=True)
         from brainshift.model.inference import refine_field, use_mirror_average
 
         result.model = model

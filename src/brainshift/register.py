@@ -327,16 +327,18 @@ def register(
             values, images that do not overlap in world space.
         RegistrationError: fewer than :data:`MIN_MATCHES` inlier matches ("found N inlier matches, need at
             least 4").
-        KeypointError, BrainshiftError: invalid options, or inlier keypoints unusable by the interpolator
+        KeypointError, BrainshiftError: invalid options (an unknown method, a model that is no LoadedModel nor a
+            Future of one), or inlier keypoints unusable by the interpolator
             (e.g. coplanar).
 
     Convention: the fields of the result are forward Lagrangian, voxel units along ``i, j, k`` of the preop grid.
     """
-    from brainshift.compensate import compensate
+    from brainshift.compensate import check_model, compensate
     from brainshift.interpolate import available_interpolators
     from brainshift.keypoints.describe import describe_keypoints
     from brainshift.keypoints.detect import detect_keypoints
 
+    check_model(model)  # before the detection: a path or a name failed only in the refinement
     method = method.strip().lower() if isinstance(method, str) else method  # "TPS" skipped the ridge's choice
     if method not in available_interpolators():  # before the detection, not after it
         raise BrainshiftError(f"expected method one of {available_interpolators()}, got {method!r}")
