@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-# Usage: .venv/bin/python bench/lomo_validation.py
-# (after a part of configs/train_family_lomo.yaml; writes /tmp/val_compare.json)
-"""Shipped default vs stage-1 weights on stage 1's validation subjects: the same (case, variant) items the
-training validates on (one fixed keypoint draw per case, never in a training pool), network alone and under the
-safeguards (infer's default; mirror averaging as each model's default)."""
+# Usage: .venv/bin/python bench/lomo_validation.py [--run checkpoints/family_lomo_s2] [--weights NAME=PATH ...]
+# (after a part of configs/train_family_lomo.yaml; writes --out, default /tmp/val_compare.json)
+"""Shipped default vs the parts of the leave-one-model-out model on the run's validation subjects: the same
+(case, variant) items the training validates on (one fixed keypoint draw per case, never in a training pool),
+network alone and under the safeguards (infer's default; mirror averaging as each model's default)."""
+import argparse
 import json
 import time
 
@@ -18,16 +19,22 @@ from brainshift.train.data import as_numpy, validation_items
 from brainshift.train.loop import network_config
 from brainshift.volume import Volume
 
+ap = argparse.ArgumentParser(description=__doc__)
+ap.add_argument("--run", default="checkpoints/family_lomo_s1", help="training run folder (its config and splits)")
+ap.add_argument("--weights", nargs="+", default=["default=weights/default.safetensors",
+                                                 "stage1=checkpoints/family_lomo_s1/best.safetensors"],
+                help="NAME=PATH of each model compared")
+ap.add_argument("--out", default="/tmp/val_compare.json")
+args = ap.parse_args()
 torch.set_num_threads(2)
-cfg = load_config("checkpoints/family_lomo_s1/config_resolved.yaml")
-splits = json.load(open("checkpoints/family_lomo_s1/splits.json"))
+cfg = load_config(f"{args.run}/config_resolved.yaml")
+splits = json.load(open(f"{args.run}/splits.json"))
 net = network_config(cfg)
 t = time.perf_counter()
 items = validation_items(cfg.data, splits["val"], net, seed=cfg.seed, interp=cfg.interp, k_range=cfg.k_range,
                          heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
 print(f"{len(items)} items in {time.perf_counter()-t:.0f} s", flush=True)
-models = {"default": load_weights("weights/default.safetensors", device="cpu"),
-          "stage1": load_weights("checkpoints/family_lomo_s1/best.safetensors", device="cpu")}
+models = {w.split("=", 1)[0]: load_weights(w.split("=", 1)[1], device="cpu") for w in args.weights}
 rows = []
 for case, var in items:
     c = {k: as_numpy(v) for k, v in case.items()}
@@ -52,7 +59,7 @@ for case, var in items:
             row[f"detj_{tag}"] = s["pct_jacobian_nonpositive"]
     rows.append(row)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-json.dump(rows, open("/tmp/val_compare.json", "w"), indent=1)
+json.dump(rows, open(args.out, "w"), indent=1)
 keys = [k for k in rows[0] if k.startswith("mse_")]
 print("| weights | MSE mm² (mean) | ratio to initial field (mean per case) | TRE mm | detJ<=0 % |")
 for k in keys:
