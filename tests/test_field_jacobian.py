@@ -160,3 +160,28 @@ def test_jacobian_stats_on_the_bounding_box_equals_the_whole_grid():
     assert out["pct_jacobian_nonpositive"] == pytest.approx(100.0 * np.mean(det <= 0))
     assert out["min_jacobian"] == pytest.approx(det.min(), rel=1e-5, abs=1e-5)
     assert out["std_log_jac"] == pytest.approx(np.std(np.log(np.clip(det, LOG_JAC_CLIP, None))), rel=1e-4)
+
+
+def test_statistics_use_the_one_mask_rule_labels_inside_negative_refused():
+    """``jacobian_stats`` / ``field_statistics`` binarise a mask as everywhere else (nonzero = inside): a label map
+    counts every label; a signed image given as a mask is refused rather than read as ``> 0``."""
+    from brainshift.field import field_statistics, jacobian_stats
+
+    shape = (6, 5, 4)
+    f = np.zeros((3,) + shape, np.float32)
+    f[0] = 0.5  # uniform 0.5 voxel shift along i
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])  # 2 mm voxels along i: |A u| = 1 mm
+    labels = np.zeros(shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 2
+    labels[3:5, 1:3, 1:3] = 7
+    stats = field_statistics(f, affine, labels)
+    assert stats["max_displacement_mm"] == pytest.approx(1.0)
+    assert stats["mean_displacement_mm"] == pytest.approx(1.0)
+    assert stats["pct_jacobian_nonpositive"] == 0.0
+    assert jacobian_stats(f, labels)["min_jacobian"] == pytest.approx(1.0)
+    signed = labels.astype(np.float32)
+    signed[0, 0, 0] = -1.0
+    with pytest.raises(GeometryError, match="non-negative"):
+        field_statistics(f, affine, signed)
+    with pytest.raises(GeometryError, match="non-negative"):
+        jacobian_stats(f, signed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainshift.errors import GeometryError
-from brainshift.geometry import check_affine
+from brainshift.geometry import check_affine, mask_inside
 
 
 def check_field(field: np.ndarray, shape: tuple[int, int, int] | None = None) -> np.ndarray:
@@ -198,13 +198,14 @@ def jacobian_stats(field_vox: np.ndarray, mask: np.ndarray | None = None) -> dic
 
     Args:
         field_vox: field ``(3, I, J, K)``.
-        mask: ``(I, J, K)`` bool/0-1 array; None means the whole grid.
+        mask: ``(I, J, K)`` mask, nonzero = inside (:func:`brainshift.geometry.mask_inside`); None means the
+            whole grid.
 
     Returns:
         ``{"pct_jacobian_nonpositive": float, "std_log_jac": float, "min_jacobian": float}``.
 
     Raises:
-        GeometryError: bad field, mask of another shape, or an empty mask.
+        GeometryError: bad field, mask of another shape, an empty mask or one with negative / NaN values.
     """
     f = check_field(field_vox)
     if mask is None:
@@ -213,7 +214,7 @@ def jacobian_stats(field_vox: np.ndarray, mask: np.ndarray | None = None) -> dic
         m = np.asarray(mask)
         if m.shape != f.shape[1:]:
             raise GeometryError(f"expected a mask on the field's grid {tuple(f.shape[1:])}, got shape {m.shape}")
-        m = m > 0
+        m = mask_inside(m)
     if not m.any():
         raise GeometryError("expected a non-empty mask for the Jacobian statistics, got one with no voxel set")
     box = mask_bounding_box(m)
@@ -240,7 +241,7 @@ def field_statistics(field_vox: np.ndarray, affine: np.ndarray, mask: np.ndarray
     """
     f = check_field(field_vox)
     stats = jacobian_stats(f, mask)
-    m = np.asarray(mask) > 0
+    m = mask_inside(mask)
     box = mask_bounding_box(m, margin=0)
     mag = displacement_magnitude_mm(f[(slice(None),) + box], affine)[m[box]]
     return {"max_displacement_mm": float(mag.max()), "mean_displacement_mm": float(mag.mean()), **stats}

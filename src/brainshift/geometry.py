@@ -88,3 +88,35 @@ def check_no_shear(affine: np.ndarray, what: str = "the image grid") -> None:
                             f"SimpleITK cannot represent shear), got axes {angle:.2f} degrees apart from "
                             f"perpendicular by {90.0 - angle:.2f}; resample the image onto an orthogonal grid, or "
                             f"write -f npz")
+
+
+def mask_inside(mask, what: str = "mask") -> np.ndarray:
+    """The inside of a brain / tumour / region mask array: every nonzero voxel (the convention of SimpleITK, ANTs
+    and FSL masks; every label of a label map counts). The one binarisation of a mask in brainshift
+    (:func:`brainshift.volume.mask_inside` applies it to a :class:`~brainshift.volume.Volume`).
+
+    Args:
+        mask: an array of booleans or real numbers, any shape.
+        what: how messages name the mask (``"brain mask"``, ``"--mask"``).
+
+    Returns:
+        bool array of the mask's shape.
+
+    Raises:
+        GeometryError: values that are not real numbers, NaN or inf, or negative values (a signed image, e.g. a
+            difference image or a field component, given as a mask: neither ``> 0`` nor ``!= 0`` would be
+            what was meant), naming the count and the smallest value.
+    """
+    data = np.asarray(mask)
+    if data.dtype.kind in "bu":
+        return data.astype(bool, copy=False) if data.dtype.kind == "b" else data != 0
+    if data.dtype.kind not in "if":
+        raise GeometryError(f"expected a {what} of numbers (nonzero = inside), got {data.dtype} values")
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        raise GeometryError(f"expected a {what} of finite values (nonzero = inside), got NaN or inf")
+    negative = data < 0
+    if negative.any():
+        raise GeometryError(f"expected a {what} of non-negative values (nonzero = inside), got "
+                            f"{int(negative.sum())} negative voxels (down to {float(data.min()):g}); a signed "
+                            f"image rather than a mask?")
+    return data != 0

@@ -14,6 +14,7 @@ import numpy as np
 
 from brainshift.errors import GeometryError
 from brainshift.geometry import check_affine, spacing_from_affine
+from brainshift.geometry import mask_inside as geometry_mask_inside
 
 Kind = Literal["intensity", "label"]
 
@@ -104,8 +105,9 @@ class Volume:
 
 
 def mask_inside(mask, what: str = "mask") -> np.ndarray:
-    """The inside of a brain / tumour / region mask: every nonzero voxel (the convention of SimpleITK, ANTs and
-    FSL masks; every label of a label map counts). The one binarisation of a user's mask in brainshift.
+    """The inside of a brain / tumour / region mask given as a :class:`Volume` or an array: every nonzero voxel.
+    The rule itself (and its errors) is :func:`brainshift.geometry.mask_inside`, the one binarisation of a user's
+    mask in brainshift.
 
     Args:
         mask: a :class:`Volume` or an array of booleans or real numbers.
@@ -115,23 +117,9 @@ def mask_inside(mask, what: str = "mask") -> np.ndarray:
         bool array of the mask's shape.
 
     Raises:
-        GeometryError: values that are not real numbers, NaN or inf, or negative values (a signed image, e.g. a
-            difference image or a field component, given as a mask: neither ``> 0`` nor ``!= 0`` would be
-            what was meant), naming the count and the smallest value.
+        GeometryError: as :func:`brainshift.geometry.mask_inside`.
     """
-    data = np.asarray(mask.data if isinstance(mask, Volume) else mask)
-    if data.dtype.kind in "bu":
-        return data.astype(bool, copy=False) if data.dtype.kind == "b" else data != 0
-    if data.dtype.kind not in "if":
-        raise GeometryError(f"expected a {what} of numbers (nonzero = inside), got {data.dtype} values")
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        raise GeometryError(f"expected a {what} of finite values (nonzero = inside), got NaN or inf")
-    negative = data < 0
-    if negative.any():
-        raise GeometryError(f"expected a {what} of non-negative values (nonzero = inside), got "
-                            f"{int(negative.sum())} negative voxels (down to {float(data.min()):g}); a signed "
-                            f"image rather than a mask?")
-    return data != 0
+    return geometry_mask_inside(mask.data if isinstance(mask, Volume) else mask, what)
 
 
 def grid_with_spacing(shape, affine, spacing_mm) -> tuple[tuple[int, int, int], np.ndarray]:
