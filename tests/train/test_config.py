@@ -202,3 +202,19 @@ def test_network_values_of_the_wrong_type_are_a_brainshift_error():
     # network: {features: abc} was a ValueError traceback when the run started
     with pytest.raises(BrainshiftError, match="expected valid network values, got {'features': 'abc'}"):
         network_config(from_dict({"network": {"features": "abc"}}))
+
+
+def test_choice_values_read_in_any_case_as_the_cli_reads_them(tmp_path):
+    """``interp_methods: [TPS]`` in a config file means what ``-m TPS`` means on the command line; names that
+    are not choices (subject ids, paths) keep their case."""
+    path = tmp_path / "c.yaml"
+    path.write_text("interp_methods: [TPS, Linear]\nkeypoint_rules: Detected, CORTEX\nlr_schedule: Cosine\n"
+                    "preset: FAST\ndevice: CPU\nval_subjects: [S0011]\nsave_dir: Out/Run\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.interp_methods == ("tps", "linear")
+    assert cfg.keypoint_rules == ("detected", "cortex")
+    assert (cfg.lr_schedule, cfg.preset, cfg.device) == ("cosine", "fast", "cpu")
+    assert cfg.val_subjects == ("S0011",)
+    assert str(cfg.save_dir) == "Out/Run"
+    with pytest.raises(BrainshiftError, match="interp_methods"):
+        from_dict({"interp_methods": ["TPS3"]})

@@ -212,6 +212,9 @@ _OPT_FLOAT = {"spacing_mm", "max_minutes"}
 _BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume",
          "progress"}
 _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule"}
+# Options naming one of a fixed set of choices: read in any case (``interp_methods: [TPS]``), as the CLI reads -m.
+_CHOICE = {"model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule", "upsample_mode",
+           "interp", "preset", "keypoint_rules", "interp_methods"}
 _OPT_STR = {"data", "test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
             "cache_dir", "log_dir"}
 
@@ -254,7 +257,7 @@ def _coerce(name: str, value: Any) -> Any:
             s = str(value)
             if name in ("interp", "upsample_mode") and s.lower() in ("none", "null", "random", ""):
                 return None
-            return s
+            return s.lower() if name in _CHOICE else s
         if name == "split":
             if not isinstance(value, list | tuple):
                 raise ValueError
@@ -282,7 +285,7 @@ def _coerce(name: str, value: Any) -> Any:
             items = str(value).replace(",", " ").split() if isinstance(value, str) else value
             if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
                 raise ValueError
-            return tuple(items)
+            return tuple(v.lower() for v in items) if name in _CHOICE else tuple(items)
         if name == "noise_mm":
             vals = tuple(float(v) for v in ([value, value] if isinstance(value, int | float) else value))
             if len(vals) != 2:
