@@ -13,7 +13,7 @@ Steps (each timed in ``Result.timings_s``):
    (Assis et al. 2025, arXiv:2508.13762). With keypoints and ``safeguards=True`` (the default) this is
    :func:`brainshift.model.safeguards.safe_refine`: the learnt correction is kept only as far as it predicts
    held-out keypoints better than the classical field (cross-validated fallback), the result honours the
-   keypoints (thin-plate spline of the residuals) and a per-voxel uncertainty map comes with it; otherwise
+   keypoints (a local correction of the residuals) and a per-voxel uncertainty map comes with it; otherwise
    :func:`brainshift.model.inference.refine_field` (the network alone).
 3. ``field statistics``: with ``statistics=True``, :func:`brainshift.field.field_statistics` of every field
    over ``statistics_mask`` (default: the image foreground ``image > min``).

@@ -92,25 +92,29 @@ def test_harmful_network_falls_back_to_the_classical_field():
 
 
 class _Shift(torch.nn.Module):
-    """Adds a constant to its input field: an affine correction, which the consistency spline removes exactly."""
+    """Adds a constant to its input field: a correction that the consistency step removes at and between the
+    keypoints (the keypoints here fill the small grid, within a kernel width of each other)."""
 
     def forward(self, x):
         return x[:, :3] + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1, 1)
 
 
 def test_cross_validation_scores_the_output_after_the_consistency_step():
-    """The folds score what the output will be: a correction that the keypoint-consistency spline removes
-    (a constant) can neither help nor hurt, so none of it is kept, and the output is the network-free one."""
+    """The folds score what the output will be: a correction that the keypoint-consistency step removes (a
+    constant, here) can neither help nor hurt, so none of it is kept, and the output is the network-free one.
+    Random folds, so that every held-out keypoint lies among kept ones, within the local correction's reach (with
+    spatial blocks a constant far from the kept keypoints is a real change of the output there)."""
     image, gt = _image(), _smooth_field()
     pts, d = _keypoints(gt, n=30)
     init = interpolate("tps", pts, d, SHAPE, image.affine)
-    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps")
-    plain = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps")
+    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", fold_rule="random")
+    plain = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps", fold_rule="random")
     assert shifted.alpha == 0.0 and plain.alpha == 0.0
     assert shifted.info["heldout_rmse_output_mm"] == pytest.approx(plain.info["heldout_rmse_output_mm"], abs=1e-6)
     np.testing.assert_allclose(shifted.field_vox, plain.field_vox, atol=1e-5)
     # scored without the step, the same constant looks like a change of the held-out error
-    raw = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", consistency=False)
+    raw = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", consistency=False,
+                      fold_rule="random")
     assert raw.info["heldout_rmse_network_mm"] > raw.info["heldout_rmse_classical_mm"] + 0.1
 
 
@@ -169,3 +173,52 @@ def test_fit_blend_recovers_the_weights_and_respects_the_box():
         assert 0.0 <= a <= 1.0 and 0.0 <= b <= 1.0
         costs = [float(((e0 + x * c + y * t) ** 2).sum()) for x in grid for y in grid]
         assert float(((e0 + a * c + b * t) ** 2).sum()) <= min(costs) + 1e-9
+
+
+def test_consistency_correction_fits_the_keypoints_and_vanishes_far_from_them():
+    """The local correction of step 2: through the residuals at the keypoints (to the ridge and the coarse
+    evaluation), zero a few kernel widths away, whatever trend the residuals have (a thin-plate spline would
+    carry their linear trend across the whole grid)."""
+    from brainshift.model.safeguards import CONSISTENCY_WIDTH_MM, consistency_correction
+
+    shape = (90, 40, 30)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 180 x 80 x 60 mm
+    rng = np.random.default_rng(3)
+    pts = np.column_stack([rng.uniform(2, 12, 12), rng.uniform(5, 35, 12), rng.uniform(5, 25, 12)])
+    resid = np.column_stack([0.5 * pts[:, 1] / 10, -0.3 * np.ones(12), 0.2 * pts[:, 2] / 10])  # a linear trend
+    corr = consistency_correction(pts, resid, shape, affine)
+    assert corr.shape == (3, *shape) and corr.dtype == np.float32
+    np.testing.assert_allclose(sample_field(corr, pts), resid, atol=0.03 * np.abs(resid).max())
+    far = int(np.ceil((12 * 2.0 + 5 * CONSISTENCY_WIDTH_MM) / 2.0))  # voxels beyond 5 widths of every keypoint
+    assert far < shape[0]
+    assert np.abs(corr[:, far:]).max() < 1e-4 * np.abs(resid).max()
+    # coincident keypoints (same point twice, same residual) are solvable: the ridge
+    twice = consistency_correction(np.vstack([pts, pts[:1]]), np.vstack([resid, resid[:1]]), shape, affine)
+    np.testing.assert_allclose(sample_field(twice, pts), resid, atol=0.03 * np.abs(resid).max())
+
+
+def test_spatial_block_folds_partition_the_keypoints_into_compact_blocks():
+    """``_folds`` (blocks): every keypoint held out exactly once, near-equal fold sizes, and two far-apart
+    clusters become two folds, each one whole cluster (the held-out keypoints are far from the kept ones)."""
+    from brainshift.model.safeguards import _folds
+
+    rng = np.random.default_rng(5)
+    left = rng.normal([-40.0, 0.0, 0.0], 3.0, size=(10, 3))
+    right = rng.normal([40.0, 5.0, 0.0], 3.0, size=(10, 3))
+    pts = np.vstack([left, right])[rng.permutation(20)]
+    folds = _folds(pts, 2, 3, seed=0)
+    assert len(folds) == 2
+    np.testing.assert_array_equal(np.sort(np.concatenate(folds)), np.arange(20))
+    assert sorted(int(np.sign(pts[f, 0]).sum()) for f in folds) == [-10, 10]  # each fold one whole cluster
+    four = _folds(pts, 4, 3, seed=0)
+    assert sorted(len(f) for f in four) == [5, 5, 5, 5]
+    np.testing.assert_array_equal(np.sort(np.concatenate(four)), np.arange(20))
+    assert all(len(set(np.sign(pts[f, 0]).astype(int))) == 1 for f in four)  # no block straddles the gap
+    assert _folds(pts[:5], 4, 3, seed=0) == []  # fewer than 2 x min_per_fold: no cross-validation
+    rand = _folds(pts, 4, 3, seed=0, rule="random")
+    np.testing.assert_array_equal(np.sort(np.concatenate(rand)), np.arange(20))
+    image = _image()
+    init = np.zeros((3, *SHAPE), np.float32)
+    with pytest.raises(BrainshiftError, match="fold_rule"):
+        safe_refine(image, pts[:4] * 0 + 5, np.zeros((4, 3)), init, LoadedModel(_Identity(), CFG, {}), method="tps",
+                    fold_rule="kmeans")

@@ -5,17 +5,18 @@ other modelling choices (issue 11). Three safeguards make the refined field trus
 learnt, using only what the user gave: the keypoints.
 
 1. **Cross-validated shrinkage (fallback toward the classical field).** The keypoints are split into ``folds``
-   (seeded); for each fold the classical interpolation of the *other* keypoints is refined by the network on
-   the network's own grid, and the output that the steps below would make from the kept keypoints is scored
-   at the held-out ones. That output is ``init + alpha c + T(target - (init + alpha c))`` at the kept keypoints,
-   with ``c`` the learnt correction, ``T`` the consistency spline of step 2 and ``target = init + beta (d - init)``
-   (``d`` the keypoint displacements); the spline is linear in its values, so the held-out error is
+   spatial blocks (:func:`_folds`: held-out keypoints far from the kept ones); for each fold the classical
+   interpolation of the *other* keypoints is refined by the network on the network's own grid, and the output
+   that the steps below would make from the kept keypoints is scored at the held-out ones. That output is
+   ``init + alpha c + T(target - (init + alpha c))`` at the kept keypoints, with ``c`` the learnt correction,
+   ``T`` the consistency correction of step 2 and ``target = init + beta (d - init)``
+   (``d`` the keypoint displacements); the correction is linear in its values, so the held-out error is
    ``e0 + alpha (c - T(c)) + beta T(r)`` (``e0`` the classical field's held-out error, ``r = d - init`` its
    residuals at the kept keypoints; all in mm), and the weights ``(alpha, beta)`` in ``[0, 1]^2`` minimising
    its squared sum are found exactly (:func:`fit_blend`). ``alpha = 1`` keeps the network's correction,
    ``alpha = 0`` returns the classical field: where the learnt prior does not transfer to this patient's
    deformation, the held-out keypoints say so and the output falls back. ``beta`` says how closely to honour
-   the keypoints themselves: 1 fits them as exactly as the spline can (right for exact keypoints), 0 keeps the
+   the keypoints themselves: 1 fits them as exactly as the correction can (right for exact keypoints), 0 keeps the
    classical field's own fit there (right for noisy ones: fitting the noise makes the field worse between
    them). Chosen over scoring ``e0 + alpha c`` alone (which ignored step 2 and always fitted the keypoints) on
    validation cases (bench/RESULTS.md, session 8; mean MSE ratio to tps): 20 exact keypoints 0.695 -> 0.673,
@@ -25,9 +26,13 @@ learnt, using only what the user gave: the keypoints.
    how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than
    ``2 * min_per_fold`` keypoints there is nothing to validate on: ``alpha = beta = 1``.
 2. **Keypoint consistency.** The residuals of the blended field against ``target`` at *all* keypoints (trilinear
-   sampling) are interpolated with a thin-plate spline (:func:`brainshift.interpolate.tps_interpolate`, ridge
-   :data:`CONSISTENCY_LAM`) and added, so the output honours the driving keypoints at least as well as the
-   classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the spline fits them).
+   sampling) are interpolated with Gaussian radial basis functions of width :data:`CONSISTENCY_WIDTH_MM` and no
+   polynomial term (:func:`consistency_correction`) and added, so the output honours the driving keypoints at
+   least as well as the classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the
+   interpolation fits them). The correction is *local*: it falls to zero a few widths from the keypoints. Until
+   session 13 it was a thin-plate spline, whose affine part carried a trend of the residuals across the whole
+   brain: with keypoints clustered at the craniotomy and noisy, that extrapolation undid the network's
+   deep-brain correction (validation, bench/RESULTS.md "Local keypoint consistency").
 3. **Uncertainty.** A per-voxel standard deviation (mm) of each world component of the output,
    ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``, computed on the network grid and resampled trilinearly
    to the image grid: ``s`` is the spread of the network's two left-right mirrored passes (the magnitude of half
@@ -153,32 +158,78 @@ def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     return np.ascontiguousarray(v[0].numpy(), dtype=np.float32)
 
 
-#: Ridge of the keypoint-consistency thin-plate spline (``tps``'s default, in its normalised coordinates).
-CONSISTENCY_LAM = 0.1
+#: Width (mm, the standard deviation of the Gaussian kernel) of the keypoint-consistency correction.
+CONSISTENCY_WIDTH_MM = 10.0
+#: Ridge added to the consistency kernel matrix's diagonal (its entries are at most 1): keeps coincident or
+#: nearly coincident keypoints solvable.
+CONSISTENCY_SMOOTHING = 1e-3
 
 
-def _consistency_at(pts: np.ndarray, keep: np.ndarray, held: np.ndarray, shape: tuple[int, int, int],
+def _consistency_interpolator(points_mm: np.ndarray, values: np.ndarray):
+    """The consistency correction through ``values`` ``(N, C)`` at ``points_mm`` ``(N, 3)`` (world mm): Gaussian
+    radial basis functions of width :data:`CONSISTENCY_WIDTH_MM` with no polynomial term
+    (``scipy.interpolate.RBFInterpolator``, ``kernel="gaussian"``, ``degree=-1``), so it fits the values at the
+    keypoints and decays to zero a few widths away from them instead of extrapolating a trend of the residuals
+    across the brain."""
+    from scipy.interpolate import RBFInterpolator
+
+    eps = 1.0 / (np.sqrt(2.0) * CONSISTENCY_WIDTH_MM)
+    return RBFInterpolator(np.asarray(points_mm, np.float64), np.asarray(values, np.float64), kernel="gaussian",
+                           epsilon=eps, degree=-1, smoothing=CONSISTENCY_SMOOTHING)
+
+
+def consistency_correction(points_vox: np.ndarray, residuals_vox: np.ndarray, shape: tuple[int, int, int],
+                           affine: np.ndarray) -> np.ndarray:
+    """The local keypoint-consistency correction (step 2 of the module docstring) on an image grid.
+
+    Args:
+        points_vox: ``(N, 3)`` keypoints, 0-based voxel indices of the grid ``(shape, affine)``.
+        residuals_vox: ``(N, 3)`` what the field must gain at each keypoint (voxel units).
+        shape, affine: the grid (voxel -> RAS mm).
+
+    Returns:
+        ``(3, I, J, K)`` float32 field (voxel units) through the residuals at the keypoints (to the ridge
+        :data:`CONSISTENCY_SMOOTHING`) that falls to zero away from them: Gaussian radial basis functions of
+        width :data:`CONSISTENCY_WIDTH_MM` in world mm (:func:`_consistency_interpolator`), evaluated on a grid
+        coarse enough to keep about four nodes per width and upsampled trilinearly
+        (:func:`brainshift.interpolate.tps.upsample_trilinear`, corners aligned).
+
+    Convention: forward Lagrangian, voxel units, ``(3, I, J, K)``.
+    """
+    from brainshift.interpolate.tps import upsample_trilinear
+
+    a = np.asarray(affine, np.float64)
+    step = max(1, int(CONSISTENCY_WIDTH_MM / (4.0 * float(spacing_from_affine(a).max()))))
+    coarse_shape = tuple(1 if n == 1 else max(2, int(np.ceil(n / step))) for n in shape)
+    axes = [np.linspace(0.0, n - 1.0, c) if c > 1 else np.zeros(1) for n, c in zip(shape, coarse_shape, strict=True)]
+    nodes = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    pts = np.asarray(points_vox, np.float64).reshape(-1, 3)
+    rbf = _consistency_interpolator(pts @ a[:3, :3].T + a[:3, 3], np.asarray(residuals_vox, np.float64))
+    coarse = rbf(nodes @ a[:3, :3].T + a[:3, 3]).T.reshape(3, *coarse_shape)
+    return upsample_trilinear(np.ascontiguousarray(coarse, dtype=np.float32), tuple(shape))
+
+
+def _consistency_at(pts: np.ndarray, keep: np.ndarray, held: np.ndarray, affine: np.ndarray,
                     resid_keep_mm: np.ndarray, corr_keep_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """At the held-out keypoints, the consistency spline of a fold's kept keypoints: ``(T(r), T(c))`` ``(H, 3)``
-    mm, with ``r`` the classical field's residuals and ``c`` the learnt correction at the kept keypoints (the
-    spline is linear in its values, so the output's spline is ``T(r) - alpha T(c)``). Evaluated at the points
-    (the output's spline is evaluated on a coarse grid and upsampled: the same function to the upsampling's
+    """At the held-out keypoints, the consistency correction of a fold's kept keypoints: ``(T(r), T(c))``
+    ``(H, 3)`` mm, with ``r`` the classical field's residuals and ``c`` the learnt correction at the kept
+    keypoints (the correction is linear in its values, so the output's is ``T(r) - alpha T(c)``). Evaluated at
+    the points (the output's is evaluated on a coarse grid and upsampled: the same function to the upsampling's
     error)."""
-    from brainshift.interpolate.tps import normalise_voxel_coords, tps_evaluate, tps_fit
-
-    centres = normalise_voxel_coords(pts[keep], shape)
-    w, a = tps_fit(centres, np.concatenate([resid_keep_mm, corr_keep_mm], axis=1), CONSISTENCY_LAM)
-    at = tps_evaluate(normalise_voxel_coords(pts[held], shape), centres, w, a)
+    a = np.asarray(affine, np.float64)
+    world = np.asarray(pts, np.float64) @ a[:3, :3].T + a[:3, 3]
+    rbf = _consistency_interpolator(world[keep], np.concatenate([resid_keep_mm, corr_keep_mm], axis=1))
+    at = rbf(world[held])
     return at[:, :3], at[:, 3:]
 
 
 def fit_blend(e0: np.ndarray, c: np.ndarray, t: np.ndarray | None) -> tuple[float, float]:
     """The weights ``(alpha, beta)`` in ``[0, 1]^2`` minimising ``sum |e0 + alpha c + beta t|^2`` (held-out errors,
-    ``(H, 3)`` mm each): ``alpha`` of the learnt correction ``c``, ``beta`` of the keypoint-residual spline ``t``
+    ``(H, 3)`` mm each): ``alpha`` of the learnt correction ``c``, ``beta`` of the keypoint-residual correction ``t``
     (``t`` None: ``beta = 0``). A least-squares problem with box constraints, solved exactly: the unconstrained
     minimum if it lies in the box, else the best minimum on the box's edges. A direction that does not change
-    the error (squared norm below 1e-12 mm^2 per point, i.e. rounding: e.g. an affine correction, which the
-    spline removes) gets weight 0.
+    the error (squared norm below 1e-12 mm^2 per point, i.e. rounding: e.g. a correction that the
+    consistency step removes at the held-out points) gets weight 0.
     """
     e0, c = e0.ravel(), c.ravel()
     cols = [c] if t is None else [c, t.ravel()]
@@ -211,12 +262,37 @@ def fit_blend(e0: np.ndarray, c: np.ndarray, t: np.ndarray | None) -> tuple[floa
     return min(cands, key=cost)
 
 
-def _folds(n: int, folds: int, min_per_fold: int, seed: int) -> list[np.ndarray]:
+def _folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
+           rule: str = "blocks") -> list[np.ndarray]:
+    """Index arrays of the held-out keypoints of each fold (``min(folds, N // min_per_fold)`` folds; none below 2).
+
+    ``rule="blocks"``: spatial blocks of near-equal size, by recursive bisection at the median of the longest
+    extent (as a k-d tree builds its cells), so a fold's held-out keypoints are far from its kept ones and the
+    cross-validation measures how the field does *between* keypoint clusters, where it is used most (spatial
+    block cross-validation: Roberts et al., Ecography 40:913, 2017). ``rule="random"``: a seeded random
+    partition (the rule until session 13; held-out keypoints then sit beside kept ones, so clustered keypoints
+    hide the deep brain from the cross-validation).
+    """
+    pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
+    n = len(pts)
     k = min(int(folds), n // int(min_per_fold))
     if k < 2:
         return []
-    perm = np.random.default_rng(seed).permutation(n)
-    return [np.sort(perm[i::k]) for i in range(k)]
+    if rule == "random":
+        perm = np.random.default_rng(seed).permutation(n)
+        return [np.sort(perm[i::k]) for i in range(k)]
+
+    def split(idx: np.ndarray, parts: int) -> list[np.ndarray]:
+        if parts == 1:
+            return [np.sort(idx)]
+        p = pts[idx]
+        axis = int(np.argmax(p.max(axis=0) - p.min(axis=0)))
+        order = idx[np.argsort(p[:, axis], kind="stable")]
+        left = parts // 2
+        cut = int(round(len(idx) * left / parts))
+        return split(order[:cut], left) + split(order[cut:], parts - left)
+
+    return split(np.arange(n), k)
 
 
 def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel):
@@ -236,6 +312,7 @@ def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel)
 def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, init_field_vox: np.ndarray,
                 loaded: LoadedModel, *, method: str, mask: np.ndarray | None = None, device: str = "cpu",
                 folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
+                fold_rule: str = "blocks",
                 interpolate_options: dict | None = None, fold_field=None) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
@@ -249,8 +326,9 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         device: ``cpu`` / ``cuda[:N]`` / ``auto``.
         folds: cross-validation folds (at most; fewer when there are few keypoints).
         min_per_fold: least number of held-out keypoints per fold.
-        seed: seed of the fold split.
-        consistency: add the thin-plate spline of the keypoint residuals (step 2).
+        seed: seed of the fold split (``fold_rule="random"`` only).
+        fold_rule: ``"blocks"`` (spatial blocks, the default) or ``"random"`` (:func:`_folds`).
+        consistency: add the local correction of the keypoint residuals (step 2).
         interpolate_options: keyword options of ``method`` for the folds (as given for the initial field).
         fold_field: optional ``fold_field(keep, shape, affine) -> (3, *shape)`` giving a fold's initial field
             from the keypoints ``keep`` (indices) on the grid ``(shape, affine)`` (voxel units of that grid),
@@ -277,6 +355,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                               f"{dsp.shape}")
     opts = dict(interpolate_options or {})
     a3 = np.asarray(image.affine, np.float64)[:3, :3]
+    if fold_rule not in ("blocks", "random"):
+        raise BrainshiftError(f"expected fold_rule 'blocks' or 'random', got {fold_rule!r}")
 
     # the network on the full problem: two passes (plain and mirrored); their mean is the refinement (mapped
     # back once: the map is linear), half their difference the spread, kept on the network grid
@@ -289,7 +369,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
 
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
     t1 = time.perf_counter()
-    split = _folds(len(pts), folds, min_per_fold, seed)
+    split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
     alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts))}
     held_err0, held_corr, held_dist, held_classical, held_spline, held_raw = [], [], [], [], [], []
     if split:
@@ -317,8 +397,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             held_classical.append(err0)
             held_raw.append(err0 + corr)  # the network's own held-out error
             spline = np.zeros_like(err0)
-            if consistency:  # score the output as it will be made: after the keypoint-consistency spline
-                spline, c_spline = _consistency_at(pts, keep, held, image.shape,
+            if consistency:  # score the output as it will be made: after the keypoint-consistency correction
+                spline, c_spline = _consistency_at(pts, keep, held, image.affine,
                                                    (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T,
                                                    (sample_field(ref_c, pts_c[keep])
                                                     - sample_field(init_c, pts_c[keep])) @ ac3.T)
@@ -347,10 +427,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     t2 = time.perf_counter()
     before = keypoint_residuals_mm(out, pts, dsp, image.affine)
     if consistency:
-        # the spline of the residuals towards beta * (keypoints) + (1 - beta) * (the initial field there)
+        # the correction of the residuals towards beta * (keypoints) + (1 - beta) * (the initial field there)
         target = sample_field(init, pts) + beta * (dsp - sample_field(init, pts))
         resid = target - sample_field(out, pts)
-        out += interpolate("tps", pts, resid, image.shape, image.affine, lam=CONSISTENCY_LAM)
+        out += consistency_correction(pts, resid, image.shape, image.affine)
     after = keypoint_residuals_mm(out, pts, dsp, image.affine)
     times["consistency_s"] = time.perf_counter() - t2
 
