@@ -124,6 +124,7 @@ def test_consistency_honours_the_keypoints_at_least_as_well_as_the_initial_field
     for method in ("tps", "linear"):
         init = interpolate(method, pts, d, SHAPE, image.affine)
         res = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method=method, folds=2)
+        assert res.info["consistency"] in ("local", "tps")
         r_init = keypoint_residuals_mm(init, pts, d, image.affine).mean()
         assert res.info["keypoint_residual_mean_mm"] <= r_init + 0.05
         assert res.info["keypoint_residual_mean_mm"] <= res.info["keypoint_residual_mean_mm_before"] + 1e-6
@@ -192,6 +193,9 @@ def test_consistency_correction_fits_the_keypoints_and_vanishes_far_from_them():
     far = int(np.ceil((12 * 2.0 + 5 * CONSISTENCY_WIDTH_MM) / 2.0))  # voxels beyond 5 widths of every keypoint
     assert far < shape[0]
     assert np.abs(corr[:, far:]).max() < 1e-4 * np.abs(resid).max()
+    # the global alternative the cross-validation may choose instead carries the trend across the grid
+    glob = consistency_correction(pts, resid, shape, affine, kernel="tps")
+    assert np.abs(glob[:, far:]).max() > 0.1 * np.abs(resid).max()
     # coincident keypoints (same point twice, same residual) are solvable: the ridge
     twice = consistency_correction(np.vstack([pts, pts[:1]]), np.vstack([resid, resid[:1]]), shape, affine)
     np.testing.assert_allclose(sample_field(twice, pts), resid, atol=0.03 * np.abs(resid).max())

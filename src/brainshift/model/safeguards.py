@@ -26,13 +26,14 @@ learnt, using only what the user gave: the keypoints.
    how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than
    ``2 * min_per_fold`` keypoints there is nothing to validate on: ``alpha = beta = 1``.
 2. **Keypoint consistency.** The residuals of the blended field against ``target`` at *all* keypoints (trilinear
-   sampling) are interpolated with Gaussian radial basis functions of width :data:`CONSISTENCY_WIDTH_MM` and no
-   polynomial term (:func:`consistency_correction`) and added, so the output honours the driving keypoints at
-   least as well as the classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the
-   interpolation fits them). The correction is *local*: it falls to zero a few widths from the keypoints. Until
-   session 13 it was a thin-plate spline, whose affine part carried a trend of the residuals across the whole
-   brain: with keypoints clustered at the craniotomy and noisy, that extrapolation undid the network's
-   deep-brain correction (validation, bench/RESULTS.md "Local keypoint consistency").
+   sampling) are interpolated and added, so the output honours the driving keypoints at least as well as the
+   classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the interpolation fits them), by one
+   of two corrections (:func:`consistency_correction`), whichever predicts the held-out keypoints better in
+   step 1 (chosen jointly with ``alpha`` and ``beta``): ``local``, Gaussian radial basis functions of width
+   :data:`CONSISTENCY_WIDTH_MM` with no polynomial term, which fall to zero a few widths from the keypoints, or
+   ``tps``, the thin-plate spline (the only one until session 13), which carries the residuals' affine trend
+   across the brain: right for exact keypoints spread over the brain, harmful for noisy ones clustered at the
+   craniotomy (validation, bench/RESULTS.md "Local keypoint consistency").
 3. **Uncertainty.** A per-voxel standard deviation (mm) of each world component of the output,
    ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``, computed on the network grid and resampled trilinearly
    to the image grid: ``s`` is the spread of the network's two left-right mirrored passes (the magnitude of half
@@ -160,6 +161,12 @@ def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
 
 #: Width (mm, the standard deviation of the Gaussian kernel) of the keypoint-consistency correction.
 CONSISTENCY_WIDTH_MM = 10.0
+#: Ridge of the global (thin-plate spline) consistency correction (``tps``'s default, normalised coordinates).
+CONSISTENCY_LAM = 0.1
+#: The consistency corrections the cross-validation chooses between: ``local`` (Gaussian radial basis functions,
+#: fading away from the keypoints) and ``tps`` (the published thin-plate spline, which carries the residuals'
+#: affine trend everywhere).
+CONSISTENCY_KERNELS = ("local", "tps")
 #: Ridge added to the consistency kernel matrix's diagonal (its entries are at most 1): keeps coincident or
 #: nearly coincident keypoints solvable.
 CONSISTENCY_SMOOTHING = 1e-3
@@ -179,17 +186,19 @@ def _consistency_interpolator(points_mm: np.ndarray, values: np.ndarray):
 
 
 def consistency_correction(points_vox: np.ndarray, residuals_vox: np.ndarray, shape: tuple[int, int, int],
-                           affine: np.ndarray) -> np.ndarray:
-    """The local keypoint-consistency correction (step 2 of the module docstring) on an image grid.
+                           affine: np.ndarray, kernel: str = "local") -> np.ndarray:
+    """The keypoint-consistency correction (step 2 of the module docstring) on an image grid.
 
     Args:
         points_vox: ``(N, 3)`` keypoints, 0-based voxel indices of the grid ``(shape, affine)``.
         residuals_vox: ``(N, 3)`` what the field must gain at each keypoint (voxel units).
         shape, affine: the grid (voxel -> RAS mm).
+        kernel: ``"local"`` or ``"tps"`` (:data:`CONSISTENCY_KERNELS`).
 
     Returns:
-        ``(3, I, J, K)`` float32 field (voxel units) through the residuals at the keypoints (to the ridge
-        :data:`CONSISTENCY_SMOOTHING`) that falls to zero away from them: Gaussian radial basis functions of
+        ``(3, I, J, K)`` float32 field (voxel units). ``tps``: :func:`brainshift.interpolate.tps_interpolate` of the
+        residuals (ridge :data:`CONSISTENCY_LAM`). ``local``: through the residuals at the keypoints (to the ridge
+        :data:`CONSISTENCY_SMOOTHING`) and falling to zero away from them: Gaussian radial basis functions of
         width :data:`CONSISTENCY_WIDTH_MM` in world mm (:func:`_consistency_interpolator`), evaluated on a grid
         coarse enough to keep about four nodes per width and upsampled trilinearly
         (:func:`brainshift.interpolate.tps.upsample_trilinear`, corners aligned).
@@ -198,6 +207,10 @@ def consistency_correction(points_vox: np.ndarray, residuals_vox: np.ndarray, sh
     """
     from brainshift.interpolate.tps import upsample_trilinear
 
+    if kernel == "tps":
+        from brainshift.interpolate import interpolate
+
+        return interpolate("tps", points_vox, residuals_vox, tuple(shape), affine, lam=CONSISTENCY_LAM)
     a = np.asarray(affine, np.float64)
     step = max(1, int(CONSISTENCY_WIDTH_MM / (4.0 * float(spacing_from_affine(a).max()))))
     coarse_shape = tuple(1 if n == 1 else max(2, int(np.ceil(n / step))) for n in shape)
@@ -209,17 +222,25 @@ def consistency_correction(points_vox: np.ndarray, residuals_vox: np.ndarray, sh
     return upsample_trilinear(np.ascontiguousarray(coarse, dtype=np.float32), tuple(shape))
 
 
-def _consistency_at(pts: np.ndarray, keep: np.ndarray, held: np.ndarray, affine: np.ndarray,
-                    resid_keep_mm: np.ndarray, corr_keep_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """At the held-out keypoints, the consistency correction of a fold's kept keypoints: ``(T(r), T(c))``
+def _consistency_at(pts: np.ndarray, keep: np.ndarray, held: np.ndarray, shape: tuple[int, int, int],
+                    affine: np.ndarray, resid_keep_mm: np.ndarray, corr_keep_mm: np.ndarray,
+                    kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """At the held-out keypoints, the consistency correction ``kernel`` of a fold's kept keypoints: ``(T(r), T(c))``
     ``(H, 3)`` mm, with ``r`` the classical field's residuals and ``c`` the learnt correction at the kept
     keypoints (the correction is linear in its values, so the output's is ``T(r) - alpha T(c)``). Evaluated at
     the points (the output's is evaluated on a coarse grid and upsampled: the same function to the upsampling's
     error)."""
-    a = np.asarray(affine, np.float64)
-    world = np.asarray(pts, np.float64) @ a[:3, :3].T + a[:3, 3]
-    rbf = _consistency_interpolator(world[keep], np.concatenate([resid_keep_mm, corr_keep_mm], axis=1))
-    at = rbf(world[held])
+    values = np.concatenate([resid_keep_mm, corr_keep_mm], axis=1)
+    if kernel == "tps":
+        from brainshift.interpolate.tps import normalise_voxel_coords, tps_evaluate, tps_fit
+
+        centres = normalise_voxel_coords(pts[keep], shape)
+        w, a = tps_fit(centres, values, CONSISTENCY_LAM)
+        at = tps_evaluate(normalise_voxel_coords(pts[held], shape), centres, w, a)
+    else:
+        a4 = np.asarray(affine, np.float64)
+        world = np.asarray(pts, np.float64) @ a4[:3, :3].T + a4[:3, 3]
+        at = _consistency_interpolator(world[keep], values)(world[held])
     return at[:, :3], at[:, 3:]
 
 
@@ -371,7 +392,11 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     t1 = time.perf_counter()
     split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
     alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts))}
-    held_err0, held_corr, held_dist, held_classical, held_spline, held_raw = [], [], [], [], [], []
+    kernels = CONSISTENCY_KERNELS if consistency else ("local",)
+    kernel = "local"
+    held_err0, held_dist, held_classical, held_raw = [], [], [], []
+    held_corr = {k: [] for k in kernels}
+    held_spline = {k: [] for k in kernels}
     if split:
         img_c, mask_c = _coarse_problem(image, mask, loaded)
         to_c = np.linalg.inv(img_c.affine) @ np.asarray(image.affine, np.float64)
@@ -396,23 +421,28 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             err0, corr = (at_init - dsp_c[held]) @ ac3.T, (at_ref - at_init) @ ac3.T
             held_classical.append(err0)
             held_raw.append(err0 + corr)  # the network's own held-out error
-            spline = np.zeros_like(err0)
-            if consistency:  # score the output as it will be made: after the keypoint-consistency correction
-                spline, c_spline = _consistency_at(pts, keep, held, image.affine,
-                                                   (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T,
-                                                   (sample_field(ref_c, pts_c[keep])
-                                                    - sample_field(init_c, pts_c[keep])) @ ac3.T)
-                corr = corr - c_spline
             held_err0.append(err0)
-            held_corr.append(corr)
-            held_spline.append(spline)
+            for k in kernels:
+                spline, c_spline = np.zeros_like(err0), np.zeros_like(err0)
+                if consistency:  # score the output as it will be made: after the keypoint-consistency correction
+                    spline, c_spline = _consistency_at(pts, keep, held, image.shape, image.affine,
+                                                       (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T,
+                                                       (sample_field(ref_c, pts_c[keep])
+                                                        - sample_field(init_c, pts_c[keep])) @ ac3.T, k)
+                held_corr[k].append(corr - c_spline)
+                held_spline[k].append(spline)
             d = np.linalg.norm(((pts[held][:, None, :] - pts[keep][None, :, :]) @ a3.T), axis=2).min(axis=1)
             held_dist.append(d)
         e0 = np.concatenate(held_err0)
-        c = np.concatenate(held_corr)
-        t = np.concatenate(held_spline)
-        alpha, beta = fit_blend(e0, c, t) if consistency else (fit_blend(e0, c, None)[0], 0.0)
-        e_out = e0 + alpha * c + beta * t
+        best = None
+        for k in kernels:  # the consistency correction, alpha and beta that predict the held-out keypoints best
+            c, t = np.concatenate(held_corr[k]), np.concatenate(held_spline[k])
+            a_k, b_k = fit_blend(e0, c, t) if consistency else (fit_blend(e0, c, None)[0], 0.0)
+            e_k = e0 + a_k * c + b_k * t
+            cost = float((e_k ** 2).sum())
+            if best is None or cost < best[0] - 1e-12 * max(1.0, best[0]):
+                best = (cost, k, a_k, b_k, e_k)
+        _, kernel, alpha, beta, e_out = best
         dist = np.concatenate(held_dist)
         cv.update({
             "heldout_rmse_classical_mm": float(np.sqrt((np.concatenate(held_classical) ** 2).sum(axis=1).mean())),
@@ -430,7 +460,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         # the correction of the residuals towards beta * (keypoints) + (1 - beta) * (the initial field there)
         target = sample_field(init, pts) + beta * (dsp - sample_field(init, pts))
         resid = target - sample_field(out, pts)
-        out += consistency_correction(pts, resid, image.shape, image.affine)
+        out += consistency_correction(pts, resid, image.shape, image.affine, kernel)
     after = keypoint_residuals_mm(out, pts, dsp, image.affine)
     times["consistency_s"] = time.perf_counter() - t2
 
@@ -444,7 +474,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     sigma = _scalar_to_input_grid(sigma_net, net_input)
     times["uncertainty_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0
-    cv.update({"alpha": alpha, "beta": beta, "rho": rho, "keypoint_residual_mean_mm_before": float(before.mean()),
+    cv.update({"alpha": alpha, "beta": beta, "consistency": kernel if consistency else None, "rho": rho,
+               "keypoint_residual_mean_mm_before": float(before.mean()),
                "keypoint_residual_mean_mm": float(after.mean()), "keypoint_residual_max_mm": float(after.max()),
                "times_s": times})
     return SafeRefinement(field_vox=out, network_field_vox=net_field, uncertainty_mm=sigma, alpha=alpha, info=cv)
