@@ -7,20 +7,24 @@ and seeds; ``in_family`` is the training family itself on those subjects. ``--in
 (``simulate-batch --seed 1000``, the configuration the shipped model was trained on). Every family folder shares
 subjects and geometric draws (same batch seed), so families differ only in the modelling choice.
 
-For every case (keypoints drawn as by ``brainshift evaluate``: detected DoG candidates, 20 driving keypoints,
-held-out TRE targets, seeded per case), methods:
+For every case (keypoints drawn as by ``brainshift evaluate``: 20 driving keypoints among the candidates of
+``--keypoint-rule`` (``detected``: the subject's DoG keypoints; ``random``, ``cortex``, ``craniotomy``: the
+training's rules, :func:`brainshift.train.data.keypoint_candidates`), held-out TRE targets the other candidates,
+optional ``--noise-mm``, seeded per case; identical for every method and model), methods:
 
 - ``linear``, ``tps``: the classical interpolators;
-- ``net-tps``: the network's own refinement (mirror-averaged), what ``infer`` returned before the safeguards;
-- ``safe-tps``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated fallback, keypoint
-  consistency, uncertainty), what ``infer -m tps`` returns now.
+- ``net-tps [model]``: the network's own refinement (mirror-averaged), what ``infer --no-safeguards`` returns;
+- ``safe-tps [model]``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated fallback,
+  keypoint consistency, uncertainty), what ``infer -m tps`` returns;
 
-Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family: mean MSE, mean of per-case ratios to the
-best classical interpolator of that case and the worst case's ratio, TRE, mean keypoint residual, % det J <= 0,
-mean alpha); ``ratios.png`` (per-case MSE ratios by family); ``reliability.png`` and ``reliability.md`` (the
-uncertainty map's calibration: voxels binned by predicted sigma, RMS error per bin).
+for each model of ``--weights NAME=PATH ...``. Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family
+and method: mean MSE, mean of per-case ratios to the best classical interpolator of that case and the worst
+case's ratio, TRE, keypoint residual, % det J <= 0, mean alpha); ``ratios.png`` (per-case MSE ratios by family);
+``reliability.png`` and ``reliability.md`` (the uncertainty map's calibration per model: voxels binned by
+predicted sigma, RMS error per bin; held-out families and the in-distribution set apart).
 
-    .venv/bin/python bench/generalization.py --families data/heldout --indist data/test --out bench/generalization
+    .venv/bin/python bench/generalization.py --families data/heldout --indist data/test --out bench/generalization \
+        --weights default=weights/default.safetensors family_lomo=weights/family_lomo.safetensors
 
 Deterministic for a seed (keypoint draws from the seed and case id; fold splits seeded).
 """
@@ -37,12 +41,36 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("linear", "tps", "net-tps", "safe-tps")
 CLASSICAL = ("linear", "tps")
 
 
-def evaluate_family(data_dir: Path, family: str, loaded, *, seed: int, n_keypoints: int, cases: int | None,
-                    rng_voxels: np.random.Generator, calib: list) -> list[dict]:
+def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
+    """Keypoint candidates (subject voxels) of a keypoint ``rule`` other than ``detected`` (None for it): the
+    training's rules (:func:`brainshift.train.data.keypoint_candidates`), drawn with a generator of their own."""
+    if rule == "detected":
+        return None
+    from scipy.ndimage import distance_transform_edt
+
+    from brainshift.evaluate.run import keypoint_mask
+    from brainshift.train.data import keypoint_candidates
+
+    affine = case.subject.image.affine
+    brain = case.subject.brain_mask.data > 0
+    entry = (case.meta.get("params") or {}).get("entry_point_ras") if isinstance(case.meta, dict) else None
+    entry_vox = ((np.linalg.inv(affine) @ np.r_[np.asarray(entry, float), 1.0])[:3] if entry is not None
+                 else np.full(3, np.nan))
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    info = {"allowed": keypoint_mask(case), "has_candidates": False, "affine": affine, "entry_vox": entry_vox,
+            "surface_depth_mm": distance_transform_edt(brain, sampling=spacing) if rule == "cortex" else None}
+    import zlib
+
+    return keypoint_candidates(info, rule, np.random.default_rng([seed, zlib.crc32(case.case_id.encode()), 7]),
+                               n_random=400)
+
+
+def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
+                    rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
+                    noise_mm: float = 0.0) -> list[dict]:
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
@@ -57,86 +85,98 @@ def evaluate_family(data_dir: Path, family: str, loaded, *, seed: int, n_keypoin
         affine = subject.image.affine
         gt = case.field
         region = evaluation_mask(case)
-        cands = read_subject_keypoints(data_dir, subject.subject_id)
+        cands = rule_candidates(case, rule, seed)
+        if cands is None:
+            cands = read_subject_keypoints(data_dir, subject.subject_id)
         kp = draw_case_keypoints(gt, keypoint_mask(case), affine, rng=case_rng(seed, case.case_id),
-                                 n_keypoints=n_keypoints, candidates_vox=cands)
+                                 n_keypoints=n_keypoints, candidates_vox=cands, noise_mm=noise_mm)
         brain = subject.brain_mask.data > 0
         fields, extra = {}, {}
         for m in CLASSICAL:
             t0 = time.perf_counter()
             fields[m] = interpolate(m, kp.points_vox, kp.disps_vox, subject.image.shape, affine)
             extra[m] = {"time_s": time.perf_counter() - t0, "alpha": math.nan}
-        for m in ("tps",):
+        idx = np.flatnonzero(region)
+        pick = rng_voxels.choice(idx, size=min(4000, idx.size), replace=False)  # the same voxels for every model
+        for name, loaded in models.items():
             t0 = time.perf_counter()
-            res = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[m], loaded, method=m, mask=brain,
-                              seed=seed)
-            fields[f"safe-{m}"] = res.field_vox
-            extra[f"safe-{m}"] = {"time_s": time.perf_counter() - t0 + extra[m]["time_s"], "alpha": res.alpha}
+            res = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields["tps"], loaded, method="tps",
+                              mask=brain, seed=seed)
+            fields[f"safe-tps:{name}"] = res.field_vox
+            extra[f"safe-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
+                                        "alpha": res.alpha, "consistency": res.info.get("consistency", "")}
             # the network alone (mirror-averaged, = refine_field with mirror averaging): its two passes are the
             # safeguards' own, so it is not run twice
-            fields[f"net-{m}"] = res.network_field_vox
-            extra[f"net-{m}"] = {"time_s": res.info["times_s"]["network_s"] + extra[m]["time_s"], "alpha": 1.0}
-            if m == "tps":
-                err = np.linalg.norm(np.einsum("ij,j...->i...", affine[:3, :3], (res.field_vox - gt)
-                                               .astype(np.float64)), axis=0)
-                idx = np.flatnonzero(region)
-                pick = rng_voxels.choice(idx, size=min(4000, idx.size), replace=False)
-                calib.append((family, res.uncertainty_mm.ravel()[pick], err.ravel()[pick]))
+            fields[f"net-tps:{name}"] = res.network_field_vox
+            extra[f"net-tps:{name}"] = {"time_s": res.info["times_s"]["network_s"] + extra["tps"]["time_s"],
+                                       "alpha": 1.0}
+            err = np.linalg.norm(np.einsum("ij,j...->i...", affine[:3, :3], (res.field_vox - gt)
+                                           .astype(np.float64)), axis=0)
+            calib.append((family, name, res.uncertainty_mm.ravel()[pick], err.ravel()[pick]))
         meta = case.meta if hasattr(case, "meta") else {}
         model = (meta.get("params") or {}).get("model") or {}
-        for m in METHODS:
+        for m in fields:
             s = metrics.score_field(fields[m], gt, affine, region, kp.heldout_points_vox, kp.heldout_disps_vox)
             kres = keypoint_residuals_mm(fields[m], kp.points_vox, kp.disps_vox, affine)
-            rows.append({"family": family, "case": case.case_id, "method": m, "mse_mm2": s["mse_mm2"],
+            rows.append({"family": family, "case": case.case_id, "method": m.split(":")[0],
+                         "model": m.split(":")[1] if ":" in m else "", "keypoint_rule": rule,
+                         "noise_mm": noise_mm, "mse_mm2": s["mse_mm2"],
                          "tre_mm": s["tre_mm"], "kp_residual_mm": float(kres.mean()),
                          "kp_residual_max_mm": float(kres.max()),
                          "pct_jacobian_nonpositive": s["pct_jacobian_nonpositive"],
                          "alpha": extra[m]["alpha"], "time_s": extra[m]["time_s"],
+                         "consistency": extra[m].get("consistency", ""),
                          "contact": model.get("contact_model", "unilateral"),
                          "ventricles": model.get("ventricle_model", "fluid"),
                          "gravity": model.get("gravity_model", "drained"),
                          "tumour_stiffness": model.get("tumour_stiffness_ratio", 3.0)})
         print(f"  {family} {case.case_id}: " + ", ".join(
-            f"{r['method']} {r['mse_mm2']:.3f}" for r in rows[-len(METHODS):]), flush=True)
+            f"{r['method']}{':' + r['model'] if r['model'] else ''} {r['mse_mm2']:.3f}"
+            for r in rows[-len(fields):]), flush=True)
     return rows
+
+
+def row_methods(rows: list[dict]) -> list[tuple[str, str]]:
+    """(method, model) pairs in the order they first appear."""
+    return list(dict.fromkeys((r["method"], r["model"]) for r in rows))
+
+
+def label(method: str, model: str) -> str:
+    return f"{method} [{model}]" if model else method
+
+
+def best_classical(fr: list[dict]) -> dict[str, float]:
+    cases = list(dict.fromkeys(r["case"] for r in fr))
+    return {c: min(r["mse_mm2"] for r in fr if r["case"] == c and r["method"] in CLASSICAL) for c in cases}
 
 
 def summarise(rows: list[dict]) -> str:
     fams = list(dict.fromkeys(r["family"] for r in rows))
-    lines = ["| family | cases | method | mean MSE mm² | mean ratio to best classical | worst case ratio | "
+    lines = ["| family | cases | method [model] | mean MSE mm² | mean ratio to best classical | worst case ratio | "
              "mean TRE mm | kp residual mm (mean / max) | % det J <= 0 | mean alpha |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for fam in fams:
         fr = [r for r in rows if r["family"] == fam]
-        cases = list(dict.fromkeys(r["case"] for r in fr))
-        best = {c: min(r["mse_mm2"] for r in fr if r["case"] == c and r["method"] in CLASSICAL) for c in cases}
-        for m in METHODS:
-            mr = [r for r in fr if r["method"] == m]
+        best = best_classical(fr)
+        for m, model in row_methods(fr):
+            mr = [r for r in fr if r["method"] == m and r["model"] == model]
             ratios = [r["mse_mm2"] / best[r["case"]] for r in mr if best[r["case"]] > 0]
 
             def mean(k, mr=mr):
                 return float(np.nanmean([r[k] for r in mr]))
 
-            lines.append(f"| {fam} | {len(cases)} | {m} | {mean('mse_mm2'):.4f} | {np.mean(ratios):.3f} | "
+            lines.append(f"| {fam} | {len(best)} | {label(m, model)} | {mean('mse_mm2'):.4f} | {np.mean(ratios):.3f} | "
                          f"{np.max(ratios):.3f} | {mean('tre_mm'):.3f} | {mean('kp_residual_mm'):.3f} / "
                          f"{max(r['kp_residual_max_mm'] for r in mr):.3f} | {mean('pct_jacobian_nonpositive'):.4f} | "
                          f"{mean('alpha'):.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def reliability(calib: list, out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sig = np.concatenate([c[1] for c in calib])
-    err = np.concatenate([c[2] for c in calib])
+def calibration_table(sig: np.ndarray, err: np.ndarray) -> tuple[list[str], list[float], list[float], float]:
+    """Voxels binned by predicted sigma (deciles): table rows, mean sigma and RMS error per bin, Pearson r."""
     edges = np.unique(np.quantile(sig, np.linspace(0, 1, 11)))
     which = np.clip(np.searchsorted(edges, sig, side="right") - 1, 0, len(edges) - 2)
-    lines = ["| predicted sigma bin mm | voxels | mean predicted sigma mm | RMS error per component mm | "
-             "fraction with error <= 2 sigma (3-D) |", "|---|---|---|---|---|"]
-    xs, ys = [], []
+    lines, xs, ys = [], [], []
     for b in range(len(edges) - 1):
         sel = which == b
         if not sel.any():
@@ -148,20 +188,43 @@ def reliability(calib: list, out: Path) -> str:
         ys.append(rms)
         lines.append(f"| {edges[b]:.3f}-{edges[b + 1]:.3f} | {int(sel.sum())} | {ps:.3f} | {rms:.3f} | {cover:.2f} |")
     corr = float(np.corrcoef(sig, err)[0, 1]) if sig.std() > 0 else math.nan
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(xs, ys, "o-", label="safe-tps, all families")
-    lim = max(max(xs), max(ys)) * 1.1
-    ax.plot([0, lim], [0, lim], "k--", lw=1, label="calibrated")
+    return lines, xs, ys, corr
+
+
+def reliability(calib: list, out: Path) -> str:
+    """Calibration of safe-tps's uncertainty map per model (held-out families pooled; the in-distribution set
+    apart), as a table and ``reliability.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = ["Here sigma is read as the standard deviation of each world component, so a calibrated map has RMS "
+            "error per component = sigma.\n"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    lim = 0.0
+    groups = list(dict.fromkeys((c[1], c[0] == "in_distribution") for c in calib))
+    for i, (model, indist) in enumerate(groups):
+        sel = [c for c in calib if c[1] == model and (c[0] == "in_distribution") == indist]
+        sig = np.concatenate([c[2] for c in sel])
+        err = np.concatenate([c[3] for c in sel])
+        lines, xs, ys, corr = calibration_table(sig, err)
+        what = "in distribution" if indist else "held-out families"
+        text += [f"### safe-tps [{model}], {what}\n", f"Pearson correlation of predicted sigma and 3-D error over "
+                 f"{sig.size} voxels: {corr:.3f}.\n", "| predicted sigma bin mm | voxels | mean predicted sigma mm | "
+                 "RMS error per component mm | fraction with error <= 2 sigma (3-D) |", "|---|---|---|---|---|",
+                 *lines, ""]
+        ax.plot(xs, ys, "o-" if not indist else "s--", color=f"C{i}", label=f"{model}, {what}")
+        lim = max(lim, max(xs), max(ys))
+    ax.plot([0, lim * 1.1], [0, lim * 1.1], "k--", lw=1, label="calibrated")
     ax.set_xlabel("predicted sigma per component (mm)")
     ax.set_ylabel("RMS error per component (mm)")
-    ax.set_title("Uncertainty reliability")
-    ax.legend()
+    ax.set_title("Uncertainty reliability (safe-tps)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=110)
     plt.close(fig)
-    return (f"Pearson correlation of predicted sigma and 3-D error over voxels: {corr:.3f}. Here sigma is read as "
-            "the standard deviation of each world component, so a calibrated map has RMS error per component = "
-            "sigma.\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(text) + "\n"
 
 
 def plot_ratios(rows: list[dict], out: Path) -> None:
@@ -171,21 +234,23 @@ def plot_ratios(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fams = list(dict.fromkeys(r["family"] for r in rows))
+    learnt = [mm for mm in row_methods(rows) if mm[0] not in CLASSICAL]
     fig, ax = plt.subplots(figsize=(1.8 * len(fams) + 2, 4))
-    for j, m in enumerate(("net-tps", "safe-tps")):
+    width = 0.7 / max(1, len(learnt))
+    for j, (m, model) in enumerate(learnt):
         for i, fam in enumerate(fams):
             fr = [r for r in rows if r["family"] == fam]
-            cases = list(dict.fromkeys(r["case"] for r in fr))
-            best = {c: min(r["mse_mm2"] for r in fr if r["case"] == c and r["method"] in CLASSICAL) for c in cases}
-            ratios = [r["mse_mm2"] / best[r["case"]] for r in fr if r["method"] == m and best[r["case"]] > 0]
-            ax.scatter(np.full(len(ratios), i + (j - 0.5) * 0.25), ratios, s=12, color=f"C{j}",
-                       label=m if i == 0 else None)
+            best = best_classical(fr)
+            ratios = [r["mse_mm2"] / best[r["case"]] for r in fr
+                      if r["method"] == m and r["model"] == model and best[r["case"]] > 0]
+            ax.scatter(np.full(len(ratios), i + (j - (len(learnt) - 1) / 2) * width), ratios, s=10,
+                       color=f"C{j}", label=label(m, model) if i == 0 else None)
     ax.axhline(1.0, color="k", lw=1)
     ax.axhline(0.7, color="k", lw=1, ls="--")
     ax.set_xticks(range(len(fams)), fams, rotation=20)
     ax.set_ylabel("MSE / best classical (per case)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ratios.png", dpi=110)
     plt.close(fig)
@@ -195,10 +260,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="data/heldout", help="folder of held-out family datasets")
     ap.add_argument("--indist", default=None, help="in-distribution test set (simulate-batch --seed 1000)")
-    ap.add_argument("--weights", default="weights/default.safetensors")
+    ap.add_argument("--weights", nargs="+", default=["default=weights/default.safetensors"],
+                    help="NAME=PATH of each model (or one PATH); every model sees the same keypoints")
     ap.add_argument("--out", default="bench/generalization")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-keypoints", type=int, default=20)
+    ap.add_argument("--keypoint-rule", default="detected", choices=("detected", "random", "cortex", "craniotomy"),
+                    help="where the driving keypoints come from (the training's rules; brainshift.train.data)")
+    ap.add_argument("--noise-mm", type=float, default=0.0, help="Gaussian noise per world component of the "
+                    "driving displacements")
     ap.add_argument("--cases", type=int, default=None, help="first N cases of each dataset")
     args = ap.parse_args()
     import torch
@@ -208,7 +278,8 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_weights(args.weights, device="cpu")
+    named = [w.split("=", 1) if "=" in w else (Path(w).stem, w) for w in args.weights]
+    models = {name: load_weights(path, device="cpu") for name, path in named}
     sets = [(p.name, p) for p in sorted(Path(args.families).iterdir()) if (p / "cases").is_dir()]
     if args.indist:
         sets.append(("in_distribution", Path(args.indist)))
@@ -216,8 +287,8 @@ def main() -> None:
     rng_vox = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     for name, path in sets:
-        rows += evaluate_family(path, name, loaded, seed=args.seed, n_keypoints=args.n_keypoints, cases=args.cases,
-                                rng_voxels=rng_vox, calib=calib)
+        rows += evaluate_family(path, name, models, seed=args.seed, n_keypoints=args.n_keypoints, cases=args.cases,
+                                rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm)
         write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
     print((out / "summary.md").read_text())
     print((out / "reliability.md").read_text())
@@ -228,7 +299,8 @@ def write_results(out: Path, rows: list[dict], calib: list, args, seconds: float
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    header = (f"Weights: `{args.weights}`; {args.n_keypoints} keypoints (detected DoG candidates), seed {args.seed}; "
+    header = (f"Weights: {', '.join(f'`{w}`' for w in args.weights)}; {args.n_keypoints} keypoints (rule "
+              f"`{args.keypoint_rule}`, noise {args.noise_mm} mm), seed {args.seed}; "
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
               f"{seconds:.0f} s.\n\n")
     (out / "summary.md").write_text(header + summarise(rows))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-# Usage: .venv/bin/python bench/lomo_validation.py [--run checkpoints/family_lomo_s2] [--weights NAME=PATH ...]
+# Usage: .venv/bin/python bench/lomo_validation.py [--run RUN | --data DIR] [--weights NAME=PATH ...]
 # (after a part of configs/train_family_lomo.yaml; writes --out, default /tmp/val_compare.json)
 """Shipped default vs the parts of the leave-one-model-out model on the run's validation subjects: the same
 (case, variant) items the training validates on (one fixed keypoint draw per case, never in a training pool),
@@ -14,24 +14,36 @@ import torch
 from brainshift.compensate import compensate
 from brainshift.evaluate.metrics import score_field
 from brainshift.model import load_weights
+from brainshift.model.safeguards import safe_refine
+from brainshift.simulate.dataset import list_cases
 from brainshift.train.config import load_config
 from brainshift.train.data import as_numpy, validation_items
 from brainshift.train.loop import network_config
 from brainshift.volume import Volume
 
 ap = argparse.ArgumentParser(description=__doc__)
-ap.add_argument("--run", default="checkpoints/family_lomo_s1", help="training run folder (its config and splits)")
+ap.add_argument("--run", default=None, help="training run folder (its resolved config and splits)")
+ap.add_argument("--config", default="configs/train_family_lomo.yaml",
+                help="without --run: the training config (its keypoint rules, seed, validation subjects)")
+ap.add_argument("--data", default=None, help="without --run: dataset holding the validation subjects' cases "
+                "(default: the config's data)")
 ap.add_argument("--weights", nargs="+", default=["default=weights/default.safetensors",
-                                                 "stage1=checkpoints/family_lomo_s1/best.safetensors"],
+                                                 "family_lomo=weights/family_lomo.safetensors"],
                 help="NAME=PATH of each model compared")
 ap.add_argument("--out", default="/tmp/val_compare.json")
 args = ap.parse_args()
 torch.set_num_threads(2)
-cfg = load_config(f"{args.run}/config_resolved.yaml")
-splits = json.load(open(f"{args.run}/splits.json"))
+if args.run:
+    cfg = load_config(f"{args.run}/config_resolved.yaml")
+    val = json.load(open(f"{args.run}/splits.json"))["val"]
+    data = cfg.data
+else:  # the validation subjects' cases of the config (e.g. re-simulated with --subjects 11:12 and 27:28)
+    cfg = load_config(args.config)
+    data = args.data or cfg.data
+    val = [c for c in list_cases(data) if c.split("_")[0] in set(cfg.val_subjects or [])]
 net = network_config(cfg)
 t = time.perf_counter()
-items = validation_items(cfg.data, splits["val"], net, seed=cfg.seed, interp=cfg.interp, k_range=cfg.k_range,
+items = validation_items(data, val, net, seed=cfg.seed, interp=cfg.interp, k_range=cfg.k_range,
                          heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
 print(f"{len(items)} items in {time.perf_counter()-t:.0f} s", flush=True)
 models = {w.split("=", 1)[0]: load_weights(w.split("=", 1)[1], device="cpu") for w in args.weights}
@@ -50,9 +62,13 @@ for case, var in items:
            "noise": round(float(var["noise_mm"]), 2), "mse_init": s0["mse_mm2"], "tre_init": s0["tre_mm"]}
     for name, m in models.items():
         for sg in (False, True):
-            r = compensate(img, keypoints=(var["points"], var["disps"]), initial_field=var["init"], model=m,
-                           mask=c["brain"], safeguards=sg)
-            s = ev(r.refined_field)
+            if sg:  # as infer does for a field it interpolated: the folds re-interpolate with the case's method
+                f = safe_refine(img, var["points"], var["disps"], var["init"], m, method=var["method"],
+                                mask=c["brain"]).field_vox
+            else:
+                f = compensate(img, keypoints=(var["points"], var["disps"]), initial_field=var["init"], model=m,
+                               mask=c["brain"], safeguards=False).refined_field
+            s = ev(f)
             tag = f"{name}{'_safe' if sg else ''}"
             row[f"mse_{tag}"] = s["mse_mm2"]
             row[f"tre_{tag}"] = s["tre_mm"]
