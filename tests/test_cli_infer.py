@@ -417,3 +417,27 @@ def test_bad_tps_lam_is_refused(tmp_path, image_path, args, fragment):
     out = tmp_path / "out"
     res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(out), "-q", *args])
     _assert_clean_error(res, out, fragment)
+
+
+def test_clustered_keypoints_with_a_spline_warn_and_record_their_extent(tmp_path, image_path):
+    """Keypoints from one small region: -m tps warns (use linear) and summary.json records the hull fraction;
+    keypoints spread over the image do not warn; -m linear never does."""
+    rng = np.random.default_rng(3)
+    pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(8, 3))
+    clustered = _table(tmp_path / "clustered.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (8, 1))]))
+    with pytest.warns(UserWarning, match="-m linear"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(clustered), "-m", "tps", "--no-refine",
+                       "-o", str(tmp_path / "c_tps"), "-f", "npz", "-q"])
+    assert res.exit_code == 0, res.output
+    frac = json.loads((tmp_path / "c_tps" / "summary.json").read_text())["keypoint_hull_fraction"]
+    assert 0.0 < frac < 27.0 / (22 * 28 * 20)  # inside a 3-voxel cube of the 22 x 28 x 20 foreground
+    spread = _table(tmp_path / "spread.csv", _good_rows())
+    import warnings
+
+    for kp, method, name in ((spread, "tps", "s_tps"), (clustered, "linear", "c_lin")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*keypoints span.*")
+            res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", method, "--no-refine",
+                           "-o", str(tmp_path / name), "-f", "npz", "-q"])
+        assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s_tps" / "summary.json").read_text())["keypoint_hull_fraction"] > 0.04

@@ -101,3 +101,39 @@ def validate_keypoints(points_vox: np.ndarray, disps_vox: np.ndarray, shape: tup
                             f"(singular values of the centred points {_fmt(sv)} voxels); add keypoints off that "
                             f"{what}")
     return pts, dsp
+
+
+#: Keypoints whose convex hull holds less than this fraction of the brain (or image foreground) volume are
+#: "clustered": a spline extrapolates their trend across the rest of the brain. Chosen on the leave-one-model-out
+#: validation cases (bench/RESULTS.md, "Generalization re-measured", session 14): 10-40 keypoints within 40 mm of
+#: the craniotomy span 0.3-3.3 % of the brain, detected, random or cortical keypoints 6.6-68 %.
+CLUSTERED_HULL_FRACTION = 0.04
+
+
+def hull_fraction(points_vox: np.ndarray, affine: np.ndarray, region: np.ndarray) -> float:
+    """Volume of the keypoints' convex hull over the volume of ``region``, both in world mm³.
+
+    Args:
+        points_vox: ``(N, 3)`` keypoints, 0-based voxel indices of the grid of ``region``.
+        affine: ``(4, 4)`` voxel -> world (RAS mm) of that grid.
+        region: ``(I, J, K)`` mask (nonzero = inside), e.g. the brain; its volume is the voxel count times the
+            voxel volume ``|det A|``.
+
+    Returns:
+        The fraction (may exceed 1 for points outside the region); 0.0 for fewer than 4 points or points in a
+        plane (no volume: ``scipy.spatial.ConvexHull`` raises QhullError); ``inf`` for an empty region.
+
+    Source: ``scipy.spatial.ConvexHull`` (Qhull).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.asarray(points_vox, np.float64).reshape(-1, 3)
+    a3 = np.asarray(affine, np.float64)[:3, :3]
+    region_mm3 = float(np.count_nonzero(region)) * abs(float(np.linalg.det(a3)))
+    if len(pts) < 4:
+        return 0.0
+    try:
+        hull_mm3 = float(ConvexHull(pts @ a3.T).volume)
+    except (QhullError, ValueError):
+        hull_mm3 = 0.0
+    return hull_mm3 / region_mm3 if region_mm3 > 0 else float("inf")
