@@ -184,8 +184,8 @@ def _keypoint_coverage(image: Volume, given: dict, method: str) -> float | None:
     if method in ("tps", "tps3d") and fraction < CLUSTERED_HULL_FRACTION:
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull): "
                       f"keypoints from one region, e.g. the craniotomy, make -m {method} extrapolate their trend "
-                      "across the brain; -m linear had 10-17 x lower error there on our benchmark (README, "
-                      "Interpolators)", stacklevel=3)
+                      "across the brain; -m linear had 10-17 x lower error there on our benchmark, best without the "
+                      "network (--no-refine; README, Interpolators)", stacklevel=3)
     return fraction
 
 
