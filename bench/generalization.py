@@ -52,20 +52,16 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
     from scipy.ndimage import distance_transform_edt
 
     from brainshift.evaluate.run import keypoint_mask
-    from brainshift.train.data import keypoint_candidates
+    from brainshift.geometry import spacing_from_affine
+    from brainshift.train.data import craniotomy_entry_vox, keypoint_candidates, variant_rng
 
     affine = case.subject.image.affine
     brain = case.subject.brain_mask.data > 0
-    entry = (case.meta.get("params") or {}).get("entry_point_ras") if isinstance(case.meta, dict) else None
-    entry_vox = ((np.linalg.inv(affine) @ np.r_[np.asarray(entry, float), 1.0])[:3] if entry is not None
-                 else np.full(3, np.nan))
-    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    info = {"allowed": keypoint_mask(case), "has_candidates": False, "affine": affine, "entry_vox": entry_vox,
-            "surface_depth_mm": distance_transform_edt(brain, sampling=spacing) if rule == "cortex" else None}
-    import zlib
-
-    return keypoint_candidates(info, rule, np.random.default_rng([seed, zlib.crc32(case.case_id.encode()), 7]),
-                               n_random=400)
+    info = {"allowed": keypoint_mask(case), "has_candidates": False, "affine": affine,
+            "entry_vox": craniotomy_entry_vox(case.meta, affine),
+            "surface_depth_mm": (distance_transform_edt(brain, sampling=spacing_from_affine(affine))
+                                 if rule == "cortex" else None)}
+    return keypoint_candidates(info, rule, variant_rng(seed, case.case_id, 7), n_random=400)
 
 
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,

@@ -266,3 +266,14 @@ def test_variant_options_reach_the_pools_and_change_the_cache_key(tiny_dataset, 
     assert ds.cases[0]["methods"] == ["tps", "tps"]  # the only method the policy allows
     TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, samples_per_epoch=2, **kw).cases[0]
     assert len(list((tmp_path / "cache" / "variant_pools").glob("*.pt"))) == 2
+
+
+def test_craniotomy_entry_vox_maps_the_recorded_entry_point_and_is_nan_without_one():
+    from brainshift.train.data import craniotomy_entry_vox
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 1.0]
+    got = craniotomy_entry_vox({"params": {"entry_point_ras": [0.0, 10.0, 10.0]}}, affine)
+    assert np.allclose(got, [5.0, 3.0, 3.0])
+    assert np.isnan(craniotomy_entry_vox({"params": {}}, affine)).all()
+    assert np.isnan(craniotomy_entry_vox(None, affine)).all()

@@ -152,6 +152,15 @@ def as_numpy(x: Any) -> Any:
     return x
 
 
+def craniotomy_entry_vox(meta, affine: np.ndarray) -> np.ndarray:
+    """The craniotomy centre of a case, ``(3,)`` 0-based voxel indices of the grid ``affine`` (voxel -> RAS mm):
+    ``params.entry_point_ras`` of its ``meta.json`` mapped through the inverse affine; nan when not recorded."""
+    entry = (meta.get("params") or {}).get("entry_point_ras") if isinstance(meta, dict) else None
+    if entry is None:
+        return np.full(3, np.nan)
+    return (np.linalg.inv(np.asarray(affine, np.float64)) @ np.r_[np.asarray(entry, float), 1.0])[:3]
+
+
 def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, Any]:
     """Deterministic per-case arrays on the subject grid and on the network grid.
 
@@ -182,9 +191,7 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     sub = case.subject
     image = sub.image
     brain = sub.brain_mask.data > 0
-    entry = ((case.meta.get("params") or {}).get("entry_point_ras") if isinstance(case.meta, dict) else None)
-    entry_vox = (np.linalg.inv(image.affine) @ np.r_[np.asarray(entry, float), 1.0])[:3] if entry is not None \
-        else np.full(3, np.nan)
+    entry_vox = craniotomy_entry_vox(case.meta, image.affine)
     tumour = sub.tumour_mask.data > 0
     cavity = case.cavity_mask.data > 0
     allowed = keypoint_region(brain, tumour, cavity)
