@@ -226,3 +226,41 @@ def test_spatial_block_folds_partition_the_keypoints_into_compact_blocks():
     with pytest.raises(BrainshiftError, match="fold_rule"):
         safe_refine(image, pts[:4] * 0 + 5, np.zeros((4, 3)), init, LoadedModel(_Identity(), CFG, {}), method="tps",
                     fold_rule="kmeans")
+
+
+def test_knndm_folds_match_the_distances_at_which_the_field_is_used():
+    """``knndm_folds``: a partition of the keypoints whose held-out-to-kept distances match the target's. Two tight
+    clusters 80 mm apart: when the field is used far from every keypoint (target 80 mm) the folds are the two
+    clusters (spatial blocks, held-out keypoints 80 mm from the kept ones); when it is used beside the keypoints
+    (target 1 mm) every fold holds keypoints of both clusters (held-out keypoints a few mm from kept ones)."""
+    from brainshift.model.safeguards import heldout_distances_mm, knndm_folds
+
+    rng = np.random.default_rng(5)
+    left = rng.normal([-40.0, 0.0, 0.0], 1.0, size=(10, 3))
+    right = rng.normal([40.0, 5.0, 0.0], 1.0, size=(10, 3))
+    pts = np.vstack([left, right])[rng.permutation(20)]
+    far, rec_far = knndm_folds(pts, 2, 3, 0, np.full(100, 80.0))
+    near, rec_near = knndm_folds(pts, 2, 3, 0, np.full(100, 1.0))
+    for split in (far, near):
+        assert len(split) == 2
+        np.testing.assert_array_equal(np.sort(np.concatenate(split)), np.arange(20))
+        assert min(len(h) for h in split) >= 3
+    assert rec_far["fold_clusters"] == 2 and sorted(int(np.sign(pts[f, 0]).sum()) for f in far) == [-10, 10]
+    assert np.median(heldout_distances_mm(pts, far)) > 70.0
+    assert rec_near["fold_clusters"] > 2 and all(len(set(np.sign(pts[f, 0]).astype(int))) == 2 for f in near)
+    assert np.median(heldout_distances_mm(pts, near)) < 10.0
+    assert rec_near["fold_w_mm"] < 10.0 and rec_far["fold_w_mm"] < 10.0
+    assert knndm_folds(pts[:5], 4, 3, 0, np.ones(10)) == ([], {})  # too few keypoints: no cross-validation
+
+
+def test_safe_refine_records_the_knndm_fold_choice():
+    """``fold_rule="knndm"`` runs the cross-validation on the chosen folds and records the choice; the identity
+    network's correction is zero, so none of it is kept."""
+    image = _image()
+    gt = _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps", fold_rule="knndm")
+    assert res.info["fold_rule"] == "knndm" and res.info["folds"] == 4
+    assert 4 <= res.info["fold_clusters"] <= len(pts) and res.info["fold_w_mm"] >= 0.0
+    assert res.alpha == 0.0

@@ -159,6 +159,10 @@ def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     return np.ascontiguousarray(v[0].numpy(), dtype=np.float32)
 
 
+#: Rules for the cross-validation folds over the keypoints (:func:`_folds`, :func:`knndm_folds`).
+FOLD_RULES = ("blocks", "random", "knndm")
+
+
 #: Width (mm, the standard deviation of the Gaussian kernel) of the keypoint-consistency correction.
 CONSISTENCY_WIDTH_MM = 10.0
 #: Ridge of the global (thin-plate spline) consistency correction (``tps``'s default, normalised coordinates).
@@ -316,6 +320,80 @@ def _folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     return split(np.arange(n), k)
 
 
+def heldout_distances_mm(points_mm: np.ndarray, split: list[np.ndarray]) -> np.ndarray:
+    """``(N,)`` distance (mm) from each held-out keypoint of ``split`` (folds of :func:`_folds`) to the nearest
+    keypoint kept in its fold (``scipy.spatial.cKDTree``), in the order of the concatenated folds."""
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
+    out = []
+    for held in split:
+        keep = np.setdiff1d(np.arange(len(pts)), held)
+        out.append(cKDTree(pts[keep]).query(pts[held])[0])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _merge_clusters(labels: np.ndarray, k: int) -> list[np.ndarray]:
+    """Clusters (integer ``labels``) merged into ``k`` folds of near-equal size: the largest cluster first, each
+    into the fold with the fewest keypoints so far (ties: the lower fold)."""
+    ids, sizes = np.unique(labels, return_counts=True)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for c in ids[np.argsort(-sizes, kind="stable")]:
+        folds[int(np.argmin([len(f) for f in folds]))].extend(np.flatnonzero(labels == c).tolist())
+    return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
+
+
+def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
+                target_mm: np.ndarray) -> tuple[list[np.ndarray], dict]:
+    """Folds whose held-out-to-kept keypoint distances match those of the field's use (kNNDM).
+
+    k-fold nearest-neighbour distance matching (Linnenbrink et al., Geosci. Model Dev. 17:5897, 2024; after Mila
+    et al., Methods Ecol. Evol. 13:1304, 2022): a cross-validation estimates the error of a prediction made at
+    distance ``d`` from the data only if its held-out points sit at similar distances from the kept ones. The
+    field is used at every brain voxel, whose distance to the nearest keypoint (``target_mm``) depends on how the
+    keypoints are spread: dense, spread keypoints leave most voxels near one (random folds match), keypoints
+    clustered at the craniotomy leave most of the brain far away (spatial blocks match). Candidates: the spatial
+    blocks of :func:`_folds` (``q = k`` clusters), k-means clusterings into ``k < q < N`` clusters
+    (``scipy.cluster.vq.kmeans2``, seeded, k-means++ start) merged into ``k`` folds of near-equal size
+    (:func:`_merge_clusters`), and the seeded random partition (``q = N``); the one with the smallest
+    Wasserstein-1 distance between the two distance distributions (``scipy.stats.wasserstein_distance``, the
+    kNNDM ``W`` statistic) is used. A candidate with a fold of fewer than ``min_per_fold`` held-out keypoints
+    is skipped.
+
+    Args:
+        points_mm: ``(N, 3)`` keypoints (world mm, any origin).
+        folds, min_per_fold, seed: as :func:`_folds` (``min(folds, N // min_per_fold)`` folds; none below 2).
+        target_mm: ``(M,)`` distances (mm) from the voxels where the field is used to the nearest keypoint.
+
+    Returns:
+        ``(split, record)``: the held-out index arrays (as :func:`_folds`) and ``{"fold_clusters": q,
+        "fold_w_mm": W}`` of the chosen candidate (empty when there is no cross-validation).
+    """
+    from scipy.cluster.vq import kmeans2
+    from scipy.stats import wasserstein_distance
+
+    pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
+    n = len(pts)
+    k = min(int(folds), n // int(min_per_fold))
+    if k < 2:
+        return [], {}
+    target = np.asarray(target_mm, np.float64).ravel()
+    cands: list[tuple[int, list[np.ndarray]]] = [(k, _folds(pts, k, min_per_fold, seed, "blocks"))]
+    for q in sorted({int(round(v)) for v in np.geomspace(k, n, 6)} - {k, n}):
+        _, labels = kmeans2(pts, q, minit="++", seed=np.random.default_rng([int(seed), q]))
+        cands.append((q, _merge_clusters(labels, k)))
+    cands.append((n, _folds(pts, k, min_per_fold, seed, "random")))
+    best: tuple[float, int, list[np.ndarray]] | None = None
+    for q, split in cands:
+        if min(len(h) for h in split) < int(min_per_fold):
+            continue
+        w = float(wasserstein_distance(heldout_distances_mm(pts, split), target))
+        if best is None or w < best[0] - 1e-9:
+            best = (w, q, split)
+    assert best is not None  # the blocks always qualify
+    return best[2], {"fold_clusters": best[1], "fold_w_mm": best[0]}
+
+
 def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel):
     """The image (and mask) resampled onto the network grid, so cross-validation folds skip the full grid."""
     net_shape, net_affine = network_grid(image.shape, image.affine, loaded.config)
@@ -376,8 +454,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                               f"{dsp.shape}")
     opts = dict(interpolate_options or {})
     a3 = np.asarray(image.affine, np.float64)[:3, :3]
-    if fold_rule not in ("blocks", "random"):
-        raise BrainshiftError(f"expected fold_rule 'blocks' or 'random', got {fold_rule!r}")
+    if fold_rule not in FOLD_RULES:
+        raise BrainshiftError(f"expected fold_rule one of {', '.join(map(repr, FOLD_RULES))}, got {fold_rule!r}")
 
     # the network on the full problem: two passes (plain and mirrored); their mean is the refinement (mapped
     # back once: the map is linear), half their difference the spread, kept on the network grid
@@ -390,8 +468,16 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
 
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
     t1 = time.perf_counter()
-    split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
-    alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts))}
+    # distance (mm) from each network-grid voxel to the nearest keypoint: the uncertainty's, and kNNDM's target
+    dist_net = _keypoint_distance_mm(pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3], net_input)
+    fold_record: dict = {}
+    if fold_rule == "knndm":
+        target = dist_net[crop_pad(net_input.mask, net_input.pad)].numpy()
+        split, fold_record = knndm_folds(pts @ a3.T, folds, min_per_fold, seed, target)
+    else:
+        split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
+    alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule,
+                                 **fold_record}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
     kernel = "local"
     held_err0, held_dist, held_classical, held_raw = [], [], [], []
@@ -469,7 +555,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     rho = 0.0
     if split and cv["heldout_rms_distance_mm"] > 0:
         rho = cv["heldout_rmse_output_mm"] / np.sqrt(3.0) / cv["heldout_rms_distance_mm"]
-    dist_net = _keypoint_distance_mm(pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3], net_input)
     sigma_net = torch.sqrt((alpha * spread_net) ** 2 + (rho * dist_net) ** 2)
     sigma = _scalar_to_input_grid(sigma_net, net_input)
     times["uncertainty_s"] = time.perf_counter() - t3
