@@ -349,6 +349,8 @@ def test_refined_infer_records_safeguards_and_writes_uncertainty(tmp_path, image
     summary = json.loads((out / "summary.json").read_text())
     sg = summary["safeguards"]
     assert 0.0 <= sg["alpha"] <= 1.0 and sg["folds"] >= 2
+    # the folds' rule and kNNDM's choice among its candidates (blocks: as many clusters as folds; random: 16)
+    assert sg["fold_rule"] == "knndm" and sg["folds"] <= sg["fold_clusters"] <= 16 and sg["fold_w_mm"] >= 0.0
     assert sg["keypoint_residual_mean_mm"] <= sg["keypoint_residual_mean_mm_before"] + 1e-6
     unc = nib.load(str(out / "uncertainty_mm.nii.gz"))
     assert unc.shape == SHAPE and np.all(np.asarray(unc.dataobj) >= 0)
