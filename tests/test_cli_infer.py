@@ -443,3 +443,13 @@ def test_clustered_keypoints_with_a_spline_warn_and_record_their_extent(tmp_path
                            "-o", str(tmp_path / name), "-f", "npz", "-q"])
         assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s_tps" / "summary.json").read_text())["keypoint_hull_fraction"] > 0.04
+    # the default -m auto interpolates the clustered keypoints linearly (no warning) and the spread ones with tps
+    for kp, want, name in ((clustered, "linear", "c_auto"), (spread, "tps", "s_auto")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*keypoints span.*")
+            res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "-o", str(tmp_path / name),
+                           "-f", "npz", "-q"])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["interpolation"] == want and summary["interpolator_choice"]["chosen"] == want
+        assert (summary["interpolator_choice"]["keypoint_hull_fraction"] < 0.04) == (want == "linear")

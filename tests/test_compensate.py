@@ -130,3 +130,31 @@ def test_a_model_future_must_give_a_loaded_model(image):
     assert str(info.value) == ("expected the model Future to give a LoadedModel (brainshift.model.checkpoint."
                                "load_weights), got str (a path: load it first with "
                                "brainshift.model.checkpoint.load_weights(path))")
+
+
+def test_auto_interpolates_clustered_keypoints_linearly_and_spread_ones_with_the_spline(image):
+    """``method="auto"`` (:func:`choose_interpolator`): keypoints whose convex hull covers less than 4 % of the
+    foreground get Delaunay-linear interpolation, spread ones the thin-plate spline, each field identical to the
+    named method's; the choice and the hull fraction are recorded; a ridge for tps is dropped for linear."""
+    from brainshift.compensate import choose_interpolator
+    from brainshift.interpolate import interpolate
+    from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+
+    rng = np.random.default_rng(4)
+    spread = rng.uniform(2, np.array(SHAPE) - 3, size=(12, 3))
+    clustered = np.array([4.0, 5.0, 4.0]) + rng.uniform(0, 2, size=(12, 3))  # within a 2-voxel cube
+    disps = rng.normal(0, 0.5, size=(12, 3))
+    fg_vox = foreground_mask(image).sum()
+    for pts, want in ((spread, "tps"), (clustered, "linear")):
+        method, frac = choose_interpolator(image, pts)
+        assert method == want and (frac < CLUSTERED_HULL_FRACTION) == (want == "linear")
+        assert frac <= (8.0 if want == "linear" else np.inf) / fg_vox  # hull inside the 2-voxel cube
+        res = compensate(image, keypoints=(pts, disps), method="auto", interp_options={"lam": 0.5})
+        assert res.method == want and res.interpolator_choice["chosen"] == want
+        assert res.interpolator_choice["keypoint_hull_fraction"] == pytest.approx(frac, abs=1e-6)
+        opts = {"lam": 0.5} if want == "tps" else {}
+        np.testing.assert_array_equal(res.initial_field,
+                                      interpolate(want, pts, disps, SHAPE, AFFINE, **opts).astype(np.float32))
+    assert choose_interpolator(image, spread[:3])[0] == "linear"  # no hull volume: clustered
+    named = compensate(image, keypoints=(spread, disps), method="tps")
+    assert named.interpolator_choice is None

@@ -66,6 +66,8 @@ class Result:
             errors, keypoint residuals), or None when they did not run.
         atlas_fit: with ``method="atlas"``, the fit's record (:attr:`brainshift.atlas.fit.AtlasFit.info`:
             regularisation chosen by cross-validation, fit residual, closest members); else None.
+        interpolator_choice: with ``method="auto"``, what :func:`choose_interpolator` chose and why
+            (``{"chosen", "keypoint_hull_fraction", "threshold"}``); else None.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -81,6 +83,7 @@ class Result:
     uncertainty: np.ndarray | None = None
     safeguards: dict | None = None
     atlas_fit: dict | None = None
+    interpolator_choice: dict | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -166,6 +169,33 @@ def interpolate_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.n
                       dtype=np.float32)
 
 
+def choose_interpolator(image: Volume, points_vox: np.ndarray) -> tuple[str, float]:
+    """The interpolator of ``method="auto"``: ``linear`` for keypoints clustered in one region, else ``tps``.
+
+    Keypoints whose convex hull covers less than
+    :data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION` of the image foreground (:func:`foreground_mask`;
+    :func:`brainshift.keypoints.validate.hull_fraction`), e.g. measured on the cortex under the craniotomy, make the
+    thin-plate spline extrapolate their (noisy) affine trend across the brain, while Delaunay-linear interpolation
+    falls to zero away from them (the published corner anchoring). Evidence (bench/RESULTS.md, "Generalization
+    re-measured", session 14, sections 3-4): with 20 keypoints within 40 mm of the craniotomy (0.5 mm noise) linear
+    had the lower whole-brain MSE on 9 of 10 validation cases and was 10-17 x better than tps on the held-out
+    families; the hull spanned at most 3.3 % of the brain there, and 20 detected keypoints spread over the brain
+    21-36 % of the foreground (none below the threshold); with keypoints spread over the brain tps had the lower
+    error in every measurement (README, ``-m``). Fewer than 4 keypoints (no hull volume) count as clustered.
+
+    Args:
+        image: the preop image (its foreground is the reference volume).
+        points_vox: ``(N, 3)`` keypoints, 0-based voxel indices of ``image``'s grid.
+
+    Returns:
+        ``(method, hull_fraction)``: ``"linear"`` or ``"tps"``, and the fraction it was chosen by.
+    """
+    from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION, hull_fraction
+
+    fraction = hull_fraction(points_vox, image.affine, foreground_mask(image))
+    return ("linear" if fraction < CLUSTERED_HULL_FRACTION else "tps"), float(fraction)
+
+
 def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None = None,
                initial_field: np.ndarray | None = None, method: str = "linear",
                model: LoadedModel | Future | None = None, mask: np.ndarray | None = None, device: str = "cpu",
@@ -182,8 +212,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         initial_field: a ready ``(3, I, J, K)`` initial field instead of interpolating ``keypoints`` (voxel
             units). Given together with ``keypoints``, the field is used as it is and the keypoints only serve
             the safeguards.
-        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``), or ``atlas``: the patient's
-            deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals
+        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``), ``auto`` (``linear`` for
+            keypoints clustered in one region, else ``tps``: :func:`choose_interpolator`; recorded in
+            :attr:`Result.interpolator_choice`, ``interp_options`` then apply only to ``tps``), or ``atlas``: the
+            patient's deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals
             (:func:`brainshift.atlas.fit.fit_atlas`; needs ``atlas``).
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
             of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
@@ -266,11 +298,22 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         t0 = time.perf_counter()
         from brainshift.interpolate import interpolate  # the keypoints were validated above
 
+        choice = None
+        if str(method).lower() == "auto":
+            method, fraction = choose_interpolator(image, points_vox)
+            from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+
+            choice = {"chosen": method, "keypoint_hull_fraction": round(fraction, 6),
+                      "threshold": CLUSTERED_HULL_FRACTION}
+            if method != "tps":
+                interp_options = None
         init = np.asarray(interpolate(method, points_vox, disps_vox, image.shape, image.affine,
                                       **(interp_options or {})), dtype=np.float32)
         timings[f"interpolate ({method})"] = time.perf_counter() - t0
         n_kpts = int(len(points_vox))
     result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
+    if initial_field is None and str(method).lower() != "atlas":
+        result.interpolator_choice = choice
     if method == "atlas":
         result.atlas_fit = fit.info
     if model is not None:

@@ -42,7 +42,7 @@ class InferOptions:
     init_disp: Path | None = None
     kpt_disps: Path | None = None
     kpt_intraop: Path | None = None
-    interp_mode: str = "tps"
+    interp_mode: str = "auto"
     coords: str = "voxel"
     device: str = "auto"
     output_fmt: str = "h5"
@@ -94,7 +94,7 @@ def _check_options(opts: InferOptions) -> str:
     fmt = opts.output_fmt.lower()
     if fmt not in OUTPUT_FORMATS:
         raise BrainshiftError(f"expected --output_fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
-    methods = [*available_interpolators(), "atlas"]
+    methods = [*available_interpolators(), "auto", "atlas"]
     if str(opts.interp_mode).lower() not in methods:
         raise BrainshiftError(f"expected -m/--interp_mode one of {methods}, got {opts.interp_mode!r}")
     if opts.init_disp is None and opts.kpt_disps is None:
@@ -250,7 +250,7 @@ def run_infer(opts: InferOptions) -> dict:
     with outputs:
         _write_outputs(outputs, fmt, image, result, opts, steps)
         summary = _summary(opts, image, result, weights, device, outputs.written, steps, fmt)
-        if interp_options:
+        if interp_options and (result.interpolator_choice is None or result.method == "tps"):
             summary["interpolation_options"] = {k: (round(float(v), 6) if isinstance(v, float) else v)
                                                 for k, v in interp_options.items()}
         if coverage is not None:
@@ -266,14 +266,15 @@ def _tps_lam_option(opts: InferOptions) -> float | str | None:
     """``--tps-lam``: None, ``"cv"`` or a ridge ``>= 0`` (checked before any file is read).
 
     Raises:
-        BrainshiftError: not a number ``>= 0`` nor ``cv``, or given with another method than ``tps``.
+        BrainshiftError: not a number ``>= 0`` nor ``cv``, or given with another method than ``tps`` or ``auto``.
     """
     import math
 
     if opts.tps_lam is None:
         return None
-    if str(opts.interp_mode).lower() != "tps":
-        raise BrainshiftError(f"expected --tps-lam only with -m tps, got -m {opts.interp_mode}")
+    if str(opts.interp_mode).lower() not in ("tps", "auto"):
+        raise BrainshiftError(f"expected --tps-lam only with -m tps (or auto, when it chooses tps), got -m "
+                              f"{opts.interp_mode}")
     text = str(opts.tps_lam).strip().lower()
     if text == "cv":
         return "cv"
@@ -467,6 +468,8 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
         summary["safeguards"] = result.safeguards
     if result.atlas_fit is not None:
         summary["atlas_fit"] = result.atlas_fit
+    if result.interpolator_choice is not None:
+        summary["interpolator_choice"] = result.interpolator_choice
     return summary
 
 

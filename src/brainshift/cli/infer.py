@@ -21,10 +21,12 @@ def infer_command(
                                                "markups (.fcsv/.mrk.json) with --kpt-intraop."),
     kpt_intraop: Path | None = typer.Option(None, "--kpt-intraop",
                                             help="Intraop Slicer markups matching -k (by label or order)."),
-    interp_mode: str = typer.Option("tps", "-m", "--interp_mode", "--interp-mode",
-                                    help="Interpolator: linear (Delaunay) | tps (published; ridge 0.1, a smoothing "
-                                         "spline: not exact at the keypoints) | tps3d (biharmonic, exact) | atlas "
-                                         "(the patient's deformation atlas fitted to the keypoints; needs --atlas)."),
+    interp_mode: str = typer.Option("auto", "-m", "--interp_mode", "--interp-mode",
+                                    help="Interpolator: auto (tps, or linear for keypoints clustered in one region: "
+                                         "convex hull < 4 % of the foreground) | linear (Delaunay) | tps (published; "
+                                         "ridge 0.1, a smoothing spline: not exact at the keypoints) | tps3d "
+                                         "(biharmonic, exact) | atlas (the patient's deformation atlas fitted to the "
+                                         "keypoints; needs --atlas)."),
     tps_lam: str | None = typer.Option(None, "--tps-lam",
                                        help="Ridge of -m tps: a number >= 0 (default: the published 0.1) or cv "
                                             "(chosen by 5-fold cross-validation over the keypoints, as register "

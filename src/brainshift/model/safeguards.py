@@ -7,9 +7,10 @@ learnt, using only what the user gave: the keypoints.
 1. **Cross-validated shrinkage (fallback toward the classical field).** The keypoints are split into ``folds``
    folds whose held-out keypoints lie as far from the kept ones as the brain's voxels lie from the keypoints
    (:func:`knndm_folds`, k-fold nearest-neighbour distance matching: random folds for keypoints spread over the
-   brain, spatial blocks for keypoints clustered at the craniotomy, or a clustering between the two); for each fold the classical
-   interpolation of the *other* keypoints is refined by the network on the network's own grid, and the output
-   that the steps below would make from the kept keypoints is scored at the held-out ones. That output is
+   brain, spatial blocks for keypoints clustered at the craniotomy, or a clustering between the two); for each
+   fold the classical interpolation of the *other* keypoints is refined by the network on the network's own grid,
+   and the output that the steps below would make from the kept keypoints is scored at the held-out ones. That
+   output is
    ``init + alpha c + T(target - (init + alpha c))`` at the kept keypoints, with ``c`` the learnt correction,
    ``T`` the consistency correction of step 2 and ``target = init + beta (d - init)``
    (``d`` the keypoint displacements); the correction is linear in its values, so the held-out error is
