@@ -264,3 +264,21 @@ def test_safe_refine_records_the_knndm_fold_choice():
     assert res.info["fold_rule"] == "knndm" and res.info["folds"] == 4
     assert 4 <= res.info["fold_clusters"] <= len(pts) and res.info["fold_w_mm"] >= 0.0
     assert res.alpha == 0.0
+
+
+@pytest.mark.parametrize("rule", ["knndm", "blocks", "random"])
+def test_few_keypoints_run_without_folds_that_cannot_interpolate(rule):
+    """6 or 7 keypoints would leave a fold with 3 kept keypoints, fewer than an interpolator needs: no
+    cross-validation (alpha = 1) instead of an error; from 8 on every fold keeps at least 4."""
+    from brainshift.model.safeguards import MIN_FOLD_KEPT, _folds, knndm_folds
+
+    image = _image()
+    gt = _smooth_field()
+    for n in (6, 7, 8, 9, 11):
+        pts, d = _keypoints(gt, n=n, seed=n)
+        init = interpolate("tps", pts, d, SHAPE, image.affine)
+        res = safe_refine(image, pts, d, init, LoadedModel(_Identity(), CFG, {}), method="tps", fold_rule=rule)
+        assert (res.info["folds"] == 0) == (n < 8) and (res.alpha == 1.0 if n < 8 else res.alpha == 0.0)
+        split = (knndm_folds(pts * 2.0, 4, 3, 0, np.linspace(0, 40, 50))[0] if rule == "knndm"
+                 else _folds(pts * 2.0, 4, 3, 0, rule))
+        assert all(n - len(h) >= MIN_FOLD_KEPT and len(h) >= 3 for h in split)

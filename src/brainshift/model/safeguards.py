@@ -26,8 +26,9 @@ learnt, using only what the user gave: the keypoints.
    300 keypoints with 0.3 mm noise (as `register` finds) 1.169 -> 0.922; 20 keypoints with 0.5 mm noise 0.920
    (1.034 when the keypoints are always fitted). (The
    leave-out idea is the classical one for choosing a regulariser, e.g. Wahba 1990 for splines; here it chooses
-   how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than
-   ``2 * min_per_fold`` keypoints there is nothing to validate on: ``alpha = beta = 1``.
+   how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than 8 keypoints
+   (``2 * min_per_fold``, and every fold must keep :data:`MIN_FOLD_KEPT`) there is nothing to validate on:
+   ``alpha = beta = 1``.
 2. **Keypoint consistency.** The residuals of the blended field against ``target`` at *all* keypoints (trilinear
    sampling) are interpolated and added, so the output honours the driving keypoints at least as well as the
    classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the interpolation fits them), by one
@@ -162,6 +163,8 @@ def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     return np.ascontiguousarray(v[0].numpy(), dtype=np.float32)
 
 
+#: Fewest keypoints a cross-validation fold keeps: the interpolators need 4 distinct keypoints.
+MIN_FOLD_KEPT = 4
 #: Rules for the cross-validation folds over the keypoints (:func:`_folds`, :func:`knndm_folds`).
 FOLD_RULES = ("blocks", "random", "knndm")
 
@@ -294,6 +297,9 @@ def _folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
            rule: str = "blocks") -> list[np.ndarray]:
     """Index arrays of the held-out keypoints of each fold (``min(folds, N // min_per_fold)`` folds; none below 2).
 
+    No folds either when a fold would keep fewer than :data:`MIN_FOLD_KEPT` keypoints (6 or 7 keypoints in 2
+    folds): its interpolation needs them.
+
     ``rule="blocks"``: spatial blocks of near-equal size, by recursive bisection at the median of the longest
     extent (as a k-d tree builds its cells), so a fold's held-out keypoints are far from its kept ones and the
     cross-validation measures how the field does *between* keypoint clusters, where it is used most (spatial
@@ -304,7 +310,7 @@ def _folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
     n = len(pts)
     k = min(int(folds), n // int(min_per_fold))
-    if k < 2:
+    if k < 2 or n - -(-n // k) < MIN_FOLD_KEPT:
         return []
     if rule == "random":
         perm = np.random.default_rng(seed).permutation(n)
@@ -360,8 +366,8 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     (``scipy.cluster.vq.kmeans2``, seeded, k-means++ start) merged into ``k`` folds of near-equal size
     (:func:`_merge_clusters`), and the seeded random partition (``q = N``); the one with the smallest
     Wasserstein-1 distance between the two distance distributions (``scipy.stats.wasserstein_distance``, the
-    kNNDM ``W`` statistic) is used. A candidate with a fold of fewer than ``min_per_fold`` held-out keypoints
-    is skipped.
+    kNNDM ``W`` statistic) is used. A candidate with a fold of fewer than ``min_per_fold`` held-out keypoints,
+    or one that keeps fewer than :data:`MIN_FOLD_KEPT`, is skipped.
 
     Args:
         points_mm: ``(N, 3)`` keypoints (world mm, any origin).
@@ -378,7 +384,7 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
     n = len(pts)
     k = min(int(folds), n // int(min_per_fold))
-    if k < 2:
+    if not _folds(pts, folds, min_per_fold, seed, "blocks"):
         return [], {}
     target = np.asarray(target_mm, np.float64).ravel()
     cands: list[tuple[int, list[np.ndarray]]] = [(k, _folds(pts, k, min_per_fold, seed, "blocks"))]
@@ -388,12 +394,13 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     cands.append((n, _folds(pts, k, min_per_fold, seed, "random")))
     best: tuple[float, int, list[np.ndarray]] | None = None
     for q, split in cands:
-        if min(len(h) for h in split) < int(min_per_fold):
+        if min(len(h) for h in split) < int(min_per_fold) or n - max(len(h) for h in split) < MIN_FOLD_KEPT:
             continue
         w = float(wasserstein_distance(heldout_distances_mm(pts, split), target))
         if best is None or w < best[0] - 1e-9:
             best = (w, q, split)
-    assert best is not None  # the blocks always qualify
+    if best is None:  # no candidate keeps enough keypoints in every fold (the blocks normally do)
+        return [], {}
     return best[2], {"fold_clusters": best[1], "fold_w_mm": best[0]}
 
 
