@@ -16,6 +16,9 @@ optional ``--noise-mm``, seeded per case; identical for every method and model),
 - ``net-tps [model]``: the network's own refinement (mirror-averaged), what ``infer --no-safeguards`` returns;
 - ``safe-tps [model]``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated fallback,
   keypoint consistency, uncertainty), what ``infer -m tps`` returns;
+- ``safe-auto [model]``: what ``infer`` returns by default (``-m auto``:
+  :func:`brainshift.compensate.choose_interpolator` takes ``linear`` for clustered keypoints, else ``tps``, and
+  the safeguards refine that field; the same as ``safe-tps`` where it takes ``tps``);
 
 for each model of ``--weights NAME=PATH ...``. Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family
 and method: mean MSE, mean of per-case ratios to the best classical interpolator of that case and the worst
@@ -67,6 +70,7 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
                     noise_mm: float = 0.0) -> list[dict]:
+    from brainshift.compensate import choose_interpolator
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
@@ -87,6 +91,7 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
         kp = draw_case_keypoints(gt, keypoint_mask(case), affine, rng=case_rng(seed, case.case_id),
                                  n_keypoints=n_keypoints, candidates_vox=cands, noise_mm=noise_mm)
         brain = subject.brain_mask.data > 0
+        auto_method, hull = choose_interpolator(subject.image, kp.points_vox)  # infer's default -m auto
         fields, extra = {}, {}
         for m in CLASSICAL:
             t0 = time.perf_counter()
@@ -106,6 +111,16 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
             fields[f"net-tps:{name}"] = res.network_field_vox
             extra[f"net-tps:{name}"] = {"time_s": res.info["times_s"]["network_s"] + extra["tps"]["time_s"],
                                        "alpha": 1.0}
+            if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
+                t0 = time.perf_counter()
+                res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
+                                    method=auto_method, mask=brain, seed=seed)
+                fields[f"safe-auto:{name}"] = res_a.field_vox
+                extra[f"safe-auto:{name}"] = {"time_s": time.perf_counter() - t0 + extra[auto_method]["time_s"],
+                                             "alpha": res_a.alpha, "consistency": res_a.info.get("consistency", "")}
+            else:
+                fields[f"safe-auto:{name}"] = res.field_vox
+                extra[f"safe-auto:{name}"] = extra[f"safe-tps:{name}"]
             err = np.linalg.norm(np.einsum("ij,j...->i...", affine[:3, :3], (res.field_vox - gt)
                                            .astype(np.float64)), axis=0)
             calib.append((family, name, res.uncertainty_mm.ravel()[pick], err.ravel()[pick]))
@@ -121,6 +136,7 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
                          "kp_residual_max_mm": float(kres.max()),
                          "pct_jacobian_nonpositive": s["pct_jacobian_nonpositive"],
                          "alpha": extra[m]["alpha"], "time_s": extra[m]["time_s"],
+                         "auto_interpolator": auto_method, "keypoint_hull_fraction": hull,
                          "consistency": extra[m].get("consistency", ""),
                          "contact": model.get("contact_model", "unilateral"),
                          "ventricles": model.get("ventricle_model", "fluid"),
