@@ -58,6 +58,7 @@ voxel-unit displacements.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -389,7 +390,9 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
     target = np.asarray(target_mm, np.float64).ravel()
     cands: list[tuple[int, list[np.ndarray]]] = [(k, _folds(pts, k, min_per_fold, seed, "blocks"))]
     for q in sorted({int(round(v)) for v in np.geomspace(k, n, 6)} - {k, n}):
-        _, labels = kmeans2(pts, q, minit="++", seed=np.random.default_rng([int(seed), q]))
+        with warnings.catch_warnings():  # an empty cluster (coincident keypoints) only means fewer clusters
+            warnings.simplefilter("ignore")
+            _, labels = kmeans2(pts, q, minit="++", seed=np.random.default_rng([int(seed), q]))
         cands.append((q, _merge_clusters(labels, k)))
     cands.append((n, _folds(pts, k, min_per_fold, seed, "random")))
     best: tuple[float, int, list[np.ndarray]] | None = None
