@@ -28,9 +28,10 @@ def infer_command(
                                          "(biharmonic, exact) | atlas (the patient's deformation atlas fitted to the "
                                          "keypoints; needs --atlas)."),
     tps_lam: str | None = typer.Option(None, "--tps-lam",
-                                       help="Ridge of -m tps: a number >= 0 (default: the published 0.1) or cv "
-                                            "(chosen by 5-fold cross-validation over the keypoints, as register "
-                                            "does; for many noisy keypoints, at least 20)."),
+                                       help="Ridge of -m tps (and of auto when it takes tps): a number >= 0 "
+                                            "(default: the published 0.1) or cv (chosen by 5-fold cross-validation "
+                                            "over the keypoints, as register does; for many noisy keypoints, at "
+                                            "least 20)."),
     atlas: Path | None = typer.Option(None, "--atlas",
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
