@@ -282,3 +282,19 @@ def test_few_keypoints_run_without_folds_that_cannot_interpolate(rule):
         split = (knndm_folds(pts * 2.0, 4, 3, 0, np.linspace(0, 40, 50))[0] if rule == "knndm"
                  else _folds(pts * 2.0, 4, 3, 0, rule))
         assert all(n - len(h) >= MIN_FOLD_KEPT and len(h) >= 3 for h in split)
+
+
+def test_wasserstein_1d_matches_scipy():
+    """``wasserstein_1d`` (quantile form, midpoint rule) agrees with ``scipy.stats.wasserstein_distance`` to
+    ``(max - min) / W1_LEVELS`` on samples of different sizes, and is 0 for a distribution against itself."""
+    from scipy.stats import wasserstein_distance
+
+    from brainshift.model.safeguards import W1_LEVELS, wasserstein_1d
+
+    rng = np.random.default_rng(2)
+    for a, b in ((rng.gamma(2.0, 5.0, 17), rng.uniform(0, 40, 50000)), (rng.normal(10, 3, 300), rng.normal(12, 1, 999)),
+                 (np.full(5, 3.0), np.linspace(0, 10, 11))):
+        span = max(a.max(), b.max()) - min(a.min(), b.min())
+        assert abs(wasserstein_1d(a, b) - wasserstein_distance(a, b)) <= span / W1_LEVELS + 1e-12
+    x = rng.uniform(0, 1, 40)
+    assert wasserstein_1d(x, x) == 0.0
