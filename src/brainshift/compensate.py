@@ -276,6 +276,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         raise BrainshiftError(f"expected interp_options as a dict of the interpolator's options, got "
                               f"{type(interp_options).__name__}")
     timings: dict[str, float] = {}
+    choice = None  # what method="auto" chose
     if keypoints is not None:
         from brainshift.keypoints.validate import validate_keypoints
 
@@ -298,7 +299,6 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         t0 = time.perf_counter()
         from brainshift.interpolate import interpolate  # the keypoints were validated above
 
-        choice = None
         if str(method).lower() == "auto":
             method, fraction = choose_interpolator(image, points_vox)
             from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
@@ -311,9 +311,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                       **(interp_options or {})), dtype=np.float32)
         timings[f"interpolate ({method})"] = time.perf_counter() - t0
         n_kpts = int(len(points_vox))
-    result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings)
-    if initial_field is None and str(method).lower() != "atlas":
-        result.interpolator_choice = choice
+    result = Result(initial_field=init, method=method, n_keypoints=n_kpts, timings_s=timings,
+                    interpolator_choice=choice)
     if method == "atlas":
         result.atlas_fit = fit.info
     if model is not None:

@@ -399,12 +399,13 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
 
     pts = np.asarray(points_mm, np.float64).reshape(-1, 3)
     n = len(pts)
-    k = min(int(folds), n // int(min_per_fold))
-    if not _folds(pts, folds, min_per_fold, seed, "blocks"):
+    blocks = _folds(pts, folds, min_per_fold, seed, "blocks")
+    if not blocks:
         return [], {}
+    k = len(blocks)
     u = (np.arange(W1_LEVELS) + 0.5) / W1_LEVELS  # the target's quantiles once, not per candidate
     target = np.quantile(np.asarray(target_mm, np.float64).ravel(), u, method="inverted_cdf")
-    cands: list[tuple[int, list[np.ndarray]]] = [(k, _folds(pts, k, min_per_fold, seed, "blocks"))]
+    cands: list[tuple[int, list[np.ndarray]]] = [(k, blocks)]
     for q in sorted({int(round(v)) for v in np.geomspace(k, n, 6)} - {k, n}):
         with warnings.catch_warnings():  # an empty cluster (coincident keypoints) only means fewer clusters
             warnings.simplefilter("ignore")
