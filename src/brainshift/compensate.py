@@ -202,7 +202,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                mirror_average: bool | None = None, interp_options: dict | None = None,
                statistics: bool = False, statistics_mask: np.ndarray | None = None,
                progress: bool = False, safeguards: bool = True, safeguard_seed: int = 0,
-               atlas: DeformationAtlas | None = None) -> Result:
+               atlas: DeformationAtlas | None = None, min_field_rms_mm: float | None = None) -> Result:
     """Brain-shift compensation of one image: the initial field from keypoints, refined by the network.
 
     Args:
@@ -235,6 +235,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         atlas: the :class:`~brainshift.atlas.basis.DeformationAtlas` of ``image`` (``brainshift atlas``), for
             ``method="atlas"``. With a model too (``net-atlas``), the network refines the atlas field; the
             safeguards' cross-validation then re-fits the atlas without each fold's keypoints.
+        min_field_rms_mm: scale normalisation floor (mm) of the network's input: an initial field whose RMS
+            magnitude over the brain is smaller is scaled up to it for the network, and the correction scaled back
+            (:func:`brainshift.model.grid.to_network_grid`, step 7). ``None``: the model's own value
+            (:func:`brainshift.model.inference.model_min_field_rms_mm`; the default model: 2.5 mm); 0: off.
 
     Returns:
         :class:`Result`.
@@ -339,14 +343,15 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,
                                device=device, seed=safeguard_seed,
                                interpolate_options=(interp_options or {}) if method not in ("given", "atlas")
-                               else {}, fold_field=fold_field)
+                               else {}, fold_field=fold_field, min_field_rms_mm=min_field_rms_mm)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
             result.mirror_average = True
         else:
             result.mirror_average = use_mirror_average(model, mirror_average)
             result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
-                                                mirror_average=result.mirror_average)
+                                                mirror_average=result.mirror_average,
+                                                min_field_rms_mm=min_field_rms_mm)
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:
         t0 = time.perf_counter()

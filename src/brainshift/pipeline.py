@@ -60,6 +60,7 @@ class InferOptions:
     max_displacement_mm: float = MAX_DISPLACEMENT_MM
     atlas: Path | None = None
     tps_lam: str | None = None
+    min_field_rms_mm: float | None = None
 
 
 def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
@@ -238,7 +239,8 @@ def run_infer(opts: InferOptions) -> dict:
     with steps.step("interpolate, refine and field statistics"):
         result = compensate(image, **given, method=opts.interp_mode, interp_options=interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
-                            progress=opts.verbose, statistics=True, safeguards=opts.safeguards, atlas=atlas)
+                            progress=opts.verbose, statistics=True, safeguards=opts.safeguards, atlas=atlas,
+                            min_field_rms_mm=opts.min_field_rms_mm)
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)
@@ -463,8 +465,11 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
         "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
     }
     if result.model is not None:
+        from brainshift.model.inference import model_min_field_rms_mm
+
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
-                              "mirror_average": result.mirror_average}
+                              "mirror_average": result.mirror_average,
+                              "min_field_rms_mm": model_min_field_rms_mm(result.model, opts.min_field_rms_mm)}
         summary["safeguards"] = result.safeguards
     if result.atlas_fit is not None:
         summary["atlas_fit"] = result.atlas_fit

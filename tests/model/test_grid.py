@@ -264,3 +264,29 @@ def test_mirror_network_tensor_gives_the_mirrored_problem(axes):
     back = mirror_network_tensor(mirror_network_tensor(x, axes, field=True), axes, field=True)  # an involution
     torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
     assert mirror_network_tensor(x, (), field=True) is x
+
+
+def test_scale_normalisation_scales_small_fields_up_to_the_floor():
+    from brainshift.errors import BrainshiftError
+    from brainshift.model.grid import field_rms_mm, scale_for_rms
+
+    shape = (12, 10, 9)
+    img = Volume(_image(shape), _oblique_affine())
+    field = np.zeros((3, *shape), np.float32)
+    field[0] = 0.2  # 0.2 voxel along i = 0.2 mm (spacing 1 along i)
+    plain = to_network_grid(img, field, None, FAST)
+    rms = field_rms_mm(crop_pad(plain.field[0], plain.pad), crop_pad(plain.mask, plain.pad), plain.net_affine,
+                       FAST.field_units)
+    assert rms == pytest.approx(0.2, rel=1e-4)  # a constant field's RMS is its length in mm
+    scaled = to_network_grid(img, field, None, FAST, min_field_rms_mm=1.0)
+    assert scaled.field_scale == pytest.approx(5.0, rel=1e-4) and plain.field_scale == 1.0
+    torch.testing.assert_close(scaled.field, plain.field * scaled.field_scale)
+    assert torch.equal(scaled.image, plain.image)
+    assert to_network_grid(img, field, None, FAST, min_field_rms_mm=0.1).field_scale == 1.0  # above: unscaled
+    assert to_network_grid(img, field, None, FAST, field_scale=3.0).field_scale == 3.0
+    assert scale_for_rms(0.0, 2.5) == 1.0 and scale_for_rms(0.5, None) == 1.0 and scale_for_rms(0.5, 2.5) == 5.0
+    with pytest.raises(BrainshiftError, match="got both"):
+        to_network_grid(img, field, None, FAST, min_field_rms_mm=1.0, field_scale=2.0)
+    for kw in ({"min_field_rms_mm": -1.0}, {"field_scale": 0.0}, {"field_scale": float("inf")}):
+        with pytest.raises(BrainshiftError, match="finite number"):
+            to_network_grid(img, field, None, FAST, **kw)

@@ -167,3 +167,58 @@ def test_mirror_average_exact_properties():
     assert trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": [0]}}))
     assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": []}}))
     assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {}))
+
+
+class _DoubleField(torch.nn.Module):
+    """A positively homogeneous 'network': returns twice its input field (correction = the input field)."""
+
+    def forward(self, x):
+        return 2.0 * x[:, :3]
+
+
+def _meta(min_rms):
+    return {"inference": {"min_field_rms_mm": min_rms}}
+
+
+def test_scale_normalisation_is_exact_for_a_homogeneous_network():
+    # scaling the input by s and the correction by 1/s changes nothing for a network with f(s u) = s f(u)
+    image, field = _case((15, 9, 21), spacing=(1.0, 2.0, 0.5))
+    small = 0.01 * field  # RMS well below the floor: scaled up
+    plain = refine_field(image, small, LoadedModel(_DoubleField(), FAST, {}))
+    scaled = refine_field(image, small, LoadedModel(_DoubleField(), FAST, _meta(50.0)))
+    np.testing.assert_allclose(scaled, plain, atol=1e-6)
+
+
+def test_scale_normalisation_shrinks_a_fixed_size_correction():
+    # a network adding a constant 1 mm whatever its input (a prior of fixed size): on a field scaled up by s,
+    # the correction that comes back is 1/s mm
+    from brainshift.model.grid import crop_pad, field_rms_mm, to_network_grid
+
+    image, field = _case((15, 9, 21), spacing=(1.0, 2.0, 0.5))
+    small = 0.01 * field
+    ni = to_network_grid(image, small, None, FAST)
+    region = crop_pad(ni.mask, ni.pad)
+    rms = field_rms_mm(crop_pad(ni.field[0], ni.pad), region, ni.net_affine, FAST.field_units)
+    s = 3.0 / rms
+    out = refine_field(image, small, LoadedModel(_AddConstant([1.0, 1.0, 1.0]), FAST, _meta(3.0)))
+    np.testing.assert_allclose(out - small, np.broadcast_to(np.array([1.0, 0.5, 2.0])[:, None, None, None] / s,
+                                                            field.shape), rtol=1e-4, atol=1e-6)
+    # a field above the floor is not scaled; 0 turns the floor off
+    big = refine_field(image, field, LoadedModel(_AddConstant([1.0, 1.0, 1.0]), FAST, _meta(1e-3)))
+    off = refine_field(image, small, LoadedModel(_AddConstant([1.0, 1.0, 1.0]), FAST, _meta(3.0)),
+                       min_field_rms_mm=0.0)
+    for out_, f in ((big, field), (off, small)):
+        np.testing.assert_allclose(out_ - f, np.broadcast_to(np.array([1.0, 0.5, 2.0])[:, None, None, None],
+                                                             field.shape), atol=1e-5)
+
+
+def test_model_min_field_rms_comes_from_the_weights_or_the_override():
+    from brainshift.model.inference import model_min_field_rms_mm
+    from brainshift.resources import DEFAULT_WEIGHTS
+
+    assert model_min_field_rms_mm(load_weights(DEFAULT_WEIGHTS)) == 2.5  # recorded with the default model
+    assert model_min_field_rms_mm(LoadedModel(_Identity(), FAST, {})) == 0.0  # none recorded: unscaled
+    assert model_min_field_rms_mm(LoadedModel(_Identity(), FAST, _meta(2.5)), 0.0) == 0.0
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(BrainshiftError, match="minimum field RMS"):
+            model_min_field_rms_mm(LoadedModel(_Identity(), FAST, {}), bad)

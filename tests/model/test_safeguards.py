@@ -298,3 +298,23 @@ def test_wasserstein_1d_matches_scipy():
         assert abs(wasserstein_1d(a, b) - wasserstein_distance(a, b)) <= span / W1_LEVELS + 1e-12
     x = rng.uniform(0, 1, 40)
     assert wasserstein_1d(x, x) == 0.0
+
+
+def test_scale_normalisation_changes_nothing_for_a_homogeneous_network_and_is_recorded():
+    """A network with ``f(s u) = s f(u)`` (here: halving its input) gives the same output with and without the
+    scale normalisation, folds included (they use the full problem's factor); the factor is recorded."""
+    image, gt = _image(), 0.05 * _smooth_field()  # RMS well below 2.5 mm
+    pts, d = _keypoints(gt, n=30)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    meta = {"inference": {"min_field_rms_mm": 2.5}}
+    scaled = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, meta), method="tps")
+    plain = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, meta), method="tps", min_field_rms_mm=0)
+    assert scaled.info["field_scale"] > 10.0 and plain.info["field_scale"] == 1.0
+    assert scaled.alpha == pytest.approx(plain.alpha, abs=1e-6)
+    np.testing.assert_allclose(scaled.field_vox, plain.field_vox, atol=1e-5)
+    # a correction of fixed size (a prior that ignores the input's magnitude) shrinks by the factor
+    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, meta), method="tps", consistency=False)
+    unscaled = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", consistency=False)
+    corr = np.abs(shifted.network_field_vox - init).max()
+    assert corr == pytest.approx(np.abs(unscaled.network_field_vox - init).max() / shifted.info["field_scale"],
+                                 rel=1e-3)

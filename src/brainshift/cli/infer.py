@@ -46,6 +46,11 @@ def infer_command(
     mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
                                                help="Average the network with its left-right mirrored problem "
                                                     "(default: when the model was trained with mirroring)."),
+    min_field_rms: float | None = typer.Option(None, "--min-field-rms", min=0.0,
+                                               help="Scale normalisation floor (mm): an initial field whose RMS "
+                                                    "over the brain is smaller is scaled up to it for the network "
+                                                    "and the correction scaled back (default: the model's own "
+                                                    "value, 2.5 for the default model; 0: off)."),
     safeguards: bool = typer.Option(True, "--safeguards/--no-safeguards",
                                     help="Keep the network's correction only as far as it predicts held-out "
                                          "keypoints better than the interpolation, then honour the keypoints "
@@ -74,7 +79,7 @@ def infer_command(
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
         h5_dtype=choice(h5_dtype), h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
-        atlas=atlas, tps_lam=choice(tps_lam), verbose=not quiet))
+        atlas=atlas, tps_lam=choice(tps_lam), min_field_rms_mm=min_field_rms, verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "

@@ -19,7 +19,14 @@ diverge. Steps, in order:
    whole padded volume instead.
 6. **Zero the field outside the region** (the published script zeroed it where the image is at its
    minimum).
-7. **Pad** at both ends (``before = total // 2``) to multiples of ``2 ** (levels - 1)``: the image with its
+7. **Scale normalisation** (optional, ``min_field_rms_mm``): a field whose RMS magnitude over the region is
+   below ``min_field_rms_mm`` is multiplied by ``field_scale = min_field_rms_mm / RMS`` so that the network sees
+   a displacement as large as the smaller ones it was trained on; :func:`refined_from_prediction` divides the
+   network's correction by the same factor. Linear elasticity is positively homogeneous (load and solution
+   scale together), so the scaled problem is as plausible as the given one; a network trained on
+   displacements of several mm otherwise invents corrections of its own training size on a shift of a
+   fraction of a mm (bench/RESULTS.md, "Scale-normalised network input", session 16).
+8. **Pad** at both ends (``before = total // 2``) to multiples of ``2 ** (levels - 1)``: the image with its
    normalised minimum (background), field and mask with zeros. The pad is recorded and removed exactly by
    :func:`from_network_grid`.
 
@@ -35,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainshift.errors import GeometryError
+from brainshift.errors import BrainshiftError, GeometryError
 from brainshift.field import check_field
 from brainshift.geometry import check_affine, spacing_from_affine
 from brainshift.model.network import NetworkConfig
@@ -62,6 +69,8 @@ class NetworkInput:
         image_mean: mean of the image over the region (before normalisation).
         image_std: standard deviation used to normalise.
         same_grid: True when the network grid is the input grid (no resampling).
+        field_scale: the factor (>= 1 when chosen by ``min_field_rms_mm``) the field channels were multiplied
+            by (step 7); :func:`refined_from_prediction` divides the correction by it.
 
     Convention: the field channels hold a forward Lagrangian field on the network grid in
     ``config.field_units`` along the network grid's axes.
@@ -78,6 +87,7 @@ class NetworkInput:
     image_mean: float
     image_std: float
     same_grid: bool
+    field_scale: float = 1.0
 
     @property
     def field(self) -> torch.Tensor:
@@ -254,8 +264,27 @@ def _as_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
 
 
-def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: NetworkConfig) -> NetworkInput:
-    """Prepare an image and its initial field for the network (steps 1-7 of the module docstring).
+def field_rms_mm(field_net: torch.Tensor, region: torch.Tensor, net_affine: np.ndarray, units: str) -> float:
+    """RMS magnitude (world mm) of a network-unit field ``(3, I', J', K')`` over ``region`` (bool ``(I', J', K')``);
+    0 for an empty region."""
+    if not bool(region.any()):
+        return 0.0
+    to_mm = check_affine(net_affine)[:3, :3] @ np.diag(1.0 / _units_scale(net_affine, units))
+    v = _apply_matrix(to_mm, field_net.double())[:, region]
+    return float(torch.sqrt((v ** 2).sum(dim=0).mean()))
+
+
+def scale_for_rms(rms_mm: float, min_field_rms_mm: float | None) -> float:
+    """The scale normalisation factor of step 7: ``max(1, min_field_rms_mm / rms_mm)``; 1 when
+    ``min_field_rms_mm`` is ``None`` or 0, or the field is zero (nothing to scale)."""
+    if not min_field_rms_mm or rms_mm <= 1e-6:
+        return 1.0
+    return max(1.0, float(min_field_rms_mm) / float(rms_mm))
+
+
+def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: NetworkConfig, *,
+                    min_field_rms_mm: float | None = None, field_scale: float | None = None) -> NetworkInput:
+    """Prepare an image and its initial field for the network (steps 1-8 of the module docstring).
 
     Args:
         image: the preop image (intensity :class:`~brainshift.volume.Volume`).
@@ -263,6 +292,10 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
         mask: optional ``(I, J, K)`` brain mask (nonzero = brain: :func:`brainshift.volume.mask_inside`) on
             ``image``'s grid.
         config: the network's configuration (``spacing_mm``, ``field_units``, ``features`` for the padding).
+        min_field_rms_mm: scale normalisation (step 7): a field whose RMS magnitude (mm) over the region on the
+            network grid is below this is scaled up to it; ``None`` or 0: no scaling.
+        field_scale: scale the field channels by this factor instead (e.g. the factor of the full problem for
+            its cross-validation folds); exclusive with ``min_field_rms_mm``.
 
     Returns:
         A :class:`NetworkInput` (CPU tensors).
@@ -270,10 +303,19 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     Raises:
         GeometryError: a field or mask not on the image grid, non-finite values, a mask with negative values,
             or a network expecting a channel count other than 4.
+        BrainshiftError: both ``min_field_rms_mm`` and ``field_scale``, or a scale that is not a positive
+            finite number.
 
     Convention: ``field_vox`` is forward Lagrangian in voxel units of the input grid; the result's field
-    channels are forward Lagrangian in ``config.field_units`` on the network grid.
+    channels are forward Lagrangian in ``config.field_units`` on the network grid (times ``field_scale``).
     """
+    if min_field_rms_mm is not None and field_scale is not None:
+        raise BrainshiftError("expected min_field_rms_mm or field_scale, got both")
+    for name, v in (("min_field_rms_mm", min_field_rms_mm), ("field_scale", field_scale)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                  and (v > 0 or (name == "min_field_rms_mm" and v == 0))):
+            raise BrainshiftError(f"expected {name} a {'non-negative' if name == 'min_field_rms_mm' else 'positive'}"
+                                  f" finite number, got {v!r}")
     if config.in_channels != 4:
         raise GeometryError(f"expected a network with 4 input channels (field + image), got {config.in_channels}")
     shape = image.shape
@@ -301,6 +343,10 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
         region = img_n > img_n.min()
     img_n, mean, std = zscore(img_n, region)
     field_n = field_n * region
+    if field_scale is None:
+        field_scale = scale_for_rms(field_rms_mm(field_n, region, net_affine, config.field_units), min_field_rms_mm)
+    if field_scale != 1.0:
+        field_n = field_n * float(field_scale)
     background = float(img_n.min())
     mult = config.size_multiple
     field_p, pad = pad_to_multiple(field_n, mult, 0.0)
@@ -309,7 +355,8 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     tensor = torch.cat([field_p, img_p])[None].contiguous()
     return NetworkInput(tensor=tensor, mask=region_p[0].bool(), pad=pad, net_shape=tuple(net_shape),
                         net_affine=net_affine, input_shape=tuple(shape), input_affine=image.affine.copy(),
-                        config=config, image_mean=mean, image_std=std, same_grid=same)
+                        config=config, image_mean=mean, image_std=std, same_grid=same,
+                        field_scale=float(field_scale))
 
 
 def field_to_network_grid(field_vox, net_input: NetworkInput, zero_outside: bool = False) -> torch.Tensor:
@@ -372,7 +419,7 @@ def from_network_grid(pred, net_input: NetworkInput) -> np.ndarray:
 
 
 def refined_from_prediction(pred, net_input: NetworkInput, init_field_vox) -> np.ndarray:
-    """The refined field on the input grid: ``init + from_network_grid(pred - network input field)``.
+    """The refined field on the input grid: ``init + from_network_grid(pred - network input field) / field_scale``.
 
     The network's correction (its output minus its input field, on the network grid) is mapped back and added
     to the full-resolution initial field, so a coarse network grid does not blur the initial field's own
@@ -396,6 +443,8 @@ def refined_from_prediction(pred, net_input: NetworkInput, init_field_vox) -> np
     """
     init = check_field(_as_tensor(init_field_vox).numpy(), net_input.input_shape)
     residual = _as_tensor(pred)[:, :3].detach().cpu() - net_input.field
+    if net_input.field_scale != 1.0:
+        residual = residual / float(net_input.field_scale)
     residual = extend_from_region(residual, net_input.mask)
     return (init + from_network_grid(residual, net_input)).astype(np.float32, copy=False)
 

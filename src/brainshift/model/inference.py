@@ -71,8 +71,34 @@ def use_mirror_average(loaded: LoadedModel, mirror_average: bool | None) -> bool
     return trained_with_mirroring(loaded) if mirror_average is None else bool(mirror_average)
 
 
+#: Key of a model's metadata (its safetensors header) holding the inference's scale normalisation floor (mm):
+#: :func:`~brainshift.model.grid.to_network_grid`'s ``min_field_rms_mm``, chosen for that model on validation.
+MIN_FIELD_RMS_KEY = "min_field_rms_mm"
+
+
+def model_min_field_rms_mm(loaded: LoadedModel, override: float | None = None) -> float:
+    """The scale normalisation floor (mm) to run ``loaded`` with: ``override`` if given (0 turns it off), else
+    the model's own value (metadata ``inference.min_field_rms_mm``, recorded with the weights), else 0 (models
+    without one, e.g. your own trained ones, run unscaled).
+
+    Raises:
+        BrainshiftError: a negative or non-finite value.
+    """
+    from brainshift.errors import BrainshiftError
+
+    value = override
+    if value is None:
+        meta = loaded.metadata if isinstance(loaded.metadata, dict) else {}
+        inf = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
+        value = inf.get(MIN_FIELD_RMS_KEY, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise BrainshiftError(f"expected a minimum field RMS >= 0 mm, got {value!r}")
+    return float(value)
+
+
 def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
-                 progress: bool = False, mirror_average: bool | None = None) -> np.ndarray:
+                 progress: bool = False, mirror_average: bool | None = None,
+                 min_field_rms_mm: float | None = None) -> np.ndarray:
     """Refine an initial displacement field with the network (see the module docstring).
 
     Args:
@@ -86,6 +112,10 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         progress: show a tqdm bar (only if the run lasts more than a second).
         mirror_average: average with the left-right mirrored problem (:func:`predict`); ``None`` (default):
             when the model was trained with left-right mirroring (:func:`trained_with_mirroring`).
+        min_field_rms_mm: scale normalisation floor (mm; :func:`~brainshift.model.grid.to_network_grid`, step
+            7): an initial field whose RMS magnitude over the brain is smaller is scaled up to it for the network
+            and the correction scaled back down. ``None`` (default): the model's own value
+            (:func:`model_min_field_rms_mm`); 0: off.
 
     Returns:
         ``(3, I, J, K)`` float32 refined field on ``image``'s grid.
@@ -102,7 +132,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
     dev = resolve_device(device)
     with tqdm(total=3, desc="refine", unit="step", delay=1.0, disable=not progress) as bar:
         bar.set_postfix_str("resample")
-        net_input = to_network_grid(image, init, mask, loaded.config)
+        net_input = to_network_grid(image, init, mask, loaded.config,
+                                    min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
         bar.update()
         bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
         out = predict(loaded.model, net_input, dev, mirror_average=use_mirror_average(loaded, mirror_average))

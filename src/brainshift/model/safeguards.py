@@ -134,11 +134,11 @@ def _two_passes(loaded: LoadedModel, net_input, device) -> tuple[torch.Tensor, t
 
 def _spread_mm(half_diff: torch.Tensor, net_input) -> torch.Tensor:
     """``(I', J', K')`` magnitude (mm) of a network-unit field on the (unpadded) network grid over ``sqrt(3)`` (its
-    RMS per world component), continued outside the brain from the nearest brain voxel (as the network's
-    correction is)."""
+    RMS per world component; divided by the input's scale normalisation factor), continued outside the brain from
+    the nearest brain voxel (as the network's correction is)."""
     a_net = np.asarray(net_input.net_affine, np.float64)[:3, :3]
     units = spacing_from_affine(net_input.net_affine) if net_input.config.field_units == "mm" else np.ones(3)
-    to_mm = torch.as_tensor(a_net @ np.diag(1.0 / units), dtype=torch.float32)
+    to_mm = torch.as_tensor(a_net @ np.diag(1.0 / units) / float(net_input.field_scale), dtype=torch.float32)
     d = extend_from_region(crop_pad(half_diff[0, :3], net_input.pad), crop_pad(net_input.mask, net_input.pad))
     return torch.linalg.vector_norm(torch.einsum("ab,b...->a...", to_mm, d.float()), dim=0) / np.sqrt(3.0)
 
@@ -442,7 +442,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 loaded: LoadedModel, *, method: str, mask: np.ndarray | None = None, device: str = "cpu",
                 folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
                 fold_rule: str = "knndm",
-                interpolate_options: dict | None = None, fold_field=None) -> SafeRefinement:
+                interpolate_options: dict | None = None, fold_field=None,
+                min_field_rms_mm: float | None = None) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -467,6 +468,11 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             from the keypoints ``keep`` (indices) on the grid ``(shape, affine)`` (voxel units of that grid),
             for initial fields that are not made by an interpolator (the atlas:
             :func:`brainshift.atlas.fit.fold_field_on_grid`); default: ``method`` with ``interpolate_options``.
+        min_field_rms_mm: scale normalisation floor (mm) of the network's input
+            (:func:`brainshift.model.grid.to_network_grid`, step 7; ``None``: the model's own value,
+            :func:`brainshift.model.inference.model_min_field_rms_mm`; 0: off). The factor is chosen on the full
+            problem and used for every fold, so the folds score the network as the output uses it; recorded as
+            ``field_scale`` in ``info``.
 
     Returns:
         :class:`SafeRefinement`.
@@ -493,7 +499,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
 
     # the network on the full problem: two passes (plain and mirrored); their mean is the refinement (mapped
     # back once: the map is linear), half their difference the spread, kept on the network grid
-    net_input = to_network_grid(image, init, mask, loaded.config)
+    from brainshift.model.inference import model_min_field_rms_mm
+
+    net_input = to_network_grid(image, init, mask, loaded.config,
+                                min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
     pa, pb = _two_passes(loaded, net_input, device)
     net_field = refined_from_prediction(0.5 * (pa + pb), net_input, init)
     spread_net = _spread_mm(0.5 * (pa - pb), net_input)
@@ -511,7 +520,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     else:
         split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
     alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule,
-                                 **fold_record}
+                                 **fold_record, "field_scale": float(net_input.field_scale)}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
     kernel = "local"
     held_err0, held_dist, held_classical, held_raw = [], [], [], []
@@ -529,7 +538,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 init_c = np.asarray(fold_field(keep, img_c.shape, img_c.affine), dtype=np.float32)
             else:
                 init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
-            ni = to_network_grid(img_c, init_c, mask_c, loaded.config)
+            ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale)
             with torch.inference_mode():
                 from brainshift.device import resolve_device
 
