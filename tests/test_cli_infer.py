@@ -335,6 +335,13 @@ def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_d
         res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "n"), "-q", "-f", "npz",
                        "--no-refine", "--mirror-average"])
     assert res.exit_code == 0, res.output
+    # an initial field without keypoints: the network runs, unchecked, and infer says so
+    np.savez(tmp_path / "init.npz", field=np.zeros((3, *SHAPE), np.float32), affine=nib.load(image_path).affine)
+    with pytest.warns(UserWarning, match="safeguards .* need keypoints"):
+        res = _invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-o", str(tmp_path / "i"),
+                       "-q", "-f", "npz"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "i" / "summary.json").read_text())["refined"] is True
 
 
 def test_default_without_weights_says_it_does_not_refine(tmp_path, image_path, no_default_weights):

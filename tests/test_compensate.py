@@ -65,6 +65,27 @@ def test_given_initial_field_is_returned_and_refined_by_a_network(image, tiny_de
     assert "load network weights" in again.timings_s
 
 
+def test_scale_normalisation_floor_applies_to_the_network_alone_not_under_the_safeguards(image,
+                                                                                        tiny_default_weights):
+    from brainshift.model.checkpoint import load_weights
+
+    loaded = load_weights(tiny_default_weights)
+    loaded.metadata = dict(loaded.metadata, inference={"min_field_rms_mm": 2.5})
+    init = np.zeros((3, *SHAPE), np.float32)
+    init[0] = 0.1  # 0.2 mm: below the floor
+    alone = compensate(image, initial_field=init, model=loaded, mirror_average=False)
+    assert alone.min_field_rms_mm == 2.5
+    unscaled = compensate(image, initial_field=init, model=loaded, mirror_average=False, min_field_rms_mm=0)
+    assert unscaled.min_field_rms_mm == 0.0
+    assert not np.allclose(alone.refined_field, unscaled.refined_field, atol=1e-6)  # the floor changed the input
+    pts = np.random.default_rng(1).uniform(2, 11, size=(12, 3))
+    guarded = compensate(image, keypoints=(pts, np.tile([0.1, 0.0, 0.0], (12, 1))), method="tps", model=loaded)
+    assert guarded.min_field_rms_mm == 0.0 and guarded.safeguards["field_scale"] == 1.0
+    asked = compensate(image, keypoints=(pts, np.tile([0.1, 0.0, 0.0], (12, 1))), method="tps", model=loaded,
+                       min_field_rms_mm=2.5)
+    assert asked.min_field_rms_mm == 2.5 and asked.safeguards["field_scale"] > 1.0
+
+
 def test_bad_calls_raise(image):
     pts, disps = _keypoints()
     with pytest.raises(BrainshiftError, match="expected keypoints or an initial_field, got neither"):

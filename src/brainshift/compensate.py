@@ -68,6 +68,7 @@ class Result:
             regularisation chosen by cross-validation, fit residual, closest members); else None.
         interpolator_choice: with ``method="auto"``, what :func:`choose_interpolator` chose and why
             (``{"chosen", "keypoint_hull_fraction", "threshold"}``); else None.
+        min_field_rms_mm: the network's scale normalisation floor (mm) as used (0: none), None without a model.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -84,6 +85,7 @@ class Result:
     safeguards: dict | None = None
     atlas_fit: dict | None = None
     interpolator_choice: dict | None = None
+    min_field_rms_mm: float | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -237,8 +239,11 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             safeguards' cross-validation then re-fits the atlas without each fold's keypoints.
         min_field_rms_mm: scale normalisation floor (mm) of the network's input: an initial field whose RMS
             magnitude over the brain is smaller is scaled up to it for the network, and the correction scaled back
-            (:func:`brainshift.model.grid.to_network_grid`, step 7). ``None``: the model's own value
-            (:func:`brainshift.model.inference.model_min_field_rms_mm`; the default model: 2.5 mm); 0: off.
+            (:func:`brainshift.model.grid.to_network_grid`, step 7). ``None``: for the network alone (no
+            safeguards, or no keypoints) the model's own value
+            (:func:`brainshift.model.inference.model_min_field_rms_mm`; the default model: 2.5 mm), under the
+            safeguards 0 (off: on validation it did not change their output beyond noise, bench/RESULTS.md,
+            "Scale-normalised network input"); 0: off.
 
     Returns:
         :class:`Result`.
@@ -325,7 +330,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             model = model.result()
             timings["load network weights"] = time.perf_counter() - t0
             check_model(model, resolved=True)
-        from brainshift.model.inference import refine_field, use_mirror_average
+        from brainshift.model.inference import model_min_field_rms_mm, refine_field, use_mirror_average
 
         result.model = model
         t0 = time.perf_counter()
@@ -343,12 +348,16 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,
                                device=device, seed=safeguard_seed,
                                interpolate_options=(interp_options or {}) if method not in ("given", "atlas")
-                               else {}, fold_field=fold_field, min_field_rms_mm=min_field_rms_mm)
+                               else {}, fold_field=fold_field,
+                               min_field_rms_mm=0.0 if min_field_rms_mm is None else min_field_rms_mm)
+            result.min_field_rms_mm = model_min_field_rms_mm(model, 0.0 if min_field_rms_mm is None
+                                                             else min_field_rms_mm)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
             result.mirror_average = True
         else:
             result.mirror_average = use_mirror_average(model, mirror_average)
+            result.min_field_rms_mm = model_min_field_rms_mm(model, min_field_rms_mm)
             result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
                                                 mirror_average=result.mirror_average,
                                                 min_field_rms_mm=min_field_rms_mm)

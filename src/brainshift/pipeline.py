@@ -216,6 +216,10 @@ def run_infer(opts: InferOptions) -> dict:
     steps = StepTimer(opts.verbose)
     fmt = _check_options(opts)
     refine, weights = _refinement_plan(opts)
+    if refine and opts.safeguards and opts.kpt_disps is None:
+        warnings.warn("an initial field without keypoints (-k): the safeguards (cross-validated fallback, keypoint "
+                      "consistency, uncertainty) need keypoints, so the network's correction is applied unchecked; "
+                      "give the keypoints too, or --no-refine to keep the field as it is", stacklevel=2)
     out = Path(opts.output)
     outputs = OutputSet(out, _planned_outputs(opts, fmt, refine))  # a user's file in the way fails here, at once
     device = "cpu"
@@ -465,11 +469,9 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
         "timings_s": {k: round(v, 4) for k, v in steps.timings_s.items()},
     }
     if result.model is not None:
-        from brainshift.model.inference import model_min_field_rms_mm
-
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
                               "mirror_average": result.mirror_average,
-                              "min_field_rms_mm": model_min_field_rms_mm(result.model, opts.min_field_rms_mm)}
+                              "min_field_rms_mm": result.min_field_rms_mm}
         summary["safeguards"] = result.safeguards
     if result.atlas_fit is not None:
         summary["atlas_fit"] = result.atlas_fit

@@ -307,13 +307,16 @@ def test_scale_normalisation_changes_nothing_for_a_homogeneous_network_and_is_re
     pts, d = _keypoints(gt, n=30)
     init = interpolate("tps", pts, d, SHAPE, image.affine)
     meta = {"inference": {"min_field_rms_mm": 2.5}}
-    scaled = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, meta), method="tps")
+    scaled = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, meta), method="tps", min_field_rms_mm=None)
     plain = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, meta), method="tps", min_field_rms_mm=0)
     assert scaled.info["field_scale"] > 10.0 and plain.info["field_scale"] == 1.0
     assert scaled.alpha == pytest.approx(plain.alpha, abs=1e-6)
     np.testing.assert_allclose(scaled.field_vox, plain.field_vox, atol=1e-5)
     # a correction of fixed size (a prior that ignores the input's magnitude) shrinks by the factor
-    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, meta), method="tps", consistency=False)
+    shifted = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, meta), method="tps", consistency=False,
+                          min_field_rms_mm=None)
+    # off by default under the safeguards
+    assert safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, meta), method="tps").info["field_scale"] == 1
     unscaled = safe_refine(image, pts, d, init, LoadedModel(_Shift(), CFG, {}), method="tps", consistency=False)
     corr = np.abs(shifted.network_field_vox - init).max()
     assert corr == pytest.approx(np.abs(unscaled.network_field_vox - init).max() / shifted.info["field_scale"],

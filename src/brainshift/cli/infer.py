@@ -49,8 +49,9 @@ def infer_command(
     min_field_rms: float | None = typer.Option(None, "--min-field-rms", min=0.0,
                                                help="Scale normalisation floor (mm): an initial field whose RMS "
                                                     "over the brain is smaller is scaled up to it for the network "
-                                                    "and the correction scaled back (default: the model's own "
-                                                    "value, 2.5 for the default model; 0: off)."),
+                                                    "and the correction scaled back (default: for the network "
+                                                    "alone the model's own value, 2.5 for the default model; under "
+                                                    "the safeguards off; 0: off)."),
     safeguards: bool = typer.Option(True, "--safeguards/--no-safeguards",
                                     help="Keep the network's correction only as far as it predicts held-out "
                                          "keypoints better than the interpolation, then honour the keypoints "
