@@ -468,3 +468,19 @@ def test_clustered_keypoints_with_a_spline_warn_and_record_their_extent(tmp_path
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["interpolation"] == want and summary["interpolator_choice"]["chosen"] == want
         assert (summary["interpolator_choice"]["keypoint_hull_fraction"] < 0.04) == (want == "linear")
+
+
+def test_tps_lam_cv_with_auto_choosing_linear_tunes_no_ridge(tmp_path, image_path):
+    """--tps-lam cv under -m auto: keypoints clustered in one region make auto take linear, so no ridge is chosen
+    or recorded (and fewer than 20 keypoints are then no error)."""
+    rng = np.random.default_rng(5)
+    for n in (24, 8):
+        pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(n, 3))
+        kp = _table(tmp_path / f"clustered{n}.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (n, 1))]))
+        out = tmp_path / f"c{n}"
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", "cv", "-f", "npz",
+                       "-o", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["interpolation"] == "linear"
+        assert "tps_lam_cv_rmse_mm" not in summary and "interpolation_options" not in summary

@@ -300,6 +300,9 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     ``--tps-lam cv`` chooses the thin-plate spline's ridge by 5-fold cross-validation over the keypoints
     (:func:`brainshift.interpolate.tps.choose_tps_lam`, as ``brainshift register`` does for its matches).
 
+    With ``-m auto``, the ridge is chosen only when auto takes ``tps``
+    (:func:`brainshift.compensate.choose_interpolator`).
+
     Raises:
         KeypointError: ``--tps-lam cv`` with fewer than
             :data:`brainshift.interpolate.tps.MIN_KEYPOINTS_LAM_CV` keypoints.
@@ -320,6 +323,11 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV, choose_tps_lam
 
     points_vox, disps_vox = given["keypoints"]
+    if str(opts.interp_mode).lower() == "auto":
+        from brainshift.compensate import choose_interpolator
+
+        if choose_interpolator(image, points_vox)[0] != "tps":  # auto takes linear: no ridge to choose
+            return options, {}
     if len(points_vox) < MIN_KEYPOINTS_LAM_CV:
         raise KeypointError(f"expected at least {MIN_KEYPOINTS_LAM_CV} keypoints for --tps-lam cv (5-fold "
                             f"cross-validation), got {len(points_vox)}; give a number instead (published: 0.1)")
