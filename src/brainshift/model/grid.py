@@ -344,7 +344,8 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     img_n, mean, std = zscore(img_n, region)
     field_n = field_n * region
     if field_scale is None:
-        field_scale = scale_for_rms(field_rms_mm(field_n, region, net_affine, config.field_units), min_field_rms_mm)
+        field_scale = 1.0 if not min_field_rms_mm else scale_for_rms(
+            field_rms_mm(field_n, region, net_affine, config.field_units), min_field_rms_mm)
     if field_scale != 1.0:
         field_n = field_n * float(field_scale)
     background = float(img_n.min())
