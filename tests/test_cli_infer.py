@@ -321,9 +321,10 @@ def test_default_run_refines_with_the_default_model(tmp_path, image_path, tiny_d
                    "--min-field-rms", "3", "--no-safeguards"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["network"]["min_field_rms_mm"] == 3.0
-    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "n"), "-q",
-                   "--min-field-rms", "-1"])
-    assert res.exit_code == 2 and not (tmp_path / "n").exists()
+    assert summary["network"]["field_scale"] == 1.0
+    for bad in ("-1", "nan", "inf"):
+        _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / "n"), "-q",
+                                     "--min-field-rms", bad]), tmp_path / "n", "--min-field-rms a finite number")
     plain = np.load(tmp_path / "o" / "corrected_disp_field.npz")
     mirrored = np.load(tmp_path / "m" / "corrected_disp_field.npz")
     assert not np.array_equal(plain[plain.files[0]], mirrored[mirrored.files[0]])  # a different (averaged) field

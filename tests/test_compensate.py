@@ -74,9 +74,9 @@ def test_scale_normalisation_floor_applies_to_the_network_alone_not_under_the_sa
     init = np.zeros((3, *SHAPE), np.float32)
     init[0] = 0.1  # 0.2 mm: below the floor
     alone = compensate(image, initial_field=init, model=loaded, mirror_average=False)
-    assert alone.min_field_rms_mm == 2.5
+    assert alone.min_field_rms_mm == 2.5 and alone.field_scale > 1.0
     unscaled = compensate(image, initial_field=init, model=loaded, mirror_average=False, min_field_rms_mm=0)
-    assert unscaled.min_field_rms_mm == 0.0
+    assert unscaled.min_field_rms_mm == 0.0 and unscaled.field_scale == 1.0
     assert not np.allclose(alone.refined_field, unscaled.refined_field, atol=1e-6)  # the floor changed the input
     pts = np.random.default_rng(1).uniform(2, 11, size=(12, 3))
     guarded = compensate(image, keypoints=(pts, np.tile([0.1, 0.0, 0.0], (12, 1))), method="tps", model=loaded)

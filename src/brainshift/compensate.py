@@ -69,6 +69,7 @@ class Result:
         interpolator_choice: with ``method="auto"``, what :func:`choose_interpolator` chose and why
             (``{"chosen", "keypoint_hull_fraction", "threshold"}``); else None.
         min_field_rms_mm: the network's scale normalisation floor (mm) as used (0: none), None without a model.
+        field_scale: the factor the network's input field was scaled by (1: none), None without a model.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -86,6 +87,7 @@ class Result:
     atlas_fit: dict | None = None
     interpolator_choice: dict | None = None
     min_field_rms_mm: float | None = None
+    field_scale: float | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -354,13 +356,16 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                                              else min_field_rms_mm)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
+            result.field_scale = float(safe.info.get("field_scale", 1.0))
             result.mirror_average = True
         else:
             result.mirror_average = use_mirror_average(model, mirror_average)
             result.min_field_rms_mm = model_min_field_rms_mm(model, min_field_rms_mm)
+            record: dict = {}
             result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
                                                 mirror_average=result.mirror_average,
-                                                min_field_rms_mm=min_field_rms_mm)
+                                                min_field_rms_mm=min_field_rms_mm, record=record)
+            result.field_scale = record["field_scale"]
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:
         t0 = time.perf_counter()

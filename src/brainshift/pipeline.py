@@ -108,6 +108,9 @@ def _check_options(opts: InferOptions) -> str:
     bound = float(opts.max_displacement_mm)
     if not (bound > 0 and bound < float("inf")):
         raise BrainshiftError(f"expected --max-displacement a positive number of mm, got {opts.max_displacement_mm}")
+    floor = opts.min_field_rms_mm
+    if floor is not None and not (isinstance(floor, (int, float)) and 0 <= float(floor) < float("inf")):
+        raise BrainshiftError(f"expected --min-field-rms a finite number >= 0 (mm), got {floor}")
     _check_keypoint_options(opts)
     _tps_lam_option(opts)
     if str(opts.interp_mode).lower() == "atlas":
@@ -479,7 +482,7 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
     if result.model is not None:
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
                               "mirror_average": result.mirror_average,
-                              "min_field_rms_mm": result.min_field_rms_mm}
+                              "min_field_rms_mm": result.min_field_rms_mm, "field_scale": result.field_scale}
         summary["safeguards"] = result.safeguards
     if result.atlas_fit is not None:
         summary["atlas_fit"] = result.atlas_fit

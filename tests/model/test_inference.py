@@ -220,5 +220,5 @@ def test_model_min_field_rms_comes_from_the_weights_or_the_override():
     assert model_min_field_rms_mm(LoadedModel(_Identity(), FAST, {})) == 0.0  # none recorded: unscaled
     assert model_min_field_rms_mm(LoadedModel(_Identity(), FAST, _meta(2.5)), 0.0) == 0.0
     for bad in (-1.0, float("nan"), "2"):
-        with pytest.raises(BrainshiftError, match="minimum field RMS"):
+        with pytest.raises(BrainshiftError, match="minimum field RMS a finite number"):
             model_min_field_rms_mm(LoadedModel(_Identity(), FAST, {}), bad)

@@ -46,7 +46,7 @@ def infer_command(
     mirror_average: bool | None = typer.Option(None, "--mirror-average/--no-mirror-average",
                                                help="Average the network with its left-right mirrored problem "
                                                     "(default: when the model was trained with mirroring)."),
-    min_field_rms: float | None = typer.Option(None, "--min-field-rms", min=0.0,
+    min_field_rms: float | None = typer.Option(None, "--min-field-rms",
                                                help="Scale normalisation floor (mm): an initial field whose RMS "
                                                     "over the brain is smaller is scaled up to it for the network "
                                                     "and the correction scaled back (default: for the network "

@@ -92,13 +92,13 @@ def model_min_field_rms_mm(loaded: LoadedModel, override: float | None = None) -
         inf = meta.get("inference") if isinstance(meta.get("inference"), dict) else {}
         value = inf.get(MIN_FIELD_RMS_KEY, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise BrainshiftError(f"expected a minimum field RMS >= 0 mm, got {value!r}")
+        raise BrainshiftError(f"expected a minimum field RMS a finite number >= 0 (mm), got {value!r}")
     return float(value)
 
 
 def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
                  progress: bool = False, mirror_average: bool | None = None,
-                 min_field_rms_mm: float | None = None) -> np.ndarray:
+                 min_field_rms_mm: float | None = None, record: dict | None = None) -> np.ndarray:
     """Refine an initial displacement field with the network (see the module docstring).
 
     Args:
@@ -116,6 +116,7 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
             7): an initial field whose RMS magnitude over the brain is smaller is scaled up to it for the network
             and the correction scaled back down. ``None`` (default): the model's own value
             (:func:`model_min_field_rms_mm`); 0: off.
+        record: if given, a dict that receives ``field_scale``, the scale normalisation factor applied (1: none).
 
     Returns:
         ``(3, I, J, K)`` float32 refined field on ``image``'s grid.
@@ -134,6 +135,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         bar.set_postfix_str("resample")
         net_input = to_network_grid(image, init, mask, loaded.config,
                                     min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
+        if record is not None:
+            record["field_scale"] = float(net_input.field_scale)
         bar.update()
         bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
         out = predict(loaded.model, net_input, dev, mirror_average=use_mirror_average(loaded, mirror_average))
