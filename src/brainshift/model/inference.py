@@ -109,7 +109,7 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         mask: optional ``(I, J, K)`` brain mask (z-score region and where the initial field is kept for the
             network); default: the foreground ``image > min``.
         device: ``cpu`` or ``cuda[:N]``; CUDA asked for but absent raises.
-        progress: show a tqdm bar (only if the run lasts more than a second).
+        progress: show a tqdm bar (only if the run lasts more than a second and stderr is a terminal).
         mirror_average: average with the left-right mirrored problem (:func:`predict`); ``None`` (default):
             when the model was trained with left-right mirroring (:func:`trained_with_mirroring`).
         min_field_rms_mm: scale normalisation floor (mm; :func:`~brainshift.model.grid.to_network_grid`, step
@@ -131,7 +131,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
 
     init = check_field(init_field_vox, image.shape)
     dev = resolve_device(device)
-    with tqdm(total=3, desc="refine", unit="step", delay=1.0, disable=not progress) as bar:
+    # disable=None: no bar when stderr is not a terminal (a log file would collect its carriage returns)
+    with tqdm(total=3, desc="refine", unit="step", delay=1.0, disable=None if progress else True) as bar:
         bar.set_postfix_str("resample")
         net_input = to_network_grid(image, init, mask, loaded.config,
                                     min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
