@@ -13,9 +13,12 @@ training's rules, :func:`brainshift.train.data.keypoint_candidates`), held-out T
 optional ``--noise-mm``, seeded per case; identical for every method and model), methods:
 
 - ``linear``, ``tps``: the classical interpolators;
-- ``net-tps [model]``: the network's own refinement (mirror-averaged), what ``infer --no-safeguards`` returns;
+- ``net-tps [model]``: the network's own refinement (mirror-averaged), what ``infer --no-safeguards`` returns
+  (with the model's scale normalisation floor, e.g. 2.5 mm for the default model; session 16);
 - ``safe-tps [model]``: the refinement under :mod:`brainshift.model.safeguards` (cross-validated fallback,
-  keypoint consistency, uncertainty), what ``infer -m tps`` returns;
+  keypoint consistency, uncertainty), what ``infer -m tps`` returns (``--min-field-rms``: the floor under the
+  safeguards, default 0 as in ``infer``; ``bench/generalization_scaled/`` was made with 2.5 in both paths, before
+  the floor became the network-alone-only default);
 - ``safe-auto [model]``: what ``infer`` returns by default (``-m auto``:
   :func:`brainshift.compensate.choose_interpolator` takes ``linear`` for clustered keypoints, else ``tps``, and
   the safeguards refine that field; the same as ``safe-tps`` where it takes ``tps``);
@@ -69,11 +72,12 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
 
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
-                    noise_mm: float = 0.0) -> list[dict]:
+                    noise_mm: float = 0.0, safe_floor_mm: float = 0.0) -> list[dict]:
     from brainshift.compensate import choose_interpolator
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
+    from brainshift.model.inference import refine_field
     from brainshift.model.safeguards import keypoint_residuals_mm, safe_refine
     from brainshift.simulate.dataset import list_cases, read_case, read_subject_keypoints
 
@@ -102,19 +106,20 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
         for name, loaded in models.items():
             t0 = time.perf_counter()
             res = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields["tps"], loaded, method="tps",
-                              mask=brain, seed=seed)
+                              mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm)
             fields[f"safe-tps:{name}"] = res.field_vox
             extra[f"safe-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
                                         "alpha": res.alpha, "consistency": res.info.get("consistency", "")}
-            # the network alone (mirror-averaged, = refine_field with mirror averaging): its two passes are the
-            # safeguards' own, so it is not run twice
-            fields[f"net-tps:{name}"] = res.network_field_vox
-            extra[f"net-tps:{name}"] = {"time_s": res.info["times_s"]["network_s"] + extra["tps"]["time_s"],
-                                       "alpha": 1.0}
+            # the network alone, as `infer --no-safeguards` runs it (the model's scale normalisation floor) but
+            # always mirror-averaged, as the safeguards' own passes are
+            t0 = time.perf_counter()
+            fields[f"net-tps:{name}"] = refine_field(subject.image, fields["tps"], loaded, mask=brain,
+                                                     mirror_average=True)
+            extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"], "alpha": 1.0}
             if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
                 t0 = time.perf_counter()
                 res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
-                                    method=auto_method, mask=brain, seed=seed)
+                                    method=auto_method, mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm)
                 fields[f"safe-auto:{name}"] = res_a.field_vox
                 extra[f"safe-auto:{name}"] = {"time_s": time.perf_counter() - t0 + extra[auto_method]["time_s"],
                                              "alpha": res_a.alpha, "consistency": res_a.info.get("consistency", "")}
@@ -282,6 +287,9 @@ def main() -> None:
     ap.add_argument("--noise-mm", type=float, default=0.0, help="Gaussian noise per world component of the "
                     "driving displacements")
     ap.add_argument("--cases", type=int, default=None, help="first N cases of each dataset")
+    ap.add_argument("--min-field-rms", type=float, default=0.0,
+                    help="scale normalisation floor (mm) under the safeguards (default 0: off, as infer runs them; "
+                         "the net-tps rows always use each model's own floor, as infer --no-safeguards does)")
     args = ap.parse_args()
     import torch
 
@@ -300,7 +308,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for name, path in sets:
         rows += evaluate_family(path, name, models, seed=args.seed, n_keypoints=args.n_keypoints, cases=args.cases,
-                                rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm)
+                                rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm,
+                                safe_floor_mm=args.min_field_rms)
         write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
     print((out / "summary.md").read_text())
     print((out / "reliability.md").read_text())
@@ -312,7 +321,8 @@ def write_results(out: Path, rows: list[dict], calib: list, args, seconds: float
         w.writeheader()
         w.writerows(rows)
     header = (f"Weights: {', '.join(f'`{w}`' for w in args.weights)}; {args.n_keypoints} keypoints (rule "
-              f"`{args.keypoint_rule}`, noise {args.noise_mm} mm), seed {args.seed}; "
+              f"`{args.keypoint_rule}`, noise {args.noise_mm} mm), seed {args.seed}; scale normalisation floor "
+              f"under the safeguards {args.min_field_rms:g} mm (net-tps: each model's own); "
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU; "
               f"{seconds:.0f} s.\n\n")
     (out / "summary.md").write_text(header + summarise(rows))
