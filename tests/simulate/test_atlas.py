@@ -80,10 +80,12 @@ def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
 
 
 def test_atlas_solves_settle_the_contact_tail_unless_configured_otherwise():
-    from brainshift.simulate.atlas import ATLAS_CONTACT_SETTLE_FRACTION
+    from brainshift.simulate.atlas import ATLAS_CONTACT_SETTLE_FRACTION, ATLAS_SOLVER_RTOL
 
     assert 0.0 < ATLAS_CONTACT_SETTLE_FRACTION < 0.01
     assert AtlasConfig().simulation_config().contact_settle_fraction == ATLAS_CONTACT_SETTLE_FRACTION
+    assert AtlasConfig().simulation_config().solver_rtol == ATLAS_SOLVER_RTOL == 1e-4
+    assert AtlasConfig(simulation={"solver_rtol": 1e-6}).simulation_config().solver_rtol == 1e-6
     exact = AtlasConfig(simulation={"contact_settle_fraction": 0.0})
     assert exact.simulation_config("no_slip").contact_settle_fraction == 0.0
 

@@ -60,6 +60,12 @@ _RANGES = {"drainage_range": (0.0, 1.0), "craniotomy_radius_range_mm": (1.0, 200
 #: the surface nodes does not matter, and the iteration's tail (a few nodes per full solve) is a large part of a
 #: solve's time (bench/RESULTS.md, session 7).
 ATLAS_CONTACT_SETTLE_FRACTION = 0.002
+#: The atlas's solves stop the final linear solve of each equilibrium at this relative residual
+#: (``SimulationConfig.solver_rtol``, 1e-6 for a simulation; ``simulation:`` may set another value): on two solves of a
+#: held-out brain at 3 mm (no-slip and unilateral contact, max displacement 3.7-5.9 mm) the nodal displacements
+#: differed from the 1e-6 solve by at most 0.0005 mm (RMS 5e-6 mm), far below any fit residual (0.04 mm and up),
+#: and the solves took 8-14 % less time (bench/RESULTS.md, session 16).
+ATLAS_SOLVER_RTOL = 1e-4
 
 #: Simulation fields a sampled solve may carry (its own draw).
 _PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx")
@@ -183,7 +189,8 @@ class AtlasConfig:
         from brainshift.simulate.case import SimulationConfig
 
         own = {k: solve[k] for k in _PER_SOLVE if solve is not None and k in solve}
-        return SimulationConfig(**{"contact_settle_fraction": ATLAS_CONTACT_SETTLE_FRACTION, **self.simulation,
+        return SimulationConfig(**{"contact_settle_fraction": ATLAS_CONTACT_SETTLE_FRACTION,
+                                   "solver_rtol": ATLAS_SOLVER_RTOL, **self.simulation,
                                    "material": "linear", "resolution_mm": self.resolution_mm,
                                    "contact_model": contact_model or self.contact_models[0],
                                    "shear_modulus_pa": self.shear_modulus_pa, "resection": self.resection,
