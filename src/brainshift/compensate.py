@@ -346,14 +346,13 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                 def fold_field(keep, grid_shape, grid_affine):
                     return fold_field_on_grid(atlas, points_vox[keep], disps_vox[keep], grid_shape, grid_affine,
                                               seed=safeguard_seed)
+            floor = 0.0 if min_field_rms_mm is None else min_field_rms_mm  # off under the safeguards by default
             safe = safe_refine(image, points_vox, disps_vox, init, model,
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,
                                device=device, seed=safeguard_seed,
                                interpolate_options=(interp_options or {}) if method not in ("given", "atlas")
-                               else {}, fold_field=fold_field,
-                               min_field_rms_mm=0.0 if min_field_rms_mm is None else min_field_rms_mm)
-            result.min_field_rms_mm = model_min_field_rms_mm(model, 0.0 if min_field_rms_mm is None
-                                                             else min_field_rms_mm)
+                               else {}, fold_field=fold_field, min_field_rms_mm=floor)
+            result.min_field_rms_mm = model_min_field_rms_mm(model, floor)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
             result.field_scale = float(safe.info.get("field_scale", 1.0))
