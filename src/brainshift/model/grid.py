@@ -311,11 +311,13 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     """
     if min_field_rms_mm is not None and field_scale is not None:
         raise BrainshiftError("expected min_field_rms_mm or field_scale, got both")
-    for name, v in (("min_field_rms_mm", min_field_rms_mm), ("field_scale", field_scale)):
-        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                                  and (v > 0 or (name == "min_field_rms_mm" and v == 0))):
-            raise BrainshiftError(f"expected {name} a {'non-negative' if name == 'min_field_rms_mm' else 'positive'}"
-                                  f" finite number, got {v!r}")
+    def _number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+    if min_field_rms_mm is not None and not (_number(min_field_rms_mm) and min_field_rms_mm >= 0):
+        raise BrainshiftError(f"expected min_field_rms_mm a non-negative finite number, got {min_field_rms_mm!r}")
+    if field_scale is not None and not (_number(field_scale) and field_scale > 0):
+        raise BrainshiftError(f"expected field_scale a positive finite number, got {field_scale!r}")
     if config.in_channels != 4:
         raise GeometryError(f"expected a network with 4 input channels (field + image), got {config.in_channels}")
     shape = image.shape
