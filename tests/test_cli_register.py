@@ -92,3 +92,29 @@ def test_refine_writes_the_corrected_field_and_safeguards(images, tmp_path, tiny
     assert summary["refined"] and summary["safeguards"] is not None
     assert set(summary["outputs"]) == {"matches.csv", "initial_disp_field.nii.gz", "corrected_disp_field.nii.gz",
                                        "summary.json"}
+
+
+def test_an_empty_mask_is_named_and_writes_nothing(images, tmp_path):
+    """An empty --mask said "expected a non-empty brain mask, got no voxel inside" without naming the file."""
+    pre, _ = make_pair()
+    nib.save(nib.Nifti1Image(np.zeros(pre.shape, np.uint8), np.eye(4)), tmp_path / "empty.nii.gz")
+    out = tmp_path / "out"
+    r = _run("-p", images / "preop.nii.gz", "-t", images / "intraop.nii.gz", "--mask", tmp_path / "empty.nii.gz",
+             "--no-refine", "-o", out, "-q")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "at least one voxel inside (nonzero), got none in" in lines[0], r.output
+    assert "empty.nii.gz" in lines[0]
+    assert not out.exists()
+
+
+def test_an_rgb_intraop_image_is_one_line_error(images, tmp_path):
+    """A colour NIfTI (RGB records per voxel) was a TypeError traceback in the cast to float32."""
+    rgb = np.zeros((20, 20, 20), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    out = tmp_path / "out"
+    r = _run("-p", images / "preop.nii.gz", "-t", tmp_path / "rgb.nii.gz", "--no-refine", "-o", out, "-q")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "expected a scalar image (one real number per voxel)" in lines[0], r.output
+    assert not out.exists()

@@ -179,3 +179,36 @@ def test_auto_interpolates_clustered_keypoints_linearly_and_spread_ones_with_the
     assert choose_interpolator(image, spread[:3])[0] == "linear"  # no hull volume: clustered
     named = compensate(image, keypoints=(spread, disps), method="tps")
     assert named.interpolator_choice is None
+
+
+def test_network_weights_with_nan_are_refused_naming_the_file(tmp_path, tiny_weights):
+    """A weights file holding NaN made every field NaN; infer then stopped with "expected a solvable TPS system"
+    (under the safeguards) or "a finite displacement field". Expected: the weights named, nothing written."""
+    import nibabel as nib
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    with safe_open(str(tiny_weights), "np") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    name = sorted(k for k in tensors if tensors[k].dtype.kind == "f")[0]
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    data = np.zeros(SHAPE, np.float32)
+    data[2:-2, 2:-2, 2:-2] = np.random.default_rng(0).uniform(0.5, 1.0, (12, 14, 10))
+    nib.save(nib.Nifti1Image(data, AFFINE), str(tmp_path / "preop.nii.gz"))
+    pts, disps = _keypoints()
+    (tmp_path / "kp.csv").write_text("x,y,z,dx,dy,dz\n" + "".join(
+        ",".join(f"{v:.4f}" for v in (*p, *d)) + "\n" for p, d in zip(pts, disps, strict=True)))
+    for extra in ([], ["--no-safeguards"]):
+        out = tmp_path / f"out{len(extra)}"
+        res = CliRunner().invoke(app, ["infer", "-p", str(tmp_path / "preop.nii.gz"), "-k", str(tmp_path / "kp.csv"),
+                                       "-w", str(bad), "-d", "cpu", "-q", "-o", str(out), *extra])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "expected finite network weights in" in errors[0], res.output
+        assert "nan.safetensors" in errors[0] and repr(name) in errors[0]
+        assert not out.exists() or not any(out.iterdir())

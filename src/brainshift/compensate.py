@@ -131,6 +131,31 @@ def check_model(model, *, resolved: bool = False) -> None:
                           f"concurrent.futures.Future of one, or None, got {type(model).__name__}{hint}")
 
 
+def check_model_weights_finite(model) -> None:
+    """Refuse a loaded network whose weights hold NaN or inf (a damaged or diverged weights file).
+
+    Such a network turns every field into NaN; the refinement then failed with a message about something else
+    (a TPS system that could not be solved, a non-finite field). Checked once the model is resolved, before
+    any network pass (about 2 ms for the default model).
+
+    Args:
+        model: a ``LoadedModel`` (:func:`brainshift.model.checkpoint.load_weights`).
+
+    Raises:
+        BrainshiftError: naming the weights file, the count of tensors with non-finite values and the first one.
+    """
+    import torch
+
+    bad = [name for name, t in model.model.state_dict().items()
+           if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+    if bad:
+        source = model.metadata.get("source_path", "the loaded network") if isinstance(model.metadata, dict) \
+            else "the loaded network"
+        raise BrainshiftError(f"expected finite network weights in {source}, got NaN or inf values in {len(bad)} "
+                              f"tensor(s), the first {bad[0]!r} (a damaged file, or weights saved after training "
+                              f"diverged)")
+
+
 def check_atlas(atlas) -> None:
     """Refuse an ``atlas`` argument that is neither None nor a ``DeformationAtlas``.
 
@@ -332,6 +357,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             model = model.result()
             timings["load network weights"] = time.perf_counter() - t0
             check_model(model, resolved=True)
+        check_model_weights_finite(model)
         from brainshift.model.inference import model_min_field_rms_mm, refine_field, use_mirror_average
 
         result.model = model

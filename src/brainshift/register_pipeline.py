@@ -117,13 +117,14 @@ def run_match(key_a: Path, key_b: Path, image_a: Path, image_b: Path, output: Pa
             file of another image), no match left.
         BrainshiftError: an output name that is not a table (``.csv``/``.txt``).
     """
-    from brainshift.io.atomic import atomic_output
+    from brainshift.io.atomic import atomic_output, check_output_file
     from brainshift.io.images import read_image
     from brainshift.io.keypoints import check_sift_key_grid, read_sift_key_features
     from brainshift.register import match_features
 
     if not Path(output).name.lower().endswith((".csv", ".txt")):
         raise BrainshiftError(f"expected -o/--output a keypoint table (.csv or .txt), got {str(output)!r}")
+    check_output_file(output)  # before the work: a directory there, or a file where its folder should be
     fa, fb = read_sift_key_features(key_a), read_sift_key_features(key_b)
     vol_a, vol_b = read_image(image_a), read_image(image_b)
     check_sift_key_grid(fa, vol_a.shape, vol_a.spacing, key_path=key_a, image=f"-a {str(image_a)!r}")
@@ -192,7 +193,9 @@ def run_register(opts: RegisterOptions) -> dict:
         if mask is not None:  # nonzero = inside, as keypoints --mask; checked here to name the file
             from brainshift.volume import mask_inside
 
-            mask_inside(mask, f"mask {str(opts.mask)!r} (--mask)")
+            if not mask_inside(mask, f"mask {str(opts.mask)!r} (--mask)").any():
+                raise BrainshiftError(f"expected a brain mask with at least one voxel inside (nonzero), got none in "
+                                      f"{str(opts.mask)!r} (--mask)")
     with steps.step("register and compensate"):
         result = register(preop, intraop, mask=mask, method=opts.interp_mode, model=pending,
                           device=opts.device if refine else "cpu", safeguards=opts.safeguards)

@@ -199,3 +199,28 @@ def test_check_image_refuses_a_nan_affine():
                              region=np.ones((16, 19, 13), bool), affine=np.eye(4), image_sha256="")
     with pytest.raises(GeometryError, match="affine"):
         atlas.check_image((16, 19, 13), np.full((4, 4), np.nan))
+
+
+def test_a_deeply_nested_atlas_json_is_one_error_through_infer(tmp_path):
+    """json recursed once per nesting level: `infer --atlas` stopped with a RecursionError traceback."""
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    (folder / "atlas.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputFileError, match=r"atlas\.json to be JSON, got unreadable content \(nested too deeply\)"):
+        load_atlas(folder)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), np.eye(4)),
+             str(tmp_path / "preop.nii.gz"))
+    rows = ["x,y,z,dx,dy,dz", "2,2,2,0,0,1", "9,2,3,0,0,1", "2,9,4,0,0,1", "3,3,9,0,0,1", "8,8,8,0,0,1"]
+    (tmp_path / "kp.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["infer", "-p", str(tmp_path / "preop.nii.gz"), "-k", str(tmp_path / "kp.csv"),
+                                   "-m", "atlas", "--atlas", str(folder), "--no-refine", "-q", "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "nested too deeply" in errors[0], res.output
+    assert not out.exists() or not any(out.iterdir())

@@ -179,3 +179,24 @@ def test_labelled_tables_and_tags_are_paired_by_label_not_by_row_order(tmp_path,
                             str(_table(tmp_path / "two.csv", INTRA[:2])), "--field", str(field_file)])
     assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
     assert r.output.startswith("error: expected as many intraop as preop landmarks (3 in ")
+
+
+def test_not_utf8_table_names_its_line_and_an_output_under_a_file_is_refused_first(tmp_path, field_file):
+    """The UTF-8 error gave a byte offset ("position 13"); -o below a file failed after the work with "File
+    exists". Expected: the line and column of the byte; the file in the way named before any output."""
+    pre = "x,y,z,label\n" + "".join(f"{x:g},{y:g},{z:g},p{i}\n" for i, (x, y, z) in enumerate(PRE))
+    (tmp_path / "latin1.csv").write_bytes(pre.replace("p1", "caf\xe9").encode("latin-1"))
+    (tmp_path / "intra.csv").write_text("x,y,z\n" + "".join(f"{x:g},{y:g},{z:g}\n" for x, y, z in INTRA))
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tmp_path / "latin1.csv"),
+                            "--intraop-landmarks", str(tmp_path / "intra.csv"), "--field", str(field_file)])
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+    assert r.output.startswith("error: expected a UTF-8 text landmark table")
+    assert "byte 0xe9 on line 3 (column 11)" in r.output  # line 3 is '4,-6,2,caf' and then the byte
+    (tmp_path / "pre.csv").write_text(pre)
+    (tmp_path / "notes.txt").write_text("mine")
+    r = runner.invoke(app, ["evaluate-landmarks", "--preop-landmarks", str(tmp_path / "pre.csv"),
+                            "--intraop-landmarks", str(tmp_path / "intra.csv"), "--field", str(field_file),
+                            "-o", str(tmp_path / "notes.txt" / "tre.csv")])
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output  # refused before the table is printed
+    assert r.output.startswith("error: expected a folder to write") and "notes.txt, an existing file" in r.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -27,3 +27,38 @@ def smooth_field(shape, amplitude: float = 1.5) -> np.ndarray:
         0.3 * amplitude * np.cos(np.pi * k) * i,
     ])
     return f.astype(np.float32)
+
+
+def write_small_case(folder) -> tuple:
+    """A small preop image (``preop.nii.gz``, 16 x 18 x 14, 1.5 mm) and a keypoint table (``kp.csv``, 10
+    keypoints, voxel frame) in ``folder``: the valid inputs that the command-line tests of bad inputs pair with."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    folder = Path(folder)
+    rng = np.random.default_rng(0)
+    shape = (16, 18, 14)
+    data = (rng.random(shape) + 0.1).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-10.0, -12.0, -8.0]
+    image = folder / "preop.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(image))
+    pts = rng.uniform([2, 2, 2], [s - 3 for s in shape], size=(10, 3))
+    rows = ["x,y,z,dx,dy,dz"] + [f"{p[0]:.3f},{p[1]:.3f},{p[2]:.3f},0.5,-0.25,0.3" for p in pts]
+    table = folder / "kp.csv"
+    table.write_text("\n".join(rows) + "\n")
+    return image, table
+
+
+def assert_one_line_error(result, out_dir, *fragments) -> str:
+    """A command that refused its input: exit code 2, no traceback, exactly one ``error:`` line holding every
+    fragment, and nothing left in ``out_dir`` (absent or empty). Returns the error line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir()), sorted(p.name for p in out_dir.iterdir())
+    return lines[0]

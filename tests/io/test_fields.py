@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from _io_helpers import OBLIQUE_SHAPE, oblique_affine_matrix, smooth_field
+from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, oblique_affine_matrix, smooth_field, write_small_case
 
 from brainshift.errors import BrainshiftError, GeometryError, InputFileError
 from brainshift.io.fields import (
@@ -329,3 +329,53 @@ def test_h5_layout_float32_compressed_and_float64_option(tmp_path, oblique_affin
     with pytest.raises(BrainshiftError, match=r"expected a gzip level 0-9 .* got 10"):
         write_field(tmp_path / "bad.h5", field, oblique_affine, compression=10)
     assert not (tmp_path / "bad.h5").exists()
+
+
+# --------------------------------------------------------------- malformed initial fields through the command line
+
+
+def _infer_init(tmp_path, field):
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    image, _ = write_small_case(tmp_path)
+    out = tmp_path / "out"
+    return CliRunner().invoke(app, ["infer", "-p", str(image), "-i", str(field), "--no-refine", "-q",
+                                    "-o", str(out)]), out
+
+
+def test_h5_field_with_nan_fixed_parameters_names_the_file(tmp_path):
+    """A NaN origin in TransformFixedParameters: the geometry error came without the file's name."""
+    import h5py
+
+    from brainshift.io.images import read_image
+
+    image, _ = write_small_case(tmp_path)
+    vol = read_image(image)
+    path = tmp_path / "nanorigin.h5"
+    write_field(path, np.zeros((3, *vol.shape), np.float32), vol.affine)
+    with h5py.File(path, "r+") as h5:
+        fixed = h5["TransformGroup/0/TransformFixedParameters"]
+        values = fixed[()]
+        values[3] = np.nan  # the origin's x
+        fixed[...] = values
+    res, out = _infer_init(tmp_path, path)
+    assert_one_line_error(res, out, "expected a valid displacement field in", "nanorigin.h5", "finite 4x4")
+
+
+def test_corrupt_gzip_nifti_field_and_a_directory_are_named_so(tmp_path):
+    from brainshift.io.images import read_image
+
+    image, _ = write_small_case(tmp_path)
+    vol = read_image(image)
+    good = tmp_path / "f.nii.gz"
+    write_field(good, smooth_field(vol.shape), vol.affine)
+    raw = bytearray(good.read_bytes())
+    raw[-6] ^= 0xFF  # the gzip trailer's CRC-32
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(raw))
+    res, out = _infer_init(tmp_path, tmp_path / "crc.nii.gz")
+    assert_one_line_error(res, out, "expected an intact gzip-compressed NIfTI vector field", "CRC check failed")
+    (tmp_path / "dir.npz").mkdir()  # was "expected an existing displacement field file ... (not found)"
+    res, out = _infer_init(tmp_path, tmp_path / "dir.npz")
+    assert_one_line_error(res, out, "expected the displacement field to be a file, got a directory")

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from _io_helpers import OBLIQUE_SHAPE
+from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, write_small_case
 
 from brainshift.errors import InputFileError
 from brainshift.io.images import read_image, volume_from_sitk, volume_to_sitk, write_image
@@ -121,3 +121,94 @@ def test_sitk_conversion_round_trip(oblique_volume):
     back = volume_from_sitk(img)
     np.testing.assert_array_equal(back.data, oblique_volume.data)
     np.testing.assert_allclose(back.affine, oblique_volume.affine, atol=1e-12)
+
+
+# ------------------------------------------------------------------- malformed images through the command line
+
+
+def _infer(tmp_path, image):
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    _, table = write_small_case(tmp_path)
+    out = tmp_path / "out"
+    return CliRunner().invoke(app, ["infer", "-p", str(image), "-k", str(table), "--no-refine", "-q",
+                                    "-o", str(out)]), out
+
+
+def test_rgb_image_is_one_line_error_not_a_traceback(tmp_path):
+    rgb = np.zeros((16, 18, 14), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii.gz"))
+    res, out = _infer(tmp_path, tmp_path / "rgb.nii.gz")
+    assert_one_line_error(res, out, "expected a scalar image", "got 3 values per voxel (R, G, B)")
+    with pytest.raises(InputFileError, match=r"scalar image .* \(R, G, B\)"):  # labels (masks) too
+        read_image(tmp_path / "rgb.nii.gz", kind="label")
+
+
+def test_complex_image_is_refused_not_cast_to_its_real_part(tmp_path):
+    data = (np.random.default_rng(1).random((16, 18, 14)) * (1 + 1j)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "c.nii.gz"))
+    res, out = _infer(tmp_path, tmp_path / "c.nii.gz")
+    assert_one_line_error(res, out, "expected real voxel values", "complex64")
+
+
+def test_float64_intensities_beyond_float32_are_named_so(tmp_path):
+    data = np.random.default_rng(1).random((16, 18, 14))
+    data[3, 4, 5] = 1e300  # finite in the file, inf once cast to float32
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "big.nii.gz"))
+    res, out = _infer(tmp_path, tmp_path / "big.nii.gz")
+    assert_one_line_error(res, out, "within float32's range", "got 1 voxels beyond it (up to 1e+300)")
+    assert "overflow" not in res.output  # numpy's RuntimeWarning no longer comes first
+
+
+def test_corrupt_gzip_stream_is_refused_even_where_nibabel_stops_before_its_end(tmp_path):
+    """nibabel reads only the bytes the voxels need, so a stream damaged near its end (or a wrong CRC-32 in the
+    trailer) was read without an error. Expected: refused naming the gzip stream."""
+    image, _ = write_small_case(tmp_path)
+    raw = image.read_bytes()
+    bad_crc = bytearray(raw)
+    bad_crc[-6] ^= 0xFF  # the CRC-32 of the gzip trailer (the voxel data are intact)
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(bad_crc))
+    res, out = _infer(tmp_path, tmp_path / "crc.nii.gz")
+    assert_one_line_error(res, out, "expected an intact gzip-compressed NIfTI image", "CRC check failed")
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) - 20])
+    res, out = _infer(tmp_path, tmp_path / "cut.nii.gz")
+    assert_one_line_error(res, out, "expected a complete gzip-compressed NIfTI image", "truncated")
+
+
+def test_non_integer_or_nan_labels_say_which(tmp_path):
+    data = np.zeros((6, 6, 6), np.float32)
+    data[2, 2, 2] = 0.5
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "frac.nii.gz"))
+    with pytest.raises(InputFileError, match=r"integer labels .* non-integer values \(e\.g\. 0\.5\)"):
+        read_image(tmp_path / "frac.nii.gz", kind="label")
+    data[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputFileError, match=r"integer labels .* got 1 NaN or inf voxels"):
+        read_image(tmp_path / "nan.nii.gz", kind="label")
+
+
+def test_truncated_metaimage_is_one_line_naming_the_cause_and_itk_prints_nothing(tmp_path, capfd):
+    """ITK's MetaIO printed "data not read completely" lines on stderr, then an exception blaming errno ("No
+    such file or directory"). Expected: one error line with MetaIO's cause, nothing else on stderr."""
+    image, _ = write_small_case(tmp_path)
+    sitk.WriteImage(sitk.ReadImage(str(image)), str(tmp_path / "img.mha"))
+    raw = (tmp_path / "img.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(raw[: len(raw) - 500])
+    capfd.readouterr()
+    res, out = _infer(tmp_path, tmp_path / "cut.mha")
+    line = assert_one_line_error(res, out, "expected a readable image", "data not read completely")
+    assert "No such file or directory" not in line
+    assert "MetaImage" not in capfd.readouterr().err
+
+
+def test_singular_itk_direction_message_is_the_cause_not_a_matrix_row(tmp_path):
+    image, _ = write_small_case(tmp_path)
+    sitk.WriteImage(sitk.ReadImage(str(image)), str(tmp_path / "img.mhd"))
+    header = (tmp_path / "img.mhd").read_text()
+    lines = [("TransformMatrix = 1 0 0 1 0 0 0 0 1" if ln.startswith("TransformMatrix") else ln)
+             for ln in header.splitlines()]
+    (tmp_path / "img.mhd").write_text("\n".join(lines) + "\n")
+    res, out = _infer(tmp_path, tmp_path / "img.mhd")
+    assert_one_line_error(res, out, "expected a readable image", "Bad direction, determinant is 0")

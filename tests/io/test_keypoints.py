@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _io_helpers import OBLIQUE_SHAPE
+from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, write_small_case
 
 from brainshift.errors import InputFileError, KeypointError
 from brainshift.io.keypoints import (
@@ -507,3 +507,40 @@ def test_check_keypoint_pairs_refuses_values_that_are_not_real_numbers():
         check_keypoint_pairs(pts, np.full((4, 3), "x"))
     p, d = check_keypoint_pairs(pts.astype(str), pts.tolist())  # numbers as text or lists are numbers
     assert p.dtype == d.dtype == np.float64 and np.array_equal(p, pts)
+
+
+# ------------------------------------------------------------- malformed keypoint files through the command line
+
+
+def _infer_with(tmp_path, *kpt_args):
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    image, _ = write_small_case(tmp_path)
+    out = tmp_path / "out"
+    return CliRunner().invoke(app, ["infer", "-p", str(image), *kpt_args, "--no-refine", "-q", "-o", str(out)]), out
+
+
+def test_table_not_utf8_names_the_line_and_byte(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("x,y,z,dx,dy,dz\n# caf\xe9\n1,2,3,0,0,0\n".encode("latin-1"))
+    res, out = _infer_with(tmp_path, "-k", str(tmp_path / "latin1.csv"))
+    assert_one_line_error(res, out, "expected a UTF-8 text keypoint table", "byte 0xe9 on line 2 (column 6)")
+    (tmp_path / "utf16.csv").write_bytes("x,y,z,dx,dy,dz\n1,2,3,0,0,0\n".encode("utf-16"))
+    res, out = _infer_with(tmp_path, "-k", str(tmp_path / "utf16.csv"))
+    assert_one_line_error(res, out, "expected a UTF-8 text keypoint table", "UTF-16")
+
+
+def test_a_very_long_table_line_is_cut_in_the_message(tmp_path):
+    (tmp_path / "long.csv").write_text("x,y,z,dx,dy,dz\n" + "1," * 50_000 + "1\n")
+    res, out = _infer_with(tmp_path, "-k", str(tmp_path / "long.csv"))
+    line = assert_one_line_error(res, out, "expected 6 columns", "got 50001", "...'")
+    assert len(line) < 300
+
+
+def test_deeply_nested_markups_json_is_one_line_error(tmp_path):
+    (tmp_path / "deep.mrk.json").write_text("[" * 100_000 + "]" * 100_000)
+    _mrk(tmp_path / "intra.mrk.json", np.zeros((4, 3)), ["a", "b", "c", "d"])
+    res, out = _infer_with(tmp_path, "-k", str(tmp_path / "deep.mrk.json"), "--kpt-intraop",
+                           str(tmp_path / "intra.mrk.json"))
+    assert_one_line_error(res, out, "expected a JSON Slicer markups file", "nested too deeply")

@@ -102,3 +102,21 @@ def test_keypoints_mask_of_another_place_in_world_space_is_named_so(tmp_path):
     assert result.output.startswith("error: expected a mask that overlaps the image in world space, got one whose "
                                     "voxels all fall outside the image's grid"), result.output
     assert len(result.output.splitlines()) == 1 and not list(tmp_path.glob("*.csv"))
+
+
+def test_keypoints_empty_mask_names_the_file_and_an_out_below_a_file_is_refused_first(tmp_path):
+    """An empty --mask said "got an empty mask" without naming it; --out below a file failed after the detection
+    with "File exists". Expected: both named, exit 2, nothing written."""
+    image = tmp_path / "blobs.nii.gz"
+    nib.save(nib.Nifti1Image(blob_image(), AFFINE), image)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), AFFINE), tmp_path / "empty.nii.gz")
+    result = runner.invoke(app, ["keypoints", str(image), "--mask", str(tmp_path / "empty.nii.gz"),
+                                 "--out", str(tmp_path / "kp")])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert "expected a mask with at least one voxel inside (nonzero), got none in" in result.output
+    assert "empty.nii.gz" in result.output
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["keypoints", str(image), "--out", str(tmp_path / "notes.txt" / "kp")])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith("error: expected a folder to write") and "an existing file" in result.output
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("*.key"))

@@ -296,6 +296,8 @@ def load_atlas(folder: str | Path) -> DeformationAtlas:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise InputFileError(f"expected {meta_path} to be JSON, got unreadable content ({exc})") from None
+    except RecursionError:  # the json module recurses once per nesting level
+        raise InputFileError(f"expected {meta_path} to be JSON, got unreadable content (nested too deeply)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputFileError(f"expected {meta_path} of format {FORMAT!r}, got "
                              f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}")

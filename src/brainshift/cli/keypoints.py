@@ -57,13 +57,24 @@ def keypoints_command(
     if out is not None and (out.name in ("", ".", "..") or out.is_dir()):  # "" or "dir/" would write .csv/.key
         raise BrainshiftError(f"expected --out a file prefix (writes PREFIX.csv and PREFIX.key), got the directory "
                               f"{str(out)!r}; give a name inside it, e.g. {str(out / 'keypoints')!r}")
+    prefix = out if out is not None else image.parent / f"{_stem(image)}_keypoints"
+    if prefix.suffix.lower() in (".csv", ".key"):
+        prefix = prefix.with_suffix("")
+    csv_path = prefix.parent / f"{prefix.name}.csv"
+    key_path = prefix.parent / f"{prefix.name}.key"
+    from brainshift.io.atomic import check_output_file
+
+    for path in (csv_path, key_path):  # before the detection: a directory there, or a file where a folder should be
+        check_output_file(path)
     volume = read_image(image)
     check_intensities(volume, image, "image")
     mask_volume = read_image(mask, kind="label") if mask is not None else None
     if mask_volume is not None:  # nonzero = inside, as register --mask; checked here to name the file
         from brainshift.volume import mask_inside
 
-        mask_inside(mask_volume, f"mask {str(mask)!r} (--mask)")
+        if not mask_inside(mask_volume, f"mask {str(mask)!r} (--mask)").any():
+            raise BrainshiftError(f"expected a mask with at least one voxel inside (nonzero), got none in "
+                                  f"{str(mask)!r} (--mask)")
     start = time.perf_counter()
     try:
         kp = detect_keypoints(
@@ -77,11 +88,6 @@ def keypoints_command(
     if len(kp) == 0:
         raise BrainshiftError(f"expected keypoints in {image}, got none (an image with little structure, or too "
                               f"strict options: try a lower --contrast, a smaller --border-mm or a --mask)")
-    prefix = out if out is not None else image.parent / f"{_stem(image)}_keypoints"
-    if prefix.suffix.lower() in (".csv", ".key"):
-        prefix = prefix.with_suffix("")
-    csv_path = prefix.parent / f"{prefix.name}.csv"
-    key_path = prefix.parent / f"{prefix.name}.key"
     # .key scales are in voxels (SIFT-Rank ignores the voxel size): mm over the geometric-mean spacing
     spacing = volume.spacing
     # descriptors: 3D SIFT-Rank-style ranks in world RAS axes (brainshift.keypoints.describe), read back by

@@ -53,6 +53,9 @@ def _check_output_table(output: Path, inputs: list[Path | None]) -> None:
     if not output.name.lower().endswith((".csv", ".txt")) or output.is_dir():
         kind = "a directory" if output.is_dir() else repr(str(output))
         raise BrainshiftError(f"expected -o/--output a table file (.csv or .txt), got {kind}")
+    from brainshift.io.atomic import check_output_file
+
+    check_output_file(output)  # a file where its folder should be: refused before the work, not after
     for path in inputs:
         if path is not None and output.exists() and path.exists() and output.samefile(path):
             raise BrainshiftError(f"expected -o/--output to be another file than the inputs, got the input {path}")

@@ -166,12 +166,12 @@ def _read_table(p: Path, frame: str) -> tuple[np.ndarray, list[str]]:
     """:func:`read_point_table` with ``""`` as the label of a row that has none."""
     if frame not in ("ras", "lps"):
         raise InputFileError(f"expected a table frame ras or lps, got {frame!r}")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: the byte-order mark of Excel's UTF-8 CSV
+    from brainshift.io.paths import read_utf8_text
+
+    try:  # the byte-order mark of Excel's UTF-8 CSV is dropped; other bytes that are not UTF-8 are named by line
+        lines = read_utf8_text(p, "landmark table").splitlines()
     except OSError as exc:
         raise InputFileError(f"expected a readable landmark table, got {str(p)!r}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise InputFileError(f"expected a UTF-8 text landmark table, got {str(p)!r}: {exc}") from None
     rows = [(n, ln) for n, ln in enumerate(lines, start=1) if ln.strip() and not ln.lstrip().startswith("#")]
     if not rows:
         raise InputFileError(f"expected a header x,y,z and rows in {str(p)!r}, got an empty file")

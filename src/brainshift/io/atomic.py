@@ -85,6 +85,22 @@ def _sync_deferred(folder: Path) -> bool:
     return any(d == root or d.startswith(root + os.sep) for root in tuple(_DEFERRED))  # a copy: threads may add
 
 
+def check_output_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`~brainshift.errors.InputFileError` if ``path`` cannot be written as a file: it is an existing
+    directory, or the nearest existing folder above it is a file (``-o notes.txt/out.csv``, which ``mkdir`` only
+    reported as "File exists"). Missing folders are fine: :func:`atomic_output` creates them."""
+    from brainshift.errors import InputFileError
+
+    target = Path(path)
+    if target.is_dir():
+        raise InputFileError(f"expected to write the file {target}, got an existing directory of that name")
+    for folder in target.parents:
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise InputFileError(f"expected a folder to write {target} into, got {folder}, an existing file")
+            return
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; on success fsync it, rename it to ``path`` and fsync
@@ -95,10 +111,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     is untouched.
     """
     target = Path(path)
-    if target.is_dir():
-        from brainshift.errors import InputFileError
-
-        raise InputFileError(f"expected to write the file {target}, got an existing directory of that name")
+    check_output_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes) or ".tmp"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)

@@ -26,7 +26,7 @@ import numpy as np
 from brainshift.errors import GeometryError, InputFileError
 from brainshift.io.atomic import atomic_output
 from brainshift.io.frames import affine_from_itk, affine_to_itk, array_from_itk_order, array_to_itk_order
-from brainshift.io.paths import check_readable, match_suffix
+from brainshift.io.paths import check_gzip_stream, check_readable, match_suffix
 from brainshift.volume import Kind, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -54,8 +54,10 @@ def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume
         The volume: data ``(I, J, K)`` in nibabel voxel order, 4x4 voxel-to-RAS mm affine.
 
     Raises:
-        InputFileError: missing, unreadable or unsupported file; a genuine 4-D (or 2-D, or vector-valued)
-            image; label image with non-integer values. The message names the path.
+        InputFileError: missing, unreadable or unsupported file (a ``.nii.gz`` whose gzip stream is truncated or
+            fails its checksum included); a genuine 4-D (or 2-D, or vector-valued) image; voxels that are not one
+            real number (RGB, complex); intensities beyond float32's range; label image with non-integer values.
+            The message names the path.
     """
     p = Path(path)
     suffix = image_suffix(p)
@@ -69,8 +71,24 @@ def read_image(path: str | os.PathLike[str], kind: Kind = "intensity") -> Volume
     else:
         data, affine = _read_itk(p)
     data = _squeeze_to_3d(data, p)
+    _check_voxel_type(data, p)
     _check_affine_of(affine, p)
     return Volume(_cast(data, kind, p), affine, kind)
+
+
+def _check_voxel_type(data: np.ndarray, p: Path) -> None:
+    """Refuse voxels that are not one real number: RGB / structured records (a traceback in the cast before) and
+    complex values (whose imaginary part the cast to float32 dropped with only a numpy warning)."""
+    dtype = data.dtype
+    if dtype.names:
+        raise InputFileError(f"expected a scalar image (one real number per voxel) in {str(p)!r}, got "
+                             f"{len(dtype.names)} values per voxel ({', '.join(dtype.names)}): a colour or vector "
+                             f"image")
+    if dtype.kind == "c":
+        raise InputFileError(f"expected real voxel values in {str(p)!r}, got complex values ({dtype}); give its "
+                             f"magnitude image")
+    if dtype.kind not in "biuf":
+        raise InputFileError(f"expected numeric voxel values in {str(p)!r}, got values of type {dtype}")
 
 
 def _check_affine_of(affine: np.ndarray, p: Path) -> None:
@@ -147,6 +165,8 @@ def _fmt_affine(a) -> str:
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
+    if p.name.lower().endswith(".gz"):
+        check_gzip_stream(p, "NIfTI image")
     try:
         with _nibabel_fixes() as fixes:
             img = nib.load(str(p))
@@ -192,11 +212,15 @@ def _one_line(exc: BaseException) -> str:
 def _read_itk(p: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()
-        raise InputFileError(f"expected a readable image, got {str(p)!r}: {msg[-1] if msg else exc}") from None
+    with _captured_stderr() as diagnostics:
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            img, error = None, exc
+    if img is None:
+        raise InputFileError(f"expected a readable image, got {str(p)!r}: "
+                             f"{_itk_read_error(error, diagnostics.text)}") from None
+    diagnostics.replay()  # a successful read: ITK's warnings reach stderr as before
     ncomp = img.GetNumberOfComponentsPerPixel()
     size = list(img.GetSize())  # ITK index order (i, j, k[, t])
     if ncomp != 1:
@@ -215,6 +239,68 @@ def _read_itk(p: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(arr), affine
 
 
+class _Captured:
+    """What a C library wrote to file descriptor 2 inside :func:`_captured_stderr`."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def replay(self) -> None:
+        """Write the captured text to stderr (where it would have gone)."""
+        if self.text:
+            import sys
+
+            sys.stderr.write(self.text)
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Collect what C code (ITK's MetaIO, NRRD readers) prints on file descriptor 2 while the block runs.
+
+    A damaged MetaImage makes ITK print lines such as ``MetaImage: M_ReadElementsData: data not read completely``
+    straight to the C stderr before it raises an exception whose own text blames ``errno`` ("No such file or
+    directory"): the command would print several lines and a misleading cause. The lines are kept for the
+    message instead (or written back to stderr by :meth:`_Captured.replay` after a successful read). Where file
+    descriptor 2 cannot be redirected, nothing is captured.
+    """
+    import sys
+    import tempfile
+
+    captured = _Captured()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.text = tmp.read(1 << 16).decode("utf-8", "replace")
+
+
+def _itk_read_error(exc: BaseException, diagnostics: str) -> str:
+    """The cause of a failed ``sitk.ReadImage`` in one line: ITK's own diagnostics if it printed any (MetaIO's
+    "data not read completely", whose exception then blames ``errno``), else the ``ITK ERROR`` text without
+    its source location and object address."""
+    import re
+
+    lines = [" ".join(ln.split()) for ln in diagnostics.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("WARNING:", "WARNING "))]
+    if lines:
+        return " ".join(lines)[:300]
+    text = str(exc)
+    m = re.search(r"ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*(.*)", text, re.S)
+    body = m.group(1) if m else (text.strip().splitlines() or [type(exc).__name__])[-1]
+    return " ".join(body.split())[:300]
+
+
 def _squeeze_to_3d(data: np.ndarray, p: Path) -> np.ndarray:
     shape = data.shape
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -226,12 +312,30 @@ def _squeeze_to_3d(data: np.ndarray, p: Path) -> np.ndarray:
 
 def _cast(data: np.ndarray, kind: str, p: Path) -> np.ndarray:
     if kind == "intensity":
-        return np.asarray(data, dtype=np.float32)
+        data = np.asarray(data)
+        with np.errstate(over="ignore"):  # values beyond float32's range: refused below with a message
+            out = np.asarray(data, dtype=np.float32)  # no copy when the file is float32 already
+        if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+            over = np.isfinite(data) & ~np.isfinite(out)
+            if over.any():
+                raise InputFileError(f"expected intensities within float32's range (|value| <= "
+                                     f"{float(np.finfo(np.float32).max):.3g}) in {str(p)!r}, got {int(over.sum())} "
+                                     f"voxels beyond it (up to {float(np.abs(data[over]).max()):.3g})")
+        return out
     if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
         return np.asarray(data) if data.dtype != bool else data.astype(np.uint8)
     finite = np.isfinite(data)
-    if not finite.all() or not np.array_equal(data, np.round(data)):
-        raise InputFileError(f"expected integer labels, got non-integer values in {str(p)!r}")
+    if not finite.all():
+        raise InputFileError(f"expected integer labels (a mask or label map) in {str(p)!r}, got "
+                             f"{int(finite.size - finite.sum())} NaN or inf voxels")
+    fractional = data != np.round(data)
+    if fractional.any():
+        raise InputFileError(f"expected integer labels (a mask or label map) in {str(p)!r}, got non-integer values "
+                             f"(e.g. {float(data[fractional].flat[0]):g})")
+    info = np.iinfo(np.int32)
+    if data.size and (float(data.min()) < info.min or float(data.max()) > info.max):
+        raise InputFileError(f"expected integer labels within int32's range in {str(p)!r}, got values from "
+                             f"{float(data.min()):g} to {float(data.max()):g}")
     return data.astype(np.int32)
 
 

@@ -27,7 +27,7 @@ from brainshift.io.frames import (
     vectors_from_voxel,
     vectors_to_voxel,
 )
-from brainshift.io.paths import check_readable, match_suffix
+from brainshift.io.paths import match_suffix, read_utf8_text
 
 TABLE_COLUMNS = ("x", "y", "z", "dx", "dy", "dz")
 TABLE_SUFFIXES = (".csv", ".txt")
@@ -44,11 +44,15 @@ def _suffix(path: Path) -> str:
 
 
 def _read_text(path: Path, what: str) -> str:
-    check_readable(path, what)
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        return read_utf8_text(path, f"{what} file")
+    except OSError as exc:
         raise InputFileError(f"expected a readable text {what} file, got {str(path)!r}: {exc}") from None
+
+
+def _excerpt(line: str, limit: int = 80) -> str:
+    """``repr`` of ``line`` cut to ``limit`` characters (an error message stays one readable line)."""
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 def _need_affine(frame: str, affine, path: Path) -> None:
@@ -146,7 +150,7 @@ def _parse_keypoint_table(p: Path) -> tuple[np.ndarray, list[int]]:
             names = [t.strip().strip("\"'").lower() for t in tokens]
             if any(names.count(c) != 1 for c in TABLE_COLUMNS) or len(set(names)) != len(names) or not all(names):
                 raise KeypointError(f"expected a header naming the columns {','.join(TABLE_COLUMNS)} (or no header) "
-                                    f"on line {lineno} of {str(p)!r}, got {line!r}")
+                                    f"on line {lineno} of {str(p)!r}, got {_excerpt(line)}")
             order = [names.index(c) for c in TABLE_COLUMNS]
             n_cols = len(names)
             first = False
@@ -154,13 +158,13 @@ def _parse_keypoint_table(p: Path) -> tuple[np.ndarray, list[int]]:
         first = False
         if len(tokens) != n_cols:
             what = "6 columns x,y,z,dx,dy,dz" if n_cols == 6 else f"{n_cols} columns as in the header"
-            raise KeypointError(f"expected {what} on line {lineno} of {str(p)!r}, got {len(tokens)}: {line!r}")
+            raise KeypointError(f"expected {what} on line {lineno} of {str(p)!r}, got {len(tokens)}: {_excerpt(line)}")
         try:
             values = [_strict_float(tokens[i]) for i in order]
         except ValueError:
-            raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {line!r}") from None
+            raise KeypointError(f"expected numbers on line {lineno} of {str(p)!r}, got {_excerpt(line)}") from None
         if not all(np.isfinite(values)):
-            raise KeypointError(f"expected finite numbers on line {lineno} of {str(p)!r}, got {line!r}")
+            raise KeypointError(f"expected finite numbers on line {lineno} of {str(p)!r}, got {_excerpt(line)}")
         rows.append(values)
         linenos.append(lineno)
     if not rows:
@@ -615,14 +619,14 @@ def _read_fcsv(p: Path) -> tuple[np.ndarray, list[str]]:
     for (lineno, raw), row in zip(data_lines, csv.reader([r for _, r in data_lines]), strict=True):
         if len(row) <= max(ix, iy, iz):
             raise KeypointError(f"expected at least {max(ix, iy, iz) + 1} columns on line {lineno} of {str(p)!r}, "
-                                f"got {len(row)}: {raw.strip()!r}")
+                                f"got {len(row)}: {_excerpt(raw.strip())}")
         try:
             xyz = [float(row[i]) for i in (ix, iy, iz)]
         except ValueError:
             raise KeypointError(f"expected numeric x, y, z on line {lineno} of {str(p)!r}, "
-                                f"got {raw.strip()!r}") from None
+                                f"got {_excerpt(raw.strip())}") from None
         if not all(np.isfinite(xyz)):
-            raise KeypointError(f"expected finite x, y, z on line {lineno} of {str(p)!r}, got {raw.strip()!r}")
+            raise KeypointError(f"expected finite x, y, z on line {lineno} of {str(p)!r}, got {_excerpt(raw.strip())}")
         pts.append(xyz)
         labels.append(row[il].strip() if il is not None and il < len(row) else "")
     if not pts:
@@ -645,6 +649,9 @@ def _read_mrk_json(p: Path) -> tuple[np.ndarray, list[str]]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputFileError(f"expected a JSON Slicer markups file, got {str(p)!r}: {exc}") from None
+    except RecursionError:  # the json module recurses once per nesting level
+        raise InputFileError(f"expected a JSON Slicer markups file, got {str(p)!r}: nested too deeply to read "
+                             f"(thousands of levels)") from None
     markups = doc.get("markups") if isinstance(doc, dict) else None
     if not isinstance(markups, list) or not markups:
         got = "an empty list" if isinstance(markups, list) else type(markups).__name__

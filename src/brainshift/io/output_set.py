@@ -86,7 +86,7 @@ def read_manifest(out: Path) -> set[str] | None:
         data = json.loads(p.read_text())
         names = data["outputs"]
         ok = isinstance(names, list) and all(isinstance(n, str) for n in names) and "brainshift_version" in data
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deeply
         ok = False
     if not ok or p.is_symlink() or not p.is_file():
         raise OutputError(f"expected {p} to be the summary.json of an earlier brainshift run (it would be replaced), "
