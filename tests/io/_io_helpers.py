@@ -62,3 +62,18 @@ def assert_one_line_error(result, out_dir, *fragments) -> str:
         assert fragment in lines[0], lines[0]
     assert not out_dir.exists() or not any(out_dir.iterdir()), sorted(p.name for p in out_dir.iterdir())
     return lines[0]
+
+
+def run_infer(tmp_path, *, image=None, initial_field=None):
+    """``brainshift infer --no-refine`` on :func:`write_small_case`'s case in ``tmp_path`` with ``image`` in place
+    of its image (driven by its keypoints) or ``initial_field`` as ``-i``. Returns ``(result, output folder)``."""
+    from typer.testing import CliRunner
+
+    from brainshift.cli import app
+
+    small_image, table = write_small_case(tmp_path)
+    out = tmp_path / "out"
+    drive = ["-i", str(initial_field)] if initial_field is not None else ["-k", str(table)]
+    args = ["infer", "-p", str(image if image is not None else small_image), *drive, "--no-refine", "-q",
+            "-o", str(out)]
+    return CliRunner().invoke(app, args), out

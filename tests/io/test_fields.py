@@ -7,7 +7,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, oblique_affine_matrix, smooth_field, write_small_case
+from _io_helpers import (
+    OBLIQUE_SHAPE,
+    assert_one_line_error,
+    oblique_affine_matrix,
+    run_infer,
+    smooth_field,
+    write_small_case,
+)
 
 from brainshift.errors import BrainshiftError, GeometryError, InputFileError
 from brainshift.io.fields import (
@@ -335,14 +342,7 @@ def test_h5_layout_float32_compressed_and_float64_option(tmp_path, oblique_affin
 
 
 def _infer_init(tmp_path, field):
-    from typer.testing import CliRunner
-
-    from brainshift.cli import app
-
-    image, _ = write_small_case(tmp_path)
-    out = tmp_path / "out"
-    return CliRunner().invoke(app, ["infer", "-p", str(image), "-i", str(field), "--no-refine", "-q",
-                                    "-o", str(out)]), out
+    return run_infer(tmp_path, initial_field=field)
 
 
 def test_h5_field_with_nan_fixed_parameters_names_the_file(tmp_path):

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, write_small_case
+from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, run_infer, write_small_case
 
 from brainshift.errors import InputFileError
 from brainshift.io.images import read_image, volume_from_sitk, volume_to_sitk, write_image
@@ -127,14 +127,7 @@ def test_sitk_conversion_round_trip(oblique_volume):
 
 
 def _infer(tmp_path, image):
-    from typer.testing import CliRunner
-
-    from brainshift.cli import app
-
-    _, table = write_small_case(tmp_path)
-    out = tmp_path / "out"
-    return CliRunner().invoke(app, ["infer", "-p", str(image), "-k", str(table), "--no-refine", "-q",
-                                    "-o", str(out)]), out
+    return run_infer(tmp_path, image=image)
 
 
 def test_rgb_image_is_one_line_error_not_a_traceback(tmp_path):
