@@ -103,7 +103,7 @@ def test_an_empty_mask_is_named_and_writes_nothing(images, tmp_path):
              "--no-refine", "-o", out, "-q")
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "at least one voxel inside (nonzero), got none in" in lines[0], r.output
+    assert len(lines) == 1 and "with at least one voxel inside (nonzero), got none" in lines[0], r.output
     assert "empty.nii.gz" in lines[0]
     assert not out.exists()
 

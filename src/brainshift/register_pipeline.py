@@ -193,9 +193,7 @@ def run_register(opts: RegisterOptions) -> dict:
         if mask is not None:  # nonzero = inside, as keypoints --mask; checked here to name the file
             from brainshift.volume import mask_inside
 
-            if not mask_inside(mask, f"mask {str(opts.mask)!r} (--mask)").any():
-                raise BrainshiftError(f"expected a brain mask with at least one voxel inside (nonzero), got none in "
-                                      f"{str(opts.mask)!r} (--mask)")
+            mask_inside(mask, f"brain mask {str(opts.mask)!r} (--mask)", nonempty=True)
     with steps.step("register and compensate"):
         result = register(preop, intraop, mask=mask, method=opts.interp_mode, model=pending,
                           device=opts.device if refine else "cpu", safeguards=opts.safeguards)

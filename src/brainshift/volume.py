@@ -104,7 +104,7 @@ class Volume:
         return self.resample_to_grid(*new_grid)
 
 
-def mask_inside(mask, what: str = "mask") -> np.ndarray:
+def mask_inside(mask, what: str = "mask", *, nonempty: bool = False) -> np.ndarray:
     """The inside of a brain / tumour / region mask given as a :class:`Volume` or an array: every nonzero voxel.
     The rule itself (and its errors) is :func:`brainshift.geometry.mask_inside`, the one binarisation of a user's
     mask in brainshift.
@@ -112,14 +112,18 @@ def mask_inside(mask, what: str = "mask") -> np.ndarray:
     Args:
         mask: a :class:`Volume` or an array of booleans or real numbers.
         what: how messages name the mask (``"brain mask"``, ``"--mask"``).
+        nonempty: refuse a mask with no voxel inside.
 
     Returns:
         bool array of the mask's shape.
 
     Raises:
-        GeometryError: as :func:`brainshift.geometry.mask_inside`.
+        GeometryError: as :func:`brainshift.geometry.mask_inside`; with ``nonempty``, a mask with no voxel inside.
     """
-    return geometry_mask_inside(mask.data if isinstance(mask, Volume) else mask, what)
+    inside = geometry_mask_inside(mask.data if isinstance(mask, Volume) else mask, what)
+    if nonempty and not inside.any():
+        raise GeometryError(f"expected a {what} with at least one voxel inside (nonzero), got none")
+    return inside
 
 
 def grid_with_spacing(shape, affine, spacing_mm) -> tuple[tuple[int, int, int], np.ndarray]:

@@ -72,9 +72,7 @@ def keypoints_command(
     if mask_volume is not None:  # nonzero = inside, as register --mask; checked here to name the file
         from brainshift.volume import mask_inside
 
-        if not mask_inside(mask_volume, f"mask {str(mask)!r} (--mask)").any():
-            raise BrainshiftError(f"expected a mask with at least one voxel inside (nonzero), got none in "
-                                  f"{str(mask)!r} (--mask)")
+        mask_inside(mask_volume, f"mask {str(mask)!r} (--mask)", nonempty=True)
     start = time.perf_counter()
     try:
         kp = detect_keypoints(
