@@ -193,7 +193,7 @@ def run_register(opts: RegisterOptions) -> dict:
         if mask is not None:  # nonzero = inside, as keypoints --mask; checked here to name the file
             from brainshift.volume import mask_inside
 
-            mask_inside(mask, f"brain mask {str(opts.mask)!r} (--mask)", nonempty=True)
+            mask_inside(mask, f"mask {str(opts.mask)!r} (--mask)", nonempty=True)
     with steps.step("register and compensate"):
         result = register(preop, intraop, mask=mask, method=opts.interp_mode, model=pending,
                           device=opts.device if refine else "cpu", safeguards=opts.safeguards)
