@@ -19,8 +19,9 @@ def smooth_field(shape, amp: float, centre, width: float) -> np.ndarray:
 
 
 def write_dataset(root: Path, n_subjects: int = 1, cases_per_subject: int = 1, shape=SHAPE,
-                  spacing: float = 1.0) -> Path:
-    """A dataset of ``n_subjects`` ellipsoid brains, each with ``cases_per_subject`` analytic cases."""
+                  spacing: float = 1.0, field_scale: float = 1.0) -> Path:
+    """A dataset of ``n_subjects`` ellipsoid brains, each with ``cases_per_subject`` analytic cases whose fields
+    are multiplied by ``field_scale`` (two datasets with equal ids and different ground truth)."""
     from brainshift.simulate.dataset import Subject, write_case, write_subject
     from brainshift.volume import Volume
 
@@ -40,6 +41,8 @@ def write_dataset(root: Path, n_subjects: int = 1, cases_per_subject: int = 1, s
                                     {"seed": s}))
         for k in range(cases_per_subject):
             f = smooth_field(shape, 1.5 + 0.5 * k + 0.1 * s, c + np.array([k - 1.0, 1.0, 0.0]), 4.0) * brain
+            if field_scale != 1.0:
+                f = (f * np.float32(field_scale)).astype(np.float32)
             write_case(root, f"{sid}_c{k}", sid, f, aff, Volume(tumour, aff, "label"), {"k": k})
     return root
 
@@ -54,3 +57,12 @@ def tiny_dataset(tmp_path: Path) -> Path:
 def small_dataset(tmp_path: Path) -> Path:
     """Four subjects with two cases each."""
     return write_dataset(tmp_path / "data", n_subjects=4, cases_per_subject=2)
+
+
+@pytest.fixture
+def two_datasets(tmp_path: Path) -> tuple[Path, Path]:
+    """Folders ``a`` (subjects sub00-sub03) and ``b`` (sub00, sub01: the same ids), one case each, so the case
+    ids ``sub00_c0`` and ``sub01_c0`` are in both; ``b``'s fields are twice ``a``'s (exact in float32), so a case
+    read from the wrong folder shows."""
+    return (write_dataset(tmp_path / "a", n_subjects=4),
+            write_dataset(tmp_path / "b", n_subjects=2, field_scale=2.0))

@@ -110,3 +110,27 @@ def test_a_training_size_the_network_cannot_take_is_refused_before_writing(tiny_
     assert res.output.startswith("error: expected a training size made of multiples of 2") and \
         len(res.output.splitlines()) == 1, res.output
     assert not out.exists()
+
+
+def test_train_command_on_two_dataset_folders(two_datasets, tmp_path):
+    """``--data A --data B``: the union, case keys naming their folder, the split by subject across folders."""
+    import json
+
+    from brainshift.model import load_weights
+
+    a, b = two_datasets
+    cfg = _write_config(tmp_path / "c.yaml", val_subjects=["sub01"])
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(a), "--data", str(b), "--save-dir",
+                              str(out), "--device", "cpu", "--max-steps", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((out / "config_resolved.yaml").read_text())["data"] == [str(a), str(b)]
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["folders"] == [str(a), str(b)] and splits["val"] == ["0-sub01_c0", "1-sub01_c0"]
+    assert splits["train"] == ["0-sub00_c0", "0-sub02_c0", "0-sub03_c0", "1-sub00_c0"] and splits["test"] == []
+    meta = load_weights(out / "best.safetensors", device="cpu").metadata
+    assert meta["dataset"]["data"] == [str(a), str(b)] and meta["dataset"]["n_cases"]["val"] == 2
+    for data, match in (([a, a], "twice"), ([a, tmp_path / "nowhere"], "nowhere, it does not exist")):
+        res = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(data[0]), "--data", str(data[1]),
+                                  "--save-dir", str(tmp_path / "o2"), "--device", "cpu", "-q"])
+        assert res.exit_code == 2 and match in res.output and len(res.output.strip().splitlines()) == 1, res.output

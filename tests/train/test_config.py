@@ -218,3 +218,24 @@ def test_choice_values_read_in_any_case_as_the_cli_reads_them(tmp_path):
     assert str(cfg.save_dir) == "Out/Run"
     with pytest.raises(BrainshiftError, match="interp_methods"):
         from_dict({"interp_methods": ["TPS3"]})
+
+
+def test_data_is_a_folder_or_a_list_of_folders(tmp_path):
+    """One folder stays a string (a one-element list becomes it); several are kept in order, recorded as a YAML
+    list and read back; an empty list, a folder listed twice or a non-path entry is a one-line error."""
+    assert from_dict({"data": ["d/x"]}).data == "d/x" == from_dict({"data": "d/x"}).data
+    assert TrainConfig(data=["d/x"]).data == "d/x" and TrainConfig(data="d/x").data == "d/x"
+    c = load_config(None, {"data": ["d/x", "d/y"], "device": "cpu"})
+    assert c.data == ("d/x", "d/y") and c.to_dict()["data"] == ["d/x", "d/y"]
+    out = save_resolved(c, tmp_path / "config_resolved.yaml")
+    assert "data:\n- d/x\n- d/y\n" in out.read_text() and load_config(out).data == ("d/x", "d/y")
+    for value, match in (([], "at least one dataset folder, got an empty list"),
+                         (["d/x", "d/./x"], "twice (as 'd/x' and 'd/./x')"),
+                         (["d/x", 3], "a dataset folder or a list of folders, got ['d/x', 3]"),
+                         (["d/x", ""], "a dataset folder or a list of folders"),
+                         (3, "a dataset folder or a list of folders, got 3")):
+        with pytest.raises(BrainshiftError) as info:
+            from_dict({"data": value})
+        assert match in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(BrainshiftError, match="twice"):
+        TrainConfig(data=("d/x", "d/x"))

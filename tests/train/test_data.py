@@ -52,8 +52,11 @@ def test_split_with_explicit_validation_subjects(small_dataset):
 def test_split_keeps_a_training_subject(tiny_dataset, tmp_path):
     s = split_cases(tiny_dataset, (0.1, 0.15), seed=0)
     assert s.train == ["sub00_c0"] and s.val == [] and s.test == []
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputFileError, match="complete cases"):
         split_cases(tmp_path / "empty")
+    with pytest.raises(InputFileError, match="missing, it does not exist"):
+        split_cases(tmp_path / "missing")
 
 
 def test_read_keypoint_candidates(tmp_path):
@@ -277,3 +280,98 @@ def test_craniotomy_entry_vox_maps_the_recorded_entry_point_and_is_nan_without_o
     assert np.allclose(got, [5.0, 3.0, 3.0])
     assert np.isnan(craniotomy_entry_vox({"params": {}}, affine)).all()
     assert np.isnan(craniotomy_entry_vox(None, affine)).all()
+
+
+# ------------------------------------------------------------------------------------ several dataset folders
+def test_a_one_element_list_is_the_folder_itself(small_dataset, tiny_dataset, tmp_path):
+    """Same keys, splits, validation draws, cache keys and cached items as the folder given as a string."""
+    from brainshift.train.data import config_key
+
+    for seed in range(3):
+        assert split_cases([small_dataset], (0.25, 0.25), seed) == split_cases(str(small_dataset), (0.25, 0.25), seed)
+    assert split_cases([str(small_dataset)], (0.25, 0.25), 0, ["sub01"]) == split_cases(small_dataset, (0.25, 0.25), 0,
+                                                                                         ["sub01"])
+    assert config_key([tiny_dataset], NET, {"x": 1}) == config_key(str(tiny_dataset), NET, {"x": 1})
+    a, b = (validation_items(d, ["sub00_c0"], NET, seed=0, interp=None, k_range=(6, 6), heldout_kpts=10)
+            for d in (tiny_dataset, [tiny_dataset]))
+    assert a[0][0]["case_id"] == b[0][0]["case_id"] == "sub00_c0"
+    np.testing.assert_array_equal(a[0][1]["init"], b[0][1]["init"])
+    kw = dict(size=None, interp="linear", k_range=(6, 6), heldout_kpts=5, variants_per_case=2, seed=0,
+              samples_per_epoch=3)
+    one, listed = (TrainDataset(d, ["sub00_c0"], {"sub00_c0": "sub00"}, NET, cache_dir=tmp_path / name, **kw)
+                   for d, name in ((tiny_dataset, "one"), ([tiny_dataset], "listed")))
+    assert all(torch.equal(one[i]["input"], listed[i]["input"]) for i in range(3))
+    names = [sorted(p.name for p in (tmp_path / n / "variant_pools").glob("*.pt")) for n in ("one", "listed")]
+    assert len(names[0]) == 1 and names[0] == names[1]  # the item hash (the cache file name) is the same
+
+
+def test_two_folders_with_colliding_case_ids_read_each_case_from_its_folder(two_datasets):
+    from brainshift.train.data import case_key, case_source, cases_of
+
+    a, b = two_datasets
+    s = split_cases([a, b], (0.0, 0.0))
+    assert s.train == ["0-sub00_c0", "0-sub01_c0", "0-sub02_c0", "0-sub03_c0", "1-sub00_c0", "1-sub01_c0"]
+    assert s.val == s.test == [] and len(split_cases(a, (0.0, 0.0)).train) + len(split_cases(b, (0.0, 0.0)).train) == 6
+    assert s.subjects["train"] == ["sub00", "sub01", "sub02", "sub03"] and s.case_subject["1-sub01_c0"] == "sub01"
+    assert s.to_dict()["folders"] == [str(a), str(b)] and "folders" not in split_cases(a).to_dict()
+    assert cases_of([a, b]) == (s.train, s.case_subject)
+    assert case_key([a, b], 1, "sub00_c0") == "1-sub00_c0" and case_key([a], 1, "sub00_c0") == "sub00_c0"
+    assert case_source([a, b], "1-sub00_c0") == (str(b), "sub00_c0") and case_source(a, "0-x") == (str(a), "0-x")
+    alone = prepare_case(a, "sub00_c0", NET)
+    first, second = (prepare_case([a, b], k, NET) for k in ("0-sub00_c0", "1-sub00_c0"))
+    assert (first["case_id"], second["case_id"]) == ("0-sub00_c0", "1-sub00_c0")
+    np.testing.assert_array_equal(first["gt"], alone["gt"])
+    np.testing.assert_array_equal(second["gt"], 2 * alone["gt"])  # folder b's field: exactly twice a's
+    assert np.abs(alone["gt"]).max() > 1.0
+    for bad in ("sub00_c0", "2-sub00_c0", "x-sub00_c0", "1-"):
+        with pytest.raises(BrainshiftError, match="folder index in 0..1"):
+            case_source([a, b], bad)
+
+
+def test_training_items_of_two_folders_are_distinct_cached_cases(two_datasets, tmp_path):
+    a, b = two_datasets
+    keys = ["0-sub00_c0", "0-sub01_c0", "1-sub00_c0"]
+    subj = {k: k[2:7] for k in keys}
+    ds = TrainDataset([a, b], keys, subj, NET, size=None, interp="linear", k_range=(6, 6), heldout_kpts=5,
+                      variants_per_case=1, seed=0, cache_dir=tmp_path / "cache")
+    assert len(ds) == 2 and ds.subjects == ["sub00", "sub01"]  # one sample per subject, over both folders
+    assert ds.subject_cases["sub00"] == ["0-sub00_c0", "1-sub00_c0"]
+    pools = [ds.cases[i] for i in range(3)]
+    assert len(list((tmp_path / "cache" / "variant_pools").glob("*.pt"))) == 3  # one cached item per key
+    assert [p["case_id"] for p in pools] == keys
+    np.testing.assert_allclose(pools[2]["net_gt"], 2 * pools[0]["net_gt"], rtol=1e-6, atol=0)
+    assert ds[0]["input"].shape == (4, 16, 20, 16)
+
+
+def test_a_subject_in_two_folders_lands_in_one_split(two_datasets):
+    a, b = two_datasets  # sub00, sub01 in both folders; sub02, sub03 only in a
+    seen_val = set()
+    for seed in range(6):
+        s = split_cases([a, b], (0.25, 0.25), seed)
+        assert sorted(sum(s.subjects.values(), [])) == ["sub00", "sub01", "sub02", "sub03"]
+        where = {sub: {k for k in ("train", "val", "test") if sub in s.subjects[k]} for sub in s.subjects["train"]
+                 + s.subjects["val"] + s.subjects["test"]}
+        assert all(len(v) == 1 for v in where.values())
+        for k in ("train", "val", "test"):  # every case follows its subject, from both folders
+            assert getattr(s, k) == sorted(c for c, sub in s.case_subject.items() if sub in s.subjects[k])
+        seen_val.update(s.subjects["val"])
+    assert {"sub00", "sub01"} & seen_val  # a shared subject did go to validation (with both its cases)
+    e = split_cases([a, b], (0.9, 0.0), 0, val_subjects=["sub01", "sub03"])
+    assert e.val == ["0-sub01_c0", "0-sub03_c0", "1-sub01_c0"] and e.subjects["val"] == ["sub01", "sub03"]
+    with pytest.raises(InputFileError, match="got s9999"):
+        split_cases([a, b], val_subjects=["s9999"])
+
+
+def test_several_folders_errors_are_one_line(two_datasets, tmp_path):
+    a, b = two_datasets
+    (tmp_path / "empty").mkdir()
+    cases = [([], BrainshiftError, "at least one dataset folder, got an empty list"),
+             ([a, tmp_path / "b" / ".." / "a"], BrainshiftError, f"{a} twice"),
+             ([str(a), str(a)], BrainshiftError, "twice"),
+             ([a, tmp_path / "missing"], InputFileError, f"folder at {tmp_path / 'missing'}, it does not exist"),
+             ([a, tmp_path / "empty"], InputFileError, f"complete cases under {tmp_path / 'empty' / 'cases'}"),
+             ([a, 3], BrainshiftError, "a dataset folder or a list of folders")]
+    for data, err, match in cases:
+        with pytest.raises(err) as info:
+            split_cases(data)
+        assert match in str(info.value) and "\n" not in str(info.value), (data, str(info.value))

@@ -35,7 +35,8 @@ def format_summary(result) -> str:
 def train_command(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML or JSON training config (published "
                                                                      "option names accepted)."),
-    data: Path | None = typer.Option(None, "--data", help="Dataset folder (overrides the config)."),
+    data: list[Path] | None = typer.Option(None, "--data", help="Dataset folder (overrides the config's data); "
+                                           "repeat to train on the union of several folders."),
     save_dir: Path | None = typer.Option(None, "--save-dir", help="Output folder (default: checkpoints)."),
     load_model: Path | None = typer.Option(None, "--load-model", help="Initial weights to fine-tune (.safetensors, "
                                            "or the published .pt; overrides the config's load_model)."),
@@ -53,7 +54,8 @@ def train_command(
     from brainshift.train.config import load_config
     from brainshift.train.loop import train
 
-    overrides = {"data": str(data) if data else None, "save_dir": str(save_dir) if save_dir else None,
+    overrides = {"data": [str(d) for d in data] if data else None,  # one folder: the string (config.data_folders)
+                 "save_dir": str(save_dir) if save_dir else None,
                  "load_model": str(load_model) if load_model else None,
                  "epochs": epochs, "resume": True if resume else None, "device": choice(device), "max_steps": max_steps,
                  "max_minutes": max_minutes,

@@ -46,7 +46,12 @@ class TrainConfig:
     Published options (same names and defaults as the published training script):
 
     Attributes:
-        data: dataset folder in the layout of :mod:`brainshift.simulate.dataset`.
+        data: dataset folder in the layout of :mod:`brainshift.simulate.dataset`, or a list of such folders
+            (their union; a one-element list is the folder itself, see :func:`data_folders`). With several
+            folders each case is named ``"<folder index>-<case id>"`` (0-based position in the list; e.g.
+            ``"1-s0000_c00"``) in ``splits.json`` and the caches, and the split by subject spans the folders:
+            equal subject ids in two folders are treated as the same brain (true when the folders were simulated
+            with the same ``--seed``; otherwise merely conservative: a subject id's cases never straddle splits).
         test: optional second dataset used only for the final test evaluation (instead of the test split).
         checkpoint: a training-state file (``last.pt``) to resume from (implies ``resume``).
         load_model: initial weights (ours ``.safetensors`` or the published ``.pt``) to fine-tune.
@@ -116,10 +121,10 @@ class TrainConfig:
         progress: tqdm progress bars.
         val_subjects: subject ids (``sNNNN``) that form the validation split, replacing its fraction (e.g. to
             keep the same validation subjects while a dataset grows in parts); the test fraction is then drawn
-            from the remaining subjects. Every id must be a subject of ``data``.
+            from the remaining subjects. Every id must be a subject of ``data`` (of any of its folders).
     """
 
-    data: str | None = None
+    data: str | tuple[str, ...] | None = None
     test: str | None = None
     checkpoint: str | None = None
     load_model: str | None = None
@@ -180,6 +185,9 @@ class TrainConfig:
     val_subjects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, list | tuple):  # a one-element list is the folder itself
+            folders = data_folders(self.data)
+            self.data = folders[0] if len(folders) == 1 else folders
         validate(self)
 
     @property
@@ -215,12 +223,38 @@ _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode",
 # Options naming one of a fixed set of choices: read in any case (``interp_methods: [TPS]``), as the CLI reads -m.
 _CHOICE = {"model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule", "upsample_mode",
            "interp", "preset", "keypoint_rules", "interp_methods"}
-_OPT_STR = {"data", "test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
+_OPT_STR = {"test", "checkpoint", "load_model", "configs", "upsample_mode", "interp", "preset",
             "cache_dir", "log_dir"}
 
 
 #: Keypoint rules of training samples (:func:`brainshift.train.data.keypoint_candidates`).
 KEYPOINT_RULES = ("detected", "random", "cortex", "craniotomy")
+
+
+def data_folders(data: str | Path | list | tuple) -> tuple[str, ...]:
+    """The dataset folders a ``data`` value names, in order: ``(str(data),)`` for one folder (a string or path),
+    the entries for a list. Checks the form only; whether a folder exists and holds complete cases is checked
+    where it is read (:func:`brainshift.train.data.split_cases`, :func:`brainshift.train.loop.train`).
+
+    Raises:
+        BrainshiftError: neither a folder nor a list of folders, an empty list or entry, or a folder listed
+            twice (compared after resolving the paths, so ``data`` and ``./data`` are the same folder).
+    """
+    if isinstance(data, str | Path):
+        return (str(data),)
+    if not isinstance(data, list | tuple) or not all(isinstance(d, str | Path) and str(d) for d in data):
+        raise BrainshiftError(f"expected data to be a dataset folder or a list of folders, got {data!r}")
+    if not data:
+        raise BrainshiftError("expected data to list at least one dataset folder, got an empty list")
+    folders = tuple(str(d) for d in data)
+    seen: dict[Path, str] = {}
+    for f in folders:
+        r = Path(f).resolve()
+        if r in seen:
+            raise BrainshiftError(f"expected each dataset folder of data once, got {r} twice (as {seen[r]!r} and "
+                                  f"{f!r})")
+        seen[r] = f
+    return folders
 
 
 def field_names() -> list[str]:
@@ -230,6 +264,9 @@ def field_names() -> list[str]:
 
 def _coerce(name: str, value: Any) -> Any:
     """Convert a value read from a file or the command line to the option's type."""
+    if name == "data" and value is not None:
+        folders = data_folders(value)
+        return folders[0] if len(folders) == 1 else folders
     try:
         if value is None:
             if name in ("flip_axes", "val_subjects"):

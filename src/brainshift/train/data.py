@@ -22,6 +22,14 @@ A training sample is built in three stages:
 3. **Sample** (:func:`assemble_sample`): crop/pad to the training ``size`` centred on the brain, and MONAI
    intensity augmentation of the image channel only (:func:`intensity_augmentation`).
 
+**Several dataset folders.** Every ``data_dir`` below may also be a list of folders (the training config's
+``data``, :func:`brainshift.train.config.data_folders`). Cases are then named by a *case key*
+``"<folder index>-<case id>"`` (0-based position in the list, e.g. ``"1-s0000_c00"``; :func:`case_key`), read
+back with :func:`case_source`, so equal case ids in two folders stay distinct and each is read from its own
+folder. With one folder (a string, a path or a one-element list) the key is the case id itself, so splits,
+variant draws (seeded by the key) and cache keys are those of a single folder. Subjects are matched by id
+across folders (:func:`split_cases`).
+
 Convention: fields on the subject grid are forward Lagrangian in voxel units; on the network grid in the
 network's ``field_units`` (see :mod:`brainshift.model.grid`).
 """
@@ -31,7 +39,8 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +49,72 @@ import torch
 from monai.transforms import Transform
 
 from brainshift.errors import BrainshiftError, InputFileError
-from brainshift.train.config import KEYPOINT_RULES
+from brainshift.train.config import KEYPOINT_RULES, data_folders
+
+#: One dataset folder, or a list of them (see the module docstring).
+DataFolders = str | Path | Sequence[str | Path]
+
+
+# ------------------------------------------------------------------------------------------------ case keys
+def case_key(data_dir: DataFolders, index: int, case_id: str) -> str:
+    """The key of case ``case_id`` of folder ``index`` of ``data_dir``: the case id itself with one folder,
+    else ``"<index>-<case id>"`` (file-name safe when the case id is)."""
+    return case_id if len(data_folders(data_dir)) == 1 else f"{int(index)}-{case_id}"
+
+
+def case_source(data_dir: DataFolders, key: str) -> tuple[str, str]:
+    """The dataset folder and the case id a case key names (inverse of :func:`case_key`).
+
+    Raises:
+        BrainshiftError: with several folders, a key not of the form ``"<folder index>-<case id>"`` with an
+            index of a listed folder.
+    """
+    folders = data_folders(data_dir)
+    if len(folders) == 1:
+        return folders[0], key
+    index, sep, case_id = str(key).partition("-")
+    if not (sep and case_id and index.isdigit() and int(index) < len(folders)):
+        raise BrainshiftError(f"expected a case key '<folder index>-<case id>' with a folder index in 0.."
+                              f"{len(folders) - 1}, got {key!r}")
+    return folders[int(index)], case_id
+
+
+def describe_data(data_dir: DataFolders) -> str | list[str]:
+    """``data_dir`` as recorded in metadata and messages: the folder (a string) or the list of folders."""
+    folders = data_folders(data_dir)
+    return folders[0] if len(folders) == 1 else list(folders)
+
+
+def _keyed_cases(data_dir: DataFolders, require: bool) -> dict[str, str]:
+    """Case key -> subject id of every complete case of every folder (in folder, then case id order).
+
+    Raises (with ``require``):
+        InputFileError: a folder that does not exist or has no complete case (naming it).
+    """
+    from brainshift.simulate.dataset import case_subject_id, list_cases
+
+    folders = data_folders(data_dir)
+    out: dict[str, str] = {}
+    for i, folder in enumerate(folders):
+        if require and not Path(folder).is_dir():
+            raise InputFileError(f"expected a dataset folder at {folder}, it does not exist")
+        cases = list_cases(folder)
+        if require and not cases:
+            raise InputFileError(f"expected complete cases under {Path(folder) / 'cases'}, found none")
+        out.update({case_key(folders, i, c): case_subject_id(folder, c) for c in cases})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- splits
 @dataclass
 class Splits:
-    """Case ids per split; no subject appears in two splits.
+    """Case keys per split; no subject appears in two splits.
 
     Attributes:
-        train, val, test: case ids (sorted).
+        train, val, test: case keys (sorted; the case ids with one dataset folder, see :func:`case_key`).
         subjects: ``{"train": [...], "val": [...], "test": [...]}`` subject ids.
-        case_subject: case id -> subject id for every listed case.
+        case_subject: case key -> subject id for every listed case.
+        folders: the dataset folders, in the order the keys' indices refer to.
     """
 
     train: list[str]
@@ -59,20 +122,28 @@ class Splits:
     test: list[str]
     subjects: dict[str, list[str]]
     case_subject: dict[str, str]
+    folders: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (written to ``save_dir/splits.json``)."""
-        return {"train": self.train, "val": self.val, "test": self.test, "subjects": self.subjects}
+        """JSON-serialisable form (written to ``save_dir/splits.json``); with several dataset folders also
+        ``folders``, the list the keys' folder indices refer to."""
+        out: dict[str, Any] = {"train": self.train, "val": self.val, "test": self.test, "subjects": self.subjects}
+        if len(self.folders) > 1:
+            out["folders"] = self.folders
+        return out
 
 
 def _n_for(frac: float, n: int) -> int:
     return 0 if frac <= 0 else max(1, int(round(frac * n)))
 
 
-def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15), seed: int = 0,
+def split_cases(data_dir: DataFolders, split: tuple[float, float] = (0.10, 0.15), seed: int = 0,
                 val_subjects: tuple[str, ...] | list[str] = ()) -> Splits:
-    """Split the complete cases of a dataset by SUBJECT into train / validation / test.
+    """Split the complete cases of a dataset (or of several) by SUBJECT into train / validation / test.
 
+    With several folders the subjects are the union of their subject ids: an id present in two folders is one
+    subject (the same synthetic brain when the folders were simulated with the same ``--seed``; otherwise the
+    grouping is merely conservative), whose cases from every folder go to the same split.
     The subjects are shuffled with ``numpy.random.default_rng(seed)``; ``round(fraction * n_subjects)``
     subjects (at least one when the fraction is positive) go to validation, then to test, as long as at least
     one subject remains for training (validation is served before test). Given ``val_subjects``, exactly
@@ -80,35 +151,33 @@ def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15),
     others, in the same shuffled order.
 
     Args:
-        data_dir: dataset folder (layout of :mod:`brainshift.simulate.dataset`).
+        data_dir: dataset folder (layout of :mod:`brainshift.simulate.dataset`) or a list of them.
         split: ``(validation, test)`` fractions of the subjects.
         seed: shuffle seed.
         val_subjects: explicit validation subject ids (empty: use the fraction).
 
     Returns:
-        :class:`Splits`.
+        :class:`Splits` (of case keys, :func:`case_key`).
 
     Raises:
-        InputFileError: no complete case in ``data_dir``, or a ``val_subjects`` id with no complete case
-            there, or ``val_subjects`` naming every subject (none left to train on).
+        InputFileError: a folder that does not exist or has no complete case, a ``val_subjects`` id with no
+            complete case in any folder, or ``val_subjects`` naming every subject (none left to train on).
+        BrainshiftError: a malformed list of folders (:func:`brainshift.train.config.data_folders`).
     """
-    from brainshift.simulate.dataset import case_subject_id, list_cases
-
-    cases = list_cases(data_dir)
-    if not cases:
-        raise InputFileError(f"expected complete cases under {Path(data_dir) / 'cases'}, found none")
-    case_subject = {c: case_subject_id(data_dir, c) for c in cases}
+    case_subject = _keyed_cases(data_dir, require=True)
+    cases = sorted(case_subject)
+    where = describe_data(data_dir)
     subjects = sorted(set(case_subject.values()))
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
     if val_subjects:
         missing = sorted(set(val_subjects) - set(subjects))
         if missing:
-            raise InputFileError(f"expected val_subjects among the subjects with complete cases in {data_dir}, "
+            raise InputFileError(f"expected val_subjects among the subjects with complete cases in {where}, "
                                  f"got {', '.join(missing)} (found {len(subjects)} subjects: "
                                  f"{', '.join(subjects[:5])}{' ...' if len(subjects) > 5 else ''})")
         if len(set(val_subjects)) >= len(subjects):
             raise InputFileError(f"expected val_subjects to leave at least one subject for training, got all "
-                                 f"{len(subjects)} subjects of {data_dir}")
+                                 f"{len(subjects)} subjects of {where}")
         order = sorted(set(val_subjects)) + [s for s in order if s not in set(val_subjects)]
         split = (len(set(val_subjects)) / len(subjects), split[1])
     n = len(order)
@@ -117,15 +186,15 @@ def split_cases(data_dir: str | Path, split: tuple[float, float] = (0.10, 0.15),
     groups = {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
               "train": sorted(order[n_val + n_test:])}
     by = {k: sorted(c for c in cases if case_subject[c] in set(v)) for k, v in groups.items()}
-    return Splits(train=by["train"], val=by["val"], test=by["test"], subjects=groups, case_subject=case_subject)
+    return Splits(train=by["train"], val=by["val"], test=by["test"], subjects=groups, case_subject=case_subject,
+                  folders=list(data_folders(data_dir)))
 
 
-def cases_of(data_dir: str | Path) -> tuple[list[str], dict[str, str]]:
-    """All complete cases of a dataset and their subjects (for a separate test dataset)."""
-    from brainshift.simulate.dataset import case_subject_id, list_cases
-
-    cases = list_cases(data_dir)
-    return cases, {c: case_subject_id(data_dir, c) for c in cases}
+def cases_of(data_dir: DataFolders) -> tuple[list[str], dict[str, str]]:
+    """All complete cases of a dataset (or of several: case keys, :func:`case_key`) and their subjects, for a
+    separate test dataset; empty lists when there are none."""
+    case_subject = _keyed_cases(data_dir, require=False)
+    return sorted(case_subject), case_subject
 
 
 # ----------------------------------------------------------------------------------------------- keypoints
@@ -161,23 +230,26 @@ def craniotomy_entry_vox(meta, affine: np.ndarray) -> np.ndarray:
     return (np.linalg.inv(np.asarray(affine, np.float64)) @ np.r_[np.asarray(entry, float), 1.0])[:3]
 
 
-def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, Any]:
+def prepare_case(data_dir: DataFolders, case_id: str, net_config) -> dict[str, Any]:
     """Deterministic per-case arrays on the subject grid and on the network grid.
 
     Args:
-        data_dir: dataset folder.
-        case_id: a complete case.
+        data_dir: dataset folder, or a list of them.
+        case_id: the key of a complete case (:func:`case_key`: the case id with one folder).
         net_config: the :class:`brainshift.model.NetworkConfig` (spacing, units, padding multiple).
 
     Returns:
-        dict with ``case_id``, ``subject_id``; subject grid: ``image`` (I, J, K) float32, ``affine`` (4, 4),
-        ``gt`` (3, I, J, K) float32 voxel units, ``brain``, ``allowed`` (brain minus tumour minus cavity),
-        ``eval_mask`` (brain minus cavity), ``tumour`` (uint8), ``surface_depth_mm`` (distance to the brain
-        surface, float32), ``entry_vox`` (3,) craniotomy centre (nan if not recorded), ``candidates`` (M, 3)
-        (empty when the subject
-        has no keypoints file; ``has_candidates`` says which); network grid (padded): ``net_image``
+        dict with ``case_id`` (the key as given), ``subject_id``; subject grid: ``image`` (I, J, K) float32,
+        ``affine`` (4, 4), ``gt`` (3, I, J, K) float32 voxel units, ``brain``, ``allowed`` (brain minus tumour
+        minus cavity), ``eval_mask`` (brain minus cavity), ``tumour`` (uint8), ``surface_depth_mm`` (distance to
+        the brain surface, float32), ``entry_vox`` (3,) craniotomy centre (nan if not recorded), ``candidates``
+        (M, 3) (empty when the subject has no keypoints file; ``has_candidates`` says which); network grid
+        (padded): ``net_image``
         (1, I', J', K') z-scored, ``net_gt`` (3, I', J', K') network units, zero outside the brain,
         ``net_mask`` (1, I', J', K') uint8, ``net_spacing`` (3,) mm, ``brain_centre`` (3,) padded-grid voxel.
+
+    Raises:
+        InputFileError: an incomplete case or subject; BrainshiftError: a malformed case key.
 
     Convention: ``gt`` forward Lagrangian voxel units; ``net_gt`` in ``net_config.field_units``.
     """
@@ -187,7 +259,8 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     from brainshift.model.grid import field_to_network_grid, to_network_grid
     from brainshift.simulate.dataset import read_case, read_subject_keypoints
 
-    case = read_case(data_dir, case_id)
+    folder, raw_id = case_source(data_dir, case_id)
+    case = read_case(folder, raw_id)
     sub = case.subject
     image = sub.image
     brain = sub.brain_mask.data > 0
@@ -195,7 +268,7 @@ def prepare_case(data_dir: str | Path, case_id: str, net_config) -> dict[str, An
     tumour = sub.tumour_mask.data > 0
     cavity = case.cavity_mask.data > 0
     allowed = keypoint_region(brain, tumour, cavity)
-    cands = read_subject_keypoints(data_dir, sub.subject_id)
+    cands = read_subject_keypoints(folder, sub.subject_id)
     zero = np.zeros((3, *image.shape), np.float32)
     net = to_network_grid(image, zero, brain, net_config)
     gt_net = field_to_network_grid(case.field, net, zero_outside=True)[0]
@@ -256,15 +329,15 @@ def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | No
 
 
 class PrepareCase(Transform):
-    """MONAI transform ``{"case_id": ...} -> prepare_case(...)`` (picklable, deterministic).
+    """MONAI transform ``{"case_id": key} -> prepare_case(data_dir, key, ...)`` (picklable, deterministic).
 
     A :class:`monai.transforms.Transform` subclass on purpose: MONAI's ``CacheDataset`` / ``PersistentDataset``
     cache the result of the leading transforms that are deterministic ``Transform`` instances only; a plain
     callable would be re-run on every access.
     """
 
-    def __init__(self, data_dir: str | Path, net_config) -> None:
-        self.data_dir = str(data_dir)
+    def __init__(self, data_dir: DataFolders, net_config) -> None:
+        self.data_dir = _picklable(data_dir)
         self.net_config = net_config
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -276,18 +349,18 @@ SAMPLE_KEYS = ("case_id", "subject_id", "net_image", "net_gt", "net_mask", "net_
 
 
 class PrepareVariantPool(Transform):
-    """MONAI transform ``{"case_id": ...}`` -> the case's network-grid arrays (:data:`SAMPLE_KEYS`) and a pool
+    """MONAI transform ``{"case_id": key}`` -> the case's network-grid arrays (:data:`SAMPLE_KEYS`) and a pool
     of ``n_variants`` initial fields ``init_nets`` (V, 3, I', J', K') float32 with their ``methods``.
 
     The case is prepared once (:func:`prepare_case`), then variant ``v`` is :func:`draw_variant` with
-    :func:`variant_rng` ``(seed, case_id, v)``. The result is small (no subject-grid arrays), so a
+    :func:`variant_rng` ``(seed, key, v)``. The result is small (no subject-grid arrays), so a
     ``PersistentDataset`` keeps it on disk and a training sample reads one file.
     """
 
-    def __init__(self, data_dir: str | Path, net_config, *, n_variants: int, seed: int, interp: str | None,
+    def __init__(self, data_dir: DataFolders, net_config, *, n_variants: int, seed: int, interp: str | None,
                  k_range: tuple[int, int], heldout_kpts: int, variant_options: dict | None = None) -> None:
         self.variant_options = dict(variant_options or {})
-        self.data_dir = str(data_dir)
+        self.data_dir = _picklable(data_dir)
         self.net_config = net_config
         self.n_variants = int(n_variants)
         self.seed = int(seed)
@@ -307,9 +380,18 @@ class PrepareVariantPool(Transform):
         return out
 
 
+def _picklable(data_dir: DataFolders) -> str | tuple[str, ...]:
+    """One folder as a string (as before lists were accepted), several as a tuple of strings."""
+    folders = data_folders(data_dir)
+    return folders[0] if len(folders) == 1 else folders
+
+
 # -------------------------------------------------------------------------------------------- variant stage
 def variant_rng(seed: int, case_id: str, index: int) -> np.random.Generator:
-    """The generator of variant ``index`` of ``case_id``: ``default_rng([seed, crc32(case_id), index])``."""
+    """The generator of variant ``index`` of ``case_id``: ``default_rng([seed, crc32(case_id), index])``.
+
+    ``case_id`` is the case key (:func:`case_key`), so with several folders equal case ids of two folders draw
+    different variants, and with one folder the draws are those of the case id."""
     return np.random.default_rng([int(seed), zlib.crc32(case_id.encode()), int(index)])
 
 
@@ -520,9 +602,12 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
 
 
 # ------------------------------------------------------------------------------------------------- datasets
-def config_key(data_dir: str | Path, net_config, extra: dict[str, Any] | None = None) -> str:
-    """Hash naming everything a cached item depends on (so a persistent cache is never reused wrongly)."""
-    payload = {"data": str(Path(data_dir).resolve()), "net": net_config.to_dict(), **(extra or {})}
+def config_key(data_dir: DataFolders, net_config, extra: dict[str, Any] | None = None) -> str:
+    """Hash naming everything a cached item depends on (so a persistent cache is never reused wrongly): the
+    resolved dataset folder (one folder: as before lists were accepted, so earlier caches stay valid; several:
+    the list, in order, since the case keys' indices refer to it), the network config and ``extra``."""
+    folders = [str(Path(f).resolve()) for f in data_folders(data_dir)]
+    payload = {"data": folders[0] if len(folders) == 1 else folders, "net": net_config.to_dict(), **(extra or {})}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -546,9 +631,9 @@ class TrainDataset(torch.utils.data.Dataset):
     the number of workers or processes; call :meth:`set_epoch` each epoch.
 
     Args:
-        data_dir: dataset folder.
-        case_ids: the training cases.
-        case_subject: case id -> subject id.
+        data_dir: dataset folder, or a list of them.
+        case_ids: the training cases' keys (:func:`case_key`; :attr:`Splits.train`).
+        case_subject: case key -> subject id (a subject's cases from every folder are drawn from together).
         net_config: network configuration.
         size: crop size (network-grid voxels) or None.
         interp, k_range, heldout_kpts: as in :func:`draw_variant`.
@@ -562,7 +647,7 @@ class TrainDataset(torch.utils.data.Dataset):
         cache_dir, num_workers, progress: caching (see :func:`make_store`).
     """
 
-    def __init__(self, data_dir: str | Path, case_ids: list[str], case_subject: dict[str, str], net_config, *,
+    def __init__(self, data_dir: DataFolders, case_ids: list[str], case_subject: dict[str, str], net_config, *,
                  size: tuple[int, int, int] | None, interp: str | None, k_range: tuple[int, int],
                  heldout_kpts: int = 50, variants_per_case: int = 0, augment: bool = False,
                  flip_axes: tuple[int, ...] = (), samples_per_epoch: int | None = None, seed: int = 0,
@@ -627,12 +712,13 @@ class TrainDataset(torch.utils.data.Dataset):
         return assemble_sample(case, variant, self.size, self.augment, rng, self.flip_axes)
 
 
-def validation_items(data_dir: str | Path, case_ids: list[str], net_config, *, seed: int, interp: str | None,
+def validation_items(data_dir: DataFolders, case_ids: list[str], net_config, *, seed: int, interp: str | None,
                      k_range: tuple[int, int], heldout_kpts: int, variant_options: dict | None = None
                      ) -> list[tuple[dict, dict]]:
     """``(case, variant)`` pairs for validation: one fixed variant per case (index ``-1`` of
     :func:`variant_rng`, never used in training pools) with its subject-grid initial field. Not cached on disk:
-    validation sets are small. ``variant_options`` as in :class:`TrainDataset`."""
+    validation sets are small. ``data_dir`` a folder or a list of them, ``case_ids`` case keys
+    (:func:`case_key`); ``variant_options`` as in :class:`TrainDataset`."""
     out = []
     for c in case_ids:
         case = prepare_case(data_dir, c, net_config)

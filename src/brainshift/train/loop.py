@@ -2,7 +2,9 @@
 
 Files written by rank 0 under ``save_dir``:
 
-- ``config_resolved.yaml``: the full configuration of the run; ``splits.json``: case/subject ids per split;
+- ``config_resolved.yaml``: the full configuration of the run; ``splits.json``: case keys and subject ids per
+  split (with several dataset folders in ``data``, keys ``"<folder index>-<case id>"`` and the ``folders`` list;
+  :func:`brainshift.train.data.case_key`);
 - ``last.pt``: training state for ``--resume`` (a torch file of state dicts, numbers and JSON strings only,
   read back with ``weights_only=True``): ``model_state_dict``, ``optimizer_state_dict``, ``epoch`` (completed),
   ``step``, ``best_val_mse``, ``best_epoch``, ``history``, ``network_config``;
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from brainshift.errors import BrainshiftError, InputFileError
-from brainshift.train.config import TrainConfig, network_config, save_resolved
+from brainshift.train.config import TrainConfig, data_folders, network_config, save_resolved
 from brainshift.train.distributed import (
     DistContext,
     barrier,
@@ -229,7 +231,9 @@ def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str
 
 
 def _dataset_summary(cfg: TrainConfig, splits) -> dict[str, Any]:
-    return {"data": str(cfg.data), "n_cases": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
+    from brainshift.train.data import describe_data
+
+    return {"data": describe_data(cfg.data), "n_cases": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
             "n_subjects": {k: len(v) for k, v in splits.subjects.items()}}
 
 
@@ -271,7 +275,7 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
     resumed state; rank 0 writes ``config_resolved.yaml`` and ``splits.json``."""
     from brainshift.io.atomic import atomic_output
     from brainshift.model import load_weights
-    from brainshift.train.data import split_cases
+    from brainshift.train.data import describe_data, split_cases
 
     save_dir = Path(cfg.save_dir)
     net_cfg = network_config(cfg)
@@ -282,7 +286,7 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
         net_cfg = init_loaded.config
     splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed, cfg.val_subjects)
     if not splits.train:
-        raise BrainshiftError(f"expected at least one training subject in {cfg.data}, got none")
+        raise BrainshiftError(f"expected at least one training subject in {describe_data(cfg.data)}, got none")
     if cfg.size is not None and any(int(s) % net_cfg.size_multiple for s in cfg.size):
         raise BrainshiftError(f"expected a training size made of multiples of {net_cfg.size_multiple} "
                               f"(2 ** (levels - 1)), got {tuple(cfg.size)}")
@@ -391,7 +395,7 @@ def _test_best(run: _Run) -> dict[str, float]:
     ``test_metrics.json``; {} without test cases."""
     from brainshift.io.atomic import atomic_output
     from brainshift.model import load_weights
-    from brainshift.train.data import cases_of, validation_items
+    from brainshift.train.data import cases_of, describe_data, validation_items
 
     cfg = run.cfg
     if not run.best_metrics:  # resumed run whose best epoch came before the resume
@@ -404,7 +408,8 @@ def _test_best(run: _Run) -> dict[str, float]:
                              k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
     test_metrics = validate(best.model, items, run.net_cfg, run.ctx.device, cfg.extra_eval)
     with atomic_output(run.save_dir / "test_metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps({"data": str(test_root), "cases": test_cases, **test_metrics}, indent=2))
+        Path(tmp).write_text(json.dumps({"data": describe_data(test_root), "cases": test_cases, **test_metrics},
+                                        indent=2))
     return test_metrics
 
 
@@ -415,23 +420,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     the processes hold identical weights after every step).
 
     Args:
-        cfg: the configuration (``cfg.data`` required).
+        cfg: the configuration (``cfg.data`` required: a dataset folder or a list of them).
 
     Returns:
         :class:`TrainResult`.
 
     Raises:
-        BrainshiftError: bad configuration, CUDA requested without a GPU, no training cases, a resume state
-            from another network configuration.
-        InputFileError: missing dataset / state / weights files.
+        BrainshiftError: bad configuration (e.g. a dataset folder listed twice), CUDA requested without a GPU,
+            no training cases, a resume state from another network configuration.
+        InputFileError: missing dataset folder (each listed one is checked) / state / weights files, a dataset
+            folder without a complete case.
     """
     from brainshift.model.checkpoint import unwrap_model
     from brainshift.train.data import TrainDataset, validation_items
 
     if cfg.data is None:
         raise BrainshiftError("expected a dataset folder (option data / --data), got none")
-    if not Path(cfg.data).is_dir():
-        raise InputFileError(f"expected a dataset folder at {cfg.data}, it does not exist")
+    for folder in data_folders(cfg.data):
+        if not Path(folder).is_dir():
+            raise InputFileError(f"expected a dataset folder at {folder}, it does not exist")
     ctx: DistContext = setup_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)
