@@ -56,6 +56,29 @@ def test_newton_solve_matches_linear_at_small_load():
     assert max(info["newton_iterations"]) <= 4  # quadratic convergence at small load
 
 
+def _column_solve(f, base, m, mu, lam, **kw):
+    return H.solve_neo_hookean(m, lam, mu, np.ones(m.n_elements, bool), lambda s: s * f,
+                               u0=np.zeros((m.n_nodes, 3)), contact_nodes=np.zeros(0, np.int64),
+                               normals=np.zeros((0, 3)), fixed_nodes=base, rtol=1e-10, **kw)
+
+
+def test_load_step_cutback_reaches_the_same_equilibrium():
+    """A load too large for one load step of at most 6 Newton iterations: the solve cuts the increment back and
+    ends at the equilibrium an 8-step solve finds; without cutbacks it fails with a one-line error."""
+    m, mu, lam = _column()
+    x = m.nodes_local_mm
+    base = np.nonzero(np.isclose(x[:, 2], x[:, 2].min()))[0]
+    f = F.body_force_nodal(m, np.tile([0.0, 0.0, -10.0 * MAT.weight_density_pa_per_mm()], (m.n_elements, 1)))
+    ref, _, ref_info = _column_solve(f, base, m, mu, lam, load_steps=8)
+    assert ref_info["load_cutbacks"] == 0
+    assert np.abs(ref[:, 2]).max() > 5.0  # large enough to be nonlinear
+    with pytest.raises(H.SolverError, match="after 0 load-step cutbacks"):
+        _column_solve(f, base, m, mu, lam, load_steps=1, max_newton=6, max_cutbacks=0)
+    u, _, info = _column_solve(f, base, m, mu, lam, load_steps=1, max_newton=6)
+    assert info["load_cutbacks"] >= 1
+    assert np.abs(u - ref).max() < 1e-6 * np.abs(ref).max()
+
+
 @pytest.mark.slow  # ~10 s: Newton with an AMG rebuild per iteration
 def test_phantom_case_close_to_linear_at_moderate_load():
     from brainshift.simulate.case import SimulationConfig, draw_case_parameters, simulate_case

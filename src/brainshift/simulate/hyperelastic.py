@@ -11,8 +11,11 @@ the same 3x3-block pattern as the linear stiffness.
 Solve: the load (gravity, then for resection the release of the interface forces) is applied in
 ``newton_load_steps`` equal steps; each step runs Newton with the consistent tangent (pyamg-preconditioned CG
 for the linearised system) and a backtracking line search that halves the step while the residual does not
-decrease or an element would invert (J <= 0). The skull contact is the same active set as the linear model
-(:mod:`.contact`): at each step, Newton converges with a fixed set, then nodes are released / activated and
+decrease or an element would invert (J <= 0). When Newton stalls within a step (no convergence in
+``max_newton`` iterations, a residual that does not halve over 5 iterations, or a failed line search), the state
+returns to the last converged load level and the increment is halved (at most ``max_cutbacks`` times; it doubles
+back towards the nominal increment after each converged step). The skull contact is the same active set as the
+linear model (:mod:`.contact`): at each step, Newton converges with a fixed set, then nodes are released / activated and
 Newton is rerun until the set is stable. Gravity is a dead load (reference direction and magnitude).
 
 Source: Bonet & Wood, *Nonlinear Continuum Mechanics for Finite Element Analysis* (2008), ch. 6-9.
@@ -123,10 +126,91 @@ def tangent_stiffness(mesh: HexMesh, u: np.ndarray, lam: np.ndarray, mu: np.ndar
     return sp.bsr_matrix((acc[pattern.coupled], pattern.indices, pattern.indptr), shape=(n, n))
 
 
+class _NewtonStalled(SolverError):
+    """Newton did not converge within one load increment (the caller cuts the increment back)."""
+
+
+def _newton(mesh, lam, mu, which, f_ext, u, free, *, frames, touched, near_null, used, pattern, rtol, max_newton,
+            cg_rtol, cg_maxiter, info, step):
+    """Newton with a backtracking line search for one fixed set of constraints. Returns ``(u, r, iterations)``
+    (``r``: the last residual in the node frames). Raises :class:`_NewtonStalled` when the residual does not reach
+    ``rtol`` in ``max_newton`` iterations, stagnates (does not halve over 5 iterations once 8 are done) or the line
+    search finds no decrease."""
+    n = mesh.n_nodes
+    f_scale = max(float(np.linalg.norm(f_ext)), 1e-300)
+    history = []
+    for it in range(1, max_newton + 1):
+        r = to_frames(internal_forces(mesh, u, lam, mu, which) - f_ext, frames)
+        res = float(np.linalg.norm(np.where(free, r, 0.0))) / f_scale
+        if res < rtol:
+            return u, r, it
+        history.append(res)
+        if it >= 8 and res > 0.5 * history[-6]:
+            raise _NewtonStalled(f"expected Newton to converge to a relative residual of {rtol:g}, got a "
+                                 f"stagnating residual {res:.3g} after {it} iterations (load step {step})")
+        k = rotate_matrix(tangent_stiffness(mesh, u, lam, mu, which, pattern), frames, pattern.rows, touched)
+        diag = np.where(used[:, None], np.einsum("bii->bi", k.data[pattern.diag_pos]), 1.0)
+        kc = fem.apply_constraints(k, free, pattern.diag_pos, pattern.rows, diag=np.maximum(diag, 1e-12))
+        amg = fem.AMGSolver(kc, near_null * free.reshape(-1, 1), rtol=cg_rtol, maxiter=cg_maxiter)
+        du, si = amg.solve(np.where(free, -r, 0.0).ravel())
+        info["cg_iterations"] += si.iterations
+        du = np.einsum("nij,nj->ni", frames, du.reshape(n, 3))
+        alpha = 1.0
+        for _ls in range(12):
+            trial = u + alpha * du
+            if _min_jacobian(mesh, trial, which) > 0:
+                rt = to_frames(internal_forces(mesh, trial, lam, mu, which) - f_ext, frames)
+                if float(np.linalg.norm(np.where(free, rt, 0.0))) / f_scale < (1 - 1e-4 * alpha) * res:
+                    break
+            alpha *= 0.5
+        else:
+            raise _NewtonStalled("expected the Newton line search to reduce the residual, got no decrease "
+                                 f"after 12 halvings (load step {step}, residual {res:.3g})")
+        u = trial
+    raise _NewtonStalled(f"expected Newton to converge to a relative residual of {rtol:g} within "
+                         f"{max_newton} iterations, got {res:.3g} (load step {step})")
+
+
+def _load_step(mesh, lam, mu, which, f_ext, u, active, info, *, step, s, base_free, contact_nodes, frames, touched,
+               near_null, used, pattern, live, never_release, hold_tangential, rtol, max_newton, cg_rtol, cg_maxiter,
+               max_contact_iterations, gap_tol_mm, force_tol_rel, progress):
+    """Equilibrium under one load level: Newton for a fixed active set, then the active set updated until it
+    settles. Returns ``(u, active, frozen)``."""
+    force_tol = force_tol_rel * max(float(np.abs(f_ext).max()), 1e-300)
+    history = [active.copy()]
+    frozen = np.zeros(len(contact_nodes), bool)
+    node_changes = np.zeros(len(contact_nodes), np.int64)
+    for _ in range(max_contact_iterations):
+        free = constrained_free(base_free, contact_nodes, active, hold_tangential)
+        fem.check_rigid_modes_removed(near_null, free)
+        ur = to_frames(u, frames)  # project the current state onto the constraints (active normals at 0)
+        ur[~free] = 0.0
+        u = np.einsum("nij,nj->ni", frames, ur)
+        u, r, it = _newton(mesh, lam, mu, which, f_ext, u, free, frames=frames, touched=touched, near_null=near_null,
+                           used=used, pattern=pattern, rtol=rtol, max_newton=max_newton, cg_rtol=cg_rtol,
+                           cg_maxiter=cg_maxiter, info=info, step=step)
+        info["newton_iterations"].append(it)
+        info["contact_iterations"] += 1
+        ur = to_frames(u, frames)
+        un, rn = ur[contact_nodes, 2], r[contact_nodes, 2]
+        release, activate = next_active_set(active, live, un, rn, force_tol, gap_tol_mm, never_release, frozen)
+        if progress:
+            StepTimer(verbose=True).note(f"  load step {step} (load {s:.3g}): Newton {it} its, released "
+                                         f"{int(release.sum())}, activated {int(activate.sum())}")
+        if not (release.any() or activate.any()):
+            return u, active, frozen
+        chatter = hold_chattering(node_changes, release, activate, frozen)
+        active, osc = resolve_cycle(history, ((active & ~release) | activate) | chatter)
+        frozen |= osc | chatter
+        history.append(active.copy())
+    raise SolverError(f"expected the skull-contact active set to settle within {max_contact_iterations} "
+                      "iterations of the neo-Hookean solve, got changes in the last one")
+
+
 def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.ndarray, load, *, u0: np.ndarray,
                       contact_nodes: np.ndarray, normals: np.ndarray, fixed_nodes: np.ndarray,
                       active0: np.ndarray | None = None, load_steps: int = 4, rtol: float = 1e-6,
-                      max_newton: int = 25, cg_rtol: float = 1e-8, cg_maxiter: int = 500,
+                      max_newton: int = 25, max_cutbacks: int = 6, cg_rtol: float = 1e-8, cg_maxiter: int = 500,
                       max_contact_iterations: int = 30, gap_tol_mm: float = 1e-3, force_tol_rel: float = 1e-3,
                       progress: bool = False, contact_model: str = "unilateral", plane_nodes: np.ndarray | None = None,
                       plane_normal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -160,66 +244,35 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
         active = np.concatenate([active, np.ones(len(contact_nodes) - active.size, bool)])
     active = (active | never_release) & live
     u = np.asarray(u0, dtype=np.float64).copy()
-    info = {"newton_iterations": [], "contact_iterations": 0, "cg_iterations": 0}
-    for step in range(1, load_steps + 1):
-        s = step / load_steps
-        f_ext = load(s)
-        f_scale = max(float(np.linalg.norm(f_ext)), 1e-300)
-        force_tol = force_tol_rel * max(float(np.abs(f_ext).max()), 1e-300)
-        history = [active.copy()]
-        frozen = np.zeros(len(contact_nodes), bool)
-        node_changes = np.zeros(len(contact_nodes), np.int64)
-        for _ in range(max_contact_iterations):
-            free = constrained_free(base_free, contact_nodes, active, hold_tangential)
-            fem.check_rigid_modes_removed(near_null, free)
-            # project the current state onto the constraints (active normals at 0)
-            ur = to_frames(u, frames)
-            ur[~free] = 0.0
-            u = np.einsum("nij,nj->ni", frames, ur)
-            for it in range(1, max_newton + 1):  # noqa: B007 (the count is reported after the loop)
-                r = to_frames(internal_forces(mesh, u, lam, mu, which) - f_ext, frames)
-                res = float(np.linalg.norm(np.where(free, r, 0.0))) / f_scale
-                if res < rtol:
-                    break
-                k = rotate_matrix(tangent_stiffness(mesh, u, lam, mu, which, pattern), frames, pattern.rows, touched)
-                diag = np.where(used[:, None], np.einsum("bii->bi", k.data[pattern.diag_pos]), 1.0)
-                kc = fem.apply_constraints(k, free, pattern.diag_pos, pattern.rows, diag=np.maximum(diag, 1e-12))
-                amg = fem.AMGSolver(kc, near_null * free.reshape(-1, 1), rtol=cg_rtol, maxiter=cg_maxiter)
-                du, si = amg.solve(np.where(free, -r, 0.0).ravel())
-                info["cg_iterations"] += si.iterations
-                du = np.einsum("nij,nj->ni", frames, du.reshape(n, 3))
-                alpha = 1.0
-                for _ls in range(12):
-                    trial = u + alpha * du
-                    if _min_jacobian(mesh, trial, which) > 0:
-                        rt = to_frames(internal_forces(mesh, trial, lam, mu, which) - f_ext, frames)
-                        if float(np.linalg.norm(np.where(free, rt, 0.0))) / f_scale < (1 - 1e-4 * alpha) * res:
-                            break
-                    alpha *= 0.5
-                else:
-                    raise SolverError("expected the Newton line search to reduce the residual, got no decrease "
-                                      f"after 12 halvings (load step {step}, residual {res:.3g})")
-                u = trial
-            else:
-                raise SolverError(f"expected Newton to converge to a relative residual of {rtol:g} within "
-                                  f"{max_newton} iterations, got {res:.3g} (load step {step})")
-            info["newton_iterations"].append(it)
-            info["contact_iterations"] += 1
-            ur = to_frames(u, frames)
-            un, rn = ur[contact_nodes, 2], r[contact_nodes, 2]
-            release, activate = next_active_set(active, live, un, rn, force_tol, gap_tol_mm, never_release, frozen)
+    info = {"newton_iterations": [], "contact_iterations": 0, "cg_iterations": 0, "load_cutbacks": 0}
+    ds0 = 1.0 / load_steps
+    ds, s_done, step = ds0, 0.0, 0
+    frozen = np.zeros(len(contact_nodes), bool)
+    while s_done < 1.0 - 1e-12:
+        s = min(1.0, s_done + ds)
+        step += 1
+        saved = (u.copy(), active.copy(), len(info["newton_iterations"]))
+        try:
+            u, active, frozen = _load_step(
+                mesh, lam, mu, which, load(s), u, active, info, step=step, s=s, base_free=base_free,
+                contact_nodes=contact_nodes, frames=frames, touched=touched, near_null=near_null, used=used,
+                pattern=pattern, live=live, never_release=never_release, hold_tangential=hold_tangential, rtol=rtol,
+                max_newton=max_newton, cg_rtol=cg_rtol, cg_maxiter=cg_maxiter,
+                max_contact_iterations=max_contact_iterations, gap_tol_mm=gap_tol_mm, force_tol_rel=force_tol_rel,
+                progress=progress)
+        except _NewtonStalled as exc:
+            if info["load_cutbacks"] >= max_cutbacks:
+                raise SolverError(f"{exc} after {max_cutbacks} load-step cutbacks (smallest load increment "
+                                  f"{ds:.3g}; equilibrium reached up to {s_done:.3g} of the load)") from None
+            u, active = saved[0], saved[1]
+            del info["newton_iterations"][saved[2]:]
+            info["load_cutbacks"] += 1
+            ds *= 0.5
             if progress:
-                StepTimer(verbose=True).note(f"  load step {step}: Newton {it} its, released "
-                                             f"{int(release.sum())}, activated {int(activate.sum())}")
-            if not (release.any() or activate.any()):
-                break
-            chatter = hold_chattering(node_changes, release, activate, frozen)
-            active, osc = resolve_cycle(history, ((active & ~release) | activate) | chatter)
-            frozen |= osc | chatter
-            history.append(active.copy())
-        else:
-            raise SolverError(f"expected the skull-contact active set to settle within {max_contact_iterations} "
-                              "iterations of the neo-Hookean solve, got changes in the last one")
+                StepTimer(verbose=True).note(f"  load step {step}: {exc}; cutting the load increment to {ds:.3g}")
+            continue
+        s_done = s
+        ds = min(ds0, 2.0 * ds)  # grow back after a converged step
     ur = to_frames(u, frames)
     info["max_outward_mm"] = float(ur[contact_nodes, 2][live].max()) if live.any() else 0.0
     info["contact_nodes_held"] = int(frozen.sum())
