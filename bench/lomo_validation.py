@@ -15,9 +15,8 @@ from brainshift.compensate import compensate
 from brainshift.evaluate.metrics import score_field
 from brainshift.model import load_weights
 from brainshift.model.safeguards import safe_refine
-from brainshift.simulate.dataset import list_cases
 from brainshift.train.config import load_config
-from brainshift.train.data import as_numpy, validation_items
+from brainshift.train.data import as_numpy, cases_of, validation_items
 from brainshift.train.loop import network_config
 from brainshift.volume import Volume
 
@@ -40,7 +39,8 @@ if args.run:
 else:  # the validation subjects' cases of the config (e.g. re-simulated with --subjects 11:12 and 27:28)
     cfg = load_config(args.config)
     data = args.data or cfg.data
-    val = [c for c in list_cases(data) if c.split("_")[0] in set(cfg.val_subjects or [])]
+    _, case_subject = cases_of(data)  # one folder or several (case keys, brainshift.train.data.case_key)
+    val = sorted(c for c, s in case_subject.items() if s in set(cfg.val_subjects or []))
 net = network_config(cfg)
 t = time.perf_counter()
 items = validation_items(data, val, net, seed=cfg.seed, interp=cfg.interp, k_range=cfg.k_range,
