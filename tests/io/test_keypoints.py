@@ -12,6 +12,7 @@ from _io_helpers import OBLIQUE_SHAPE, assert_one_line_error, write_small_case
 
 from brainshift.errors import InputFileError, KeypointError
 from brainshift.io.keypoints import (
+    read_keypoint_positions,
     read_keypoint_table,
     read_keypoints,
     read_sift_key,
@@ -544,3 +545,34 @@ def test_deeply_nested_markups_json_is_one_line_error(tmp_path):
     res, out = _infer_with(tmp_path, "-k", str(tmp_path / "deep.mrk.json"), "--kpt-intraop",
                            str(tmp_path / "intra.mrk.json"))
     assert_one_line_error(res, out, "expected a JSON Slicer markups file", "nested too deeply")
+
+
+def test_missing_keypoint_file_message_reads_naturally_on_the_command_line(tmp_path):
+    # was "expected an existing keypoint table file file, got 'nonexist.csv' (not found)": the reader passed
+    # "keypoint table file" to a helper that adds " file" itself
+    res, out = _infer_with(tmp_path, "-k", str(tmp_path / "nonexist.csv"))
+    line = assert_one_line_error(res, out, "expected an existing keypoint table file, got ")
+    assert "file file" not in line and line.endswith("nonexist.csv' (not found)"), line
+
+
+@pytest.mark.parametrize(("name", "read", "what"), [
+    ("k.csv", lambda p: read_keypoint_table(p), "keypoint table"),
+    ("k.csv", lambda p: read_keypoint_positions(p), "keypoint table"),
+    ("k.key", lambda p: read_sift_key(p), ".key"),
+    ("k.key", lambda p: read_sift_key_features(p), ".key"),
+    ("k.fcsv", lambda p: read_slicer_markups(p, p, np.eye(4)), "Slicer markups"),
+    ("k.mrk.json", lambda p: read_slicer_markups(p, p, np.eye(4)), "Slicer markups"),
+])
+def test_every_keypoint_reader_names_a_missing_directory_or_non_utf8_file_once(tmp_path, name, read, what):
+    """Each reader's messages for a missing file, a directory and non-UTF-8 bytes say "file" once (the path
+    helpers add the word to the reader's noun)."""
+    missing, folder, latin1 = tmp_path / "missing" / name, tmp_path / "folder" / name, tmp_path / "latin1" / name
+    folder.mkdir(parents=True)
+    latin1.parent.mkdir()
+    latin1.write_bytes("# caf\xe9\n".encode("latin-1"))
+    for path, expected in ((missing, f"expected an existing {what} file, got {str(missing)!r} (not found)"),
+                           (folder, f"expected the {what} to be a file, got a directory {str(folder)!r}"),
+                           (latin1, f"expected a UTF-8 text {what} file, got {str(latin1)!r} with the byte 0xe9")):
+        with pytest.raises(InputFileError) as info:
+            read(path)
+        assert str(info.value).startswith(expected) and "file file" not in str(info.value), str(info.value)

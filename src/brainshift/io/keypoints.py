@@ -44,8 +44,9 @@ def _suffix(path: Path) -> str:
 
 
 def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; ``what`` names the content without the word "file" (the messages add it)."""
     try:
-        return read_utf8_text(path, f"{what} file")
+        return read_utf8_text(path, what)
     except OSError as exc:
         raise InputFileError(f"expected a readable text {what} file, got {str(path)!r}: {exc}") from None
 

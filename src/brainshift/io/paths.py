@@ -21,7 +21,11 @@ def match_suffix(path: str | os.PathLike[str], suffixes: Iterable[str]) -> str:
 
 
 def check_readable(path: Path, what: str) -> None:
-    """Raise :class:`InputFileError` naming ``what`` if ``path`` does not exist or is a directory."""
+    """Raise :class:`InputFileError` naming ``what`` if ``path`` does not exist or is a directory.
+
+    ``what`` names the content without the word "file" (``"image"``, ``"keypoint table"``): the messages add it
+    ("expected an existing image file, ...").
+    """
     if not path.exists():
         raise InputFileError(f"expected an existing {what} file, got {str(path)!r} (not found)")
     if path.is_dir():
@@ -58,6 +62,8 @@ def check_gzip_stream(path: Path, what: str) -> None:
 def read_utf8_text(path: Path, what: str) -> str:
     """The text of a UTF-8 file (a leading byte-order mark dropped, as Excel's "CSV UTF-8" writes one).
 
+    ``what`` names the content without the word "file" (``"keypoint table"``), as for :func:`check_readable`.
+
     Raises:
         InputFileError: missing file or a directory (:func:`check_readable`); bytes that are not UTF-8, naming
             the line and column of the first one as an editor shows them (1-based), or UTF-16 text.
@@ -74,5 +80,5 @@ def read_utf8_text(path: Path, what: str) -> str:
             line = raw.count(b"\n", 0, exc.start) + 1
             found = (f"the byte 0x{raw[exc.start]:02x} on line {line} (column {exc.start - line_start + 1}), which is "
                      f"not UTF-8 (Latin-1 or another encoding?)")
-        raise InputFileError(f"expected a UTF-8 text {what}, got {str(path)!r} with {found}; save it as UTF-8") \
+        raise InputFileError(f"expected a UTF-8 text {what} file, got {str(path)!r} with {found}; save it as UTF-8") \
             from None
