@@ -4,7 +4,10 @@ Each command parses options and calls one library function; heavy modules (torch
 imported inside the commands so ``brainshift --help`` is instant. Any :class:`BrainshiftError` (bad input)
 is printed as one line ``error: ...`` on stderr with exit code 2, never a traceback. Usage errors (an unknown
 option, a bad value, a missing argument) are one line too (:class:`OneLineErrorsGroup`, not click's box), and
-an error never continues a progress bar's line (:func:`error_line`).
+an error never continues a progress bar's line (:func:`error_line`). ``--help`` is click's plain layout
+(``rich_markup_mode=None``): typer's rich panels cut long option names at 80 columns and showed a ``<bool>``
+type on every flag; the plain layout wraps the help text under the full option names, at the terminal's width
+(80 when piped), and lists each command with its first sentence in full.
 """
 
 from __future__ import annotations
@@ -54,6 +57,18 @@ _INTERRUPTED = "interrupted; nothing was written (outputs appear only when a run
 class OneLineErrorsGroup(TyperGroup):
     """The command group: usage errors as one ``error:`` line (exit 2) instead of click's multi-line box."""
 
+    def format_commands(self, ctx, formatter) -> None:
+        """The command list of ``brainshift --help``: each command's first sentence in full, wrapped (click cuts
+        it to the width left on its line, ending in "...")."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=sys.maxsize)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -82,6 +97,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: full option names and no <bool> on flags at 80 columns
 )
 
 

@@ -15,7 +15,9 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of every random draw."),
     weights: Path = typer.Option(None, "--weights", "-w", help="Network weights (default: the shipped model "
                                  "if present, else classical methods only)."),
-    quick: bool = typer.Option(False, "--quick", help="Small 3 mm case with an analytic field (seconds)."),
+    quick: bool = typer.Option(False, "--quick",
+                               help="Small 3 mm case with an analytic field instead of the simulation; the atlas and "
+                                    "the network still run (about 1-3 minutes on a 2-core CPU)."),
     resolution: float = typer.Option(3.0, "--resolution", help="Element edge (mm) of the simulation."),
     atlas: bool = typer.Option(True, "--atlas/--no-atlas",
                                help="Build the subject's deformation atlas (into OUT/atlas) and add the methods "
