@@ -176,15 +176,38 @@ def test_field_on_another_grid(tmp_path, image_path):
                                  "--no-refine"]), out, "grid")
 
 
-def test_cuda_without_gpu(tmp_path, image_path):
+def _without_gpu(monkeypatch):
+    """torch sees no GPU (as on a CPU-only machine), whatever this machine has."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the no-GPU error cannot be provoked")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_cuda_without_gpu_is_refused_before_any_work_when_the_network_runs(tmp_path, image_path, tiny_weights,
+                                                                           monkeypatch):
+    # was refused only after the image was read and interpolated (~2 s), by the network's loading thread: an
+    # unreadable -p file shows which check comes first
+    _without_gpu(monkeypatch)
+    kp = _table(tmp_path / "kp.csv", _good_rows())
+    not_an_image = tmp_path / "not_an_image.nii.gz"
+    not_an_image.write_bytes(b"not an image")
+    out = tmp_path / "o"
+    for device in ("cuda", "cuda:1", "CUDA"):
+        _assert_clean_error(_invoke(["infer", "-p", str(not_an_image), "-k", str(kp), "-o", str(out), "-d", device,
+                                     "-w", str(tiny_weights), "--refine"]), out, "expected a CUDA GPU for device")
+
+
+def test_cuda_without_gpu_is_accepted_without_refinement(tmp_path, image_path, monkeypatch):
+    # with --no-refine no network runs and nothing needs a GPU: -d cuda was refused, now it is a warning
+    _without_gpu(monkeypatch)
     kp = _table(tmp_path / "kp.csv", _good_rows())
     out = tmp_path / "o"
-    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "-d", "cuda",
-                                 "--no-refine"]), out, "cuda")
+    with pytest.warns(UserWarning, match=r"^-d/--device cuda has no effect without network refinement"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(out), "-d", "cuda", "--no-refine",
+                       "-f", "npz", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and not summary["refined"]
 
 
 def test_tps3d_too_many_keypoints_is_refused_before_allocating(tmp_path, image_path):
@@ -479,9 +502,39 @@ def test_tps_lam_cv_with_auto_choosing_linear_tunes_no_ridge(tmp_path, image_pat
         pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(n, 3))
         kp = _table(tmp_path / f"clustered{n}.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (n, 1))]))
         out = tmp_path / f"c{n}"
-        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", "cv", "-f", "npz",
-                       "-o", str(out), "-q"])
+        with pytest.warns(UserWarning, match="--tps-lam cv not used"):
+            res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", "cv", "-f",
+                           "npz", "-o", str(out), "-q"])
         assert res.exit_code == 0, res.output
         summary = json.loads((out / "summary.json").read_text())
         assert summary["interpolation"] == "linear"
         assert "tps_lam_cv_rmse_mm" not in summary and "interpolation_options" not in summary
+
+
+@pytest.mark.parametrize("lam", ["cv", "0.5"])
+def test_tps_lam_left_unused_by_auto_is_said_on_stderr_and_in_the_summary(tmp_path, image_path, lam):
+    """--tps-lam with -m auto choosing linear (keypoints in one region): the run goes on as linear, as before, but
+    says so in one warning line and records it under interpolator_choice.tps_lam (it was silently ignored)."""
+    import warnings
+
+    from brainshift.cli.app import format_warning
+
+    rng = np.random.default_rng(5)
+    pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(24, 3))
+    kp = _table(tmp_path / "clustered.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (24, 1))]))
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "--no-refine", "--tps-lam", lam, "-f", "npz",
+                       "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    notes = [format_warning(w.message, w.category, w.filename, w.lineno) for w in caught
+             if str(w.message).startswith("--tps-lam")]
+    assert len(notes) == 1 and notes[0].count("\n") == 1, notes  # one "warning: ..." line, as the CLI prints it
+    assert notes[0].startswith(f"warning: --tps-lam {lam} not used: -m auto chose linear (keypoints clustered")
+    assert "which has no ridge" in notes[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interpolation"] == "linear" and "interpolation_options" not in summary
+    record = summary["interpolator_choice"]["tps_lam"]
+    assert record["used"] is False and record["given"] == ("cv" if lam == "cv" else 0.5)
+    assert record["reason"].startswith("-m auto chose linear")

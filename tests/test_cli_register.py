@@ -118,3 +118,23 @@ def test_an_rgb_intraop_image_is_one_line_error(images, tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "expected a scalar image (one real number per voxel)" in lines[0], r.output
     assert not out.exists()
+
+
+def test_cuda_without_gpu_is_refused_before_any_work_only_when_the_network_runs(images, tmp_path, tiny_weights,
+                                                                                 monkeypatch):
+    """-d cuda on a machine without a GPU: with refinement, refused before the images are read (it was refused by
+    the network's loading thread after reading, detecting and matching); with --no-refine the device is unused and
+    the run goes on (here to the unreadable -p file, which shows which check came first)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    not_an_image = tmp_path / "not_an_image.nii.gz"
+    not_an_image.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    for refine, expected in (("--refine", "expected a CUDA GPU for device 'cuda'"), ("--no-refine", "not_an_image")):
+        r = _run("-p", not_an_image, "-t", images / "intraop.nii.gz", "-d", "cuda", "-w", tiny_weights, refine,
+                 "-o", out, "-q")
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and ("CUDA" in lines[0]) == (refine == "--refine"), r.output
+        assert not out.exists()

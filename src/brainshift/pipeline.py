@@ -80,6 +80,9 @@ def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
                           "writing the classical interpolation only, without refinement", stacklevel=3)
     if not refine and opts.mirror_average:
         warnings.warn("--mirror-average has no effect without network refinement (--no-refine)", stacklevel=3)
+    if not refine and str(opts.device).strip().lower() not in ("auto", "cpu"):
+        warnings.warn(f"-d/--device {opts.device} has no effect without network refinement (--no-refine): only the "
+                      "network runs on a device; the interpolation runs on the CPU", stacklevel=3)
     if refine and weights is None:
         raise BrainshiftError(
             f"expected network weights for --refine (-w/--weights FILE), got none and no default model at "
@@ -89,6 +92,7 @@ def _refinement_plan(opts: InferOptions) -> tuple[bool, Path | None]:
 
 def _check_options(opts: InferOptions) -> str:
     """Validate the options that need no file; return the output format."""
+    from brainshift.device import check_device_name
     from brainshift.interpolate import available_interpolators
     from brainshift.io.fields import H5_DTYPES
 
@@ -98,6 +102,7 @@ def _check_options(opts: InferOptions) -> str:
     methods = [*available_interpolators(), "auto", "atlas"]
     if str(opts.interp_mode).lower() not in methods:
         raise BrainshiftError(f"expected -m/--interp_mode one of {methods}, got {opts.interp_mode!r}")
+    check_device_name(opts.device)  # a typo is refused even with --no-refine (the GPU is checked when it is used)
     if opts.init_disp is None and opts.kpt_disps is None:
         got = "only --kpt-intraop (the preop markups go in -k)" if opts.kpt_intraop is not None else "neither"
         raise BrainshiftError(f"expected keypoints (-k/--kpt_disps) or an initial field (-i/--init_disp), got {got}")
@@ -125,13 +130,23 @@ def _check_options(opts: InferOptions) -> str:
 
 
 def _load_network_async(weights: Path, device: str):
-    """Start loading the network (torch import, device check, weights) in a background thread.
+    """Check ``device`` at once, then start loading the network (torch import, weights) in a background thread.
 
     torch's import and the weights take ~1.5-2 s; reading the image and interpolating meanwhile (numpy, scipy
-    and zlib release the GIL) hides part of it. Returns a ``Future`` of the
-    :class:`~brainshift.model.checkpoint.LoadedModel` (:func:`brainshift.compensate.compensate` accepts it).
+    and zlib release the GIL) hides part of it. A named GPU (``cuda``, ``cuda:N``) is checked here, before that
+    work, so that a machine without it fails at once rather than after the interpolation
+    (:func:`brainshift.device.check_device`; ``auto`` and ``cpu`` cannot fail and keep torch's import in the
+    thread). Returns a ``Future`` of the :class:`~brainshift.model.checkpoint.LoadedModel`
+    (:func:`brainshift.compensate.compensate` accepts it).
+
+    Raises:
+        BrainshiftError: a bad device name, or CUDA asked for without that GPU.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    from brainshift.device import check_device
+
+    check_device(device)
 
     def load():
         from brainshift.device import resolve_device
@@ -225,12 +240,9 @@ def run_infer(opts: InferOptions) -> dict:
                       "give the keypoints too, or --no-refine to keep the field as it is", stacklevel=2)
     out = Path(opts.output)
     outputs = OutputSet(out, _planned_outputs(opts, fmt, refine))  # a user's file in the way fails here, at once
-    device = "cpu"
-    if not refine and opts.device.lower() not in ("cpu", "auto"):
-        from brainshift.device import resolve_device  # an explicitly named device is checked even so
-
-        device = str(resolve_device(opts.device))
+    # the device is checked here, before any work, when the network will run on it; with --no-refine it is unused
     pending = _load_network_async(weights, opts.device) if refine else None
+    device = "cpu"
     atlas = None
     if opts.atlas is not None:
         from brainshift.atlas.basis import load_atlas
@@ -238,7 +250,7 @@ def run_infer(opts: InferOptions) -> dict:
         with steps.step("load atlas"):
             atlas = load_atlas(opts.atlas)
     image, given = _read_inputs(opts, steps)
-    interp_options, lam_cv = _interp_options(opts, image, given, steps)
+    interp_options, lam_cv, lam_unused = _interp_options(opts, image, given, steps)
     if fmt in ("h5", "nii"):  # refused before the work, not when the first field is written
         from brainshift.geometry import check_no_shear
 
@@ -262,6 +274,8 @@ def run_infer(opts: InferOptions) -> dict:
         if interp_options and (result.interpolator_choice is None or result.method == "tps"):
             summary["interpolation_options"] = {k: (round(float(v), 6) if isinstance(v, float) else v)
                                                 for k, v in interp_options.items()}
+        if lam_unused is not None and result.interpolator_choice is not None:
+            summary["interpolator_choice"] = {**result.interpolator_choice, "tps_lam": lam_unused}
         if coverage is not None:
             summary["keypoint_hull_fraction"] = round(coverage, 6)
         if lam_cv:
@@ -297,14 +311,17 @@ def _tps_lam_option(opts: InferOptions) -> float | str | None:
 
 
 def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepTimer
-                    ) -> tuple[dict, dict[float, float]]:
-    """The interpolator options of this run and, for ``--tps-lam cv``, the cross-validation's RMS errors.
+                    ) -> tuple[dict, dict[float, float], dict | None]:
+    """The interpolator options of this run, for ``--tps-lam cv`` the cross-validation's RMS errors (else
+    empty), and the record of a ``--tps-lam`` that ``-m auto`` left unused (else None).
 
     ``--tps-lam cv`` chooses the thin-plate spline's ridge by 5-fold cross-validation over the keypoints
     (:func:`brainshift.interpolate.tps.choose_tps_lam`, as ``brainshift register`` does for its matches).
 
-    With ``-m auto``, the ridge is chosen only when auto takes ``tps``
-    (:func:`brainshift.compensate.choose_interpolator`).
+    With ``-m auto``, the ridge (a number or ``cv``) applies only when auto takes ``tps``
+    (:func:`brainshift.compensate.choose_interpolator`); when it takes ``linear``, which has no ridge, the run
+    goes on, warns (one line) and returns ``{"given", "used": False, "reason"}`` for ``summary.json``
+    (``interpolator_choice.tps_lam``).
 
     Raises:
         KeypointError: ``--tps-lam cv`` with fewer than
@@ -316,28 +333,42 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     options = dict(opts.interp_options)
     lam = _tps_lam_option(opts)
     if lam is None:
-        return options, {}
+        return options, {}, None
     if "keypoints" not in given:
         raise BrainshiftError("expected keypoints (-k) for --tps-lam, got an initial field (-i): nothing is "
                               "interpolated")
-    if lam != "cv":
-        options["lam"] = float(lam)
-        return options, {}
-    from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV, choose_tps_lam
-
     points_vox, disps_vox = given["keypoints"]
     if str(opts.interp_mode).lower() == "auto":
         from brainshift.compensate import choose_interpolator
 
-        if choose_interpolator(image, points_vox)[0] != "tps":  # auto takes linear: no ridge to choose
-            return options, {}
+        chosen, fraction = choose_interpolator(image, points_vox)
+        if chosen != "tps":  # auto takes linear: no ridge to set or choose
+            return options, {}, _unused_tps_lam(opts, lam, chosen, fraction)
+    if lam != "cv":
+        options["lam"] = float(lam)
+        return options, {}, None
+    from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV, choose_tps_lam
+
     if len(points_vox) < MIN_KEYPOINTS_LAM_CV:
         raise KeypointError(f"expected at least {MIN_KEYPOINTS_LAM_CV} keypoints for --tps-lam cv (5-fold "
                             f"cross-validation), got {len(points_vox)}; give a number instead (published: 0.1)")
 
     with steps.step("choose tps ridge (cross-validation)"):
         options["lam"], rmse = choose_tps_lam(points_vox, disps_vox, image.shape, image.affine)
-    return options, rmse
+    return options, rmse, None
+
+
+def _unused_tps_lam(opts: InferOptions, lam: float | str, chosen: str, fraction: float) -> dict:
+    """Warn (one line) that ``--tps-lam`` is not used because ``-m auto`` chose ``chosen`` (``linear``, no ridge);
+    the record of it for ``summary.json``."""
+    from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+
+    reason = (f"-m auto chose {chosen} (keypoints clustered in one region: their convex hull spans "
+              f"{100 * fraction:.2g} % of the image foreground, below {100 * CLUSTERED_HULL_FRACTION:g} %), "
+              f"which has no ridge")
+    warnings.warn(f"--tps-lam {opts.tps_lam} not used: {reason}; with -m tps it applies",
+                  stacklevel=4)
+    return {"given": lam, "used": False, "reason": reason}
 
 
 def _planned_outputs(opts: InferOptions, fmt: str, refine: bool) -> list[str]:

@@ -35,7 +35,8 @@ def infer_command(
     atlas: Path | None = typer.Option(None, "--atlas",
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
-    device: str = typer.Option("auto", "-d", "--device", help="auto | cpu | cuda (network refinement)."),
+    device: str = typer.Option("auto", "-d", "--device",
+                               help="auto | cpu | cuda: where the network refinement runs (unused with --no-refine)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
     output_fmt: str = typer.Option("h5", "-f", "--output_fmt", "--output-fmt", help="Field format: h5 | npz | nii."),
     weights: Path | None = typer.Option(None, "-w", "--weights",
