@@ -28,6 +28,10 @@ def _data_dir() -> Path:
 DEFAULT_WEIGHTS: Path = _data_dir() / "weights" / DEFAULT_MODEL_NAME
 
 
+#: How records and reports name the shipped default model (:func:`weights_name`): the same on every machine.
+DEFAULT_MODEL_LABEL = "default (shipped)"
+
+
 def default_weights() -> Path | None:
     """The shipped default model file, or None when the package was installed without it."""
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
@@ -58,6 +62,19 @@ def resolve_weights(weights: str | Path | None, *, required: bool = False) -> Pa
         raise InputFileError(f"expected network weights (-w/--weights FILE), got none and no default model at "
                              f"{DEFAULT_WEIGHTS}")
     return default
+
+
+def weights_name(weights: str | Path) -> str:
+    """A machine-independent name of a weights file for records and reports (``summary.json``, ``report.html``):
+    :data:`DEFAULT_MODEL_LABEL` for the shipped default model (:data:`DEFAULT_WEIGHTS`, also when reached through
+    a link or given with ``--weights``), else the file's name. Record the path beside it."""
+    p = Path(weights)
+    try:
+        if p.resolve() == Path(DEFAULT_WEIGHTS).resolve():
+            return DEFAULT_MODEL_LABEL
+    except OSError:  # an unresolvable path is not the shipped model
+        pass
+    return p.name
 
 
 def config_path(name: str) -> Path:

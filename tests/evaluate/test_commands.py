@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -54,6 +56,22 @@ def test_evaluate_default_methods_with_the_default_model(tiny_dataset, tmp_path,
     res, methods = _evaluate_default_methods(tiny_dataset, tmp_path / "eval")
     assert methods == {"linear", "tps", "net-linear", "net-tps"}
     assert "warning: no network weights" not in res.output
+    # the model is named the same on every machine, its path recorded beside; the safeguards were on (default)
+    out = tmp_path / "eval"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == {"name": "default (shipped)", "weights": str(tiny_default_weights),
+                                "safeguards": True}
+    assert set(summary["safeguards"]) == {"net-linear", "net-tps"}
+    assert all(0 <= v["alpha_mean"] <= 1 and 0 <= v["beta_mean"] <= 1 and v["n_cases"] == 1
+               for v in summary["safeguards"].values())
+    md = (out / "summary.md").read_text()
+    assert f"Model of the network methods: default (shipped) ({tiny_default_weights}); safeguards on (alpha: " \
+           "share of the network's correction kept, beta: how closely the keypoints are honoured; the values of " \
+           "the one case): net-linear alpha " in md
+    assert "± " not in md.split("\n\n")[-2]  # one case: means alone in the table
+    rows = {r["method"]: r for r in read_per_case_csv(out / "metrics_per_case.csv")}
+    assert rows["net-tps"]["model"] == "default (shipped)" and rows["net-tps"]["safeguards"] == "on"
+    assert rows["tps"]["model"] == ""
 
 
 def test_evaluate_output_below_a_file_fails_at_once(tiny_dataset, tmp_path):

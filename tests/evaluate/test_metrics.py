@@ -175,3 +175,23 @@ def test_warp_masks_moves_by_a_constant_field():
     np.testing.assert_array_equal(warped["tumour"][10:14, 8:13, 7:11], True)
     assert warped["tumour"].sum() == masks["tumour"].data.sum()
     assert not warped["tumour"][8:10].any()
+
+
+@pytest.mark.filterwarnings("ignore:the inverse field's worst residual")  # the bump reaches the grid border
+def test_warp_masks_together_equals_each_alone():
+    """The masks are resampled together (bits of one label image): each comes out exactly as when warped alone
+    (nearest neighbour picks the same voxel), for overlapping masks and more masks than one byte holds."""
+    from brainshift.io.fields import invert_field, warp_image
+
+    shape, aff = (20, 22, 18), np.diag([1.0, 1.2, 1.5, 1.0])
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    bump = np.exp(-((i - 10) ** 2 + (j - 11) ** 2 + (k - 9) ** 2) / 30.0)
+    f = np.stack([1.7 * bump, -1.1 * bump, 0.6 * bump]).astype(np.float32)  # smooth, sub-voxel fractions
+    rng = np.random.default_rng(0)
+    masks = {f"m{n}": Volume((rng.random(shape) < 0.4).astype(np.uint8), aff, "label") for n in range(10)}
+    inv = invert_field(f, aff)
+    together = warp_masks(f, masks, inverse_field=inv)
+    assert list(together) == list(masks)
+    for name, vol in masks.items():
+        alone = np.asarray(warp_image(vol, f, aff, inverse_field=inv).data) > 0
+        np.testing.assert_array_equal(together[name], alone, err_msg=name)

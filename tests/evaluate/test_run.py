@@ -9,6 +9,7 @@ import pytest
 
 from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 from brainshift.evaluate.run import (
+    MODEL_COLUMNS,
     ROW_COLUMNS,
     draw_case_keypoints,
     evaluate_case,
@@ -53,7 +54,11 @@ def test_rows_are_complete_and_finite(classical_rows):
         assert tuple(r) == ROW_COLUMNS
         assert r["n_keypoints"] == 12 and r["n_heldout"] == 100
         for k in ROW_COLUMNS[7:]:
-            assert math.isfinite(r[k]), (r["method"], k)
+            if k not in MODEL_COLUMNS:
+                assert math.isfinite(r[k]), (r["method"], k)
+        # no network refined these rows: its columns are empty
+        assert (r["model"], r["weights"], r["safeguards"]) == ("", "", "")
+        assert math.isnan(r["safeguard_alpha"]) and math.isnan(r["safeguard_beta"])
         assert 0 <= r["dice_brain"] <= 1 and 0 <= r["dice_tumour"] <= 1
     # interpolating the keypoints beats doing nothing on a smooth field
     for case in ("a_000", "a_001", "b_000"):
@@ -165,12 +170,20 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
     tps = next(r for r in classical_rows if r["case"] == "a_000" and r["method"] == "tps")
     assert rows[2]["mse_mm2"] == pytest.approx(tps["mse_mm2"], rel=1e-6)
     assert net_lin["time_s"] >= lin["time_s"]
+    # the net-* rows name the model (its file name: not the shipped one) and say the safeguards were off
+    assert {k: net_lin[k] for k in MODEL_COLUMNS[:3]} == {"model": "zero.safetensors", "weights": str(w0),
+                                                          "safeguards": "off"}
+    assert math.isnan(net_lin["safeguard_alpha"]) and math.isnan(net_lin["safeguard_beta"])
+    assert lin["model"] == "" and lin["safeguards"] == ""
     # a random network changes the field and still gives finite metrics
     w1 = _tiny_weights(tmp_path / "rand.safetensors", zero_residual=False)
     rows = evaluate_dataset(tiny_dataset, ["net-tps"], weights=w1, seed=3, n_keypoints=12, cases=1,
                             progress=False)
-    assert all(math.isfinite(rows[0][k]) for k in ROW_COLUMNS[7:])
+    assert all(math.isfinite(rows[0][k]) for k in ROW_COLUMNS[7:] if k not in MODEL_COLUMNS[:3])
     assert rows[0]["mse_mm2"] != pytest.approx(tps["mse_mm2"], rel=1e-3)
+    # under the safeguards (the default): on, with this case's alpha and beta in [0, 1]
+    assert (rows[0]["model"], rows[0]["weights"], rows[0]["safeguards"]) == ("rand.safetensors", str(w1), "on")
+    assert 0.0 <= rows[0]["safeguard_alpha"] <= 1.0 and 0.0 <= rows[0]["safeguard_beta"] <= 1.0
 
 
 def test_sweep_over_keypoints_and_noise(tiny_dataset, classical_rows):
@@ -184,3 +197,51 @@ def test_sweep_over_keypoints_and_noise(tiny_dataset, classical_rows):
     assert rows[2]["mse_mm2"] == pytest.approx(classical_rows[1]["mse_mm2"], rel=1e-12)
     assert rows[2]["mse_mm2"] != rows[3]["mse_mm2"]
     assert "| 6 |" in sweep_markdown([r for r in rows if r["noise_mm"] == 0], "n_keypoints")
+
+
+def test_model_record_names_the_shipped_model_the_same_everywhere(tmp_path):
+    """The shipped model is "default (shipped)" however it is reached (the package's file, the repository's link
+    weights/default.safetensors, a relative path); another file is named by its file name; the path is kept."""
+    from pathlib import Path
+
+    from brainshift.evaluate.run import model_line, model_record
+    from brainshift.resources import DEFAULT_WEIGHTS
+
+    repo_link = Path(__file__).resolve().parents[2] / "weights" / "default.safetensors"
+    for path in (DEFAULT_WEIGHTS, repo_link):
+        assert model_record(path, safeguards=True) == {"name": "default (shipped)", "weights": str(path),
+                                                       "safeguards": True}
+    mine = tmp_path / "default.safetensors"  # same file name, another file
+    mine.write_bytes(b"x")
+    assert model_record(mine, safeguards=False)["name"] == "default.safetensors"
+    line = model_line(model_record(mine, safeguards=True), {"net-tps": (0.25, 1.0)}, of="one case")
+    assert line == (f"default.safetensors ({mine}); safeguards on (alpha: share of the network's correction "
+                    f"kept, beta: how closely the keypoints are honoured; one case): net-tps alpha 0.25, beta 1")
+    assert model_line(None) == "no network model"
+
+
+def test_progress_names_each_step_of_a_case(tiny_dataset):
+    """The bar advances once for the ground truth's masks and once per method, its postfix naming the step
+    under way (a one-case run said "0/1 case" for minutes while the field inversions of Dice/HD95 ran)."""
+    from brainshift.evaluate.run import case_steps
+
+    class Bar:
+        def __init__(self):
+            self.n, self.posts = 0, []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text, refresh=True):
+            self.posts.append((self.n, text))
+
+    bar = Bar()
+    case = read_case(tiny_dataset, "a_000")
+    evaluate_case(case, ["linear", "tps"], n_keypoints=8, bar=bar)
+    assert bar.n == case_steps(["linear", "tps"], overlap=True) == 3
+    assert bar.posts == [(0, "a_000: ground truth: warp the masks (field inversion)"), (1, "a_000: linear"),
+                         (1, "a_000: linear: score (Dice/HD95: field inversion)"), (2, "a_000: tps"),
+                         (2, "a_000: tps: score (Dice/HD95: field inversion)")]
+    bar = Bar()
+    evaluate_case(case, ["linear"], n_keypoints=8, overlap=False, bar=bar)
+    assert bar.n == case_steps(["linear"], overlap=False) == 1 and bar.posts[-1] == (0, "a_000: linear: score")

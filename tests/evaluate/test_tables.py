@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -23,9 +24,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _row(case: str, method: str, mse: float, tre: float, **extra) -> dict:
     r = {c: 0.0 for c in ROW_COLUMNS}
     r.update(case=case, subject="s", method=method, n_keypoints=20, n_heldout=100, seed=0, mse_mm2=mse,
-             tre_mm=tre, dice_tumour=float("nan"), hd95_tumour_mm=float("nan"))
+             tre_mm=tre, dice_tumour=float("nan"), hd95_tumour_mm=float("nan"), model="", weights="", safeguards="",
+             safeguard_alpha=float("nan"), safeguard_beta=float("nan"))
     r.update(extra)
     return r
+
+
+def _net(case: str, method: str, mse: float, alpha: float, beta: float, safeguards: str = "on") -> dict:
+    """A ``net-*`` row as evaluate_case writes it: the model's name and path, the safeguards' blend."""
+    return _row(case, method, mse, 1.0, model="default (shipped)", weights="/x/weights/default.safetensors",
+                safeguards=safeguards, safeguard_alpha=alpha, safeguard_beta=beta)
 
 
 def _rows() -> list[dict]:
@@ -91,7 +99,8 @@ def test_sweep_table_and_plot(tmp_path):
     rows = [_row("c0", m, mse * k, 1.0, n_keypoints=k) for k in (5, 10) for m, mse in (("linear", 2.0),
                                                                                           ("tps", 3.0))]
     md = sweep_markdown(rows, "n_keypoints")
-    assert "| 5 | 10 ± 0 | 15 ± 0 |" in md and "| 10 | 20 ± 0 | 30 ± 0 |" in md
+    # one case per setting: the mean alone (a sample std of one value is undefined, not 0)
+    assert "| 5 | 10 | 15 |" in md and "| 10 | 20 | 30 |" in md and "±" not in md
     assert plot_sweep(rows, "n_keypoints", tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(BrainshiftError, match="column"):
         sweep_markdown(rows, "nonexistent")
@@ -100,3 +109,45 @@ def test_sweep_table_and_plot(tmp_path):
 def test_empty_rows_raise():
     with pytest.raises(BrainshiftError, match="at least one"):
         summarize([])
+
+
+def test_one_case_shows_the_mean_alone_not_plus_minus_zero():
+    """With one case the sample std (ddof=1) is undefined: NaN in the summary, the mean alone in summary.md (which
+    said "± 0", as if the methods had been measured on several cases and agreed)."""
+    rows = [_row("c0", "linear", 1.5, 2.0), _row("c0", "tps", 0.5, 1.0)]
+    s = {x["method"]: x for x in summarize(rows)}
+    assert s["linear"]["mse_mm2_mean"] == 1.5 and math.isnan(s["linear"]["mse_mm2_std"])
+    md = summary_markdown(rows)
+    assert "| linear | 1 | 1.5 | 0 | 0 | 2 |" in md and "± 0" not in md
+    assert "Mean ± sample std over cases (the mean alone for one case: the sample std is undefined)." in md
+    # two cases: mean ± std as before
+    assert "| linear | 2 | 2 ± 1.414 |" in summary_markdown(_rows())
+
+
+def test_summary_names_the_model_and_the_safeguards_blend(tmp_path):
+    """summary.md and summary.json say which model refined the net-* rows, that the safeguards were on, and their
+    alpha / beta per method (the mean over the cases; per case in the CSV)."""
+    rows = [*_rows()[:2], _net("c0", "net-tps", 0.5, 0.25, 1.0), _net("c1", "net-tps", 0.7, 0.75, 0.5)]
+    md = summary_markdown(rows, title="data (20 keypoints)")
+    assert md.splitlines()[:3] == [
+        "### data (20 keypoints)", "",
+        "Model of the network methods: default (shipped) (/x/weights/default.safetensors); safeguards on (alpha: "
+        "share of the network's correction kept, beta: how closely the keypoints are honoured; mean over 2 cases): "
+        "net-tps alpha 0.5, beta 0.75."]
+    paths = write_tables(rows, tmp_path / "out", title="data (20 keypoints)")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["model"] == {"name": "default (shipped)", "weights": "/x/weights/default.safetensors",
+                                "safeguards": True}
+    assert summary["safeguards"] == {"net-tps": {"alpha_mean": 0.5, "beta_mean": 0.75, "n_cases": 2}}
+    back = read_per_case_csv(paths["csv"])
+    assert [(r["model"], r["safeguards"], r["safeguard_alpha"]) for r in back[2:]] == [
+        ("default (shipped)", "on", 0.25), ("default (shipped)", "on", 0.75)]
+    assert back[0]["model"] == "" and math.isnan(back[0]["safeguard_alpha"])
+    # the network alone: said so, no alpha / beta; no network: no model line, model null in summary.json
+    off = [_net("c0", "net-tps", 0.5, float("nan"), float("nan"), safeguards="off")]
+    assert "Model of the network methods: default (shipped) (/x/weights/default.safetensors); safeguards off (the " \
+           "network alone)." in summary_markdown(off)
+    assert summary_markdown(_rows()[:2]).startswith("| method |")
+    write_tables(_rows()[:2], tmp_path / "classical")
+    summary = json.loads((tmp_path / "classical" / "summary.json").read_text())
+    assert summary["model"] is None and summary["safeguards"] is None

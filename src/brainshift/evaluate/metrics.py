@@ -132,10 +132,11 @@ def warp_masks(field_vox: np.ndarray, masks: dict[str, Volume], *,
     Method: pull with the inverse. The inverse (backward) field ``v`` on the same grid, ``y + v(y)`` the
     preop point of intraop voxel ``y``, comes from :func:`brainshift.io.fields.invert_field` (SimpleITK),
     and each mask is resampled by nearest neighbour at ``y + v(y)``
-    (:func:`brainshift.io.fields.warp_image`). Unlike a nearest-voxel push-forward this leaves no holes
-    where tissue stretches. Use the same function for prediction and ground truth. SimpleITK's warning about
-    a large inversion residual (where the field folds) is silenced here: :func:`jacobian_stats` reports
-    folding.
+    (:func:`brainshift.io.fields.warp_image`; the masks travel together as the bits of one label image, one
+    resampling: nearest neighbour takes each mask from the same voxel as alone). Unlike a nearest-voxel
+    push-forward this leaves no holes where tissue stretches. Use the same function for prediction and ground
+    truth. SimpleITK's warning about a large inversion residual (where the field folds) is silenced here:
+    :func:`jacobian_stats` reports folding.
 
     Convention: ``field_vox`` forward Lagrangian, voxel units, ``(3, I, J, K)`` on the masks' grid.
 
@@ -164,11 +165,19 @@ def warp_masks(field_vox: np.ndarray, masks: dict[str, Volume], *,
         with warnings.catch_warnings():  # folding is reported by jacobian_stats; one warning per call is noise
             warnings.filterwarnings("ignore", message="the inverse field's worst residual", category=UserWarning)
             inverse_field = invert_field(f, ref.affine)
+    # up to 8 masks in the bits of one uint8 label image, resampled once: nearest neighbour picks the same source
+    # voxel for every bit, so each mask comes out exactly as alone (half the resampling time for brain + tumour)
     out = {}
-    for name, vol in masks.items():
-        label = Volume((vol.data > 0).astype(np.uint8), vol.affine, "label")
-        warped = warp_image(label, f, ref.affine, inverse_field=inverse_field)
-        out[name] = np.asarray(warped.data) > 0
+    names = list(masks)
+    for start in range(0, len(names), 8):
+        group = names[start:start + 8]
+        bits = np.zeros(ref.shape, dtype=np.uint8)
+        for b, name in enumerate(group):
+            bits |= (np.asarray(masks[name].data) > 0).astype(np.uint8) << np.uint8(b)
+        warped = np.asarray(warp_image(Volume(bits, ref.affine, "label"), f, ref.affine,
+                                       inverse_field=inverse_field).data)
+        for b, name in enumerate(group):
+            out[name] = (warped & np.uint8(1 << b)) > 0
     return out
 
 

@@ -31,6 +31,8 @@ field; under the safeguards their cross-validation re-fits the atlas without eac
 Metrics (see :mod:`brainshift.evaluate.metrics`): MSE / MAE / 95th-percentile error (mm) and the Jacobian
 statistics over brain minus cavity; TRE over the held-out keypoints (mean, median, max); Dice and HD95
 (mm) of the brain and tumour masks warped into intraop space by the method's field vs by the ground truth.
+A ``net-*`` row also records which model refined it (:data:`MODEL_COLUMNS`: its machine-independent name and
+path, safeguards on or off, and the safeguards' ``alpha`` and ``beta`` chosen for that case).
 
 Convention: every field is float32 ``(3, I, J, K)`` on the subject grid, forward Lagrangian, voxel units.
 """
@@ -59,7 +61,11 @@ ROW_COLUMNS = (
     "pct_jacobian_nonpositive", "std_log_jac",
     "dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm",
     "gt_max_mm", "gt_mean_mm", "time_s",
+    "model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta",
 )
+#: Columns of :data:`ROW_COLUMNS` that say which model refined a ``net-*`` row and how (:func:`model_columns`); ""
+#: (text) or NaN in the other rows.
+MODEL_COLUMNS = ("model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta")
 
 
 @dataclass
@@ -74,6 +80,52 @@ class CaseKeypoints:
     disps_vox: np.ndarray
     heldout_points_vox: np.ndarray
     heldout_disps_vox: np.ndarray
+
+
+def model_record(weights: str | Path, *, safeguards: bool) -> dict:
+    """Which model refined the ``net-*`` fields and whether under the safeguards, as ``demo`` and ``evaluate``
+    record it: ``{"name": ..., "weights": ..., "safeguards": bool}``, ``name`` machine-independent
+    (:func:`brainshift.resources.weights_name`: ``"default (shipped)"`` or the file name), ``weights`` the path
+    (the key under which ``infer`` and ``register`` record it in ``summary.json``'s ``inputs``)."""
+    from brainshift.resources import weights_name
+
+    return {"name": weights_name(weights), "weights": str(weights), "safeguards": bool(safeguards)}
+
+
+def model_columns(loaded, safeguards: dict | None, *, on: bool) -> dict:
+    """The :data:`MODEL_COLUMNS` of a ``net-*`` row: the model's name and path (:func:`model_record`, from the
+    loaded network's ``source_path``), ``safeguards`` ``"on"``/``"off"``, and the safeguards' ``alpha`` (share
+    of the network's correction kept) and ``beta`` (how closely the keypoints are honoured) of this case (NaN
+    when off). ``safeguards`` is :attr:`brainshift.compensate.Result.safeguards`."""
+    meta = getattr(loaded, "metadata", None)
+    path = meta.get("source_path", "") if isinstance(meta, dict) else ""
+    rec = model_record(path, safeguards=on) if path else {"name": "", "weights": ""}
+    blend = safeguards or {}
+    return {"model": rec["name"], "weights": rec["weights"], "safeguards": "on" if on else "off",
+            "safeguard_alpha": float(blend.get("alpha", float("nan"))),
+            "safeguard_beta": float(blend.get("beta", float("nan")))}
+
+
+def model_line(model: dict | None, blend: dict[str, tuple[float, float]] | None = None, *, of: str = "") -> str:
+    """One line naming the model that refined the ``net-*`` methods and the safeguards, shared by the demo's report
+    and ``evaluate``'s ``summary.md``: ``default (shipped) (PATH); safeguards on (...): net-tps alpha 0.62,
+    beta 0.91; ...`` (``alpha``: share of the network's correction kept; ``beta``: how closely the output honours
+    the keypoints; ``of`` qualifies the values, e.g. ``"mean over 3 cases"``), or ``no network model``.
+
+    Args:
+        model: :func:`model_record` (None: no network ran).
+        blend: method -> ``(alpha, beta)``.
+    """
+    if not model:
+        return "no network model"
+    head = f"{model['name']} ({model['weights']})"
+    if not model.get("safeguards"):
+        return head + "; safeguards off (the network alone)"
+    parts = [f"{m} alpha {a:.3g}, beta {b:.3g}" for m, (a, b) in (blend or {}).items()]
+    text = head + "; safeguards on (alpha: share of the network's correction kept, beta: how closely the keypoints " \
+                  "are honoured"
+    text += f"; {of})" if of else ")"
+    return text + (": " + "; ".join(parts) if parts else "")
 
 
 def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -156,7 +208,7 @@ def draw_case_keypoints(field_vox: np.ndarray, allowed_mask: np.ndarray, affine:
 def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int = 20, n_heldout: int = 100,
                   noise_mm: float = 0.0, candidates_vox: np.ndarray | None = None, loaded=None,
                   device: str = "cpu", overlap: bool = True, mirror_average: bool | None = None,
-                  safeguards: bool = True, atlas=None) -> list[dict]:
+                  safeguards: bool = True, atlas=None, bar=None) -> list[dict]:
     """Evaluate ``methods`` on one :class:`~brainshift.simulate.dataset.SimCase` (rows in ``methods`` order).
 
     Args:
@@ -176,9 +228,14 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             keypoints (as ``infer`` does by default); False: the network alone.
         atlas: the subject's :class:`~brainshift.atlas.basis.DeformationAtlas`, needed by ``atlas`` and
             ``net-atlas`` (one fit serves both: ``net-atlas`` refines the ``atlas`` field).
+        bar: a tqdm bar (or None) advanced by one when the ground truth's masks are warped (with ``overlap``)
+            and after each method, its postfix naming the step under way (:func:`case_steps` steps in all). With
+            ``overlap`` most of a case's time is the field inversions of Dice/HD95 (one per method and one for
+            the ground truth; 30 s each on a 160 x 192 x 144 grid on a loaded 2-core CPU).
 
     Returns:
-        One dict per method with the keys :data:`ROW_COLUMNS`.
+        One dict per method with the keys :data:`ROW_COLUMNS`; a ``net-*`` row's :data:`MODEL_COLUMNS` name the
+        model and the safeguards' ``alpha`` / ``beta`` of this case (:func:`model_columns`), "" / NaN elsewhere.
 
     Raises:
         BrainshiftError: a ``net-*`` method without ``loaded``, an atlas method without ``atlas``.
@@ -198,11 +255,24 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
     kp = draw_case_keypoints(gt, keypoint_mask(case), affine, rng=case_rng(seed, case.case_id),
                              n_keypoints=n_keypoints, n_heldout=n_heldout, noise_mm=noise_mm,
                              candidates_vox=candidates_vox)
+    def step(text: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{case.case_id}: {text}", refresh=True)
+
+    def done() -> None:
+        if bar is not None:
+            bar.update(1)
+
     masks = {"brain": subject.brain_mask, "tumour": subject.tumour_mask} if overlap else None
-    gt_warped = metrics.warp_masks(gt, masks) if overlap else None
+    gt_warped = None
+    if overlap:
+        step("ground truth: warp the masks (field inversion)")
+        gt_warped = metrics.warp_masks(gt, masks)
+        done()
     gt_mag = displacement_magnitude_mm(gt, affine)[eval_mask]
 
     init_cache: dict[str, tuple[np.ndarray, float]] = {}
+    sg_cache: dict[str, dict | None] = {}  # net-* method -> the safeguards' record (None when off)
 
     def initial(kind: str) -> tuple[np.ndarray, float]:
         if kind not in init_cache:
@@ -225,9 +295,11 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         init_cache["atlas"] = (res.initial_field, t_fit)
         if res.refined_field is not None:
             init_cache["net-atlas"] = (res.refined_field, t_fit + res.timings_s["refine with the network"])
+            sg_cache["net-atlas"] = res.safeguards
 
     rows = []
     for method in methods:
+        step(method)
         if method == "none":
             pred, dt = np.zeros_like(gt), 0.0
         elif method in CLASSICAL_METHODS or method in ATLAS_METHODS:
@@ -240,7 +312,9 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
                              safeguards=safeguards, model=loaded, mask=subject.brain_mask.data > 0,
                              device=device, mirror_average=mirror_average)
             pred, dt = res.refined_field, t_init + res.timings_s["refine with the network"]
+            sg_cache[method] = res.safeguards
         pred = np.asarray(pred, dtype=np.float32)
+        step(f"{method}: score" + (" (Dice/HD95: field inversion)" if overlap else ""))
         row = {
             "case": case.case_id, "subject": subject.subject_id, "method": method,
             "n_keypoints": int(len(kp.points_vox)), "n_heldout": int(len(kp.heldout_points_vox)),
@@ -253,8 +327,19 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         row["gt_max_mm"] = float(gt_mag.max())
         row["gt_mean_mm"] = float(gt_mag.mean())
         row["time_s"] = float(dt)
+        if method in NETWORK_METHODS:
+            row.update(model_columns(loaded, sg_cache.get(method), on=safeguards))
+        else:
+            row.update({"model": "", "weights": "", "safeguards": "", "safeguard_alpha": float("nan"),
+                        "safeguard_beta": float("nan")})
         rows.append({k: row[k] for k in ROW_COLUMNS})
+        done()
     return rows
+
+
+def case_steps(methods: list[str], overlap: bool) -> int:
+    """Progress steps of one :func:`evaluate_case`: one per method, one for the ground truth's masks (``overlap``)."""
+    return len(methods) + int(bool(overlap))
 
 
 #: The largest keypoint noise (mm, standard deviation per world component) ``evaluate`` accepts: localisation
@@ -278,7 +363,8 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         noise_mm: std (mm) of Gaussian noise per world component on the driving displacements.
         cases: evaluate only the first ``cases`` case ids (sorted); None = all.
         device: ``cpu``, ``cuda`` or ``auto`` for the network.
-        progress: tqdm progress bar over cases.
+        progress: a tqdm progress bar over the cases' steps (:func:`case_steps`: each method, and with
+            ``overlap`` the ground truth's warped masks), naming the case and step under way.
         n_heldout: held-out targets per case when no detected keypoints exist.
         overlap: compute Dice/HD95 (the slowest metrics).
         mirror_average: left-right mirror averaging of the network (None: the model's default, see
@@ -340,17 +426,21 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
     subject = None
     candidates = None
     atlas = None
-    for case_id in tqdm(ids, desc="evaluate", unit="case", disable=not progress):
-        case = read_case(data_dir, case_id, subject=subject)
-        if subject is None or case.subject.subject_id != subject.subject_id:
-            candidates = read_subject_keypoints(data_dir, case.subject.subject_id)
-            if wants_atlas:
-                atlas = load_subject_atlas(atlases, case.subject)
-        subject = case.subject
-        rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
-                                  noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
-                                  overlap=overlap, mirror_average=mirror_average, safeguards=safeguards,
-                                  atlas=atlas))
+    bar = tqdm(total=len(ids) * case_steps(names, overlap), desc=f"evaluate {len(ids)} case(s)", unit="step",
+               disable=not progress)
+    with bar:
+        for case_id in ids:
+            bar.set_postfix_str(f"{case_id}: read", refresh=True)
+            case = read_case(data_dir, case_id, subject=subject)
+            if subject is None or case.subject.subject_id != subject.subject_id:
+                candidates = read_subject_keypoints(data_dir, case.subject.subject_id)
+                if wants_atlas:
+                    atlas = load_subject_atlas(atlases, case.subject)
+            subject = case.subject
+            rows.extend(evaluate_case(case, names, seed=seed, n_keypoints=n_keypoints, n_heldout=n_heldout,
+                                      noise_mm=noise_mm, candidates_vox=candidates, loaded=loaded, device=device,
+                                      overlap=overlap, mirror_average=mirror_average, safeguards=safeguards,
+                                      atlas=atlas, bar=bar if progress else None))
     return rows
 
 

@@ -1,9 +1,11 @@
 """Tables and plots of evaluation rows (:func:`brainshift.evaluate.run.evaluate_dataset` output).
 
 - :func:`write_per_case_csv` / :func:`read_per_case_csv`: one line per (case, method), every metric.
-- :func:`summarize` / :func:`summary_markdown`: mean ± sample standard deviation (``ddof=1``; 0 for a
-  single case) per method over the cases, NaNs ignored, and the ratio of each method's mean MSE to that of
-  the best classical interpolator (lowest mean MSE among ``linear``, ``tps``, ``tps3d`` that were run).
+- :func:`summarize` / :func:`summary_markdown`: mean ± sample standard deviation (``ddof=1``; NaN, undefined,
+  for a single case: the table then shows the mean alone) per method over the cases, NaNs ignored, and the
+  ratio of each method's mean MSE to that of the best classical interpolator (lowest mean MSE among
+  ``linear``, ``tps``, ``tps3d`` that were run); :func:`summary_markdown` opens with the model that refined the
+  ``net-*`` rows and the safeguards' mean ``alpha`` / ``beta`` (:func:`models_of_rows`).
 - :func:`plot_boxplots`: MSE, TRE and % det J <= 0 per method (matplotlib, Agg canvas, no pyplot state).
 - :func:`sweep_markdown` / :func:`plot_sweep`: how MSE and TRE vary with a setting (``n_keypoints`` or
   ``noise_mm``) across runs, per method (the accuracy benchmark's keypoint-count and noise studies).
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from brainshift.errors import BrainshiftError
-from brainshift.evaluate.run import CLASSICAL_METHODS, ROW_COLUMNS
+from brainshift.evaluate.run import CLASSICAL_METHODS, ROW_COLUMNS, model_line
 from brainshift.io.atomic import atomic_output
 
 #: Summarised metrics: column -> table header.
@@ -39,7 +41,7 @@ SUMMARY_METRICS = {
     "hd95_tumour_mm": "HD95 tumour (mm)",
     "time_s": "time (s)",
 }
-_TEXT_COLUMNS = ("case", "subject", "method")
+_TEXT_COLUMNS = ("case", "subject", "method", "model", "weights", "safeguards")
 _INT_COLUMNS = ("n_keypoints", "n_heldout", "seed")
 
 
@@ -60,10 +62,19 @@ def _values(rows: Sequence[dict], method: str, column: str) -> np.ndarray:
 
 
 def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``) of the finite values; the deviation is NaN (undefined)
+    for fewer than two."""
     v = v[np.isfinite(v)]
     if len(v) == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _mean_pm_std(mean: float, std: float) -> str:
+    """``mean ± std``, the mean alone when the deviation is undefined (one case), ``-`` without a mean."""
+    if not math.isfinite(mean):
+        return "-"
+    return f"{_fmt(mean)} ± {_fmt(std)}" if math.isfinite(std) else _fmt(mean)
 
 
 def write_per_case_csv(rows: Sequence[dict], path: str | Path) -> Path:
@@ -100,6 +111,42 @@ def read_per_case_csv(path: str | Path) -> list[dict]:
                         out[k] = v
             rows.append(out)
     return rows
+
+
+def models_of_rows(rows: Sequence[dict]) -> list[dict]:
+    """The models that refined the ``net-*`` rows (their :data:`~brainshift.evaluate.run.MODEL_COLUMNS`), one
+    record per distinct ``(model, weights, safeguards)``, first-seen order: ``name``, ``weights`` (path),
+    ``safeguards`` (bool) and ``methods``: method -> ``{"alpha_mean", "beta_mean", "n_cases"}`` (the safeguards'
+    mean over that method's rows; NaN when off). Empty when no row names a model (no network ran, or rows
+    written before these columns)."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        name = r.get("model") or ""
+        if not name:
+            continue
+        key = (name, str(r.get("weights", "")), r.get("safeguards") == "on")
+        rec = groups.setdefault(key, {"name": key[0], "weights": key[1], "safeguards": key[2], "methods": {}})
+        rec["methods"].setdefault(r["method"], []).append(r)
+    out = []
+    for rec in groups.values():
+        methods = {}
+        for method, rs in rec["methods"].items():
+            a = _mean_std(_values(rs, method, "safeguard_alpha"))[0]
+            b = _mean_std(_values(rs, method, "safeguard_beta"))[0]
+            methods[method] = {"alpha_mean": a, "beta_mean": b, "n_cases": len(rs)}
+        out.append({**rec, "methods": methods})
+    return out
+
+
+def _model_lines(rows: Sequence[dict]) -> list[str]:
+    """The ``summary.md`` header lines naming each model (:func:`~brainshift.evaluate.run.model_line`)."""
+    lines = []
+    for rec in models_of_rows(rows):
+        n = max(m["n_cases"] for m in rec["methods"].values())
+        blend = {m: (v["alpha_mean"], v["beta_mean"]) for m, v in rec["methods"].items()}
+        of = "the values of the one case" if n == 1 else f"mean over {n} cases"
+        lines.append("Model of the network methods: " + model_line(rec, blend, of=of) + ".")
+    return lines
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
@@ -142,14 +189,17 @@ def summary_markdown(rows: Sequence[dict], title: str | None = None) -> str:
     lines = []
     if title:
         lines += [f"### {title}", ""]
+    models = _model_lines(rows)
+    if models:
+        lines += [*models, ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for s in summary:
         cells = [s["method"], str(s["n_cases"])]
-        cells += [f"{_fmt(s[f'{c}_mean'])} ± {_fmt(s[f'{c}_std'])}" if math.isfinite(s[f"{c}_mean"]) else "-"
-                  for c in cols]
+        cells += [_mean_pm_std(s[f"{c}_mean"], s[f"{c}_std"]) for c in cols]
         cells.append(_fmt(s["mse_ratio_to_best_classical"]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Mean ± sample std over cases. MSE/MAE/P95 over brain minus cavity (Euclidean error in mm); "
+    lines += ["", f"Mean ± sample std over cases (the mean alone for one case: the sample std is undefined). "
+                  f"MSE/MAE/P95 over brain minus cavity (Euclidean error in mm); "
                   f"TRE = mean over held-out keypoints per case; ratio = method's mean MSE / "
                   f"{best or 'best classical'} mean MSE."]
     return "\n".join(lines) + "\n"
@@ -206,10 +256,7 @@ def sweep_markdown(rows: Sequence[dict], param: str, metrics: Sequence[str] = ("
                   "| " + " | ".join([param, *methods]) + " |", "|" + "|".join(["---"] * (len(methods) + 1)) + "|"]
         for v in values:
             sub = [r for r in rows if float(r[param]) == v]
-            cells = []
-            for m in methods:
-                mean, std = _mean_std(_values(sub, m, metric))
-                cells.append(f"{_fmt(mean)} ± {_fmt(std)}" if math.isfinite(mean) else "-")
+            cells = [_mean_pm_std(*_mean_std(_values(sub, m, metric))) for m in methods]
             lines.append("| " + " | ".join([f"{v:g}", *cells]) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -224,7 +271,7 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str | Path,
         for m in methods:
             stats = [_mean_std(_values([r for r in rows if float(r[param]) == v], m, metric)) for v in values]
             means = np.array([s[0] for s in stats])
-            stds = np.array([s[1] for s in stats])
+            stds = np.nan_to_num(np.array([s[1] for s in stats]))  # one case: no error bar
             ok = np.isfinite(means)
             if ok.any():
                 ax.errorbar(np.asarray(values)[ok], means[ok], yerr=stds[ok], marker="o", capsize=3, label=m)
@@ -256,5 +303,28 @@ def write_tables(rows: Sequence[dict], out_dir: str | Path, title: str | None = 
         outputs.write(names["csv"], lambda p: write_per_case_csv(rows, p))
         outputs.write(names["summary"], lambda p: p.write_text(summary_markdown(rows, title=title)))
         outputs.write(names["boxplots"], lambda p: plot_boxplots(rows, p))
-        outputs.commit({"command": "brainshift evaluate", "title": title, "rows": len(rows)})
+        outputs.commit(_json_safe({"command": "brainshift evaluate", "title": title, "rows": len(rows),
+                                   **_model_summary(rows)}))
     return {k: out / v for k, v in names.items()}
+
+
+def _model_summary(rows: Sequence[dict]) -> dict:
+    """``summary.json``'s record of the network methods: ``model`` (``name``, ``weights``, ``safeguards``; None
+    without a network; a list when the rows hold several) and ``safeguards``: method -> ``alpha_mean``,
+    ``beta_mean``, ``n_cases`` (the safeguards' mean over the method's cases; None when off)."""
+    recs = models_of_rows(rows)
+    models = [{k: r[k] for k in ("name", "weights", "safeguards")} for r in recs]
+    blend = {m: v for r in recs for m, v in r["methods"].items() if r["safeguards"]}
+    return {"model": (models[0] if len(models) == 1 else models) if models else None,
+            "safeguards": blend or None}
+
+
+def _json_safe(obj):
+    """``obj`` with non-finite floats replaced by None (``summary.json`` is strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
