@@ -54,6 +54,16 @@ def test_register_writes_matches_fields_summary_and_report(images, tmp_path):
         assert f["field"].shape == (3, 64, 64, 64)
     page = (out / "report.html").read_text()
     assert "fig_matches.png" in page and "fig_compare.png" in page and "inliers" in page
+    # the Files list names every file written (the fields and summary.json were missing), linked
+    files = page.split("<h2>Files</h2>")[1].split("</ul>")[0]
+    import re
+
+    listed = re.findall(r'<a href="([^"]+)">', files)
+    assert listed == ["matches.csv", "initial_disp_field.npz", "summary.json", "fig_matches.png", "fig_compare.png",
+                      "fig_field.png"]
+    assert set(listed) | {"report.html"} == set(summary["outputs"])
+    # the difference images are shown only inside the brain, and the caption says why
+    assert "The differences are shown only inside the brain" in page
 
 
 @pytest.mark.parametrize("case", ["no-overlap", "not-3d", "too-few"])

@@ -103,8 +103,25 @@ def test_quick_demo_with_a_random_network_adds_refined_rows(tmp_path, tiny_defau
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["methods"] == list(by) and summary["metrics"]["net-atlas"]["mse_mm2"] == pytest.approx(
         by["net-atlas"]["mse_mm2"])
+    # which model refined the net-* rows (a name that is the same on every machine, and the path), safeguards on,
+    # and per refined method the safeguards' record as infer writes it (alpha, beta, the cross-validation)
+    model = {"name": "default (shipped)", "weights": str(tiny_default_weights), "safeguards": True}
+    assert summary["model"] == model
+    assert list(summary["safeguards"]) == ["net-linear", "net-tps", "net-atlas"]
+    for rec in summary["safeguards"].values():
+        assert 0 <= rec["alpha"] <= 1 and 0 <= rec["beta"] <= 1 and rec["folds"] >= 2
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["model"] == model and saved["safeguards"] == summary["safeguards"]
+    sg = summary["safeguards"]["net-tps"]
+    assert saved["info"]["model"].startswith(
+        f"default (shipped) ({tiny_default_weights}); safeguards on (alpha: share of the network's correction "
+        f"kept, beta: how closely the keypoints are honoured): net-linear alpha ")
+    assert f"net-tps alpha {sg['alpha']:.3g}, beta {sg['beta']:.3g}" in saved["info"]["model"]
     report = (tmp_path / "out" / "report.html").read_text()
     assert NO_MODEL_NOTE not in report
+    assert "<td>model</td><td>default (shipped) (" in report and "safeguards on" in report
+    # the uncertainty figure says what it plots: sqrt(3) sigma in mm, sigma the per-component SD of the file
+    assert "Plotted: sqrt(3)·σ in mm" in report and "<code>uncertainty_mm.nii.gz</code>, is sqrt(3)" in report
     assert "<td>net-tps</td>" in report
     # the refined methods run under the safeguards: the report shows their uncertainty map beside the error
     assert (tmp_path / "out" / FIGURES["uncertainty"]).stat().st_size > 1000
@@ -242,6 +259,49 @@ def test_quick_demo_builds_the_atlas_and_lists_the_atlas_methods(quick_run):
     assert np.isfinite(field).all() and np.abs(field).max() > 0.1
     report = (out / "report.html").read_text()
     assert "<td>atlas</td>" in report and "atlas fit" in report and "keypoint residual (mm)" in report
+    # the config as the grid design used it (no sampled design's count, ranges, seed or falx share); the solves run
+    cfg = summary["atlas"]["config"]
+    assert cfg["design"] == "grid" and cfg["drainage_fractions"] == [0.2, 0.5] and cfg["n_ring_directions"] == 2
+    for key in ("n_solves", "drainage_range", "craniotomy_radius_range_mm", "poisson_ratio_range",
+                "tumour_stiffness_ratio_range", "seed", "falx_probability", "no_tumour_directions"):
+        assert key not in cfg, key
+
+
+def test_quick_demo_records_no_model_links_the_register_report_and_shows_code(quick_run):
+    """Without a network: model and safeguards null, said in the report. The report links to make demo's register
+    report (saying how to make it while absent) and renders `code` spans as code, never literal backticks."""
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] is None and summary["safeguards"] is None
+    assert json.loads((out / "metrics.json").read_text())["info"]["model"] == "no network model"
+    report = (out / "report.html").read_text()
+    assert "<td>model</td><td>no network model</td>" in report
+    assert '<h2>See also</h2>' in report and '<a href="register/report.html">' in report
+    assert "not written yet: <code>make demo</code> writes it after the demo" in report
+    assert "the input of <code>brainshift register</code> (make demo)" in report and "`" not in report
+
+
+def test_register_link_says_when_the_register_report_is_there(tmp_path):
+    from brainshift.demo import REGISTER_REPORT, register_link
+
+    assert register_link(tmp_path)[1].endswith("in this folder")
+    (tmp_path / "register").mkdir()
+    (tmp_path / REGISTER_REPORT).write_text("<html></html>")
+    name, what = register_link(tmp_path)
+    assert name == "register/report.html" and what.endswith("; `make demo` remakes it after the demo")
+
+
+def test_atlas_config_record_keeps_the_keys_of_its_design():
+    from brainshift.demo import atlas_config_record
+    from brainshift.simulate.atlas import AtlasConfig
+
+    sample = atlas_config_record(AtlasConfig())  # the default: a sampled design, every range given
+    assert sample["n_solves"] == 24 and sample["drainage_range"] == [0.05, 0.7] and sample["falx_probability"] == 0.3
+    for key in ("drainage_fractions", "n_ring_directions", "no_tumour_directions", "craniotomy_radius_mm",
+                "tumour_stiffness_ratio"):
+        assert key not in sample, key
+    grid = atlas_config_record(AtlasConfig(design="grid"), has_tumour=False)
+    assert grid["no_tumour_directions"] == 9 and "n_solves" not in grid and "seed" not in grid
 
 
 

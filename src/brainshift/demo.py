@@ -42,7 +42,12 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    (voxel frame, ``x,y,z,dx,dy,dz``), ``atlas/`` (the deformation atlas: ``atlas.json``, ``basis.npz``,
    ``build.json``; ``brainshift infer -m atlas --atlas`` reads it; the solves' member files are dropped once
    reduced), ``metrics.csv``, ``metrics.json`` (with the atlas fit's record) and ``report.html`` with its figures
-   (:func:`brainshift.evaluate.case_report.write_case_report`); ``brainshift demo`` prints the metrics table.
+   (:func:`brainshift.evaluate.case_report.write_case_report`; it links to ``register/report.html``, which
+   ``make demo`` writes next); ``brainshift demo`` prints the metrics table. ``summary.json`` and
+   ``metrics.json`` record the model (``model``: :func:`brainshift.evaluate.run.model_record`, its
+   machine-independent name and path, safeguards on) and per refined method the safeguards' record
+   (``safeguards``: ``alpha``, ``beta``, cross-validation errors, as ``infer`` writes it); the atlas's config
+   only with the keys its design reads (:func:`atlas_config_record`).
 
 ``quick=True`` replaces steps 1-2 by a small case for tests (seconds): the template resampled to
 :data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
@@ -87,6 +92,9 @@ QUICK_ATLAS_CONFIG = {"design": "grid", "resolution_mm": 6.0, "contact_models": 
                       "drainage_fractions": [0.2, 0.5], "gravity_cone_deg": 25.0, "n_ring_directions": 2}
 #: Sub-folder of the demo output holding the atlas.
 ATLAS_DIR = "atlas"
+#: The report of ``make demo``'s ``brainshift register`` step, relative to the demo's output folder (linked from the
+#: demo's report; not part of the demo's own output set).
+REGISTER_REPORT = "register/report.html"
 #: Fewest held-out TRE targets; random brain voxels are added to the detected keypoints if there are fewer.
 MIN_HELDOUT = 20
 NO_MODEL_NOTE = "no trained model shipped yet; classical methods only"
@@ -246,7 +254,8 @@ def score(field_vox: np.ndarray, case: DemoCase, kp: CaseKeypoints) -> dict:
 
 def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu", timer=None,
                 progress: bool = False, uncertainty: dict | None = None, atlas=None,
-                atlas_fit: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                atlas_fit: dict | None = None,
+                safeguards: dict | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every demo method's field and time: :data:`DEMO_METHODS` by :func:`brainshift.compensate.compensate`,
     ``atlas`` when an atlas is given, each refined as ``net-<name>`` when ``loaded`` is a network (its time
     includes the interpolation or atlas fit), under the safeguards as ``infer`` runs it.
@@ -257,6 +266,9 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
             :func:`~brainshift.compensate.compensate` call gives ``atlas`` and, with a network, ``net-atlas``
             (whose safeguards re-fit the atlas without each fold's keypoints).
         atlas_fit: if a dict, filled with the atlas fit's record (:attr:`brainshift.compensate.Result.atlas_fit`).
+        safeguards: if a dict, filled with ``net-<name>`` -> the safeguards' record
+            (:attr:`brainshift.compensate.Result.safeguards`: ``alpha``, ``beta``, the cross-validation errors), as
+            ``infer`` writes it to ``summary.json``.
 
     Returns:
         ``(fields, times_s)`` keyed by method name: the classical methods and ``atlas`` first, then the refined
@@ -292,6 +304,8 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
             times["net-atlas"] = times["atlas"] + res.timings_s["refine with the network"]
             if uncertainty is not None and res.uncertainty is not None:
                 uncertainty["net-atlas"] = res.uncertainty
+            if safeguards is not None:
+                safeguards["net-atlas"] = res.safeguards
     if loaded is not None:
         for method in DEMO_METHODS:
             with timer.step(f"refine {method} with the network"):
@@ -300,6 +314,8 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
             fields[f"net-{method}"] = res.refined_field
             if uncertainty is not None and res.uncertainty is not None:
                 uncertainty[f"net-{method}"] = res.uncertainty
+            if safeguards is not None:
+                safeguards[f"net-{method}"] = res.safeguards
             times[f"net-{method}"] = times[method] + res.timings_s["refine with the network"]
     fields.update(refined)  # net-atlas after net-linear and net-tps
     return fields, times
@@ -326,6 +342,29 @@ def load_demo_atlas_config(atlas_config=None, *, quick: bool = False):
     from brainshift.resources import config_path
 
     return read_atlas_config(config_path(DEMO_ATLAS_CONFIG))
+
+
+#: :class:`~brainshift.simulate.atlas.AtlasConfig` keys that only a ``"grid"`` / only a ``"sample"`` design reads
+#: (:func:`brainshift.simulate.atlas.plan_solves`).
+_GRID_KEYS = ("drainage_fractions", "n_ring_directions")
+_SAMPLE_KEYS = ("n_solves", "drainage_range", "craniotomy_radius_range_mm", "poisson_ratio_range",
+                "tumour_stiffness_ratio_range", "seed", "falx_probability")
+
+
+def atlas_config_record(config, *, has_tumour: bool = True) -> dict:
+    """The atlas config as the demo records it (``summary.json``, ``metrics.json``): only the keys that the design
+    used reads (:func:`brainshift.simulate.atlas.plan_solves`). A grid drops the sampled design's count, ranges,
+    seed and ``falx_probability``; a sample drops the grid's lists, and a fixed value its range replaces
+    (``craniotomy_radius_mm``, ``tumour_stiffness_ratio``); ``no_tumour_directions`` only without a tumour (grid).
+    The solves actually run are the record's ``n_solves``, not the config's."""
+    d = config.to_dict()
+    if d["design"] == "grid":
+        drop = set(_SAMPLE_KEYS) | ({"no_tumour_directions"} if has_tumour else set())
+    else:
+        drop = {*_GRID_KEYS, "no_tumour_directions"}
+        drop |= {"craniotomy_radius_mm"} if d.get("craniotomy_radius_range_mm") is not None else set()
+        drop |= {"tumour_stiffness_ratio"} if d.get("tumour_stiffness_ratio_range") is not None else set()
+    return {k: v for k, v in d.items() if k not in drop}
 
 
 def build_demo_atlas(folder: Path, case: DemoCase, config, *, quick: bool = False, progress: bool = False):
@@ -450,6 +489,7 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
     """
     from brainshift.errors import BrainshiftError
     from brainshift.evaluate.metrics import tre_mm
+    from brainshift.evaluate.run import model_record
     from brainshift.io.output_set import OutputSet
     from brainshift.progress import StepTimer
     from brainshift.resources import resolve_weights
@@ -496,10 +536,15 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
             atlas_record = {"folder": ATLAS_DIR, "n_solves": len(report.solved) + len(report.skipped),
                             "n_members": report.n_members, "n_components": report.n_components,
                             "retained_energy": round(float(report.retained_energy), 6),
-                            "build_s": round(float(report.wall_s), 1), "config": atlas_cfg.to_dict()}
+                            "build_s": round(float(report.wall_s), 1),
+                            "config": atlas_config_record(atlas_cfg, has_tumour=bool(
+                                case.subject.tumour_mask.data.any()))}
         unc: dict[str, np.ndarray] = {}
+        guards: dict[str, dict | None] = {}
         fields, times = run_methods(case, kp, loaded, device=device, timer=timer, progress=verbose, uncertainty=unc,
-                                    atlas=atlas_obj, atlas_fit=fit)
+                                    atlas=atlas_obj, atlas_fit=fit, safeguards=guards)
+        model = None if loaded is None else model_record(weights_path, safeguards=True)
+        guards = {m: guards[m] for m in fields if m in guards}  # in the methods' order
         affine = case.subject.image.affine
         with timer.step("metrics"):
             rows = [{"method": method, **score(fld, case, kp),
@@ -509,8 +554,8 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
                     for method, fld in [("none", np.zeros_like(case.field_vox)), *fields.items()]]
         best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["mse_mm2"])["method"]
         info = _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, title=title, seed=seed,
-                                   quick=quick, n_detected=n_detected, weights_path=weights_path, t_start=t_start,
-                                   atlas_record=atlas_record, atlas_fit=fit or None)
+                                   quick=quick, n_detected=n_detected, model=model, safeguards=guards or None,
+                                   t_start=t_start, atlas_record=atlas_record, atlas_fit=fit or None)
     report_path = out / "report.html"
     gt_max, gt_median = info["ground-truth displacement max / median (mm)"]
     timer.note(f"\nground-truth displacement: max {gt_max:.2f} mm, median {gt_median:.2f} mm (brain minus cavity); "
@@ -536,7 +581,7 @@ def _json_safe(obj):
 
 
 def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, title, seed, quick, n_detected,
-                        weights_path, t_start, atlas_record=None, atlas_fit=None):
+                        model, safeguards, t_start, atlas_record=None, atlas_fit=None):
     """Write every demo file into ``outputs``' staging folder and commit the set (see :func:`run_demo`); returns
     the case information of the report (with the step and total times)."""
     from brainshift.evaluate.case_report import write_case_report
@@ -549,7 +594,9 @@ def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, ti
         files.append((f"{ATLAS_DIR}/atlas.json", "the subject's deformation atlas (with basis.npz and build.json "
                       f"in {ATLAS_DIR}/): brainshift infer -m atlas --atlas {outputs.out / ATLAS_DIR}"))
     info = demo_info(case, kp, title=title, seed=seed, quick=quick, best=best, n_detected=n_detected,
-                     weights_path=weights_path, files=files, atlas_record=atlas_record, atlas_fit=atlas_fit)
+                     model=model, safeguards=safeguards, files=files, atlas_record=atlas_record,
+                     atlas_fit=atlas_fit)
+    info["links"] = [register_link(outputs.out)]
     masks = {"brain": case.subject.brain_mask.data > 0, "tumour": case.subject.tumour_mask.data > 0,
              "cavity": case.cavity_mask.data > 0}
     with timer.step("report and figures"):
@@ -562,7 +609,8 @@ def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, ti
     info["step times (s)"] = {k: round(v, 2) for k, v in timer.timings_s.items()}
     info["total time (s)"] = total
     with atomic_output(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "info": info, "atlas": atlas_record, "atlas_fit": atlas_fit},
+        tmp.write_text(json.dumps(_json_safe({"rows": rows, "info": info, "model": model, "safeguards": safeguards,
+                                              "atlas": atlas_record, "atlas_fit": atlas_fit}),
                                   indent=2, default=str))
     summary_keys = ("mse_mm2", "tre_mm", "pct_jacobian_nonpositive", "kp_residual_mm", "time_s")
     with timer.step("move the outputs into place"):
@@ -571,25 +619,40 @@ def _write_demo_outputs(outputs, case, kp, fields, rows, unc, best, timer, *, ti
             "command": "brainshift demo", "seed": int(seed), "quick": bool(quick), "best_method": best,
             "report": report.name, "methods": [r["method"] for r in rows],
             "metrics": {r["method"]: {k: r[k] for k in summary_keys} for r in rows},
-            "atlas": atlas_record, "atlas_fit": atlas_fit}))
+            "model": model, "safeguards": safeguards, "atlas": atlas_record, "atlas_fit": atlas_fit}))
     return info
 
 
+def register_link(out: Path) -> tuple[str, str]:
+    """The report's link to :data:`REGISTER_REPORT` (``make demo`` runs ``brainshift register`` on the demo's images
+    into ``register/`` after the demo): ``(relative path, description)``, saying how to make it when it is absent."""
+    what = ("`brainshift register` on this case's images: keypoints detected and matched between "
+            "`preop_t1.nii.gz` and the synthetic `intraop_t1.nii.gz` (images in, field out)")
+    if (Path(out) / REGISTER_REPORT).is_file():
+        return REGISTER_REPORT, what + "; `make demo` remakes it after the demo"
+    return REGISTER_REPORT, (what + "; not written yet: `make demo` writes it after the demo, or run `brainshift "
+                             "register -p preop_t1.nii.gz -t intraop_t1.nii.gz --mask brain_mask.nii.gz -o register` "
+                             "in this folder")
+
+
 def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick: bool, best: str,
-              n_detected: int, weights_path: Path | None, files: list[tuple[str, str]],
-              atlas_record: dict | None = None, atlas_fit: dict | None = None) -> dict:
-    """The case information shown in the report and saved in ``metrics.json`` (JSON-serialisable); with an atlas,
-    one line on how it was built (``atlas_record``) and one on its fit (``atlas_fit``,
-    :attr:`brainshift.compensate.Result.atlas_fit`)."""
+              n_detected: int, model: dict | None, files: list[tuple[str, str]],
+              safeguards: dict | None = None, atlas_record: dict | None = None, atlas_fit: dict | None = None) -> dict:
+    """The case information shown in the report and saved in ``metrics.json`` (JSON-serialisable): with a network,
+    one line naming the model and the safeguards' ``alpha`` / ``beta`` per refined method
+    (:func:`brainshift.evaluate.run.model_line`; ``model``: :func:`brainshift.evaluate.run.model_record`,
+    ``safeguards``: method -> the safeguards' record); with an atlas, one line on how it was built
+    (``atlas_record``) and one on its fit (``atlas_fit``, :attr:`brainshift.compensate.Result.atlas_fit`)."""
     from brainshift.evaluate.metrics import evaluation_region
+    from brainshift.evaluate.run import model_line
 
     image, gt = case.subject.image, case.field_vox
     region = evaluation_region(case.subject.brain_mask.data, case.cavity_mask.data)
     gt_mag = np.sqrt(((image.affine[:3, :3] @ gt[:, region]) ** 2).sum(axis=0))
     return {
         "title": title,
-        "notes": ([] if weights_path is not None else [NO_MODEL_NOTE + " (pass --weights FILE to refine with a "
-                                                                       "network)"])
+        "notes": ([] if model is not None else [NO_MODEL_NOTE + " (pass --weights FILE to refine with a "
+                                                                "network)"])
         + (["quick test case: analytic ground-truth field on a 3 mm grid, not a simulation"] if quick else []),
         "summary": f"{len(kp.points_vox)} keypoints drive each method; errors are measured against the ground "
                    f"truth over brain minus cavity and at {len(kp.heldout_points_vox)} held-out keypoints. "
@@ -600,7 +663,8 @@ def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick
         **case.info,
         "ground-truth displacement max / median (mm)": [float(gt_mag.max()), float(np.median(gt_mag))],
         "keypoints detected / driving / held-out": [n_detected, len(kp.points_vox), len(kp.heldout_points_vox)],
-        "model": str(weights_path) if weights_path is not None else "none",
+        "model": model_line(model, {m: (float(r["alpha"]), float(r["beta"])) for m, r in (safeguards or {}).items()
+                                    if r}),
         **_atlas_info(atlas_record, atlas_fit),
         "files": files,
     }

@@ -226,11 +226,15 @@ def run_register(opts: RegisterOptions) -> dict:
 
 
 def _report(preop, intraop, result, opts: RegisterOptions) -> dict[str, bytes]:
-    from brainshift.evaluate.register_report import FIGURES, register_report
+    from brainshift.evaluate.register_report import register_report
     from brainshift.io.fields import coarse_inverse_field, warp_image
+    from brainshift.volume import Volume
 
     fld = result.field
-    warped = warp_image(preop, fld, preop.affine, inverse_field=coarse_inverse_field(fld, preop.affine)).data
+    inverse = coarse_inverse_field(fld, preop.affine)
+    warped = warp_image(preop, fld, preop.affine, inverse_field=inverse).data
+    brain = Volume(np.asarray(result.mask, dtype=np.uint8), preop.affine, "label")
+    warped_mask = np.asarray(warp_image(brain, fld, preop.affine, inverse_field=inverse).data) > 0
     intra_on_pre = intraop.resample_like(preop).data
     c = result.counts
     info = {
@@ -242,9 +246,25 @@ def _report(preop, intraop, result, opts: RegisterOptions) -> dict[str, bytes]:
         "preop image": str(opts.preop_scan), "intraop image": str(opts.intraop_scan),
         "preop grid": f"{preop.shape}, spacing {tuple(round(float(s), 3) for s in preop.spacing)} mm",
         "intraop grid": f"{intraop.shape}, spacing {tuple(round(float(s), 3) for s in intraop.spacing)} mm",
-        "files": [MATCHES_NAME, *sorted(n for n in FIGURES.values())],
+        "files": report_files(opts, result.compensation.refined_field is not None),
     }
-    return register_report(preop, intra_on_pre, warped, fld, result.points_vox, result.disps_vox, result.mask, info)
+    return register_report(preop, intra_on_pre, warped, fld, result.points_vox, result.disps_vox, result.mask, info,
+                           warped_mask=warped_mask)
+
+
+def report_files(opts: RegisterOptions, refined: bool) -> list[tuple[str, str]]:
+    """The report's "Files" list: every file ``run_register`` writes into ``-o`` (``report.html`` aside),
+    ``(name, description)``, in the order of the module docstring."""
+    from brainshift.evaluate.register_report import FIGURES
+
+    ext = _EXT[opts.output_fmt.lower()]
+    files = [(MATCHES_NAME, "inlier matches, preop voxel frame: x,y,z,dx,dy,dz, scores, the matched intraop voxel"),
+             (f"initial_disp_field{ext}", f"the interpolated field ({opts.interp_mode}) of the matches")]
+    if refined:
+        files.append((f"corrected_disp_field{ext}", "the field refined by the network"))
+    files.append(("summary.json", "inputs, matching counts, field statistics, safeguards, timings"))
+    files += [(n, "figure") for n in FIGURES.values()]
+    return files
 
 
 def _summary(opts: RegisterOptions, preop, intraop, result, weights, fmt: str, steps: StepTimer) -> dict:

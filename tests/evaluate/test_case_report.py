@@ -107,6 +107,61 @@ def test_display_orientation_maps_points_with_the_array():
     np.testing.assert_allclose(dp.spacing, [2.0, 3.0, 1.0])
 
 
+def test_slices_are_named_by_the_image_files_voxel_index():
+    """Slice labels name the 0-based voxel index along the image's own axis ("sagittal x=112" was a display-array
+    index: on this LAS grid the display x runs against voxel i; on a permuted grid it is another voxel axis)."""
+    from brainshift.evaluate.case_report import _slices
+
+    disp = _Display(SHAPE, AFFINE)
+    views = _slices(np.array([20.0, 14, 9]), disp)
+    assert [v[0] for v in views] == [f"sagittal, voxel i={SHAPE[0] - 1 - 20}", "coronal, voxel j=14",
+                                     "axial, voxel k=9"]
+    assert [(v[1], v[2]) for v in views] == [(0, (1, 2)), (1, (0, 2)), (2, (0, 1))]
+    perm = np.array([[0, 2.0, 0, 0], [0, 0, 3.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])  # voxel axes S, R, A
+    assert [v[0] for v in _slices(np.array([2.0, 3, 1]), _Display((4, 5, 6), perm))] == [
+        "sagittal, voxel j=2", "coronal, voxel k=3", "axial, voxel i=1"]
+
+
+def test_backticks_render_as_code_and_text_is_escaped():
+    from brainshift.evaluate.case_report import _text
+
+    assert _text("run `brainshift register` on <a> & b") == (
+        "run <code>brainshift register</code> on &lt;a&gt; &amp; b")
+    assert _text("no code here") == "no code here"
+
+
+def test_jacobian_colour_bar_says_when_it_clips():
+    from brainshift.evaluate.case_report import _jacobian_label
+
+    assert _jacobian_label(np.array([0.0, 0.1, 0.2]), 0.5) == "Jacobian determinant (1 = volume kept)"
+    assert _jacobian_label(np.array([0.0, 0.1, 0.3, 0.6]), 0.25) == (
+        "Jacobian determinant (1 = volume kept), one scale, clipped to [0.75, 1.25] (50 % of voxels beyond)")
+
+
+def test_orientation_letters_have_a_dark_outline():
+    """White letters alone vanished on light panels (the register report's difference images)."""
+    from brainshift.evaluate.case_report import _figure, _side_labels
+
+    _, axes = _figure(1, 1)
+    _side_labels(axes[0][0], 1)
+    texts = axes[0][0].texts
+    assert [t.get_text() for t in texts] == ["L", "R", "S"]
+    for t in texts:
+        assert t.get_color() == "w" and t.get_path_effects(), t.get_text()
+
+
+def test_report_links_other_pages_and_states_what_the_uncertainty_map_plots(tmp_path):
+    path = _report(tmp_path, files=[("keypoints.csv", "input of `brainshift register`")],
+                   links=[("register/report.html", "the `register` report")])
+    text = path.read_text()
+    assert "<li><a href=\"keypoints.csv\"><code>keypoints.csv</code></a> &mdash; input of <code>brainshift " \
+           "register</code></li>" in text
+    assert "<h2>See also</h2>" in text and '<a href="register/report.html">' in text
+    assert "<td>links</td>" not in text and "`" not in text
+    assert "Plotted: sqrt(3)·σ in mm, the expected 3-D error magnitude" in text
+    assert "is sqrt(3) ≈ 1.73 times smaller" in text and "Shown over brain minus cavity only" in text
+
+
 def test_report_bad_inputs(tmp_path):
     vol, gt, fields, kp, held, rows, masks = tiny_case()
     kw = {"image": vol, "gt_field": gt, "fields": fields, "keypoints": kp, "heldout": held, "rows": rows}

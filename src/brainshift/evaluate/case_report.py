@@ -14,7 +14,13 @@ fonts, no external script. The report holds
    mask-aware differences inside that region (it is zero outside the brain by construction);
 4. optionally ``fig_images.png``: extra images on the same slices (e.g. the intraop image and the preop
    image warped by the best method);
-5. the metrics table (``<table id="metrics">``), notes, case information and the list of output files.
+5. optionally ``fig_uncertainty.png``: a safeguarded method's predicted error magnitude ``sqrt(3) sigma`` (mm,
+   ``sigma`` the per-component standard deviation) beside its actual error, over brain minus cavity;
+6. the metrics table (``<table id="metrics">``), notes, case information, the list of output files and links
+   to other pages.
+
+Slices are named by their 0-based voxel index along the image's own axis (``sagittal, voxel i=112``); the
+colour bars say where their scale clips; text in backticks is rendered as ``<code>``.
 
 A small inline script (no network) writes ``<div id="img-status">N/M images loaded</div>`` after the page's
 ``load`` event, counting ``img.complete && img.naturalWidth > 0``; a headless browser's DOM dump shows it.
@@ -47,6 +53,18 @@ REPORT_NAME = "report.html"
 #: Figure file names (relative to the report).
 FIGURES = {"overview": "fig_overview.png", "errors": "fig_errors.png", "jacobian": "fig_jacobian.png",
            "images": "fig_images.png", "uncertainty": "fig_uncertainty.png"}
+#: Title of ``fig_uncertainty.png``: what its maps are, in mm.
+UNCERTAINTY_TITLE = ("predicted error magnitude sqrt(3)·σ (σ: per-component SD, as in uncertainty_mm.nii.gz) beside "
+                     "the actual error |u - u_gt|, in mm, over brain minus cavity")
+#: Caption of ``fig_uncertainty.png`` in the report.
+UNCERTAINTY_CAPTION = (
+    "Uncertainty of the safeguarded refinement. Plotted: sqrt(3)·σ in mm, the expected 3-D error magnitude of an "
+    "isotropic error whose standard deviation per world component is σ, beside the actual error magnitude "
+    "|u - u_gt| (mm), one colour scale. σ itself, the per-voxel standard deviation per world component that "
+    "`brainshift infer --save-uncertainty` writes to `uncertainty_mm.nii.gz`, is sqrt(3) ≈ 1.73 times smaller "
+    "(it comes from the spread of the mirrored network passes and the distance to the nearest keypoint, scaled "
+    "by the keypoints' cross-validation). Shown over brain minus cavity only: the map extends outside the brain "
+    "(its distance term grows there), where the field has no meaning.")
 #: Metric columns of the HTML table: row key -> header (shown when present in the rows).
 TABLE_COLUMNS = {
     "mse_mm2": "MSE (mm&sup2;)",
@@ -89,6 +107,13 @@ class _Display:
 
         return apply_orientation(np.asarray(a), self.ornt)
 
+    def voxel_index(self, axis: int, index: int) -> tuple[str, int]:
+        """Display slice ``index`` along display ``axis`` as the image's own voxel axis and index: ``("i", 112)``
+        (the display flips and permutes axes; the label names what the user finds in the file)."""
+        i = int(self.axis_of[axis])
+        flip = self.ornt[i][1]
+        return "ijk"[i], int(index) if flip > 0 else (self.shape[i] - 1) - int(index)
+
     def points(self, p_vox: np.ndarray) -> np.ndarray:
         """``(N, 3)`` voxel points -> display-array indices ``(N, 3)``."""
         p = np.asarray(p_vox, dtype=np.float64).reshape(-1, 3)
@@ -98,10 +123,15 @@ class _Display:
         return out
 
 
-def _slices(centre: np.ndarray) -> list[tuple[str, int, tuple[int, int]]]:
-    """``(view, normal axis, (horizontal axis, vertical axis))`` in display axes, with the slice index."""
+def _slices(centre: np.ndarray, disp: _Display) -> list[tuple[str, int, tuple[int, int]]]:
+    """``(view, normal axis, (horizontal axis, vertical axis))`` in display axes; the view names the slice by its
+    voxel index in the image file (``sagittal, voxel i=112``: 0-based, along the image's own axis)."""
     c = [int(round(v)) for v in centre]
-    return [(f"sagittal x={c[0]}", 0, (1, 2)), (f"coronal y={c[1]}", 1, (0, 2)), (f"axial z={c[2]}", 2, (0, 1))]
+    out = []
+    for axis, (view, hv) in enumerate((("sagittal", (1, 2)), ("coronal", (0, 2)), ("axial", (0, 1)))):
+        name, index = disp.voxel_index(axis, c[axis])
+        out.append((f"{view}, voxel {name}={index}", axis, hv))
+    return out
 
 
 def _cut(a: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -180,16 +210,20 @@ def _contour(ax, mask2d: np.ndarray, spacing: tuple[float, float], color: str, l
 
 
 def _side_labels(ax, view_axis: int) -> None:
-    """Orientation letters on a display slice (display x = R at the right, y = A up/right, z = S up)."""
+    """Orientation letters on a display slice (display x = R at the right, y = A up/right, z = S up): white with
+    a black outline, readable on dark and light panels alike."""
+    from matplotlib import patheffects
+
     left, right = ("P", "A") if view_axis == 0 else ("L", "R")
-    kw = {"transform": ax.transAxes, "color": "w", "fontsize": 8, "fontweight": "bold"}
+    kw = {"transform": ax.transAxes, "color": "w", "fontsize": 8, "fontweight": "bold",
+          "path_effects": [patheffects.withStroke(linewidth=2.0, foreground="k")]}
     ax.text(0.01, 0.5, left, ha="left", va="center", **kw)
     ax.text(0.99, 0.5, right, ha="right", va="center", **kw)
     ax.text(0.5, 0.99, "A" if view_axis == 2 else "S", ha="center", va="top", **kw)
 
 
 def _overview_figure(path: Path, t1, mag, brain, outline, outline_name, disp: _Display, centre, kp, held):
-    views = _slices(centre)
+    views = _slices(centre, disp)
     fig, axes = _figure(1, 3, row_height=4.2)
     vmax = max(float(np.percentile(mag[brain], 99.9)) if brain.any() else float(mag.max()), 1e-3)
     im = None
@@ -220,7 +254,7 @@ def _overview_figure(path: Path, t1, mag, brain, outline, outline_name, disp: _D
 def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outline, disp: _Display, centre,
                    label: str = "error |u - u_gt| (mm)",
                    title: str = "error magnitude against the ground truth over brain minus cavity (cavity outlined)"):
-    views = _slices(centre)
+    views = _slices(centre, disp)
     names = list(errors)
     fig, axes = _figure(len(names), 3)
     vals = np.concatenate([e[region] for e in errors.values()]) if region.any() else np.zeros(1)
@@ -248,7 +282,7 @@ def _errors_figure(path: Path, t1, errors: dict[str, np.ndarray], region, outlin
 def _jacobian_figure(path: Path, t1, dets: dict[str, np.ndarray], region, outline, disp: _Display, centre):
     from matplotlib.colors import TwoSlopeNorm
 
-    views = _slices(centre)
+    views = _slices(centre, disp)
     names = list(dets)
     fig, axes = _figure(len(names), 3)
     dev = np.concatenate([np.abs(d[region] - 1.0) for d in dets.values()]) if region.any() else np.zeros(1)
@@ -268,14 +302,25 @@ def _jacobian_figure(path: Path, t1, dets: dict[str, np.ndarray], region, outlin
             _side_labels(ax, axis)
         pct = 100.0 * float(np.mean(det[region] <= 0)) if region.any() else float("nan")
         axes[row][0].set_ylabel(f"{name}\ndet J <= 0: {pct:.3f} %", fontsize=9)
-    fig.colorbar(im, ax=[a for rr in axes for a in rr], shrink=0.8, label="Jacobian determinant (1 = volume kept)")
+    fig.colorbar(im, ax=[a for rr in axes for a in rr], shrink=0.8, label=_jacobian_label(dev, r))
     fig.suptitle("Jacobian determinant over brain minus cavity (blue: compression, red: expansion; folding "
                  "outlined in green, cavity in black)", fontsize=10)
     return _save(fig, path)
 
 
+def _jacobian_label(dev: np.ndarray, r: float) -> str:
+    """The Jacobian colour bar's label: the scale ``1 +- r`` and, when some ``|det J - 1|`` of ``dev`` exceeds
+    ``r``, that it clips and how many voxels (all maps together) lie beyond."""
+    n_out = int(np.count_nonzero(dev > r))
+    label = "Jacobian determinant (1 = volume kept)"
+    if n_out:
+        label += (f", one scale, clipped to [{1.0 - r:.2f}, {1.0 + r:.2f}] "
+                  f"({100.0 * n_out / max(dev.size, 1):.2g} % of voxels beyond)")
+    return label
+
+
 def _images_figure(path: Path, images: dict[str, np.ndarray], disp: _Display, centre):
-    views = _slices(centre)
+    views = _slices(centre, disp)
     names = list(images)
     fig, axes = _figure(len(names), 3)
     for row, name in enumerate(names):
@@ -330,6 +375,14 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _text(value) -> str:
+    """``value`` as HTML text: escaped, with `` `code` `` spans rendered as ``<code>`` (never shown as literal
+    backticks)."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(value)))
+
+
 def metrics_table_html(rows: Sequence[Mapping]) -> str:
     """The metrics rows as ``<table id="metrics">``: one line per method, columns of :data:`TABLE_COLUMNS`
     present in the rows; the lowest error of each error column is marked ``class="best"``."""
@@ -356,7 +409,7 @@ def metrics_table_html(rows: Sequence[Mapping]) -> str:
 def _info_html(info: Mapping) -> str:
     rows = []
     for k, v in info.items():
-        if k in ("title", "notes", "files", "summary"):
+        if k in ("title", "notes", "files", "summary", "links"):
             continue
         if isinstance(v, float | np.floating):
             text = _fmt(v)
@@ -365,7 +418,7 @@ def _info_html(info: Mapping) -> str:
         elif isinstance(v, Mapping):
             text = "; ".join(f"{html.escape(str(a))}: {_fmt(b)}" for a, b in v.items())
         else:
-            text = html.escape(str(v))
+            text = _text(v)
         rows.append(f"<tr><td>{html.escape(str(k))}</td><td>{text}</td></tr>")
     return '<table class="info">\n' + "\n".join(rows) + "\n</table>" if rows else ""
 
@@ -379,13 +432,13 @@ def _files_html(files: Sequence) -> str:
             name, what = str(f), ""
         rel = Path(name).as_posix()
         link = f'<a href="{html.escape(rel, quote=True)}"><code>{html.escape(rel)}</code></a>'
-        items.append(f"<li>{link}{' &mdash; ' + html.escape(what) if what else ''}</li>")
+        items.append(f"<li>{link}{' &mdash; ' + _text(what) if what else ''}</li>")
     return "<ul>\n" + "\n".join(items) + "\n</ul>" if items else ""
 
 
 def _img(name: str, alt: str, caption: str) -> str:
     return (f'<figure><img src="{html.escape(name, quote=True)}" alt="{html.escape(alt, quote=True)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            f"<figcaption>{_text(caption)}</figcaption></figure>")
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -410,11 +463,13 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
             error maps): ``(I, J, K)`` arrays or label Volumes on the image grid.
         info: optional ``title`` (str), ``notes`` (list of str, shown highlighted at the top), ``summary``
             (str, a paragraph), ``files`` (list of ``name`` or ``(name, description)`` relative to
-            ``out_dir``, linked) and any other key -> value shown in the "case" table.
+            ``out_dir``, linked), ``links`` (the same, other pages: "See also") and any other key -> value shown
+            in the "case" table. Text in backticks is shown as code.
         images: optional extra images on the image grid (name -> Volume or array) shown on the same slices.
         uncertainty: optional method name -> ``(I, J, K)`` per-voxel standard deviation (mm per world component,
-            :mod:`brainshift.model.safeguards`); shown as the expected error magnitude ``sqrt(3) sigma`` beside
-            that method's actual error, one colour scale (``fig_uncertainty.png``).
+            :mod:`brainshift.model.safeguards`); plotted as the expected error magnitude ``sqrt(3) sigma`` (mm, said
+            so in the figure and its caption) beside that method's actual error, one colour scale, over brain minus
+            cavity only (``fig_uncertainty.png``).
 
     Returns:
         The path of ``report.html``.
@@ -470,13 +525,12 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
             if sig.shape != shape:
                 raise GeometryError(f"expected the uncertainty map of {name!r} on the image grid {shape}, got "
                                     f"{sig.shape}")
-            pairs[f"{name}: expected error"] = disp.array(np.sqrt(3.0) * sig)
+            pairs[f"{name}: predicted sqrt(3)·σ"] = disp.array(np.sqrt(3.0) * sig)
             if name in errors:
-                pairs[f"{name}: actual error"] = errors[name]
+                pairs[f"{name}: actual |u - u_gt|"] = errors[name]
         unc_fig = _errors_figure(out / FIGURES["uncertainty"], t1, pairs, d_region, outline, disp, centre,
-                                 label="error magnitude (mm)",
-                                 title="predicted uncertainty (sqrt(3) x sigma per component) beside the actual "
-                                       "error, over brain minus cavity")
+                                 label="mm: predicted error magnitude sqrt(3)·σ, or actual error |u - u_gt|",
+                                 title=UNCERTAINTY_TITLE)
     del errors
     # the ground truth is defined in the brain only (zero outside): mask-aware differences, so its map does not
     # show the non-physical rim that central differences across that cut produce
@@ -498,10 +552,7 @@ def write_case_report(out_dir: str | Path, *, image: Volume, gt_field: np.ndarra
     ]
     if unc_fig is not None:
         figs.append(_img(FIGURES["uncertainty"], "Predicted uncertainty maps beside the actual error maps",
-                         "Uncertainty of the safeguarded refinement: the expected error magnitude sqrt(3) x sigma "
-                         "(sigma: per-voxel standard deviation per world component, from the spread of the "
-                         "mirrored network passes and the distance to the nearest keypoint, scaled by the "
-                         "keypoints' cross-validation) beside the actual error, one colour scale."))
+                         UNCERTAINTY_CAPTION))
     if images:
         arrs = {}
         for name, vol in images.items():
@@ -528,10 +579,10 @@ def _html_page(info: Mapping, rows: Sequence[Mapping], figs: list[str]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        *[f'<p class="note">{html.escape(n)}</p>' for n in notes],
+        *[f'<p class="note">{_text(n)}</p>' for n in notes],
     ]
     if info.get("summary"):
-        parts.append(f"<p>{html.escape(str(info['summary']))}</p>")
+        parts.append(f"<p>{_text(info['summary'])}</p>")
     parts += ["<h2>Metrics</h2>", metrics_table_html(rows),
               "<p>MSE, mean and P95 error: Euclidean error in world mm over brain minus cavity; TRE at the held-out "
               "keypoints; det J &le; 0: percentage of folded voxels over brain minus cavity; keypoint residual: mean "
@@ -545,6 +596,9 @@ def _html_page(info: Mapping, rows: Sequence[Mapping], figs: list[str]) -> str:
     files = _files_html(info.get("files", []))
     if files:
         parts += ["<h2>Files</h2>", files]
+    links = _files_html(info.get("links", []))
+    if links:
+        parts += ["<h2>See also</h2>", links]
     parts += ["<p>Display: slices in the nearest-RAS orientation of the image (subject's right on the right, "
               "anterior / superior up). Fields: forward Lagrangian, preop voxel p moves to p + u(p).</p>",
               f"<script>{_SCRIPT}</script>", "</body>", "</html>"]

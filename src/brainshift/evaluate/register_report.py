@@ -12,7 +12,10 @@ voxel of largest displacement, in the nearest-RAS display orientation of :mod:`b
 2. ``fig_compare.png``: ``intraop - preop`` before registration, ``intraop - warped preop`` after (the preop
    image pulled into intraop space by the field), and the checkerboards (``CHECKER_MM`` squares) of the same
    pairs; intensities are each divided by their 99th percentile in the brain mask first (the intraop image has
-   another scale and a bias field);
+   another scale and a bias field). Each difference is shown only inside the preop brain as that image has it:
+   the brain mask before, the brain mask carried by the field (``warped_mask``) after. Outside it one of the two
+   images is background (a skull-stripped preop image is 0 where the intraop image shows the fluid that fills
+   the gap left by the sinking brain, or the skull), and its difference would read as a registration error;
 3. ``fig_field.png``: the displacement magnitude (mm) over the preop image, the brain mask outlined.
 
 Convention: fields float32 ``(3, I, J, K)`` on the preop grid, forward Lagrangian (preop voxel ``p`` moves to
@@ -42,6 +45,7 @@ from brainshift.evaluate.case_report import (
     _show,
     _side_labels,
     _slices,
+    _text,
 )
 from brainshift.volume import Volume
 
@@ -78,7 +82,7 @@ def _points_on_slice(disp: _Display, p_vox: np.ndarray, axis: int, index: int) -
 
 
 def _matches_figure(disp, centre, pre, intra, points_vox, disps_vox):
-    views = _slices(centre)
+    views = _slices(centre, disp)
     fig, axes = _figure(2, 3)
     targets = points_vox + disps_vox
     for col, (view, axis, (h, v)) in enumerate(views):
@@ -107,8 +111,37 @@ def _matches_figure(disp, centre, pre, intra, points_vox, disps_vox):
     return _png(fig)
 
 
+#: Title of ``fig_compare.png``.
+COMPARE_TITLE = ("before / after registration, intensities normalised to their 99th percentile in the brain; "
+                 "differences inside the brain only (grey: outside)")
+#: Caption of ``fig_compare.png`` in the report.
+COMPARE_CAPTION = (
+    "Difference and checkerboard images before and after registration, intensities each normalised to their 99th "
+    "percentile in the brain. The differences are shown only inside the brain: the preop brain mask for intraop - "
+    "preop, the same mask carried into intraop space by the field for intraop - warped preop; outside it (grey) one "
+    "image is background (a skull-stripped preop image is 0 where the intraop image shows the fluid filling the gap "
+    "left by the sinking brain at the craniotomy), so a difference there says nothing about the registration. A "
+    "resection cavity (fluid in the intraop image, tissue in the preop one) remains a real difference.")
+
+
+def compare_panels(pre_n: np.ndarray, intra_n: np.ndarray, warped_n: np.ndarray, mask: np.ndarray,
+                   warped_mask: np.ndarray, spacing) -> dict[str, tuple[np.ndarray, dict]]:
+    """The rows of ``fig_compare.png`` on the preop grid: name -> ``(array, imshow options)``. The differences are
+    masked arrays, shown only inside the brain: ``intraop - preop`` inside ``mask`` (the preop brain),
+    ``intraop - warped preop`` inside ``warped_mask`` (that brain carried into intraop space by the field); the
+    checkerboards are plain arrays (options empty: grey)."""
+    diff_kw = {"cmap": "RdBu_r", "vmin": -0.5, "vmax": 0.5}
+    m, wm = np.asarray(mask, dtype=bool), np.asarray(warped_mask, dtype=bool)
+    return {"intraop - preop (before)": (np.ma.masked_where(~m, intra_n - pre_n), diff_kw),
+            "intraop - warped preop (after)": (np.ma.masked_where(~wm, intra_n - warped_n), diff_kw),
+            "checkerboard before": (_checker(pre_n, intra_n, spacing), {}),
+            "checkerboard after": (_checker(warped_n, intra_n, spacing), {})}
+
+
 def _compare_figure(disp, centre, rows: dict[str, tuple[np.ndarray, dict]]):
-    views = _slices(centre)
+    """Rows ``name -> (display array, imshow options)`` (:func:`compare_panels`, in display order): a difference row
+    (options given) is drawn where it is not masked, on grey."""
+    views = _slices(centre, disp)
     fig, axes = _figure(len(rows), 3)
     for r, (name, (arr, kw)) in enumerate(rows.items()):
         for col, (view, axis, (h, v)) in enumerate(views):
@@ -116,24 +149,32 @@ def _compare_figure(disp, centre, rows: dict[str, tuple[np.ndarray, dict]]):
             ax = axes[r][col]
             sp = (float(disp.spacing[h]), float(disp.spacing[v]))
             if kw:
-                im = ax.imshow(_cut(arr, axis, idx).T, origin="lower", interpolation="nearest",
+                a2 = _cut(arr, axis, idx)
+                ax.set_facecolor("0.75")  # masked voxels: grey, neither a difference colour nor white
+                im = ax.imshow(a2.T, origin="lower", interpolation="nearest",
                                extent=(-0.5 * sp[0], (arr.shape[h] - 0.5) * sp[0], -0.5 * sp[1],
                                        (arr.shape[v] - 0.5) * sp[1]), **kw)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if col == 2:
-                    fig.colorbar(im, ax=ax, shrink=0.8)
+                    fig.colorbar(im, ax=ax, shrink=0.8, label="normalised difference (clipped at ±0.5)")
             else:
                 _show(ax, _cut(arr, axis, idx), sp)
             ax.set_title(f"{name}: {view}", fontsize=9)
             _side_labels(ax, axis)
-    fig.suptitle("before and after registration (intensities normalised to their 99th percentile in the brain)",
-                 fontsize=10)
+    fig.suptitle(COMPARE_TITLE, fontsize=9)
     return _png(fig)
 
 
+def _display_masked(disp, a):
+    """``a`` (a plain or masked ``(I, J, K)`` array) in display order, its mask carried along."""
+    if np.ma.isMaskedArray(a):
+        return np.ma.masked_array(disp.array(np.ma.getdata(a)), mask=disp.array(np.ma.getmaskarray(a)))
+    return disp.array(a)
+
+
 def _field_figure(disp, centre, pre, mag, mask):
-    views = _slices(centre)
+    views = _slices(centre, disp)
     fig, axes = _figure(1, 3)
     vmax = float(np.percentile(mag[mask], 99.9)) if mask.any() else float(mag.max())
     for col, (view, axis, (h, v)) in enumerate(views):
@@ -153,7 +194,8 @@ def _field_figure(disp, centre, pre, mag, mask):
 
 
 def register_report(preop: Volume, intraop_on_preop: np.ndarray, warped_preop: np.ndarray, field_vox: np.ndarray,
-                    points_vox: np.ndarray, disps_vox: np.ndarray, mask: np.ndarray, info: Mapping) -> dict[str, bytes]:
+                    points_vox: np.ndarray, disps_vox: np.ndarray, mask: np.ndarray, info: Mapping, *,
+                    warped_mask: np.ndarray | None = None) -> dict[str, bytes]:
     """The figures and ``report.html`` of a registration (module docstring), as ``{file name: bytes}``.
 
     Args:
@@ -166,6 +208,8 @@ def register_report(preop: Volume, intraop_on_preop: np.ndarray, warped_preop: n
         mask: ``(I, J, K)`` brain mask.
         info: ``title``, ``summary``, ``notes``, ``files`` and case facts for the page (as in
             :func:`brainshift.evaluate.case_report.write_case_report`).
+        warped_mask: ``(I, J, K)`` the brain mask pulled into intraop space by the same field (as
+            ``warped_preop``), where the "after" difference is shown; None: ``mask`` (only right for a small field).
 
     Returns:
         ``{"fig_matches.png": ..., "fig_compare.png": ..., "fig_field.png": ..., "report.html": ...}``.
@@ -183,11 +227,8 @@ def register_report(preop: Volume, intraop_on_preop: np.ndarray, warped_preop: n
     intra_n = _normalised(np.asarray(intraop_on_preop, np.float32), m)
     warped_n = _normalised(np.asarray(warped_preop, np.float32), m)
     d = disp.array
-    diff_kw = {"cmap": "RdBu_r", "vmin": -0.5, "vmax": 0.5}
-    rows = {"intraop - preop (before)": (d(intra_n - pre_n), diff_kw),
-            "intraop - warped preop (after)": (d(intra_n - warped_n), diff_kw),
-            "checkerboard before": (d(_checker(pre_n, intra_n, preop.spacing)), {}),
-            "checkerboard after": (d(_checker(warped_n, intra_n, preop.spacing)), {})}
+    panels = compare_panels(pre_n, intra_n, warped_n, m, m if warped_mask is None else warped_mask, preop.spacing)
+    rows = {name: (_display_masked(disp, arr), kw) for name, (arr, kw) in panels.items()}
     out = {FIGURES["matches"]: _matches_figure(disp, centre, d(pre_n), d(intra_n), points_vox, disps_vox),
            FIGURES["compare"]: _compare_figure(disp, centre, rows),
            FIGURES["field"]: _field_figure(disp, centre, d(pre_n), d(mag), d(m))}
@@ -200,12 +241,12 @@ def _page(info: Mapping) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>{html.escape(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
              f"<h1>{html.escape(title)}</h1>",
-             *[f'<p class="note">{html.escape(str(n))}</p>' for n in info.get("notes", [])]]
+             *[f'<p class="note">{_text(n)}</p>' for n in info.get("notes", [])]]
     if info.get("summary"):
-        parts.append(f"<p>{html.escape(str(info['summary']))}</p>")
+        parts.append(f"<p>{_text(info['summary'])}</p>")
     parts += ["<h2>Figures</h2>", '<div id="img-status">images not checked yet</div>',
               _img(FIGURES["matches"], "matches", "Inlier matches drawn on both images."),
-              _img(FIGURES["compare"], "before and after", "Difference and checkerboard images before and after."),
+              _img(FIGURES["compare"], "before and after", COMPARE_CAPTION),
               _img(FIGURES["field"], "field", "The final displacement field.")]
     table = _info_html(info)
     if table:
