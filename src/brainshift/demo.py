@@ -50,8 +50,7 @@ Steps of :func:`run_demo` (each announced and timed on stderr by :class:`brainsh
    only with the keys its design reads (:func:`atlas_config_record`).
 
 ``quick=True`` replaces steps 1-2 by a small case for tests (about 1-3 minutes on a 2-core CPU): the template
-resampled to
-:data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
+resampled to :data:`QUICK_SPACING_MM`, a spherical tumour placed by ``seed``, and the analytic sag field
 (:func:`brainshift.simulate.analytic.analytic_sag_field`, zero outside the brain; the cavity is the tumour)
 instead of the simulation; its atlas (:data:`QUICK_ATLAS_CONFIG`, 6 solves at 6 mm on the 3 mm grid, one
 in-process worker) takes 20-80 s depending on the machine's load, and the analytic field is no member of it.
