@@ -148,3 +148,15 @@ def test_cuda_without_gpu_is_refused_before_any_work_only_when_the_network_runs(
         lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0] and ("CUDA" in lines[0]) == (refine == "--refine"), r.output
         assert not out.exists()
+
+
+def test_misspelt_device_is_refused_even_without_refinement(images, tmp_path):
+    """A device name that no run could use (a typo) is refused up front, with or without refinement, as in infer."""
+    out = tmp_path / "out"
+    for refine in ("--refine", "--no-refine"):
+        r = _run("-p", images / "preop.nii.gz", "-t", images / "intraop.nii.gz", "-d", "cdua", refine, "-o", out,
+                 "-q")
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "expected device 'auto', 'cpu' or 'cuda[:N]', got 'cdua'" in lines[0], r.output
+        assert not out.exists()

@@ -61,6 +61,7 @@ class RegisterOptions:
 
 def _plan(opts: RegisterOptions) -> tuple[str, bool, Path | None, list[str]]:
     """``(format, refine, weights, planned file names)``; validates the options that need no file."""
+    from brainshift.device import check_device_name
     from brainshift.resources import DEFAULT_WEIGHTS, resolve_weights
 
     fmt = opts.output_fmt.lower()
@@ -68,6 +69,7 @@ def _plan(opts: RegisterOptions) -> tuple[str, bool, Path | None, list[str]]:
         raise BrainshiftError(f"expected --output-fmt one of {OUTPUT_FORMATS}, got {opts.output_fmt!r}")
     if str(opts.interp_mode).strip().lower() not in METHODS:
         raise BrainshiftError(f"expected -m/--interp-mode one of {METHODS}, got {opts.interp_mode!r}")
+    check_device_name(opts.device)  # a typo is refused even with --no-refine, as infer does (pipeline._check_options)
     weights = resolve_weights(opts.weights) if (opts.weights is not None or opts.refine is not False) else None
     refine = weights is not None if opts.refine is None else bool(opts.refine)
     if refine and weights is None:
