@@ -309,7 +309,9 @@ def run_methods(case: DemoCase, kp: CaseKeypoints, loaded, *, device: str = "cpu
     if loaded is not None:
         for method in DEMO_METHODS:
             with timer.step(f"refine {method} with the network"):
-                res = compensate(image, initial_field=fields[method], keypoints=keypoints,
+                # from the keypoints, as infer -m <method> runs it: the safeguards' folds then re-interpolate with
+                # the same interpolator (given a ready initial field they would use tps); the field is the same
+                res = compensate(image, keypoints=keypoints, method=method,
                                  model=loaded, mask=brain, device=device, progress=progress)
             fields[f"net-{method}"] = res.refined_field
             if uncertainty is not None and res.uncertainty is not None:
