@@ -307,12 +307,11 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         else:
             if loaded is None:
                 raise BrainshiftError(f"expected a loaded network for method {method!r}, got none")
-            kind = method.removeprefix("net-")
-            init, t_init = initial(kind)
-            # a classical initial field from the keypoints, as infer -m <kind> runs it: the safeguards' folds then
-            # re-interpolate with the same interpolator (given a ready field they use tps); the field is the same
-            given = {"initial_field": init} if kind not in CLASSICAL_METHODS else {"method": kind}
-            res = compensate(subject.image, keypoints=(kp.points_vox, kp.disps_vox), **given,
+            kind = method.removeprefix("net-")  # a classical method (net-atlas is fitted and refined above)
+            _, t_init = initial(kind)
+            # from the keypoints, as infer -m <kind> runs it: the safeguards' folds then re-interpolate with the same
+            # interpolator (given a ready field they would use tps); the initial field is the same
+            res = compensate(subject.image, keypoints=(kp.points_vox, kp.disps_vox), method=kind,
                              safeguards=safeguards, model=loaded, mask=subject.brain_mask.data > 0,
                              device=device, mirror_average=mirror_average)
             pred, dt = res.refined_field, t_init + res.timings_s["refine with the network"]
