@@ -61,10 +61,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     import torch
 
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str):
+        device = check_device_name(device)  # one rule for names, with or without torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise BrainshiftError(f"expected a torch device such as 'cpu' or 'cuda', got {device!r}: {exc}") from None
     if dev.type == "cuda":

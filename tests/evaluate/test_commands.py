@@ -93,7 +93,7 @@ def test_evaluate_fewer_than_four_keypoints_is_refused_naming_the_option(tiny_da
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--noise-mm", "1e9"], "expected a noise level of 0-20 mm, got 1000000000.0"),
-    (["--device", "gpu"], "expected a torch device such as 'cpu' or 'cuda', got 'gpu'"),
+    (["--device", "gpu"], "expected device 'auto', 'cpu' or 'cuda[:N]', got 'gpu'"),
 ])
 def test_evaluate_absurd_noise_and_unknown_device_are_refused_before_the_work(tiny_dataset, tmp_path, args,
                                                                                 fragment):
