@@ -110,3 +110,21 @@ def test_evaluate_missing_dataset_folder_says_so(tmp_path):
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: expected a dataset folder (brainshift simulate-batch --out) at"), res.output
     assert "no such folder" in res.output
+
+
+def test_evaluate_cuda_without_gpu_warns_without_network_methods_and_is_refused_with_them(tiny_dataset, tmp_path,
+                                                                                         monkeypatch):
+    # as infer: a device that is named but unavailable matters only when the network runs on it
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"^--device cuda has no effect without network methods \(linear\)"):
+        res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear", "--cases", "1",
+                                  "--out", str(tmp_path / "eval"), "-q", "--device", "cuda"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "eval").is_dir()
+    res = runner.invoke(app, ["evaluate", "--data", str(tiny_dataset), "--methods", "linear,net-tps", "--out",
+                              str(tmp_path / "eval2"), "-q", "--device", "cuda"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: expected a CUDA GPU for device 'cuda'"), res.output
+    assert not (tmp_path / "eval2").exists()

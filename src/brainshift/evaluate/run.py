@@ -39,6 +39,7 @@ Convention: every field is float32 ``(3, I, J, K)`` on the subject grid, forward
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,8 +386,9 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
         InputFileError: no ``data_dir`` folder or no complete case in it, missing weights for ``net-*``, a
             missing or unreadable atlas of a subject (the message names the subject).
         BrainshiftError: unknown method, bad counts, noise outside 0-:data:`MAX_NOISE_MM` mm, atlas methods
-            without ``atlases``, or a device that is unknown or not available (checked when named explicitly,
-            even without network methods).
+            without ``atlases``, a device name that is unknown, or a device that is not available when a network
+            method runs (without network methods an unavailable ``cuda`` is only a warning, as in ``infer
+            --no-refine``).
         GeometryError: an atlas built for another image than its subject's.
     """
     from brainshift.device import resolve_device
@@ -399,8 +401,13 @@ def evaluate_dataset(data_dir: str | Path, methods: list[str] | str, *, weights:
                             f"{n_keypoints}")
     if not 0 <= noise_mm <= MAX_NOISE_MM:
         raise BrainshiftError(f"expected a noise level of 0-{MAX_NOISE_MM:g} mm, got {noise_mm}")
-    if str(device).strip().lower() not in ("cpu", "auto"):
-        resolve_device(device)  # an explicitly named device is checked even when no network runs
+    from brainshift.device import check_device, check_device_name
+
+    if any(m in NETWORK_METHODS for m in names):
+        check_device(device)  # refused before any work when the network will run on it
+    elif check_device_name(device) not in ("cpu", "auto"):  # a misspelt name is refused all the same
+        warnings.warn(f"--device {device} has no effect without network methods ({', '.join(names)}): only the "
+                      "network runs on a device; the interpolators run on the CPU", stacklevel=2)
     if not Path(data_dir).is_dir():
         raise InputFileError(f"expected a dataset folder (brainshift simulate-batch --out) at {data_dir}, got "
                              f"{'a file' if Path(data_dir).exists() else 'no such folder'}")
