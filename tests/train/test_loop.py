@@ -94,6 +94,21 @@ def test_resume_equals_uninterrupted_run(small_dataset, tmp_path):
                    network={"features": [4, 8, 16]}))
 
 
+def test_relative_mse_run_logs_the_ratio_and_keeps_the_best_by_it(small_dataset, tmp_path):
+    r = train(_cfg(small_dataset, tmp_path / "rel", mse_relative=True, mse_floor_mm2=0.01, evaluate_every=1))
+    assert set(r.history[0]["train"]) == {"mse", "mse_rel", "total"}
+    ratios = [h["val"]["mse_ratio"] for h in r.history]
+    for h in r.history:
+        v = h["val"]
+        assert 0 < v["mse_ratio"] and np.isfinite(v["mse_ratio"])
+    assert r.best_epoch == 1 + int(np.argmin(ratios))
+    assert load_state(tmp_path / "rel" / "last.pt")["best_val_mse"] == pytest.approx(min(ratios))
+    md = load_weights(tmp_path / "rel" / "best.safetensors").metadata
+    assert md["train_config"]["mse_relative"] is True and md["val"]["mse_ratio"] == pytest.approx(min(ratios))
+    with pytest.raises(BrainshiftError, match="mse_floor_mm2 > 0"):
+        _cfg(small_dataset, tmp_path / "x", mse_relative=True, mse_floor_mm2=0)
+
+
 def test_max_steps_and_bad_inputs(tiny_dataset, tmp_path):
     r = train(_cfg(tiny_dataset, tmp_path / "o", epochs=5, max_steps=3, split=[0.0, 0.0]))
     assert r.steps == 3 and len(r.history) == 2 and r.best_metrics == {}

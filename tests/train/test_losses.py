@@ -13,6 +13,7 @@ from brainshift.train.losses import (
     jacobian_loss,
     lncc_loss,
     masked_mse,
+    relative_masked_mse,
     training_loss,
     warp_to_intraop,
 )
@@ -159,3 +160,46 @@ def test_training_loss_gradient_flows():
                              jdet_mode="unit")
     total.backward()
     assert pred.grad is not None and np.isfinite(pred.grad.numpy()).all() and float(pred.grad.abs().sum()) > 0
+
+
+def test_relative_masked_mse_is_the_mean_per_sample_ratio_to_the_initial_field():
+    target = torch.zeros(2, 3, 4, 4, 4)
+    initial = torch.zeros(2, 3, 4, 4, 4)
+    initial[0] += 2.0  # sample 0: initial MSE 4 mm²
+    initial[1] += 0.5  # sample 1: initial MSE 0.25 mm²
+    # the initial fields themselves: ratio 1 whatever their scale; the ground truth: 0
+    assert float(relative_masked_mse(initial, target, initial)) == pytest.approx(1.0)
+    assert float(relative_masked_mse(target, target, initial)) == 0.0
+    # each sample halves its error amplitude (a quarter of its MSE): mean ratio 1/4, though the absolute MSEs
+    # differ sixteenfold (the absolute MSE would be dominated by sample 0)
+    pred = initial / 2
+    assert float(relative_masked_mse(pred, target, initial)) == pytest.approx(0.25)
+    # per sample by hand: sample 0 exact, sample 1 unchanged -> (0 + 1) / 2
+    pred = torch.stack([target[0], initial[1]])
+    assert float(relative_masked_mse(pred, target, initial)) == pytest.approx(0.5)
+    # the floor bounds a nearly exact initial field's weight: initial MSE 1e-4 < floor 0.05 -> divide by 0.05
+    near = torch.full((1, 3, 4, 4, 4), 0.01)
+    assert float(relative_masked_mse(near + 0.09, target[:1], near, floor=0.05)) == pytest.approx(0.01 / 0.05)
+    # masked like masked_mse: an error outside the mask does not count
+    mask = torch.zeros(2, 1, 4, 4, 4)
+    mask[:, :, :2] = 1
+    pred = initial.clone()
+    pred[:, :, 2:] = 100.0
+    assert float(relative_masked_mse(pred, target, initial, mask)) == pytest.approx(1.0)
+    with pytest.raises(GeometryError, match="same shape"):
+        relative_masked_mse(pred, target, initial[:, :, :3])
+
+
+def test_training_loss_with_initial_field_is_relative_and_keeps_the_absolute_mse_term():
+    target = torch.zeros(2, 3, 5, 5, 5)
+    initial = torch.zeros(2, 3, 5, 5, 5)
+    initial[0] += 3.0
+    initial[1] += 1.0
+    pred = (initial / 2).requires_grad_(True)
+    mask = torch.ones(2, 1, 5, 5, 5)
+    total, terms = training_loss(pred, target, mask, spacing=(1, 1, 1), initial=initial)
+    assert terms["mse_rel"] == pytest.approx(0.25) and float(total.detach()) == pytest.approx(0.25)
+    assert terms["mse"] == pytest.approx((2.25 + 0.25) / 2)  # the absolute term, logged as before
+    total.backward()  # gradient through the numerator only: each sample's gradient scaled by 1 / its initial MSE
+    g = pred.grad
+    assert float(g[1].abs().mean() / g[0].abs().mean()) == pytest.approx((0.5 / 1.0) / (1.5 / 9.0))

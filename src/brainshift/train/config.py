@@ -66,6 +66,13 @@ class TrainConfig:
         layer_order, num_features, num_levels, num_groups, se_mode, upsample_mode, pool_mode: network options
             (mapping in the module docstring).
         mse_w: weight of the masked MSE to the ground-truth field.
+        mse_relative: ours. Each sample's masked MSE is divided by its INITIAL field's masked MSE (at least
+            ``mse_floor_mm2``) before averaging over the batch (:func:`brainshift.train.losses.relative_masked_mse`),
+            so every case counts by how much of its initial error the network removes (the per-case ratio the
+            benchmarks report) instead of by its size in mm²; the best checkpoint is then chosen by the validation
+            cases' mean ratio (``mse_ratio``) instead of their mean MSE.
+        mse_floor_mm2: ours. The smallest initial-field MSE (mm², > 0) a relative MSE divides by, so nearly exact
+            initial fields do not weigh without bound.
         epochs, lr: Adam epochs and learning rate.
         lncc, lncc_w, lncc_window: local normalised cross-correlation image loss (MONAI), its weight and
             half window (kernel ``2 * lncc_window + 1`` voxels).
@@ -183,6 +190,8 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     val_subjects: tuple[str, ...] = ()
+    mse_relative: bool = False
+    mse_floor_mm2: float = 0.05
 
     def __post_init__(self) -> None:
         if isinstance(self.data, list | tuple):  # a one-element list is the folder itself
@@ -215,10 +224,10 @@ class TrainConfig:
 _INT = {"batch_size", "num_features", "num_levels", "num_groups", "epochs", "lncc_window", "evaluate_every",
         "min_kpts", "max_kpts", "seed", "num_workers", "variants_per_case", "heldout_kpts"}
 _OPT_INT = {"num_kpts", "max_steps", "samples_per_epoch"}
-_FLOAT = {"mse_w", "lr", "lncc_w", "reg_w", "lr_min"}
+_FLOAT = {"mse_w", "lr", "lncc_w", "reg_w", "lr_min", "mse_floor_mm2"}
 _OPT_FLOAT = {"spacing_mm", "max_minutes"}
 _BOOL = {"predict_residual", "zero_init_head", "lncc", "hessian", "jdet", "extra_eval", "augment", "resume",
-         "progress"}
+         "progress", "mse_relative"}
 _STR = {"save_dir", "model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule"}
 # Options naming one of a fixed set of choices: read in any case (``interp_methods: [TPS]``), as the CLI reads -m.
 _CHOICE = {"model", "layer_order", "se_mode", "pool_mode", "jdet_mode", "device", "lr_schedule", "upsample_mode",
@@ -400,6 +409,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("mse_w", "lncc_w", "reg_w"):
         if not getattr(cfg, name) >= 0:
             raise BrainshiftError(f"expected {name} >= 0 (a loss weight), got {getattr(cfg, name)}")
+    if not cfg.mse_floor_mm2 > 0:
+        raise BrainshiftError(f"expected mse_floor_mm2 > 0 (mm², the smallest initial-field MSE a relative MSE "
+                              f"divides by), got {cfg.mse_floor_mm2}")
     if cfg.spacing_mm is not None and not cfg.spacing_mm > 0:
         raise BrainshiftError(f"expected spacing_mm > 0 (mm) or null, got {cfg.spacing_mm}")
     if not isinstance(cfg.network, dict):

@@ -8,7 +8,8 @@ Files written by rank 0 under ``save_dir``:
 - ``last.pt``: training state for ``--resume`` (a torch file of state dicts, numbers and JSON strings only,
   read back with ``weights_only=True``): ``model_state_dict``, ``optimizer_state_dict``, ``epoch`` (completed),
   ``step``, ``best_val_mse``, ``best_epoch``, ``history``, ``network_config``;
-- ``best.safetensors``: the best model by validation MSE (without validation cases: the latest), written by
+- ``best.safetensors``: the best model by validation MSE (``mse_relative``: by the mean per-case ratio to the
+  initial field, ``mse_ratio``; without validation cases: the latest), written by
   :func:`brainshift.model.save_weights` with the training metadata (config, epoch, step, validation metrics,
   dataset summary) embedded, so ``brainshift infer --refine -w best.safetensors`` uses it directly;
 - ``history.jsonl``: one line per epoch (mean training loss terms, validation metrics);
@@ -99,9 +100,11 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer
         with torch.no_grad():
             intraop = warp_to_intraop(image, target / spacing[:, :, None, None, None])
     pred = _to_mm(model(x), spacing, units)
+    initial = _to_mm(x[:, :3], spacing, units) if cfg.mse_relative else None
     loss, terms = training_loss(pred, target, mask, spacing=sp, mse_w=cfg.mse_w, jdet=cfg.jdet,
                                 jdet_mode=cfg.jdet_mode, hessian=cfg.hessian, reg_w=cfg.reg_w, lncc=cfg.lncc,
-                                lncc_w=cfg.lncc_w, lncc_window=cfg.lncc_window, image=image, intraop=intraop)
+                                lncc_w=cfg.lncc_w, lncc_window=cfg.lncc_window, image=image, intraop=intraop,
+                                initial=initial, mse_floor=cfg.mse_floor_mm2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -137,7 +140,7 @@ def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Mod
 
 
 def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config, device: torch.device,
-             extra_eval: bool = False) -> dict[str, float]:
+             extra_eval: bool = False, mse_floor_mm2: float = 0.05) -> dict[str, float]:
     """Validation metrics averaged over ``items`` (from :func:`brainshift.train.data.validation_items`).
 
     Each case's refined field is what inference returns (:func:`brainshift.compensate.compensate` with the
@@ -146,8 +149,9 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
 
     Returns:
         dict: ``mse_mm2``, ``mae_mm``, ``p95_mm``, ``tre_mm``, ``pct_jacobian_nonpositive``, their ``*_init``
-        counterparts for the initial field, ``n_cases``; with ``extra_eval`` the Dice/HD95 keys of
-        :func:`brainshift.evaluate.metrics.score_field`. NaN-aware means (e.g. no held-out keypoints).
+        counterparts for the initial field, ``mse_ratio`` (the mean per-case ratio ``mse / max(mse_init,
+        mse_floor_mm2)``, the criterion of ``mse_relative`` runs), ``n_cases``; with ``extra_eval`` the Dice/HD95
+        keys of :func:`brainshift.evaluate.metrics.score_field`. NaN-aware means (e.g. no held-out keypoints).
 
     Convention: fields are compared on the subject grid in voxel units, errors in world mm.
     """
@@ -173,6 +177,7 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
             for tag, f in (("", refined), ("_init", var["init"])):
                 s = score_field(f, c["gt"], c["affine"], c["eval_mask"] > 0, hp, hd)
                 row.update({f"{k}{tag}": float(s[k]) for k in keys})
+            row["mse_ratio"] = row["mse_mm2"] / max(row["mse_mm2_init"], mse_floor_mm2)
             if extra_eval:
                 masks = {"brain": Volume(c["brain"], c["affine"], "label"),
                          "tumour": Volume(c["tumour"], c["affine"], "label")}
@@ -358,6 +363,12 @@ def _train_epoch(run: _Run, ddp_model: torch.nn.Module, dataset, epoch: int, wri
             "samples_per_s": n_samples / dt if dt > 0 else float("nan")}
 
 
+def _criterion(cfg: TrainConfig) -> str:
+    """The validation metric that picks the best checkpoint: the mean per-case ratio to the initial field for
+    ``mse_relative`` runs (what their loss optimises), else the mean MSE (the published criterion)."""
+    return "mse_ratio" if cfg.mse_relative else "mse_mm2"
+
+
 def _end_epoch(run: _Run, rec: dict, epoch: int, val_items: list, writer) -> None:
     """Rank 0 after an epoch: validate when due, keep the best weights, save the state and the history."""
     from brainshift.io.atomic import atomic_output
@@ -367,17 +378,17 @@ def _end_epoch(run: _Run, rec: dict, epoch: int, val_items: list, writer) -> Non
     last_epoch = epoch + 1 == cfg.epochs or run.stop
     do_val = bool(val_items) and ((epoch + 1) % cfg.evaluate_every == 0 or last_epoch)
     if do_val:
-        metrics = validate(run.model, val_items, run.net_cfg, run.ctx.device, cfg.extra_eval)
+        metrics = validate(run.model, val_items, run.net_cfg, run.ctx.device, cfg.extra_eval, cfg.mse_floor_mm2)
         rec["val"] = metrics
         for k, v in metrics.items():
             writer.add_scalar(f"val/{k}", v, run.step)
-        improved = metrics["mse_mm2"] < run.best_val
+        improved = metrics[_criterion(cfg)] < run.best_val
     elif not val_items:
         metrics, improved = {}, True  # no validation cases: the latest model is the best
     else:
         metrics, improved = {}, False
     if improved:
-        run.best_val = metrics.get("mse_mm2", math.inf)
+        run.best_val = metrics.get(_criterion(cfg), math.inf)
         run.best_epoch, run.best_metrics = epoch + 1, metrics
         save_weights(run.best_path, run.model, run.net_cfg, {
             "train_config": cfg.to_dict(), "epoch": epoch + 1, "step": run.step, "val": metrics,
@@ -406,7 +417,7 @@ def _test_best(run: _Run) -> dict[str, float]:
     best = load_weights(run.best_path, device=run.ctx.device)
     items = validation_items(test_root, test_cases, run.net_cfg, seed=cfg.seed, interp=cfg.interp,
                              k_range=cfg.k_range, heldout_kpts=cfg.heldout_kpts, variant_options=cfg.variant_options)
-    test_metrics = validate(best.model, items, run.net_cfg, run.ctx.device, cfg.extra_eval)
+    test_metrics = validate(best.model, items, run.net_cfg, run.ctx.device, cfg.extra_eval, cfg.mse_floor_mm2)
     with atomic_output(run.save_dir / "test_metrics.json") as tmp:
         Path(tmp).write_text(json.dumps({"data": describe_data(test_root), "cases": test_cases, **test_metrics},
                                         indent=2))

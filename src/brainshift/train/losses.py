@@ -64,6 +64,38 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     return (sq * m).sum() / (m.sum() * pred.shape[1]).clamp_min(1.0)
 
 
+def relative_masked_mse(pred: torch.Tensor, target: torch.Tensor, initial: torch.Tensor,
+                        mask: torch.Tensor | None = None, floor: float = 0.05) -> torch.Tensor:
+    """Mean over the batch of each sample's masked MSE divided by its initial field's (at least ``floor``).
+
+    ``mean_b [ MSE_b(pred, target) / max(MSE_b(initial, target), floor) ]`` with :func:`masked_mse`'s
+    per-sample definition. It is the per-case ratio of the refined to the initial field's error that our
+    benchmarks report, so a nearly right initial field weighs as much as a badly wrong one: the network learns
+    to leave good fields alone as well as to repair bad ones. The denominator carries no gradient.
+
+    Args:
+        pred, target, initial: ``(B, C, I, J, K)`` fields in the same units (e.g. mm).
+        mask: ``(B, 1, I, J, K)`` or ``(B, I, J, K)``, bool or 0/1 (the brain); None: every voxel.
+        floor: the smallest denominator (units squared, > 0).
+
+    Returns:
+        Scalar tensor (dimensionless): 1 for ``pred == initial`` where the initial error exceeds ``floor``,
+        0 for ``pred == target``.
+
+    Raises:
+        GeometryError: shapes differ.
+    """
+    if not pred.shape == target.shape == initial.shape:
+        raise GeometryError(f"expected pred, target and initial of the same shape, got {tuple(pred.shape)}, "
+                            f"{tuple(target.shape)} and {tuple(initial.shape)}")
+    per = [masked_mse(pred[b:b + 1], target[b:b + 1], None if mask is None else mask[b:b + 1])
+           for b in range(pred.shape[0])]
+    with torch.no_grad():
+        den = [masked_mse(initial[b:b + 1], target[b:b + 1], None if mask is None else mask[b:b + 1])
+               for b in range(pred.shape[0])]
+    return torch.stack([p / d.clamp_min(floor) for p, d in zip(per, den, strict=True)]).mean()
+
+
 def jacobian_determinant(disp: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
     """``det(I + grad u)`` of a batch of fields, shape ``(B, I, J, K)`` (H6's ``jacobian_determinant_torch``).
 
@@ -179,7 +211,8 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
                   mse_w: float = 1.0, jdet: bool = False, jdet_mode: str = "negative", hessian: bool = False,
                   reg_w: float = 1.0, lncc: bool = False, lncc_w: float = 1.0, lncc_window: int = 2,
                   image: torch.Tensor | None = None, intraop: torch.Tensor | None = None,
-                  invert_iterations: int = 10) -> tuple[torch.Tensor, dict[str, float]]:
+                  invert_iterations: int = 10, initial: torch.Tensor | None = None,
+                  mse_floor: float = 0.05) -> tuple[torch.Tensor, dict[str, float]]:
     """The published loss: ``mse_w * MSE + reg_w * (jdet + bending) + lncc_w * LNCC`` (terms as enabled).
 
     Args:
@@ -190,9 +223,12 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
         intraop: simulated intraop image (``warp_to_intraop(image, target)``; needed when ``lncc``). The image
             loss compares it with the preop image moved by the PREDICTED field (same operator), so the two
             coincide when the prediction equals the ground truth.
+        initial: the initial fields ``(B, 3, I, J, K)`` (mm); given, the MSE term is
+            :func:`relative_masked_mse` with floor ``mse_floor`` (mm²) instead of the masked MSE.
 
     Returns:
-        ``(total, terms)`` with ``terms`` a dict of floats (``mse``, and ``jdet`` / ``bending`` / ``lncc`` when on).
+        ``(total, terms)`` with ``terms`` a dict of floats (``mse``, the absolute masked MSE in every case; ``mse_rel``
+        with ``initial``; and ``jdet`` / ``bending`` / ``lncc`` when on).
 
     Convention: fields forward Lagrangian, mm along the grid axes.
     """
@@ -200,8 +236,13 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
 
     _check_disp(pred, "pred")
     mse = masked_mse(pred, target, mask)
-    total = mse_w * mse
     terms = {"mse": float(mse.detach())}
+    if initial is None:
+        total = mse_w * mse
+    else:
+        rel = relative_masked_mse(pred, target, initial, mask, mse_floor)
+        total = mse_w * rel
+        terms["mse_rel"] = float(rel.detach())
     if jdet:
         j = jacobian_loss(pred, spacing, jdet_mode, mask)
         total = total + reg_w * j
