@@ -84,6 +84,12 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions open() would give
+    # also when the writer replaces the temporary file with its own (safetensors' save_file makes it 0600)
+    with atomic_output(tmp_path / "w.safetensors") as tmp:
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_check_field_refuses_non_real_dtypes_and_values_beyond_float32():

@@ -36,6 +36,16 @@ def test_safetensors_round_trip_rebuilds_network_with_identical_outputs(tmp_path
     assert json.loads(header["config"])["features"] == [4, 8, 16]
 
 
+def test_saved_weights_are_readable_like_any_written_file(tmp_path):
+    import os
+
+    cfg = NetworkConfig(features=(4, 8))
+    save_weights(tmp_path / "m.safetensors", build_network(cfg), cfg)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # was 0600 (safetensors' own file)
+
+
 def test_save_unwraps_wrappers_and_rejects_mismatched_config(tmp_path):
     model = build_network(SMALL)
     wrapped = torch.nn.Module()

@@ -123,6 +123,8 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     sync = not _sync_deferred(target.parent)
     try:
         yield tmp
+        # again: a writer may have replaced the file with its own (safetensors' save_file creates it 0600)
+        os.chmod(tmp, 0o666 & ~umask)
         if sync:
             fsync_file(tmp)  # the data on disk before the name points at them
         os.replace(tmp, target)
