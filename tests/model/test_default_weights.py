@@ -19,14 +19,34 @@ def test_default_model_ships_small_and_loads_as_documented():
     assert cfg.in_channels == 4 and cfg.out_channels == 3 and cfg.predict_residual and cfg.se_mode == "scse"
     md = loaded.metadata
     tc = md["train_config"]
-    # trained as published: 20 keypoints per case, mixed linear/TPS initial fields, Jacobian regularisation
-    assert tc["min_kpts"] == tc["max_kpts"] == 20 and tc["interp"] is None
-    assert tc["jdet"] is True and tc["jdet_mode"] == "negative"
-    n_subjects, n_cases = md["dataset"]["n_subjects"], md["dataset"]["n_cases"]
-    assert n_subjects["train"] + n_subjects["val"] >= 60 and n_cases["train"] + n_cases["val"] >= 200
-    assert n_subjects["test"] == 0  # the held-out test set is a separate dataset (seed 1000)
-    assert np.isfinite(md["val"]["mse_mm2"]) and md["step"] > 0
+    # its last stage (configs/train_default_family.yaml, issue 11): randomised keypoints and initial fields, the
+    # relative MSE, Jacobian regularisation, left-right mirroring
+    assert (tc["min_kpts"], tc["max_kpts"]) == (5, 60) and tc["interp"] is None
+    assert set(tc["keypoint_rules"]) == {"detected", "random", "cortex", "craniotomy"}
+    assert tc["noise_mm"] == [0.0, 1.0] and set(tc["interp_methods"]) == {"linear", "tps", "tps3d"}
+    assert tc["mse_relative"] is True and tc["jdet"] is True and tc["jdet_mode"] == "negative"
+    assert tc["flip_axes"] == [0]
+    assert md["dataset"]["n_subjects"]["test"] == 0  # the held-out test set is a separate dataset (seed 1000)
+    assert np.isfinite(md["val"]["mse_ratio"]) and md["step"] > 0
+    # the whole lineage (issue 11: >= 600 simulations of >= 120 subjects), stage by stage
+    lineage = md["lineage"]
+    stages = lineage["stages"]
+    assert lineage["simulations_trained"] == sum(s["simulations_trained"] for s in stages) >= 600
+    assert stages[-1]["simulations_trained"] == md["dataset"]["n_cases"]["train"]
+    assert stages[-1]["subjects_trained"] == md["dataset"]["n_subjects"]["train"]
+    assert lineage["distinct_subjects_trained"] >= 120
+    # the scale-normalisation floor of the network used alone, chosen on validation for this model
+    assert md["inference"]["min_field_rms_mm"] == 2.5
 
+
+def test_default_configuration_model_ships_beside_it():
+    """The previous default (trained on the default simulator configuration only) stays available with -w."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "weights" / "default_configuration.safetensors"
+    md = load_weights(path).metadata
+    tc = md["train_config"]
+    assert tc["min_kpts"] == tc["max_kpts"] == 20 and md["dataset"]["n_cases"]["train"] == 228
 
 def test_default_model_refines_a_field_on_the_builtin_brain():
     from brainshift.model.inference import refine_field
