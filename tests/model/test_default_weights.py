@@ -19,7 +19,7 @@ def test_default_model_ships_small_and_loads_as_documented():
     assert cfg.in_channels == 4 and cfg.out_channels == 3 and cfg.predict_residual and cfg.se_mode == "scse"
     md = loaded.metadata
     tc = md["train_config"]
-    # its last stage (configs/train_default_stage4.yaml, issue 11): randomised keypoints and initial fields, the
+    # its last stage (configs/train_default_stage5.yaml, issue 11): randomised keypoints and initial fields, the
     # relative MSE, Jacobian regularisation, left-right mirroring
     assert (tc["min_kpts"], tc["max_kpts"]) == (5, 60) and tc["interp"] is None
     assert set(tc["keypoint_rules"]) == {"detected", "random", "cortex", "craniotomy"}
