@@ -68,7 +68,12 @@ ATLAS_CONTACT_SETTLE_FRACTION = 0.002
 ATLAS_SOLVER_RTOL = 1e-4
 
 #: Simulation fields a sampled solve may carry (its own draw).
-_PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx")
+_PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx", "ventricle_model",
+              "ventricle_poisson_ratio", "buoyant_weight_fraction", "volumetric_integration")
+#: Ventricle / CSF models and gravity models a sampled design may draw per solve (as the model family does,
+#: :mod:`brainshift.simulate.family`).
+VENTRICLE_MODELS = ("fluid", "compressible")
+GRAVITY_MODELS = ("drained", "buoyant")
 
 
 @dataclass
@@ -110,6 +115,27 @@ class AtlasConfig:
             chosen on validation cases of a training subject whose cases include a falx (mean ratio to the best
             classical interpolator 0.304 without, 0.205 with; bench/RESULTS.md, session 7); None: the
             simulation config's ``falx`` for every solve.
+        ventricle_models: ventricle / CSF models a ``"sample"`` design draws per solve (``"fluid"``,
+            ``"compressible"``; :mod:`brainshift.simulate.materials`), on their own Halton dimension after the
+            falx's; a compressible solve draws its ventricles' Poisson ratio uniformly in
+            ``ventricle_poisson_ratio_range`` (0: a drained, collapsible cavity; 0.4: a soft solid). None: the
+            simulation config's ``ventricle_model`` for every solve.
+        ventricle_poisson_ratio_range: ``[min, max]`` of a compressible solve's ventricle Poisson ratio.
+        gravity_models: where gravity acts, drawn per solve: ``"drained"`` (only tissue above the drained CSF
+            level carries its weight) or ``"buoyant"`` (the whole brain, tissue below the fluid level with its
+            buoyant weight fraction drawn in ``buoyant_weight_fraction_range``), on their own Halton dimensions
+            after the ventricles'. None: the simulation config's ``buoyant_weight_fraction`` for every solve.
+        buoyant_weight_fraction_range: ``[min, max]`` of ``(rho_tissue - rho_csf) / rho_tissue`` for a buoyant
+            solve.
+        reduced_integration_from_nu: a solve whose drawn Poisson ratio is at least this uses selective reduced
+            (1-point volumetric) integration against volumetric locking, as the model family's cases do
+            (:data:`brainshift.simulate.family.REDUCED_INTEGRATION_FROM_NU`, 0.47); None: the simulation
+            config's ``volumetric_integration`` for every solve.
+
+    The choices drawn per solve change no other draw (each has its own Halton dimensions, appended last), and
+    every one keeps the members' stiffness scaling: the ventricles' own shear modulus (4.54 Pa) is fixed, so a
+    member scaled to another parenchyma modulus is exact up to the ventricles' share of the stiffness (under
+    1 % of the parenchyma's), as with fluid ventricles.
     """
 
     resolution_mm: float = 3.0
@@ -134,12 +160,23 @@ class AtlasConfig:
     tumour_stiffness_ratio_range: list | None = field(default_factory=lambda: [1.0, 3.0])
     seed: int = 0
     falx_probability: float | None = 0.3
+    ventricle_models: list | None = None
+    ventricle_poisson_ratio_range: list = field(default_factory=lambda: [0.0, 0.4])
+    gravity_models: list | None = None
+    buoyant_weight_fraction_range: list = field(default_factory=lambda: [0.02, 0.06])
+    reduced_integration_from_nu: float | None = None
 
     def __post_init__(self) -> None:
         self.contact_models = [str(c) for c in self.contact_models]
         self.drainage_fractions = [float(v) for v in self.drainage_fractions]
         self.stiffness_range_pa = [float(v) for v in self.stiffness_range_pa]
         self.simulation = dict(self.simulation or {})
+        for name in ("ventricle_models", "gravity_models"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, [str(x) for x in v])
+        self.ventricle_poisson_ratio_range = [float(x) for x in self.ventricle_poisson_ratio_range]
+        self.buoyant_weight_fraction_range = [float(x) for x in self.buoyant_weight_fraction_range]
         for name in _RANGES:
             v = getattr(self, name)
             if v is not None:
@@ -181,11 +218,40 @@ class AtlasConfig:
         bad = sorted(set(self.simulation) & set(_FIXED))
         if bad:
             raise BrainshiftError(f"expected the atlas's own fields for {bad}, got them under simulation:")
+        self._validate_per_solve_models()
         self.simulation_config()  # validates the remaining simulation fields
+
+    def _validate_per_solve_models(self) -> None:
+        """The ventricle / gravity models and the integration rule drawn per solve (sampled designs only)."""
+        for name, allowed, sim_key in (("ventricle_models", VENTRICLE_MODELS, "ventricle_model"),
+                                       ("gravity_models", GRAVITY_MODELS, "buoyant_weight_fraction")):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not v or any(x not in allowed for x in v) or len(set(v)) != len(v):
+                raise BrainshiftError(f"expected {name} as a list of distinct values among {list(allowed)}, got {v}")
+            if self.design != "sample":
+                raise BrainshiftError(f"expected {name} only with design 'sample' (drawn per solve), got design "
+                                      f"{self.design!r}")
+            if sim_key in self.simulation:
+                raise BrainshiftError(f"expected either {name} or simulation: {sim_key}, got both")
+        for name, lo_ok, hi_ok in (("ventricle_poisson_ratio_range", 0.0, 0.4999),
+                                   ("buoyant_weight_fraction_range", 0.0, 1.0)):
+            v = getattr(self, name)
+            if len(v) != 2 or not (lo_ok <= v[0] <= v[1] <= hi_ok):
+                raise BrainshiftError(f"expected {name} as [min, max] within [{lo_ok:g}, {hi_ok:g}], got {v}")
+        nu = self.reduced_integration_from_nu
+        if nu is not None:
+            if isinstance(nu, bool) or not 0.0 < float(nu) < 0.5:
+                raise BrainshiftError(f"expected reduced_integration_from_nu in (0, 0.5) or None, got {nu!r}")
+            if "volumetric_integration" in self.simulation:
+                raise BrainshiftError("expected either reduced_integration_from_nu or simulation: "
+                                      "volumetric_integration, got both")
 
     def simulation_config(self, contact_model: str | None = None, solve: dict | None = None):
         """The :class:`SimulationConfig` of a solve with this contact model (and a sampled solve's own
-        craniotomy radius, Poisson ratio, tumour stiffness and falx, when ``solve`` carries them)."""
+        craniotomy radius, Poisson ratio, tumour stiffness, falx, ventricle and gravity models and volumetric
+        integration, when ``solve`` carries them)."""
         from brainshift.simulate.case import SimulationConfig
 
         own = {k: solve[k] for k in _PER_SOLVE if solve is not None and k in solve}
@@ -210,7 +276,8 @@ class AtlasConfig:
         from brainshift.simulate.case import SimulationConfig
         from brainshift.simulate.config_values import check_field_values
 
-        d = check_field_values(d, cls, "the atlas config", {"contact_models": "str"})
+        d = check_field_values(d, cls, "the atlas config", {"contact_models": "str", "ventricle_models": "str",
+                                                              "gravity_models": "str"})
         sim_names = {f.name for f in dataclasses.fields(SimulationConfig)}
         bad = set(d.get("simulation") or {}) - sim_names
         if bad:
@@ -276,7 +343,9 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
     (``scipy.stats.qmc.Halton``, seeded by ``seed``): gravity uniform on the spherical cap of half-angle
     ``gravity_cone_deg`` around the approach (60 degrees around straight down without a tumour), drainage
     uniform in ``drainage_range``, and the craniotomy radius, Poisson ratio and tumour stiffness uniform in
-    their ranges when given, and the contact model uniform over ``contact_models``.
+    their ranges when given, and the contact model uniform over ``contact_models``; then, each on dimensions of
+    its own appended last (so they change no other draw), the falx (``falx_probability``), the ventricle model
+    (``ventricle_models``) and the gravity model (``gravity_models``), with their parameters.
 
     Args:
         subject: the brain (a tumour mask that may be empty).
@@ -289,8 +358,10 @@ def plan_solves(subject: Subject, config: AtlasConfig, entry_ras: np.ndarray | N
         A list of JSON-serialisable dicts (``id``, ``contact_model``, ``drainage_fraction``,
         ``drainage_level_mm``, ``gravity_direction_ras``, ``gravity_tilt_deg``, ``entry_point_ras``,
         ``tumour_centre_ras``, ``approach_direction_ras``; a sampled solve also carries the drawn
-        ``craniotomy_radius_mm`` / ``poisson_ratio`` / ``tumour_stiffness_ratio`` whose range is given, and
-        ``falx`` with ``falx_probability``).
+        ``craniotomy_radius_mm`` / ``poisson_ratio`` / ``tumour_stiffness_ratio`` whose range is given,
+        ``falx`` with ``falx_probability``, ``ventricle_model`` and ``ventricle_poisson_ratio`` with
+        ``ventricle_models``, ``buoyant_weight_fraction`` with ``gravity_models`` (0 for a drained solve), and
+        ``volumetric_integration`` with ``reduced_integration_from_nu``).
     """
     from brainshift.simulate import loads
     from brainshift.volume import Volume
@@ -350,7 +421,11 @@ def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solv
               ("tumour_stiffness_ratio", config.tumour_stiffness_ratio_range)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # qmc warns about balance for sizes that are not powers of two
-        n_dims = 3 + len(ranges) + (config.falx_probability is not None)  # falx last: same draws without it
+        # the falx, then the ventricle and gravity models, last: the draws before them stay the same without them
+        # (a scrambled Halton sequence's first dimensions do not depend on how many follow)
+        base = 3 + len(ranges)
+        n_dims = (base + (config.falx_probability is not None) + 2 * (config.ventricle_models is not None)
+                  + 2 * (config.gravity_models is not None))
         u = qmc.Halton(d=n_dims, scramble=True, seed=int(config.seed)).random(int(config.n_solves))
     from brainshift.simulate.loads import tilted_direction
 
@@ -365,8 +440,25 @@ def _sample_solves(config: AtlasConfig, axis: np.ndarray, has_tumour: bool, solv
                  if rng is not None for lo, hi in [rng]}
         d = solve_dict(f"s{i:03d}_{contact}", contact, drawn.pop("drainage_fraction"), g)
         d.update({k: round(v, 4) for k, v in drawn.items()})
+        extra = list(row[base:])
         if config.falx_probability is not None:
-            d["falx"] = bool(row[-1] < config.falx_probability)
+            d["falx"] = bool(extra.pop(0) < config.falx_probability)
+        if config.ventricle_models is not None:
+            r_model, r_nu = extra.pop(0), extra.pop(0)
+            vm = config.ventricle_models[min(int(r_model * len(config.ventricle_models)),
+                                             len(config.ventricle_models) - 1)]
+            d["ventricle_model"] = vm
+            if vm == "compressible":
+                lo, hi = config.ventricle_poisson_ratio_range
+                d["ventricle_poisson_ratio"] = round(float(lo + r_nu * (hi - lo)), 4)
+        if config.gravity_models is not None:
+            r_model, r_frac = extra.pop(0), extra.pop(0)
+            gm = config.gravity_models[min(int(r_model * len(config.gravity_models)), len(config.gravity_models) - 1)]
+            lo, hi = config.buoyant_weight_fraction_range
+            d["buoyant_weight_fraction"] = round(float(lo + r_frac * (hi - lo)), 4) if gm == "buoyant" else 0.0
+        if config.reduced_integration_from_nu is not None:
+            nu = d.get("poisson_ratio", config.simulation_config().poisson_ratio)
+            d["volumetric_integration"] = "reduced" if nu >= config.reduced_integration_from_nu else "full"
         plan.append(d)
     return plan
 
