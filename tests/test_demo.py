@@ -302,6 +302,11 @@ def test_atlas_config_record_keeps_the_keys_of_its_design():
         assert key not in sample, key
     grid = atlas_config_record(AtlasConfig(design="grid"), has_tumour=False)
     assert grid["no_tumour_directions"] == 9 and "n_solves" not in grid and "seed" not in grid
+    assert "ventricle_models" not in grid and "reduced_integration_from_nu" not in grid
+    fluid_only = atlas_config_record(AtlasConfig(ventricle_models=None, gravity_models=None))
+    assert "ventricle_poisson_ratio_range" not in fluid_only and "buoyant_weight_fraction_range" not in fluid_only
+    both = atlas_config_record(AtlasConfig(ventricle_models=["fluid", "compressible"], gravity_models=["buoyant"]))
+    assert both["ventricle_poisson_ratio_range"] == [0.0, 0.4] and both["buoyant_weight_fraction_range"] == [0.02, 0.06]
 
 
 

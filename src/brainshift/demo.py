@@ -350,14 +350,17 @@ def load_demo_atlas_config(atlas_config=None, *, quick: bool = False):
 #: (:func:`brainshift.simulate.atlas.plan_solves`).
 _GRID_KEYS = ("drainage_fractions", "n_ring_directions")
 _SAMPLE_KEYS = ("n_solves", "drainage_range", "craniotomy_radius_range_mm", "poisson_ratio_range",
-                "tumour_stiffness_ratio_range", "seed", "falx_probability")
+                "tumour_stiffness_ratio_range", "seed", "falx_probability", "ventricle_models",
+                "ventricle_poisson_ratio_range", "gravity_models", "buoyant_weight_fraction_range",
+                "reduced_integration_from_nu")
 
 
 def atlas_config_record(config, *, has_tumour: bool = True) -> dict:
     """The atlas config as the demo records it (``summary.json``, ``metrics.json``): only the keys that the design
     used reads (:func:`brainshift.simulate.atlas.plan_solves`). A grid drops the sampled design's count, ranges,
     seed and ``falx_probability``; a sample drops the grid's lists, and a fixed value its range replaces
-    (``craniotomy_radius_mm``, ``tumour_stiffness_ratio``); ``no_tumour_directions`` only without a tumour (grid).
+    (``craniotomy_radius_mm``, ``tumour_stiffness_ratio``), as do the ranges of ventricle and gravity models it
+    does not draw; ``no_tumour_directions`` only without a tumour (grid).
     The solves actually run are the record's ``n_solves``, not the config's."""
     d = config.to_dict()
     if d["design"] == "grid":
@@ -366,6 +369,8 @@ def atlas_config_record(config, *, has_tumour: bool = True) -> dict:
         drop = {*_GRID_KEYS, "no_tumour_directions"}
         drop |= {"craniotomy_radius_mm"} if d.get("craniotomy_radius_range_mm") is not None else set()
         drop |= {"tumour_stiffness_ratio"} if d.get("tumour_stiffness_ratio_range") is not None else set()
+        drop |= {"ventricle_poisson_ratio_range"} if d.get("ventricle_models") is None else set()
+        drop |= {"buoyant_weight_fraction_range"} if d.get("gravity_models") is None else set()
     return {k: v for k, v in d.items() if k not in drop}
 
 

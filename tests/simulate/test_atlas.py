@@ -79,6 +79,64 @@ def test_sampled_plan_covers_its_ranges_is_nested_and_seeded():
                                                                        {**with_falx[k], "falx": True}).falx
 
 
+def test_sampled_plan_draws_ventricle_and_gravity_models_without_changing_other_draws():
+    subj = ellipsoid_subject()
+    base = plan_solves(subj, AtlasConfig(**SAMPLE, n_solves=16, seed=3))
+    full = AtlasConfig(**{**SAMPLE, "contact_models": ["unilateral", "bilateral", "no_slip"]},
+                       ventricle_models=["fluid", "compressible"], gravity_models=["drained", "buoyant"],
+                       ventricle_poisson_ratio_range=[0.0, 0.4], buoyant_weight_fraction_range=[0.02, 0.06],
+                       reduced_integration_from_nu=0.47, n_solves=16, seed=3)
+    plan = plan_solves(subj, full)
+    vm = np.array([p["ventricle_model"] for p in plan])
+    bw = np.array([p["buoyant_weight_fraction"] for p in plan])
+    assert 4 <= (vm == "compressible").sum() <= 12 and 4 <= (bw > 0).sum() <= 12
+    nu_v = np.array([p["ventricle_poisson_ratio"] for p in plan if p["ventricle_model"] == "compressible"])
+    assert nu_v.min() >= 0.0 and nu_v.max() <= 0.4 and nu_v.max() - nu_v.min() > 0.1
+    assert all("ventricle_poisson_ratio" not in p for p in plan if p["ventricle_model"] == "fluid")
+    assert bw[bw > 0].min() >= 0.02 and bw.max() <= 0.06
+    assert {p["contact_model"] for p in plan} == {"unilateral", "bilateral", "no_slip"}
+    # reduced volumetric integration exactly where the drawn Poisson ratio reaches 0.47 (the family's rule)
+    for p in plan:
+        assert p["volumetric_integration"] == ("reduced" if p["poisson_ratio"] >= 0.47 else "full")
+    # the geometry and material draws are those of the plan without the new choices (own dimensions, last)
+    same = ("gravity_direction_ras", "drainage_fraction", "craniotomy_radius_mm", "poisson_ratio")
+    assert [{k: p[k] for k in same} for p in plan] == [{k: p[k] for k in same} for p in base]
+    # a solve runs with its own draw
+    k = int(np.argmax((vm == "compressible") & (bw > 0)))
+    cfg = full.simulation_config(plan[k]["contact_model"], plan[k])
+    assert cfg.ventricle_model == "compressible" and cfg.ventricle_poisson_ratio == plan[k]["ventricle_poisson_ratio"]
+    assert cfg.buoyant_weight_fraction == plan[k]["buoyant_weight_fraction"] > 0
+    assert cfg.volumetric_integration == plan[k]["volumetric_integration"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"design": "sample", "ventricle_models": ["fluid", "gel"]},
+    {"design": "sample", "gravity_models": []},
+    {"design": "grid", "gravity_models": ["drained", "buoyant"]},
+    {"design": "sample", "ventricle_models": ["fluid"], "simulation": {"ventricle_model": "fluid"}},
+    {"design": "sample", "ventricle_poisson_ratio_range": [0.3, 0.6]},
+    {"design": "sample", "reduced_integration_from_nu": 0.5},
+    {"design": "sample", "reduced_integration_from_nu": 0.47, "simulation": {"volumetric_integration": "full"}}])
+def test_per_solve_model_choices_reject_bad_values(bad):
+    with pytest.raises(BrainshiftError, match="expected"):
+        AtlasConfig(**bad)
+
+
+def test_stiffness_scaling_holds_for_bilateral_contact_compressible_ventricles_and_buoyant_gravity():
+    """The members' scaling to other moduli stays exact up to the ventricles' fixed shear modulus (4.54 Pa)."""
+    subj = ellipsoid_subject()
+    cfg = AtlasConfig(**{**CFG.to_dict(), "contact_models": ["bilateral"],
+                         "simulation": {"ventricle_model": "compressible", "ventricle_poisson_ratio": 0.2,
+                                        "buoyant_weight_fraction": 0.04}})
+    solve = plan_solves(subj, cfg)[1]
+    a = solve_member(subj, cfg, solve)
+    b = solve_member(subj, AtlasConfig(**{**cfg.to_dict(), "shear_modulus_pa": cfg.shear_modulus_pa / 2}), solve)
+    scale = np.abs(a["final"]).max()
+    assert scale > 0.05
+    np.testing.assert_allclose(b["final"], 2.0 * a["final"], atol=1e-2 * scale)
+    assert not np.allclose(b["final"], 2.0 * a["final"], atol=1e-9 * scale)  # not exact: the ventricles
+
+
 def test_atlas_solves_settle_the_contact_tail_unless_configured_otherwise():
     from brainshift.simulate.atlas import ATLAS_CONTACT_SETTLE_FRACTION, ATLAS_SOLVER_RTOL
 
