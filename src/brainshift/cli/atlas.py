@@ -21,7 +21,7 @@ def atlas_command(
     ventricles: Path | None = typer.Option(None, "--ventricles", help="Ventricle mask (fluid-filled ventricles)."),
     config: Path | None = typer.Option(None, "--config",
                                        help="Atlas config (YAML/JSON, section atlas:); default: the shipped "
-                                            "configs/atlas.yaml (24 sampled solves at 3 mm, 9-14 min on 2 cores)."),
+                                            "configs/atlas.yaml (24 sampled solves at 3 mm, 6-9 min on 2 cores)."),
     entry: str | None = typer.Option(None, "--craniotomy-centre",
                                      help="Craniotomy centre 'x,y,z' in RAS mm (default: the brain-surface point "
                                           "nearest the tumour, above it)."),
