@@ -116,6 +116,7 @@ def test_sampled_plan_draws_ventricle_and_gravity_models_without_changing_other_
     {"design": "sample", "ventricle_models": ["fluid"], "simulation": {"ventricle_model": "fluid"}},
     {"design": "sample", "ventricle_poisson_ratio_range": [0.3, 0.6]},
     {"design": "sample", "reduced_integration_from_nu": 0.5},
+    {"design": "grid", "reduced_integration_from_nu": 0.47},
     {"design": "sample", "reduced_integration_from_nu": 0.47, "simulation": {"volumetric_integration": "full"}}])
 def test_per_solve_model_choices_reject_bad_values(bad):
     with pytest.raises(BrainshiftError, match="expected"):

@@ -244,6 +244,9 @@ class AtlasConfig:
         if nu is not None:
             if isinstance(nu, bool) or not 0.0 < float(nu) < 0.5:
                 raise BrainshiftError(f"expected reduced_integration_from_nu in (0, 0.5) or None, got {nu!r}")
+            if self.design != "sample":
+                raise BrainshiftError(f"expected reduced_integration_from_nu only with design 'sample' (the Poisson "
+                                      f"ratio drawn per solve), got design {self.design!r}")
             if "volumetric_integration" in self.simulation:
                 raise BrainshiftError("expected either reduced_integration_from_nu or simulation: "
                                       "volumetric_integration, got both")
