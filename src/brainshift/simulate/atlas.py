@@ -70,10 +70,6 @@ ATLAS_SOLVER_RTOL = 1e-4
 #: Simulation fields a sampled solve may carry (its own draw).
 _PER_SOLVE = ("craniotomy_radius_mm", "poisson_ratio", "tumour_stiffness_ratio", "falx", "ventricle_model",
               "ventricle_poisson_ratio", "buoyant_weight_fraction", "volumetric_integration")
-#: Ventricle / CSF models and gravity models a sampled design may draw per solve (as the model family does,
-#: :mod:`brainshift.simulate.family`).
-VENTRICLE_MODELS = ("fluid", "compressible")
-GRAVITY_MODELS = ("drained", "buoyant")
 
 
 @dataclass
@@ -223,8 +219,10 @@ class AtlasConfig:
 
     def _validate_per_solve_models(self) -> None:
         """The ventricle / gravity models and the integration rule drawn per solve (sampled designs only)."""
-        for name, allowed, sim_key in (("ventricle_models", VENTRICLE_MODELS, "ventricle_model"),
-                                       ("gravity_models", GRAVITY_MODELS, "buoyant_weight_fraction")):
+        from brainshift.simulate.family import GRAVITY, VENTRICLES  # the model family's own options
+
+        for name, allowed, sim_key in (("ventricle_models", VENTRICLES, "ventricle_model"),
+                                       ("gravity_models", GRAVITY, "buoyant_weight_fraction")):
             v = getattr(self, name)
             if v is None:
                 continue
