@@ -243,3 +243,49 @@ def test_a_folder_with_foreign_atlas_files_is_refused(tmp_path):
     with pytest.raises(BrainshiftError, match="empty or an atlas build"):
         build_atlas(out, subj, CFG, n_workers=1, processes=False, progress=False)
     assert (out / "atlas.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == ["atlas.json"]
+
+
+def test_perpendicular_directions_are_orthonormal_and_perpendicular():
+    from brainshift.simulate.atlas import perpendicular_directions
+
+    for g in ([0.0, 0.0, -1.0], [0.3, -0.2, -0.9], [1.0, 1.0, 0.0]):
+        e = perpendicular_directions(np.asarray(g))
+        np.testing.assert_allclose(e @ e.T, np.eye(2), atol=1e-12)
+        np.testing.assert_allclose(e @ (np.asarray(g) / np.linalg.norm(g)), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0.0, 90.0, -5.0, True])
+def test_gravity_response_tilt_rejects_bad_angles(bad):
+    with pytest.raises(BrainshiftError, match="gravity_response_tilt_deg"):
+        AtlasConfig(gravity_response_tilt_deg=bad)
+
+
+def test_tilted_gravity_members_are_the_rotated_load_at_the_solve_contact_state(tmp_path):
+    """With gravity_response_tilt_deg each solve and stage gains 4 members cos(t) u +- sin(t) r_k; changing the
+    angle only re-reduces the build; a build without responses is not resumed with them (nor the reverse)."""
+    subj = ellipsoid_subject()
+    cfg = AtlasConfig(**{**CFG.to_dict(), "contact_models": ["no_slip"], "drainage_fractions": [0.4], "energy": 1.0,
+                         "gravity_response_tilt_deg": 30.0})
+    out = tmp_path / "atlas"
+    rep = build_atlas(out, subj, cfg, n_workers=1, processes=False, progress=False)
+    n_solves = 3
+    assert len(rep.solved) == n_solves and rep.n_members == n_solves * 2 * (3 + 4)
+    atlas = load_atlas(out)
+    tilted = [m for m in atlas.members if "response_tilt_deg" in m]
+    assert len(tilted) == n_solves * 2 * 4 and {m["response_tilt_deg"] for m in tilted} == {30.0}
+    # one tilted member, rebuilt from the basis, against its definition from the stored solve
+    solve = plan_solves(subj, cfg)[1]
+    with np.load(out / "members" / f"{solve['id']}.npz") as z:
+        u, r = z["final"].astype(np.float64), z["final_responses"].astype(np.float64)
+    k = next(i for i, m in enumerate(atlas.members) if m["solve"] == solve["id"] and m["resection"]
+             and m.get("response_tilt_about") == 2)
+    want = np.cos(np.pi / 6) * u + np.sin(np.pi / 6) * r[1]
+    got = atlas.nodal(atlas.coordinates[k])
+    assert np.abs(r[1]).max() > 0.1 * np.abs(u).max()
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
+    rep2 = build_atlas(out, subj, AtlasConfig(**{**cfg.to_dict(), "gravity_response_tilt_deg": 15.0}),
+                       n_workers=1, processes=False, progress=False)
+    assert rep2.solved == [] and rep2.n_members == rep.n_members
+    with pytest.raises(BrainshiftError, match="same image and config"):
+        build_atlas(out, subj, AtlasConfig(**{**cfg.to_dict(), "gravity_response_tilt_deg": None}), n_workers=1,
+                    processes=False, progress=False)

@@ -227,3 +227,46 @@ def test_tilted_direction_and_cap_draws_have_the_asked_angles():
     rng = np.random.default_rng(0)
     angles = [perturb_direction(d, 30.0, rng)[1] for _ in range(200)]
     assert max(angles) <= 30.0 + 1e-9 and max(angles) > 25.0
+
+
+@pytest.mark.parametrize("contact", ["unilateral", "no_slip"])
+def test_gravity_response_at_the_held_contact_state_reproduces_the_solve(phantom, contact):
+    """The response to the solve's own gravity with its converged active set held is the solve itself."""
+    cfg = SimulationConfig(resolution_mm=5.0, contact_model=contact, solver_rtol=1e-9)
+    params = draw_case_parameters(phantom, cfg, 7)
+    g = params.gravity_direction_ras / np.linalg.norm(params.gravity_direction_ras)
+    res = simulate_case(phantom, cfg, params, response_directions_ras=g[None])
+    st = res.stage_displacements_local_mm
+    assert res.meta["n_resected_elements"] > 0
+    for stage in ("gravity", "final"):
+        scale = np.abs(st[stage]).max()
+        assert scale > 0.1 and st[stage + "_responses"].shape == (1,) + st[stage].shape
+        np.testing.assert_allclose(st[stage + "_responses"][0], st[stage], atol=1e-6 * scale)
+    assert not np.allclose(st["final"], st["gravity"], atol=1e-3)
+
+
+def test_gravity_response_along_another_direction_equals_that_solve_for_bilateral_contact(phantom):
+    """Bilateral contact keeps one contact state, and with the whole brain below the fluid level every element
+    carries the same buoyant weight whatever the direction: the response along q is the solve with gravity q,
+    with the tumour in place and after resection."""
+    import dataclasses
+
+    cfg = SimulationConfig(resolution_mm=5.0, contact_model="bilateral", solver_rtol=1e-9,
+                           buoyant_weight_fraction=0.05)
+    params = dataclasses.replace(draw_case_parameters(phantom, cfg, 7), drainage_level_mm=-1000.0)
+    g = params.gravity_direction_ras / np.linalg.norm(params.gravity_direction_ras)
+    q = np.cross(g, [0.0, 1.0, 0.0])
+    q /= np.linalg.norm(q)
+    res = simulate_case(phantom, cfg, params, response_directions_ras=np.stack([q, -g]))
+    other = simulate_case(phantom, cfg, dataclasses.replace(params, gravity_direction_ras=q))
+    for stage in ("gravity", "final"):
+        a = res.stage_displacements_local_mm[stage + "_responses"]
+        b = other.stage_displacements_local_mm[stage]
+        scale = np.abs(b).max()
+        assert scale > 0.01
+        np.testing.assert_allclose(a[0], b, atol=1e-6 * scale)
+        np.testing.assert_allclose(a[1], -res.stage_displacements_local_mm[stage], atol=1e-6 * scale)
+    assert "gravity_responses" not in other.stage_displacements_local_mm
+    with pytest.raises(BrainshiftError, match="linear material"):
+        simulate_case(phantom, SimulationConfig(resolution_mm=5.0, material="neo-hookean"), params,
+                      response_directions_ras=q[None])

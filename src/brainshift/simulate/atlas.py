@@ -123,6 +123,13 @@ class AtlasConfig:
             after the ventricles'. None: the simulation config's ``buoyant_weight_fraction`` for every solve.
         buoyant_weight_fraction_range: ``[min, max]`` of ``(rho_tissue - rho_csf) / rho_tissue`` for a buoyant
             solve.
+        gravity_response_tilt_deg: with a value, every solve also computes the linear responses to its own weight
+            distribution pulled along the two directions perpendicular to its gravity, each stage with its
+            converged contact state held (exact for that state: with a fixed active set the model is linear in
+            the load; :meth:`~brainshift.simulate.contact.ContactSolver.solve_held`), and the basis gains, per
+            solve and stage at ``shear_modulus_pa``, four members with gravity tilted by this angle (degrees)
+            about those directions: ``cos(t) u + sin(t) (+-u_perp)``. Two to four more CG solves per solve with
+            the same matrices; a change of the angle alone re-reduces a finished build. None: no tilted members.
         reduced_integration_from_nu: a solve whose drawn Poisson ratio is at least this uses selective reduced
             (1-point volumetric) integration against volumetric locking, as the model family's cases do
             (:data:`brainshift.simulate.family.REDUCED_INTEGRATION_FROM_NU`, 0.47); None: the simulation
@@ -161,6 +168,7 @@ class AtlasConfig:
     gravity_models: list | None = None
     buoyant_weight_fraction_range: list = field(default_factory=lambda: [0.02, 0.06])
     reduced_integration_from_nu: float | None = None
+    gravity_response_tilt_deg: float | None = None
 
     def __post_init__(self) -> None:
         self.contact_models = [str(c) for c in self.contact_models]
@@ -214,6 +222,9 @@ class AtlasConfig:
         bad = sorted(set(self.simulation) & set(_FIXED))
         if bad:
             raise BrainshiftError(f"expected the atlas's own fields for {bad}, got them under simulation:")
+        t = self.gravity_response_tilt_deg
+        if t is not None and (isinstance(t, bool) or not 0.0 < float(t) < 90.0):
+            raise BrainshiftError(f"expected gravity_response_tilt_deg in (0, 90) degrees or None, got {t!r}")
         self._validate_per_solve_models()
         self.simulation_config()  # validates the remaining simulation fields
 
@@ -477,18 +488,38 @@ def solve_parameters(solve: dict):
                           drainage_level_mm=float(solve["drainage_level_mm"]))
 
 
+def perpendicular_directions(g_ras: np.ndarray) -> np.ndarray:
+    """``(2, 3)`` orthonormal directions perpendicular to ``g_ras`` (deterministic: the first is perpendicular to
+    the RAS axis least aligned with ``g_ras`` as well)."""
+    g = np.asarray(g_ras, dtype=np.float64)
+    g = g / np.linalg.norm(g)
+    e1 = np.cross(g, np.eye(3)[int(np.argmin(np.abs(g)))])
+    e1 /= np.linalg.norm(e1)
+    return np.stack([e1, np.cross(g, e1)])
+
+
 def solve_member(subject: Subject, config: AtlasConfig, solve: dict) -> dict:
     """Run one solve of the atlas (deterministic). Returns ``{"gravity": (n, 3), "final": (n, 3), "meta": {...}}``
-    nodal displacements on the preop mesh, local frame (voxel axes), mm."""
+    nodal displacements on the preop mesh, local frame (voxel axes), mm; with
+    ``config.gravity_response_tilt_deg`` also ``"gravity_responses"`` and ``"final_responses"`` ``(2, n, 3)``:
+    the responses to the solve's weight pulled along :func:`perpendicular_directions` of its gravity, the
+    contact state held."""
     from brainshift.simulate.case import simulate_case
 
-    res = simulate_case(subject, config.simulation_config(solve["contact_model"], solve), solve_parameters(solve))
+    dirs = (perpendicular_directions(np.asarray(solve["gravity_direction_ras"]))
+            if config.gravity_response_tilt_deg is not None else None)
+    res = simulate_case(subject, config.simulation_config(solve["contact_model"], solve), solve_parameters(solve),
+                        response_directions_ras=dirs)
     st = res.stage_displacements_local_mm
     mesh = res.preop_mesh
-    return {"gravity": st["gravity"].astype(np.float32), "final": st["final"].astype(np.float32),
-            "node_grid": mesh.node_grid.astype(np.int32), "origin_vox": mesh.origin_vox, "step_vox": mesh.step_vox,
-            "node_grid_shape": np.asarray(mesh.node_grid_shape), "resected": bool(res.meta["n_resected_elements"]),
-            "seconds": float(res.meta["times_s"]["total_s"])}
+    out = {"gravity": st["gravity"].astype(np.float32), "final": st["final"].astype(np.float32),
+           "node_grid": mesh.node_grid.astype(np.int32), "origin_vox": mesh.origin_vox, "step_vox": mesh.step_vox,
+           "node_grid_shape": np.asarray(mesh.node_grid_shape), "resected": bool(res.meta["n_resected_elements"]),
+           "seconds": float(res.meta["times_s"]["total_s"])}
+    if dirs is not None:
+        out["gravity_responses"] = st["gravity_responses"].astype(np.float32)
+        out["final_responses"] = st["final_responses"].astype(np.float32)
+    return out
 
 
 def _run_solve(folder: str, subject: Subject, config: AtlasConfig, solve: dict) -> dict:
@@ -534,6 +565,24 @@ class AtlasBuildReport:
                 f"({100 * self.retained_energy:.2f} % of the variance), {self.size_mb:.1f} MB, {self.wall_s:.0f} s")
 
 
+def tilted_members(arrs: dict, stage: str, tilt_deg: float) -> list[np.ndarray]:
+    """The four members of one solve's stage with gravity tilted by ``tilt_deg``
+    (:attr:`AtlasConfig.gravity_response_tilt_deg`): ``cos(t) u + sin(t) s r_k`` for the two perpendicular
+    responses ``r_k`` and ``s = +-1`` (float64 ``(n, 3)`` each, local mm). Exact for the solve's contact state
+    by linearity.
+
+    Raises:
+        BrainshiftError: the stored solve has no responses (built without ``gravity_response_tilt_deg``).
+    """
+    key = f"{stage}_responses"
+    if key not in arrs:
+        raise BrainshiftError(f"expected the atlas solve to hold {key} (built with gravity_response_tilt_deg), got "
+                              f"none; build into a new folder")
+    t = np.deg2rad(tilt_deg)
+    u = arrs[stage].astype(np.float64)
+    return [np.cos(t) * u + sign * np.sin(t) * arrs[key][k].astype(np.float64) for k in range(2) for sign in (1, -1)]
+
+
 def _check_resume(folder: Path, record: dict) -> None:
     from brainshift.atlas.basis import ATLAS_JSON, BASIS_FILE
 
@@ -557,6 +606,8 @@ def _check_resume(folder: Path, record: dict) -> None:
             cfg = AtlasConfig.from_dict(cfg).to_dict()
         except BrainshiftError:
             pass
+        # the tilt's value only changes the reduction; whether it is set changes the solves
+        cfg["gravity_response_tilt_deg"] = cfg.get("gravity_response_tilt_deg") is not None
         return {k: v for k, v in cfg.items() if k not in _BASIS_KEYS}
 
     if solves_of(old) != solves_of(record):
@@ -675,13 +726,18 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
             raise BrainshiftError(f"expected every atlas solve on one mesh, got another mesh in solve {s['id']}")
         stages = [("gravity", False)] + ([("final", True)] if bool(arrs["resected"]) else [])
         for stage, resected in stages:
+            about = {"solve": s["id"], "contact_model": s["contact_model"], "drainage_fraction": s["drainage_fraction"],
+                     "gravity_tilt_deg": s["gravity_tilt_deg"],
+                     "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
+                     "resection": resected, **{k: s[k] for k in _PER_SOLVE if k in s}}
             for mu, scale in factors:
                 members.append(arrs[stage].astype(np.float64) * scale)
-                info.append({"solve": s["id"], "contact_model": s["contact_model"],
-                             "drainage_fraction": s["drainage_fraction"], "gravity_tilt_deg": s["gravity_tilt_deg"],
-                             "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
-                             "resection": resected, "shear_modulus_pa": mu,
-                             **{k: s[k] for k in _PER_SOLVE if k in s}})
+                info.append({**about, "shear_modulus_pa": mu})
+            if config.gravity_response_tilt_deg is not None:
+                members.extend(tilted_members(arrs, stage, float(config.gravity_response_tilt_deg)))
+                info.extend({**about, "shear_modulus_pa": config.shear_modulus_pa,
+                             "response_tilt_deg": float(config.gravity_response_tilt_deg), "response_tilt_about": k}
+                            for k in range(4))
     mean, comps, coords, sv, retained = reduce_members(np.stack(members), config.energy, config.max_components)
     region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
     spacing = np.sqrt((subject.image.affine[:3, :3] ** 2).sum(axis=0))

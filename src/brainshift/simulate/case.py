@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brainshift.errors import BrainshiftError, GeometryError
+from brainshift.errors import BrainshiftError, GeometryError, SolverError
 from brainshift.simulate.dataset import Subject
 from brainshift.simulate.mesh import HexMesh
 from brainshift.volume import Volume
@@ -372,7 +372,7 @@ class _Problem:
 
 
 def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParameters, *,
-                  progress: bool = False) -> SimulationResult:
+                  progress: bool = False, response_directions_ras: np.ndarray | None = None) -> SimulationResult:
     """Simulate one brain-shift case (deterministic given its inputs).
 
     Args:
@@ -380,6 +380,13 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         config: :class:`SimulationConfig`.
         params: :class:`CaseParameters` from :func:`draw_case_parameters`.
         progress: print a line per stage and contact iteration.
+        response_directions_ras: optional ``(q, 3)`` directions (RAS) of further gravity loads whose linear
+            responses are also computed, each stage with its converged contact state held
+            (:meth:`~brainshift.simulate.contact.ContactSolver.solve_held`): the same weight distribution (drained
+            level, buoyancy) pointing along each direction instead of gravity. Linear material only. They are
+            returned in ``stage_displacements_local_mm`` as ``"gravity_responses"`` and ``"final_responses"``
+            (``(q, n_nodes, 3)`` each) and change nothing else. Used by the deformation atlas
+            (:mod:`brainshift.simulate.atlas`) for members with tilted gravity.
 
     Returns:
         :class:`SimulationResult`.
@@ -433,9 +440,19 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
         _log(f"coarse start: {coarse_info}")
     solver_log: list[dict] = []
     stages: dict[str, np.ndarray] = {}
+    responses: dict[str, np.ndarray] = {}
+    tilt_loads = None
+    if response_directions_ras is not None and len(response_directions_ras):
+        if config.material != "linear":
+            raise SolverError(f"expected a linear material for gravity responses, got {config.material!r}")
+        dirs = np.asarray(response_directions_ras, dtype=np.float64).reshape(-1, 3)
+        dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        weight = problem.force_density @ problem.gravity_local  # (n_elements,) weight per volume, Pa/mm
+        tilt_loads = [weight[:, None] * (rot.T @ d)[None, :] for d in dirs]
     if config.material == "linear":
         u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress,
-                                               active0=active0, stages=stages)
+                                               active0=active0, stages=stages, tilt_loads=tilt_loads,
+                                               responses=responses)
     else:
         from brainshift.simulate.hyperelastic import neo_hookean_case
 
@@ -446,6 +463,12 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     if do_resect:
         u_total[problem.removed_nodes] = u_gravity[problem.removed_nodes]
     u_final = u_full[old_nodes]
+    if tilt_loads is not None:
+        r_grav = responses["gravity"]
+        r_final = np.array(responses.get("final", r_grav), dtype=np.float64)
+        if do_resect:
+            r_final[:, problem.removed_nodes] = r_grav[:, problem.removed_nodes]
+        responses = {"gravity_responses": r_grav, "final_responses": r_final}
 
     t0 = time.perf_counter()
     region = _brain_region(subject)
@@ -486,7 +509,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     return SimulationResult(field_vox=field_vox, cavity_mask=Volume(cavity.astype(np.uint8), subject.image.affine,
                                                                      "label"),
                             meta=meta, mesh=final_mesh, nodal_displacement_mm=nodal_ras, preop_mesh=mesh,
-                            stage_displacements_local_mm={"gravity": u_gravity, "final": u_total})
+                            stage_displacements_local_mm={"gravity": u_gravity, "final": u_total, **responses})
 
 
 def _setup_problem(subject: Subject, config: SimulationConfig, params: CaseParameters, resolution_mm: float,
@@ -620,13 +643,17 @@ def _solve_log(name: str, res, seconds: float) -> dict:
 
 def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,
                  progress: bool = False, active0: dict | None = None, stages: dict | None = None,
-                 actives: dict | None = None) -> tuple[np.ndarray, float]:
+                 actives: dict | None = None, tilt_loads: list | None = None, responses: dict | None = None
+                 ) -> tuple[np.ndarray, float]:
     """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes.
 
     ``active0``, when given, holds initial contact active sets ``{"gravity": (m,) bool, "resection": ...}``
     (either may be absent: the gravity stage then starts from all in contact, the resection from the gravity
     stage's final set). ``stages``, when given, receives the gravity equilibrium as ``stages["gravity"]``
-    (preop nodes, local mm); ``actives``, when given, receives each stage's final active set.
+    (preop nodes, local mm); ``actives``, when given, receives each stage's final active set. ``tilt_loads``,
+    when given, are further body-force densities ``(n_elements, 3)`` whose responses with each stage's contact
+    state held go into ``responses["gravity"]`` and ``responses["final"]`` (``(q, n, 3)``; the resection
+    response released as the stage's own is, from the gravity-stage response).
     """
     from brainshift.simulate import fem
     from brainshift.simulate.contact import ContactSolver
@@ -654,6 +681,13 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
         actives["gravity"] = res1.active.copy()
     _log(f"gravity: {res1.iterations} solves, CG {[x.iterations for x in res1.solves]}, "
          f"{int(res1.active.sum())}/{res1.active.size} in contact, {times['gravity_solve_s']:.1f} s")
+    resp1 = []
+    if tilt_loads:
+        t0 = time.perf_counter()
+        resp1 = [cs.solve_held(fem.body_force_nodal(m, fd), res1.active) for fd in tilt_loads]
+        times["gravity_responses_s"] = time.perf_counter() - t0
+        if responses is not None:
+            responses["gravity"] = np.stack(resp1)
     if not do_resect:
         return res1.u, 0.0
     t0 = time.perf_counter()
@@ -686,6 +720,19 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     log.append(_solve_log("resection", res2, times["resection_solve_s"]))
     _log(f"resection: {res2.iterations} solves, CG {[x.iterations for x in res2.solves]}, "
          f"{int(res2.active.sum())}/{res2.active.size} in contact, {times['resection_solve_s']:.1f} s")
+    if resp1:
+        t0 = time.perf_counter()
+        out = []
+        for fd, u1p in zip(tilt_loads, resp1, strict=True):
+            f_tp = fem.body_force_nodal(m, np.where(tum[:, None], fd, 0.0))
+            rel_p = fem.element_forces(m, u1p, pb.lam, pb.mu, tum, config.volumetric_integration) - f_tp
+            rel_p[~keep_nodes] = 0.0
+            u1p_k = np.where(keep_nodes[:, None], u1p, 0.0)
+            rhs_p = _k_minus_removed_times(k, k_removed, u1p_k) + rel_p
+            out.append(cs.solve_held(rhs_p, res2.active, x0=u1p_k, removed_nodes=pb.removed_nodes))
+        times["resection_responses_s"] = time.perf_counter() - t0
+        if responses is not None:
+            responses["final"] = np.stack(out)
     return res2.u, interface_force_n
 
 
