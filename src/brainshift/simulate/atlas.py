@@ -532,7 +532,7 @@ def _run_solve(folder: str, subject: Subject, config: AtlasConfig, solve: dict) 
         path = Path(folder) / MEMBERS_DIR / f"{solve['id']}.npz"
         with atomic_output(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **{k: np.asarray(v) for k, v in out.items()})
+                np.savez_compressed(fh, **{k: np.asarray(v) for k, v in out.items()})
         return {"id": solve["id"], "status": "ok", "seconds": time.perf_counter() - t0}
     except Exception as exc:
         return {"id": solve["id"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",

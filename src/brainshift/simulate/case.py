@@ -684,7 +684,7 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     resp1 = []
     if tilt_loads:
         t0 = time.perf_counter()
-        resp1 = [cs.solve_held(fem.body_force_nodal(m, fd), res1.active) for fd in tilt_loads]
+        resp1 = list(cs.solve_held([fem.body_force_nodal(m, fd) for fd in tilt_loads], res1.active))
         times["gravity_responses_s"] = time.perf_counter() - t0
         if responses is not None:
             responses["gravity"] = np.stack(resp1)
@@ -722,17 +722,17 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
          f"{int(res2.active.sum())}/{res2.active.size} in contact, {times['resection_solve_s']:.1f} s")
     if resp1:
         t0 = time.perf_counter()
-        out = []
+        rhs, starts = [], []
         for fd, u1p in zip(tilt_loads, resp1, strict=True):
             f_tp = fem.body_force_nodal(m, np.where(tum[:, None], fd, 0.0))
             rel_p = fem.element_forces(m, u1p, pb.lam, pb.mu, tum, config.volumetric_integration) - f_tp
             rel_p[~keep_nodes] = 0.0
-            u1p_k = np.where(keep_nodes[:, None], u1p, 0.0)
-            rhs_p = _k_minus_removed_times(k, k_removed, u1p_k) + rel_p
-            out.append(cs.solve_held(rhs_p, res2.active, x0=u1p_k, removed_nodes=pb.removed_nodes))
+            starts.append(np.where(keep_nodes[:, None], u1p, 0.0))
+            rhs.append(_k_minus_removed_times(k, k_removed, starts[-1]) + rel_p)
+        out = cs.solve_held(rhs, res2.active, x0s=starts, removed_nodes=pb.removed_nodes)
         times["resection_responses_s"] = time.perf_counter() - t0
         if responses is not None:
-            responses["final"] = np.stack(out)
+            responses["final"] = out
     return res2.u, interface_force_n
 
 

@@ -434,27 +434,28 @@ class ContactSolver:
         return result
 
 
-    def solve_held(self, f: np.ndarray, active: np.ndarray, *, x0: np.ndarray | None = None,
+    def solve_held(self, loads: list[np.ndarray], active: np.ndarray, *, x0s: list[np.ndarray] | None = None,
                    removed_nodes: np.ndarray | None = None) -> np.ndarray:
-        """One linear solve with the contact state held: the response at a converged active set.
+        """Linear solves with the contact state held: the responses to other loads at a converged active set.
 
         With the active set fixed, the model is linear in the load, so the responses to other loads at the
         state of an earlier :meth:`solve` are exact for that state (the deformation atlas uses them for gravity
         tilted from a solve's own, :mod:`brainshift.simulate.atlas`). No active-set update follows: active nodes
-        may carry tensile reactions (the state is held, not re-solved). Reuses the AMG hierarchy when the
-        constraint pattern is close to the one it was built for (as :meth:`solve` does).
+        may carry tensile reactions (the state is held, not re-solved). The constrained matrix is built once for
+        all loads, and the AMG hierarchy is reused when the constraint pattern is close to the one it was built
+        for (as :meth:`solve` does).
 
         Args:
-            f: ``(n, 3)`` right-hand side (local frame, Pa mm^2).
+            loads: ``q`` right-hand sides ``(n, 3)`` (local frame, Pa mm^2).
             active: ``(m,)`` bool active set of the contact (and plane) nodes, e.g. ``ContactResult.active``.
-            x0: initial guess ``(n, 3)`` (local frame).
+            x0s: optional initial guesses ``(n, 3)``, one per load (local frame).
             removed_nodes: node ids that no longer exist (all DOFs pinned to 0).
 
         Returns:
-            ``(n, 3)`` displacement (local frame, mm).
+            ``(q, n, 3)`` displacements (local frame, mm).
 
         Raises:
-            SolverError: under-constrained model or unconverged CG.
+            SolverError: under-constrained model, unconverged CG, or an active set of the wrong size.
         """
         n, cn = self.n, self.contact_nodes
         base_free = np.ones((n, 3), dtype=bool)
@@ -470,11 +471,14 @@ class ContactSolver:
         free = constrained_free(base_free, cn, active, self.hold_tangential)
         check_rigid_modes_removed(self.br, free)
         kc = apply_constraints(self.kr, free, self.pattern.diag_pos, self.pattern.rows, diag=self.diag)
-        fr = to_frames(np.asarray(f, dtype=np.float64), self.frames)
-        x = None if x0 is None else to_frames(np.asarray(x0, dtype=np.float64), self.frames).ravel()
-        x, _ = self._solve_once(kc, np.where(free, fr, 0.0).ravel(), self.br * free.reshape(-1, 1), x, self.rtol,
-                                free)
-        return from_frames(x.reshape(n, 3), self.frames)
+        b = self.br * free.reshape(-1, 1)
+        out = np.empty((len(loads), n, 3))
+        for i, f in enumerate(loads):
+            fr = to_frames(np.asarray(f, dtype=np.float64), self.frames)
+            x0 = None if x0s is None else to_frames(np.asarray(x0s[i], dtype=np.float64), self.frames).ravel()
+            x, _ = self._solve_once(kc, np.where(free, fr, 0.0).ravel(), b, x0, self.rtol, free)
+            out[i] = from_frames(x.reshape(n, 3), self.frames)
+        return out
 
 
 def solve_contact(k: sp.bsr_matrix, f: np.ndarray, pattern: BlockPattern, near_null: np.ndarray,
