@@ -372,7 +372,8 @@ class _Problem:
 
 
 def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParameters, *,
-                  progress: bool = False, response_directions_ras: np.ndarray | None = None) -> SimulationResult:
+                  progress: bool = False, response_directions_ras: np.ndarray | None = None,
+                  response_rtol: float | None = None) -> SimulationResult:
     """Simulate one brain-shift case (deterministic given its inputs).
 
     Args:
@@ -387,6 +388,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
             returned in ``stage_displacements_local_mm`` as ``"gravity_responses"`` and ``"final_responses"``
             (``(q, n_nodes, 3)`` each) and change nothing else. Used by the deformation atlas
             (:mod:`brainshift.simulate.atlas`) for members with tilted gravity.
+        response_rtol: CG tolerance of those responses (default: ``config.solver_rtol``).
 
     Returns:
         :class:`SimulationResult`.
@@ -452,7 +454,7 @@ def simulate_case(subject: Subject, config: SimulationConfig, params: CaseParame
     if config.material == "linear":
         u_full, interface_force = _linear_case(problem, config, do_resect, times, solver_log, _log, progress,
                                                active0=active0, stages=stages, tilt_loads=tilt_loads,
-                                               responses=responses)
+                                               responses=responses, response_rtol=response_rtol)
     else:
         from brainshift.simulate.hyperelastic import neo_hookean_case
 
@@ -643,8 +645,8 @@ def _solve_log(name: str, res, seconds: float) -> dict:
 
 def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times: dict, log: list, _log,
                  progress: bool = False, active0: dict | None = None, stages: dict | None = None,
-                 actives: dict | None = None, tilt_loads: list | None = None, responses: dict | None = None
-                 ) -> tuple[np.ndarray, float]:
+                 actives: dict | None = None, tilt_loads: list | None = None, responses: dict | None = None,
+                 response_rtol: float | None = None) -> tuple[np.ndarray, float]:
     """Gravity equilibrium with the tumour, then (optionally) resection; displacements on the preop nodes.
 
     ``active0``, when given, holds initial contact active sets ``{"gravity": (m,) bool, "resection": ...}``
@@ -653,7 +655,7 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     (preop nodes, local mm); ``actives``, when given, receives each stage's final active set. ``tilt_loads``,
     when given, are further body-force densities ``(n_elements, 3)`` whose responses with each stage's contact
     state held go into ``responses["gravity"]`` and ``responses["final"]`` (``(q, n, 3)``; the resection
-    response released as the stage's own is, from the gravity-stage response).
+    response released as the stage's own is, from the gravity-stage response), solved to ``response_rtol``.
     """
     from brainshift.simulate import fem
     from brainshift.simulate.contact import ContactSolver
@@ -684,7 +686,8 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
     resp1 = []
     if tilt_loads:
         t0 = time.perf_counter()
-        resp1 = list(cs.solve_held([fem.body_force_nodal(m, fd) for fd in tilt_loads], res1.active))
+        resp1 = list(cs.solve_held([fem.body_force_nodal(m, fd) for fd in tilt_loads], res1.active,
+                                   rtol=response_rtol))
         times["gravity_responses_s"] = time.perf_counter() - t0
         if responses is not None:
             responses["gravity"] = np.stack(resp1)
@@ -729,7 +732,7 @@ def _linear_case(pb: _Problem, config: SimulationConfig, do_resect: bool, times:
             rel_p[~keep_nodes] = 0.0
             starts.append(np.where(keep_nodes[:, None], u1p, 0.0))
             rhs.append(_k_minus_removed_times(k, k_removed, starts[-1]) + rel_p)
-        out = cs.solve_held(rhs, res2.active, x0s=starts, removed_nodes=pb.removed_nodes)
+        out = cs.solve_held(rhs, res2.active, x0s=starts, removed_nodes=pb.removed_nodes, rtol=response_rtol)
         times["resection_responses_s"] = time.perf_counter() - t0
         if responses is not None:
             responses["final"] = out

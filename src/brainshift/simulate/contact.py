@@ -435,7 +435,7 @@ class ContactSolver:
 
 
     def solve_held(self, loads: list[np.ndarray], active: np.ndarray, *, x0s: list[np.ndarray] | None = None,
-                   removed_nodes: np.ndarray | None = None) -> np.ndarray:
+                   removed_nodes: np.ndarray | None = None, rtol: float | None = None) -> np.ndarray:
         """Linear solves with the contact state held: the responses to other loads at a converged active set.
 
         With the active set fixed, the model is linear in the load, so the responses to other loads at the
@@ -450,6 +450,7 @@ class ContactSolver:
             active: ``(m,)`` bool active set of the contact (and plane) nodes, e.g. ``ContactResult.active``.
             x0s: optional initial guesses ``(n, 3)``, one per load (local frame).
             removed_nodes: node ids that no longer exist (all DOFs pinned to 0).
+            rtol: CG tolerance of these solves (default: the solver's ``rtol``).
 
         Returns:
             ``(q, n, 3)`` displacements (local frame, mm).
@@ -476,7 +477,8 @@ class ContactSolver:
         for i, f in enumerate(loads):
             fr = to_frames(np.asarray(f, dtype=np.float64), self.frames)
             x0 = None if x0s is None else to_frames(np.asarray(x0s[i], dtype=np.float64), self.frames).ravel()
-            x, _ = self._solve_once(kc, np.where(free, fr, 0.0).ravel(), b, x0, self.rtol, free)
+            x, _ = self._solve_once(kc, np.where(free, fr, 0.0).ravel(), b, x0,
+                                    self.rtol if rtol is None else float(rtol), free)
             out[i] = from_frames(x.reshape(n, 3), self.frames)
         return out
 
