@@ -128,3 +128,39 @@ def test_residual_spline_is_smoothed_for_noisy_keypoints_only():
     mse = float(((noisy.field_vox - truth) ** 2).sum(0).mean())
     exact = fit_atlas(atlas, idx.astype(float), noisy_d, residual_options={"lam": 0.1})
     assert mse < float(((exact.field_vox - truth) ** 2).sum(0).mean())  # and closer to the truth for it
+
+
+def test_evidence_recovers_the_noise_variance_of_data_drawn_from_the_prior():
+    """Data drawn from the atlas's own model (z ~ N(0, I), noise variance tau0): the marginal likelihood picks the
+    grid value nearest tau0, while an exact-data draw picks the weakest regularisation."""
+    from brainshift.atlas.fit import choose_tau_evidence
+
+    rng = np.random.default_rng(3)
+    m, k = 200, 12
+    bw = rng.normal(size=(3 * m, k)) * np.linspace(3.0, 0.3, k)[None, :]
+    taus = tuple(float(t) for t in np.logspace(-3, 2, 11))
+    for tau0 in (0.01, 0.1, 1.0):
+        picked = []
+        for _ in range(5):
+            r = bw @ rng.normal(size=k) + rng.normal(scale=np.sqrt(tau0), size=3 * m)
+            picked.append(choose_tau_evidence(bw, r, m, taus=taus)[0])
+        assert np.median(picked) == pytest.approx(tau0, rel=1e-9), (tau0, picked)
+    exact = bw @ rng.normal(size=k)
+    tau, scores = choose_tau_evidence(bw, exact, m, taus=taus)
+    assert tau == min(taus) and len(scores) == len(taus)
+    assert choose_tau_evidence(bw[:3], exact[:3], 1) == (1.0, {})
+
+
+def test_tau_rule_is_recorded_and_checked():
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
+    idx = np.round(np.random.default_rng(5).uniform([2, 2, 2], [19, 22, 16], size=(25, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    ev = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
+    cv = fit_atlas(atlas, idx.astype(float), d, residual_method="none", tau_rule="cv")
+    assert ev.info["tau_rule"] == "evidence" and "log_evidence" in ev.info and "cv_rmse_mm" not in ev.info
+    assert cv.info["tau_rule"] == "cv" and "cv_rmse_mm" in cv.info
+    from brainshift.errors import BrainshiftError
+
+    with pytest.raises(BrainshiftError, match="tau_rule"):
+        fit_atlas(atlas, idx.astype(float), d, tau_rule="aic")

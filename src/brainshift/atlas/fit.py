@@ -8,8 +8,12 @@ with isotropic noise. The estimate is the posterior mean (regularised least squa
 
     z = (B_w^T B_w + tau I)^-1 B_w^T (d - mean(x)),   B_w = B diag(s)
 
-where ``tau`` (mm^2, the noise variance relative to the prior) is chosen by K-fold cross-validation over the
-keypoints (the value with the smallest held-out prediction error). The residuals left at the keypoints are then
+where ``tau`` (mm^2, the noise variance relative to the prior) is chosen by maximising the marginal likelihood
+of the keypoint displacements under the model (type-II maximum likelihood, "evidence": ``r ~ N(0, B_w B_w^T +
+tau I)``; Rasmussen & Williams, Gaussian Processes for Machine Learning, 2006, section 5.4; MacKay, Neural
+Computation 1992), or, with ``tau_rule="cv"``, by K-fold cross-validation over the keypoints (the value with the
+smallest held-out prediction error; the rule before session 22, noisier with 20 keypoints: bench/RESULTS.md,
+session 22). The residuals left at the keypoints are then
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
 a classical interpolator does; the spline's ridge is chosen by the same cross-validation, so noisy keypoints
 are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of
@@ -31,7 +35,7 @@ import numpy as np
 from brainshift.atlas.basis import DeformationAtlas
 from brainshift.errors import BrainshiftError
 
-#: Candidate values of the noise-to-prior ratio tau (mm^2) for the cross-validation.
+#: Candidate values of the noise-to-prior ratio tau (mm^2).
 DEFAULT_TAUS = tuple(float(t) for t in np.logspace(-3, 2, 11))
 
 
@@ -43,7 +47,8 @@ class AtlasFit:
         field_vox: float32 ``(3, I, J, K)`` final field: the atlas fit plus the interpolated keypoint residuals.
         atlas_field_vox: float32 ``(3, I, J, K)`` the atlas fit alone (zero outside the atlas's brain region).
         coefficients: ``(r,)`` fitted coordinates in the atlas basis (mm).
-        info: ``tau`` (chosen), ``cv`` (``{tau: held-out RMS error mm}``), ``fit_residual_mm`` (mean and max
+        info: ``tau_mm2`` (chosen), ``tau_rule``, ``log_evidence`` (``{tau: log marginal likelihood}``) or
+            ``cv_rmse_mm`` (``{tau: held-out RMS error mm}``, ``tau_rule="cv"``), ``fit_residual_mm`` (mean and max
             distance between the atlas fit and the keypoint displacements before the residual interpolation),
             ``n_components``, ``member_weights`` (the members nearest the fit with their modelling choices,
             :func:`member_weights`), ``residual_method``.
@@ -65,9 +70,43 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
     return [perm[i::n_folds] for i in range(n_folds)]
 
 
+#: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
+TAU_RULES = ("evidence", "cv")
+
+
+def choose_tau_evidence(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS) -> tuple[float, dict]:
+    """Regularisation by the marginal likelihood of the keypoint displacements (type-II maximum likelihood).
+
+    Under the atlas's model the whitened coordinates are ``z ~ N(0, I)`` and the observations ``r = B_w z + e``
+    with ``e ~ N(0, tau I)``, so ``r ~ N(0, C)``, ``C = B_w B_w^T + tau I``. The chosen ``tau`` maximises
+    ``log p(r) = -(r^T C^-1 r + log det C + 3m log 2 pi) / 2`` over ``taus`` (Rasmussen & Williams 2006,
+    section 5.4.1), computed from one eigendecomposition of ``B_w B_w^T``.
+
+    Args:
+        bw: ``(3m, k)`` whitened basis at the keypoints.
+        r: ``(3m,)`` observed displacement minus the atlas mean (mm).
+        m: number of keypoints.
+        taus: candidate values (mm^2).
+
+    Returns:
+        ``(tau, {tau: log marginal likelihood})``; with fewer than 2 keypoints ``(1.0, {})``.
+    """
+    if m < 2:
+        return 1.0, {}
+    lam, vec = np.linalg.eigh(bw @ bw.T)
+    q = (vec.T @ r) ** 2
+    lam = np.clip(lam, 0.0, None)
+    out = {}
+    for tau in taus:
+        d = lam + float(tau)
+        out[float(tau)] = float(-0.5 * ((q / d).sum() + np.log(d).sum() + len(r) * np.log(2.0 * np.pi)))
+    best = max(out, key=lambda t: (out[t], t))  # ties: the stronger prior
+    return best, out
+
+
 def choose_tau(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0
                ) -> tuple[float, dict[float, float]]:
-    """Cross-validated regularisation over keypoints.
+    """Cross-validated regularisation over keypoints (``tau_rule="cv"``).
 
     Args:
         bw: ``(3m, k)`` whitened basis at the keypoints (rows ``3j .. 3j+2`` belong to keypoint ``j``).
@@ -188,11 +227,12 @@ def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_v
 
 
 def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
-                     taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+                     taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence"
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The atlas coordinates that fit the keypoints (module docstring), without making a field.
 
     Args:
-        atlas, points_vox, disps_vox, taus, n_folds, seed: as :func:`fit_atlas`.
+        atlas, points_vox, disps_vox, taus, n_folds, seed, tau_rule: as :func:`fit_atlas`.
 
     Returns:
         ``(coefficients (r,) mm, residuals (m, 3) local mm at the keypoints, info)``.
@@ -204,6 +244,8 @@ def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox:
     d = np.asarray(disps_vox, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or len(p) == 0:
         raise BrainshiftError(f"expected (m, 3) keypoints and displacements with m >= 1, got {p.shape} and {d.shape}")
+    if tau_rule not in TAU_RULES:
+        raise BrainshiftError(f"expected tau_rule among {list(TAU_RULES)}, got {tau_rule!r}")
     atlas.check_points(p)
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
     m = len(p)
@@ -212,15 +254,19 @@ def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox:
     s = atlas.prior_std_mm
     bw = basis.reshape(3 * m, -1) * s[None, :]
     if bw.shape[1] == 0:
-        tau, cv, z = 1.0, {}, np.zeros(0)
+        tau, scores, z = 1.0, {}, np.zeros(0)
     else:
-        tau, cv = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
+        if tau_rule == "evidence":
+            tau, scores = choose_tau_evidence(bw, r, m, taus=taus)
+        else:
+            tau, scores = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
         z = _solve(bw, r, tau)
     c = s * z
     fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
     resid_mm = d * spacing - fitted
     dist = np.linalg.norm(resid_mm, axis=1)
-    info = {"tau_mm2": tau, "cv_rmse_mm": {f"{t:.4g}": round(v, 4) for t, v in cv.items()},
+    key = "log_evidence" if tau_rule == "evidence" else "cv_rmse_mm"
+    info = {"tau_mm2": tau, "tau_rule": tau_rule, key: {f"{t:.4g}": round(v, 4) for t, v in scores.items()},
             "n_components": int(atlas.n_components), "n_keypoints": m,
             "fit_residual_mm": {"mean": round(float(dist.mean()), 4), "max": round(float(dist.max()), 4)},
             "coefficient_norm": round(float(np.linalg.norm(z)), 4)}
@@ -275,15 +321,17 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
 
 def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
               taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, residual_method: str = "tps",
-              residual_options: dict | None = None, affine: np.ndarray | None = None) -> AtlasFit:
+              residual_options: dict | None = None, affine: np.ndarray | None = None,
+              tau_rule: str = "evidence") -> AtlasFit:
     """Fit the atlas to keypoint displacements and return the dense field (module docstring).
 
     Args:
         atlas: a :class:`DeformationAtlas` of this image.
         points_vox: ``(m, 3)`` keypoint positions, continuous voxel indices on the atlas's grid.
         disps_vox: ``(m, 3)`` keypoint displacements, voxel units.
-        taus: candidate regularisation values (mm^2) for the cross-validation.
-        n_folds: cross-validation folds over the keypoints.
+        taus: candidate regularisation values (mm^2).
+        n_folds: cross-validation folds over the keypoints (the residual spline's ridge; ``tau`` with
+            ``tau_rule="cv"``).
         seed: seed of the folds.
         residual_method: interpolator of the residuals left at the keypoints (``tps``, ``linear``, ``tps3d``;
             :func:`brainshift.interpolate.interpolate`), or ``"none"`` to return the atlas fit alone. For
@@ -291,6 +339,8 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
             (:func:`choose_residual_lam`: 0.1 as ``tps``, smoother, or no spline, for noisy keypoints).
         residual_options: options of that interpolator.
         affine: the grid's affine (for ``tps3d``); default: the atlas's.
+        tau_rule: ``"evidence"`` (default: the marginal likelihood, :func:`choose_tau_evidence`) or ``"cv"``
+            (:func:`choose_tau`).
 
     Returns:
         :class:`AtlasFit`.
@@ -301,7 +351,7 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     """
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
-    c, resid_mm, info = fit_coefficients(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed)
+    c, resid_mm, info = fit_coefficients(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed, tau_rule=tau_rule)
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
     atlas_field = atlas.nodes.rasterise(atlas.nodal(c), atlas.region)
     options = dict(residual_options or {})
