@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--sweep-cases", type=int, default=2, help="first N cases of each family for the sweep")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list among build,main,sweep,timing")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"methods of the main table, among {','.join(METHODS)} (the classical ones always run)")
     args = ap.parse_args()
     import torch
 
@@ -344,11 +346,14 @@ def main() -> None:
     loaded = load_weights(args.weights, device="cpu")
     sets = [(p.name, p) for p in sorted(families.iterdir()) if (p / "cases").is_dir()]
     t0 = time.perf_counter()
+    methods = tuple(dict.fromkeys(CLASSICAL + tuple(m for m in args.methods.split(",") if m)))
+    if not set(methods) <= set(METHODS):
+        ap.error(f"--methods: expected among {','.join(METHODS)}, got {args.methods}")
     if "main" not in skip:
         rows: list[dict] = []
         for name, path in sets:
             rows += evaluate_family(path, name, atlases, loaded, seed=args.seed, n_keypoints=args.n_keypoints,
-                                    noise_mm=0.0, cases=args.cases)
+                                    noise_mm=0.0, cases=args.cases, methods=methods)
             write_csv(out / "per_case.csv", rows)
             (out / "summary.md").write_text(
                 f"Atlas config `{args.atlas_config}`; weights `{args.weights}` (safe-tps, safe-atlas); "

@@ -699,8 +699,10 @@ def _atlas_info(record: dict | None, fit: dict | None) -> dict:
         closest = ", ".join(f"{k} {v}" for k, v in top.items() if k in ("contact_model", "drainage_fraction",
                                                                        "gravity_tilt_deg", "resection",
                                                                        "shear_modulus_pa"))
-        out["atlas fit"] = (f"prior weight tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by "
-                            f"cross-validation; residual at the keypoints before the spline: mean "
+        rule = {"evidence": "the marginal likelihood", "cv": "cross-validation"}.get(fit.get("tau_rule"),
+                                                                                   "cross-validation")
+        out["atlas fit"] = (f"prior weight tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by {rule}; "
+                            f"residual at the keypoints before the spline: mean "
                             f"{res.get('mean', float('nan')):.2f} mm, max {res.get('max', float('nan')):.2f} mm"
                             + (f"; closest member: {closest}" if closest else ""))
     return out

@@ -1,0 +1,129 @@
+"""Validation of atlas variants from one set of builds: solves, tilted-gravity members, the fit's tau rule (issue 15).
+
+Atlases built with ``gravity_response_tilt_deg`` (``bench/atlas_design_validation.py --configs tilt=...``) hold
+every solve's held-state responses, so from one build this script reduces, in memory, the atlas of the first
+``n`` solves (a sampled design is nested) with or without the tilted members, and fits each variant to the
+keypoints of validation cases (detected DoG candidates seeded per case, as ``brainshift evaluate`` draws them)
+with the regularisation chosen by the marginal likelihood (``evidence``) or by cross-validation (``cv``).
+Prints and writes (``--out``) the mean and worst per-case ratio of the atlas's MSE to the better classical
+interpolator (linear, tps), over all cases and per dataset; per case rows in ``per_case.jsonl``.
+
+    .venv/bin/python bench/atlas_fit_validation.py --atlases data/atlas_val/tilt \\
+        --data data/val_family data/bilateral_val_176_178 --subjects s0176,s0177 \\
+        --variants n24=24:none:cv n24e=24:none:evidence n16t30=16:30:cv --noise-mm 0 0.5 --out bench/atlas_fit
+
+A variant is ``NAME=N_SOLVES:TILT_DEG|none:RULE``. Deterministic for a seed. Choose on validation data; measure the
+choice once on held-out data (``bench/atlas.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+
+def subset_atlas(folder: Path, n_solves: int, tilt_deg: float | None, energy: float | None = None):
+    """The atlas of the build in ``folder`` reduced from its first ``n_solves`` solves, with tilted members at
+    ``tilt_deg`` (None: without), as :func:`brainshift.simulate.atlas.build_atlas` reduces them."""
+    from brainshift.atlas import load_atlas
+    from brainshift.atlas.basis import reduce_members
+    from brainshift.simulate.atlas import tilted_members
+
+    atlas = load_atlas(folder)
+    build = json.loads((folder / "build.json").read_text())
+    cfg = build["config"]
+    mu0 = cfg["shear_modulus_pa"]
+    factors = [1.0] + [mu0 / mu for mu in cfg["stiffness_range_pa"] if mu != mu0]
+    members = []
+    for s in build["solves"][:n_solves]:
+        with np.load(folder / "members" / f"{s['id']}.npz") as z:
+            arrs = {k: z[k] for k in z.files}
+        for stage in ["gravity"] + (["final"] if bool(arrs["resected"]) else []):
+            u = arrs[stage].astype(np.float64)
+            members.extend(u * f for f in factors)
+            if tilt_deg is not None:
+                members.extend(tilted_members(arrs, stage, float(tilt_deg)))
+    mean, comps, coords, sv, _ = reduce_members(np.stack(members), energy or cfg["energy"])
+    out = copy.copy(atlas)
+    out.mean, out.components, out.coordinates, out.singular_values, out.members = mean, comps, coords, sv, []
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--atlases", required=True, help="folder of tilted builds, one per subject")
+    ap.add_argument("--data", nargs="+", required=True, help="simulated datasets of those subjects' brains")
+    ap.add_argument("--subjects", required=True, help="comma list of subject ids")
+    ap.add_argument("--variants", nargs="+", required=True, help="NAME=N_SOLVES:TILT_DEG|none:evidence|cv")
+    ap.add_argument("--noise-mm", type=float, nargs="+", default=[0.0, 0.5])
+    ap.add_argument("--n-keypoints", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from brainshift.atlas.fit import fit_atlas
+    from brainshift.evaluate import metrics
+    from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
+    from brainshift.interpolate import interpolate
+    from brainshift.simulate.dataset import list_cases, read_case, read_subject_keypoints
+
+    variants = {}
+    for v in args.variants:
+        name, spec = v.split("=", 1)
+        n, tilt, rule = spec.split(":")
+        variants[name] = (int(n), None if tilt == "none" else float(tilt), rule)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sid in args.subjects.split(","):
+        atlases = {k: subset_atlas(Path(args.atlases) / sid, n, t) for k, (n, t, _) in variants.items()}
+        for data in map(Path, args.data):
+            for cid in [c for c in list_cases(data) if c.startswith(sid + "_")]:
+                case = read_case(data, cid)
+                subj, affine = case.subject, case.subject.image.affine
+                region = evaluation_mask(case)
+                for noise in args.noise_mm:
+                    kp = draw_case_keypoints(case.field, keypoint_mask(case), affine, rng=case_rng(args.seed, cid),
+                                             n_keypoints=args.n_keypoints, noise_mm=noise,
+                                             candidates_vox=read_subject_keypoints(data, subj.subject_id))
+
+                    def mse(f, kp=kp, case=case, region=region, affine=affine):
+                        return metrics.score_field(f, case.field, affine, region, kp.heldout_points_vox,
+                                                   kp.heldout_disps_vox)["mse_mm2"]
+
+                    r = {m: mse(interpolate(m, kp.points_vox, kp.disps_vox, subj.image.shape, affine))
+                         for m in ("linear", "tps")}
+                    for name, at in atlases.items():
+                        r[name] = mse(fit_atlas(at, kp.points_vox, kp.disps_vox, seed=args.seed,
+                                                tau_rule=variants[name][2]).field_vox)
+                    best = min(r["linear"], r["tps"])
+                    rows.append({"data": data.name, "case": cid, "noise_mm": noise,
+                                 **{k: round(v, 5) for k, v in r.items()},
+                                 **{f"{k}_ratio": round(r[k] / best, 4) for k in variants},
+                                 "components": {k: a.n_components for k, a in atlases.items()}})
+                    print(json.dumps(rows[-1]), flush=True)
+        with open(out / "per_case.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    lines = [f"Atlases `{args.atlases}`, subjects {args.subjects}, {args.n_keypoints} detected keypoints, seed "
+             f"{args.seed}. Mean (worst) per-case ratio of the atlas's MSE to the better classical interpolator.\n",
+             "| variant (solves, tilt, tau rule) | noise mm | all | " + " | ".join(d.name for d in map(Path, args.data))
+             + " |", "|---|---|---|" + "---|" * len(args.data)]
+    for name, (n, tilt, rule) in variants.items():
+        for noise in args.noise_mm:
+            sel = [r for r in rows if r["noise_mm"] == noise]
+            cells = []
+            for group in [sel] + [[r for r in sel if r["data"] == Path(d).name] for d in args.data]:
+                vals = [r[f"{name}_ratio"] for r in group]
+                cells.append(f"{statistics.mean(vals):.3f} ({max(vals):.2f}), {len(vals)}" if vals else "-")
+            lines.append(f"| {name} ({n}, {tilt if tilt is not None else 'none'}, {rule}) | {noise:g} | "
+                         + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
