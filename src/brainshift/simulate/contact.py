@@ -301,6 +301,17 @@ class ContactSolver:
         self.rebuild_fraction = float(rebuild_fraction)
         self._amg_free: np.ndarray | None = None  # constraint pattern the hierarchy was built with
 
+    def _base_free(self, removed_nodes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(free (n, 3) bool, live (m,) bool)``: the DOFs neither fixed nor removed, and the contact nodes that
+        still exist."""
+        base_free = np.ones((self.n, 3), dtype=bool)
+        base_free[self.fixed_nodes] = False
+        live = np.ones(self.contact_nodes.size, dtype=bool)
+        if removed_nodes is not None and len(removed_nodes):
+            base_free[np.asarray(removed_nodes, dtype=np.int64)] = False
+            live = base_free[self.contact_nodes, 0]
+        return base_free, live
+
     def subtract_stiffness(self, k_removed: sp.bsr_matrix) -> None:
         """Remove elements' stiffness (assembled on the same pattern) from the system, keeping the AMG."""
         kr = rotate_matrix(k_removed, self.frames, self.pattern.rows, self.touched)
@@ -346,12 +357,7 @@ class ContactSolver:
         fr = to_frames(np.asarray(f, dtype=np.float64), self.frames)
         er = fr if external is None else to_frames(np.asarray(external, dtype=np.float64), self.frames)
         force_tol = self.force_tol_rel * max(float(np.abs(f if external is None else external).max()), 1e-300)
-        live = np.ones(cn.size, dtype=bool)
-        base_free = np.ones((n, 3), dtype=bool)
-        base_free[self.fixed_nodes] = False
-        if removed_nodes is not None and len(removed_nodes):
-            base_free[np.asarray(removed_nodes, dtype=np.int64)] = False
-            live = base_free[cn, 0]
+        base_free, live = self._base_free(removed_nodes)
         active = np.ones(cn.size, dtype=bool) if active0 is None else np.asarray(active0, dtype=bool).copy()
         if active.size != cn.size:  # an active set of the skull nodes only: plane nodes start (and stay) active
             active = np.concatenate([active, np.ones(cn.size - active.size, dtype=bool)])
@@ -459,12 +465,7 @@ class ContactSolver:
             SolverError: under-constrained model, unconverged CG, or an active set of the wrong size.
         """
         n, cn = self.n, self.contact_nodes
-        base_free = np.ones((n, 3), dtype=bool)
-        base_free[self.fixed_nodes] = False
-        live = np.ones(cn.size, dtype=bool)
-        if removed_nodes is not None and len(removed_nodes):
-            base_free[np.asarray(removed_nodes, dtype=np.int64)] = False
-            live = base_free[cn, 0]
+        base_free, live = self._base_free(removed_nodes)
         active = np.asarray(active, dtype=bool)
         if active.size != cn.size:
             raise SolverError(f"expected an active set of {cn.size} contact nodes, got {active.size}")
