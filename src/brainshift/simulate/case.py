@@ -280,7 +280,8 @@ class SimulationResult:
             mesh's local frame (voxel axes, mm): the gravity equilibrium with the tumour in place, and the final
             state (after resection when there is one; equal to ``"gravity"`` otherwise). In ``"final"`` the
             resected nodes carry their gravity-stage value. Used by the deformation atlas
-            (:mod:`brainshift.simulate.atlas`), which takes both states from one solve.
+            (:mod:`brainshift.simulate.atlas`), which takes both states from one solve. With
+            ``response_directions_ras`` also ``"gravity_responses"`` and ``"final_responses"``, ``(q, n, 3)``.
     """
 
     field_vox: np.ndarray
