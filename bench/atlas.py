@@ -317,7 +317,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list among build,main,sweep,timing")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"methods of the main table, among {','.join(METHODS)} (the classical ones always run)")
+                    help=f"methods of the main table and the sweep, among {','.join(METHODS)} (the classical "
+                         "ones always run)")
     args = ap.parse_args()
     import torch
 
@@ -367,7 +368,8 @@ def main() -> None:
             for noise in (0.0, 0.5, 1.0):
                 for name, path in sets:
                     srows += evaluate_family(path, name, atlases, loaded, seed=args.seed, n_keypoints=n,
-                                             noise_mm=noise, cases=args.sweep_cases, methods=SWEEP_METHODS)
+                                             noise_mm=noise, cases=args.sweep_cases,
+                                             methods=tuple(m for m in SWEEP_METHODS if m in methods))
                 write_csv(out / "sweep.csv", srows)
                 (out / "sweep.md").write_text(
                     f"First {args.sweep_cases} case(s) of each family ({len(sets)} families); mean over cases of the "
