@@ -27,30 +27,19 @@ from pathlib import Path
 import numpy as np
 
 
-def subset_atlas(folder: Path, n_solves: int, tilt_deg: float | None, energy: float | None = None):
+def subset_atlas(folder: Path, n_solves: int, tilt_deg: float | None):
     """The atlas of the build in ``folder`` reduced from its first ``n_solves`` solves, with tilted members at
-    ``tilt_deg`` (None: without), as :func:`brainshift.simulate.atlas.build_atlas` reduces them."""
+    ``tilt_deg`` (None: without), exactly as :func:`brainshift.simulate.atlas.build_atlas` reduces them."""
     from brainshift.atlas import load_atlas
     from brainshift.atlas.basis import reduce_members
-    from brainshift.simulate.atlas import tilted_members
+    from brainshift.simulate.atlas import AtlasConfig, collect_members
 
-    atlas = load_atlas(folder)
     build = json.loads((folder / "build.json").read_text())
-    cfg = build["config"]
-    mu0 = cfg["shear_modulus_pa"]
-    factors = [1.0] + [mu0 / mu for mu in cfg["stiffness_range_pa"] if mu != mu0]
-    members = []
-    for s in build["solves"][:n_solves]:
-        with np.load(folder / "members" / f"{s['id']}.npz") as z:
-            arrs = {k: z[k] for k in z.files}
-        for stage in ["gravity"] + (["final"] if bool(arrs["resected"]) else []):
-            u = arrs[stage].astype(np.float64)
-            members.extend(u * f for f in factors)
-            if tilt_deg is not None:
-                members.extend(tilted_members(arrs, stage, float(tilt_deg)))
-    mean, comps, coords, sv, _ = reduce_members(np.stack(members), energy or cfg["energy"])
-    out = copy.copy(atlas)
-    out.mean, out.components, out.coordinates, out.singular_values, out.members = mean, comps, coords, sv, []
+    config = AtlasConfig.from_dict({**build["config"], "gravity_response_tilt_deg": tilt_deg})
+    members, info, _, _ = collect_members(folder, build["solves"][:n_solves], config)
+    mean, comps, coords, sv, _ = reduce_members(np.stack(members), config.energy, config.max_components)
+    out = copy.copy(load_atlas(folder))
+    out.mean, out.components, out.coordinates, out.singular_values, out.members = mean, comps, coords, sv, info
     return out
 
 

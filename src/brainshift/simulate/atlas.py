@@ -588,6 +588,54 @@ def tilted_members(arrs: dict, stage: str, tilt_deg: float) -> list[np.ndarray]:
     return [np.cos(t) * u + sign * np.sin(t) * arrs[key][k].astype(np.float64) for k in range(2) for sign in (1, -1)]
 
 
+def collect_members(folder: str | Path, plan: list[dict], config: AtlasConfig
+                    ) -> tuple[list[np.ndarray], list[dict], dict, float]:
+    """The atlas members of the stored solves of ``plan`` (in order), as :func:`build_atlas` reduces them.
+
+    Per solve and stage (tumour in place; resected when the solve resected): the solution scaled to each shear
+    modulus of ``config`` (exact in the linear model), and with ``config.gravity_response_tilt_deg`` the four
+    tilted members (:func:`tilted_members`). A prefix of a sampled plan gives the atlas of that many solves (the
+    design is nested).
+
+    Returns:
+        ``(members (n, 3) float64 local mm each, their modelling choices, the first solve's arrays (the mesh),
+        the solves' own seconds summed)``.
+
+    Raises:
+        BrainshiftError: solves on different meshes, or tilted members asked of solves without responses.
+    """
+    folder = Path(folder)
+    members, info = [], []
+    node_ref = None
+    solve_seconds = 0.0
+    factors = [(config.shear_modulus_pa, 1.0)] + [(mu, config.shear_modulus_pa / mu) for mu in
+                                                  config.stiffness_range_pa if mu != config.shear_modulus_pa]
+    for s in plan:
+        with np.load(folder / MEMBERS_DIR / f"{s['id']}.npz", allow_pickle=False) as z:
+            arrs = {k: z[k] for k in z.files}
+        solve_seconds += float(arrs.get("seconds", 0.0))
+        if node_ref is None:
+            node_ref = arrs
+        elif arrs["node_grid"].shape != node_ref["node_grid"].shape or not np.array_equal(arrs["node_grid"],
+                                                                                          node_ref["node_grid"]):
+            raise BrainshiftError(f"expected every atlas solve on one mesh, got another mesh in solve {s['id']}")
+        stages = [("gravity", False)] + ([("final", True)] if bool(arrs["resected"]) else [])
+        for stage, resected in stages:
+            about = {"solve": s["id"], "contact_model": s["contact_model"], "drainage_fraction": s["drainage_fraction"],
+                     "gravity_tilt_deg": s["gravity_tilt_deg"],
+                     "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
+                     "resection": resected, **{k: s[k] for k in _PER_SOLVE if k in s}}
+            for mu, scale in factors:
+                members.append(arrs[stage].astype(np.float64) * scale)
+                info.append({**about, "shear_modulus_pa": mu})
+            if config.gravity_response_tilt_deg is not None:
+                members.extend(tilted_members(arrs, stage, float(config.gravity_response_tilt_deg)))
+                info.extend({**about, "shear_modulus_pa": config.shear_modulus_pa,
+                             "response_tilt_deg": float(config.gravity_response_tilt_deg), "response_tilt_about": k}
+                            for k in range(4))
+    return members, info, node_ref, solve_seconds
+
+
 def _check_resume(folder: Path, record: dict) -> None:
     from brainshift.atlas.basis import ATLAS_JSON, BASIS_FILE
 
@@ -715,34 +763,7 @@ def build_atlas(folder: str | Path, subject: Subject, config: AtlasConfig | None
                               f"{first[0]}: {first[1]}); run again with the same -o to retry them")
 
     # ---- reduce
-    members, info = [], []
-    node_ref = None
-    solve_seconds = 0.0
-    factors = [(config.shear_modulus_pa, 1.0)] + [(mu, config.shear_modulus_pa / mu) for mu in
-                                                  config.stiffness_range_pa if mu != config.shear_modulus_pa]
-    for s in plan:
-        with np.load(folder / MEMBERS_DIR / f"{s['id']}.npz", allow_pickle=False) as z:
-            arrs = {k: z[k] for k in z.files}
-        solve_seconds += float(arrs.get("seconds", 0.0))
-        if node_ref is None:
-            node_ref = arrs
-        elif arrs["node_grid"].shape != node_ref["node_grid"].shape or not np.array_equal(arrs["node_grid"],
-                                                                                          node_ref["node_grid"]):
-            raise BrainshiftError(f"expected every atlas solve on one mesh, got another mesh in solve {s['id']}")
-        stages = [("gravity", False)] + ([("final", True)] if bool(arrs["resected"]) else [])
-        for stage, resected in stages:
-            about = {"solve": s["id"], "contact_model": s["contact_model"], "drainage_fraction": s["drainage_fraction"],
-                     "gravity_tilt_deg": s["gravity_tilt_deg"],
-                     "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
-                     "resection": resected, **{k: s[k] for k in _PER_SOLVE if k in s}}
-            for mu, scale in factors:
-                members.append(arrs[stage].astype(np.float64) * scale)
-                info.append({**about, "shear_modulus_pa": mu})
-            if config.gravity_response_tilt_deg is not None:
-                members.extend(tilted_members(arrs, stage, float(config.gravity_response_tilt_deg)))
-                info.extend({**about, "shear_modulus_pa": config.shear_modulus_pa,
-                             "response_tilt_deg": float(config.gravity_response_tilt_deg), "response_tilt_about": k}
-                            for k in range(4))
+    members, info, node_ref, solve_seconds = collect_members(folder, plan, config)
     mean, comps, coords, sv, retained = reduce_members(np.stack(members), config.energy, config.max_components)
     region = (np.asarray(subject.brain_mask.data) > 0) | (np.asarray(subject.tumour_mask.data) > 0)
     spacing = np.sqrt((subject.image.affine[:3, :3] ** 2).sum(axis=0))
