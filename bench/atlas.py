@@ -316,6 +316,8 @@ def main() -> None:
     ap.add_argument("--sweep-cases", type=int, default=2, help="first N cases of each family for the sweep")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list among build,main,sweep,timing")
+    ap.add_argument("--atlas-prior", default=None,
+                    help="the atlas fit's prior (brainshift.atlas.fit.PRIORS); default: the library's DEFAULT_PRIOR")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"methods of the main table and the sweep, among {','.join(METHODS)} (the classical "
                          "ones always run)")
@@ -325,6 +327,12 @@ def main() -> None:
     from brainshift.model.checkpoint import load_weights
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.atlas_prior is not None:
+        import brainshift.atlas.fit as atlas_fit
+
+        if args.atlas_prior not in atlas_fit.PRIORS:
+            ap.error(f"--atlas-prior: expected one of {list(atlas_fit.PRIORS)}, got {args.atlas_prior!r}")
+        atlas_fit.DEFAULT_PRIOR = args.atlas_prior
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -701,7 +701,10 @@ def _atlas_info(record: dict | None, fit: dict | None) -> dict:
                                                                        "shear_modulus_pa"))
         rule = {"evidence": "the marginal likelihood", "cv": "cross-validation"}.get(fit.get("tau_rule"),
                                                                                    "cross-validation")
-        out["atlas fit"] = (f"prior weight tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by {rule}; "
+        kern = fit.get("kernel")
+        prior = (f"atlas prior x {kern['atlas_scale']:g} plus a Matern kernel (amplitude {kern['eta_mm']:.2g} mm, "
+                 f"length {kern['length_mm']:g} mm), " if kern else "")
+        out["atlas fit"] = (f"{prior}noise tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by {rule}; "
                             f"residual at the keypoints before the spline: mean "
                             f"{res.get('mean', float('nan')):.2f} mm, max {res.get('max', float('nan')):.2f} mm"
                             + (f"; closest member: {closest}" if closest else ""))

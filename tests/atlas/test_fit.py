@@ -59,7 +59,7 @@ def test_the_final_field_honours_keypoints_outside_the_span():
     truth = truth + 0.8 * np.sin(grid[0] / 4.0)[None]  # not an affine field
     idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::97][:40]
     d = truth[(slice(None),) + tuple(idx.T)].T
-    fit = fit_atlas(atlas, idx.astype(float), d)
+    fit = fit_atlas(atlas, idx.astype(float), d, prior="atlas")  # the kernel prior would capture the sine itself
     at_kp = fit.field_vox[(slice(None),) + tuple(idx.T)].T
     from brainshift.interpolate import interpolate
 
@@ -120,13 +120,13 @@ def test_residual_spline_is_smoothed_for_noisy_keypoints_only():
     rng = np.random.default_rng(11)
     idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(40, 3))).astype(int)
     d = truth[(slice(None),) + tuple(idx.T)].T
-    clean = fit_atlas(atlas, idx.astype(float), d)
+    clean = fit_atlas(atlas, idx.astype(float), d, prior="atlas")  # the atlas prior's cross-validated ridge
     assert clean.info["residual_lam"] == 0.1  # noiseless: honoured as tps does
     noisy_d = d + rng.normal(scale=1.0, size=d.shape)
-    noisy = fit_atlas(atlas, idx.astype(float), noisy_d)
+    noisy = fit_atlas(atlas, idx.astype(float), noisy_d, prior="atlas")
     assert noisy.info["residual_lam"] != 0.1  # smoother, or no residual spline at all
     mse = float(((noisy.field_vox - truth) ** 2).sum(0).mean())
-    exact = fit_atlas(atlas, idx.astype(float), noisy_d, residual_options={"lam": 0.1})
+    exact = fit_atlas(atlas, idx.astype(float), noisy_d, residual_options={"lam": 0.1}, prior="atlas")
     assert mse < float(((exact.field_vox - truth) ** 2).sum(0).mean())  # and closer to the truth for it
 
 
@@ -159,8 +159,131 @@ def test_tau_rule_is_recorded_and_checked():
     ev = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
     cv = fit_atlas(atlas, idx.astype(float), d, residual_method="none", tau_rule="cv")
     assert ev.info["tau_rule"] == "evidence" and "log_evidence" in ev.info and "cv_rmse_mm" not in ev.info
-    assert cv.info["tau_rule"] == "cv" and "cv_rmse_mm" in cv.info
+    assert ev.info["prior"] == "atlas+matern"  # the default
+    assert cv.info["tau_rule"] == "cv" and "cv_rmse_mm" in cv.info and cv.info["prior"] == "atlas"
     from brainshift.errors import BrainshiftError
 
     with pytest.raises(BrainshiftError, match="tau_rule"):
         fit_atlas(atlas, idx.astype(float), d, tau_rule="aic")
+
+
+# --- the atlas + Matern prior (fit_atlas(prior="atlas+matern")) ---------------------------------------------------
+
+def test_matern52_values():
+    from brainshift.atlas.fit import matern52
+
+    assert matern52(np.array(0.0), 10.0) == pytest.approx(1.0)
+    a = np.sqrt(5.0)
+    assert matern52(np.array(10.0), 10.0) == pytest.approx((1 + a + a * a / 3) * np.exp(-a), rel=1e-12)
+    v = matern52(np.linspace(0, 100, 50), 20.0)
+    assert np.all(np.diff(v) < 0) and v[-1] > 0
+
+
+def test_evidence_finds_the_kernel_length_of_data_drawn_from_it():
+    """Data drawn from a Matern 5/2 process (length 40 mm) with a negligible atlas: the marginal likelihood picks
+    40 mm (median over draws) and a kernel amplitude near the drawn one; data inside the atlas's span with no
+    kernel part: no kernel."""
+    from brainshift.atlas.fit import _pairwise, choose_hyperparameters_evidence, matern52
+
+    rng = np.random.default_rng(4)
+    m = 60
+    x = rng.uniform(0, 150, size=(m, 3))
+    bw = rng.normal(size=(3 * m, 4)) * 1e-3
+    k = np.kron(matern52(_pairwise(x, x), 40.0), np.eye(3))
+    chol = np.linalg.cholesky(k + 1e-8 * np.eye(3 * m))
+    lengths, etas = [], []
+    for _ in range(7):
+        r = 2.0 * chol @ rng.normal(size=3 * m) + rng.normal(scale=0.01, size=3 * m)
+        hp, _ = choose_hyperparameters_evidence(bw, r, x)
+        lengths.append(hp["length_mm"])
+        etas.append(hp["eta_mm"])
+    assert np.median(lengths) == 40.0, lengths
+    assert 1.0 <= np.median(etas) <= 4.0, etas
+    bw2 = rng.normal(size=(3 * m, 6)) * np.linspace(3.0, 0.5, 6)[None, :]
+    hp, _ = choose_hyperparameters_evidence(bw2, bw2 @ rng.normal(size=6), x)
+    assert hp["eta_mm"] == 0.0 and hp["tau_mm2"] == pytest.approx(1e-5)
+
+
+def test_kernel_prior_recovers_the_span_and_captures_what_the_atlas_cannot():
+    atlas, params = _affine_atlas()
+    w = np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0])
+    truth = _truth(atlas, w, params)
+    idx = np.round(np.random.default_rng(1).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    fit = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas+matern")
+    np.testing.assert_allclose(fit.atlas_field_vox, truth, atol=0.02)  # in the span: the atlas prior's answer
+    assert fit.info["prior"] == "atlas+matern" and fit.info["kernel"]["eta_mm"] == 0.0
+    # a smooth field the affine members cannot make: the kernel part brings the prior's mean closer to it
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
+    wavy = truth + 0.8 * np.sin(grid[0] / 4.0)[None]
+    idx = np.round(np.random.default_rng(2).uniform([0, 0, 0], [21, 24, 18], size=(120, 3))).astype(int)
+    d = wavy[(slice(None),) + tuple(idx.T)].T
+    plain = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas")
+    kern = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas+matern")
+    assert kern.info["kernel"]["eta_mm"] > 0
+
+    def mse(f):
+        return float(((f - wavy) ** 2).sum(0).mean())
+
+    assert mse(kern.atlas_field_vox) < 0.5 * mse(plain.atlas_field_vox)
+    # and with the residual spline the keypoints are honoured as with the atlas prior
+    full = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
+    at_kp = full.field_vox[(slice(None),) + tuple(idx.T)].T
+    assert np.abs(at_kp - d).max() < 0.05
+
+
+def test_fold_field_with_the_kernel_prior_is_the_fitted_field():
+    """On the preop grid itself the fold field equals fit_atlas's field (same posterior, same residual spline)."""
+    from brainshift.atlas.fit import fold_field_on_grid
+
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([1.0, 0, 0, 0, 0, 0, 0, 0]), params)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
+    truth = truth + 0.5 * np.cos(grid[1] / 5.0)[None]
+    idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::53][:60]
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    fit = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
+    f = fold_field_on_grid(atlas, idx.astype(float), d, atlas.nodes.image_shape, np.eye(4), prior="atlas+matern")
+    np.testing.assert_allclose(f, fit.field_vox, atol=1e-3)
+
+
+def test_prior_is_checked():
+    from brainshift.errors import BrainshiftError
+
+    atlas, _ = _affine_atlas()
+    pts, d = np.array([[5.0, 5.0, 5.0], [8.0, 9.0, 7.0]]), np.zeros((2, 3))
+    with pytest.raises(BrainshiftError, match="prior among"):
+        fit_atlas(atlas, pts, d, prior="gauss")
+    with pytest.raises(BrainshiftError, match="tau_rule 'evidence' with prior"):
+        fit_atlas(atlas, pts, d, prior="atlas+matern", tau_rule="cv")
+
+
+def test_kernel_lengths_shorter_than_the_keypoint_spacing_are_not_considered():
+    from brainshift.atlas.fit import identifiable_lengths
+
+    g = np.argwhere(np.ones((4, 4, 4), dtype=bool)).astype(float)
+    assert identifiable_lengths(g * 10.0) == (10.0, 20.0, 40.0, 80.0, 160.0)
+    assert identifiable_lengths(g * 30.0) == (40.0, 80.0, 160.0)
+    assert identifiable_lengths(g * 500.0) == (160.0,)  # at least the longest
+    assert identifiable_lengths(g[:1]) == (160.0,)
+
+
+def test_kernel_prior_smooths_noisy_keypoints_and_honours_exact_ones():
+    """The kernel prior's noise estimate decides the residual spline: exact keypoints are honoured (tps's ridge),
+    noisy ones are left to the posterior mean, which is closer to the truth than honouring them."""
+    atlas, params = _affine_atlas()
+    truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
+    rng = np.random.default_rng(11)
+    idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(40, 3))).astype(int)
+    d = truth[(slice(None),) + tuple(idx.T)].T
+    clean = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
+    assert clean.info["residual_method"] == "tps" and clean.info["residual_lam"] == 0.1
+    noisy_d = d + rng.normal(scale=0.7, size=d.shape)
+    noisy = fit_atlas(atlas, idx.astype(float), noisy_d, prior="atlas+matern")
+    assert noisy.info["tau_mm2"] > 0.04 and noisy.info["residual_method"] == "none"
+    honoured = fit_atlas(atlas, idx.astype(float), noisy_d, prior="atlas+matern", residual_options={"lam": 0.1})
+
+    def mse(f):
+        return float(((f - truth) ** 2).sum(0).mean())
+
+    assert mse(noisy.field_vox) < 0.5 * mse(honoured.field_vox)

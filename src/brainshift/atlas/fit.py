@@ -16,7 +16,19 @@ smallest held-out prediction error; the rule before session 22, noisier with 20 
 session 22). The residuals left at the keypoints are then
 interpolated by a thin-plate spline (or another interpolator) and added, so the field honours the keypoints as
 a classical interpolator does; the spline's ridge is chosen by the same cross-validation, so noisy keypoints
-are smoothed rather than honoured exactly (:func:`choose_residual_lam`). This follows the atlas approach of
+are smoothed rather than honoured exactly (:func:`choose_residual_lam`).
+
+With ``prior="atlas+matern"`` the prior is the atlas's plus a stationary Gaussian process, for the part of the
+deformation the members do not span (e.g. a contact model no member has)::
+
+    u(x) = mean(x) + B(x) c + g(x),   c ~ N(0, a^2 diag(s^2)),   g_i ~ GP(0, eta^2 k_l),   e ~ N(0, tau I)
+
+with ``k_l`` the Matern 5/2 kernel of length ``l`` (mm) applied to each displacement component independently
+(Rasmussen & Williams 2006, eq. 4.17), and the four hyperparameters (atlas scale ``a^2``, kernel amplitude
+``eta``, length ``l``, noise ``tau``) chosen together by the marginal likelihood over a grid
+(:func:`choose_hyperparameters_evidence`). The estimate is the posterior mean (kriging with the atlas's
+covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above. The residual spline follows as
+before. This follows the atlas approach of
 Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian
 prior on a reduced basis in place of their constrained member weights; for reporting, the members nearest the
 fit (in the prior's metric) are named with their modelling choices.
@@ -45,7 +57,8 @@ class AtlasFit:
 
     Attributes:
         field_vox: float32 ``(3, I, J, K)`` final field: the atlas fit plus the interpolated keypoint residuals.
-        atlas_field_vox: float32 ``(3, I, J, K)`` the atlas fit alone (zero outside the atlas's brain region).
+        atlas_field_vox: float32 ``(3, I, J, K)`` the prior's posterior mean before the residual interpolation
+            (the atlas fit, with the kernel part for ``atlas+matern``; zero outside the atlas's brain region).
         coefficients: ``(r,)`` fitted coordinates in the atlas basis (mm).
         info: ``tau_mm2`` (chosen), ``tau_rule``, ``log_evidence`` (``{tau: log marginal likelihood}``) or
             ``cv_rmse_mm`` (``{tau: held-out RMS error mm}``, ``tau_rule="cv"``), ``fit_residual_mm`` (mean and max
@@ -72,6 +85,149 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
 
 #: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
 TAU_RULES = ("evidence", "cv")
+#: Priors of the fit (module docstring): the atlas's alone, or the atlas's plus a Matern 5/2 Gaussian process.
+PRIORS = ("atlas", "atlas+matern")
+#: The prior :func:`fit_atlas` and :func:`fold_field_on_grid` use unless told otherwise.
+DEFAULT_PRIOR = "atlas+matern"
+#: Grid of the ``atlas+matern`` prior's hyperparameters: atlas scale ``a^2``, kernel-to-atlas variance ratio
+#: ``rho = eta^2 / a^2`` (0: no kernel), kernel length (mm) and noise ``tau`` (mm^2).
+ATLAS_SCALES = tuple(4.0 ** e for e in range(-3, 2))
+KERNEL_RATIOS = (0.0,) + tuple(float(v) for v in np.logspace(-4, 3, 15))
+KERNEL_LENGTHS_MM = (10.0, 20.0, 40.0, 80.0, 160.0)
+KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
+#: Largest kernel amplitude ``eta`` considered (mm).
+KERNEL_ETA_MAX_MM = np.inf
+#: With the ``atlas+matern`` prior the residual spline (``tps``'s ridge 0.1) is added only when the marginal
+#: likelihood found the keypoints exact: noise variance ``tau`` at most this (mm^2, a noise SD of 0.2 mm);
+#: otherwise the posterior mean, which already treats the residuals as noise, is the field.
+KERNEL_EXACT_TAU_MM2 = 0.04
+
+
+def identifiable_lengths(points_mm: np.ndarray, lengths_mm=None) -> tuple[float, ...]:
+    """The kernel lengths the keypoints can tell from noise: those at least their median nearest-neighbour
+    distance (a shorter kernel correlates almost no pair of keypoints, so the marginal likelihood cannot
+    separate it from noise, and its posterior mean puts a bump at each keypoint). At least the longest.
+
+    Args:
+        points_mm: ``(m, 3)`` keypoints (mm).
+        lengths_mm: candidate lengths (default :data:`KERNEL_LENGTHS_MM`).
+
+    Returns:
+        The kept lengths, ascending.
+    """
+    lengths = sorted(KERNEL_LENGTHS_MM if lengths_mm is None else lengths_mm)
+    if len(points_mm) < 2:
+        return (float(lengths[-1]),)
+    d = _pairwise(points_mm, points_mm)
+    np.fill_diagonal(d, np.inf)
+    spacing = float(np.median(d.min(axis=1)))
+    return tuple(float(v) for v in lengths if v >= spacing) or (float(lengths[-1]),)
+
+
+def matern52(dist_mm: np.ndarray, length_mm: float) -> np.ndarray:
+    """Matern 5/2 correlation ``(1 + a + a^2/3) exp(-a)``, ``a = sqrt(5) d / l`` (Rasmussen & Williams 2006,
+    eq. 4.17): twice mean-square differentiable, so the fields it draws are smooth but not analytic.
+
+    Args:
+        dist_mm: distances (mm), any shape.
+        length_mm: length scale ``l`` (mm).
+
+    Returns:
+        Correlations in ``(0, 1]``, same shape.
+    """
+    a = np.sqrt(5.0) * np.asarray(dist_mm, dtype=np.float64) / float(length_mm)
+    return (1.0 + a + a * a / 3.0) * np.exp(-a)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
+
+
+def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
+                                    scales=None, ratios=None, lengths_mm=None, taus=None,
+                                    eta_max_mm: float | None = None) -> tuple[dict, float]:
+    """The ``atlas+matern`` prior's hyperparameters by the marginal likelihood (type-II maximum likelihood).
+
+    ``r ~ N(0, C)``, ``C = a^2 (B_w B_w^T + rho K_l (x) I_3) + tau I`` (module docstring; ``eta^2 = rho a^2``).
+    For each ``(rho, l)`` one eigendecomposition of ``B_w B_w^T + rho K_l (x) I_3`` gives ``log p(r)`` for every
+    ``(a^2, tau)`` at once (Rasmussen & Williams 2006, section 5.4.1).
+
+    Args:
+        bw: ``(3m, k)`` whitened atlas basis at the keypoints (rows ``3j .. 3j+2`` belong to keypoint ``j``).
+        r: ``(3m,)`` observed displacement minus the atlas mean (mm).
+        points_mm: ``(m, 3)`` keypoint positions (mm, any orthonormal frame: the kernel is isotropic).
+        scales, ratios, lengths_mm, taus: the grid (default: :data:`ATLAS_SCALES`, :data:`KERNEL_RATIOS`,
+            :func:`identifiable_lengths` of :data:`KERNEL_LENGTHS_MM`, :data:`KERNEL_TAUS`).
+        eta_max_mm: the largest kernel amplitude considered (default :data:`KERNEL_ETA_MAX_MM`).
+
+    Returns:
+        ``({"atlas_scale2", "eta_mm", "length_mm", "tau_mm2", "rho"}, best log marginal likelihood)``. Ties: the
+        first on the grid (no kernel, then the shortest length, the weakest atlas scale, the smallest tau).
+    """
+    scales = ATLAS_SCALES if scales is None else scales
+    ratios = KERNEL_RATIOS if ratios is None else ratios
+    lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
+    taus = KERNEL_TAUS if taus is None else taus
+    m = len(points_mm)
+    a_mat = bw @ bw.T
+    dist = _pairwise(points_mm, points_mm)
+    sc = np.asarray(scales, dtype=np.float64)[:, None, None]
+    eta_cap = KERNEL_ETA_MAX_MM if eta_max_mm is None else float(eta_max_mm)
+    ta = np.asarray(taus, dtype=np.float64)[None, :, None]
+    best, best_le = None, -np.inf
+    for rho in ratios:
+        for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
+            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
+            lam, vec = np.linalg.eigh(mat)
+            lam = np.clip(lam, 0.0, None)
+            q = (vec.T @ r) ** 2
+            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
+            le = -0.5 * ((q / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
+            le[np.sqrt(rho * sc[:, 0, 0]) > eta_cap] = -np.inf
+            i, j = np.unravel_index(int(np.argmax(le)), le.shape)
+            if le[i, j] > best_le + 1e-12:
+                best_le = float(le[i, j])
+                best = {"atlas_scale2": float(scales[i]), "rho": float(rho), "length_mm": float(length),
+                        "tau_mm2": float(taus[j]), "eta_mm": float(np.sqrt(rho * scales[i]))}
+    return best, best_le
+
+
+@dataclass
+class _Posterior:
+    """Posterior mean of the fit: atlas coefficients plus, for the kernel prior, the kernel's weights."""
+
+    coefficients: np.ndarray  # (r,) mm
+    points_mm: np.ndarray  # (m, 3) keypoints, local mm
+    kernel_weights: np.ndarray | None = None  # (m, 3): eta^2 C^-1 r per keypoint
+    length_mm: float = 0.0
+
+    def kernel_at(self, points_mm: np.ndarray) -> np.ndarray | float:
+        if self.kernel_weights is None:
+            return 0.0
+        out = np.zeros((len(points_mm), 3))
+        for i in range(0, len(points_mm), 20000):
+            k = matern52(_pairwise(points_mm[i:i + 20000], self.points_mm), self.length_mm)
+            out[i:i + 20000] = k @ self.kernel_weights
+        return out
+
+    def nodal(self, atlas: DeformationAtlas) -> np.ndarray:
+        """``(n_nodes, 3)`` local-mm posterior mean at the atlas's nodes."""
+        spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
+        nodes_mm = (atlas.nodes.origin_vox + atlas.nodes.node_grid * atlas.nodes.step_vox) * spacing
+        return atlas.nodal(self.coefficients) + self.kernel_at(nodes_mm)
+
+
+def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, hp: dict
+                      ) -> _Posterior:
+    m = len(points_mm)
+    k3 = np.kron(matern52(_pairwise(points_mm, points_mm), hp["length_mm"]), np.eye(3))
+    a2, eta2 = hp["atlas_scale2"], hp["eta_mm"] ** 2
+    cov = a2 * (bw @ bw.T) + eta2 * k3 + hp["tau_mm2"] * np.eye(3 * m)
+    alpha = np.linalg.solve(cov, r)
+    c = s * (a2 * (bw.T @ alpha))
+    return _Posterior(coefficients=c, points_mm=points_mm,
+                      kernel_weights=(eta2 * alpha).reshape(m, 3) if eta2 > 0 else None,
+                      length_mm=hp["length_mm"])
 
 
 def choose_tau_evidence(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS) -> tuple[float, dict]:
@@ -175,11 +331,11 @@ def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_v
                         lams=RESIDUAL_LAMS, n_folds: int = 5, seed: int = 0) -> tuple[float | None, dict]:
     """Cross-validated smoothing of the residual spline (noisy keypoints should not be honoured exactly).
 
-    For each fold: the atlas coordinates are fitted to the other keypoints (regularisation ``tau``), a thin-plate
-    spline with ridge ``lam`` (``tps``'s normalised coordinates, :func:`brainshift.interpolate.tps.tps_fit`) is
-    fitted to their residuals, and both predict the held-out keypoints. The ridge with the smallest RMS error
-    wins if it beats ``lam = 0.1`` (the ``tps`` interpolator's own) by ``RESIDUAL_MARGIN`` and by more than
-    0.01 mm; otherwise 0.1.
+    The atlas prior's rule (for ``atlas+matern`` see :data:`KERNEL_EXACT_TAU_MM2`). For each fold: the atlas
+    coordinates are fitted to the other keypoints (regularisation ``tau``), a thin-plate spline with ridge
+    ``lam`` (``tps``'s normalised coordinates, :func:`brainshift.interpolate.tps.tps_fit`) is fitted to their
+    residuals, and both predict the held-out keypoints. The ridge with the smallest RMS error wins if it beats
+    ``lam = 0.1`` (the ``tps`` interpolator's own) by ``RESIDUAL_MARGIN`` and by more than 0.01 mm; otherwise 0.1.
 
     Returns:
         ``(lam or None for no residual spline, {str(lam): RMS held-out error mm})``; ``(0.1, {})`` with fewer
@@ -226,26 +382,31 @@ def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_v
     return chosen, {("none" if k is None else f"{k:g}"): round(v, 4) for k, v in rms.items()}
 
 
-def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
-                     taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence"
-                     ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The atlas coordinates that fit the keypoints (module docstring), without making a field.
+def _residual_lam(atlas: DeformationAtlas, p: np.ndarray, d: np.ndarray, tau: float, hyper: dict | None, *,
+                  n_folds: int, seed: int) -> tuple[float | None, dict]:
+    """The residual spline's ridge (None: no spline): cross-validated for the atlas prior
+    (:func:`choose_residual_lam`); for ``atlas+matern`` ``tps``'s 0.1 when the keypoints were found exact
+    (:data:`KERNEL_EXACT_TAU_MM2`), else None."""
+    if hyper is None:
+        return choose_residual_lam(atlas, p, d, tau, n_folds=n_folds, seed=seed)
+    return (RESIDUAL_LAMS[0] if tau <= KERNEL_EXACT_TAU_MM2 else None), {}
 
-    Args:
-        atlas, points_vox, disps_vox, taus, n_folds, seed, tau_rule: as :func:`fit_atlas`.
 
-    Returns:
-        ``(coefficients (r,) mm, residuals (m, 3) local mm at the keypoints, info)``.
-
-    Raises:
-        BrainshiftError: shapes that do not match. KeypointError: keypoints outside the atlas's brain.
-    """
+def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *, taus=DEFAULT_TAUS,
+                   n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence", prior: str = "atlas"
+                   ) -> tuple[_Posterior, np.ndarray, dict, dict | None]:
+    """:func:`fit_coefficients`, also returning the posterior and the kernel prior's hyperparameters (or None)."""
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or len(p) == 0:
         raise BrainshiftError(f"expected (m, 3) keypoints and displacements with m >= 1, got {p.shape} and {d.shape}")
     if tau_rule not in TAU_RULES:
         raise BrainshiftError(f"expected tau_rule among {list(TAU_RULES)}, got {tau_rule!r}")
+    if prior not in PRIORS:
+        raise BrainshiftError(f"expected prior among {list(PRIORS)}, got {prior!r}")
+    if prior != "atlas" and tau_rule != "evidence":
+        raise BrainshiftError(f"expected tau_rule 'evidence' with prior {prior!r} (its hyperparameters are chosen "
+                              f"by the marginal likelihood), got {tau_rule!r}")
     atlas.check_points(p)
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
     m = len(p)
@@ -253,28 +414,64 @@ def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox:
     r = (d * spacing - mean).reshape(-1)
     s = atlas.prior_std_mm
     bw = basis.reshape(3 * m, -1) * s[None, :]
-    if bw.shape[1] == 0:
-        tau, scores, z = 1.0, {}, np.zeros(0)
+    x_mm = p * spacing
+    hyper = None
+    if prior == "atlas+matern" and m >= 2 and bw.shape[1] > 0:
+        hyper, best_le = choose_hyperparameters_evidence(bw, r, x_mm)
+        post = _kernel_posterior(bw, s, r, x_mm, hyper)
+        tau, scores = hyper["tau_mm2"], {f"{hyper['tau_mm2']:.4g}": round(best_le, 4)}
+    elif bw.shape[1] == 0:
+        tau, scores, post = 1.0, {}, _Posterior(np.zeros(0), x_mm)
     else:
         if tau_rule == "evidence":
             tau, scores = choose_tau_evidence(bw, r, m, taus=taus)
         else:
             tau, scores = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
-        z = _solve(bw, r, tau)
-    c = s * z
+        post = _Posterior(s * _solve(bw, r, tau), x_mm)
+    c = post.coefficients
     fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
+    if post.kernel_weights is not None:  # as the rasterised field has it: trilinear between the nodes' values
+        nid, w = atlas.nodes.trilinear(p)
+        node_mm = (atlas.nodes.origin_vox + atlas.nodes.node_grid[nid.ravel()] * atlas.nodes.step_vox) * spacing
+        fitted = fitted + np.einsum("mc,mcd->md", w, post.kernel_at(node_mm).reshape(m, 8, 3))
     resid_mm = d * spacing - fitted
     dist = np.linalg.norm(resid_mm, axis=1)
     key = "log_evidence" if tau_rule == "evidence" else "cv_rmse_mm"
-    info = {"tau_mm2": tau, "tau_rule": tau_rule, key: {f"{t:.4g}": round(v, 4) for t, v in scores.items()},
+    info = {"tau_mm2": tau, "tau_rule": tau_rule, "prior": prior,
+            key: {f"{t}" if isinstance(t, str) else f"{t:.4g}": round(v, 4) for t, v in scores.items()},
             "n_components": int(atlas.n_components), "n_keypoints": m,
             "fit_residual_mm": {"mean": round(float(dist.mean()), 4), "max": round(float(dist.max()), 4)},
-            "coefficient_norm": round(float(np.linalg.norm(z)), 4)}
-    return c, resid_mm, info
+            "coefficient_norm": round(float(np.linalg.norm(c / s)) if len(c) else 0.0, 4)}
+    if hyper is not None:
+        info["kernel"] = {"atlas_scale": round(float(np.sqrt(hyper["atlas_scale2"])), 4),
+                          "eta_mm": round(hyper["eta_mm"], 5), "length_mm": hyper["length_mm"]}
+    return post, resid_mm, info, hyper
+
+
+def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
+                     taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence",
+                     prior: str = "atlas") -> tuple[np.ndarray, np.ndarray, dict]:
+    """The atlas coordinates that fit the keypoints (module docstring), without making a field.
+
+    Args:
+        atlas, points_vox, disps_vox, taus, n_folds, seed, tau_rule, prior: as :func:`fit_atlas`.
+
+    Returns:
+        ``(coefficients (r,) mm, residuals (m, 3) local mm at the keypoints, info)``; with the
+        ``atlas+matern`` prior the residuals are those left by the atlas part and the kernel part together.
+
+    Raises:
+        BrainshiftError: shapes that do not match, an unknown rule or prior. KeypointError: keypoints outside the
+        atlas's brain.
+    """
+    post, resid_mm, info, _ = _fit_posterior(atlas, points_vox, disps_vox, taus=taus, n_folds=n_folds, seed=seed,
+                                             tau_rule=tau_rule, prior=prior)
+    return post.coefficients, resid_mm, info
 
 
 def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray,
-                       shape: tuple[int, int, int], affine: np.ndarray, *, seed: int = 0) -> np.ndarray:
+                       shape: tuple[int, int, int], affine: np.ndarray, *, seed: int = 0,
+                       prior: str | None = None) -> np.ndarray:
     """The atlas method's field for these keypoints, evaluated on another grid (e.g. the network's grid).
 
     Used by the safeguards' cross-validation (:func:`brainshift.model.safeguards.safe_refine`), whose folds run
@@ -287,14 +484,16 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
         points_vox, disps_vox: ``(m, 3)`` keypoints and displacements on the **atlas's** (preop) grid, voxels.
         shape, affine: the target grid.
         seed: seed of the fit's folds.
+        prior: as :func:`fit_atlas`.
 
     Returns:
         float32 ``(3, *shape)``. Convention: forward Lagrangian, voxel units along the target grid's axes.
     """
     from brainshift.interpolate import interpolate
 
-    c, resid_mm, info = fit_coefficients(atlas, points_vox, disps_vox, seed=seed)
-    lam, _ = choose_residual_lam(atlas, points_vox, disps_vox, info["tau_mm2"], seed=seed)
+    prior = DEFAULT_PRIOR if prior is None else prior
+    post, resid_mm, info, hyper = _fit_posterior(atlas, points_vox, disps_vox, seed=seed, prior=prior)
+    lam, _ = _residual_lam(atlas, points_vox, disps_vox, info["tau_mm2"], hyper, n_folds=5, seed=seed)
     a_full = np.asarray(atlas.affine, dtype=np.float64)
     a_t = np.asarray(affine, dtype=np.float64)
     t = np.linalg.inv(a_full) @ a_t  # target voxel -> preop voxel
@@ -303,7 +502,7 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
     near = np.round(p_full).astype(np.int64)
     inside = np.all((near >= 0) & (near < np.asarray(atlas.nodes.image_shape)), axis=1)
     inside[inside] = atlas.region[tuple(near[inside].T)]
-    nodal = atlas.nodal(c)
+    nodal = post.nodal(atlas)
     u_local = np.zeros((len(idx), 3))
     if inside.any():
         nid, w = atlas.nodes.trilinear(p_full[inside])
@@ -322,7 +521,7 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
 def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
               taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, residual_method: str = "tps",
               residual_options: dict | None = None, affine: np.ndarray | None = None,
-              tau_rule: str = "evidence") -> AtlasFit:
+              tau_rule: str = "evidence", prior: str | None = None) -> AtlasFit:
     """Fit the atlas to keypoint displacements and return the dense field (module docstring).
 
     Args:
@@ -341,9 +540,13 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
         affine: the grid's affine (for ``tps3d``); default: the atlas's.
         tau_rule: ``"evidence"`` (default: the marginal likelihood, :func:`choose_tau_evidence`) or ``"cv"``
             (:func:`choose_tau`).
+        prior: ``"atlas"`` (the atlas's Gaussian prior) or ``"atlas+matern"`` (plus a Matern 5/2 Gaussian
+            process, every hyperparameter by the marginal likelihood: :func:`choose_hyperparameters_evidence`;
+            needs ``tau_rule="evidence"``); None: :data:`DEFAULT_PRIOR` (read at call time), or ``"atlas"`` with
+            ``tau_rule="cv"``.
 
     Returns:
-        :class:`AtlasFit`.
+        :class:`AtlasFit`; ``atlas_field_vox`` is the prior's posterior mean (with the kernel part).
 
     Raises:
         KeypointError: keypoints outside the atlas's brain, or unusable for the residual interpolator.
@@ -351,12 +554,16 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     """
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
-    c, resid_mm, info = fit_coefficients(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed, tau_rule=tau_rule)
+    if prior is None:
+        prior = "atlas" if tau_rule == "cv" else DEFAULT_PRIOR
+    post, resid_mm, info, hyper = _fit_posterior(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed,
+                                                 tau_rule=tau_rule, prior=prior)
+    c = post.coefficients
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
-    atlas_field = atlas.nodes.rasterise(atlas.nodal(c), atlas.region)
+    atlas_field = atlas.nodes.rasterise(post.nodal(atlas), atlas.region)
     options = dict(residual_options or {})
     if residual_method == "tps" and "lam" not in options:
-        lam, lam_cv = choose_residual_lam(atlas, p, d, info["tau_mm2"], n_folds=n_folds, seed=seed)
+        lam, lam_cv = _residual_lam(atlas, p, d, info["tau_mm2"], hyper, n_folds=n_folds, seed=seed)
         info["residual_lam_cv_rmse_mm"] = lam_cv
         if lam is None:
             residual_method = "none"
