@@ -60,9 +60,18 @@ def test_infer_with_the_atlas_writes_the_fit_and_honours_keypoints(built, no_def
     assert summary["interpolation"] == "atlas" and summary["inputs"]["atlas"] == str(tmp / "atlas")
     fit = summary["atlas_fit"]
     assert fit["n_keypoints"] == 12 and fit["tau_mm2"] > 0 and fit["member_weights"]
+    assert fit["prior"] == "atlas+matern" and "kernel" in fit  # the default prior and its hyperparameters
     field = np.load(out / "initial_disp_field.npz")["field"]
     at = field[(slice(None),) + tuple(np.round(pts).astype(int).T)].T
     assert np.abs(at - d).mean() < 0.1  # the residual spline makes the field honour the keypoints
+    # --atlas-prior atlas: the members' prior alone, recorded as such
+    out2 = tmp / "out_atlas_prior"
+    res = runner.invoke(app, ["infer", "-p", spec["image"], "-k", str(kp), "-m", "atlas", "--atlas",
+                              str(tmp / "atlas"), "--atlas-prior", "atlas", "-f", "npz", "-o", str(out2), "-q",
+                              "--no-refine"])
+    assert res.exit_code == 0, res.output
+    fit2 = json.loads((out2 / "summary.json").read_text())["atlas_fit"]
+    assert fit2["prior"] == "atlas" and "kernel" not in fit2
 
 
 @pytest.mark.parametrize("case, message", [
@@ -72,6 +81,8 @@ def test_infer_with_the_atlas_writes_the_fit_and_honours_keypoints(built, no_def
     ("corrupt", "corrupt or incomplete"),
     ("other_image", "other voxel values"),
     ("missing", "no such folder"),
+    ("bad_prior", "--atlas-prior one of"),
+    ("prior_without_method", "--atlas-prior only with -m atlas"),
 ])
 def test_atlas_bad_inputs_are_one_line_exit_2(built, no_default_weights, case, message):
     tmp, spec = built
@@ -95,6 +106,10 @@ def test_atlas_bad_inputs_are_one_line_exit_2(built, no_default_weights, case, m
         nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), image)
     elif case == "missing":
         args = ["-m", "atlas", "--atlas", str(tmp / "nothing_here")]
+    elif case == "bad_prior":
+        args = ["-m", "atlas", "--atlas", str(atlas), "--atlas-prior", "gaussian"]
+    elif case == "prior_without_method":
+        args = ["-m", "tps", "--atlas-prior", "atlas"]
     out = tmp / f"out_{case}"
     res = runner.invoke(app, ["infer", "-p", image, "-k", str(kp), *args, "-f", "npz", "-o", str(out), "-q",
                               "--no-refine"])

@@ -231,7 +231,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                mirror_average: bool | None = None, interp_options: dict | None = None,
                statistics: bool = False, statistics_mask: np.ndarray | None = None,
                progress: bool = False, safeguards: bool = True, safeguard_seed: int = 0,
-               atlas: DeformationAtlas | None = None, min_field_rms_mm: float | None = None) -> Result:
+               atlas: DeformationAtlas | None = None, atlas_prior: str | None = None,
+               min_field_rms_mm: float | None = None) -> Result:
     """Brain-shift compensation of one image: the initial field from keypoints, refined by the network.
 
     Args:
@@ -246,6 +247,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             :attr:`Result.interpolator_choice`, ``interp_options`` then apply only to ``tps``), or ``atlas``: the
             patient's deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals
             (:func:`brainshift.atlas.fit.fit_atlas`; needs ``atlas``).
+        atlas_prior: the atlas fit's prior (``atlas+matern`` or ``atlas``; :data:`brainshift.atlas.fit.PRIORS`);
+            None: :data:`brainshift.atlas.fit.DEFAULT_PRIOR`. Also used by the safeguards' folds.
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``
             of one (waited for after the interpolation, so that loading can overlap it); None: no refinement.
         mask: brain mask for the network (z-score region, where the initial field is kept; nonzero = inside,
@@ -328,7 +331,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
 
         t0 = time.perf_counter()
         atlas.check_image(image.shape, image.affine, image.data, "the preop image")
-        fit = fit_atlas(atlas, points_vox, disps_vox, seed=safeguard_seed, residual_options=interp_options)
+        fit = fit_atlas(atlas, points_vox, disps_vox, seed=safeguard_seed, residual_options=interp_options,
+                        prior=atlas_prior)
         init, method, n_kpts = fit.field_vox, "atlas", int(len(points_vox))
         timings["interpolate (atlas)"] = time.perf_counter() - t0
     else:
@@ -371,7 +375,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
 
                 def fold_field(keep, grid_shape, grid_affine):
                     return fold_field_on_grid(atlas, points_vox[keep], disps_vox[keep], grid_shape, grid_affine,
-                                              seed=safeguard_seed)
+                                              seed=safeguard_seed, prior=atlas_prior)
             floor = 0.0 if min_field_rms_mm is None else min_field_rms_mm  # off under the safeguards by default
             safe = safe_refine(image, points_vox, disps_vox, init, model,
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,

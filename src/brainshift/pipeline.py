@@ -59,6 +59,7 @@ class InferOptions:
     h5_compression: int = INFER_H5_COMPRESSION
     max_displacement_mm: float = MAX_DISPLACEMENT_MM
     atlas: Path | None = None
+    atlas_prior: str | None = None
     tps_lam: str | None = None
     min_field_rms_mm: float | None = None
 
@@ -126,6 +127,13 @@ def _check_options(opts: InferOptions) -> str:
                                   "initial field")
     elif opts.atlas is not None:
         raise BrainshiftError(f"expected --atlas only with -m atlas, got -m {opts.interp_mode}")
+    if opts.atlas_prior is not None:
+        from brainshift.atlas.fit import PRIORS
+
+        if opts.atlas_prior not in PRIORS:
+            raise BrainshiftError(f"expected --atlas-prior one of {list(PRIORS)}, got {opts.atlas_prior!r}")
+        if str(opts.interp_mode).lower() != "atlas":
+            raise BrainshiftError(f"expected --atlas-prior only with -m atlas, got -m {opts.interp_mode}")
     return fmt
 
 
@@ -259,7 +267,7 @@ def run_infer(opts: InferOptions) -> dict:
         result = compensate(image, **given, method=opts.interp_mode, interp_options=interp_options,
                             model=pending, device=opts.device, mirror_average=opts.mirror_average,
                             progress=opts.verbose, statistics=True, safeguards=opts.safeguards, atlas=atlas,
-                            min_field_rms_mm=opts.min_field_rms_mm)
+                            atlas_prior=opts.atlas_prior, min_field_rms_mm=opts.min_field_rms_mm)
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)

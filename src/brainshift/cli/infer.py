@@ -35,6 +35,11 @@ def infer_command(
     atlas: Path | None = typer.Option(None, "--atlas",
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
+    atlas_prior: str | None = typer.Option(None, "--atlas-prior",
+                                           help="Prior of -m atlas's fit: atlas+matern (default: the atlas's "
+                                                "members plus a smooth Matern kernel for what they do not span) | "
+                                                "atlas (the members alone; better with 5 or fewer exact "
+                                                "keypoints)."),
     device: str = typer.Option("auto", "-d", "--device",
                                help="auto | cpu | cuda: where the network refinement runs (unused with --no-refine)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
@@ -81,7 +86,8 @@ def infer_command(
         refine=refine, mirror_average=mirror_average, save_inverse=save_inverse, save_warped=save_warped,
         safeguards=safeguards, save_uncertainty=save_uncertainty,
         h5_dtype=choice(h5_dtype), h5_compression=h5_compression, max_displacement_mm=max_displacement_mm,
-        atlas=atlas, tps_lam=choice(tps_lam), min_field_rms_mm=min_field_rms, verbose=not quiet))
+        atlas=atlas, atlas_prior=choice(atlas_prior), tps_lam=choice(tps_lam), min_field_rms_mm=min_field_rms,
+        verbose=not quiet))
     final = summary["fields"].get("corrected_disp_field", summary["fields"]["initial_disp_field"])
     typer.echo(f"wrote {', '.join(summary['outputs'])} to {output}")
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
