@@ -88,6 +88,12 @@ class NodeGrid:
             ids = ids[tuple(ind)]
         return ids
 
+    def positions_mm(self, ids: np.ndarray | None = None) -> np.ndarray:
+        """``(n, 3)`` positions of the nodes ``ids`` (default: all) in the local frame: voxel axes, mm from voxel
+        ``(0, 0, 0)``."""
+        g = self.node_grid if ids is None else self.node_grid[np.asarray(ids)]
+        return (self.origin_vox + g * self.step_vox) * np.asarray(self.spacing_mm, dtype=np.float64)
+
     def grid_coords(self, points_vox: np.ndarray) -> np.ndarray:
         """``(n, 3)`` continuous node-grid coordinates of voxel-index points."""
         return (np.asarray(points_vox, dtype=np.float64) - self.origin_vox) / self.step_vox

@@ -95,8 +95,6 @@ ATLAS_SCALES = tuple(4.0 ** e for e in range(-3, 2))
 KERNEL_RATIOS = (0.0,) + tuple(float(v) for v in np.logspace(-4, 3, 15))
 KERNEL_LENGTHS_MM = (10.0, 20.0, 40.0, 80.0, 160.0)
 KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
-#: Largest kernel amplitude ``eta`` considered (mm).
-KERNEL_ETA_MAX_MM = np.inf
 #: With the ``atlas+matern`` prior the residual spline (``tps``'s ridge 0.1) is added only when the marginal
 #: likelihood found the keypoints exact: noise variance ``tau`` at most this (mm^2, a noise SD of 0.2 mm);
 #: otherwise the posterior mean, which already treats the residuals as noise, is the field.
@@ -144,8 +142,7 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
-                                    scales=None, ratios=None, lengths_mm=None, taus=None,
-                                    eta_max_mm: float | None = None) -> tuple[dict, float]:
+                                    scales=None, ratios=None, lengths_mm=None, taus=None) -> tuple[dict, float]:
     """The ``atlas+matern`` prior's hyperparameters by the marginal likelihood (type-II maximum likelihood).
 
     ``r ~ N(0, C)``, ``C = a^2 (B_w B_w^T + rho K_l (x) I_3) + tau I`` (module docstring; ``eta^2 = rho a^2``).
@@ -158,7 +155,6 @@ def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np
         points_mm: ``(m, 3)`` keypoint positions (mm, any orthonormal frame: the kernel is isotropic).
         scales, ratios, lengths_mm, taus: the grid (default: :data:`ATLAS_SCALES`, :data:`KERNEL_RATIOS`,
             :func:`identifiable_lengths` of :data:`KERNEL_LENGTHS_MM`, :data:`KERNEL_TAUS`).
-        eta_max_mm: the largest kernel amplitude considered (default :data:`KERNEL_ETA_MAX_MM`).
 
     Returns:
         ``({"atlas_scale2", "eta_mm", "length_mm", "tau_mm2", "rho"}, best log marginal likelihood)``. Ties: the
@@ -172,7 +168,6 @@ def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np
     a_mat = bw @ bw.T
     dist = _pairwise(points_mm, points_mm)
     sc = np.asarray(scales, dtype=np.float64)[:, None, None]
-    eta_cap = KERNEL_ETA_MAX_MM if eta_max_mm is None else float(eta_max_mm)
     ta = np.asarray(taus, dtype=np.float64)[None, :, None]
     best, best_le = None, -np.inf
     for rho in ratios:
@@ -183,7 +178,6 @@ def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np
             q = (vec.T @ r) ** 2
             d = sc * lam[None, None, :] + ta  # (S, T, 3m)
             le = -0.5 * ((q / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
-            le[np.sqrt(rho * sc[:, 0, 0]) > eta_cap] = -np.inf
             i, j = np.unravel_index(int(np.argmax(le)), le.shape)
             if le[i, j] > best_le + 1e-12:
                 best_le = float(le[i, j])
@@ -212,9 +206,7 @@ class _Posterior:
 
     def nodal(self, atlas: DeformationAtlas) -> np.ndarray:
         """``(n_nodes, 3)`` local-mm posterior mean at the atlas's nodes."""
-        spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
-        nodes_mm = (atlas.nodes.origin_vox + atlas.nodes.node_grid * atlas.nodes.step_vox) * spacing
-        return atlas.nodal(self.coefficients) + self.kernel_at(nodes_mm)
+        return atlas.nodal(self.coefficients) + self.kernel_at(atlas.nodes.positions_mm())
 
 
 def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, hp: dict
@@ -382,6 +374,13 @@ def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_v
     return chosen, {("none" if k is None else f"{k:g}"): round(v, 4) for k, v in rms.items()}
 
 
+def _resolve_prior(prior: str | None, tau_rule: str) -> str:
+    """None -> :data:`DEFAULT_PRIOR` (read at call time), or ``"atlas"`` with ``tau_rule="cv"``."""
+    if prior is None:
+        return "atlas" if tau_rule == "cv" else DEFAULT_PRIOR
+    return prior
+
+
 def _residual_lam(atlas: DeformationAtlas, p: np.ndarray, d: np.ndarray, tau: float, hyper: dict | None, *,
                   n_folds: int, seed: int) -> tuple[float | None, dict]:
     """The residual spline's ridge (None: no spline): cross-validated for the atlas prior
@@ -393,9 +392,10 @@ def _residual_lam(atlas: DeformationAtlas, p: np.ndarray, d: np.ndarray, tau: fl
 
 
 def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *, taus=DEFAULT_TAUS,
-                   n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence", prior: str = "atlas"
+                   n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence", prior: str | None = None
                    ) -> tuple[_Posterior, np.ndarray, dict, dict | None]:
     """:func:`fit_coefficients`, also returning the posterior and the kernel prior's hyperparameters (or None)."""
+    prior = _resolve_prior(prior, tau_rule)
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or d.shape != p.shape or len(p) == 0:
@@ -419,7 +419,7 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
     if prior == "atlas+matern" and m >= 2 and bw.shape[1] > 0:
         hyper, best_le = choose_hyperparameters_evidence(bw, r, x_mm)
         post = _kernel_posterior(bw, s, r, x_mm, hyper)
-        tau, scores = hyper["tau_mm2"], {f"{hyper['tau_mm2']:.4g}": round(best_le, 4)}
+        tau, scores = hyper["tau_mm2"], {hyper["tau_mm2"]: best_le}
     elif bw.shape[1] == 0:
         tau, scores, post = 1.0, {}, _Posterior(np.zeros(0), x_mm)
     else:
@@ -432,13 +432,13 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
     fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
     if post.kernel_weights is not None:  # as the rasterised field has it: trilinear between the nodes' values
         nid, w = atlas.nodes.trilinear(p)
-        node_mm = (atlas.nodes.origin_vox + atlas.nodes.node_grid[nid.ravel()] * atlas.nodes.step_vox) * spacing
+        node_mm = atlas.nodes.positions_mm(nid.ravel())
         fitted = fitted + np.einsum("mc,mcd->md", w, post.kernel_at(node_mm).reshape(m, 8, 3))
     resid_mm = d * spacing - fitted
     dist = np.linalg.norm(resid_mm, axis=1)
     key = "log_evidence" if tau_rule == "evidence" else "cv_rmse_mm"
     info = {"tau_mm2": tau, "tau_rule": tau_rule, "prior": prior,
-            key: {f"{t}" if isinstance(t, str) else f"{t:.4g}": round(v, 4) for t, v in scores.items()},
+            key: {f"{t:.4g}": round(v, 4) for t, v in scores.items()},
             "n_components": int(atlas.n_components), "n_keypoints": m,
             "fit_residual_mm": {"mean": round(float(dist.mean()), 4), "max": round(float(dist.max()), 4)},
             "coefficient_norm": round(float(np.linalg.norm(c / s)) if len(c) else 0.0, 4)}
@@ -450,7 +450,7 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
 
 def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
                      taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence",
-                     prior: str = "atlas") -> tuple[np.ndarray, np.ndarray, dict]:
+                     prior: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The atlas coordinates that fit the keypoints (module docstring), without making a field.
 
     Args:
@@ -491,7 +491,6 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
     """
     from brainshift.interpolate import interpolate
 
-    prior = DEFAULT_PRIOR if prior is None else prior
     post, resid_mm, info, hyper = _fit_posterior(atlas, points_vox, disps_vox, seed=seed, prior=prior)
     lam, _ = _residual_lam(atlas, points_vox, disps_vox, info["tau_mm2"], hyper, n_folds=5, seed=seed)
     a_full = np.asarray(atlas.affine, dtype=np.float64)
@@ -554,8 +553,6 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     """
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
-    if prior is None:
-        prior = "atlas" if tau_rule == "cv" else DEFAULT_PRIOR
     post, resid_mm, info, hyper = _fit_posterior(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed,
                                                  tau_rule=tau_rule, prior=prior)
     c = post.coefficients
