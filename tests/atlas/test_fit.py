@@ -35,6 +35,11 @@ def _truth(atlas, weights, params):
     return np.moveaxis(out, -1, 0).astype(np.float32)
 
 
+def _at(field, idx):
+    """``(m, 3)`` values of a ``(3, I, J, K)`` field at integer voxel indices ``idx (m, 3)``."""
+    return field[(slice(None),) + tuple(np.asarray(idx).T)].T
+
+
 def test_a_field_in_the_atlas_span_is_recovered_exactly():
     atlas, params = _affine_atlas()
     w = np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0])
@@ -42,7 +47,7 @@ def test_a_field_in_the_atlas_span_is_recovered_exactly():
     pts = np.random.default_rng(1).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))
     idx = np.round(pts).astype(int)
     pts = idx.astype(float)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     fit = fit_atlas(atlas, pts, d, residual_method="none")
     assert fit.info["tau_mm2"] <= 1e-2  # noiseless data: the weakest regularisation is chosen
     np.testing.assert_allclose(fit.atlas_field_vox, truth, atol=0.02)
@@ -58,18 +63,18 @@ def test_the_final_field_honours_keypoints_outside_the_span():
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
     truth = truth + 0.8 * np.sin(grid[0] / 4.0)[None]  # not an affine field
     idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::97][:40]
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     fit = fit_atlas(atlas, idx.astype(float), d, prior="atlas")  # the kernel prior would capture the sine itself
-    at_kp = fit.field_vox[(slice(None),) + tuple(idx.T)].T
+    at_kp = _at(fit.field_vox, idx)
     from brainshift.interpolate import interpolate
 
     tps = interpolate("tps", idx.astype(float), d, atlas.nodes.image_shape)
-    tps_kp = tps[(slice(None),) + tuple(idx.T)].T
+    tps_kp = _at(tps, idx)
     # honoured as well as the classical TPS honours them (its coarse-grid evaluation is not exact either)
     err_atlas = np.linalg.norm(at_kp - d, axis=1)
     err_tps = np.linalg.norm(tps_kp - d, axis=1)
     assert err_atlas.mean() <= err_tps.mean() + 0.01 and err_atlas.max() <= err_tps.max() + 0.01
-    atlas_only = fit.atlas_field_vox[(slice(None),) + tuple(idx.T)].T
+    atlas_only = _at(fit.atlas_field_vox, idx)
     assert np.abs(atlas_only - d).max() > 0.3  # ... which the atlas alone cannot do
 
 
@@ -78,7 +83,7 @@ def test_noise_is_regularised_more_strongly():
     truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
     rng = np.random.default_rng(5)
     idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(25, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     clean = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
     noisy = fit_atlas(atlas, idx.astype(float), d + rng.normal(scale=1.0, size=d.shape), residual_method="none")
     assert noisy.info["tau_mm2"] > clean.info["tau_mm2"]
@@ -101,7 +106,7 @@ def test_fold_field_on_another_grid_is_the_same_field_in_that_grid_units():
     w = np.array([0.2, 0.3, 0.5, 0, 0, 0, 0, 0])
     truth = _truth(atlas, w, params)
     idx = np.round(np.random.default_rng(7).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     coarse = np.diag([2.0, 2.0, 2.0, 1.0])
     coarse[:3, 3] = 1.0
     shape = (10, 11, 8)
@@ -119,7 +124,7 @@ def test_residual_spline_is_smoothed_for_noisy_keypoints_only():
     truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
     rng = np.random.default_rng(11)
     idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(40, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     clean = fit_atlas(atlas, idx.astype(float), d, prior="atlas")  # the atlas prior's cross-validated ridge
     assert clean.info["residual_lam"] == 0.1  # noiseless: honoured as tps does
     noisy_d = d + rng.normal(scale=1.0, size=d.shape)
@@ -155,7 +160,7 @@ def test_tau_rule_is_recorded_and_checked():
     atlas, params = _affine_atlas()
     truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
     idx = np.round(np.random.default_rng(5).uniform([2, 2, 2], [19, 22, 16], size=(25, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     ev = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
     cv = fit_atlas(atlas, idx.astype(float), d, residual_method="none", tau_rule="cv")
     assert ev.info["tau_rule"] == "evidence" and "log_evidence" in ev.info and "cv_rmse_mm" not in ev.info
@@ -209,7 +214,7 @@ def test_kernel_prior_recovers_the_span_and_captures_what_the_atlas_cannot():
     w = np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0])
     truth = _truth(atlas, w, params)
     idx = np.round(np.random.default_rng(1).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     fit = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas+matern")
     np.testing.assert_allclose(fit.atlas_field_vox, truth, atol=0.02)  # in the span: the atlas prior's answer
     assert fit.info["prior"] == "atlas+matern" and fit.info["kernel"]["eta_mm"] == 0.0
@@ -217,7 +222,7 @@ def test_kernel_prior_recovers_the_span_and_captures_what_the_atlas_cannot():
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
     wavy = truth + 0.8 * np.sin(grid[0] / 4.0)[None]
     idx = np.round(np.random.default_rng(2).uniform([0, 0, 0], [21, 24, 18], size=(120, 3))).astype(int)
-    d = wavy[(slice(None),) + tuple(idx.T)].T
+    d = _at(wavy, idx)
     plain = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas")
     kern = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="atlas+matern")
     assert kern.info["kernel"]["eta_mm"] > 0
@@ -228,7 +233,7 @@ def test_kernel_prior_recovers_the_span_and_captures_what_the_atlas_cannot():
     assert mse(kern.atlas_field_vox) < 0.5 * mse(plain.atlas_field_vox)
     # and with the residual spline the keypoints are honoured as with the atlas prior
     full = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
-    at_kp = full.field_vox[(slice(None),) + tuple(idx.T)].T
+    at_kp = _at(full.field_vox, idx)
     assert np.abs(at_kp - d).max() < 0.05
 
 
@@ -241,7 +246,7 @@ def test_fold_field_with_the_kernel_prior_is_the_fitted_field():
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in atlas.nodes.image_shape], indexing="ij"))
     truth = truth + 0.5 * np.cos(grid[1] / 5.0)[None]
     idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::53][:60]
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     fit = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
     f = fold_field_on_grid(atlas, idx.astype(float), d, atlas.nodes.image_shape, np.eye(4), prior="atlas+matern")
     np.testing.assert_allclose(f, fit.field_vox, atol=1e-3)
@@ -275,7 +280,7 @@ def test_kernel_prior_smooths_noisy_keypoints_and_honours_exact_ones():
     truth = _truth(atlas, np.array([0.4, 0.6, 0, 0, 0, 0, 0, 0]), params)
     rng = np.random.default_rng(11)
     idx = np.round(rng.uniform([2, 2, 2], [19, 22, 16], size=(40, 3))).astype(int)
-    d = truth[(slice(None),) + tuple(idx.T)].T
+    d = _at(truth, idx)
     clean = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
     assert clean.info["residual_method"] == "tps" and clean.info["residual_lam"] == 0.1
     noisy_d = d + rng.normal(scale=0.7, size=d.shape)

@@ -27,8 +27,9 @@ with ``k_l`` the Matern 5/2 kernel of length ``l`` (mm) applied to each displace
 (Rasmussen & Williams 2006, eq. 4.17), and the four hyperparameters (atlas scale ``a^2``, kernel amplitude
 ``eta``, length ``l``, noise ``tau``) chosen together by the marginal likelihood over a grid
 (:func:`choose_hyperparameters_evidence`). The estimate is the posterior mean (kriging with the atlas's
-covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above. The residual spline follows as
-before. This follows the atlas approach of
+covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above. The residual spline is then added
+only when the fitted noise says the keypoints are exact (:data:`KERNEL_EXACT_TAU_MM2`); otherwise the posterior
+mean, which already smooths the noise, is the field. This follows the atlas approach of
 Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian
 prior on a reduced basis in place of their constrained member weights; for reporting, the members nearest the
 fit (in the prior's metric) are named with their modelling choices.
@@ -64,7 +65,8 @@ class AtlasFit:
             ``cv_rmse_mm`` (``{tau: held-out RMS error mm}``, ``tau_rule="cv"``), ``fit_residual_mm`` (mean and max
             distance between the atlas fit and the keypoint displacements before the residual interpolation),
             ``n_components``, ``member_weights`` (the members nearest the fit with their modelling choices,
-            :func:`member_weights`), ``residual_method``.
+            :func:`member_weights`), ``residual_method``; ``prior``, and for ``atlas+matern`` ``kernel``
+            (``atlas_scale``, ``eta_mm``, ``length_mm``: the chosen hyperparameters).
     """
 
     field_vox: np.ndarray
