@@ -12,8 +12,10 @@ interpolator (linear, tps), over all cases and per dataset; per case rows in ``p
         --data data/val_family data/bilateral_val_176_178 --subjects s0176,s0177 \\
         --variants n24=24:none:cv n24e=24:none:evidence n16t30=16:30:cv --noise-mm 0 0.5 --out bench/atlas_fit
 
-A variant is ``NAME=N_SOLVES:TILT_DEG|none:RULE[:PRIOR]`` (PRIOR: ``atlas``, the default, or ``atlas+matern``;
-:data:`brainshift.atlas.fit.PRIORS`). Deterministic for a seed. Choose on validation data; measure the
+A variant is ``NAME=N_SOLVES:TILT_DEG|none:RULE[:PRIOR[:HYPER_RULE]]`` (PRIOR: ``atlas``, the default,
+``atlas+matern`` or ``scaled-atlas+matern``, :data:`brainshift.atlas.fit.PRIORS`; HYPER_RULE for the kernel
+priors: ``average``, the default, or ``map``, :data:`brainshift.atlas.fit.HYPER_RULES`). Deterministic for a
+seed. Choose on validation data; measure the
 choice once on held-out data (``bench/atlas.py``).
 """
 
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", required=True, help="simulated datasets of those subjects' brains")
     ap.add_argument("--subjects", required=True, help="comma list of subject ids")
     ap.add_argument("--variants", nargs="+", required=True,
-                    help="NAME=N_SOLVES:TILT_DEG|none:evidence|cv[:atlas|atlas+matern]")
+                    help="NAME=N_SOLVES:TILT_DEG|none:evidence|cv[:PRIOR[:average|map]]")
     ap.add_argument("--noise-mm", type=float, nargs="+", default=[0.0, 0.5])
     ap.add_argument("--n-keypoints", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -65,13 +67,14 @@ def main() -> None:
     variants = {}
     for v in args.variants:
         name, spec = v.split("=", 1)
-        n, tilt, rule, *prior = spec.split(":")
-        variants[name] = (int(n), None if tilt == "none" else float(tilt), rule, prior[0] if prior else "atlas")
+        n, tilt, rule, *rest = spec.split(":")
+        variants[name] = (int(n), None if tilt == "none" else float(tilt), rule, rest[0] if rest else "atlas",
+                          rest[1] if len(rest) > 1 else "average")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for sid in args.subjects.split(","):
-        atlases = {k: subset_atlas(Path(args.atlases) / sid, n, t) for k, (n, t, _, _) in variants.items()}
+        atlases = {k: subset_atlas(Path(args.atlases) / sid, n, t) for k, (n, t, *_) in variants.items()}
         for data in map(Path, args.data):
             for cid in [c for c in list_cases(data) if c.startswith(sid + "_")]:
                 case = read_case(data, cid)
@@ -91,7 +94,8 @@ def main() -> None:
                     for name, at in atlases.items():
                         r[name] = mse(fit_atlas(at, kp.points_vox, kp.disps_vox, seed=args.seed,
                                                 tau_rule=variants[name][2],
-                                                prior=variants[name][3]).field_vox)
+                                                prior=variants[name][3],
+                                                hyper_rule=variants[name][4]).field_vox)
                     best = min(r["linear"], r["tps"])
                     rows.append({"data": data.name, "case": cid, "noise_mm": noise,
                                  **{k: round(v, 5) for k, v in r.items()},
@@ -102,16 +106,17 @@ def main() -> None:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
     lines = [f"Atlases `{args.atlases}`, subjects {args.subjects}, {args.n_keypoints} detected keypoints, seed "
              f"{args.seed}. Mean (worst) per-case ratio of the atlas's MSE to the better classical interpolator.\n",
-             "| variant (solves, tilt, tau rule, prior) | noise mm | all | "
+             "| variant (solves, tilt, tau rule, prior, hyperparameters) | noise mm | all | "
              + " | ".join(d.name for d in map(Path, args.data)) + " |", "|---|---|---|" + "---|" * len(args.data)]
-    for name, (n, tilt, rule, prior) in variants.items():
+    for name, (n, tilt, rule, prior, hyper_rule) in variants.items():
         for noise in args.noise_mm:
             sel = [r for r in rows if r["noise_mm"] == noise]
             cells = []
             for group in [sel] + [[r for r in sel if r["data"] == Path(d).name] for d in args.data]:
                 vals = [r[f"{name}_ratio"] for r in group]
                 cells.append(f"{statistics.mean(vals):.3f} ({max(vals):.2f}), {len(vals)}" if vals else "-")
-            lines.append(f"| {name} ({n}, {tilt if tilt is not None else 'none'}, {rule}, {prior}) | {noise:g} | "
+            lines.append(f"| {name} ({n}, {tilt if tilt is not None else 'none'}, {rule}, {prior}, {hyper_rule}) | "
+                         f"{noise:g} | "
                          + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -60,7 +60,8 @@ def test_infer_with_the_atlas_writes_the_fit_and_honours_keypoints(built, no_def
     assert summary["interpolation"] == "atlas" and summary["inputs"]["atlas"] == str(tmp / "atlas")
     fit = summary["atlas_fit"]
     assert fit["n_keypoints"] == 12 and fit["tau_mm2"] > 0 and fit["member_weights"]
-    assert fit["prior"] == "atlas+matern" and "kernel" in fit  # the default prior and its hyperparameters
+    assert fit["prior"] == "scaled-atlas+matern" and "kernel" in fit  # the default prior and its hyperparameters
+    assert fit["kernel"]["hyper_rule"] == "average" and np.isfinite(fit["kernel"]["mean_scale"])
     field = np.load(out / "initial_disp_field.npz")["field"]
     at = field[(slice(None),) + tuple(np.round(pts).astype(int).T)].T
     assert np.abs(at - d).mean() < 0.1  # the residual spline makes the field honour the keypoints

@@ -343,3 +343,20 @@ def test_atlas_report_line_names_the_design():
     grid = AtlasConfig(design="grid", gravity_cone_deg=25.0, n_ring_directions=3).to_dict()
     line = _atlas_info({**rec, "config": grid}, None)["atlas"]
     assert "drainage 0.2, 0.5; gravity: the approach and 3 directions tilted 25 deg" in line
+
+
+def test_atlas_fit_line_names_the_prior_and_the_averaging():
+    from brainshift.demo import _atlas_info
+
+    record = {"config": {"design": "sample", "drainage_range": [0, 0.7], "gravity_cone_deg": 30,
+                         "resolution_mm": 3, "contact_models": ["unilateral"]},
+              "n_solves": 24, "n_members": 48, "n_components": 25, "retained_energy": 0.99, "build_s": 400}
+    fit = {"prior": "scaled-atlas+matern", "tau_rule": "evidence", "tau_mm2": 0.002,
+           "kernel": {"atlas_scale": 0.5, "eta_mm": 0.31, "length_mm": 80.0, "mean_scale": 0.83,
+                      "hyper_rule": "average"}, "fit_residual_mm": {"mean": 0.01, "max": 0.05}}
+    line = _atlas_info(record, fit)["atlas fit"]
+    assert "mean's amplitude fitted (0.83)" in line and "averaged over the hyperparameters" in line
+    assert "length 80 mm" in line and "mean 0.01 mm, max 0.05 mm" in line
+    fit = {**fit, "prior": "atlas+matern", "kernel": {**fit["kernel"], "hyper_rule": "map"}}
+    line = _atlas_info(record, fit)["atlas fit"]
+    assert line.startswith("atlas prior x 0.5 plus a Matern kernel") and "averaged" not in line

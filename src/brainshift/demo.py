@@ -702,10 +702,18 @@ def _atlas_info(record: dict | None, fit: dict | None) -> dict:
         rule = {"evidence": "the marginal likelihood", "cv": "cross-validation"}.get(fit.get("tau_rule"),
                                                                                    "cross-validation")
         kern = fit.get("kernel")
-        prior = (f"atlas prior x {kern['atlas_scale']:g} plus a Matern kernel (amplitude {kern['eta_mm']:.2g} mm, "
-                 f"length {kern['length_mm']:g} mm), " if kern else "")
-        out["atlas fit"] = (f"{prior}noise tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by {rule}; "
-                            f"residual at the keypoints before the spline: mean "
+        if kern and kern.get("hyper_rule") == "average":
+            mean_amp = (f" with its mean's amplitude fitted ({kern.get('mean_scale', 1.0):.2f})"
+                        if fit.get("prior") == "scaled-atlas+matern" else "")
+            head = (f"atlas prior{mean_amp} plus a Matern kernel, the field averaged over the hyperparameters by "
+                    f"their marginal likelihood (most likely: atlas scale {kern['atlas_scale']:g}, kernel amplitude "
+                    f"{kern['eta_mm']:.2g} mm, length {kern['length_mm']:g} mm; noise tau "
+                    f"{fit.get('tau_mm2', float('nan')):.3g} mm^2)")
+        else:
+            prior = (f"atlas prior x {kern['atlas_scale']:g} plus a Matern kernel (amplitude {kern['eta_mm']:.2g} "
+                     f"mm, length {kern['length_mm']:g} mm), " if kern else "")
+            head = f"{prior}noise tau {fit.get('tau_mm2', float('nan')):.3g} mm^2 chosen by {rule}"
+        out["atlas fit"] = (f"{head}; residual at the keypoints before the spline: mean "
                             f"{res.get('mean', float('nan')):.2f} mm, max {res.get('max', float('nan')):.2f} mm"
                             + (f"; closest member: {closest}" if closest else ""))
     return out

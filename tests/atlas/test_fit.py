@@ -164,7 +164,7 @@ def test_tau_rule_is_recorded_and_checked():
     ev = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
     cv = fit_atlas(atlas, idx.astype(float), d, residual_method="none", tau_rule="cv")
     assert ev.info["tau_rule"] == "evidence" and "log_evidence" in ev.info and "cv_rmse_mm" not in ev.info
-    assert ev.info["prior"] == "atlas+matern"  # the default
+    assert ev.info["prior"] == "scaled-atlas+matern"  # the default
     assert cv.info["tau_rule"] == "cv" and "cv_rmse_mm" in cv.info and cv.info["prior"] == "atlas"
     from brainshift.errors import BrainshiftError
 
@@ -237,7 +237,8 @@ def test_kernel_prior_recovers_the_span_and_captures_what_the_atlas_cannot():
     assert np.abs(at_kp - d).max() < 0.05
 
 
-def test_fold_field_with_the_kernel_prior_is_the_fitted_field():
+@pytest.mark.parametrize("prior", ["atlas+matern", "scaled-atlas+matern"])
+def test_fold_field_with_the_kernel_prior_is_the_fitted_field(prior):
     """On the preop grid itself the fold field equals fit_atlas's field (same posterior, same residual spline)."""
     from brainshift.atlas.fit import fold_field_on_grid
 
@@ -247,8 +248,8 @@ def test_fold_field_with_the_kernel_prior_is_the_fitted_field():
     truth = truth + 0.5 * np.cos(grid[1] / 5.0)[None]
     idx = np.argwhere(np.ones(atlas.nodes.image_shape, dtype=bool))[::53][:60]
     d = _at(truth, idx)
-    fit = fit_atlas(atlas, idx.astype(float), d, prior="atlas+matern")
-    f = fold_field_on_grid(atlas, idx.astype(float), d, atlas.nodes.image_shape, np.eye(4), prior="atlas+matern")
+    fit = fit_atlas(atlas, idx.astype(float), d, prior=prior)
+    f = fold_field_on_grid(atlas, idx.astype(float), d, atlas.nodes.image_shape, np.eye(4), prior=prior)
     np.testing.assert_allclose(f, fit.field_vox, atol=1e-3)
 
 
@@ -292,3 +293,73 @@ def test_kernel_prior_smooths_noisy_keypoints_and_honours_exact_ones():
         return float(((f - truth) ** 2).sum(0).mean())
 
     assert mse(noisy.field_vox) < 0.5 * mse(honoured.field_vox)
+
+
+def test_scaled_prior_fits_the_mean_amplitude():
+    """``scaled-atlas+matern``: the atlas mean is one more component (zero prior mean), so a weaker or stronger
+    version of a member combination is in its span and is recovered with the mean's amplitude, and zero
+    displacements give the zero field; the centred prior (``atlas+matern``) must pay for the fixed mean."""
+    atlas, params = _affine_atlas()
+    w = np.array([0.5, 0.3, 0.2, 0, 0, 0, 0, 0])
+    idx = np.round(np.random.default_rng(1).uniform([2, 2, 2], [19, 22, 16], size=(30, 3))).astype(int)
+    for amplitude in (0.3, 1.0, 2.0):
+        truth = amplitude * _truth(atlas, w, params)
+        d = _at(truth, idx)
+        fit = fit_atlas(atlas, idx.astype(float), d, residual_method="none", prior="scaled-atlas+matern")
+        np.testing.assert_allclose(fit.atlas_field_vox, truth, atol=0.02)
+        assert fit.info["kernel"]["mean_scale"] == pytest.approx(amplitude, abs=0.01)
+        assert fit.info["kernel"]["eta_mm"] == 0.0
+    zero = fit_atlas(atlas, idx.astype(float), np.zeros((len(idx), 3)), residual_method="none",
+                     prior="scaled-atlas+matern")
+    assert np.abs(zero.field_vox).max() < 1e-3 and abs(zero.info["kernel"]["mean_scale"]) < 1e-3
+    centred = fit_atlas(atlas, idx.astype(float), np.zeros((len(idx), 3)), residual_method="none",
+                        prior="atlas+matern")
+    assert centred.info["kernel"]["mean_scale"] == 1.0
+    assert np.abs(centred.field_vox).max() > 10 * np.abs(zero.field_vox).max()
+
+
+def test_default_prior_is_the_scaled_kernel_prior():
+    from brainshift.atlas.fit import DEFAULT_PRIOR, PRIORS
+
+    atlas, params = _affine_atlas()
+    idx = np.round(np.random.default_rng(3).uniform([2, 2, 2], [19, 22, 16], size=(20, 3))).astype(int)
+    fit = fit_atlas(atlas, idx.astype(float), _at(_truth(atlas, np.eye(8)[0], params), idx))
+    assert DEFAULT_PRIOR == "scaled-atlas+matern" and DEFAULT_PRIOR in PRIORS
+    assert fit.info["prior"] == DEFAULT_PRIOR
+
+
+def test_averaged_posterior_on_a_one_point_grid_is_that_points_posterior():
+    """Averaging over the hyperparameter grid (``hyper_rule="average"``) reduces to the single point's posterior
+    when the grid has one point, and its weights concentrate on the most likely point when the data decide."""
+    from brainshift.atlas.fit import _averaged_kernel_posterior, _kernel_posterior
+
+    rng = np.random.default_rng(0)
+    m = 15
+    x = rng.uniform(0, 100, (m, 3))
+    bw, s, r = rng.normal(size=(3 * m, 5)), np.full(5, 2.0), rng.normal(size=3 * m)
+    hp = {"atlas_scale2": 0.25, "rho": 0.5, "length_mm": 40.0, "tau_mm2": 0.1, "eta_mm": np.sqrt(0.125)}
+    one = _kernel_posterior(bw, s, r, x, hp)
+    avg, info = _averaged_kernel_posterior(bw, s, r, x, scales=(0.25,), ratios=(0.5,), lengths_mm=(40.0,),
+                                           taus=(0.1,))
+    np.testing.assert_allclose(avg.coefficients, one.coefficients, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(avg.kernel_parts[0][1], one.kernel_parts[0][1], rtol=1e-10, atol=1e-12)
+    assert info["mean_log10_tau"] == pytest.approx(-1.0)
+    # noiseless data from the atlas part only: the average is the atlas prior's exact interpolant
+    z = rng.normal(size=5)
+    avg, info = _averaged_kernel_posterior(bw, s, bw @ z, x)
+    np.testing.assert_allclose(avg.coefficients, s * z, atol=1e-2)
+    assert info["mean_log10_tau"] < -4
+
+
+def test_hyper_rule_is_checked_and_recorded():
+    from brainshift.errors import BrainshiftError
+
+    atlas, params = _affine_atlas()
+    idx = np.round(np.random.default_rng(4).uniform([2, 2, 2], [19, 22, 16], size=(20, 3))).astype(int)
+    d = _at(_truth(atlas, np.eye(8)[1], params), idx)
+    with pytest.raises(BrainshiftError, match="hyper_rule among"):
+        fit_atlas(atlas, idx.astype(float), d, hyper_rule="mean")
+    for rule in ("average", "map"):
+        fit = fit_atlas(atlas, idx.astype(float), d, residual_method="none", hyper_rule=rule)
+        assert fit.info["kernel"]["hyper_rule"] == rule
+        np.testing.assert_allclose(fit.atlas_field_vox, _truth(atlas, np.eye(8)[1], params), atol=0.02)

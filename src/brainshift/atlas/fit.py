@@ -27,9 +27,21 @@ with ``k_l`` the Matern 5/2 kernel of length ``l`` (mm) applied to each displace
 (Rasmussen & Williams 2006, eq. 4.17), and the four hyperparameters (atlas scale ``a^2``, kernel amplitude
 ``eta``, length ``l``, noise ``tau``) chosen together by the marginal likelihood over a grid
 (:func:`choose_hyperparameters_evidence`). The estimate is the posterior mean (kriging with the atlas's
-covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above. The residual spline is then added
-only when the fitted noise says the keypoints are exact (:data:`KERNEL_EXACT_TAU_MM2`); otherwise the posterior
-mean, which already smooths the noise, is the field. This follows the atlas approach of
+covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above.
+
+``prior="scaled-atlas+matern"`` (the default) treats the atlas mean as one more component rather than a fixed
+offset: ``u(x) = b mean(x) + B(x) c + g(x)`` with ``b ~ N(0, a^2)``, i.e. a zero prior mean whose covariance is
+the members' second moments (``mean mean^T + B S B^T``) scaled by ``a^2``. A brain that barely moves (e.g. held
+by contact all round) no longer has to cancel the members' average sag with their components: zero
+displacements give the zero field. Chosen on validation (bench/RESULTS.md, session 24).
+
+With ``hyper_rule="average"`` (the default) the estimate is the posterior mean averaged over the whole grid of
+hyperparameters, each point weighted by its marginal likelihood (a flat prior on the log-spaced grid: Bayesian
+model averaging; Rasmussen & Williams 2006, section 5.2; MacKay 1992), rather than that of the most likely point
+(``"map"``): with 20 keypoints several settings explain the data about equally well. The residual spline is
+then added only when the fitted noise says the keypoints are exact (:data:`KERNEL_EXACT_TAU_MM2`; for the
+average, the evidence-weighted geometric mean of ``tau``); otherwise the posterior mean, which already smooths
+the noise, is the field. This follows the atlas approach of
 Miga et al. (Int J CARS 2016, doi:10.1007/s11548-015-1295-x; Sun et al., IEEE JTEHM 2014), with a Gaussian
 prior on a reduced basis in place of their constrained member weights; for reporting, the members nearest the
 fit (in the prior's metric) are named with their modelling choices.
@@ -65,8 +77,10 @@ class AtlasFit:
             ``cv_rmse_mm`` (``{tau: held-out RMS error mm}``, ``tau_rule="cv"``), ``fit_residual_mm`` (mean and max
             distance between the atlas fit and the keypoint displacements before the residual interpolation),
             ``n_components``, ``member_weights`` (the members nearest the fit with their modelling choices,
-            :func:`member_weights`), ``residual_method``; ``prior``, and for ``atlas+matern`` ``kernel``
-            (``atlas_scale``, ``eta_mm``, ``length_mm``: the chosen hyperparameters).
+            :func:`member_weights`), ``residual_method``; ``prior``, and for the kernel priors ``kernel``
+            (``atlas_scale``, ``eta_mm``, ``length_mm``: the most likely hyperparameters; ``mean_scale``: the
+            atlas mean's fitted amplitude, 1 for ``atlas+matern``; ``hyper_rule``); with ``hyper_rule="average"``
+            ``tau_mm2`` is the evidence-weighted geometric mean of the noise variance.
     """
 
     field_vox: np.ndarray
@@ -88,9 +102,12 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
 #: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
 TAU_RULES = ("evidence", "cv")
 #: Priors of the fit (module docstring): the atlas's alone, or the atlas's plus a Matern 5/2 Gaussian process.
-PRIORS = ("atlas", "atlas+matern")
+PRIORS = ("atlas", "atlas+matern", "scaled-atlas+matern")
 #: The prior :func:`fit_atlas` and :func:`fold_field_on_grid` use unless told otherwise.
-DEFAULT_PRIOR = "atlas+matern"
+DEFAULT_PRIOR = "scaled-atlas+matern"
+#: How the kernel priors' hyperparameters are used: the posterior mean averaged over the grid, each point weighted
+#: by its marginal likelihood (``average``, the default), or the single most likely point (``map``, session 23).
+HYPER_RULES = ("average", "map")
 #: Grid of the ``atlas+matern`` prior's hyperparameters: atlas scale ``a^2``, kernel-to-atlas variance ratio
 #: ``rho = eta^2 / a^2`` (0: no kernel), kernel length (mm) and noise ``tau`` (mm^2).
 ATLAS_SCALES = tuple(4.0 ** e for e in range(-3, 2))
@@ -194,21 +211,29 @@ class _Posterior:
 
     coefficients: np.ndarray  # (r,) mm
     points_mm: np.ndarray  # (m, 3) keypoints, local mm
-    kernel_weights: np.ndarray | None = None  # (m, 3): eta^2 C^-1 r per keypoint
-    length_mm: float = 0.0
+    kernel_parts: list = field(default_factory=list)  # [(length mm, (m, 3) weights eta^2 C^-1 r)]
+    mean_scale: float = 1.0  # amplitude of the atlas mean in the field
+
+    @property
+    def has_kernel(self) -> bool:
+        return bool(self.kernel_parts)
 
     def kernel_at(self, points_mm: np.ndarray) -> np.ndarray | float:
-        if self.kernel_weights is None:
+        if not self.kernel_parts:
             return 0.0
         out = np.zeros((len(points_mm), 3))
         for i in range(0, len(points_mm), 20000):
-            k = matern52(_pairwise(points_mm[i:i + 20000], self.points_mm), self.length_mm)
-            out[i:i + 20000] = k @ self.kernel_weights
+            dist = _pairwise(points_mm[i:i + 20000], self.points_mm)
+            for length, weights in self.kernel_parts:
+                out[i:i + 20000] += matern52(dist, length) @ weights
         return out
 
     def nodal(self, atlas: DeformationAtlas) -> np.ndarray:
         """``(n_nodes, 3)`` local-mm posterior mean at the atlas's nodes."""
-        return atlas.nodal(self.coefficients) + self.kernel_at(atlas.nodes.positions_mm())
+        out = atlas.nodal(self.coefficients) + self.kernel_at(atlas.nodes.positions_mm())
+        if self.mean_scale != 1.0:
+            out = out + (self.mean_scale - 1.0) * np.asarray(atlas.mean, dtype=np.float64)
+        return out
 
 
 def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, hp: dict
@@ -219,9 +244,59 @@ def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: n
     cov = a2 * (bw @ bw.T) + eta2 * k3 + hp["tau_mm2"] * np.eye(3 * m)
     alpha = np.linalg.solve(cov, r)
     c = s * (a2 * (bw.T @ alpha))
-    return _Posterior(coefficients=c, points_mm=points_mm,
-                      kernel_weights=(eta2 * alpha).reshape(m, 3) if eta2 > 0 else None,
-                      length_mm=hp["length_mm"])
+    parts = [(hp["length_mm"], (eta2 * alpha).reshape(m, 3))] if eta2 > 0 else []
+    return _Posterior(coefficients=c, points_mm=points_mm, kernel_parts=parts)
+
+
+def _averaged_kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
+                               scales=None, ratios=None, lengths_mm=None, taus=None) -> tuple[_Posterior, dict]:
+    """The posterior mean averaged over the hyperparameter grid, each point weighted by its marginal likelihood
+    (a flat prior on the log-spaced grid: Bayesian model averaging over hyperparameters, Rasmussen & Williams
+    2006, section 5.2), rather than the single most likely point. Returns the posterior and the grid's
+    weighted mean of ``log10 tau`` and the most likely point (for reporting and the residual rule)."""
+    scales = ATLAS_SCALES if scales is None else scales
+    ratios = KERNEL_RATIOS if ratios is None else ratios
+    lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
+    taus = KERNEL_TAUS if taus is None else taus
+    m = len(points_mm)
+    a_mat = bw @ bw.T
+    dist = _pairwise(points_mm, points_mm)
+    sc = np.asarray(scales, dtype=np.float64)[:, None, None]
+    ta = np.asarray(taus, dtype=np.float64)[None, :, None]
+    blocks = []
+    for rho in ratios:
+        for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
+            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
+            lam, vec = np.linalg.eigh(mat)
+            lam = np.clip(lam, 0.0, None)
+            vr = vec.T @ r
+            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
+            le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
+            blocks.append((rho, length, vec, vr, d, le))
+    top = max(float(b[5].max()) for b in blocks)
+    total = sum(float(np.exp(b[5] - top).sum()) for b in blocks)
+    atlas_alpha = np.zeros(3 * m)
+    kern: dict[float, np.ndarray] = {}
+    best, best_le, log_tau = None, -np.inf, 0.0
+    for rho, length, vec, vr, d, le in blocks:
+        w = np.exp(le - top) / total  # (S, T)
+        if w.max() < 1e-8:
+            continue
+        # alpha_st = V diag(1 / d_st) V^T r; atlas part a^2 alpha, kernel part rho a^2 alpha
+        wa = (w * sc[..., 0])[..., None] / d  # (S, T, 3m): w a^2 / d
+        atlas_alpha += vec @ (wa.sum((0, 1)) * vr)
+        if rho > 0:
+            kern[length] = kern.get(length, 0.0) + rho * (vec @ (wa.sum((0, 1)) * vr))
+        log_tau += float((w.sum(0) * np.log10(np.asarray(taus))).sum())
+        i, j = np.unravel_index(int(np.argmax(le)), le.shape)
+        if le[i, j] > best_le + 1e-12:
+            best_le = float(le[i, j])
+            best = {"atlas_scale2": float(scales[i]), "rho": float(rho), "length_mm": float(length),
+                    "tau_mm2": float(taus[j]), "eta_mm": float(np.sqrt(rho * scales[i]))}
+    c = s * (bw.T @ atlas_alpha)
+    parts = [(length, v.reshape(m, 3)) for length, v in sorted(kern.items())]
+    return _Posterior(coefficients=c, points_mm=points_mm, kernel_parts=parts), {
+        **best, "log_evidence": best_le, "mean_log10_tau": log_tau}
 
 
 def choose_tau_evidence(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS) -> tuple[float, dict]:
@@ -394,8 +469,8 @@ def _residual_lam(atlas: DeformationAtlas, p: np.ndarray, d: np.ndarray, tau: fl
 
 
 def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *, taus=DEFAULT_TAUS,
-                   n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence", prior: str | None = None
-                   ) -> tuple[_Posterior, np.ndarray, dict, dict | None]:
+                   n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence", prior: str | None = None,
+                   hyper_rule: str = "average") -> tuple[_Posterior, np.ndarray, dict, dict | None]:
     """:func:`fit_coefficients`, also returning the posterior and the kernel prior's hyperparameters (or None)."""
     prior = _resolve_prior(prior, tau_rule)
     p = np.asarray(points_vox, dtype=np.float64)
@@ -406,6 +481,8 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
         raise BrainshiftError(f"expected tau_rule among {list(TAU_RULES)}, got {tau_rule!r}")
     if prior not in PRIORS:
         raise BrainshiftError(f"expected prior among {list(PRIORS)}, got {prior!r}")
+    if hyper_rule not in HYPER_RULES:
+        raise BrainshiftError(f"expected hyper_rule among {list(HYPER_RULES)}, got {hyper_rule!r}")
     if prior != "atlas" and tau_rule != "evidence":
         raise BrainshiftError(f"expected tau_rule 'evidence' with prior {prior!r} (its hyperparameters are chosen "
                               f"by the marginal likelihood), got {tau_rule!r}")
@@ -418,9 +495,20 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
     bw = basis.reshape(3 * m, -1) * s[None, :]
     x_mm = p * spacing
     hyper = None
-    if prior == "atlas+matern" and m >= 2 and bw.shape[1] > 0:
-        hyper, best_le = choose_hyperparameters_evidence(bw, r, x_mm)
-        post = _kernel_posterior(bw, s, r, x_mm, hyper)
+    if prior != "atlas" and m >= 2 and bw.shape[1] > 0:
+        s_fit, bw_fit, r_fit = s, bw, r
+        if prior == "scaled-atlas+matern":  # the mean as one more component (zero prior mean)
+            s_fit = np.concatenate([[1.0], s])
+            bw_fit = np.concatenate([mean.reshape(-1, 1), bw], axis=1)
+            r_fit = (d * spacing).reshape(-1)
+        if hyper_rule == "average":  # tau: the evidence-weighted geometric mean, for the residual rule
+            post, hyper = _averaged_kernel_posterior(bw_fit, s_fit, r_fit, x_mm)
+            best_le, hyper["tau_mm2"] = hyper["log_evidence"], float(10.0 ** hyper["mean_log10_tau"])
+        else:
+            hyper, best_le = choose_hyperparameters_evidence(bw_fit, r_fit, x_mm)
+            post = _kernel_posterior(bw_fit, s_fit, r_fit, x_mm, hyper)
+        if prior == "scaled-atlas+matern":
+            post.mean_scale, post.coefficients = float(post.coefficients[0]), post.coefficients[1:]
         tau, scores = hyper["tau_mm2"], {hyper["tau_mm2"]: best_le}
     elif bw.shape[1] == 0:
         tau, scores, post = 1.0, {}, _Posterior(np.zeros(0), x_mm)
@@ -431,8 +519,8 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
             tau, scores = choose_tau(bw, r, m, taus=taus, n_folds=n_folds, seed=seed)
         post = _Posterior(s * _solve(bw, r, tau), x_mm)
     c = post.coefficients
-    fitted = mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
-    if post.kernel_weights is not None:  # as the rasterised field has it: trilinear between the nodes' values
+    fitted = post.mean_scale * mean + (basis @ c if basis.shape[2] else 0.0)  # (m, 3) mm
+    if post.has_kernel:  # as the rasterised field has it: trilinear between the nodes' values
         nid, w = atlas.nodes.trilinear(p)
         node_mm = atlas.nodes.positions_mm(nid.ravel())
         fitted = fitted + np.einsum("mc,mcd->md", w, post.kernel_at(node_mm).reshape(m, 8, 3))
@@ -446,17 +534,18 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
             "coefficient_norm": round(float(np.linalg.norm(c / s)) if len(c) else 0.0, 4)}
     if hyper is not None:
         info["kernel"] = {"atlas_scale": round(float(np.sqrt(hyper["atlas_scale2"])), 4),
-                          "eta_mm": round(hyper["eta_mm"], 5), "length_mm": hyper["length_mm"]}
+                          "eta_mm": round(hyper["eta_mm"], 5), "length_mm": hyper["length_mm"],
+                          "mean_scale": round(post.mean_scale, 4), "hyper_rule": hyper_rule}
     return post, resid_mm, info, hyper
 
 
 def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
                      taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, tau_rule: str = "evidence",
-                     prior: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     prior: str | None = None, hyper_rule: str = "average") -> tuple[np.ndarray, np.ndarray, dict]:
     """The atlas coordinates that fit the keypoints (module docstring), without making a field.
 
     Args:
-        atlas, points_vox, disps_vox, taus, n_folds, seed, tau_rule, prior: as :func:`fit_atlas`.
+        atlas, points_vox, disps_vox, taus, n_folds, seed, tau_rule, prior, hyper_rule: as :func:`fit_atlas`.
 
     Returns:
         ``(coefficients (r,) mm, residuals (m, 3) local mm at the keypoints, info)``; with the
@@ -467,13 +556,13 @@ def fit_coefficients(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox:
         atlas's brain.
     """
     post, resid_mm, info, _ = _fit_posterior(atlas, points_vox, disps_vox, taus=taus, n_folds=n_folds, seed=seed,
-                                             tau_rule=tau_rule, prior=prior)
+                                             tau_rule=tau_rule, prior=prior, hyper_rule=hyper_rule)
     return post.coefficients, resid_mm, info
 
 
 def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray,
                        shape: tuple[int, int, int], affine: np.ndarray, *, seed: int = 0,
-                       prior: str | None = None) -> np.ndarray:
+                       prior: str | None = None, hyper_rule: str = "average") -> np.ndarray:
     """The atlas method's field for these keypoints, evaluated on another grid (e.g. the network's grid).
 
     Used by the safeguards' cross-validation (:func:`brainshift.model.safeguards.safe_refine`), whose folds run
@@ -486,14 +575,15 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
         points_vox, disps_vox: ``(m, 3)`` keypoints and displacements on the **atlas's** (preop) grid, voxels.
         shape, affine: the target grid.
         seed: seed of the fit's folds.
-        prior: as :func:`fit_atlas`.
+        prior, hyper_rule: as :func:`fit_atlas`.
 
     Returns:
         float32 ``(3, *shape)``. Convention: forward Lagrangian, voxel units along the target grid's axes.
     """
     from brainshift.interpolate import interpolate
 
-    post, resid_mm, info, hyper = _fit_posterior(atlas, points_vox, disps_vox, seed=seed, prior=prior)
+    post, resid_mm, info, hyper = _fit_posterior(atlas, points_vox, disps_vox, seed=seed, prior=prior,
+                                                 hyper_rule=hyper_rule)
     lam, _ = _residual_lam(atlas, points_vox, disps_vox, info["tau_mm2"], hyper, n_folds=5, seed=seed)
     a_full = np.asarray(atlas.affine, dtype=np.float64)
     a_t = np.asarray(affine, dtype=np.float64)
@@ -522,7 +612,7 @@ def fold_field_on_grid(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vo
 def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.ndarray, *,
               taus=DEFAULT_TAUS, n_folds: int = 5, seed: int = 0, residual_method: str = "tps",
               residual_options: dict | None = None, affine: np.ndarray | None = None,
-              tau_rule: str = "evidence", prior: str | None = None) -> AtlasFit:
+              tau_rule: str = "evidence", prior: str | None = None, hyper_rule: str = "average") -> AtlasFit:
     """Fit the atlas to keypoint displacements and return the dense field (module docstring).
 
     Args:
@@ -541,10 +631,13 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
         affine: the grid's affine (for ``tps3d``); default: the atlas's.
         tau_rule: ``"evidence"`` (default: the marginal likelihood, :func:`choose_tau_evidence`) or ``"cv"``
             (:func:`choose_tau`).
-        prior: ``"atlas"`` (the atlas's Gaussian prior) or ``"atlas+matern"`` (plus a Matern 5/2 Gaussian
+        prior: ``"atlas"`` (the atlas's Gaussian prior), ``"atlas+matern"`` (plus a Matern 5/2 Gaussian
             process, every hyperparameter by the marginal likelihood: :func:`choose_hyperparameters_evidence`;
-            needs ``tau_rule="evidence"``); None: :data:`DEFAULT_PRIOR` (read at call time), or ``"atlas"`` with
-            ``tau_rule="cv"``.
+            needs ``tau_rule="evidence"``) or ``"scaled-atlas+matern"`` (the same with the atlas mean's amplitude
+            fitted as one more component, zero prior mean; the default); None: :data:`DEFAULT_PRIOR` (read at
+            call time), or ``"atlas"`` with ``tau_rule="cv"``.
+        hyper_rule: for the kernel priors, ``"average"`` (the posterior mean averaged over the hyperparameter
+            grid, weighted by the marginal likelihood; default) or ``"map"`` (the most likely grid point alone).
 
     Returns:
         :class:`AtlasFit`; ``atlas_field_vox`` is the prior's posterior mean (with the kernel part).
@@ -556,7 +649,7 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
     p = np.asarray(points_vox, dtype=np.float64)
     d = np.asarray(disps_vox, dtype=np.float64)
     post, resid_mm, info, hyper = _fit_posterior(atlas, p, d, taus=taus, n_folds=n_folds, seed=seed,
-                                                 tau_rule=tau_rule, prior=prior)
+                                                 tau_rule=tau_rule, prior=prior, hyper_rule=hyper_rule)
     c = post.coefficients
     spacing = np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
     atlas_field = atlas.nodes.rasterise(post.nodal(atlas), atlas.region)

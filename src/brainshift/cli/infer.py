@@ -36,10 +36,11 @@ def infer_command(
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
     atlas_prior: str | None = typer.Option(None, "--atlas-prior",
-                                           help="Prior of -m atlas's fit: atlas+matern (default: the atlas's "
-                                                "members plus a smooth Matern kernel for what they do not span) | "
-                                                "atlas (the members alone; better with 5 or fewer exact "
-                                                "keypoints)."),
+                                           help="Prior of -m atlas's fit: scaled-atlas+matern (default: the "
+                                                "atlas's members, their mean's amplitude fitted too, plus a smooth "
+                                                "Matern kernel for what they do not span) | atlas+matern (the "
+                                                "members' mean fixed, session 23's default) | atlas (the members "
+                                                "alone)."),
     device: str = typer.Option("auto", "-d", "--device",
                                help="auto | cpu | cuda: where the network refinement runs (unused with --no-refine)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
