@@ -101,20 +101,21 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
 
 #: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
 TAU_RULES = ("evidence", "cv")
-#: Priors of the fit (module docstring): the atlas's alone, or the atlas's plus a Matern 5/2 Gaussian process.
+#: Priors of the fit (module docstring): the atlas's alone; the atlas's plus a Matern 5/2 Gaussian process; the same
+#: with the atlas mean's amplitude fitted as one more component.
 PRIORS = ("atlas", "atlas+matern", "scaled-atlas+matern")
 #: The prior :func:`fit_atlas` and :func:`fold_field_on_grid` use unless told otherwise.
 DEFAULT_PRIOR = "scaled-atlas+matern"
 #: How the kernel priors' hyperparameters are used: the posterior mean averaged over the grid, each point weighted
 #: by its marginal likelihood (``average``, the default), or the single most likely point (``map``, session 23).
 HYPER_RULES = ("average", "map")
-#: Grid of the ``atlas+matern`` prior's hyperparameters: atlas scale ``a^2``, kernel-to-atlas variance ratio
+#: Grid of the kernel priors' hyperparameters: atlas scale ``a^2``, kernel-to-atlas variance ratio
 #: ``rho = eta^2 / a^2`` (0: no kernel), kernel length (mm) and noise ``tau`` (mm^2).
 ATLAS_SCALES = tuple(4.0 ** e for e in range(-3, 2))
 KERNEL_RATIOS = (0.0,) + tuple(float(v) for v in np.logspace(-4, 3, 15))
 KERNEL_LENGTHS_MM = (10.0, 20.0, 40.0, 80.0, 160.0)
 KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
-#: With the ``atlas+matern`` prior the residual spline (``tps``'s ridge 0.1) is added only when the marginal
+#: With the kernel priors the residual spline (``tps``'s ridge 0.1) is added only when the marginal
 #: likelihood found the keypoints exact: noise variance ``tau`` at most this (mm^2, a noise SD of 0.2 mm);
 #: otherwise the posterior mean, which already treats the residuals as noise, is the field.
 KERNEL_EXACT_TAU_MM2 = 0.04
