@@ -277,7 +277,7 @@ def test_quick_demo_records_no_model_links_the_register_report_and_shows_code(qu
     report = (out / "report.html").read_text()
     assert "<td>model</td><td>no network model</td>" in report
     assert '<h2>See also</h2>' in report and '<a href="register/report.html">' in report
-    assert "not written yet: <code>make demo</code> writes it after the demo" in report
+    assert "<code>make demo</code> writes it right after this report; if the link is broken" in report
     assert "the input of <code>brainshift register</code> (make demo)" in report and "`" not in report
 
 

@@ -637,9 +637,9 @@ def register_link(out: Path) -> tuple[str, str]:
             "`preop_t1.nii.gz` and the synthetic `intraop_t1.nii.gz` (images in, field out)")
     if (Path(out) / REGISTER_REPORT).is_file():
         return REGISTER_REPORT, what + "; `make demo` remakes it after the demo"
-    return REGISTER_REPORT, (what + "; not written yet: `make demo` writes it after the demo, or run `brainshift "
-                             "register -p preop_t1.nii.gz -t intraop_t1.nii.gz --mask brain_mask.nii.gz -o register` "
-                             "in this folder")
+    return REGISTER_REPORT, (what + "; `make demo` writes it right after this report; if the link is broken (the "
+                             "demo run alone), run `brainshift register -p preop_t1.nii.gz -t intraop_t1.nii.gz "
+                             "--mask brain_mask.nii.gz -o register` in this folder")
 
 
 def demo_info(case: DemoCase, kp: CaseKeypoints, *, title: str, seed: int, quick: bool, best: str,

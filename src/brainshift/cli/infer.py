@@ -38,9 +38,10 @@ def infer_command(
     atlas_prior: str | None = typer.Option(None, "--atlas-prior",
                                            help="Prior of -m atlas's fit: scaled-atlas+matern (default: the "
                                                 "atlas's members, their mean's amplitude fitted too, plus a smooth "
-                                                "Matern kernel for what they do not span) | atlas+matern (the "
-                                                "members' mean fixed, session 23's default) | atlas (the members "
-                                                "alone)."),
+                                                "Matern kernel for what they do not span; the field averaged over "
+                                                "the hyperparameters by their marginal likelihood) | atlas+matern "
+                                                "(the same with the members' mean fixed) | atlas (the members "
+                                                "alone, no kernel)."),
     device: str = typer.Option("auto", "-d", "--device",
                                help="auto | cpu | cuda: where the network refinement runs (unused with --no-refine)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),
