@@ -241,7 +241,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             voxel units): the point ``p`` moves to ``p + d``.
         initial_field: a ready ``(3, I, J, K)`` initial field instead of interpolating ``keypoints`` (voxel
             units). Given together with ``keypoints``, the field is used as it is and the keypoints only serve
-            the safeguards.
+            the safeguards, whose folds then use the given field without each fold's keypoints' thin-plate
+            spline contribution (:func:`brainshift.model.safeguards.given_field_folds`).
         method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``), ``auto`` (``linear`` for
             keypoints clustered in one region, else ``tps``: :func:`choose_interpolator`; recorded in
             :attr:`Result.interpolator_choice`, ``interp_options`` then apply only to ``tps``), or ``atlas``: the
@@ -371,6 +372,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             from brainshift.model.safeguards import safe_refine
 
             fold_field = None
+            if method == "given":  # the given field without each fold's keypoints' tps contribution
+                from brainshift.model.safeguards import given_field_folds
+
+                fold_field = given_field_folds(image, init, points_vox, disps_vox, "tps")
             if method == "atlas":
                 from brainshift.atlas.fit import fold_field_on_grid
 

@@ -321,3 +321,56 @@ def test_scale_normalisation_changes_nothing_for_a_homogeneous_network_and_is_re
     corr = np.abs(shifted.network_field_vox - init).max()
     assert corr == pytest.approx(np.abs(unscaled.network_field_vox - init).max() / shifted.info["field_scale"],
                                  rel=1e-3)
+
+
+def test_given_field_folds_remove_the_held_out_keypoints_interpolation_contribution():
+    """``F + tps(kept) - tps(all)``: for F = tps(all) exactly the interpolation of the kept keypoints (the rule for
+    interpolated fields), for F = G + tps(all) exactly G + tps(kept) (a given field keeps its own detail), and on
+    a coarser grid the same to resampling accuracy."""
+    from brainshift.model.safeguards import given_field_folds
+
+    image, g = _image(), _smooth_field()
+    pts, d = _keypoints(g)
+    keep = np.arange(len(pts))[::2]
+    full = interpolate("tps", pts, d, SHAPE, image.affine)
+    kept = interpolate("tps", pts[keep], d[keep], SHAPE, image.affine)
+    ff = given_field_folds(image, full, pts, d)
+    np.testing.assert_allclose(ff(keep, SHAPE, image.affine), kept, atol=1e-4)
+    ff = given_field_folds(image, g + full, pts, d)
+    np.testing.assert_allclose(ff(keep, SHAPE, image.affine), g + kept, atol=1e-4)
+    # a grid with half the voxels along each axis (2x the spacing): with every keypoint kept, the given field
+    # resampled (trilinear) there, in that grid's voxel units (half the fine grid's)
+    coarse = image.affine.copy()
+    coarse[:3, :3] *= 2.0
+    coarse[:3, 3] += 0.5 * np.diag(image.affine)[:3]
+    shape_c = tuple(s // 2 for s in SHAPE)
+    got = given_field_folds(image, g + full, pts, d)(np.arange(len(pts)), shape_c, coarse)
+    q = np.argwhere(np.ones(shape_c, dtype=bool)).astype(float)
+    ref = 0.5 * sample_field(g + full, 2.0 * q + 0.5)
+    np.testing.assert_allclose(got.reshape(3, -1).T, ref, atol=1e-4)
+
+
+def test_compensate_scores_a_given_field_with_its_own_folds(monkeypatch):
+    """With an initial field and keypoints, the safeguards' folds come from the given field
+    (:func:`given_field_folds`), not from an interpolation of the kept keypoints alone."""
+    import brainshift.model.safeguards as sg
+    from brainshift.compensate import compensate
+
+    image, g = _image(), _smooth_field()
+    pts, d = _keypoints(g)
+    calls = []
+    real = sg.given_field_folds
+
+    def spy(*args, **kwargs):
+        inner = real(*args, **kwargs)
+
+        def fold(keep, shape, affine):
+            calls.append(len(keep))
+            return inner(keep, shape, affine)
+        return fold
+
+    monkeypatch.setattr(sg, "given_field_folds", spy)
+    res = compensate(image, keypoints=(pts, d), initial_field=g, model=LoadedModel(_Shrink(), CFG, {}))
+    assert calls and all(0 < n < len(pts) for n in calls)
+    assert res.safeguards["alpha"] == 0.0  # halving the exact field only hurts: it comes back unchanged
+    np.testing.assert_allclose(res.refined_field, g, atol=1e-3)
