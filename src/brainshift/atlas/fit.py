@@ -161,6 +161,45 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
 
 
+def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales, ratios, lengths_mm, taus):
+    """The kernel priors' grid (defaults: module constants) with, for each ``(rho, l)``, one eigendecomposition
+    ``V diag(lam) V^T`` of ``B_w B_w^T + rho K_l (x) I_3``: yields ``(rho, l, V, V^T r, d, log p(r))`` with
+    ``d = a^2 lam + tau`` ``(S, T, 3m)`` and the log marginal likelihood ``(S, T)`` for every atlas scale ``a^2``
+    and noise ``tau`` (Rasmussen & Williams 2006, section 5.4.1). Then ``(scales, taus)`` as used."""
+    scales = ATLAS_SCALES if scales is None else scales
+    ratios = KERNEL_RATIOS if ratios is None else ratios
+    lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
+    taus = KERNEL_TAUS if taus is None else taus
+    m = len(points_mm)
+    a_mat = bw @ bw.T
+    dist = _pairwise(points_mm, points_mm)
+    sc = np.asarray(scales, dtype=np.float64)[:, None, None]
+    ta = np.asarray(taus, dtype=np.float64)[None, :, None]
+    blocks = []
+    for rho in ratios:
+        for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
+            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
+            lam, vec = np.linalg.eigh(mat)
+            lam = np.clip(lam, 0.0, None)
+            vr = vec.T @ r
+            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
+            le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
+            blocks.append((float(rho), float(length), vec, vr, d, le))
+    return blocks, tuple(scales), tuple(taus)
+
+
+def _grid_point(blocks, scales, taus) -> tuple[dict, float]:
+    """The most likely point of :func:`_evidence_grid` (ties: the first on the grid)."""
+    best, best_le = None, -np.inf
+    for rho, length, _, _, _, le in blocks:
+        i, j = np.unravel_index(int(np.argmax(le)), le.shape)
+        if le[i, j] > best_le + 1e-12:
+            best_le = float(le[i, j])
+            best = {"atlas_scale2": float(scales[i]), "rho": rho, "length_mm": length, "tau_mm2": float(taus[j]),
+                    "eta_mm": float(np.sqrt(rho * scales[i]))}
+    return best, best_le
+
+
 def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
                                     scales=None, ratios=None, lengths_mm=None, taus=None) -> tuple[dict, float]:
     """The ``atlas+matern`` prior's hyperparameters by the marginal likelihood (type-II maximum likelihood).
@@ -180,30 +219,7 @@ def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np
         ``({"atlas_scale2", "eta_mm", "length_mm", "tau_mm2", "rho"}, best log marginal likelihood)``. Ties: the
         first on the grid (no kernel, then the shortest length, the weakest atlas scale, the smallest tau).
     """
-    scales = ATLAS_SCALES if scales is None else scales
-    ratios = KERNEL_RATIOS if ratios is None else ratios
-    lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
-    taus = KERNEL_TAUS if taus is None else taus
-    m = len(points_mm)
-    a_mat = bw @ bw.T
-    dist = _pairwise(points_mm, points_mm)
-    sc = np.asarray(scales, dtype=np.float64)[:, None, None]
-    ta = np.asarray(taus, dtype=np.float64)[None, :, None]
-    best, best_le = None, -np.inf
-    for rho in ratios:
-        for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
-            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
-            lam, vec = np.linalg.eigh(mat)
-            lam = np.clip(lam, 0.0, None)
-            q = (vec.T @ r) ** 2
-            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
-            le = -0.5 * ((q / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
-            i, j = np.unravel_index(int(np.argmax(le)), le.shape)
-            if le[i, j] > best_le + 1e-12:
-                best_le = float(le[i, j])
-                best = {"atlas_scale2": float(scales[i]), "rho": float(rho), "length_mm": float(length),
-                        "tau_mm2": float(taus[j]), "eta_mm": float(np.sqrt(rho * scales[i]))}
-    return best, best_le
+    return _grid_point(*_evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus))
 
 
 @dataclass
@@ -255,45 +271,25 @@ def _averaged_kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, poi
     (a flat prior on the log-spaced grid: Bayesian model averaging over hyperparameters, Rasmussen & Williams
     2006, section 5.2), rather than the single most likely point. Returns the posterior and the grid's
     weighted mean of ``log10 tau`` and the most likely point (for reporting and the residual rule)."""
-    scales = ATLAS_SCALES if scales is None else scales
-    ratios = KERNEL_RATIOS if ratios is None else ratios
-    lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
-    taus = KERNEL_TAUS if taus is None else taus
+    blocks, scales, taus = _evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus)
     m = len(points_mm)
-    a_mat = bw @ bw.T
-    dist = _pairwise(points_mm, points_mm)
-    sc = np.asarray(scales, dtype=np.float64)[:, None, None]
-    ta = np.asarray(taus, dtype=np.float64)[None, :, None]
-    blocks = []
-    for rho in ratios:
-        for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
-            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
-            lam, vec = np.linalg.eigh(mat)
-            lam = np.clip(lam, 0.0, None)
-            vr = vec.T @ r
-            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
-            le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
-            blocks.append((rho, length, vec, vr, d, le))
+    sc = np.asarray(scales, dtype=np.float64)[:, None]
     top = max(float(b[5].max()) for b in blocks)
     total = sum(float(np.exp(b[5] - top).sum()) for b in blocks)
     atlas_alpha = np.zeros(3 * m)
     kern: dict[float, np.ndarray] = {}
-    best, best_le, log_tau = None, -np.inf, 0.0
+    log_tau = 0.0
     for rho, length, vec, vr, d, le in blocks:
         w = np.exp(le - top) / total  # (S, T)
         if w.max() < 1e-8:
             continue
         # alpha_st = V diag(1 / d_st) V^T r; atlas part a^2 alpha, kernel part rho a^2 alpha
-        wa = (w * sc[..., 0])[..., None] / d  # (S, T, 3m): w a^2 / d
-        atlas_alpha += vec @ (wa.sum((0, 1)) * vr)
+        va = vec @ (((w * sc)[..., None] / d).sum((0, 1)) * vr)  # sum_st w a^2 alpha_st
+        atlas_alpha += va
         if rho > 0:
-            kern[length] = kern.get(length, 0.0) + rho * (vec @ (wa.sum((0, 1)) * vr))
+            kern[length] = kern.get(length, 0.0) + rho * va
         log_tau += float((w.sum(0) * np.log10(np.asarray(taus))).sum())
-        i, j = np.unravel_index(int(np.argmax(le)), le.shape)
-        if le[i, j] > best_le + 1e-12:
-            best_le = float(le[i, j])
-            best = {"atlas_scale2": float(scales[i]), "rho": float(rho), "length_mm": float(length),
-                    "tau_mm2": float(taus[j]), "eta_mm": float(np.sqrt(rho * scales[i]))}
+    best, best_le = _grid_point(blocks, scales, taus)
     c = s * (bw.T @ atlas_alpha)
     parts = [(length, v.reshape(m, 3)) for length, v in sorted(kern.items())]
     return _Posterior(coefficients=c, points_mm=points_mm, kernel_parts=parts), {
