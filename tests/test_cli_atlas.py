@@ -60,8 +60,13 @@ def test_infer_with_the_atlas_writes_the_fit_and_honours_keypoints(built, no_def
     assert summary["interpolation"] == "atlas" and summary["inputs"]["atlas"] == str(tmp / "atlas")
     fit = summary["atlas_fit"]
     assert fit["n_keypoints"] == 12 and fit["tau_mm2"] > 0 and fit["member_weights"]
-    assert fit["prior"] == "scaled-atlas+matern" and "kernel" in fit  # the default prior and its hyperparameters
+    assert fit["prior"] == "scaled-atlas+matern+contact" and "kernel" in fit  # the default prior, hyperparameters
     assert fit["kernel"]["hyper_rule"] == "average" and np.isfinite(fit["kernel"]["mean_scale"])
+    # the skull points the fit used (none on this small phantom: its whole surface is within the 30 mm
+    # craniotomy plus margin) and the evidence share of the skull-held prior (none without points)
+    assert fit["kernel"]["skull_points"] == 0 and fit["kernel"]["contact_share"] == 0.0
+    members = json.loads((tmp / "atlas" / "atlas.json").read_text())["members"]
+    assert all(len(m["entry_point_ras"]) == 3 for m in members)  # the craniotomy is recorded
     field = np.load(out / "initial_disp_field.npz")["field"]
     at = field[(slice(None),) + tuple(np.round(pts).astype(int).T)].T
     assert np.abs(at - d).mean() < 0.1  # the residual spline makes the field honour the keypoints

@@ -356,7 +356,12 @@ def test_atlas_fit_line_names_the_prior_and_the_averaging():
                       "hyper_rule": "average"}, "fit_residual_mm": {"mean": 0.01, "max": 0.05}}
     line = _atlas_info(record, fit)["atlas fit"]
     assert "mean's amplitude fitted (0.83)" in line and "averaged over the hyperparameters" in line
-    assert "length 80 mm" in line and "mean 0.01 mm, max 0.05 mm" in line
+    assert "length 80 mm" in line and "mean 0.01 mm, max 0.05 mm" in line and "skull" not in line
+    held = {**fit, "prior": "scaled-atlas+matern+contact",
+            "kernel": {**fit["kernel"], "contact_share": 0.734, "skull_points": 812}}
+    line = _atlas_info(record, held)["atlas fit"]
+    assert "mean's amplitude fitted (0.83)" in line
+    assert "held to no motion through the skull (73% of the evidence on the held prior, 812 skull points)" in line
     fit = {**fit, "prior": "atlas+matern", "kernel": {**fit["kernel"], "hyper_rule": "map"}}
     line = _atlas_info(record, fit)["atlas fit"]
     assert line.startswith("atlas prior x 0.5 plus a Matern kernel") and "averaged" not in line

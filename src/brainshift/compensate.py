@@ -248,7 +248,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             :attr:`Result.interpolator_choice`, ``interp_options`` then apply only to ``tps``), or ``atlas``: the
             patient's deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals
             (:func:`brainshift.atlas.fit.fit_atlas`; needs ``atlas``).
-        atlas_prior: the atlas fit's prior (``scaled-atlas+matern``, ``atlas+matern`` or ``atlas``;
+        atlas_prior: the atlas fit's prior (``scaled-atlas+matern+contact``, ``scaled-atlas+matern``,
+            ``atlas+matern`` or ``atlas``;
             :data:`brainshift.atlas.fit.PRIORS`);
             None: :data:`brainshift.atlas.fit.DEFAULT_PRIOR`. Also used by the safeguards' folds.
         model: the network (:func:`brainshift.model.checkpoint.load_weights`), or a ``concurrent.futures.Future``

@@ -704,8 +704,10 @@ def _atlas_info(record: dict | None, fit: dict | None) -> dict:
         kern = fit.get("kernel")
         if kern and kern.get("hyper_rule") == "average":
             mean_amp = (f" with its mean's amplitude fitted ({kern.get('mean_scale', 1.0):.2f})"
-                        if fit.get("prior") == "scaled-atlas+matern" else "")
-            head = (f"atlas prior{mean_amp} plus a Matern kernel, the field averaged over the hyperparameters by "
+                        if str(fit.get("prior", "")).startswith("scaled-") else "")
+            held = (f", free and held to no motion through the skull ({kern['contact_share']:.0%} of the evidence on "
+                    f"the held prior, {kern.get('skull_points', 0)} skull points)" if "contact_share" in kern else "")
+            head = (f"atlas prior{mean_amp} plus a Matern kernel{held}, the field averaged over the hyperparameters by "
                     f"their marginal likelihood (most likely: atlas scale {kern['atlas_scale']:g}, kernel amplitude "
                     f"{kern['eta_mm']:.2g} mm, length {kern['length_mm']:g} mm; noise tau "
                     f"{fit.get('tau_mm2', float('nan')):.3g} mm^2)")

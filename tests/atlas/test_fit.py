@@ -164,7 +164,7 @@ def test_tau_rule_is_recorded_and_checked():
     ev = fit_atlas(atlas, idx.astype(float), d, residual_method="none")
     cv = fit_atlas(atlas, idx.astype(float), d, residual_method="none", tau_rule="cv")
     assert ev.info["tau_rule"] == "evidence" and "log_evidence" in ev.info and "cv_rmse_mm" not in ev.info
-    assert ev.info["prior"] == "scaled-atlas+matern"  # the default
+    assert ev.info["prior"] == "scaled-atlas+matern+contact"  # the default
     assert cv.info["tau_rule"] == "cv" and "cv_rmse_mm" in cv.info and cv.info["prior"] == "atlas"
     from brainshift.errors import BrainshiftError
 
@@ -324,7 +324,7 @@ def test_default_prior_is_the_scaled_kernel_prior():
     atlas, params = _affine_atlas()
     idx = np.round(np.random.default_rng(3).uniform([2, 2, 2], [19, 22, 16], size=(20, 3))).astype(int)
     fit = fit_atlas(atlas, idx.astype(float), _at(_truth(atlas, np.eye(8)[0], params), idx))
-    assert DEFAULT_PRIOR == "scaled-atlas+matern" and DEFAULT_PRIOR in PRIORS
+    assert DEFAULT_PRIOR == "scaled-atlas+matern+contact" and DEFAULT_PRIOR in PRIORS
     assert fit.info["prior"] == DEFAULT_PRIOR
 
 
@@ -342,7 +342,7 @@ def test_averaged_posterior_on_a_one_point_grid_is_that_points_posterior():
     avg, info = _averaged_kernel_posterior(bw, s, r, x, scales=(0.25,), ratios=(0.5,), lengths_mm=(40.0,),
                                            taus=(0.1,))
     np.testing.assert_allclose(avg.coefficients, one.coefficients, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(avg.kernel_parts[0][1], one.kernel_parts[0][1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(avg.kernel_parts[0][2], one.kernel_parts[0][2], rtol=1e-10, atol=1e-12)
     assert info["mean_log10_tau"] == pytest.approx(-1.0)
     # noiseless data from the atlas part only: the average is the atlas prior's exact interpolant
     z = rng.normal(size=5)

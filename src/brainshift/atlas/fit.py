@@ -29,11 +29,21 @@ with ``k_l`` the Matern 5/2 kernel of length ``l`` (mm) applied to each displace
 (:func:`choose_hyperparameters_evidence`). The estimate is the posterior mean (kriging with the atlas's
 covariance plus the kernel's); ``a^2 = 1, eta = 0`` is the atlas prior above.
 
-``prior="scaled-atlas+matern"`` (the default) treats the atlas mean as one more component rather than a fixed
+``prior="scaled-atlas+matern"`` treats the atlas mean as one more component rather than a fixed
 offset: ``u(x) = b mean(x) + B(x) c + g(x)`` with ``b ~ N(0, a^2)``, i.e. a zero prior mean whose covariance is
 the members' second moments (``mean mean^T + B S B^T``) scaled by ``a^2``. A brain that barely moves (e.g. held
 by contact all round) no longer has to cancel the members' average sag with their components: zero
 displacements give the zero field. Chosen on validation (bench/RESULTS.md, session 24).
+
+``prior="scaled-atlas+matern+contact"`` (the default since session 25) adds, for every hyperparameter setting, the
+same prior conditioned on **no normal motion at the skull**: at points of the brain surface outside every
+member's craniotomy (:func:`brainshift.atlas.boundary.skull_contact`), ``n . u(b) = 0`` is observed with variance
+``a^2`` :data:`CONTACT_SIGMA2` (:func:`_conditioned`). The brain slides along the skull but does not pass through
+it, whichever contact model holds; the members' own boundary behaviour (e.g. separating from the skull in
+unilateral contact) is then a choice the data make, not one the atlas imposes: the grid holds the free and the
+conditioned prior side by side, and the marginal likelihood weighs them (``kernel.contact_share`` in the fit's
+info: the conditioned prior's share). Atlases without recorded craniotomies (built before session 25) get the
+free prior alone. Chosen on validation (bench/RESULTS.md, session 25).
 
 With ``hyper_rule="average"`` (the default) the estimate is the posterior mean averaged over the whole grid of
 hyperparameters, each point weighted by its marginal likelihood (a flat prior on the log-spaced grid: Bayesian
@@ -102,10 +112,11 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
 #: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
 TAU_RULES = ("evidence", "cv")
 #: Priors of the fit (module docstring): the atlas's alone; the atlas's plus a Matern 5/2 Gaussian process; the same
-#: with the atlas mean's amplitude fitted as one more component.
-PRIORS = ("atlas", "atlas+matern", "scaled-atlas+matern")
+#: with the atlas mean's amplitude fitted as one more component; the same with the kernel also conditioned on no
+#: normal motion at the skull outside the craniotomy (:mod:`brainshift.atlas.boundary`).
+PRIORS = ("atlas", "atlas+matern", "scaled-atlas+matern", "scaled-atlas+matern+contact")
 #: The prior :func:`fit_atlas` and :func:`fold_field_on_grid` use unless told otherwise.
-DEFAULT_PRIOR = "scaled-atlas+matern"
+DEFAULT_PRIOR = "scaled-atlas+matern+contact"
 #: How the kernel priors' hyperparameters are used: the posterior mean averaged over the grid, each point weighted
 #: by its marginal likelihood (``average``, the default), or the single most likely point (``map``, session 23).
 HYPER_RULES = ("average", "map")
@@ -119,6 +130,10 @@ KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
 #: likelihood found the keypoints exact: noise variance ``tau`` at most this (mm^2, a noise SD of 0.2 mm);
 #: otherwise the posterior mean, which already treats the residuals as noise, is the field.
 KERNEL_EXACT_TAU_MM2 = 0.04
+#: Variance (mm^2, times the atlas scale ``a^2``) of the normal motion the ``+contact`` prior leaves at the skull
+#: points (:func:`_conditioned`): a soft ``u . n = 0``. Chosen on validation with the points 12 mm apart
+#: (bench/RESULTS.md, session 25: 0.03 against 0.1 and 1).
+CONTACT_SIGMA2 = 0.03
 
 
 def identifiable_lengths(points_mm: np.ndarray, lengths_mm=None) -> tuple[float, ...]:
@@ -161,11 +176,56 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
 
 
-def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales, ratios, lengths_mm, taus):
+@dataclass
+class _Skull:
+    """Skull points in the fit (:mod:`brainshift.atlas.boundary`) with the normal component of the fit's whitened
+    basis there: ``bn[j] = n_j . B_w(b_j)`` ``(M, k)``, the same columns as the keypoints' ``B_w``."""
+
+    points_mm: np.ndarray  # (M, 3) local mm
+    normals: np.ndarray  # (M, 3) unit, outward
+    bn: np.ndarray  # (M, k)
+
+    def __len__(self) -> int:
+        return int(len(self.points_mm))
+
+
+def _skull_kernel(points_mm: np.ndarray, skull: _Skull, length: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Matern kernel between the keypoints' components and the skull points' normal components
+    ``C[(i, a), j] = k(x_i, b_j) n_j[a]`` ``(3m, M)``, and among the skull points ``k(b_i, b_j) n_i . n_j``."""
+    m, n = len(points_mm), skull.normals
+    kxb = matern52(_pairwise(points_mm, skull.points_mm), length)  # (m, M)
+    c = (kxb[:, None, :] * n.T[None, :, :]).reshape(3 * m, len(skull))
+    return c, matern52(_pairwise(skull.points_mm, skull.points_mm), length) * (n @ n.T)
+
+
+def _conditioned(a_mat: np.ndarray, k3: np.ndarray | None, bw: np.ndarray, skull: _Skull, rho: float,
+                 terms: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+    """The prior ``M = B_w B_w^T + rho K (x) I_3`` conditioned on no normal motion at the skull points.
+
+    With ``y_j = n_j . u(b_j)`` observed as zero with variance ``a^2`` :data:`CONTACT_SIGMA2` (a soft
+    ``u . n = 0``), the keypoints' covariance is ``a^2 M'`` with ``M' = M_XX - M_XB (M_BB + sigma^2 I)^-1 M_BX``
+    (Gaussian conditioning; Rasmussen & Williams 2006, eq. A.6), so the marginal likelihood keeps its form.
+    Returns ``(M' (3m, 3m), P = (M_BB + sigma^2 I)^-1 M_BX (M, 3m))``: posterior weights ``w`` on the
+    keypoints put ``-P w`` on the skull points' normal components."""
+    mxb = bw @ skull.bn.T
+    mbb = skull.bn @ skull.bn.T + CONTACT_SIGMA2 * np.eye(len(skull))
+    mat = a_mat
+    if rho > 0:
+        c, kn = terms
+        mxb, mbb, mat = mxb + rho * c, mbb + rho * kn, a_mat + rho * k3
+    proj = np.linalg.solve(mbb, mxb.T)
+    out = mat - mxb @ proj
+    return 0.5 * (out + out.T), proj
+
+
+def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales, ratios, lengths_mm, taus,
+                   skull: _Skull | None = None):
     """The kernel priors' grid (defaults: module constants) with, for each ``(rho, l)``, one eigendecomposition
-    ``V diag(lam) V^T`` of ``B_w B_w^T + rho K_l (x) I_3``: yields ``(rho, l, V, V^T r, d, log p(r))`` with
+    ``V diag(lam) V^T`` of ``B_w B_w^T + rho K_l (x) I_3``: yields ``(rho, l, V, V^T r, d, log p(r), P)`` with
     ``d = a^2 lam + tau`` ``(S, T, 3m)`` and the log marginal likelihood ``(S, T)`` for every atlas scale ``a^2``
-    and noise ``tau`` (Rasmussen & Williams 2006, section 5.4.1). Then ``(scales, taus)`` as used."""
+    and noise ``tau`` (Rasmussen & Williams 2006, section 5.4.1); ``P`` is None for the free prior. With
+    ``skull`` points every ``(rho, l)`` is there twice: the free prior and the prior conditioned on no normal
+    motion at the skull (:func:`_conditioned`, ``P`` its projection). Then ``(scales, taus)`` as used."""
     scales = ATLAS_SCALES if scales is None else scales
     ratios = KERNEL_RATIOS if ratios is None else ratios
     lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
@@ -173,35 +233,42 @@ def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales,
     m = len(points_mm)
     a_mat = bw @ bw.T
     dist = _pairwise(points_mm, points_mm)
+    k3s = {length: np.kron(matern52(dist, length), np.eye(3)) for length in lengths_mm}
+    terms = {length: _skull_kernel(points_mm, skull, length) for length in lengths_mm} if skull else {}
     sc = np.asarray(scales, dtype=np.float64)[:, None, None]
     ta = np.asarray(taus, dtype=np.float64)[None, :, None]
     blocks = []
     for rho in ratios:
         for length in (lengths_mm if rho > 0 else lengths_mm[:1]):
-            mat = a_mat + rho * np.kron(matern52(dist, length), np.eye(3)) if rho > 0 else a_mat
-            lam, vec = np.linalg.eigh(mat)
-            lam = np.clip(lam, 0.0, None)
-            vr = vec.T @ r
-            d = sc * lam[None, None, :] + ta  # (S, T, 3m)
-            le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
-            blocks.append((float(rho), float(length), vec, vr, d, le))
+            k3 = k3s[length] if rho > 0 else None
+            priors = [(a_mat + rho * k3 if rho > 0 else a_mat, None)]
+            if skull:
+                priors.append(_conditioned(a_mat, k3, bw, skull, rho, terms.get(length)))
+            for mat, proj in priors:
+                lam, vec = np.linalg.eigh(mat)
+                lam = np.clip(lam, 0.0, None)
+                vr = vec.T @ r
+                d = sc * lam[None, None, :] + ta  # (S, T, 3m)
+                le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
+                blocks.append((float(rho), float(length), vec, vr, d, le, proj))
     return blocks, tuple(scales), tuple(taus)
 
 
 def _grid_point(blocks, scales, taus) -> tuple[dict, float]:
     """The most likely point of :func:`_evidence_grid` (ties: the first on the grid)."""
     best, best_le = None, -np.inf
-    for rho, length, _, _, _, le in blocks:
+    for rho, length, _, _, _, le, proj in blocks:
         i, j = np.unravel_index(int(np.argmax(le)), le.shape)
         if le[i, j] > best_le + 1e-12:
             best_le = float(le[i, j])
             best = {"atlas_scale2": float(scales[i]), "rho": rho, "length_mm": length, "tau_mm2": float(taus[j]),
-                    "eta_mm": float(np.sqrt(rho * scales[i]))}
+                    "eta_mm": float(np.sqrt(rho * scales[i])), "contact": proj is not None}
     return best, best_le
 
 
 def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
-                                    scales=None, ratios=None, lengths_mm=None, taus=None) -> tuple[dict, float]:
+                                    scales=None, ratios=None, lengths_mm=None, taus=None,
+                                    skull: _Skull | None = None) -> tuple[dict, float]:
     """The ``atlas+matern`` prior's hyperparameters by the marginal likelihood (type-II maximum likelihood).
 
     ``r ~ N(0, C)``, ``C = a^2 (B_w B_w^T + rho K_l (x) I_3) + tau I`` (module docstring; ``eta^2 = rho a^2``).
@@ -214,12 +281,15 @@ def choose_hyperparameters_evidence(bw: np.ndarray, r: np.ndarray, points_mm: np
         points_mm: ``(m, 3)`` keypoint positions (mm, any orthonormal frame: the kernel is isotropic).
         scales, ratios, lengths_mm, taus: the grid (default: :data:`ATLAS_SCALES`, :data:`KERNEL_RATIOS`,
             :func:`identifiable_lengths` of :data:`KERNEL_LENGTHS_MM`, :data:`KERNEL_TAUS`).
+        skull: skull points with the basis's normal component there: each prior also conditioned on no normal
+            motion there (:func:`_conditioned`); None: the free prior alone.
 
     Returns:
-        ``({"atlas_scale2", "eta_mm", "length_mm", "tau_mm2", "rho"}, best log marginal likelihood)``. Ties: the
-        first on the grid (no kernel, then the shortest length, the weakest atlas scale, the smallest tau).
+        ``({"atlas_scale2", "eta_mm", "length_mm", "tau_mm2", "rho", "contact"}, best log marginal likelihood)``.
+        Ties: the first on the grid (no kernel, then the shortest length, the free prior, the weakest atlas
+        scale, the smallest tau).
     """
-    return _grid_point(*_evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus))
+    return _grid_point(*_evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus, skull))
 
 
 @dataclass
@@ -228,7 +298,7 @@ class _Posterior:
 
     coefficients: np.ndarray  # (r,) mm
     points_mm: np.ndarray  # (m, 3) keypoints, local mm
-    kernel_parts: list = field(default_factory=list)  # [(length mm, (m, 3) weights eta^2 C^-1 r)]
+    kernel_parts: list = field(default_factory=list)  # [(length mm, (n, 3) centres local mm, (n, 3) weights)]
     mean_scale: float = 1.0  # amplitude of the atlas mean in the field
 
     @property
@@ -238,11 +308,21 @@ class _Posterior:
     def kernel_at(self, points_mm: np.ndarray) -> np.ndarray | float:
         if not self.kernel_parts:
             return 0.0
+        # many points (every mesh node): distances by one matrix product, the kernel in float32 (its values
+        # are weighted sums of O(1) terms; the relative error ~1e-7 is far below the fit's)
         out = np.zeros((len(points_mm), 3))
-        for i in range(0, len(points_mm), 20000):
-            dist = _pairwise(points_mm[i:i + 20000], self.points_mm)
-            for length, weights in self.kernel_parts:
-                out[i:i + 20000] += matern52(dist, length) @ weights
+        chunk = max(1, 4_000_000 // max(max(len(c) for _, c, _ in self.kernel_parts), 1))
+        pts = np.asarray(points_mm, dtype=np.float64)
+        for i in range(0, len(pts), chunk):
+            p = pts[i:i + chunk]
+            dists: dict[int, np.ndarray] = {}
+            for length, centres, weights in self.kernel_parts:
+                if id(centres) not in dists:
+                    d2 = (p * p).sum(1)[:, None] + (centres * centres).sum(1)[None, :] - 2.0 * (p @ centres.T)
+                    dists[id(centres)] = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+                a = dists[id(centres)] * np.float32(np.sqrt(5.0) / length)
+                k = (1.0 + a + a * a / np.float32(3.0)) * np.exp(-a)
+                out[i:i + chunk] += k @ weights.astype(np.float32)
         return out
 
     def nodal(self, atlas: DeformationAtlas) -> np.ndarray:
@@ -253,47 +333,86 @@ class _Posterior:
         return out
 
 
-def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, hp: dict
-                      ) -> _Posterior:
+def _kernel_parts(points_mm: np.ndarray, skull: _Skull | None, kern: dict, skull_kern: dict) -> list:
+    """``_Posterior.kernel_parts`` from the kernel weights ``{length: (3m,)}`` on the keypoints and
+    ``{length: (M,)}`` on the skull points' normal components."""
     m = len(points_mm)
-    k3 = np.kron(matern52(_pairwise(points_mm, points_mm), hp["length_mm"]), np.eye(3))
-    a2, eta2 = hp["atlas_scale2"], hp["eta_mm"] ** 2
-    cov = a2 * (bw @ bw.T) + eta2 * k3 + hp["tau_mm2"] * np.eye(3 * m)
-    alpha = np.linalg.solve(cov, r)
-    c = s * (a2 * (bw.T @ alpha))
-    parts = [(hp["length_mm"], (eta2 * alpha).reshape(m, 3))] if eta2 > 0 else []
-    return _Posterior(coefficients=c, points_mm=points_mm, kernel_parts=parts)
+    both = None if skull is None else np.concatenate([points_mm, skull.points_mm])
+    parts = []
+    for length in sorted(kern):
+        w = kern[length].reshape(m, 3)
+        if length in skull_kern:
+            parts.append((length, both, np.concatenate([w, skull_kern[length][:, None] * skull.normals])))
+        else:
+            parts.append((length, points_mm, w))
+    return parts
+
+
+def _posterior(bw: np.ndarray, s: np.ndarray, points_mm: np.ndarray, skull: _Skull | None, alpha: np.ndarray,
+               beta: np.ndarray, kern: dict, skull_kern: dict) -> _Posterior:
+    """The posterior from its weights: ``a^2 alpha`` on the keypoints and ``a^2 beta`` on the skull points (summed
+    over the grid), the kernel's share of each per length."""
+    z = bw.T @ alpha + (skull.bn.T @ beta if skull is not None else 0.0)
+    return _Posterior(coefficients=s * z, points_mm=points_mm,
+                      kernel_parts=_kernel_parts(points_mm, skull, kern, skull_kern))
+
+
+def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, hp: dict,
+                      skull: _Skull | None = None) -> _Posterior:
+    m = len(points_mm)
+    length, rho, a2 = hp["length_mm"], hp["rho"], hp["atlas_scale2"]
+    a_mat = bw @ bw.T
+    k3 = np.kron(matern52(_pairwise(points_mm, points_mm), length), np.eye(3)) if rho > 0 else None
+    proj = None
+    if hp.get("contact"):
+        terms = _skull_kernel(points_mm, skull, length) if rho > 0 else None
+        mat, proj = _conditioned(a_mat, k3, bw, skull, rho, terms)
+    else:
+        mat = a_mat + rho * k3 if rho > 0 else a_mat
+    va = a2 * np.linalg.solve(a2 * mat + hp["tau_mm2"] * np.eye(3 * m), r)
+    vb = -(proj @ va) if proj is not None else np.zeros(len(skull) if skull is not None else 0)
+    kern = {length: rho * va} if rho > 0 else {}
+    skull_kern = {length: rho * vb} if rho > 0 and proj is not None else {}
+    return _posterior(bw, s, points_mm, skull if proj is not None else None, va, vb, kern, skull_kern)
 
 
 def _averaged_kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: np.ndarray, *,
-                               scales=None, ratios=None, lengths_mm=None, taus=None) -> tuple[_Posterior, dict]:
+                               scales=None, ratios=None, lengths_mm=None, taus=None, skull: _Skull | None = None
+                               ) -> tuple[_Posterior, dict]:
     """The posterior mean averaged over the hyperparameter grid, each point weighted by its marginal likelihood
     (a flat prior on the log-spaced grid: Bayesian model averaging over hyperparameters, Rasmussen & Williams
     2006, section 5.2), rather than the single most likely point. Returns the posterior and the grid's
-    weighted mean of ``log10 tau`` and the most likely point (for reporting and the residual rule)."""
-    blocks, scales, taus = _evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus)
+    weighted mean of ``log10 tau``, the evidence share of the skull-conditioned priors and the most likely
+    point (for reporting and the residual rule)."""
+    blocks, scales, taus = _evidence_grid(bw, r, points_mm, scales, ratios, lengths_mm, taus, skull)
     m = len(points_mm)
     sc = np.asarray(scales, dtype=np.float64)[:, None]
     top = max(float(b[5].max()) for b in blocks)
     total = sum(float(np.exp(b[5] - top).sum()) for b in blocks)
-    atlas_alpha = np.zeros(3 * m)
+    alpha, beta = np.zeros(3 * m), np.zeros(len(skull) if skull is not None else 0)
     kern: dict[float, np.ndarray] = {}
-    log_tau = 0.0
-    for rho, length, vec, vr, d, le in blocks:
+    skull_kern: dict[float, np.ndarray] = {}
+    log_tau = contact_share = 0.0
+    for rho, length, vec, vr, d, le, proj in blocks:
         w = np.exp(le - top) / total  # (S, T)
+        if proj is not None:
+            contact_share += float(w.sum())
         if w.max() < 1e-8:
             continue
         # alpha_st = V diag(1 / d_st) V^T r; atlas part a^2 alpha, kernel part rho a^2 alpha
         va = vec @ (((w * sc)[..., None] / d).sum((0, 1)) * vr)  # sum_st w a^2 alpha_st
-        atlas_alpha += va
+        alpha += va
         if rho > 0:
             kern[length] = kern.get(length, 0.0) + rho * va
+        if proj is not None:
+            vb = -(proj @ va)
+            beta += vb
+            if rho > 0:
+                skull_kern[length] = skull_kern.get(length, 0.0) + rho * vb
         log_tau += float((w.sum(0) * np.log10(np.asarray(taus))).sum())
     best, best_le = _grid_point(blocks, scales, taus)
-    c = s * (bw.T @ atlas_alpha)
-    parts = [(length, v.reshape(m, 3)) for length, v in sorted(kern.items())]
-    return _Posterior(coefficients=c, points_mm=points_mm, kernel_parts=parts), {
-        **best, "log_evidence": best_le, "mean_log10_tau": log_tau}
+    post = _posterior(bw, s, points_mm, skull, alpha, beta, kern, skull_kern)
+    return post, {**best, "log_evidence": best_le, "mean_log10_tau": log_tau, "contact_share": contact_share}
 
 
 def choose_tau_evidence(bw: np.ndarray, r: np.ndarray, m: int, *, taus=DEFAULT_TAUS) -> tuple[float, dict]:
@@ -448,6 +567,24 @@ def choose_residual_lam(atlas: DeformationAtlas, points_vox: np.ndarray, disps_v
     return chosen, {("none" if k is None else f"{k:g}"): round(v, 4) for k, v in rms.items()}
 
 
+def _skull_in_fit(atlas: DeformationAtlas, s_fit: np.ndarray, *, scaled: bool) -> _Skull | None:
+    """The atlas's skull points (:func:`brainshift.atlas.boundary.skull_contact`, cached on the atlas) with the
+    normal component of the fit's whitened basis there (the mean first when ``scaled``); None without any."""
+    contact = getattr(atlas, "_skull_contact", None)
+    if contact is None:
+        from brainshift.atlas.boundary import skull_contact
+
+        contact = skull_contact(atlas)
+        atlas._skull_contact = contact
+    if not len(contact):
+        return None
+    pts_vox = contact.points_mm / np.asarray(atlas.nodes.spacing_mm, dtype=np.float64)
+    mean, basis = atlas.sample(pts_vox)  # (M, 3), (M, 3, r)
+    cols = np.concatenate([mean[:, :, None], basis], axis=2) if scaled else basis
+    bn = np.einsum("mc,mck->mk", contact.normals, cols) * s_fit[None, :]
+    return _Skull(points_mm=contact.points_mm, normals=contact.normals, bn=bn)
+
+
 def _resolve_prior(prior: str | None, tau_rule: str) -> str:
     """None -> :data:`DEFAULT_PRIOR` (read at call time), or ``"atlas"`` with ``tau_rule="cv"``."""
     if prior is None:
@@ -494,17 +631,18 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
     hyper = None
     if prior != "atlas" and m >= 2 and bw.shape[1] > 0:
         s_fit, bw_fit, r_fit = s, bw, r
-        if prior == "scaled-atlas+matern":  # the mean as one more component (zero prior mean)
+        if prior.startswith("scaled-"):  # the mean as one more component (zero prior mean)
             s_fit = np.concatenate([[1.0], s])
             bw_fit = np.concatenate([mean.reshape(-1, 1), bw], axis=1)
             r_fit = (d * spacing).reshape(-1)
+        skull = _skull_in_fit(atlas, s_fit, scaled=prior.startswith("scaled-")) if prior.endswith("+contact") else None
         if hyper_rule == "average":  # tau: the evidence-weighted geometric mean, for the residual rule
-            post, hyper = _averaged_kernel_posterior(bw_fit, s_fit, r_fit, x_mm)
+            post, hyper = _averaged_kernel_posterior(bw_fit, s_fit, r_fit, x_mm, skull=skull)
             best_le, hyper["tau_mm2"] = hyper["log_evidence"], float(10.0 ** hyper["mean_log10_tau"])
         else:
-            hyper, best_le = choose_hyperparameters_evidence(bw_fit, r_fit, x_mm)
-            post = _kernel_posterior(bw_fit, s_fit, r_fit, x_mm, hyper)
-        if prior == "scaled-atlas+matern":
+            hyper, best_le = choose_hyperparameters_evidence(bw_fit, r_fit, x_mm, skull=skull)
+            post = _kernel_posterior(bw_fit, s_fit, r_fit, x_mm, hyper, skull)
+        if prior.startswith("scaled-"):
             post.mean_scale, post.coefficients = float(post.coefficients[0]), post.coefficients[1:]
         tau, scores = hyper["tau_mm2"], {hyper["tau_mm2"]: best_le}
     elif bw.shape[1] == 0:
@@ -533,6 +671,10 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
         info["kernel"] = {"atlas_scale": round(float(np.sqrt(hyper["atlas_scale2"])), 4),
                           "eta_mm": round(hyper["eta_mm"], 5), "length_mm": hyper["length_mm"],
                           "mean_scale": round(post.mean_scale, 4), "hyper_rule": hyper_rule}
+        if prior.endswith("+contact"):
+            info["kernel"]["skull_points"] = len(skull) if skull is not None else 0
+            info["kernel"]["contact_share"] = (round(hyper["contact_share"], 4) if "contact_share" in hyper
+                                               else float(hyper["contact"]))
     return post, resid_mm, info, hyper
 
 

@@ -36,12 +36,14 @@ def infer_command(
                                       help="Deformation atlas folder of this preop image (brainshift atlas), for "
                                            "-m atlas."),
     atlas_prior: str | None = typer.Option(None, "--atlas-prior",
-                                           help="Prior of -m atlas's fit: scaled-atlas+matern (default: the "
-                                                "atlas's members, their mean's amplitude fitted too, plus a smooth "
-                                                "Matern kernel for what they do not span; the field averaged over "
-                                                "the hyperparameters by their marginal likelihood) | atlas+matern "
-                                                "(the same with the members' mean fixed) | atlas (the members "
-                                                "alone, no kernel)."),
+                                           help="Prior of -m atlas's fit: scaled-atlas+matern+contact (default: "
+                                                "the atlas's members, their mean's amplitude fitted too, plus a "
+                                                "smooth Matern kernel for what they do not span, side by side with "
+                                                "the same prior held to no motion through the skull outside the "
+                                                "craniotomy; the field averaged over both and over the "
+                                                "hyperparameters by their marginal likelihood) | scaled-atlas+matern "
+                                                "(without the skull-held prior) | atlas+matern (also the members' "
+                                                "mean fixed) | atlas (the members alone, no kernel)."),
     device: str = typer.Option("auto", "-d", "--device",
                                help="auto | cpu | cuda: where the network refinement runs (unused with --no-refine)."),
     output: Path = typer.Option(Path("."), "-o", "--output", help="Output directory (created if missing)."),

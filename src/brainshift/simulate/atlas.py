@@ -625,6 +625,8 @@ def collect_members(folder: str | Path, plan: list[dict], config: AtlasConfig
                      "gravity_tilt_deg": s["gravity_tilt_deg"],
                      "gravity_direction_ras": [round(v, 5) for v in s["gravity_direction_ras"]],
                      "resection": resected, **{k: s[k] for k in _PER_SOLVE if k in s}}
+            if "entry_point_ras" in s:  # the craniotomy's centre (brainshift.atlas.boundary)
+                about["entry_point_ras"] = [round(float(v), 3) for v in s["entry_point_ras"]]
             for mu, scale in factors:
                 members.append(arrs[stage].astype(np.float64) * scale)
                 info.append({**about, "shear_modulus_pa": mu})

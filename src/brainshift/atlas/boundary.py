@@ -1,0 +1,124 @@
+"""Where the brain meets the skull: surface points and outward normals of an atlas's brain, outside its craniotomies.
+
+The contact models of the simulator (:mod:`brainshift.simulate.contact`) differ in whether the brain may leave
+the skull (unilateral: it may separate; bilateral: it slides without separating; no-slip: it sticks), but none
+lets it move **out through** the skull: away from the craniotomy opening the normal displacement of the brain's
+surface is zero or inward. The fit's ``+contact`` priors (:mod:`brainshift.atlas.fit`) use these points to
+condition their Gaussian-process part on having no normal motion there (a linear, Gaussian stand-in for the
+sliding condition ``u . n = 0``; the inequality of unilateral contact is not Gaussian), so that a deformation
+no atlas member spans (e.g. a contact model the atlas lacks) is extrapolated as the skull allows rather than
+as free space would. Inverse-problem fits with contact boundary conditions: Ji et al., Med Image Anal 2009.
+
+Frames: points in the atlas's local frame (voxel axes ``i, j, k`` of the preop image, mm from voxel
+``(0, 0, 0)``, :meth:`brainshift.atlas.basis.NodeGrid.positions_mm`); normals unit vectors in the same frame,
+pointing out of the brain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainshift.atlas.basis import DeformationAtlas
+
+#: Spacing (mm) of the surface points kept: one per cube of this side.
+SKULL_POINT_SPACING_MM = 12.0
+#: Surface points this far (mm) beyond a member's craniotomy radius still count as the opening (the simulator
+#: smooths its normals over 4 mm and its craniotomy is a set of whole elements).
+CRANIOTOMY_MARGIN_MM = 6.0
+#: Smoothing (mm, Gaussian sigma) of the brain region before its gradient gives the normals.
+NORMAL_SMOOTHING_MM = 4.0
+
+
+@dataclass
+class SkullContact:
+    """Points of the brain surface held by the skull (outside every member's craniotomy).
+
+    Attributes:
+        points_mm: ``(M, 3)`` positions, local frame (mm).
+        normals: ``(M, 3)`` unit outward normals, local frame.
+    """
+
+    points_mm: np.ndarray
+    normals: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.points_mm))
+
+
+def craniotomies(atlas: DeformationAtlas) -> list[tuple[np.ndarray, float]]:
+    """The distinct craniotomies of the atlas's members: ``[(entry point RAS mm (3,), radius mm)]``, from the
+    members' ``entry_point_ras`` and ``craniotomy_radius_mm`` (atlases built before they were recorded: empty)."""
+    seen: dict[tuple, float] = {}
+    for m in atlas.members:
+        entry, radius = m.get("entry_point_ras"), m.get("craniotomy_radius_mm")
+        if entry is None or radius is None:
+            return []
+        key = tuple(round(float(v), 3) for v in entry)
+        seen[key] = max(seen.get(key, 0.0), float(radius))
+    return [(np.asarray(k, dtype=np.float64), r) for k, r in seen.items()]
+
+
+def skull_contact(atlas: DeformationAtlas, *, spacing_mm: float | None = None,
+                  margin_mm: float | None = None) -> SkullContact:
+    """Surface nodes of the atlas's mesh away from every member's craniotomy, one per ``spacing_mm`` cube, with
+    outward normals (the negative gradient of the brain region smoothed by :data:`NORMAL_SMOOTHING_MM`).
+
+    A node is on the surface when one of its six node-grid neighbours is missing; it is in a craniotomy when its
+    straight-line distance to that craniotomy's entry point is below the radius plus ``margin_mm`` (the
+    simulator's rule, :mod:`brainshift.simulate.loads`). An atlas without recorded craniotomies gives no points
+    (the fit then uses its free kernel alone).
+
+    Args:
+        atlas: the atlas.
+        spacing_mm: thinning of the surface points (mm; default :data:`SKULL_POINT_SPACING_MM`).
+        margin_mm: widening of each craniotomy (mm; default :data:`CRANIOTOMY_MARGIN_MM`).
+
+    Returns:
+        :class:`SkullContact` (possibly empty).
+    """
+    from scipy import ndimage
+
+    spacing_mm = SKULL_POINT_SPACING_MM if spacing_mm is None else float(spacing_mm)
+    margin_mm = CRANIOTOMY_MARGIN_MM if margin_mm is None else float(margin_mm)
+    crans = craniotomies(atlas)
+    empty = SkullContact(np.zeros((0, 3)), np.zeros((0, 3)))
+    if not crans:
+        return empty
+    nodes = atlas.nodes
+    exists = np.zeros(tuple(nodes.shape), dtype=bool)
+    exists[tuple(nodes.node_grid.T)] = True
+    padded = np.pad(exists, 1)
+    inner = np.ones_like(exists)
+    for axis in range(3):
+        for step in (-1, 1):
+            inner &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    g = nodes.node_grid
+    surface = ~inner[tuple(g.T)]
+    ids = np.flatnonzero(surface)
+    pos_mm = nodes.positions_mm(ids)
+    vox = nodes.origin_vox + g[ids] * nodes.step_vox
+    ras = vox @ atlas.affine[:3, :3].T + atlas.affine[:3, 3]
+    keep = np.ones(len(ids), dtype=bool)
+    for entry, radius in crans:
+        keep &= np.linalg.norm(ras - entry, axis=1) >= radius + margin_mm
+    pos_mm, vox = pos_mm[keep], vox[keep]
+    if not len(pos_mm):
+        return empty
+    cell = np.floor(pos_mm / float(spacing_mm)).astype(np.int64)
+    _, first = np.unique(cell, axis=0, return_index=True)
+    first = np.sort(first)
+    pos_mm, vox = pos_mm[first], vox[first]
+    spacing = np.asarray(nodes.spacing_mm, dtype=np.float64)
+    smooth = ndimage.gaussian_filter(atlas.region.astype(np.float32), NORMAL_SMOOTHING_MM / spacing)
+    grad = np.empty_like(vox)
+    for a in range(3):  # central differences of the smoothed region, per mm along the voxel axes
+        step = np.zeros(3)
+        step[a] = 1.0
+        hi = ndimage.map_coordinates(smooth, (vox + step).T, order=1, mode="nearest")
+        lo = ndimage.map_coordinates(smooth, (vox - step).T, order=1, mode="nearest")
+        grad[:, a] = (hi - lo) / (2.0 * spacing[a])
+    norm = np.linalg.norm(grad, axis=1)
+    ok = norm > 1e-6
+    return SkullContact(points_mm=pos_mm[ok], normals=-grad[ok] / norm[ok, None])
