@@ -131,8 +131,9 @@ KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
 #: otherwise the posterior mean, which already treats the residuals as noise, is the field.
 KERNEL_EXACT_TAU_MM2 = 0.04
 #: Variance (mm^2, times the atlas scale ``a^2``) of the normal motion the ``+contact`` prior leaves at the skull
-#: points (:func:`_conditioned`): a soft ``u . n = 0``. Chosen on validation with the points 12 mm apart
-#: (bench/RESULTS.md, session 25: 0.03 against 0.1 and 1).
+#: points (:func:`_conditioned`): a soft ``u . n = 0``. Chosen on 6 validation cases (bench/RESULTS.md, session 25:
+#: mean ratio to the better classical interpolator 0.45 against 0.46 for 0.1 with the points 12 mm apart, 0.44
+#: against 0.52 at 16 mm; 1 and 10 were worse at 8 mm).
 CONTACT_SIGMA2 = 0.03
 
 
