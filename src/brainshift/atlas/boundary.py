@@ -29,7 +29,7 @@ SKULL_POINT_SPACING_MM = 12.0
 #: Surface points this far (mm) beyond a member's craniotomy radius still count as the opening (the simulator
 #: smooths its normals over 4 mm and its craniotomy is a set of whole elements).
 CRANIOTOMY_MARGIN_MM = 6.0
-#: Smoothing (mm, Gaussian sigma) of the brain region before its gradient gives the normals.
+#: Smoothing (mm, Gaussian sigma) of the mesh's node occupancy before its gradient gives the normals.
 NORMAL_SMOOTHING_MM = 4.0
 
 
@@ -65,7 +65,8 @@ def craniotomies(atlas: DeformationAtlas) -> list[tuple[np.ndarray, float]]:
 def skull_contact(atlas: DeformationAtlas, *, spacing_mm: float | None = None,
                   margin_mm: float | None = None) -> SkullContact:
     """Surface nodes of the atlas's mesh away from every member's craniotomy, one per ``spacing_mm`` cube, with
-    outward normals (the negative gradient of the brain region smoothed by :data:`NORMAL_SMOOTHING_MM`).
+    outward normals (the negative gradient of the mesh's node occupancy smoothed by :data:`NORMAL_SMOOTHING_MM`,
+    as the simulator smooths its contact normals).
 
     A node is on the surface when one of its six node-grid neighbours is missing; it is in a craniotomy when its
     straight-line distance to that craniotomy's entry point is below the radius plus ``margin_mm`` (the
@@ -105,22 +106,24 @@ def skull_contact(atlas: DeformationAtlas, *, spacing_mm: float | None = None,
     keep = np.ones(len(ids), dtype=bool)
     for entry, radius in crans:
         keep &= np.linalg.norm(ras - entry, axis=1) >= radius + margin_mm
-    pos_mm, vox = pos_mm[keep], vox[keep]
+    pos_mm, node_idx = pos_mm[keep], g[ids][keep]
     if not len(pos_mm):
         return empty
     cell = np.floor(pos_mm / float(spacing_mm)).astype(np.int64)
     _, first = np.unique(cell, axis=0, return_index=True)
     first = np.sort(first)
-    pos_mm, vox = pos_mm[first], vox[first]
-    spacing = np.asarray(nodes.spacing_mm, dtype=np.float64)
-    smooth = ndimage.gaussian_filter(atlas.region.astype(np.float32), NORMAL_SMOOTHING_MM / spacing)
-    grad = np.empty_like(vox)
-    for a in range(3):  # central differences of the smoothed region, per mm along the voxel axes
-        step = np.zeros(3)
-        step[a] = 1.0
-        hi = ndimage.map_coordinates(smooth, (vox + step).T, order=1, mode="nearest")
-        lo = ndimage.map_coordinates(smooth, (vox - step).T, order=1, mode="nearest")
-        grad[:, a] = (hi - lo) / (2.0 * spacing[a])
+    pos_mm, node_idx = pos_mm[first], node_idx[first]
+    # normals of the mesh itself: the node occupancy smoothed over NORMAL_SMOOTHING_MM, its gradient by central
+    # differences along the node-grid axes (mm per node step: step_vox * spacing)
+    step_mm = np.asarray(nodes.step_vox, dtype=np.float64) * np.asarray(nodes.spacing_mm, dtype=np.float64)
+    smooth = ndimage.gaussian_filter(np.pad(exists, 1).astype(np.float64), NORMAL_SMOOTHING_MM / step_mm)
+    at = node_idx + 1
+    grad = np.empty((len(at), 3))
+    for a in range(3):
+        hi, lo = at.copy(), at.copy()
+        hi[:, a] += 1
+        lo[:, a] -= 1
+        grad[:, a] = (smooth[tuple(hi.T)] - smooth[tuple(lo.T)]) / (2.0 * step_mm[a])
     norm = np.linalg.norm(grad, axis=1)
-    ok = norm > 1e-6
+    ok = norm > 1e-9
     return SkullContact(points_mm=pos_mm[ok], normals=-grad[ok] / norm[ok, None])
