@@ -228,6 +228,14 @@ def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales,
     and noise ``tau`` (Rasmussen & Williams 2006, section 5.4.1); ``P`` is None for the free prior. With
     ``skull`` points every ``(rho, l)`` is there twice: the free prior and the prior conditioned on no normal
     motion at the skull (:func:`_conditioned`, ``P`` its projection). Then ``(scales, taus)`` as used."""
+    from threadpoolctl import threadpool_limits
+
+    # many small dense problems (3m and a few hundred rows): one BLAS thread is faster than several
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _evidence_grid_blocks(bw, r, points_mm, scales, ratios, lengths_mm, taus, skull)
+
+
+def _evidence_grid_blocks(bw, r, points_mm, scales, ratios, lengths_mm, taus, skull):
     scales = ATLAS_SCALES if scales is None else scales
     ratios = KERNEL_RATIOS if ratios is None else ratios
     lengths_mm = identifiable_lengths(points_mm) if lengths_mm is None else lengths_mm
