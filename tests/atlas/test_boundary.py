@@ -60,6 +60,12 @@ def test_skull_points_lie_on_the_surface_with_outward_normals_outside_the_cranio
     assert cos.min() > 0.9  # outward
     np.testing.assert_allclose(np.linalg.norm(sc.normals, axis=1), 1.0, atol=1e-9)
     assert np.linalg.norm(sc.points_mm - ENTRY, axis=1).min() >= 12.0 + CRANIOTOMY_MARGIN_MM
+    # a grid design records the radius once, in the build config
+    grid = _sphere_atlas([_translation([1, 0, 0]), _swelling(0.02)])
+    for m in grid.members:
+        del m["craniotomy_radius_mm"]
+    grid.info = {"config": {"craniotomy_radius_mm": 12.0}}
+    assert [r for _, r in craniotomies(grid)] == [12.0] and len(skull_contact(grid, spacing_mm=6.0)) == len(sc)
     # without a recorded craniotomy (an atlas built before they were recorded): no points
     assert len(skull_contact(_sphere_atlas([_translation([1, 0, 0]), _swelling(0.02)], entry=False))) == 0
 

@@ -51,10 +51,13 @@ class SkullContact:
 
 def craniotomies(atlas: DeformationAtlas) -> list[tuple[np.ndarray, float]]:
     """The distinct craniotomies of the atlas's members: ``[(entry point RAS mm (3,), radius mm)]``, from the
-    members' ``entry_point_ras`` and ``craniotomy_radius_mm`` (atlases built before they were recorded: empty)."""
+    members' ``entry_point_ras`` and ``craniotomy_radius_mm`` (a grid design's members share the build config's
+    ``craniotomy_radius_mm``; atlases built before the entry points were recorded: empty)."""
+    config = atlas.info.get("config") if isinstance(atlas.info, dict) else None
+    default = config.get("craniotomy_radius_mm") if isinstance(config, dict) else None
     seen: dict[tuple, float] = {}
     for m in atlas.members:
-        entry, radius = m.get("entry_point_ras"), m.get("craniotomy_radius_mm")
+        entry, radius = m.get("entry_point_ras"), m.get("craniotomy_radius_mm", default)
         if entry is None or radius is None:
             return []
         key = tuple(round(float(v), 3) for v in entry)
