@@ -66,6 +66,13 @@ def test_skull_points_lie_on_the_surface_with_outward_normals_outside_the_cranio
         del m["craniotomy_radius_mm"]
     grid.info = {"config": {"craniotomy_radius_mm": 12.0}}
     assert [r for _, r in craniotomies(grid)] == [12.0] and len(skull_contact(grid, spacing_mm=6.0)) == len(sc)
+    # a damaged member: one line naming it
+    from brainshift.errors import InputFileError
+
+    bad = _sphere_atlas([_translation([1, 0, 0]), _swelling(0.02)])
+    bad.members[1]["entry_point_ras"] = [1.0, "x"]
+    with pytest.raises(InputFileError, match="entry_point_ras of 3 finite numbers"):
+        skull_contact(bad)
     # without a recorded craniotomy (an atlas built before they were recorded): no points
     assert len(skull_contact(_sphere_atlas([_translation([1, 0, 0]), _swelling(0.02)], entry=False))) == 0
 

@@ -3,11 +3,12 @@
 The contact models of the simulator (:mod:`brainshift.simulate.contact`) differ in whether the brain may leave
 the skull (unilateral: it may separate; bilateral: it slides without separating; no-slip: it sticks), but none
 lets it move **out through** the skull: away from the craniotomy opening the normal displacement of the brain's
-surface is zero or inward. The fit's ``+contact`` priors (:mod:`brainshift.atlas.fit`) use these points to
-condition their Gaussian-process part on having no normal motion there (a linear, Gaussian stand-in for the
-sliding condition ``u . n = 0``; the inequality of unilateral contact is not Gaussian), so that a deformation
-no atlas member spans (e.g. a contact model the atlas lacks) is extrapolated as the skull allows rather than
-as free space would. Inverse-problem fits with contact boundary conditions: Ji et al., Med Image Anal 2009.
+surface is zero or inward. The fit's ``+contact`` prior (:mod:`brainshift.atlas.fit`) uses these points to
+condition its whole prior (atlas part and Gaussian-process part) on having no normal motion there (a linear,
+Gaussian stand-in for the sliding condition ``u . n = 0``; the inequality of unilateral contact is not
+Gaussian), weighed against the free prior by the marginal likelihood, so that a deformation no atlas member
+spans (e.g. a contact model the atlas lacks) can be extrapolated as the skull allows rather than as free space
+would. Inverse-problem fits with contact boundary conditions: Ji et al., Med Image Anal 2009.
 
 Frames: points in the atlas's local frame (voxel axes ``i, j, k`` of the preop image, mm from voxel
 ``(0, 0, 0)``, :meth:`brainshift.atlas.basis.NodeGrid.positions_mm`); normals unit vectors in the same frame,
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainshift.atlas.basis import DeformationAtlas
+from brainshift.errors import InputFileError
 
 #: Spacing (mm) of the surface points kept: one per cube of this side (12 against 16 mm chosen on 18 validation
 #: cases, bench/RESULTS.md session 25: the same mean ratio with exact keypoints, worst case 0.96 against 1.36 with
@@ -52,7 +54,11 @@ class SkullContact:
 def craniotomies(atlas: DeformationAtlas) -> list[tuple[np.ndarray, float]]:
     """The distinct craniotomies of the atlas's members: ``[(entry point RAS mm (3,), radius mm)]``, from the
     members' ``entry_point_ras`` and ``craniotomy_radius_mm`` (a grid design's members share the build config's
-    ``craniotomy_radius_mm``; atlases built before the entry points were recorded: empty)."""
+    ``craniotomy_radius_mm``; atlases built before the entry points were recorded: empty).
+
+    Raises:
+        InputFileError: a member's entry point or radius that is not 3 finite numbers / a positive number (a
+            damaged or hand-edited ``atlas.json``)."""
     config = atlas.info.get("config") if isinstance(atlas.info, dict) else None
     default = config.get("craniotomy_radius_mm") if isinstance(config, dict) else None
     seen: dict[tuple, float] = {}
@@ -60,8 +66,17 @@ def craniotomies(atlas: DeformationAtlas) -> list[tuple[np.ndarray, float]]:
         entry, radius = m.get("entry_point_ras"), m.get("craniotomy_radius_mm", default)
         if entry is None or radius is None:
             return []
-        key = tuple(round(float(v), 3) for v in entry)
-        seen[key] = max(seen.get(key, 0.0), float(radius))
+        try:
+            point = np.asarray(entry, dtype=np.float64).reshape(3)
+            r = float(radius)
+        except (TypeError, ValueError):
+            point, r = np.full(3, np.nan), np.nan
+        if not (np.all(np.isfinite(point)) and np.isfinite(r) and r > 0):
+            raise InputFileError(f"expected each member of the atlas (atlas.json) to have entry_point_ras of 3 "
+                                 f"finite numbers and a positive craniotomy_radius_mm, got {entry!r} and "
+                                 f"{radius!r} in member {m.get('solve', '?')!r}: a damaged atlas, build it again")
+        key = tuple(round(float(v), 3) for v in point)
+        seen[key] = max(seen.get(key, 0.0), r)
     return [(np.asarray(k, dtype=np.float64), r) for k, r in seen.items()]
 
 
@@ -74,7 +89,7 @@ def skull_contact(atlas: DeformationAtlas, *, spacing_mm: float | None = None,
     A node is on the surface when one of its six node-grid neighbours is missing; it is in a craniotomy when its
     straight-line distance to that craniotomy's entry point is below the radius plus ``margin_mm`` (the
     simulator's rule, :mod:`brainshift.simulate.loads`). An atlas without recorded craniotomies gives no points
-    (the fit then uses its free kernel alone).
+    (the fit then uses its free prior alone).
 
     Args:
         atlas: the atlas.

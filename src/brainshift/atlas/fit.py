@@ -90,7 +90,9 @@ class AtlasFit:
             ``n_components``, ``member_weights`` (the members nearest the fit with their modelling choices,
             :func:`member_weights`), ``residual_method``; ``prior``, and for the kernel priors ``kernel``
             (``atlas_scale``, ``eta_mm``, ``length_mm``: the most likely hyperparameters; ``mean_scale``: the
-            atlas mean's fitted amplitude, 1 for ``atlas+matern``; ``hyper_rule``); with ``hyper_rule="average"``
+            atlas mean's fitted amplitude, 1 for ``atlas+matern``; ``hyper_rule``; for ``+contact`` also
+            ``skull_points``, the number of skull points, and ``contact_share``, the skull-held prior's share of the
+            evidence); with ``hyper_rule="average"``
             ``tau_mm2`` is the evidence-weighted geometric mean of the noise variance.
     """
 
@@ -824,9 +826,11 @@ def fit_atlas(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: np.nda
             (:func:`choose_tau`).
         prior: ``"atlas"`` (the atlas's Gaussian prior), ``"atlas+matern"`` (plus a Matern 5/2 Gaussian
             process, every hyperparameter by the marginal likelihood: :func:`choose_hyperparameters_evidence`;
-            needs ``tau_rule="evidence"``) or ``"scaled-atlas+matern"`` (the same with the atlas mean's amplitude
-            fitted as one more component, zero prior mean; the default); None: :data:`DEFAULT_PRIOR` (read at
-            call time), or ``"atlas"`` with ``tau_rule="cv"``.
+            needs ``tau_rule="evidence"``), ``"scaled-atlas+matern"`` (the same with the atlas mean's amplitude
+            fitted as one more component, zero prior mean) or ``"scaled-atlas+matern+contact"`` (that prior and
+            the same held to no normal motion at the skull, weighed by the marginal likelihood; the default;
+            :mod:`brainshift.atlas.boundary`); None: :data:`DEFAULT_PRIOR` (read at call time), or ``"atlas"``
+            with ``tau_rule="cv"``.
         hyper_rule: for the kernel priors, ``"average"`` (the posterior mean averaged over the hyperparameter
             grid, weighted by the marginal likelihood; default) or ``"map"`` (the most likely grid point alone).
 
