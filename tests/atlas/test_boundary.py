@@ -160,6 +160,22 @@ def test_a_deformation_held_by_the_skull_prefers_the_conditioned_prior():
                                                                         abs=1e-4)
 
 
+def test_with_few_keypoints_the_contact_prior_is_the_scaled_prior():
+    from brainshift.atlas.fit import CONTACT_MIN_KEYPOINTS
+
+    atlas = _sphere_atlas([_translation([1, 0, 0]), _swelling(0.02), _rotation([0, 0, 1])])
+    rng = np.random.default_rng(6)
+    pts = CENTRE + rng.uniform(-1, 1, (400, 3)) * RADIUS
+    pts = pts[np.linalg.norm(pts - CENTRE, axis=1) < 0.6 * RADIUS]
+    few, enough = pts[:CONTACT_MIN_KEYPOINTS - 1], pts[:CONTACT_MIN_KEYPOINTS]
+    for p, used in ((few, False), (enough, True)):
+        d = _held([1.0, 0.5, 0.0])(p)
+        a = fit_atlas(atlas, p, d, prior="scaled-atlas+matern")
+        b = fit_atlas(atlas, p, d, prior="scaled-atlas+matern+contact")
+        assert (b.info["kernel"]["skull_points"] > 0) == used
+        assert np.array_equal(a.field_vox, b.field_vox) == (not used)
+
+
 def test_without_skull_points_the_contact_prior_is_the_scaled_prior():
     atlas = _sphere_atlas([_translation([1, 0, 0]), _swelling(0.02), _rotation([0, 0, 1])], entry=False)
     pts = CENTRE + np.random.default_rng(5).uniform(-12, 12, (15, 3))

@@ -42,7 +42,8 @@ member's craniotomy (:func:`brainshift.atlas.boundary.skull_contact`), ``n . u(b
 it, whichever contact model holds; the members' own boundary behaviour (e.g. separating from the skull in
 unilateral contact) is then a choice the data make, not one the atlas imposes: the grid holds the free and the
 conditioned prior side by side, and the marginal likelihood weighs them (``kernel.contact_share`` in the fit's
-info: the conditioned prior's share). Atlases without recorded craniotomies (built before session 25) get the
+info: the conditioned prior's share); with fewer than :data:`CONTACT_MIN_KEYPOINTS` keypoints the free prior
+alone. Atlases without recorded craniotomies (built before session 25) get the
 free prior alone. Chosen on validation (bench/RESULTS.md, session 25).
 
 With ``hyper_rule="average"`` (the default) the estimate is the posterior mean averaged over the whole grid of
@@ -133,6 +134,11 @@ KERNEL_TAUS = tuple(float(t) for t in np.logspace(-5, 1, 13))
 #: likelihood found the keypoints exact: noise variance ``tau`` at most this (mm^2, a noise SD of 0.2 mm);
 #: otherwise the posterior mean, which already treats the residuals as noise, is the field.
 KERNEL_EXACT_TAU_MM2 = 0.04
+#: Fewest keypoints with which the ``+contact`` prior weighs the skull-held prior (fewer: the free prior alone).
+#: On validation (bench/RESULTS.md, session 25) it passed session 24's rule with 20 keypoints but not with 10 or 5:
+#: better with exact keypoints, worse by 0.11 / 0.18 with 0.5 mm noise (the marginal likelihood of 15-30 numbers
+#: cannot tell a brain held by the skull from one that leaves it).
+CONTACT_MIN_KEYPOINTS = 20
 #: Variance (mm^2, times the atlas scale ``a^2``) of the normal motion the ``+contact`` prior leaves at the skull
 #: points (:func:`_conditioned`): a soft ``u . n = 0``. Chosen on 6 validation cases (bench/RESULTS.md, session 25:
 #: mean ratio to the better classical interpolator 0.45 against 0.46 for 0.1 with the points 12 mm apart, 0.44
@@ -690,7 +696,8 @@ def _fit_posterior(atlas: DeformationAtlas, points_vox: np.ndarray, disps_vox: n
             s_fit = np.concatenate([[1.0], s])
             bw_fit = np.concatenate([mean.reshape(-1, 1), bw], axis=1)
             r_fit = (d * spacing).reshape(-1)
-        skull = _skull_in_fit(atlas, s_fit, scaled=prior.startswith("scaled-")) if prior.endswith("+contact") else None
+        skull = (_skull_in_fit(atlas, s_fit, scaled=prior.startswith("scaled-"))
+                 if prior.endswith("+contact") and m >= CONTACT_MIN_KEYPOINTS else None)
         if hyper_rule == "average":  # tau: the evidence-weighted geometric mean, for the residual rule
             post, hyper = _averaged_kernel_posterior(bw_fit, s_fit, r_fit, x_mm, skull=skull)
             best_le, hyper["tau_mm2"] = hyper["log_evidence"], float(10.0 ** hyper["mean_log10_tau"])
