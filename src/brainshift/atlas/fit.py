@@ -116,8 +116,8 @@ def _folds(m: int, n_folds: int, seed: int) -> list[np.ndarray]:
 #: How the regularisation ``tau`` is chosen: by the marginal likelihood (default) or by cross-validation.
 TAU_RULES = ("evidence", "cv")
 #: Priors of the fit (module docstring): the atlas's alone; the atlas's plus a Matern 5/2 Gaussian process; the same
-#: with the atlas mean's amplitude fitted as one more component; the same with the kernel also conditioned on no
-#: normal motion at the skull outside the craniotomy (:mod:`brainshift.atlas.boundary`).
+#: with the atlas mean's amplitude fitted as one more component; that prior weighed against itself conditioned on
+#: no normal motion at the skull outside the craniotomy (:mod:`brainshift.atlas.boundary`).
 PRIORS = ("atlas", "atlas+matern", "scaled-atlas+matern", "scaled-atlas+matern+contact")
 #: The prior :func:`fit_atlas` and :func:`fold_field_on_grid` use unless told otherwise.
 DEFAULT_PRIOR = "scaled-atlas+matern+contact"
