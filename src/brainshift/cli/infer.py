@@ -40,7 +40,8 @@ def infer_command(
                                                 "the atlas's members, their mean's amplitude fitted too, plus a "
                                                 "smooth Matern kernel for what they do not span, side by side with "
                                                 "the same prior held to no motion through the skull outside the "
-                                                "craniotomy; the field averaged over both and over the "
+                                                "craniotomy, with 20 or more keypoints; the field averaged over "
+                                                "both and over the "
                                                 "hyperparameters by their marginal likelihood) | scaled-atlas+matern "
                                                 "(without the skull-held prior) | atlas+matern (also the members' "
                                                 "mean fixed) | atlas (the members alone, no kernel)."),
