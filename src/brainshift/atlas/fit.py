@@ -144,6 +144,10 @@ CONTACT_MIN_KEYPOINTS = 20
 #: mean ratio to the better classical interpolator 0.45 against 0.46 for 0.1 with the points 12 mm apart, 0.44
 #: against 0.52 at 16 mm; 1 and 10 were worse at 8 mm).
 CONTACT_SIGMA2 = 0.03
+#: The variances the marginal likelihood weighs for the skull-held prior (each grid point of the hyperparameters
+#: holds the free prior and one held prior per value; together the held priors have the free prior's prior
+#: weight, split evenly among them).
+CONTACT_SIGMA2S = (CONTACT_SIGMA2,)
 
 
 def identifiable_lengths(points_mm: np.ndarray, lengths_mm=None) -> tuple[float, ...]:
@@ -208,24 +212,71 @@ def _skull_kernel(points_mm: np.ndarray, skull: _Skull, length: float) -> tuple[
     return c, matern52(_pairwise(skull.points_mm, skull.points_mm), length) * (n @ n.T)
 
 
-def _conditioned(a_mat: np.ndarray, k3: np.ndarray | None, bw: np.ndarray, skull: _Skull, rho: float,
-                 terms: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _SkullFactor:
+    """One kernel length's skull terms, in the eigenbasis ``Q diag(lam) Q^T`` of the skull points' normal kernel
+    ``K_BB (n_i . n_j)`` (no kernel: ``Q = I``, ``lam = 0``), so that the held prior's ``M_BB + sigma^2 I`` is a
+    diagonal plus the rank-k atlas part for every kernel ratio and ``sigma^2`` (one eigendecomposition per length
+    instead of one Cholesky factorisation per grid point)."""
+
+    q: np.ndarray | None  # (M, M) eigenvectors; None: identity
+    lam: np.ndarray  # (M,) eigenvalues (>= 0)
+    u: np.ndarray  # (M, k) Q^T B_n
+    cq: np.ndarray | None  # (M, 3m) Q^T C^T (C: the kernel between keypoint components and skull normals)
+
+
+def _skull_factor(points_mm: np.ndarray, skull: _Skull, length: float | None) -> _SkullFactor:
+    """:class:`_SkullFactor` for the kernel of ``length`` (None: the atlas part alone)."""
+    if length is None:
+        return _SkullFactor(q=None, lam=np.zeros(len(skull)), u=skull.bn, cq=None)
+    c, kn = _skull_kernel(points_mm, skull, length)
+    lam, q = np.linalg.eigh(kn)
+    return _SkullFactor(q=q, lam=np.clip(lam, 0.0, None), u=q.T @ skull.bn, cq=q.T @ c.T)
+
+
+@dataclass
+class _Held:
+    """The conditioning's projection ``P = (M_BB + sigma^2 I)^-1 M_BX`` of one held prior, kept factored:
+    :meth:`apply` gives ``P v`` (posterior weights ``w`` on the keypoints put ``-P w`` on the skull points'
+    normal components)."""
+
+    factor: _SkullFactor
+    g: np.ndarray  # (M, 3m) Q^T M_BX^T
+    s_inv: np.ndarray  # (M,) 1 / (rho lam + sigma^2)
+    small: tuple  # Cholesky factor of I + U^T S^-1 U (k, k)
+    sigma2: float
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        u = self.factor.u
+        h = self.s_inv * (self.g @ v)
+        h = h - self.s_inv * (u @ scipy.linalg.cho_solve(self.small, u.T @ h))
+        return h if self.factor.q is None else self.factor.q @ h
+
+
+def _conditioned(a_mat: np.ndarray, k3: np.ndarray | None, bw: np.ndarray, factor: _SkullFactor, rho: float,
+                 sigma2: float = CONTACT_SIGMA2) -> tuple[np.ndarray, _Held]:
     """The prior ``M = B_w B_w^T + rho K (x) I_3`` conditioned on no normal motion at the skull points.
 
-    With ``y_j = n_j . u(b_j)`` observed as zero with variance ``a^2`` :data:`CONTACT_SIGMA2` (a soft
-    ``u . n = 0``), the keypoints' covariance is ``a^2 M'`` with ``M' = M_XX - M_XB (M_BB + sigma^2 I)^-1 M_BX``
-    (Gaussian conditioning; Rasmussen & Williams 2006, eq. A.6), so the marginal likelihood keeps its form.
-    Returns ``(M' (3m, 3m), P = (M_BB + sigma^2 I)^-1 M_BX (M, 3m))``: posterior weights ``w`` on the
-    keypoints put ``-P w`` on the skull points' normal components."""
-    mxb = bw @ skull.bn.T
-    mbb = skull.bn @ skull.bn.T + CONTACT_SIGMA2 * np.eye(len(skull))
+    With ``y_j = n_j . u(b_j)`` observed as zero with variance ``a^2 sigma^2`` (a soft ``u . n = 0``), the
+    keypoints' covariance is ``a^2 M'`` with ``M' = M_XX - M_XB (M_BB + sigma^2 I)^-1 M_BX`` (Gaussian
+    conditioning; Rasmussen & Williams 2006, eq. A.6), so the marginal likelihood keeps its form. In the
+    eigenbasis of the skull kernel (``factor``), ``M_BB + sigma^2 I = Q (S + U U^T) Q^T`` with the diagonal
+    ``S = rho lam + sigma^2`` and ``U = Q^T B_n`` (k columns), inverted by the Woodbury identity (Golub & Van
+    Loan 2013, section 2.1.4). Returns ``(M' (3m, 3m), the projection P as a :class:`_Held`)``."""
+    g = factor.u @ bw.T  # (M, 3m)
     mat = a_mat
+    s_diag = np.full(len(factor.lam), float(sigma2))
     if rho > 0:
-        c, kn = terms
-        mxb, mbb, mat = mxb + rho * c, mbb + rho * kn, a_mat + rho * k3
-    proj = scipy.linalg.solve(mbb, mxb.T, assume_a="pos")  # Cholesky: M_BB + sigma^2 I is positive definite
-    out = mat - mxb @ proj
-    return 0.5 * (out + out.T), proj
+        g = g + rho * factor.cq
+        mat = a_mat + rho * k3
+        s_diag = s_diag + rho * factor.lam
+    s_inv = 1.0 / s_diag
+    su = s_inv[:, None] * factor.u  # (M, k)
+    small = scipy.linalg.cho_factor(np.eye(factor.u.shape[1]) + factor.u.T @ su, lower=True)
+    t = su.T @ g  # (k, 3m): U^T S^-1 G
+    quad = g.T @ (s_inv[:, None] * g) - t.T @ scipy.linalg.cho_solve(small, t)
+    out = mat - quad
+    return 0.5 * (out + out.T), _Held(factor=factor, g=g, s_inv=s_inv, small=small, sigma2=float(sigma2))
 
 
 def _evidence_grid(bw: np.ndarray, r: np.ndarray, points_mm: np.ndarray, scales, ratios, lengths_mm, taus,
@@ -252,7 +303,10 @@ def _evidence_grid_blocks(bw, r, points_mm, scales, ratios, lengths_mm, taus, sk
     a_mat = bw @ bw.T
     dist = _pairwise(points_mm, points_mm)
     k3s = {length: np.kron(matern52(dist, length), np.eye(3)) for length in lengths_mm}
-    terms = {length: _skull_kernel(points_mm, skull, length) for length in lengths_mm} if skull else {}
+    factors = {length: _skull_factor(points_mm, skull, length) for length in lengths_mm} if skull else {}
+    bare = _skull_factor(points_mm, skull, None) if skull else None
+    sigma2s = tuple(CONTACT_SIGMA2S)
+    held_log_prior = -np.log(len(sigma2s))  # the held priors together weigh as much as the free prior
     sc = np.asarray(scales, dtype=np.float64)[:, None, None]
     ta = np.asarray(taus, dtype=np.float64)[None, :, None]
     blocks = []
@@ -261,13 +315,16 @@ def _evidence_grid_blocks(bw, r, points_mm, scales, ratios, lengths_mm, taus, sk
             k3 = k3s[length] if rho > 0 else None
             priors = [(a_mat + rho * k3 if rho > 0 else a_mat, None)]
             if skull:
-                priors.append(_conditioned(a_mat, k3, bw, skull, rho, terms.get(length)))
+                priors += [_conditioned(a_mat, k3, bw, factors[length] if rho > 0 else bare, rho, s2)
+                           for s2 in sigma2s]
             for mat, proj in priors:
                 lam, vec = np.linalg.eigh(mat)
                 lam = np.clip(lam, 0.0, None)
                 vr = vec.T @ r
                 d = sc * lam[None, None, :] + ta  # (S, T, 3m)
                 le = -0.5 * (((vr ** 2) / d).sum(-1) + np.log(d).sum(-1) + 3 * m * np.log(2.0 * np.pi))
+                if proj is not None:
+                    le = le + held_log_prior
                 blocks.append((float(rho), float(length), vec, vr, d, le, proj))
     return blocks, tuple(scales), tuple(taus)
 
@@ -280,7 +337,8 @@ def _grid_point(blocks, scales, taus) -> tuple[dict, float]:
         if le[i, j] > best_le + 1e-12:
             best_le = float(le[i, j])
             best = {"atlas_scale2": float(scales[i]), "rho": rho, "length_mm": length, "tau_mm2": float(taus[j]),
-                    "eta_mm": float(np.sqrt(rho * scales[i])), "contact": proj is not None}
+                    "eta_mm": float(np.sqrt(rho * scales[i])), "contact": proj is not None,
+                    "contact_sigma2": proj.sigma2 if proj is not None else None}
     return best, best_le
 
 
@@ -426,12 +484,12 @@ def _kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, points_mm: n
     k3 = np.kron(matern52(_pairwise(points_mm, points_mm), length), np.eye(3)) if rho > 0 else None
     proj = None
     if hp.get("contact"):
-        terms = _skull_kernel(points_mm, skull, length) if rho > 0 else None
-        mat, proj = _conditioned(a_mat, k3, bw, skull, rho, terms)
+        factor = _skull_factor(points_mm, skull, length if rho > 0 else None)
+        mat, proj = _conditioned(a_mat, k3, bw, factor, rho, hp.get("contact_sigma2") or CONTACT_SIGMA2)
     else:
         mat = a_mat + rho * k3 if rho > 0 else a_mat
     va = a2 * np.linalg.solve(a2 * mat + hp["tau_mm2"] * np.eye(3 * m), r)
-    vb = -(proj @ va) if proj is not None else np.zeros(len(skull) if skull is not None else 0)
+    vb = -proj.apply(va) if proj is not None else np.zeros(len(skull) if skull is not None else 0)
     kern = {length: rho * va} if rho > 0 else {}
     skull_kern = {length: rho * vb} if rho > 0 and proj is not None else {}
     return _posterior(bw, s, points_mm, skull if proj is not None else None, va, vb, kern, skull_kern)
@@ -466,7 +524,7 @@ def _averaged_kernel_posterior(bw: np.ndarray, s: np.ndarray, r: np.ndarray, poi
         if rho > 0:
             kern[length] = kern.get(length, 0.0) + rho * va
         if proj is not None:
-            vb = -(proj @ va)
+            vb = -proj.apply(va)
             beta += vb
             if rho > 0:
                 skull_kern[length] = skull_kern.get(length, 0.0) + rho * vb
