@@ -12,9 +12,11 @@ interpolator (linear, tps), over all cases and per dataset; per case rows in ``p
         --data data/val_family data/bilateral_val_176_178 --subjects s0176,s0177 \\
         --variants n24=24:none:cv n24e=24:none:evidence n16t30=16:30:cv --noise-mm 0 0.5 --out bench/atlas_fit
 
-A variant is ``NAME=N_SOLVES:TILT_DEG|none:RULE[:PRIOR[:HYPER_RULE]]`` (PRIOR: ``atlas``, the default,
-``atlas+matern`` or ``scaled-atlas+matern``, :data:`brainshift.atlas.fit.PRIORS`; HYPER_RULE for the kernel
-priors: ``average``, the default, or ``map``, :data:`brainshift.atlas.fit.HYPER_RULES`). Deterministic for a
+A variant is ``NAME=N_SOLVES:TILT_DEG|none:RULE[:PRIOR[:HYPER_RULE[:SIGMA2S]]]`` (PRIOR: ``atlas``, the default,
+``atlas+matern``, ``scaled-atlas+matern`` or ``scaled-atlas+matern+contact``, :data:`brainshift.atlas.fit.PRIORS`;
+HYPER_RULE for the kernel priors: ``average``, the default, or ``map``, :data:`brainshift.atlas.fit.HYPER_RULES`;
+SIGMA2S for ``+contact``: the skull-held prior's variances weighed by the marginal likelihood, ``/``-separated,
+default :data:`brainshift.atlas.fit.CONTACT_SIGMA2S`). Deterministic for a
 seed. Choose on validation data; measure the
 choice once on held-out data (``bench/atlas.py``).
 """
@@ -62,6 +64,7 @@ def main() -> None:
                          "displacement scales with the load)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    from brainshift.atlas import fit as atlas_fit
     from brainshift.atlas.fit import fit_atlas
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
@@ -73,7 +76,9 @@ def main() -> None:
         name, spec = v.split("=", 1)
         n, tilt, rule, *rest = spec.split(":")
         variants[name] = (int(n), None if tilt == "none" else float(tilt), rule, rest[0] if rest else "atlas",
-                          rest[1] if len(rest) > 1 else "average")
+                          rest[1] if len(rest) > 1 else "average",
+                          tuple(float(v) for v in rest[2].split("/")) if len(rest) > 2 else None)
+    default_sigma2s = atlas_fit.CONTACT_SIGMA2S
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -98,6 +103,7 @@ def main() -> None:
                     r = {m: mse(interpolate(m, kp.points_vox, kp.disps_vox, subj.image.shape, affine))
                          for m in ("linear", "tps")}
                     for name, at in atlases.items():
+                        atlas_fit.CONTACT_SIGMA2S = variants[name][5] or default_sigma2s
                         r[name] = mse(fit_atlas(at, kp.points_vox, kp.disps_vox, seed=args.seed,
                                                 tau_rule=variants[name][2],
                                                 prior=variants[name][3],
@@ -116,14 +122,16 @@ def main() -> None:
              "interpolator.\n",
              "| variant (solves, tilt, tau rule, prior, hyperparameters) | noise mm | all | "
              + " | ".join(d.name for d in map(Path, args.data)) + " |", "|---|---|---|" + "---|" * len(args.data)]
-    for name, (n, tilt, rule, prior, hyper_rule) in variants.items():
+    for name, (n, tilt, rule, prior, hyper_rule, sigma2s) in variants.items():
         for noise in args.noise_mm:
             sel = [r for r in rows if r["noise_mm"] == noise]
             cells = []
             for group in [sel] + [[r for r in sel if r["data"] == Path(d).name] for d in args.data]:
                 vals = [r[f"{name}_ratio"] for r in group]
                 cells.append(f"{statistics.mean(vals):.3f} ({max(vals):.2f}), {len(vals)}" if vals else "-")
-            lines.append(f"| {name} ({n}, {tilt if tilt is not None else 'none'}, {rule}, {prior}, {hyper_rule}) | "
+            sig = f", sigma^2 {'/'.join(f'{v:g}' for v in sigma2s)}" if sigma2s else ""
+            tilt_s = tilt if tilt is not None else "none"
+            lines.append(f"| {name} ({n}, {tilt_s}, {rule}, {prior}, {hyper_rule}{sig}) | "
                          f"{noise:g} | "
                          + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
