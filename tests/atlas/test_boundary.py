@@ -215,3 +215,62 @@ def test_skull_parts_are_evaluated_on_the_coarse_lattice_and_keypoints_stay_hono
     fit_i = fit_atlas(atlas, idx.astype(float), truth_at)
     at_kp = fit_i.field_vox[(slice(None),) + tuple(idx.T)].T
     assert np.abs(at_kp - truth_at).max() <= np.abs(tps_at - truth_at).max() + 0.01
+
+
+def _random_problem(seed=3, m=10, n_skull=25, k=4):
+    from brainshift.atlas import fit as F
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 80, (m, 3))
+    b = rng.uniform(0, 80, (n_skull, 3))
+    normals = rng.normal(size=(n_skull, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    bw = rng.normal(size=(3 * m, k))
+    skull = F._Skull(points_mm=b, normals=normals, bn=rng.normal(size=(n_skull, k)))
+    return x, bw, skull, rng
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.7])
+@pytest.mark.parametrize("sigma2", [0.03, 2.0])
+def test_factored_conditioning_equals_the_direct_gaussian_conditioning(rho, sigma2):
+    """The eigenbasis + Woodbury form of the held prior equals ``M_XX - M_XB (M_BB + sigma^2 I)^-1 M_BX`` and its
+    projection ``(M_BB + sigma^2 I)^-1 M_BX v`` computed directly, with and without the kernel part."""
+    from brainshift.atlas import fit as F
+
+    x, bw, skull, rng = _random_problem()
+    length = 30.0
+    a_mat = bw @ bw.T
+    k3 = np.kron(F.matern52(F._pairwise(x, x), length), np.eye(3))
+    c, kn = F._skull_kernel(x, skull, length)
+    mxb, mbb, mat = bw @ skull.bn.T, skull.bn @ skull.bn.T + sigma2 * np.eye(len(skull)), a_mat
+    if rho > 0:
+        mxb, mbb, mat = mxb + rho * c, mbb + rho * kn, a_mat + rho * k3
+    proj = np.linalg.solve(mbb, mxb.T)
+    factor = F._skull_factor(x, skull, length if rho > 0 else None)
+    got, held = F._conditioned(a_mat, k3 if rho > 0 else None, bw, factor, rho, sigma2)
+    np.testing.assert_allclose(got, mat - mxb @ proj, rtol=0, atol=1e-9 * np.abs(mat).max())
+    v = rng.normal(size=3 * len(x))
+    np.testing.assert_allclose(held.apply(v), proj @ v, rtol=0, atol=1e-9 * np.abs(proj @ v).max())
+    assert held.sigma2 == sigma2
+
+
+def test_held_priors_share_the_free_priors_weight_among_their_softnesses(monkeypatch):
+    """The held priors of a sigma^2 grid together carry the free prior's prior weight: a grid that repeats one
+    value gives exactly that value's fit and evidence share; a softer value the data prefer moves the share."""
+    from brainshift.atlas import fit as F
+
+    members = [_translation([1, 0, 0]), _translation([0, 0, -1]), _swelling(0.03)]
+    atlas = _sphere_atlas(members)
+    rng = np.random.default_rng(7)
+    pts = CENTRE + rng.uniform(-1, 1, (400, 3)) * RADIUS
+    pts = pts[np.linalg.norm(pts - CENTRE, axis=1) < 0.6 * RADIUS][:20]
+    d = _held([1.0, 0.5, 0.0])(pts) + _swelling(0.01)(pts)  # held in the middle, a little normal motion
+    monkeypatch.setattr(F, "CONTACT_SIGMA2S", (0.03,))
+    one = fit_atlas(atlas, pts, d, residual_method="none")
+    monkeypatch.setattr(F, "CONTACT_SIGMA2S", (0.03, 0.03))
+    twice = fit_atlas(atlas, pts, d, residual_method="none")
+    np.testing.assert_allclose(twice.field_vox, one.field_vox, rtol=0, atol=1e-5)
+    assert twice.info["kernel"]["contact_share"] == pytest.approx(one.info["kernel"]["contact_share"], abs=1e-9)
+    monkeypatch.setattr(F, "CONTACT_SIGMA2S", (0.03, 30.0))
+    grid = fit_atlas(atlas, pts, d, residual_method="none")
+    assert not np.allclose(grid.field_vox, one.field_vox, atol=1e-4)
