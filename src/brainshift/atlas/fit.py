@@ -146,7 +146,8 @@ CONTACT_MIN_KEYPOINTS = 20
 CONTACT_SIGMA2 = 0.03
 #: The variances the marginal likelihood weighs for the skull-held prior (each grid point of the hyperparameters
 #: holds the free prior and one held prior per value; together the held priors have the free prior's prior
-#: weight, split evenly among them).
+#: weight, split evenly among them). Grids 0.03 / 0.3 and 0.03 / 0.3 / 3 failed session 24's rule on validation
+#: (bench/RESULTS.md, session 26: 0.364 / 0.363 against 0.347 with exact keypoints): one value.
 CONTACT_SIGMA2S = (CONTACT_SIGMA2,)
 
 
