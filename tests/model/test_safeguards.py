@@ -374,3 +374,53 @@ def test_compensate_scores_a_given_field_with_its_own_folds(monkeypatch):
     assert calls and all(0 < n < len(pts) for n in calls)
     assert res.safeguards["alpha"] == 0.0  # halving the exact field only hurts: it comes back unchanged
     np.testing.assert_allclose(res.refined_field, g, atol=1e-3)
+
+
+def test_spread_shrinkage_leaves_a_network_without_spread_unchanged():
+    """The oracle's mirrored pass agrees with its plain one (spread 0), so ``w = 1`` wherever it corrects: every
+    kappa gives the output of the rule without shrinkage."""
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    model = LoadedModel(_Oracle(image, gt), CFG, {})
+    plain = safe_refine(image, pts, d, init, model, method="tps")
+    shrunk = safe_refine(image, pts, d, init, model, method="tps", spread_kappas=(0.0, 1.0, 16.0))
+    assert plain.info["spread_kappa"] == 0.0
+    assert shrunk.alpha == pytest.approx(plain.alpha, abs=1e-6)
+    np.testing.assert_allclose(shrunk.field_vox, plain.field_vox, atol=1e-4)
+
+
+class _Lopsided(torch.nn.Module):
+    """Adds a constant to the field for the plain problem and nothing for the mirrored one: a correction of half
+    the constant, with a spread of half the constant, everywhere."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.img = to_network_grid(image, np.zeros((3, *SHAPE), np.float32), None, CFG).tensor[:, 3:4].clone()
+
+    def forward(self, x):
+        if torch.equal(x[:, 3:4], self.img):
+            return x[:, :3] + torch.tensor([0.6, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+        return x[:, :3].clone()
+
+
+def test_spread_shrinkage_weight_is_the_wiener_ratio_and_harm_still_falls_back():
+    """Correction ``c = (0.3, 0, 0)`` voxels everywhere and spread ``|0.3| x 2 mm / sqrt(3)`` per component, so
+    ``|c|^2 / 3 = s^2`` and ``w = 1 / (1 + kappa)`` exactly; a translation field needs no correction at all, so the
+    cross-validation keeps none of it whatever kappa it takes."""
+    from brainshift.model.safeguards import _weights_at
+
+    shrink = {"c2": np.full(SHAPE, 0.12, np.float32), "s2": np.full(SHAPE, 0.12, np.float32)}
+    assert _weights_at(shrink, 4.0, None) == pytest.approx(0.2)
+    np.testing.assert_allclose(_weights_at(shrink, 1.0, np.array([[3.3, 4.1, 5.9]])), [[0.5]], rtol=1e-6)
+    np.testing.assert_array_equal(_weights_at(shrink, 0.0, np.zeros((2, 3))), np.ones((2, 1)))
+    image = _image()
+    gt = np.broadcast_to(np.array([1.0, -0.5, 0.25], np.float32)[:, None, None, None], (3, *SHAPE)).copy()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Lopsided(image), CFG, {}), method="tps",
+                      spread_kappas=(0.0, 1.0, 4.0))
+    assert res.alpha == 0.0
+    np.testing.assert_allclose(res.field_vox, init, atol=1e-4)
+    with pytest.raises(BrainshiftError, match="spread_kappas"):
+        safe_refine(image, pts, d, init, LoadedModel(_Lopsided(image), CFG, {}), method="tps", spread_kappas=(-1.0,))
