@@ -166,34 +166,6 @@ def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     return np.ascontiguousarray(v[0].numpy(), dtype=np.float32)
 
 
-def _spread_weights(corr_vox: np.ndarray, spread_net: torch.Tensor, net_input, a3: np.ndarray,
-                    kappas: tuple[float, ...]) -> dict | None:
-    """What the spread shrinkage needs on the image grid: the correction's squared magnitude per world component
-    ``|c|^2 / 3`` and the squared spread ``s^2`` (mm^2), or None when no ``kappa`` is positive."""
-    if not any(k > 0 for k in kappas):
-        return None
-    c2 = np.einsum("ab,b...->a...", a3.astype(np.float32), corr_vox)
-    c2 = (c2 * c2).sum(axis=0) / 3.0
-    s2 = _scalar_to_input_grid(spread_net, net_input) ** 2
-    return {"c2": c2.astype(np.float32), "s2": s2.astype(np.float32)}
-
-
-def _weights_at(shrink: dict | None, kappa: float, points_vox: np.ndarray | None) -> np.ndarray:
-    """The shrinkage weight ``|c|^2 / (|c|^2 + kappa s^2)`` at ``points_vox`` ``(N, 3)`` (trilinear; ``(N, 1)``)
-    or on the whole grid (``points_vox`` None; ``(I, J, K)``); 1 where ``kappa`` is 0."""
-    if shrink is None or kappa <= 0:
-        return np.ones((len(points_vox), 1)) if points_vox is not None else np.float32(1.0)
-    c2, s2 = shrink["c2"], shrink["s2"]
-    if points_vox is None:
-        return (c2 / np.maximum(c2 + np.float32(kappa) * s2, np.float32(1e-12))).astype(np.float32)
-    from scipy.ndimage import map_coordinates
-
-    p = np.asarray(points_vox, np.float64).T
-    c2p = map_coordinates(c2, p, order=1, mode="nearest")
-    s2p = map_coordinates(s2, p, order=1, mode="nearest")
-    return (c2p / np.maximum(c2p + kappa * s2p, 1e-12))[:, None]
-
-
 #: Fewest keypoints a cross-validation fold keeps: the interpolators need 4 distinct keypoints.
 MIN_FOLD_KEPT = 4
 #: Rules for the cross-validation folds over the keypoints (:func:`_folds`, :func:`knndm_folds`).
@@ -527,8 +499,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
                 fold_rule: str = "knndm",
                 interpolate_options: dict | None = None, fold_field=None,
-                min_field_rms_mm: float | None = 0.0,
-                spread_kappas: tuple[float, ...] = (0.0,)) -> SafeRefinement:
+                min_field_rms_mm: float | None = 0.0) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -562,11 +533,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             (bench/RESULTS.md, "Scale-normalised network input"). The factor is chosen on the full problem and
             used for every fold, so the folds score the network as the output uses it; recorded as
             ``field_scale`` in ``info``.
-        spread_kappas: candidate values of ``kappa`` for the per-voxel shrinkage of the learnt correction by the
-            mirror spread, ``w(x) = |c(x)|^2 / (|c(x)|^2 + kappa s(x)^2)`` (``c`` the correction, ``s`` the spread,
-            both per world component, mm; a Wiener-like weight: a correction not larger than the network's own
-            disagreement with its mirrored pass is shrunk); the cross-validation chooses one with ``alpha`` and
-            ``beta``; ``0`` is no shrinkage (the default, ``(0.0,)``). Recorded as ``spread_kappa``.
 
     Returns:
         :class:`SafeRefinement`.
@@ -602,10 +568,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     spread_net = _spread_mm(0.5 * (pa - pb), net_input)
     del pa, pb
     times["network_s"] = time.perf_counter() - t0
-    kappas = tuple(float(k) for k in spread_kappas) or (0.0,)
-    if any(k < 0 or not np.isfinite(k) for k in kappas):
-        raise BrainshiftError(f"expected spread_kappas >= 0, got {kappas}")
-    shrink = _spread_weights(net_field - init, spread_net, net_input, a3, kappas)
 
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
     t1 = time.perf_counter()
@@ -620,11 +582,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule,
                                  **fold_record, "field_scale": float(net_input.field_scale)}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
-    kernel, kappa = "local", kappas[0]
-    combos = [(kp, k) for kp in kappas for k in kernels]
+    kernel = "local"
     held_err0, held_dist, held_classical, held_raw = [], [], [], []
-    held_corr = {ck: [] for ck in combos}
-    held_spline = {ck: [] for ck in combos}
+    held_corr = {k: [] for k in kernels}
+    held_spline = {k: [] for k in kernels}
     if split:
         img_c, mask_c = _coarse_problem(image, mask, loaded)
         to_c = np.linalg.inv(img_c.affine) @ np.asarray(image.affine, np.float64)
@@ -650,28 +611,27 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             held_classical.append(err0)
             held_raw.append(err0 + corr)  # the network's own held-out error
             held_err0.append(err0)
-            resid_keep = (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T
-            corr_keep = (sample_field(ref_c, pts_c[keep]) - sample_field(init_c, pts_c[keep])) @ ac3.T
-            for kp, k in combos:
-                w_held, w_keep = _weights_at(shrink, kp, pts[held]), _weights_at(shrink, kp, pts[keep])
+            for k in kernels:
                 spline, c_spline = np.zeros_like(err0), np.zeros_like(err0)
                 if consistency:  # score the output as it will be made: after the keypoint-consistency correction
-                    spline, c_spline = _consistency_at(pts, keep, held, image.shape, image.affine, resid_keep,
-                                                       corr_keep * w_keep, k)
-                held_corr[(kp, k)].append(corr * w_held - c_spline)
-                held_spline[(kp, k)].append(spline)
+                    spline, c_spline = _consistency_at(pts, keep, held, image.shape, image.affine,
+                                                       (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T,
+                                                       (sample_field(ref_c, pts_c[keep])
+                                                        - sample_field(init_c, pts_c[keep])) @ ac3.T, k)
+                held_corr[k].append(corr - c_spline)
+                held_spline[k].append(spline)
             d = np.linalg.norm(((pts[held][:, None, :] - pts[keep][None, :, :]) @ a3.T), axis=2).min(axis=1)
             held_dist.append(d)
         e0 = np.concatenate(held_err0)
         best = None
-        for kp, k in combos:  # the shrinkage, consistency correction, alpha and beta that predict best
-            c, t = np.concatenate(held_corr[(kp, k)]), np.concatenate(held_spline[(kp, k)])
+        for k in kernels:  # the consistency correction, alpha and beta that predict the held-out keypoints best
+            c, t = np.concatenate(held_corr[k]), np.concatenate(held_spline[k])
             a_k, b_k = fit_blend(e0, c, t) if consistency else (fit_blend(e0, c, None)[0], 0.0)
             e_k = e0 + a_k * c + b_k * t
             cost = float((e_k ** 2).sum())
             if best is None or cost < best[0] - 1e-12 * max(1.0, best[0]):
-                best = (cost, kp, k, a_k, b_k, e_k)
-        _, kappa, kernel, alpha, beta, e_out = best
+                best = (cost, k, a_k, b_k, e_k)
+        _, kernel, alpha, beta, e_out = best
         dist = np.concatenate(held_dist)
         cv.update({
             "heldout_rmse_classical_mm": float(np.sqrt((np.concatenate(held_classical) ** 2).sum(axis=1).mean())),
@@ -680,10 +640,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             "heldout_rms_distance_mm": float(np.sqrt((dist ** 2).mean())),
         })
     times["cross_validation_s"] = time.perf_counter() - t1
-    if kappa > 0:
-        out = (init + (alpha * _weights_at(shrink, kappa, None)) * (net_field - init)).astype(np.float32)
-    else:
-        out = (init + alpha * (net_field - init)).astype(np.float32)
+    out = (init + alpha * (net_field - init)).astype(np.float32)
 
     # 2. keypoint consistency
     t2 = time.perf_counter()
@@ -706,7 +663,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     times["uncertainty_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0
     cv.update({"alpha": alpha, "beta": beta, "consistency": kernel if consistency else None, "rho": rho,
-               "spread_kappa": kappa,
                "keypoint_residual_mean_mm_before": float(before.mean()),
                "keypoint_residual_mean_mm": float(after.mean()), "keypoint_residual_max_mm": float(after.max()),
                "times_s": times})
