@@ -161,6 +161,30 @@ def test_no_slip_floor_holds_every_dof_of_contact_nodes():
         np.testing.assert_allclose(stick.u, ref, atol=1e-7 * np.abs(ref).max())
 
 
+def test_tied_lid_and_floor_hold_every_dof_and_equal_the_clamped_solve():
+    """Tied (no separation, no sliding) under a sideways-and-down load: the lid that unilateral contact releases
+    stays held, the floor that no-slip holds stays held too, and the answer equals the linear solve with every
+    DOF of floor and lid clamped (solve_constrained, independent of the active-set code)."""
+    rho_g = MAT.weight_density_pa_per_mm()
+    m, pat, k, _, x, bottom, top = _column_system(-rho_g)
+    f = F.body_force_nodal(m, np.tile([0.5 * rho_g, 0.0, -rho_g], (m.n_elements, 1)))
+    cn, nn = _floor_and_lid(bottom, top)
+    pinned = np.concatenate([bottom[:1], bottom[-1:]])
+    b = F.rigid_body_modes(x)
+    res = ContactSolver(k, pat, b, cn, nn, pinned, rtol=1e-11, contact_model="tied").solve(f)
+    assert res.active.all() and res.iterations <= 2
+    assert (res.reaction_n[np.isin(cn, top)] > 0).any()  # the lid pulls (tensile) and is kept
+    assert np.abs(res.u[cn]).max() < 1e-9
+    free = np.ones((m.n_nodes, 3), bool)
+    free[pinned] = False
+    free[cn] = False
+    ref, _ = F.solve_constrained(k, f, free, pattern=pat, near_null=b, rtol=1e-11)
+    assert np.abs(ref).max() > 1e-3
+    np.testing.assert_allclose(res.u, ref, atol=1e-7 * np.abs(ref).max())
+    slide = ContactSolver(k, pat, b, cn, nn, pinned, rtol=1e-11, contact_model="bilateral").solve(f)
+    assert np.abs(slide.u[cn]).max() > 1e-4  # bilateral slides where tied holds
+
+
 def test_plane_nodes_stay_on_their_plane():
     """A mid-column plane (falx-like, normal x) holds its nodes' x-displacement at 0 under a sideways load, while
     they slide in y and z."""
@@ -184,7 +208,7 @@ def test_unknown_contact_model_raises():
                       contact_model="glued")
 
 
-@pytest.mark.parametrize("contact_model", ["bilateral", "no_slip"])
+@pytest.mark.parametrize("contact_model", ["bilateral", "no_slip", "tied"])
 def test_phantom_case_contact_models_keep_nodes_inside(contact_model):
     s = ellipsoid_subject()
     cfg = SimulationConfig(resolution_mm=4.0, contact_model=contact_model, falx=True)

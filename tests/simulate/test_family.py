@@ -39,6 +39,14 @@ def test_draws_are_reproducible_and_within_ranges():
     json.dumps(a)  # recorded in meta.json
 
 
+def test_tied_contact_is_drawn_only_when_weighted():
+    """``tied`` is a family option (opt-in: the default family's draws are unchanged, above)."""
+    fam = ModelFamily(contact={"unilateral": 1.0, "tied": 1.0}, material=["linear"])
+    seen = {draw_model(fam, np.random.default_rng(s))["contact_model"] for s in range(50)}
+    assert seen == {"unilateral", "tied"}
+    assert "tied" not in ModelFamily().contact
+
+
 def test_zero_weight_options_are_never_drawn():
     fam = ModelFamily(contact={"unilateral": 1.0, "bilateral": 0.0}, material=["linear"],
                       tumour_stiffness_ratio=[1.0, 3.0])

@@ -86,7 +86,8 @@ class SimulationConfig:
         newton_rtol: Newton convergence: residual norm relative to the load norm.
         newton_max_iterations: Newton iterations per load step.
         contact_model: skull contact, ``"unilateral"`` (frictionless, may separate; default), ``"bilateral"``
-            (sliding, no separation) or ``"no_slip"`` (no sliding while in contact); see
+            (sliding, no separation), ``"no_slip"`` (no sliding while in contact) or ``"tied"`` (held: no
+            sliding, no separation); see
             :mod:`brainshift.simulate.contact`.
         shear_modulus_pa: parenchyma shear modulus (Pa; 842 in the facts). The tumour's is
             ``tumour_stiffness_ratio`` times it.

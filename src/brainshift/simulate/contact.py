@@ -1,6 +1,6 @@
 """Contact of the brain surface with the rigid skull, by an active-set method.
 
-Three contact models (``contact_model``), all with the skull as a rigid obstacle at the nodes' initial
+Four contact models (``contact_model``), all with the skull as a rigid obstacle at the nodes' initial
 positions; the default is the first:
 
 - ``"unilateral"``: frictionless Signorini contact, the brain may slide along the skull and separate from it
@@ -12,6 +12,11 @@ positions; the default is the first:
   held while active): the infinite-friction limit of Coulomb friction (arachnoid trabeculae tethering the
   cortex to the dura; Ji et al. 2009 compare sliding and tethered surfaces). A node whose normal reaction
   turns tensile is released as in the unilateral model.
+- ``"tied"``: every contact node is held in all its DOFs and never released (no separation, no sliding): the
+  brain surface fixed to the skull outside the craniotomy (the "fixed" surfaces of the boundary-condition
+  templates of Dumpuri et al. 2007, here applied to the whole skull contact; a pia-arachnoid complex much
+  stiffer than the tissue, cf. Bennion 2020). It is the limit of ``"bilateral"`` with infinite friction and of
+  ``"no_slip"`` with no separation.
 
 Separately, ``plane_nodes`` (e.g. the falx cerebri as a fixed plane, :func:`brainshift.simulate.loads.falx_nodes`)
 are held on their plane (``u . n = 0`` along the plane's normal) in every model, sliding freely within it.
@@ -160,7 +165,13 @@ def resolve_cycle(history: list[np.ndarray], new_active: np.ndarray) -> tuple[np
     return new_active, np.zeros_like(new_active, dtype=bool)
 
 
-CONTACT_MODELS = ("unilateral", "bilateral", "no_slip")
+CONTACT_MODELS = ("unilateral", "bilateral", "no_slip", "tied")
+
+
+#: Contact models whose nodes are never released (no separation from the skull).
+NEVER_RELEASE = ("bilateral", "tied")
+#: Contact models whose nodes in contact cannot slide.
+HOLD_TANGENTIAL = ("no_slip", "tied")
 
 
 def check_contact_model(contact_model: str) -> None:
@@ -251,7 +262,7 @@ class ContactSolver:
             the largest nodal load.
         loose_rtol: CG tolerance of the active-set iterations before the final one.
         rebuild_fraction: active-set change (fraction of the contact nodes) that triggers an AMG rebuild.
-        contact_model: ``"unilateral"`` (default), ``"bilateral"`` or ``"no_slip"``.
+        contact_model: ``"unilateral"`` (default), ``"bilateral"``, ``"no_slip"`` or ``"tied"``.
         settle_fraction: the active set also counts as settled when at most this fraction of the contact nodes
             would change state (0, the default: only when none would); those nodes are then held in contact
             (the conservative state: no penetration, a small tensile reaction where a release was due) and
@@ -281,8 +292,8 @@ class ContactSolver:
         contact_nodes, normals, self.is_plane = combine_constraint_nodes(contact_nodes, normals, plane_nodes,
                                                                          plane_normal)
         self.contact_model = contact_model
-        self.never_release = self.is_plane | (contact_model == "bilateral")
-        self.hold_tangential = ~self.is_plane & (contact_model == "no_slip")
+        self.never_release = self.is_plane | (contact_model in NEVER_RELEASE)
+        self.hold_tangential = ~self.is_plane & (contact_model in HOLD_TANGENTIAL)
         self.contact_nodes = np.asarray(contact_nodes, dtype=np.int64)
         self.fixed_nodes = np.asarray(fixed_nodes, dtype=np.int64)
         self.frames = (node_frames(n, self.contact_nodes, normals) if self.contact_nodes.size

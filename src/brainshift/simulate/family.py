@@ -24,7 +24,7 @@ import numpy as np
 
 from brainshift.errors import BrainshiftError
 
-CONTACT = ("unilateral", "bilateral", "no_slip")
+CONTACT = ("unilateral", "bilateral", "no_slip", "tied")
 VENTRICLES = ("fluid", "compressible")
 GRAVITY = ("drained", "buoyant")
 MATERIALS = ("linear", "neo-hookean")

@@ -32,6 +32,8 @@ from brainshift.errors import SolverError
 from brainshift.progress import StepTimer
 from brainshift.simulate import fem
 from brainshift.simulate.contact import (
+    HOLD_TANGENTIAL,
+    NEVER_RELEASE,
     check_contact_model,
     combine_constraint_nodes,
     constrained_free,
@@ -224,8 +226,8 @@ def solve_neo_hookean(mesh: HexMesh, lam: np.ndarray, mu: np.ndarray, which: np.
     """
     check_contact_model(contact_model)
     contact_nodes, normals, is_plane = combine_constraint_nodes(contact_nodes, normals, plane_nodes, plane_normal)
-    never_release = is_plane | (contact_model == "bilateral")
-    hold_tangential = ~is_plane & (contact_model == "no_slip")
+    never_release = is_plane | (contact_model in NEVER_RELEASE)
+    hold_tangential = ~is_plane & (contact_model in HOLD_TANGENTIAL)
     n = mesh.n_nodes
     pattern = fem.block_pattern(mesh)
     frames = node_frames(n, contact_nodes, normals) if len(contact_nodes) else np.tile(np.eye(3), (n, 1, 1))
