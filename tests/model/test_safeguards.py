@@ -374,3 +374,58 @@ def test_compensate_scores_a_given_field_with_its_own_folds(monkeypatch):
     assert calls and all(0 < n < len(pts) for n in calls)
     assert res.safeguards["alpha"] == 0.0  # halving the exact field only hurts: it comes back unchanged
     np.testing.assert_allclose(res.refined_field, g, atol=1e-3)
+
+
+def test_consistency_guard_makes_the_least_correction_that_meets_the_bound():
+    """The contract of issue 11 (mean keypoint residual <= bound): a field within it is returned as it is; a field
+    off at the keypoints gets the smallest share of the local correction toward the target that reaches the
+    bound (so the mean residual lands on the bound, not below it), and nothing changes a few kernel widths from
+    the keypoints."""
+    from brainshift.model.safeguards import CONSISTENCY_WIDTH_MM, enforce_keypoint_consistency
+
+    shape = (90, 40, 30)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(4)
+    pts = np.column_stack([rng.uniform(2, 12, 15), rng.uniform(5, 35, 15), rng.uniform(5, 25, 15)])
+    d = rng.normal(0.0, 1.0, size=(15, 3))
+    field = np.zeros((3, *shape), np.float32)
+    r0 = keypoint_residuals_mm(field, pts, d, affine).mean()
+    same, info = enforce_keypoint_consistency(field, pts, d, d, affine, r0 + 0.01)
+    assert same is field and not info["applied"] and info["met"]
+    bound = 0.5 * r0
+    out, info = enforce_keypoint_consistency(field, pts, d, d, affine, bound)
+    after = keypoint_residuals_mm(out, pts, d, affine).mean()
+    assert info["applied"] and info["met"] and after <= bound
+    assert after == pytest.approx(bound, abs=0.01 * r0)  # the least correction: on the bound, not far below
+    assert 0.0 < info["scale"] < 1.0 and info["passes"] == 1
+    far = int(np.ceil((12 * 2.0 + 5 * CONSISTENCY_WIDTH_MM) / 2.0))
+    assert np.abs(out[:, far:]).max() < 1e-4
+    # a bound at the target's own residual is reached too (by more passes if the coarse grid needs them)
+    tight, info = enforce_keypoint_consistency(field, pts, d, d, affine, 0.02 * r0)
+    assert info["met"] and keypoint_residuals_mm(tight, pts, d, affine).mean() <= 0.02 * r0
+
+
+class _Bump(torch.nn.Module):
+    """Adds a sharp bump (large near the grid's centre, where the keypoints are): a correction the ridge of the
+    ``tps`` consistency kernel cannot remove at the keypoints."""
+
+    def forward(self, x):
+        n = x.shape[2:]
+        g = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in n], indexing="ij")
+        bump = 6.0 * torch.exp(-(g[0] ** 2 + g[1] ** 2 + g[2] ** 2) / 0.05)
+        return x[:, :3] + bump.view(1, 1, *n)
+
+
+def test_safe_refine_output_meets_the_keypoint_consistency_contract():
+    """Whatever the network adds and whichever weights the cross-validation picks, the output's mean keypoint
+    residual is at most the initial field's + CONSISTENCY_TOLERANCE_MM (issue 11), and the guard is recorded."""
+    from brainshift.model.safeguards import CONSISTENCY_TOLERANCE_MM
+
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt, n=30)
+    for method in ("tps", "linear"):
+        init = interpolate(method, pts, d, SHAPE, image.affine)
+        res = safe_refine(image, pts, d, init, LoadedModel(_Bump(), CFG, {}), method=method)
+        r_init = keypoint_residuals_mm(init, pts, d, image.affine).mean()
+        assert keypoint_residuals_mm(res.field_vox, pts, d, image.affine).mean() <= r_init + CONSISTENCY_TOLERANCE_MM
+        assert res.info["consistency_guard"]["met"]
