@@ -402,6 +402,40 @@ def test_refined_infer_records_safeguards_and_writes_uncertainty(tmp_path, image
     assert summary["safeguards"] is None and not (out / "uncertainty_mm.nii.gz").exists()
 
 
+def test_initial_field_with_keypoints_runs_under_the_safeguards(tmp_path, image_path, tiny_default_weights):
+    """-i with -k (README, the -i row): the given field is refined and the keypoints drive the safeguards (folds,
+    alpha, the consistency guard); the output honours the keypoints within the initial field's residual + 0.05 mm.
+    -m atlas makes its own initial field, so -i with it is refused; --tps-lam has nothing to tune with -i."""
+    from brainshift.model.safeguards import keypoint_residuals_mm
+
+    rows = _good_rows(n=16)
+    kp = _table(tmp_path / "kp.csv", rows)
+    affine = nib.load(image_path).affine
+    init = np.zeros((3, *SHAPE), np.float32)
+    init[0] += 0.4  # a given field that misses the keypoints' affine shift
+    np.savez(tmp_path / "init.npz", field=init, affine=affine)
+    out = tmp_path / "out"
+    res = _invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-k", str(kp), "-o", str(out),
+                   "-q", "-f", "npz"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    sg = summary["safeguards"]
+    assert sg is not None and sg["n_keypoints"] == 16 and sg["folds"] >= 2 and "consistency_guard" in sg
+    assert summary["keypoint_count"] == 16
+    refined = np.load(out / "corrected_disp_field.npz")
+    refined = refined[refined.files[0]]
+    pts, d = rows[:, :3], rows[:, 3:]
+    r_init = keypoint_residuals_mm(init, pts, d, affine).mean()
+    assert r_init > 0.3
+    assert keypoint_residuals_mm(refined, pts, d, affine).mean() <= r_init + 0.05
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-k", str(kp),
+                                 "-m", "atlas", "--atlas", str(tmp_path), "-o", str(tmp_path / "a"), "-q"]),
+                        tmp_path / "a", "no initial field (-i) with -m atlas")
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-k", str(kp),
+                                 "--tps-lam", "0.5", "-o", str(tmp_path / "t"), "-q"]),
+                        tmp_path / "t", "without an initial field (-i) for --tps-lam")
+
+
 def test_sheared_image_is_refused_for_itk_and_nifti_outputs_but_not_npz(tmp_path):
     """ITK directions are orthonormal: a sheared grid cannot be written so that every reader agrees, so .h5 and
     .nii outputs are refused before any work, with one line; .npz keeps the exact affine."""

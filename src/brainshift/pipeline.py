@@ -125,6 +125,9 @@ def _check_options(opts: InferOptions) -> str:
         if opts.kpt_disps is None:
             raise BrainshiftError("expected keypoints (-k) with -m atlas (the atlas is fitted to them), got only an "
                                   "initial field")
+        if opts.init_disp is not None:
+            raise BrainshiftError("expected no initial field (-i) with -m atlas (the atlas fit makes the initial "
+                                  "field), got one")
     elif opts.atlas is not None:
         raise BrainshiftError(f"expected --atlas only with -m atlas, got -m {opts.interp_mode}")
     if opts.atlas_prior is not None:
@@ -169,21 +172,24 @@ def _load_network_async(weights: Path, device: str):
 
 
 def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
-    """The preop image and either ``{"initial_field": ...}`` or ``{"keypoints": (points_vox, disps_vox)}``."""
+    """The preop image and ``{"initial_field": ...}``, ``{"keypoints": (points_vox, disps_vox)}`` or both (``-i``
+    with ``-k``: the field is used as it is and the keypoints drive the safeguards,
+    :func:`brainshift.compensate.compensate`)."""
     from brainshift.io.images import check_intensities, read_image
 
     with steps.step("load preop image"):
         image = read_image(opts.preop_scan)
         check_intensities(image, opts.preop_scan, "preop image")
+    given: dict = {}
     if opts.init_disp is not None:
         from brainshift.io.fields import read_field
 
-        if opts.kpt_disps is not None:
-            warnings.warn("both an initial field and keypoints were given: the initial field is used", stacklevel=3)
         with steps.step("load initial field"):
             init_field, _ = read_field(opts.init_disp, reference=image)
             _check_field_bound(image, init_field, opts)
-        return image, {"initial_field": init_field}
+        given["initial_field"] = init_field
+        if opts.kpt_disps is None:
+            return image, given
     from brainshift.io.keypoints import read_keypoints
 
     with steps.step("load keypoints"):
@@ -195,7 +201,7 @@ def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
             from brainshift.keypoints.validate import validate_keypoints
 
             points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape, names=names)
-    return image, {"keypoints": (points_vox, disps_vox)}
+    return image, {**given, "keypoints": (points_vox, disps_vox)}
 
 
 def _keypoint_coverage(image: Volume, given: dict, method: str) -> float | None:
@@ -342,9 +348,9 @@ def _interp_options(opts: InferOptions, image: Volume, given: dict, steps: StepT
     lam = _tps_lam_option(opts)
     if lam is None:
         return options, {}, None
-    if "keypoints" not in given:
-        raise BrainshiftError("expected keypoints (-k) for --tps-lam, got an initial field (-i): nothing is "
-                              "interpolated")
+    if "keypoints" not in given or "initial_field" in given:
+        raise BrainshiftError("expected keypoints (-k) without an initial field (-i) for --tps-lam, got an initial "
+                              "field: nothing is interpolated")
     points_vox, disps_vox = given["keypoints"]
     if str(opts.interp_mode).lower() == "auto":
         from brainshift.compensate import choose_interpolator

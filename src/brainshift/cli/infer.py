@@ -15,7 +15,8 @@ def infer_command(
                                     help="Preop image (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd)."),
     init_disp: Path | None = typer.Option(None, "-i", "--init_disp", "--init-disp",
                                           help="Initial displacement field (.h5, .nii/.nii.gz vector, .npz); "
-                                               "replaces interpolation."),
+                                               "replaces interpolation; with -k the keypoints drive the "
+                                               "safeguards."),
     kpt_disps: Path | None = typer.Option(None, "-k", "--kpt_disps", "--kpt-disps",
                                           help="Keypoints: table x,y,z,dx,dy,dz (.csv/.txt), or preop Slicer "
                                                "markups (.fcsv/.mrk.json) with --kpt-intraop."),
