@@ -428,4 +428,6 @@ def test_safe_refine_output_meets_the_keypoint_consistency_contract():
         res = safe_refine(image, pts, d, init, LoadedModel(_Bump(), CFG, {}), method=method)
         r_init = keypoint_residuals_mm(init, pts, d, image.affine).mean()
         assert keypoint_residuals_mm(res.field_vox, pts, d, image.affine).mean() <= r_init + CONSISTENCY_TOLERANCE_MM
-        assert res.info["consistency_guard"]["met"]
+        guard = res.info["consistency_guard"]
+        assert guard["met"] and guard["initial_residual_mean_mm"] == pytest.approx(r_init)
+        assert guard["bound_mm"] == pytest.approx(r_init + CONSISTENCY_TOLERANCE_MM - 0.01)

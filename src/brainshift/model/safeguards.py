@@ -736,7 +736,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         out, guard = enforce_keypoint_consistency(
             out, pts, dsp, target, image.affine,
             init_mean + CONSISTENCY_TOLERANCE_MM - CONSISTENCY_GUARD_MARGIN_MM)
-        cv["consistency_guard"] = guard
+        cv["consistency_guard"] = {**guard, "initial_residual_mean_mm": init_mean,
+                                   "tolerance_mm": CONSISTENCY_TOLERANCE_MM}
     after = keypoint_residuals_mm(out, pts, dsp, image.affine)
     times["consistency_s"] = time.perf_counter() - t2
 
