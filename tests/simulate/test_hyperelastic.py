@@ -80,7 +80,11 @@ def test_load_step_cutback_reaches_the_same_equilibrium():
 
 
 @pytest.mark.slow  # ~10 s: Newton with an AMG rebuild per iteration
-def test_phantom_case_close_to_linear_at_moderate_load():
+@pytest.mark.parametrize("contact", ["unilateral", "tied"])
+def test_phantom_case_close_to_linear_at_moderate_load(contact):
+    """The Newton solve of a moderate case is within 5 % of the linear one, for the default contact and for tied
+    contact (every DOF held, never released: its holding itself is test_contact.py's clamped solve); nothing
+    moves outward through the skull."""
     from brainshift.simulate.case import SimulationConfig, draw_case_parameters, simulate_case
 
     from .phantoms import ellipsoid_subject
@@ -88,25 +92,11 @@ def test_phantom_case_close_to_linear_at_moderate_load():
     s = ellipsoid_subject()
     out = []
     for material in ("linear", "neo-hookean"):
-        cfg = SimulationConfig(resolution_mm=4.0, material=material, drainage_fraction_range=(0.1, 0.1))
-        out.append(simulate_case(s, cfg, draw_case_parameters(s, cfg, 7)).meta["max_displacement_mm"])
-    assert abs(out[1] / out[0] - 1.0) < 0.05
-
-
-def test_phantom_tied_case_neo_hookean_close_to_linear():
-    """Tied contact through the Newton solver: the same moderate case as the linear solve within 5 %, nothing
-    moving outward through the skull in either (every-DOF holding itself: test_contact.py's clamped solve)."""
-    from brainshift.simulate.case import SimulationConfig, draw_case_parameters, simulate_case
-
-    from .phantoms import ellipsoid_subject
-
-    s = ellipsoid_subject()
-    out = []
-    for material in ("linear", "neo-hookean"):
-        cfg = SimulationConfig(resolution_mm=4.0, material=material, contact_model="tied",
+        cfg = SimulationConfig(resolution_mm=4.0, material=material, contact_model=contact,
                                drainage_fraction_range=(0.1, 0.1))
         r = simulate_case(s, cfg, draw_case_parameters(s, cfg, 7))
-        assert all(stage["max_outward_mm"] <= 1e-6 for stage in r.meta["solves"])
+        tol = 1e-6 if contact == "tied" else 0.2  # tied: held exactly; unilateral: the gap tolerance
+        assert all(stage["max_outward_mm"] <= tol for stage in r.meta["solves"])
         out.append(r.meta["max_displacement_mm"])
     assert out[0] > 0.05
     assert abs(out[1] / out[0] - 1.0) < 0.05
