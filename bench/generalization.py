@@ -114,7 +114,7 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
             # always mirror-averaged, as the safeguards' own passes are
             t0 = time.perf_counter()
             fields[f"net-tps:{name}"] = refine_field(subject.image, fields["tps"], loaded, mask=brain,
-                                                     mirror_average=True)
+                                                     mirror_average=True, points_vox=kp.points_vox)
             extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"], "alpha": 1.0}
             if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
                 t0 = time.perf_counter()

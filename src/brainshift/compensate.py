@@ -400,7 +400,8 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             record: dict = {}
             result.refined_field = refine_field(image, init, model, mask=mask, device=device, progress=progress,
                                                 mirror_average=result.mirror_average,
-                                                min_field_rms_mm=min_field_rms_mm, record=record)
+                                                min_field_rms_mm=min_field_rms_mm, record=record,
+                                                points_vox=None if keypoints is None else points_vox)
             result.field_scale = record["field_scale"]
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from brainshift.errors import GeometryError
+from brainshift.errors import BrainshiftError, GeometryError
 from brainshift.model.grid import (
     crop_pad,
     field_to_network_grid,
     field_vox_to_network_matrix,
     from_network_grid,
+    keypoint_proximity,
     mirror_network_tensor,
     network_field_to_voxel,
     network_grid,
@@ -215,8 +216,8 @@ def test_bad_inputs_raise():
         to_network_grid(vol, np.zeros((3, 8, 8, 7), np.float32), None, FULL)
     with pytest.raises(GeometryError, match="brain mask"):
         to_network_grid(vol, np.zeros((3, *shape), np.float32), np.ones((8, 8, 9)), FULL)
-    with pytest.raises(GeometryError, match="4 input channels"):
-        to_network_grid(vol, np.zeros((3, *shape), np.float32), None, NetworkConfig(in_channels=5))
+    with pytest.raises(BrainshiftError, match="in_channels 4"):
+        NetworkConfig(in_channels=5)  # a channel count that does not match the inputs is refused when built
     ni = to_network_grid(vol, np.zeros((3, *shape), np.float32), None, FULL)
     with pytest.raises(GeometryError, match="network output"):
         from_network_grid(torch.zeros(1, 3, 8, 8, 16), ni)
@@ -290,3 +291,59 @@ def test_scale_normalisation_scales_small_fields_up_to_the_floor():
     for kw in ({"min_field_rms_mm": -1.0}, {"field_scale": 0.0}, {"field_scale": float("inf")}):
         with pytest.raises(BrainshiftError, match="finite number"):
             to_network_grid(img, field, None, FAST, **kw)
+
+
+# ------------------------------------------------------------------------------------------ keypoint channel
+KP_NET = NetworkConfig(features=(4, 8, 16, 32), spacing_mm=2.0, keypoint_channel="proximity", keypoint_scale_mm=5.0)
+
+
+def test_keypoint_proximity_is_exp_of_the_nearest_keypoint_distance():
+    aff = _oblique_affine()
+    shape = (6, 7, 5)
+    pts_vox = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 1.0]])
+    pts = pts_vox @ aff[:3, :3].T + aff[:3, 3]
+    p = keypoint_proximity(pts, shape, aff, 5.0).numpy()
+    assert p.shape == shape and p.dtype == np.float32
+    assert p[1, 2, 3] == pytest.approx(1.0) and p[4, 5, 1] == pytest.approx(1.0)
+    # an independent brute-force distance at every voxel
+    world = np.indices(shape).reshape(3, -1).T @ aff[:3, :3].T + aff[:3, 3]
+    d = np.linalg.norm(world[:, None, :] - pts[None], axis=2).min(axis=1)
+    np.testing.assert_allclose(p.ravel(), np.exp(-d / 5.0), rtol=1e-5)
+    for bad in (np.zeros((0, 3)), np.array([[np.nan, 0.0, 0.0]])):
+        with pytest.raises(BrainshiftError, match="keypoint"):
+            keypoint_proximity(bad, shape, aff, 5.0)
+
+
+def test_network_input_with_a_keypoint_channel():
+    aff = _oblique_affine()
+    shape = (20, 22, 18)
+    vol = Volume(_image(shape), aff)
+    field = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
+    pts_vox = np.array([[5.0, 6.0, 7.0], [12.0, 15.0, 9.0], [9.0, 9.0, 9.0]])
+    pts = pts_vox @ aff[:3, :3].T + aff[:3, 3]
+    plain = to_network_grid(vol, field, None, FAST)
+    ni = to_network_grid(vol, field, None, KP_NET, points_ras=pts)
+    assert KP_NET.in_channels == 5 and ni.tensor.shape == (1, 5, *plain.tensor.shape[2:])
+    # the first four channels are those of the network without the channel; the fifth is the proximity on the
+    # padded network grid (the image view is the image channel only)
+    torch.testing.assert_close(ni.tensor[:, :4], plain.tensor)
+    assert ni.image.shape[1] == 1
+    torch.testing.assert_close(ni.tensor[0, 4], keypoint_proximity(pts, ni.tensor.shape[2:], ni.padded_affine, 5.0))
+    # the nearest network voxel to each keypoint is within half a diagonal (2 mm grid) of it
+    assert float(ni.tensor[0, 4].max()) >= np.exp(-np.sqrt(3.0) / 5.0) - 1e-6
+    with pytest.raises(BrainshiftError, match="expected the driving keypoints"):
+        to_network_grid(vol, field, None, KP_NET)
+    # a network without the channel ignores keypoints
+    torch.testing.assert_close(to_network_grid(vol, field, None, FAST, points_ras=pts).tensor, plain.tensor)
+
+
+def test_keypoint_channel_config():
+    assert NetworkConfig(keypoint_channel="proximity").in_channels == 5  # 4 (the default) read as 5
+    assert NetworkConfig(keypoint_channel="proximity", in_channels=5).uses_keypoints
+    assert NetworkConfig.from_dict(NetworkConfig(keypoint_channel="proximity").to_dict()).in_channels == 5
+    with pytest.raises(BrainshiftError, match="keypoint_channel"):
+        NetworkConfig(keypoint_channel="distance")
+    with pytest.raises(BrainshiftError, match="in_channels 5"):
+        NetworkConfig(keypoint_channel="proximity", in_channels=6)
+    with pytest.raises(BrainshiftError, match="keypoint_scale_mm"):
+        NetworkConfig(keypoint_channel="proximity", keypoint_scale_mm=0.0)

@@ -431,3 +431,38 @@ def test_safe_refine_output_meets_the_keypoint_consistency_contract():
         guard = res.info["consistency_guard"]
         assert guard["met"] and guard["initial_residual_mean_mm"] == pytest.approx(r_init)
         assert guard["bound_mm"] == pytest.approx(r_init + CONSISTENCY_TOLERANCE_MM - 0.01)
+
+
+class _RecordKeypointChannel(torch.nn.Module):
+    """Returns its input field and records the keypoint channel (channel 4) of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x[0, 4].clone())
+        return x[:, :3].clone()
+
+
+def test_every_pass_gets_the_keypoint_channel_of_its_own_keypoints():
+    from brainshift.compensate import compensate
+    from brainshift.model.grid import keypoint_proximity
+
+    cfg = NetworkConfig(features=(4, 8), spacing_mm=2.0, keypoint_channel="proximity", keypoint_scale_mm=6.0)
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    net = _RecordKeypointChannel()
+    safe_refine(image, pts, d, init, LoadedModel(net, cfg, {}), method="tps")
+    a = image.affine
+    full = keypoint_proximity(pts @ a[:3, :3].T + a[:3, 3], SHAPE, a, 6.0)  # network grid = image grid here
+    torch.testing.assert_close(net.seen[0], full)  # the full problem
+    torch.testing.assert_close(net.seen[1], full.flip(0))  # its left-right mirrored pass
+    folds = net.seen[2:]
+    assert len(folds) >= 2
+    for f in folds:  # each fold sees only its kept keypoints: nowhere closer to a keypoint, somewhere farther
+        assert float((f - full).max()) <= 1e-6 and float((full - f).max()) > 0.05
+    # a model that takes the keypoints refuses to run without them, with one clear error
+    with pytest.raises(BrainshiftError, match="expected the driving keypoints"):
+        compensate(image, initial_field=init, model=LoadedModel(_RecordKeypointChannel(), cfg, {}))

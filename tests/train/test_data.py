@@ -375,3 +375,38 @@ def test_several_folders_errors_are_one_line(two_datasets, tmp_path):
         with pytest.raises(err) as info:
             split_cases(data)
         assert match in str(info.value) and "\n" not in str(info.value), (data, str(info.value))
+
+
+def test_keypoint_channel_in_variants_samples_and_pools(tiny_dataset, tmp_path):
+    from brainshift.model.grid import keypoint_proximity
+    from brainshift.model.inference import points_to_ras
+    from brainshift.train.data import network_input_of
+
+    kp_net = NetworkConfig(features=(4, 8), keypoint_channel="proximity", keypoint_scale_mm=4.0)
+    c = prepare_case(tiny_dataset, "sub00_c0", kp_net)
+    c_plain = prepare_case(tiny_dataset, "sub00_c0", NET)
+    for k in ("net_image", "net_gt", "net_mask"):  # the case's grid arrays do not depend on the channel
+        np.testing.assert_array_equal(c[k], c_plain[k])
+    v = draw_variant(c, np.random.default_rng(3), kp_net, interp="linear", k_range=(6, 9), heldout_kpts=15)
+    v_plain = draw_variant(c_plain, np.random.default_rng(3), NET, interp="linear", k_range=(6, 9), heldout_kpts=15)
+    np.testing.assert_array_equal(v["points"], v_plain["points"])  # the same draws
+    assert "proximity_net" not in v_plain
+    ni = network_input_of(c, kp_net)
+    expected = keypoint_proximity(points_to_ras(v["points"], c["affine"]), v["init_net"].shape[1:],
+                                  ni.padded_affine, 4.0).numpy()
+    np.testing.assert_allclose(v["proximity_net"], expected)
+    ijk = v["points"].astype(int) + np.array([p[0] for p in ni.pad])  # 1 mm network grid: keypoints on voxels
+    np.testing.assert_allclose(v["proximity_net"][ijk[:, 0], ijk[:, 1], ijk[:, 2]], 1.0, rtol=1e-6)
+    # samples carry the channel last, cropped and mirrored with the image
+    plain = assemble_sample(c, v, (16, 18, 14))
+    assert plain["input"].shape == (5, 16, 18, 14)
+    flipped = [assemble_sample(c, v, (16, 18, 14), None, np.random.default_rng(s), (0,)) for s in range(8)]
+    f = next(f for f in flipped if not torch.equal(f["target"], plain["target"]))
+    torch.testing.assert_close(f["input"][3:], plain["input"][3:].flip(1))
+    # the variant pool keeps it (half precision) and the training samples use it
+    ds = TrainDataset(tiny_dataset, ["sub00_c0"], {"sub00_c0": "sub00"}, kp_net, size=None, interp="linear",
+                      k_range=(6, 6), variants_per_case=2, cache_dir=tmp_path / "cache")
+    pool = ds.cases[0]
+    assert np.asarray(pool["proximities"]).shape == (2, *v["init_net"].shape[1:])
+    s = ds[0]
+    assert s["input"].shape[0] == 5 and float(s["input"][4].max()) == pytest.approx(1.0, abs=1e-3)

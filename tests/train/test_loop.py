@@ -150,3 +150,30 @@ def test_cosine_learning_rate_schedule():
     assert learning_rate(cos, 100, 100) == pytest.approx(1e-5)
     assert learning_rate(cos, 250, 100) == pytest.approx(1e-5)  # past the plan: stays at lr_min
     assert learning_rate(from_dict({"lr": 1e-3}), 50, 100) == 1e-3
+
+
+def test_a_loaded_model_widened_with_the_keypoint_channel_starts_as_the_loaded_model(tiny_dataset, tmp_path):
+    from brainshift.model.checkpoint import save_weights
+    from brainshift.train.distributed import DistContext
+    from brainshift.train.loop import _prepare_run, widen_input_channels
+
+    torch.manual_seed(0)
+    net = NetworkConfig(features=(4, 8))
+    small = build_network(net).eval()
+    wide_cfg = NetworkConfig(features=(4, 8), keypoint_channel="proximity")
+    wide = build_network(wide_cfg)
+    wide.load_state_dict(widen_input_channels(small.state_dict(), wide.state_dict()))
+    wide.eval()
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():  # any value of the new channel: the same output as the loaded model
+        for prox in (torch.zeros(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)):
+            torch.testing.assert_close(wide(torch.cat([x, prox], 1)), small(x), rtol=0, atol=0)
+    # through a training config: load_model + network.keypoint_channel
+    path = tmp_path / "small.safetensors"
+    save_weights(path, small, net)
+    cfg = _cfg(tiny_dataset, tmp_path / "o", load_model=str(path), network={"keypoint_channel": "proximity"},
+               split=[0.0, 0.0])
+    run = _prepare_run(cfg, DistContext())
+    assert run.net_cfg.in_channels == 5 and run.net_cfg.features == (4, 8)
+    w = run.model.state_dict()["encoders.0.basic_module.conv1.weight"]
+    assert w.shape[1] == 5 and torch.count_nonzero(w[:, 4]) == 0

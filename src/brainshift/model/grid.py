@@ -29,6 +29,9 @@ diverge. Steps, in order:
 8. **Pad** at both ends (``before = total // 2``) to multiples of ``2 ** (levels - 1)``: the image with its
    normalised minimum (background), field and mask with zeros. The pad is recorded and removed exactly by
    :func:`from_network_grid`.
+9. **Keypoint channel** (networks with ``config.keypoint_channel = "proximity"`` only): one more channel after
+   the image, :func:`keypoint_proximity` of the driving keypoints on the padded network grid, computed from the
+   keypoints' world positions (not resampled), so it is the same function of space on any input grid.
 
 All resampling here maps voxel centres through the affines: voxel ``q`` of the target samples the source at
 ``A_src^-1 A_dst q``.
@@ -58,7 +61,8 @@ class NetworkInput:
 
     Attributes:
         tensor: ``(1, 4, I', J', K')`` float32: field channels (network units) then the z-scored image,
-            padded; spatial axes are our ``(i, j, k)``.
+            padded; spatial axes are our ``(i, j, k)``. ``(1, 5, ...)`` with the keypoint channel last for
+            networks that take one (step 9).
         mask: ``(I', J', K')`` bool: region where the field was kept (False in the padding).
         pad: ``((before, after),) * 3`` voxels added along ``i, j, k`` on the network grid.
         net_shape: ``(I_n, J_n, K_n)`` network grid before padding.
@@ -97,7 +101,7 @@ class NetworkInput:
     @property
     def image(self) -> torch.Tensor:
         """``(1, 1, I', J', K')`` view of the z-scored padded image."""
-        return self.tensor[:, 3:]
+        return self.tensor[:, 3:4]
 
     @property
     def padded_affine(self) -> np.ndarray:
@@ -282,8 +286,45 @@ def scale_for_rms(rms_mm: float, min_field_rms_mm: float | None) -> float:
     return max(1.0, float(min_field_rms_mm) / float(rms_mm))
 
 
+def keypoint_proximity(points_ras, shape, affine, scale_mm: float) -> torch.Tensor:
+    """The keypoint channel: ``exp(-d / scale_mm)`` at each voxel centre of the grid ``(shape, affine)``, with ``d``
+    the Euclidean distance (mm, world) to the nearest point of ``points_ras`` (exact, by ``torch.cdist``).
+
+    Args:
+        points_ras: ``(N, 3)`` driving keypoints in world RAS mm (N >= 1).
+        shape, affine: the grid (e.g. the padded network grid, :attr:`NetworkInput.padded_affine`).
+        scale_mm: the length scale (mm), :attr:`NetworkConfig.keypoint_scale_mm`.
+
+    Returns:
+        ``(I, J, K)`` float32 tensor in ``(0, 1]``: 1 at a keypoint, ``exp(-1)`` one scale away.
+
+    Raises:
+        BrainshiftError: no keypoints, non-finite ones or a bad scale.
+    """
+    pts = np.asarray(points_ras, np.float64).reshape(-1, 3) if np.size(points_ras) else np.zeros((0, 3))
+    if len(pts) == 0 or not np.all(np.isfinite(pts)):
+        raise BrainshiftError(f"expected at least one finite keypoint for the keypoint channel, got {len(pts)} "
+                              f"({'non-finite values' if len(pts) else 'none'})")
+    if not (np.isfinite(scale_mm) and scale_mm > 0):
+        raise BrainshiftError(f"expected a positive keypoint scale (mm), got {scale_mm!r}")
+    shape = tuple(int(s) for s in shape)
+    a = np.asarray(affine, np.float64)
+    # brute force in chunks (torch.cdist): a few keypoints against every voxel is faster than a k-d tree query,
+    # and exact; coordinates relative to the keypoints' centroid keep float32 precise
+    c = pts.mean(axis=0)
+    p_t = torch.from_numpy((pts - c).astype(np.float32))
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    idx = torch.stack([ii.reshape(-1), jj.reshape(-1), kk.reshape(-1)], 1)
+    world = idx @ torch.from_numpy(a[:3, :3].T.astype(np.float32)) + torch.from_numpy((a[:3, 3] - c).astype(np.float32))
+    chunk = max(1, 2**24 // max(len(pts), 1))
+    d = torch.cat([torch.cdist(world[s:s + chunk], p_t).amin(dim=1) for s in range(0, len(world), chunk)])
+    return torch.exp(d / -float(scale_mm)).reshape(shape)
+
+
 def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: NetworkConfig, *,
-                    min_field_rms_mm: float | None = None, field_scale: float | None = None) -> NetworkInput:
+                    min_field_rms_mm: float | None = None, field_scale: float | None = None,
+                    points_ras=None) -> NetworkInput:
     """Prepare an image and its initial field for the network (steps 1-8 of the module docstring).
 
     Args:
@@ -296,15 +337,17 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
             network grid is below this is scaled up to it; ``None`` or 0: no scaling.
         field_scale: scale the field channels by this factor instead (e.g. the factor of the full problem for
             its cross-validation folds); exclusive with ``min_field_rms_mm``.
+        points_ras: ``(N, 3)`` driving keypoints (world RAS mm) for a network with a keypoint channel (step 9);
+            ignored by networks without one.
 
     Returns:
         A :class:`NetworkInput` (CPU tensors).
 
     Raises:
         GeometryError: a field or mask not on the image grid, non-finite values, a mask with negative values,
-            or a network expecting a channel count other than 4.
+            or a network expecting a channel count other than 4 (5 with a keypoint channel).
         BrainshiftError: both ``min_field_rms_mm`` and ``field_scale``, or a scale that is not a positive
-            finite number.
+            finite number; a network with a keypoint channel and no keypoints.
 
     Convention: ``field_vox`` is forward Lagrangian in voxel units of the input grid; the result's field
     channels are forward Lagrangian in ``config.field_units`` on the network grid (times ``field_scale``).
@@ -318,8 +361,12 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
         raise BrainshiftError(f"expected min_field_rms_mm a non-negative finite number, got {min_field_rms_mm!r}")
     if field_scale is not None and not (_number(field_scale) and field_scale > 0):
         raise BrainshiftError(f"expected field_scale a positive finite number, got {field_scale!r}")
-    if config.in_channels != 4:
-        raise GeometryError(f"expected a network with 4 input channels (field + image), got {config.in_channels}")
+    if config.in_channels != config.expected_in_channels:
+        raise GeometryError(f"expected a network with {config.expected_in_channels} input channels, got "
+                            f"{config.in_channels}")
+    if config.uses_keypoints and (points_ras is None or np.size(points_ras) == 0):
+        raise BrainshiftError("this model takes the keypoints as an input channel (keypoint_channel "
+                              f"{config.keypoint_channel!r}): expected the driving keypoints, got none")
     shape = image.shape
     f = check_field(_as_tensor(field_vox).numpy(), shape)
     img = np.asarray(image.data, dtype=np.float32)
@@ -355,11 +402,16 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     field_p, pad = pad_to_multiple(field_n, mult, 0.0)
     img_p, _ = pad_to_multiple(img_n[None], mult, background)
     region_p, _ = pad_to_multiple(region[None].to(torch.uint8), mult, 0)
-    tensor = torch.cat([field_p, img_p])[None].contiguous()
-    return NetworkInput(tensor=tensor, mask=region_p[0].bool(), pad=pad, net_shape=tuple(net_shape),
-                        net_affine=net_affine, input_shape=tuple(shape), input_affine=image.affine.copy(),
-                        config=config, image_mean=mean, image_std=std, same_grid=same,
-                        field_scale=float(field_scale))
+    chans_p = [field_p, img_p]
+    result = NetworkInput(tensor=torch.empty(0), mask=region_p[0].bool(), pad=pad, net_shape=tuple(net_shape),
+                          net_affine=net_affine, input_shape=tuple(shape), input_affine=image.affine.copy(),
+                          config=config, image_mean=mean, image_std=std, same_grid=same,
+                          field_scale=float(field_scale))
+    if config.uses_keypoints:
+        chans_p.append(keypoint_proximity(points_ras, field_p.shape[1:], result.padded_affine,
+                                          config.keypoint_scale_mm)[None])
+    result.tensor = torch.cat(chans_p)[None].contiguous()
+    return result
 
 
 def field_to_network_grid(field_vox, net_input: NetworkInput, zero_outside: bool = False) -> torch.Tensor:

@@ -22,6 +22,14 @@ from brainshift.model.grid import NetworkInput, mirror_network_tensor, refined_f
 from brainshift.volume import Volume
 
 
+def points_to_ras(points_vox, affine) -> np.ndarray | None:
+    """``(N, 3)`` voxel indices of the grid ``affine`` -> world RAS mm (None stays None)."""
+    if points_vox is None:
+        return None
+    a = np.asarray(affine, np.float64)
+    return np.asarray(points_vox, np.float64).reshape(-1, 3) @ a[:3, :3].T + a[:3, 3]
+
+
 def left_right_axis(net_affine: np.ndarray) -> int:
     """The network-grid axis closest to the world left-right (RAS x) direction."""
     a = np.asarray(net_affine, np.float64)[:3, :3]
@@ -98,7 +106,8 @@ def model_min_field_rms_mm(loaded: LoadedModel, override: float | None = None) -
 
 def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=None, device="cpu",
                  progress: bool = False, mirror_average: bool | None = None,
-                 min_field_rms_mm: float | None = None, record: dict | None = None) -> np.ndarray:
+                 min_field_rms_mm: float | None = None, record: dict | None = None,
+                 points_vox=None) -> np.ndarray:
     """Refine an initial displacement field with the network (see the module docstring).
 
     Args:
@@ -117,12 +126,15 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
             and the correction scaled back down. ``None`` (default): the model's own value
             (:func:`model_min_field_rms_mm`); 0: off.
         record: if given, a dict that receives ``field_scale``, the scale normalisation factor applied (1: none).
+        points_vox: ``(N, 3)`` driving keypoints (0-based voxel indices of ``image``'s grid) for a model with a
+            keypoint channel (``config.keypoint_channel``; required there, ignored otherwise).
 
     Returns:
         ``(3, I, J, K)`` float32 refined field on ``image``'s grid.
 
     Raises:
-        BrainshiftError: bad device; GeometryError: a field or mask not on the image grid.
+        BrainshiftError: bad device; a model with a keypoint channel and no ``points_vox``.
+        GeometryError: a field or mask not on the image grid.
 
     Convention: forward Lagrangian (preop voxel ``p`` moves to ``p + u(p)``), voxel units along ``i, j, k``
     of ``image``'s grid, in and out.
@@ -135,7 +147,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
     with tqdm(total=3, desc="refine", unit="step", delay=1.0, disable=None if progress else True) as bar:
         bar.set_postfix_str("resample")
         net_input = to_network_grid(image, init, mask, loaded.config,
-                                    min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
+                                    min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm),
+                                    points_ras=points_to_ras(points_vox, image.affine))
         if record is not None:
             record["field_scale"] = float(net_input.field_scale)
         bar.update()

@@ -33,6 +33,9 @@ SE_MODES = ("scse", "cse", "sse", "none")
 UPSAMPLES = ("transposed", "trilinear", "nearest")
 POOLS = ("max", "avg")
 FIELD_UNITS = ("mm", "voxel")
+#: Keypoint input channels: ``none`` (published: field + image) or ``proximity`` (one more channel,
+#: ``exp(-d / keypoint_scale_mm)`` with ``d`` the distance to the nearest driving keypoint).
+KEYPOINT_CHANNELS = ("none", "proximity")
 
 
 @dataclass
@@ -40,7 +43,8 @@ class NetworkConfig:
     """Constructor arguments of the refinement network; JSON-serialisable; defaults = the published network.
 
     Attributes:
-        in_channels: input channels: 3 displacement channels, then the image channel(s). Published: 4.
+        in_channels: input channels: 3 displacement channels, then the image channel, then the keypoint
+            channel when ``keypoint_channel`` is not ``none``. Published: 4.
         out_channels: output displacement channels. Published: 3.
         features: feature count per level, finest first; ``len(features)`` is the number of levels.
         norm: ``instance`` (no affine parameters, as published), ``batch``, ``group`` (8 groups or fewer
@@ -57,6 +61,12 @@ class NetworkConfig:
         field_units: what the displacement channels hold on the network grid: ``mm`` = millimetres along the
             network grid's axes (the voxel-unit field of the network grid times ``spacing_mm``; at 1 mm, as
             published, identical to voxel units) or ``voxel`` = voxel units of the network grid.
+        keypoint_channel: ``none`` (published) or ``proximity``: a fifth input channel telling the network where
+            the initial field is measured rather than interpolated, ``exp(-d / keypoint_scale_mm)`` with ``d``
+            the distance (mm) from each voxel to the nearest driving keypoint (1 at a keypoint, towards 0 far
+            from every keypoint; :func:`brainshift.model.grid.keypoint_proximity`). Needs the keypoints at
+            inference; ``in_channels`` must then be 5 (4, the default, is read as 5).
+        keypoint_scale_mm: the length scale (mm) of the proximity channel.
     """
 
     in_channels: int = 4
@@ -69,9 +79,13 @@ class NetworkConfig:
     predict_residual: bool = True
     spacing_mm: float = 1.0
     field_units: str = "mm"
+    keypoint_channel: str = "none"
+    keypoint_scale_mm: float = 20.0
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
+        if self.keypoint_channel in KEYPOINT_CHANNELS and self.keypoint_channel != "none" and self.in_channels == 4:
+            self.in_channels = 5  # the published default count read as "field + image" plus the keypoint channel
         self.validate()
 
     @property
@@ -88,7 +102,8 @@ class NetworkConfig:
         """Check every option; raise :class:`BrainshiftError` naming the first bad one."""
         checks = [("norm", self.norm, NORMS), ("se_mode", self.se_mode, SE_MODES),
                   ("upsample", self.upsample, UPSAMPLES), ("pool", self.pool, POOLS),
-                  ("field_units", self.field_units, FIELD_UNITS)]
+                  ("field_units", self.field_units, FIELD_UNITS),
+                  ("keypoint_channel", self.keypoint_channel, KEYPOINT_CHANNELS)]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise BrainshiftError(f"expected network option {name} in {allowed}, got {value!r}")
@@ -102,6 +117,22 @@ class NetworkConfig:
                                   f"{self.in_channels} < {self.out_channels}")
         if not float(self.spacing_mm) > 0:
             raise BrainshiftError(f"expected a positive network spacing_mm, got {self.spacing_mm}")
+        if not float(self.keypoint_scale_mm) > 0:
+            raise BrainshiftError(f"expected a positive keypoint_scale_mm, got {self.keypoint_scale_mm}")
+        if self.in_channels != self.expected_in_channels:
+            raise BrainshiftError(f"expected in_channels {self.expected_in_channels} (3 field + image"
+                                  f"{' + keypoint proximity' if self.uses_keypoints else ''}) with keypoint_channel "
+                                  f"{self.keypoint_channel!r}, got {self.in_channels}")
+
+    @property
+    def uses_keypoints(self) -> bool:
+        """Whether the network takes a keypoint channel (and so needs the keypoints at inference)."""
+        return self.keypoint_channel != "none"
+
+    @property
+    def expected_in_channels(self) -> int:
+        """3 field channels + the image + 1 keypoint channel when :attr:`uses_keypoints`."""
+        return 5 if self.uses_keypoints else 4
 
     def to_dict(self) -> dict:
         """Plain-JSON dictionary (tuples become lists)."""

@@ -642,8 +642,10 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     # back once: the map is linear), half their difference the spread, kept on the network grid
     from brainshift.model.inference import model_min_field_rms_mm
 
+    pts_ras = pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3]
     net_input = to_network_grid(image, init, mask, loaded.config,
-                                min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm))
+                                min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm),
+                                points_ras=pts_ras)
     pa, pb = _two_passes(loaded, net_input, device)
     net_field = refined_from_prediction(0.5 * (pa + pb), net_input, init)
     spread_net = _spread_mm(0.5 * (pa - pb), net_input)
@@ -653,7 +655,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
     t1 = time.perf_counter()
     # distance (mm) from each network-grid voxel to the nearest keypoint: the uncertainty's, and kNNDM's target
-    dist_net = _keypoint_distance_mm(pts @ a3.T + np.asarray(image.affine, np.float64)[:3, 3], net_input)
+    dist_net = _keypoint_distance_mm(pts_ras, net_input)
     fold_record: dict = {}
     if fold_rule == "knndm":
         target = dist_net[crop_pad(net_input.mask, net_input.pad)].numpy()
@@ -679,7 +681,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 init_c = np.asarray(fold_field(keep, img_c.shape, img_c.affine), dtype=np.float32)
             else:
                 init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
-            ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale)
+            ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale,
+                                 points_ras=pts_ras[keep])
             with torch.inference_mode():
                 from brainshift.device import resolve_device
 

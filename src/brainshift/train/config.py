@@ -54,7 +54,9 @@ class TrainConfig:
             with the same ``--seed``; otherwise merely conservative: a subject id's cases never straddle splits).
         test: optional second dataset used only for the final test evaluation (instead of the test split).
         checkpoint: a training-state file (``last.pt``) to resume from (implies ``resume``).
-        load_model: initial weights (ours ``.safetensors`` or the published ``.pt``) to fine-tune.
+        load_model: initial weights (ours ``.safetensors`` or the published ``.pt``) to fine-tune. Their network
+            configuration is used, except ``network: {keypoint_channel, keypoint_scale_mm}``, which add (or change)
+            the keypoint channel; its first-layer weights start at zero, so training starts from the loaded model.
         save_dir: output folder (checkpoints, resolved config, splits, logs).
         configs: the configuration file this config was read from (recorded only).
         split: ``[validation, test]`` fractions of the SUBJECTS (no subject is in two splits).

@@ -270,7 +270,7 @@ def prepare_case(data_dir: DataFolders, case_id: str, net_config) -> dict[str, A
     allowed = keypoint_region(brain, tumour, cavity)
     cands = read_subject_keypoints(folder, sub.subject_id)
     zero = np.zeros((3, *image.shape), np.float32)
-    net = to_network_grid(image, zero, brain, net_config)
+    net = to_network_grid(image, zero, brain, grid_config(net_config))
     gt_net = field_to_network_grid(case.field, net, zero_outside=True)[0]
     mask = net.mask.numpy()
     idx = np.argwhere(mask)
@@ -304,6 +304,16 @@ def prepare_case(data_dir: DataFolders, case_id: str, net_config) -> dict[str, A
     }
 
 
+def grid_config(net_config):
+    """``net_config`` without its keypoint channel: what the grid, image and field arrays of a prepared case depend
+    on (the keypoint channel is made per variant, from its keypoints)."""
+    if not getattr(net_config, "uses_keypoints", False):
+        return net_config
+    import dataclasses
+
+    return dataclasses.replace(net_config, keypoint_channel="none", in_channels=4)
+
+
 def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | None = None):
     """Rebuild the :class:`brainshift.model.grid.NetworkInput` of a prepared case (no resampling).
 
@@ -319,6 +329,7 @@ def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | No
     field = torch.zeros((3, *img.shape[1:])) if init_net is None else torch.as_tensor(np.asarray(as_numpy(init_net),
                                                                                                   np.float32))
     pad = tuple((int(b), int(a)) for b, a in np.asarray(c["pad"]))
+    net_config = grid_config(net_config)
     return NetworkInput(tensor=torch.cat([field, img])[None].contiguous(),
                         mask=torch.as_tensor(np.asarray(c["net_mask"])[0] > 0), pad=pad,  # type: ignore[arg-type]
                         net_shape=tuple(int(s) for s in c["net_shape"]),
@@ -350,7 +361,8 @@ SAMPLE_KEYS = ("case_id", "subject_id", "net_image", "net_gt", "net_mask", "net_
 
 class PrepareVariantPool(Transform):
     """MONAI transform ``{"case_id": key}`` -> the case's network-grid arrays (:data:`SAMPLE_KEYS`) and a pool
-    of ``n_variants`` initial fields ``init_nets`` (V, 3, I', J', K') float32 with their ``methods``.
+    of ``n_variants`` initial fields ``init_nets`` (V, 3, I', J', K') float32 with their ``methods`` (and, for
+    networks with a keypoint channel, ``proximities`` (V, I', J', K') float16).
 
     The case is prepared once (:func:`prepare_case`), then variant ``v`` is :func:`draw_variant` with
     :func:`variant_rng` ``(seed, key, v)``. The result is small (no subject-grid arrays), so a
@@ -376,6 +388,8 @@ class PrepareVariantPool(Transform):
                     for v in range(self.n_variants)]
         out = {k: case[k] for k in SAMPLE_KEYS}
         out["init_nets"] = np.stack([v["init_net"] for v in variants]).astype(np.float32)
+        if variants and "proximity_net" in variants[0]:  # half precision: a smooth map in (0, 1]
+            out["proximities"] = np.stack([v["proximity_net"] for v in variants]).astype(np.float16)
         out["methods"] = [v["method"] for v in variants]
         return out
 
@@ -458,8 +472,10 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
 
     Returns:
         dict with ``method``, ``points``/``disps`` (k, 3) and ``heldout_points``/``heldout_disps`` (voxel units
-        of the subject grid), ``init_net`` (3, I', J', K') network units on the padded network grid, and
-        ``init`` (3, I, J, K) voxel units when ``keep_native``.
+        of the subject grid), ``init_net`` (3, I', J', K') network units on the padded network grid,
+        ``proximity_net`` (I', J', K') the keypoint channel for networks that take one
+        (:func:`brainshift.model.grid.keypoint_proximity` of the driving keypoints), and ``init`` (3, I, J, K)
+        voxel units when ``keep_native``.
 
     Raises:
         KeypointError: too few allowed candidates.
@@ -488,9 +504,16 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
     method = interp if interp not in (None, "mixed") else methods[int(rng.integers(len(methods)))]
     shape = tuple(int(s) for s in case["image"].shape)
     init = interpolate(method, pts, disps, shape, case["affine"])
-    init_net = field_to_network_grid(init, network_input_of(case, net_config), zero_outside=True)[0].numpy()
+    net_in = network_input_of(case, net_config)
+    init_net = field_to_network_grid(init, net_in, zero_outside=True)[0].numpy()
     out = {"method": method, "points": pts, "disps": disps, "heldout_points": h_pts, "heldout_disps": h_disps,
            "init_net": init_net.astype(np.float32), "rule": rule, "noise_mm": sigma}
+    if getattr(net_config, "uses_keypoints", False):  # the keypoint channel (no random draw: draws unchanged)
+        from brainshift.model.grid import keypoint_proximity
+        from brainshift.model.inference import points_to_ras
+
+        out["proximity_net"] = keypoint_proximity(points_to_ras(pts, case["affine"]), init_net.shape[1:],
+                                                  net_in.padded_affine, net_config.keypoint_scale_mm).numpy()
     if keep_native:
         out["init"] = init
     return out
@@ -566,7 +589,8 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
             ground truth and mask together (:func:`brainshift.model.grid.mirror_network_tensor`).
 
     Returns:
-        dict of float32 tensors: ``input`` (4, ...) = init field then (augmented) image, ``target`` (3, ...),
+        dict of float32 tensors: ``input`` (4, ...) = init field then (augmented) image (then the keypoint channel
+        when the variant has ``proximity_net``: 5, ...), ``target`` (3, ...),
         ``mask`` (1, ...), ``image`` (1, ...) un-augmented (for the image loss), and ``spacing`` (3,) mm.
 
     Convention: fields forward Lagrangian in the network's units on the network grid.
@@ -575,25 +599,29 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
     gt = np.asarray(as_numpy(case["net_gt"]), np.float32)
     mask = np.asarray(as_numpy(case["net_mask"]), np.float32)
     init = np.asarray(as_numpy(variant["init_net"]), np.float32)
+    extra = [] if variant.get("proximity_net") is None else \
+        [np.asarray(as_numpy(variant["proximity_net"]), np.float32).reshape(1, *init.shape[1:])]
     if size is not None:
         start = crop_window(np.asarray(as_numpy(case["brain_centre"])), img.shape[-3:], size)
         background = float(img.min())
         img = crop_or_pad(img, start, size, background)
         gt, mask, init = (crop_or_pad(a, start, size) for a in (gt, mask, init))
+        extra = [crop_or_pad(a, start, size) for a in extra]
     if flip_axes and rng is not None:
         from brainshift.model.grid import mirror_network_tensor
 
         axes = tuple(int(a) for a in flip_axes if rng.random() < 0.5)
-        img, gt, mask, init = (mirror_network_tensor(torch.from_numpy(np.ascontiguousarray(a))[None], axes,
-                                                     field=is_field)[0].numpy()
-                               for a, is_field in ((img, False), (gt, True), (mask, False), (init, True)))
+        img, gt, mask, init, *extra = (mirror_network_tensor(torch.from_numpy(np.ascontiguousarray(a))[None], axes,
+                                                             field=is_field)[0].numpy()
+                                       for a, is_field in ((img, False), (gt, True), (mask, False), (init, True),
+                                                           *((e, False) for e in extra)))
     aug_img = img
     if augment is not None:
         if rng is not None:
             augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
         aug_img = np.asarray(as_numpy(augment(img.copy())), np.float32)
     return {
-        "input": torch.from_numpy(np.concatenate([init, aug_img]).astype(np.float32)),
+        "input": torch.from_numpy(np.concatenate([init, aug_img, *extra]).astype(np.float32)),
         "target": torch.from_numpy(gt),
         "mask": torch.from_numpy(mask),
         "image": torch.from_numpy(img.copy()),
@@ -706,6 +734,8 @@ class TrainDataset(torch.utils.data.Dataset):
         if self.variants_per_case > 0:
             v = int(rng.integers(self.variants_per_case))
             variant = {"init_net": as_numpy(case["init_nets"])[v]}
+            if "proximities" in case:
+                variant["proximity_net"] = np.asarray(as_numpy(case["proximities"])[v], np.float32)
         else:
             variant = draw_variant(case, rng, self.net_config, interp=self.interp, k_range=self.k_range,
                                    heldout_kpts=self.heldout_kpts, **self.variant_options)

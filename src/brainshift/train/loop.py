@@ -123,8 +123,33 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return float(cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+def widen_input_channels(state: dict, reference: dict) -> dict:
+    """``state`` with every tensor that has fewer input channels (dimension 1) than ``reference``'s zero-padded to
+    them (only the first convolution's input changes with the channel count), and a first block whose 1x1x1
+    convolution was the identity (as many input channels as features) given the identity plus zero columns: a
+    model loaded into a network with a keypoint channel then starts as exactly the loaded model (the new channel's
+    weights are zero)."""
+    out = dict(state)
+    for name, ref in reference.items():
+        if name not in state and name.endswith("conv1.weight") and ref.ndim == 5 and ref.shape[0] < ref.shape[1] \
+                and tuple(ref.shape[2:]) == (1, 1, 1):  # an identity 1x1x1 (channel count was unchanged) widened
+            eye = torch.zeros(ref.shape, dtype=ref.dtype)
+            eye[:, : ref.shape[0], 0, 0, 0] = torch.eye(ref.shape[0], dtype=ref.dtype)
+            out[name] = eye
+            out[name[: -len("weight")] + "bias"] = torch.zeros(ref.shape[0], dtype=ref.dtype)
+            continue
+        t = state.get(name)
+        if (t is not None and t.ndim == ref.ndim and t.ndim >= 2 and t.shape[0] == ref.shape[0]
+                and t.shape[1] < ref.shape[1] and t.shape[2:] == ref.shape[2:]):
+            wide = torch.zeros(ref.shape, dtype=t.dtype)
+            wide[:, : t.shape[1]] = t
+            out[name] = wide
+    return out
+
+
 def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Module:
-    """The network a run starts from: ``init_loaded``'s weights (``load_model``), else a fresh network whose
+    """The network a run starts from: ``init_loaded``'s weights (``load_model``; input channels it lacks, e.g.
+    the keypoint channel, start with zero weights: :func:`widen_input_channels`), else a fresh network whose
     final 1x1x1 convolution is zero when ``cfg.zero_init_head`` (so with residual prediction it starts as the
     identity refinement: output = the initial field). A resumed state overwrites either.
     """
@@ -132,7 +157,7 @@ def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Mod
 
     model = build_network(net_cfg)
     if init_loaded is not None:
-        model.load_state_dict(init_loaded.model.state_dict())
+        model.load_state_dict(widen_input_channels(init_loaded.model.state_dict(), model.state_dict()))
     elif cfg.zero_init_head:
         torch.nn.init.zeros_(model.final_conv.weight)
         torch.nn.init.zeros_(model.final_conv.bias)
@@ -169,8 +194,9 @@ def validate(model: torch.nn.Module, items: list[tuple[dict, dict]], net_config,
         for case, var in items:
             c = {k: as_numpy(v) for k, v in case.items()}
             image = Volume(c["image"], c["affine"])
-            refined = compensate(image, initial_field=var["init"], model=loaded, mask=c["brain"], device=device,
-                                 mirror_average=False).refined_field
+            kp = (np.asarray(var["points"], np.float64), np.asarray(var["disps"], np.float64))
+            refined = compensate(image, initial_field=var["init"], keypoints=kp, model=loaded, mask=c["brain"],
+                                 device=device, mirror_average=False, safeguards=False).refined_field
             hp = np.asarray(var["heldout_points"], np.float64).reshape(-1, 3)
             hd = np.asarray(var["heldout_disps"], np.float64).reshape(-1, 3)
             row: dict[str, float] = {}
@@ -289,6 +315,13 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
         init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
             ".safetensors") else net_cfg)
         net_cfg = init_loaded.config
+        kp = {k: cfg.network[k] for k in ("keypoint_channel", "keypoint_scale_mm") if k in cfg.network}
+        if kp:  # a keypoint channel added to (or changed on) the loaded network
+            from brainshift.model import NetworkConfig
+
+            d = {**net_cfg.to_dict(), **kp}
+            d["in_channels"] = 4  # read as 5 with a keypoint channel (NetworkConfig)
+            net_cfg = NetworkConfig.from_dict(d)
     splits = split_cases(cfg.data, tuple(cfg.split), cfg.seed, cfg.val_subjects)
     if not splits.train:
         raise BrainshiftError(f"expected at least one training subject in {describe_data(cfg.data)}, got none")
