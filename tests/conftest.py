@@ -12,15 +12,18 @@ from pathlib import Path
 import pytest
 
 
-def write_tiny_weights(path: Path, spacing_mm: float = 3.0) -> Path:
-    """A random ``fast-small`` network on a ``spacing_mm`` grid saved as safetensors (seeded)."""
+def write_tiny_weights(path: Path, spacing_mm: float = 3.0, keypoint_channel: str = "none") -> Path:
+    """A random ``fast-small`` network on a ``spacing_mm`` grid saved as safetensors (seeded); with
+    ``keypoint_channel="proximity"`` it takes the keypoint channel too."""
     import torch
 
     from brainshift.model.checkpoint import save_weights
     from brainshift.model.network import NetworkConfig, build_network, get_preset
 
     torch.manual_seed(0)
-    cfg = NetworkConfig.from_dict({**get_preset("fast-small").to_dict(), "spacing_mm": spacing_mm})
+    cfg = NetworkConfig.from_dict({**get_preset("fast-small").to_dict(), "spacing_mm": spacing_mm,
+                                   "keypoint_channel": keypoint_channel,
+                                   "in_channels": 5 if keypoint_channel != "none" else 4})
     save_weights(path, build_network(cfg), cfg, {"note": "random test network"})
     return path
 

@@ -572,3 +572,23 @@ def test_tps_lam_left_unused_by_auto_is_said_on_stderr_and_in_the_summary(tmp_pa
     record = summary["interpolator_choice"]["tps_lam"]
     assert record["used"] is False and record["given"] == ("cv" if lam == "cv" else 0.5)
     assert record["reason"].startswith("-m auto chose linear")
+
+
+def test_a_model_with_a_keypoint_channel_runs_with_keypoints_and_refuses_a_field_alone(tmp_path, image_path):
+    """A model trained with the keypoint channel (NetworkConfig.keypoint_channel) gets the keypoints from -k under
+    the safeguards; -i without -k gives it nothing to build the channel from: one clear error, no output."""
+    from tests.conftest import write_tiny_weights
+
+    weights = write_tiny_weights(tmp_path / "kp.safetensors", keypoint_channel="proximity")
+    kp = _table(tmp_path / "kp.csv", _good_rows(n=16))
+    out = tmp_path / "out"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "tps", "-w", str(weights), "--refine",
+                   "-o", str(out), "-q", "-f", "npz"])
+    assert res.exit_code == 0, res.output
+    sg = json.loads((out / "summary.json").read_text())["safeguards"]
+    assert sg is not None and sg["n_keypoints"] == 16
+    affine = nib.load(image_path).affine
+    np.savez(tmp_path / "init.npz", field=np.zeros((3, *SHAPE), np.float32), affine=affine)
+    out2 = tmp_path / "out2"
+    _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-w", str(weights),
+                                 "--refine", "-o", str(out2), "-q"]), out2, "expected the driving keypoints")
