@@ -72,7 +72,8 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
 
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
-                    noise_mm: float = 0.0, safe_floor_mm: float = 0.0) -> list[dict]:
+                    noise_mm: float = 0.0, safe_floor_mm: float = 0.0, local_alphas=(), no_network_alone=False
+                    ) -> list[dict]:
     from brainshift.compensate import choose_interpolator
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
@@ -110,12 +111,24 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
             fields[f"safe-tps:{name}"] = res.field_vox
             extra[f"safe-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
                                         "alpha": res.alpha, "consistency": res.info.get("consistency", "")}
-            # the network alone, as `infer --no-safeguards` runs it (the model's scale normalisation floor) but
-            # always mirror-averaged, as the safeguards' own passes are
-            t0 = time.perf_counter()
-            fields[f"net-tps:{name}"] = refine_field(subject.image, fields["tps"], loaded, mask=brain,
-                                                     mirror_average=True, points_vox=kp.points_vox)
-            extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"], "alpha": 1.0}
+            for h_mm, k_prior in local_alphas:  # a spatially varying alpha (safe_refine's local_alpha)
+                t0 = time.perf_counter()
+                res_l = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields["tps"], loaded, method="tps",
+                                    mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm,
+                                    local_alpha=(h_mm, k_prior))
+                key = f"safe-tps-la{h_mm:g}/{k_prior:g}:{name}"
+                fields[key] = res_l.field_vox
+                extra[key] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
+                              "alpha": res_l.info.get("local_alpha", {}).get("mean", res_l.alpha),
+                              "consistency": res_l.info.get("consistency", "")}
+            if not no_network_alone:
+                # the network alone, as `infer --no-safeguards` runs it (the model's scale normalisation floor) but
+                # always mirror-averaged, as the safeguards' own passes are
+                t0 = time.perf_counter()
+                fields[f"net-tps:{name}"] = refine_field(subject.image, fields["tps"], loaded, mask=brain,
+                                                         mirror_average=True, points_vox=kp.points_vox)
+                extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
+                                            "alpha": 1.0}
             if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
                 t0 = time.perf_counter()
                 res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
@@ -290,6 +303,10 @@ def main() -> None:
     ap.add_argument("--min-field-rms", type=float, default=0.0,
                     help="scale normalisation floor (mm) under the safeguards (default 0: off, as infer runs them; "
                          "the net-tps rows always use each model's own floor, as infer --no-safeguards does)")
+    ap.add_argument("--local-alpha", nargs="*", default=[], metavar="H,K",
+                    help="also run safe-tps with a spatially varying alpha (safe_refine local_alpha: bandwidth H mm, "
+                         "prior weight K keypoints), one row per setting")
+    ap.add_argument("--no-network-alone", action="store_true", help="skip the net-tps rows")
     args = ap.parse_args()
     import torch
 
@@ -309,7 +326,9 @@ def main() -> None:
     for name, path in sets:
         rows += evaluate_family(path, name, models, seed=args.seed, n_keypoints=args.n_keypoints, cases=args.cases,
                                 rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm,
-                                safe_floor_mm=args.min_field_rms)
+                                safe_floor_mm=args.min_field_rms,
+                                local_alphas=[tuple(float(v) for v in la.split(",")) for la in args.local_alpha],
+                                no_network_alone=args.no_network_alone)
         write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
     print((out / "summary.md").read_text())
     print((out / "reliability.md").read_text())

@@ -466,3 +466,45 @@ def test_every_pass_gets_the_keypoint_channel_of_its_own_keypoints():
     # a model that takes the keypoints refuses to run without them, with one clear error
     with pytest.raises(BrainshiftError, match="expected the driving keypoints"):
         compensate(image, initial_field=init, model=LoadedModel(_RecordKeypointChannel(), cfg, {}))
+
+
+def test_local_alpha_map_is_the_weighted_least_squares_weight():
+    from brainshift.model.safeguards import local_alpha_map
+
+    image = _image()
+    ni = to_network_grid(image, np.zeros((3, *SHAPE), np.float32), None, CFG)
+    a = image.affine
+    rng = np.random.default_rng(0)
+    held_vox = np.array([[4.0, 5.0, 4.0], [19.0, 22.0, 15.0]])
+    held = held_vox @ a[:3, :3].T + a[:3, 3]
+    c = rng.normal(size=(2, 3))
+    r = np.stack([-1.0 * c[0], -0.0 * c[1]])  # the correction is right at the first keypoint, useless at the second
+    # an infinite bandwidth and no prior: the global least-squares weight everywhere
+    glob = float(np.clip(-(r * c).sum() / (c ** 2).sum(), 0, 1))
+    m = local_alpha_map(held, r, c, 0.5, 1e9, 0.0, ni)
+    np.testing.assert_allclose(m.numpy(), glob, atol=1e-5)
+    # a narrow bandwidth: each keypoint's own weight near it; the global alpha far from both (a strong prior)
+    m = local_alpha_map(held, r, c, 0.5, 4.0, 0.0, ni)
+    assert float(m[4, 5, 4]) == pytest.approx(1.0, abs=1e-4) and float(m[19, 22, 15]) == pytest.approx(0.0, abs=1e-4)
+    m = local_alpha_map(held, r, c, 0.3, 4.0, 1e6, ni)
+    np.testing.assert_allclose(m.numpy(), 0.3, atol=1e-4)
+    with pytest.raises(BrainshiftError, match="local_alpha"):
+        local_alpha_map(held, r, c, 0.5, 0.0, 1.0, ni)
+
+
+def test_local_alpha_keeps_an_oracle_and_drops_a_harmful_network():
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Oracle(image, gt), CFG, {}), method="tps",
+                      consistency=False, local_alpha=(20.0, 1.0))
+    la = res.info["local_alpha"]
+    assert la["min"] > 0.98 and la["bandwidth_mm"] == 20.0
+    inside = (slice(3, -3),) * 3
+    np.testing.assert_allclose(res.field_vox[(slice(None), *inside)], gt[(slice(None), *inside)], atol=0.02)
+    trans = np.broadcast_to(np.array([1.0, -0.5, 0.25], np.float32)[:, None, None, None], (3, *SHAPE)).copy()
+    pts, d = _keypoints(trans)
+    init = interpolate("tps", pts, d, SHAPE, image.affine)
+    res = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method="tps", local_alpha=(20.0, 1.0))
+    assert res.info["local_alpha"]["max"] == 0.0
+    np.testing.assert_allclose(res.field_vox, init, atol=1e-4)

@@ -161,6 +161,49 @@ def _keypoint_distance_mm(points_ras: np.ndarray, net_input) -> torch.Tensor:
     return torch.from_numpy(d.astype(np.float32).reshape(shape))
 
 
+def local_alpha_map(held_ras: np.ndarray, r: np.ndarray, c: np.ndarray, alpha: float, bandwidth_mm: float,
+                    prior_keypoints: float, net_input) -> torch.Tensor:
+    """A spatially varying weight of the learnt correction on the (unpadded) network grid, ``(I', J', K')`` in
+    ``[0, 1]``: at each voxel ``x``,
+
+    ``alpha(x) = clip((lam * alpha + sum_i w_i(x) (-r_i . c_i)) / (lam + sum_i w_i(x) |c_i|^2), 0, 1)``,
+
+    the weighted least-squares weight of the held-out keypoints' correction ``c_i`` against their error ``r_i``
+    (mm; the output's error without the correction), with Gaussian weights ``w_i(x) = exp(-|x - p_i|^2 / 2 h^2)``
+    (``h = bandwidth_mm``), shrunk toward the global ``alpha`` with ``lam = prior_keypoints * mean |c_i|^2`` (the
+    weight of that many keypoints). With every ``w_i = 1`` and ``lam = 0`` it is the global least-squares weight;
+    far from every held-out keypoint it tends to ``alpha``. Locally weighted least squares (Cleveland & Devlin 1988)
+    of the cross-validated blend of :func:`fit_blend`.
+
+    Args:
+        held_ras: ``(H, 3)`` held-out keypoints (world mm); r, c: ``(H, 3)`` mm.
+        alpha: the global weight; bandwidth_mm, prior_keypoints: ``h`` and the prior's weight (> 0, >= 0).
+        net_input: the :class:`~brainshift.model.grid.NetworkInput` whose grid the map is on.
+
+    Raises:
+        BrainshiftError: a bandwidth that is not positive or a negative prior weight.
+    """
+    if not (bandwidth_mm > 0 and prior_keypoints >= 0):
+        raise BrainshiftError(f"expected local_alpha (bandwidth_mm > 0, prior_keypoints >= 0), got "
+                              f"({bandwidth_mm}, {prior_keypoints})")
+    shape = tuple(int(s) for s in net_input.net_shape)
+    a = np.asarray(net_input.net_affine, np.float64)
+    centre = held_ras.mean(axis=0)
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    idx = torch.stack([ii.reshape(-1), jj.reshape(-1), kk.reshape(-1)], 1)
+    world = idx @ torch.from_numpy(a[:3, :3].T.astype(np.float32)) + torch.from_numpy(
+        (a[:3, 3] - centre).astype(np.float32))
+    w = torch.exp(-torch.cdist(world, torch.from_numpy((held_ras - centre).astype(np.float32))) ** 2
+                  / (2.0 * bandwidth_mm ** 2)).double()
+    num_i = torch.from_numpy(-(np.asarray(r, np.float64) * np.asarray(c, np.float64)).sum(axis=1))
+    den_i = torch.from_numpy((np.asarray(c, np.float64) ** 2).sum(axis=1))
+    lam = float(prior_keypoints) * float(den_i.mean()) if len(den_i) else 0.0
+    num, den = w @ num_i + lam * float(alpha), w @ den_i + lam
+    out = torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.full_like(den, float(alpha)))
+    return out.clamp(0.0, 1.0).float().reshape(shape)
+
+
 def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     """A scalar map on the unpadded network grid resampled (trilinearly) onto the input grid."""
     v = values[None].float()
@@ -580,7 +623,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 folds: int = 4, min_per_fold: int = 3, seed: int = 0, consistency: bool = True,
                 fold_rule: str = "knndm",
                 interpolate_options: dict | None = None, fold_field=None,
-                min_field_rms_mm: float | None = 0.0) -> SafeRefinement:
+                min_field_rms_mm: float | None = 0.0,
+                local_alpha: tuple[float, float] | None = None) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -614,6 +658,9 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             (bench/RESULTS.md, "Scale-normalised network input"). The factor is chosen on the full problem and
             used for every fold, so the folds score the network as the output uses it; recorded as
             ``field_scale`` in ``info``.
+        local_alpha: ``(bandwidth_mm, prior_keypoints)`` for a spatially varying ``alpha`` (:func:`local_alpha_map`:
+            the held-out keypoints' least-squares weight, Gaussian-weighted around each voxel, shrunk toward the
+            global ``alpha`` with the weight of ``prior_keypoints`` keypoints); None (the default): one ``alpha``.
 
     Returns:
         :class:`SafeRefinement`.
@@ -666,7 +713,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                                  **fold_record, "field_scale": float(net_input.field_scale)}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
     kernel = "local"
-    held_err0, held_dist, held_classical, held_raw = [], [], [], []
+    held_err0, held_dist, held_classical, held_raw, held_idx = [], [], [], [], []
     held_corr = {k: [] for k in kernels}
     held_spline = {k: [] for k in kernels}
     if split:
@@ -706,6 +753,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 held_spline[k].append(spline)
             d = np.linalg.norm(((pts[held][:, None, :] - pts[keep][None, :, :]) @ a3.T), axis=2).min(axis=1)
             held_dist.append(d)
+            held_idx.append(held)
         e0 = np.concatenate(held_err0)
         best = None
         for k in kernels:  # the consistency correction, alpha and beta that predict the held-out keypoints best
@@ -724,7 +772,20 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             "heldout_rms_distance_mm": float(np.sqrt((dist ** 2).mean())),
         })
     times["cross_validation_s"] = time.perf_counter() - t1
-    out = (init + alpha * (net_field - init)).astype(np.float32)
+    alpha_net = None
+    if local_alpha is not None and split:
+        h = np.concatenate(held_idx)
+        c_k = np.concatenate(held_corr[kernel])
+        r_k = np.concatenate(held_err0) + beta * np.concatenate(held_spline[kernel])
+        alpha_net = local_alpha_map(pts_ras[h], r_k, c_k, alpha, local_alpha[0], local_alpha[1], net_input)
+        inside = alpha_net[crop_pad(net_input.mask, net_input.pad)]
+        cv["local_alpha"] = {"bandwidth_mm": float(local_alpha[0]), "prior_keypoints": float(local_alpha[1]),
+                             "min": float(inside.min()) if inside.numel() else alpha,
+                             "max": float(inside.max()) if inside.numel() else alpha,
+                             "mean": float(inside.mean()) if inside.numel() else alpha}
+        out = (init + _scalar_to_input_grid(alpha_net, net_input)[None] * (net_field - init)).astype(np.float32)
+    else:
+        out = (init + alpha * (net_field - init)).astype(np.float32)
 
     # 2. keypoint consistency
     t2 = time.perf_counter()
@@ -749,7 +810,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     rho = 0.0
     if split and cv["heldout_rms_distance_mm"] > 0:
         rho = cv["heldout_rmse_output_mm"] / np.sqrt(3.0) / cv["heldout_rms_distance_mm"]
-    sigma_net = torch.sqrt((alpha * spread_net) ** 2 + (rho * dist_net) ** 2)
+    a_net = alpha if alpha_net is None else alpha_net
+    sigma_net = torch.sqrt((a_net * spread_net) ** 2 + (rho * dist_net) ** 2)
     sigma = _scalar_to_input_grid(sigma_net, net_input)
     times["uncertainty_s"] = time.perf_counter() - t3
     times["total_s"] = time.perf_counter() - t0
