@@ -462,7 +462,7 @@ def test_every_pass_gets_the_keypoint_channel_of_its_own_keypoints():
     folds = net.seen[2:]
     assert len(folds) >= 2
     for f in folds:  # each fold sees only its kept keypoints: nowhere closer to a keypoint, somewhere farther
-        assert float((f - full).max()) <= 1e-6 and float((full - f).max()) > 0.05
+        assert float((f - full).max()) <= 1e-4 and float((full - f).max()) > 0.05  # float32 distances
     # a model that takes the keypoints refuses to run without them, with one clear error
     with pytest.raises(BrainshiftError, match="expected the driving keypoints"):
         compensate(image, initial_field=init, model=LoadedModel(_RecordKeypointChannel(), cfg, {}))
