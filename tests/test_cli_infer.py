@@ -591,4 +591,4 @@ def test_a_model_with_a_keypoint_channel_runs_with_keypoints_and_refuses_a_field
     np.savez(tmp_path / "init.npz", field=np.zeros((3, *SHAPE), np.float32), affine=affine)
     out2 = tmp_path / "out2"
     _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-w", str(weights),
-                                 "--refine", "-o", str(out2), "-q"]), out2, "expected the driving keypoints")
+                                 "--refine", "-o", str(out2)]), out2, "expected keypoints (-k)")

@@ -248,6 +248,14 @@ def run_infer(opts: InferOptions) -> dict:
     steps = StepTimer(opts.verbose)
     fmt = _check_options(opts)
     refine, weights = _refinement_plan(opts)
+    if refine and opts.kpt_disps is None and weights is not None:
+        from brainshift.model.checkpoint import peek_network_config
+
+        net_cfg = peek_network_config(weights)
+        if net_cfg is not None and net_cfg.uses_keypoints:  # refused before any work
+            raise BrainshiftError(f"expected keypoints (-k) for the model {weights}, which takes them as an input "
+                                  f"channel (keypoint_channel {net_cfg.keypoint_channel!r}), got an initial field "
+                                  "only; give -k too, or --no-refine")
     if refine and opts.safeguards and opts.kpt_disps is None:
         warnings.warn("an initial field without keypoints (-k): the safeguards (cross-validated fallback, keypoint "
                       "consistency, uncertainty) need keypoints, so the network's correction is applied unchecked; "

@@ -345,5 +345,13 @@ def test_keypoint_channel_config():
         NetworkConfig(keypoint_channel="distance")
     with pytest.raises(BrainshiftError, match="in_channels 5"):
         NetworkConfig(keypoint_channel="proximity", in_channels=6)
-    with pytest.raises(BrainshiftError, match="keypoint_scale_mm"):
-        NetworkConfig(keypoint_channel="proximity", keypoint_scale_mm=0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "20", True, None):
+        with pytest.raises(BrainshiftError, match="keypoint_scale_mm"):
+            NetworkConfig(keypoint_channel="proximity", keypoint_scale_mm=bad)
+    # without the channel the two options are left out of the dictionary, so training states and caches made
+    # before the option compare equal
+    d = NetworkConfig().to_dict()
+    assert "keypoint_channel" not in d and "keypoint_scale_mm" not in d
+    assert NetworkConfig.from_dict(d) == NetworkConfig()
+    assert NetworkConfig(keypoint_channel="proximity").to_dict()["keypoint_channel"] == "proximity"
+    assert NetworkConfig(keypoint_channel="proximity").without_keypoint_channel() == NetworkConfig()

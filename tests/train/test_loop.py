@@ -177,3 +177,18 @@ def test_a_loaded_model_widened_with_the_keypoint_channel_starts_as_the_loaded_m
     assert run.net_cfg.in_channels == 5 and run.net_cfg.features == (4, 8)
     w = run.model.state_dict()["encoders.0.basic_module.conv1.weight"]
     assert w.shape[1] == 5 and torch.count_nonzero(w[:, 4]) == 0
+    # a published-format .pt (no config of its own) is read without the channel, then widened the same way
+    pt = tmp_path / "small.pt"
+    torch.save({"model_state_dict": small.state_dict()}, pt)
+    run = _prepare_run(_cfg(tiny_dataset, tmp_path / "o2", load_model=str(pt), split=[0.0, 0.0],
+                            network={"features": [4, 8], "keypoint_channel": "proximity"}), DistContext())
+    assert run.net_cfg.in_channels == 5
+    x5 = torch.cat([x, torch.rand(1, 1, 8, 8, 8)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.eval()(x5), small(x), rtol=0, atol=0)
+    # a keypoint model cannot start a network without the channel: one clear error
+    kp_path = tmp_path / "kp.safetensors"
+    save_weights(kp_path, wide, wide_cfg)
+    with pytest.raises(BrainshiftError, match="expected a load_model whose network can start"):
+        _prepare_run(_cfg(tiny_dataset, tmp_path / "o3", load_model=str(kp_path), split=[0.0, 0.0],
+                          network={"keypoint_channel": "none"}), DistContext())

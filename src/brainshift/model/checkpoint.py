@@ -154,6 +154,22 @@ def _load_safetensors(p: Path, device) -> LoadedModel:
     return _build_loaded(state, config, metadata, device)
 
 
+def peek_network_config(path: str | os.PathLike) -> NetworkConfig | None:
+    """The network configuration embedded in a brainshift ``.safetensors`` file, read from its header only (no
+    tensors); ``None`` for any other file or one that cannot be read (:func:`load_weights` then says why)."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors.torch import safe_open
+
+        with safe_open(str(p), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return NetworkConfig.from_dict(json.loads(header["config"]))
+    except Exception:  # noqa: BLE001 - a peek: load_weights reports what is wrong with the file
+        return None
+
+
 def _torch_file_kind(p: Path) -> str:
     """``"zip"`` (torch >= 1.6 format), ``"pickle"`` (legacy), ``"empty"`` or ``"other"`` from the first bytes."""
     with open(p, "rb") as fh:

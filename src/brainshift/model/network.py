@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -117,12 +118,20 @@ class NetworkConfig:
                                   f"{self.in_channels} < {self.out_channels}")
         if not float(self.spacing_mm) > 0:
             raise BrainshiftError(f"expected a positive network spacing_mm, got {self.spacing_mm}")
-        if not float(self.keypoint_scale_mm) > 0:
-            raise BrainshiftError(f"expected a positive keypoint_scale_mm, got {self.keypoint_scale_mm}")
+        scale = self.keypoint_scale_mm
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise BrainshiftError(f"expected keypoint_scale_mm a positive finite number (mm), got {scale!r}")
         if self.in_channels != self.expected_in_channels:
             raise BrainshiftError(f"expected in_channels {self.expected_in_channels} (3 field + image"
                                   f"{' + keypoint proximity' if self.uses_keypoints else ''}) with keypoint_channel "
                                   f"{self.keypoint_channel!r}, got {self.in_channels}")
+
+    def without_keypoint_channel(self) -> NetworkConfig:
+        """This configuration without its keypoint channel (4 input channels): the grid, image and field channels
+        do not depend on it."""
+        if not self.uses_keypoints:
+            return self
+        return dataclasses.replace(self, keypoint_channel="none", in_channels=4)
 
     @property
     def uses_keypoints(self) -> bool:
@@ -135,9 +144,14 @@ class NetworkConfig:
         return 5 if self.uses_keypoints else 4
 
     def to_dict(self) -> dict:
-        """Plain-JSON dictionary (tuples become lists)."""
+        """Plain-JSON dictionary (tuples become lists). Without a keypoint channel the two keypoint options are left
+        out, so the dictionaries (and the training states and cache keys made from them) of every configuration
+        that existed before the option are unchanged."""
         d = dataclasses.asdict(self)
         d["features"] = list(self.features)
+        if not self.uses_keypoints:
+            d.pop("keypoint_channel")
+            d.pop("keypoint_scale_mm")
         return d
 
     def to_json(self) -> str:

@@ -172,8 +172,11 @@ def local_alpha_map(held_ras: np.ndarray, r: np.ndarray, c: np.ndarray, alpha: f
     (mm; the output's error without the correction), with Gaussian weights ``w_i(x) = exp(-|x - p_i|^2 / 2 h^2)``
     (``h = bandwidth_mm``), shrunk toward the global ``alpha`` with ``lam = prior_keypoints * mean |c_i|^2`` (the
     weight of that many keypoints). With every ``w_i = 1`` and ``lam = 0`` it is the global least-squares weight;
-    far from every held-out keypoint it tends to ``alpha``. Locally weighted least squares (Cleveland & Devlin 1988)
-    of the cross-validated blend of :func:`fit_blend`.
+    with ``lam > 0`` it tends to ``alpha`` far from every held-out keypoint (with ``lam = 0`` it keeps the nearest
+    keypoints' own weight there). The map is fitted on the same held-out errors that ``rho`` (the uncertainty's
+    distance term) and ``heldout_rmse_output_mm`` are computed from, for the global ``alpha``: with a local map
+    those describe the global-alpha output, and are in-sample for the local one. Locally weighted least squares
+    (Cleveland & Devlin 1988) of the cross-validated blend of :func:`fit_blend`.
 
     Args:
         held_ras: ``(H, 3)`` held-out keypoints (world mm); r, c: ``(H, 3)`` mm.

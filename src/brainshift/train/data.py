@@ -307,11 +307,7 @@ def prepare_case(data_dir: DataFolders, case_id: str, net_config) -> dict[str, A
 def grid_config(net_config):
     """``net_config`` without its keypoint channel: what the grid, image and field arrays of a prepared case depend
     on (the keypoint channel is made per variant, from its keypoints)."""
-    if not getattr(net_config, "uses_keypoints", False):
-        return net_config
-    import dataclasses
-
-    return dataclasses.replace(net_config, keypoint_channel="none", in_channels=4)
+    return net_config.without_keypoint_channel() if getattr(net_config, "uses_keypoints", False) else net_config
 
 
 def network_input_of(case: dict[str, Any], net_config, init_net: np.ndarray | None = None):
@@ -712,7 +708,7 @@ class TrainDataset(torch.utils.data.Dataset):
                                       variant_options=self.variant_options)
             cache = None if cache_dir is None else Path(cache_dir) / "variant_pools"
         else:  # fresh draws need the whole prepared case (subject grid included)
-            key = config_key(data_dir, net_config)
+            key = config_key(data_dir, grid_config(net_config))  # prepared cases do not depend on the channel
             make = PrepareCase(data_dir, net_config)
             cache = None if cache_dir is None else Path(cache_dir) / "cases"
         self.cases = make_store([{"case_id": c, "key": key} for c in case_ids], make, cache, num_workers, progress)

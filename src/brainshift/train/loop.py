@@ -157,7 +157,12 @@ def initial_network(net_cfg, cfg: TrainConfig, init_loaded=None) -> torch.nn.Mod
 
     model = build_network(net_cfg)
     if init_loaded is not None:
-        model.load_state_dict(widen_input_channels(init_loaded.model.state_dict(), model.state_dict()))
+        try:
+            model.load_state_dict(widen_input_channels(init_loaded.model.state_dict(), model.state_dict()))
+        except RuntimeError:
+            raise BrainshiftError(
+                f"expected a load_model whose network can start the requested one (the same, or the same plus a "
+                f"keypoint channel), got {init_loaded.config.to_json()} for {net_cfg.to_json()}") from None
     elif cfg.zero_init_head:
         torch.nn.init.zeros_(model.final_conv.weight)
         torch.nn.init.zeros_(model.final_conv.bias)
@@ -305,20 +310,20 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
     """Check the configuration, split the data, build (or load) the network and the optimiser, restore a
     resumed state; rank 0 writes ``config_resolved.yaml`` and ``splits.json``."""
     from brainshift.io.atomic import atomic_output
-    from brainshift.model import load_weights
+    from brainshift.model import NetworkConfig, load_weights
     from brainshift.train.data import describe_data, split_cases
 
     save_dir = Path(cfg.save_dir)
     net_cfg = network_config(cfg)
     init_loaded = None
     if cfg.load_model:
+        # a published .pt has no config of its own: it is read with the requested network without the keypoint
+        # channel (the published one has none), which is then added below as for our .safetensors
         init_loaded = load_weights(cfg.load_model, device="cpu", config=None if str(cfg.load_model).endswith(
-            ".safetensors") else net_cfg)
+            ".safetensors") else net_cfg.without_keypoint_channel())
         net_cfg = init_loaded.config
         kp = {k: cfg.network[k] for k in ("keypoint_channel", "keypoint_scale_mm") if k in cfg.network}
         if kp:  # a keypoint channel added to (or changed on) the loaded network
-            from brainshift.model import NetworkConfig
-
             d = {**net_cfg.to_dict(), **kp}
             d["in_channels"] = 4  # read as 5 with a keypoint channel (NetworkConfig)
             net_cfg = NetworkConfig.from_dict(d)
@@ -340,7 +345,7 @@ def _prepare_run(cfg: TrainConfig, ctx: DistContext) -> _Run:
     resume_path = Path(cfg.checkpoint) if cfg.checkpoint else (run.last_path if cfg.resume else None)
     if resume_path is not None:
         state = load_state(resume_path, ctx.device)
-        if state["network_config"] != net_cfg.to_json():
+        if NetworkConfig.from_dict(json.loads(state["network_config"])) != net_cfg:
             raise BrainshiftError(f"expected a training state for the network {net_cfg.to_json()}, got one "
                                   f"for {state['network_config']} in {resume_path}")
         model.load_state_dict(state["model_state_dict"])
