@@ -286,6 +286,18 @@ def scale_for_rms(rms_mm: float, min_field_rms_mm: float | None) -> float:
     return max(1.0, float(min_field_rms_mm) / float(rms_mm))
 
 
+def grid_world_mm(shape, affine, origin) -> torch.Tensor:
+    """``(I*J*K, 3)`` float32 world positions (mm) of the voxel centres of the grid ``(shape, affine)``, C order,
+    relative to ``origin`` (world mm; e.g. the centroid of the points they will be compared with, so float32 keeps
+    them precise)."""
+    a = np.asarray(affine, np.float64)
+    axes = [torch.arange(int(n), dtype=torch.float32) for n in shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    idx = torch.stack([ii.reshape(-1), jj.reshape(-1), kk.reshape(-1)], 1)
+    return idx @ torch.from_numpy(a[:3, :3].T.astype(np.float32)) + torch.from_numpy(
+        (a[:3, 3] - np.asarray(origin, np.float64)).astype(np.float32))
+
+
 def keypoint_proximity(points_ras, shape, affine, scale_mm: float) -> torch.Tensor:
     """The keypoint channel: ``exp(-d / scale_mm)`` at each voxel centre of the grid ``(shape, affine)``, with ``d``
     the Euclidean distance (mm, world) to the nearest point of ``points_ras`` (exact, by ``torch.cdist``).
@@ -308,15 +320,11 @@ def keypoint_proximity(points_ras, shape, affine, scale_mm: float) -> torch.Tens
     if not (np.isfinite(scale_mm) and scale_mm > 0):
         raise BrainshiftError(f"expected a positive keypoint scale (mm), got {scale_mm!r}")
     shape = tuple(int(s) for s in shape)
-    a = np.asarray(affine, np.float64)
     # brute force in chunks (torch.cdist): a few keypoints against every voxel is faster than a k-d tree query,
     # and exact; coordinates relative to the keypoints' centroid keep float32 precise
     c = pts.mean(axis=0)
     p_t = torch.from_numpy((pts - c).astype(np.float32))
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
-    idx = torch.stack([ii.reshape(-1), jj.reshape(-1), kk.reshape(-1)], 1)
-    world = idx @ torch.from_numpy(a[:3, :3].T.astype(np.float32)) + torch.from_numpy((a[:3, 3] - c).astype(np.float32))
+    world = grid_world_mm(shape, affine, c)
     chunk = max(1, 2**24 // max(len(pts), 1))
     d = torch.cat([torch.cdist(world[s:s + chunk], p_t).amin(dim=1) for s in range(0, len(world), chunk)])
     return torch.exp(d / -float(scale_mm)).reshape(shape)

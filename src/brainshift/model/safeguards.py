@@ -189,14 +189,11 @@ def local_alpha_map(held_ras: np.ndarray, r: np.ndarray, c: np.ndarray, alpha: f
     if not (bandwidth_mm > 0 and prior_keypoints >= 0):
         raise BrainshiftError(f"expected local_alpha (bandwidth_mm > 0, prior_keypoints >= 0), got "
                               f"({bandwidth_mm}, {prior_keypoints})")
+    from brainshift.model.grid import grid_world_mm
+
     shape = tuple(int(s) for s in net_input.net_shape)
-    a = np.asarray(net_input.net_affine, np.float64)
     centre = held_ras.mean(axis=0)
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
-    idx = torch.stack([ii.reshape(-1), jj.reshape(-1), kk.reshape(-1)], 1)
-    world = idx @ torch.from_numpy(a[:3, :3].T.astype(np.float32)) + torch.from_numpy(
-        (a[:3, 3] - centre).astype(np.float32))
+    world = grid_world_mm(shape, net_input.net_affine, centre)
     w = torch.exp(-torch.cdist(world, torch.from_numpy((held_ras - centre).astype(np.float32))) ** 2
                   / (2.0 * bandwidth_mm ** 2)).double()
     num_i = torch.from_numpy(-(np.asarray(r, np.float64) * np.asarray(c, np.float64)).sum(axis=1))
