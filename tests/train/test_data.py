@@ -378,8 +378,8 @@ def test_several_folders_errors_are_one_line(two_datasets, tmp_path):
 
 
 def test_keypoint_channel_in_variants_samples_and_pools(tiny_dataset, tmp_path):
+    from brainshift.geometry import voxel_to_ras
     from brainshift.model.grid import keypoint_proximity
-    from brainshift.model.inference import points_to_ras
     from brainshift.train.data import network_input_of
 
     kp_net = NetworkConfig(features=(4, 8), keypoint_channel="proximity", keypoint_scale_mm=4.0)
@@ -392,7 +392,7 @@ def test_keypoint_channel_in_variants_samples_and_pools(tiny_dataset, tmp_path):
     np.testing.assert_array_equal(v["points"], v_plain["points"])  # the same draws
     assert "proximity_net" not in v_plain
     ni = network_input_of(c, kp_net)
-    expected = keypoint_proximity(points_to_ras(v["points"], c["affine"]), v["init_net"].shape[1:],
+    expected = keypoint_proximity(voxel_to_ras(v["points"], c["affine"]), v["init_net"].shape[1:],
                                   ni.padded_affine, 4.0).numpy()
     np.testing.assert_allclose(v["proximity_net"], expected)
     ijk = v["points"].astype(int) + np.array([p[0] for p in ni.pad])  # 1 mm network grid: keypoints on voxels

@@ -17,17 +17,10 @@ import torch
 
 from brainshift.device import resolve_device
 from brainshift.field import check_field
+from brainshift.geometry import voxel_to_ras
 from brainshift.model.checkpoint import LoadedModel
 from brainshift.model.grid import NetworkInput, mirror_network_tensor, refined_from_prediction, to_network_grid
 from brainshift.volume import Volume
-
-
-def points_to_ras(points_vox, affine) -> np.ndarray | None:
-    """``(N, 3)`` voxel indices of the grid ``affine`` -> world RAS mm (None stays None)."""
-    if points_vox is None:
-        return None
-    a = np.asarray(affine, np.float64)
-    return np.asarray(points_vox, np.float64).reshape(-1, 3) @ a[:3, :3].T + a[:3, 3]
 
 
 def left_right_axis(net_affine: np.ndarray) -> int:
@@ -148,7 +141,8 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
         bar.set_postfix_str("resample")
         net_input = to_network_grid(image, init, mask, loaded.config,
                                     min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm),
-                                    points_ras=points_to_ras(points_vox, image.affine))
+                                    points_ras=None if points_vox is None else voxel_to_ras(
+                                        np.asarray(points_vox, np.float64).reshape(-1, 3), image.affine))
         if record is not None:
             record["field_scale"] = float(net_input.field_scale)
         bar.update()

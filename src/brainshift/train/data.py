@@ -505,10 +505,10 @@ def draw_variant(case: dict[str, Any], rng: np.random.Generator, net_config, *, 
     out = {"method": method, "points": pts, "disps": disps, "heldout_points": h_pts, "heldout_disps": h_disps,
            "init_net": init_net.astype(np.float32), "rule": rule, "noise_mm": sigma}
     if getattr(net_config, "uses_keypoints", False):  # the keypoint channel (no random draw: draws unchanged)
+        from brainshift.geometry import voxel_to_ras
         from brainshift.model.grid import keypoint_proximity
-        from brainshift.model.inference import points_to_ras
 
-        out["proximity_net"] = keypoint_proximity(points_to_ras(pts, case["affine"]), init_net.shape[1:],
+        out["proximity_net"] = keypoint_proximity(voxel_to_ras(pts, case["affine"]), init_net.shape[1:],
                                                   net_in.padded_affine, net_config.keypoint_scale_mm).numpy()
     if keep_native:
         out["init"] = init
