@@ -72,8 +72,8 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
 
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
-                    noise_mm: float = 0.0, safe_floor_mm: float = 0.0, local_alphas=(), no_network_alone=False
-                    ) -> list[dict]:
+                    noise_mm: float = 0.0, safe_floor_mm: float = 0.0, local_alphas=(), no_network_alone=False,
+                    initials=()) -> list[dict]:
     from brainshift.compensate import choose_interpolator
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
@@ -102,6 +102,10 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
             t0 = time.perf_counter()
             fields[m] = interpolate(m, kp.points_vox, kp.disps_vox, subject.image.shape, affine)
             extra[m] = {"time_s": time.perf_counter() - t0, "alpha": math.nan}
+        for m in initials:  # other initial fields (not in the best-classical baseline), also refined below
+            t0 = time.perf_counter()
+            fields[m] = interpolate(m, kp.points_vox, kp.disps_vox, subject.image.shape, affine)
+            extra[m] = {"time_s": time.perf_counter() - t0, "alpha": math.nan}
         idx = np.flatnonzero(region)
         pick = rng_voxels.choice(idx, size=min(4000, idx.size), replace=False)  # the same voxels for every model
         for name, loaded in models.items():
@@ -111,6 +115,13 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
             fields[f"safe-tps:{name}"] = res.field_vox
             extra[f"safe-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
                                         "alpha": res.alpha, "consistency": res.info.get("consistency", "")}
+            for m in initials:
+                t0 = time.perf_counter()
+                res_i = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[m], loaded, method=m,
+                                    mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm)
+                fields[f"safe-{m}:{name}"] = res_i.field_vox
+                extra[f"safe-{m}:{name}"] = {"time_s": time.perf_counter() - t0 + extra[m]["time_s"],
+                                            "alpha": res_i.alpha, "consistency": res_i.info.get("consistency", "")}
             for h_mm, k_prior in local_alphas:  # a spatially varying alpha (safe_refine's local_alpha)
                 t0 = time.perf_counter()
                 res_l = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields["tps"], loaded, method="tps",
@@ -307,6 +318,9 @@ def main() -> None:
                     help="also run safe-tps with a spatially varying alpha (safe_refine local_alpha: bandwidth H mm, "
                          "prior weight K keypoints), one row per setting")
     ap.add_argument("--no-network-alone", action="store_true", help="skip the net-tps rows")
+    ap.add_argument("--initial", nargs="*", default=[], metavar="METHOD",
+                    help="other initial interpolators (e.g. gp) to report and to refine under the safeguards "
+                         "(rows METHOD and safe-METHOD); the baseline stays the better of linear and tps")
     args = ap.parse_args()
     import torch
 
@@ -328,7 +342,7 @@ def main() -> None:
                                 rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm,
                                 safe_floor_mm=args.min_field_rms,
                                 local_alphas=[tuple(float(v) for v in la.split(",")) for la in args.local_alpha],
-                                no_network_alone=args.no_network_alone)
+                                no_network_alone=args.no_network_alone, initials=tuple(args.initial))
         write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
     print((out / "summary.md").read_text())
     print((out / "reliability.md").read_text())

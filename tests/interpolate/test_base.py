@@ -27,7 +27,7 @@ def test_registry_lists_the_three_classical_interpolators():
     assert all(callable(INTERPOLATORS[n]) for n in names)
 
 
-@pytest.mark.parametrize("method", ["linear", "tps", "tps3d"])
+@pytest.mark.parametrize("method", ["linear", "tps", "tps3d", "gp"])
 def test_zero_displacements_give_zero_field(method):
     pts = grid_keypoints(SHAPE, 8, seed=31)
     field = interpolate(method, pts, np.zeros_like(pts), SHAPE, np.diag([0.5, 0.5, 3.0, 1.0]))
@@ -35,7 +35,7 @@ def test_zero_displacements_give_zero_field(method):
     assert np.all(field == 0.0)
 
 
-@pytest.mark.parametrize("method", ["linear", "tps", "tps3d"])
+@pytest.mark.parametrize("method", ["linear", "tps", "tps3d", "gp"])
 def test_dispatch_equals_direct_call(method):
     pts = grid_keypoints(SHAPE, 8, seed=32)
     disps = np.random.default_rng(32).normal(size=pts.shape)
@@ -44,7 +44,7 @@ def test_dispatch_equals_direct_call(method):
 
 def test_unknown_method_raises_listing_choices():
     pts = grid_keypoints(SHAPE, 5, seed=33)
-    with pytest.raises(BrainshiftError, match=r"expected an interpolator in \['linear', 'tps', 'tps3d'.*got 'cubic'"):
+    with pytest.raises(BrainshiftError, match=r"expected an interpolator in \['gp', 'linear', 'tps', 'tps3d'.*got 'cubic'"):
         interpolate("cubic", pts, np.zeros_like(pts), SHAPE)
 
 

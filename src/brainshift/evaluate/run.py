@@ -19,10 +19,10 @@ Per case:
 - the random generator of a case is ``numpy.random.default_rng([seed, crc32(case_id)])``: results do not
   depend on which other cases are evaluated or in which order.
 
-Methods: ``none`` (zero field: how far the tissue moved), ``linear``, ``tps``, ``tps3d`` (classical
-interpolators, :func:`brainshift.interpolate.interpolate` with their defaults), ``net-linear`` and
-``net-tps`` (network refinement, :func:`brainshift.model.inference.refine_field`, of the linear / TPS
-field), and with a folder of per-subject atlases (``atlases``, ``brainshift atlas -o DIR/<subject_id>``)
+Methods: ``none`` (zero field: how far the tissue moved), ``linear``, ``tps``, ``tps3d``, ``gp``
+(interpolators, :func:`brainshift.interpolate.interpolate` with their defaults), ``net-linear``, ``net-tps`` and
+``net-gp`` (network refinement, :func:`brainshift.model.inference.refine_field`, of the linear / TPS / Gaussian-
+process field), and with a folder of per-subject atlases (``atlases``, ``brainshift atlas -o DIR/<subject_id>``)
 ``atlas`` (the subject's deformation atlas fitted to the keypoints plus a thin-plate spline of the
 residuals, :func:`brainshift.atlas.fit.fit_atlas`) and ``net-atlas`` (the network refining the atlas
 field; under the safeguards their cross-validation re-fits the atlas without each fold's keypoints). A
@@ -48,12 +48,12 @@ import numpy as np
 
 from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 
-CLASSICAL_METHODS = ("linear", "tps", "tps3d")
+CLASSICAL_METHODS = ("linear", "tps", "tps3d", "gp")
 #: Methods that need the patient's deformation atlas (``brainshift atlas``; ``evaluate --atlases DIR``).
 ATLAS_METHODS = ("atlas", "net-atlas")
 #: Methods that need the network.
-NETWORK_METHODS = ("net-linear", "net-tps", "net-atlas")
-METHODS = ("none", *CLASSICAL_METHODS, "net-linear", "net-tps", *ATLAS_METHODS)
+NETWORK_METHODS = ("net-linear", "net-tps", "net-gp", "net-atlas")
+METHODS = ("none", *CLASSICAL_METHODS, "net-linear", "net-tps", "net-gp", *ATLAS_METHODS)
 
 #: Columns of every result row, in CSV order.
 ROW_COLUMNS = (

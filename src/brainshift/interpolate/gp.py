@@ -1,0 +1,192 @@
+"""Gaussian-process regression (kriging) of the keypoint displacements, hyperparameters by the evidence.
+
+Model: each world component of the displacement is an independent zero-mean Gaussian process with the
+Matern 5/2 covariance ``eta^2 k_l(r)`` (Rasmussen & Williams, Gaussian Processes for Machine Learning, 2006,
+eq. 4.17), observed at the keypoints with isotropic noise of variance ``tau`` (mm^2)::
+
+    u_c(x) ~ GP(0, eta^2 k_l),    d_c(x_n) = u_c(x_n) + e,   e ~ N(0, tau)
+
+The field is the posterior mean ``u_c(x) = eta^2 k_l(x, X) (eta^2 K_l + tau I)^-1 d_c`` (simple kriging),
+averaged over a log-spaced grid of ``(eta^2, l, tau)`` with each point weighted by its marginal likelihood
+(Bayesian model averaging over hyperparameters with a flat prior on the grid; Rasmussen & Williams 2006,
+sections 5.2 and 5.4.1; MacKay, Neural Computation 1992). One eigendecomposition of ``K_l`` per length gives the
+evidence of every ``(eta^2, tau)`` at once. Lengths shorter than the keypoints' median nearest-neighbour
+distance are left out (the keypoints cannot tell them from noise).
+
+Unlike a spline, the zero-mean prior lets the field return to zero away from the keypoints over the fitted
+length instead of extrapolating an affine trend: brain shift is largest near the craniotomy and fades with
+distance from it. Constant and affine fields are therefore *not* reproduced exactly (they are approximated
+within the keypoints' hull when the evidence picks a long length). With exact keypoints the evidence picks a
+small ``tau`` and the field passes through them to within that noise.
+
+The same model without an atlas is the kernel part of the ``atlas`` interpolator's prior
+(:mod:`brainshift.atlas.fit`, ``scaled-atlas+matern``), which there is fitted beside the atlas's components.
+
+Frames: the fit works in world millimetres (RAS, through ``affine``; voxel indices as millimetres without
+one), so the kernel is isotropic in space whatever the voxel spacing or orientation; the components are
+independent with one shared kernel, so the posterior mean is the same in any orthonormal frame.
+
+Convention: keypoints are continuous 0-based voxel indices, displacements voxel units; the returned field is
+float32 ``(3, I, J, K)``, forward Lagrangian, voxel units along ``i, j, k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from brainshift.errors import BrainshiftError
+from brainshift.geometry import check_affine
+from brainshift.interpolate._chunks import run_chunks
+from brainshift.interpolate.base import check_keypoints, check_shape, register_interpolator
+
+#: Candidate kernel lengths (mm), the same as the atlas fit's kernel part.
+LENGTHS_MM = (10.0, 20.0, 40.0, 80.0, 160.0)
+#: Candidate prior variances ``eta^2`` (mm^2): amplitudes 0.01 to 100 mm.
+AMPLITUDES_MM2 = tuple(float(v) for v in np.logspace(-4, 4, 17))
+#: Candidate noise variances ``tau`` (mm^2): exact keypoints (1e-5) to 3 mm noise.
+NOISES_MM2 = tuple(float(v) for v in np.logspace(-5, 1, 13))
+#: Evidence share below which a kernel length is left out of the average (its weights are not evaluated).
+_NEGLIGIBLE = 1e-9
+#: Evaluation points per chunk (chunk x keypoints float64 work arrays).
+_CHUNK = 1 << 14
+
+
+def matern52(dist: np.ndarray, length: float) -> np.ndarray:
+    """Matern 5/2 correlation ``(1 + a + a^2 / 3) exp(-a)``, ``a = sqrt(5) r / l`` (Rasmussen & Williams 2006,
+    eq. 4.17); ``dist`` and ``length`` in the same unit."""
+    a = np.sqrt(5.0) * np.asarray(dist, dtype=np.float64) / float(length)
+    return (1.0 + a + a * a / 3.0) * np.exp(-a)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from scipy.spatial.distance import cdist
+
+    return cdist(a, b)
+
+
+def usable_lengths(points_mm: np.ndarray, lengths_mm=LENGTHS_MM) -> tuple[float, ...]:
+    """The kernel lengths at least the keypoints' median nearest-neighbour distance (at least the longest)."""
+    lengths = sorted(float(v) for v in lengths_mm)
+    if len(points_mm) < 2:
+        return (lengths[-1],)
+    d = _pairwise(points_mm, points_mm)
+    np.fill_diagonal(d, np.inf)
+    spacing = float(np.median(d.min(axis=1)))
+    return tuple(v for v in lengths if v >= spacing) or (lengths[-1],)
+
+
+def gp_fit(points_mm: np.ndarray, disps_mm: np.ndarray, *, lengths_mm=LENGTHS_MM, amplitudes_mm2=AMPLITUDES_MM2,
+           noises_mm2=NOISES_MM2) -> tuple[dict[float, np.ndarray], dict]:
+    """The evidence-averaged posterior mean's weights, per kernel length.
+
+    Args:
+        points_mm: ``(m, 3)`` keypoints in any orthonormal mm frame.
+        disps_mm: ``(m, C)`` displacements (mm) in that frame.
+        lengths_mm, amplitudes_mm2, noises_mm2: the hyperparameter grid (lengths filtered by
+            :func:`usable_lengths`).
+
+    Returns:
+        ``({length: (m, C) weights}, info)``: the field is ``sum_l k_l(x, X) @ weights[l]``. ``info``:
+        ``length_mm``, ``eta_mm``, ``tau_mm2`` (the most likely grid point), ``mean_log10_tau`` (evidence-
+        weighted), ``log_evidence`` (the most likely point's).
+    """
+    p = np.asarray(points_mm, dtype=np.float64)
+    y = np.asarray(disps_mm, dtype=np.float64)
+    m, c = y.shape
+    eta2 = np.asarray(amplitudes_mm2, dtype=np.float64)[:, None, None]
+    tau = np.asarray(noises_mm2, dtype=np.float64)[None, :, None]
+    dist = _pairwise(p, p)
+    blocks = []
+    for length in usable_lengths(p, lengths_mm):
+        lam, vec = np.linalg.eigh(matern52(dist, length))
+        lam = np.clip(lam, 0.0, None)
+        vy2 = ((vec.T @ y) ** 2).sum(axis=1)  # (m,) summed over components
+        d = eta2 * lam[None, None, :] + tau  # (A, T, m)
+        le = -0.5 * ((vy2 / d).sum(-1) + c * np.log(d).sum(-1) + c * m * math.log(2.0 * math.pi))
+        blocks.append((length, lam, vec, d, le))
+    top = max(float(b[4].max()) for b in blocks)
+    total = sum(float(np.exp(b[4] - top).sum()) for b in blocks)
+    weights, best, log_tau = {}, None, 0.0
+    for length, _, vec, d, le in blocks:
+        w = np.exp(le - top) / total  # (A, T)
+        i, j = np.unravel_index(int(np.argmax(le)), le.shape)
+        if best is None or le[i, j] > best[0]:
+            best = (float(le[i, j]), length, float(amplitudes_mm2[i]), float(noises_mm2[j]))
+        log_tau += float((w.sum(0) * np.log10(np.asarray(noises_mm2))).sum())
+        if w.sum() < _NEGLIGIBLE:  # a length the evidence rules out: not evaluated
+            continue
+        # sum over the grid of w eta^2 (eta^2 K + tau I)^-1 y = V diag(sum w eta^2 / d) V^T y
+        coef = ((w[..., None] * eta2) / d).sum((0, 1))  # (m,)
+        weights[length] = vec @ (coef[:, None] * (vec.T @ y))
+    info = {"length_mm": best[1], "eta_mm": math.sqrt(best[2]), "tau_mm2": best[3], "log_evidence": best[0],
+            "mean_log10_tau": log_tau}
+    return weights, info
+
+
+def gp_evaluate(weights: dict[float, np.ndarray], centres_mm: np.ndarray, query_mm: np.ndarray) -> np.ndarray:
+    """``(n, C)`` float64 posterior mean at ``query_mm`` ``(n, 3)`` from :func:`gp_fit`'s weights."""
+    q = np.asarray(query_mm, dtype=np.float64)
+    out = np.zeros((len(q), next(iter(weights.values())).shape[1]))
+
+    def work(sl: slice) -> None:
+        r = _pairwise(q[sl], centres_mm)
+        out[sl] = sum(matern52(r, length) @ w for length, w in weights.items())
+
+    run_chunks(work, [slice(i, min(i + _CHUNK, len(q))) for i in range(0, len(q), _CHUNK)])
+    return out
+
+
+@register_interpolator("gp")
+def gp_interpolate(
+    points_vox: np.ndarray,
+    disps_vox: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray | None = None,
+    *,
+    downsample: int = 2,
+) -> np.ndarray:
+    """Gaussian-process regression (Matern 5/2, zero mean, evidence-averaged hyperparameters; module docstring).
+
+    The posterior mean is evaluated exactly on a grid ``downsample`` times coarser and upsampled trilinearly with aligned corners (as ``tps``); the shortest kernel
+    length (10 mm) varies little over a few voxels.
+
+    Args:
+        points_vox: ``(N, 3)`` keypoint positions, continuous 0-based voxel indices, N >= 4, not coplanar.
+        disps_vox: ``(N, 3)`` displacements, voxel units along ``i, j, k``.
+        shape: grid shape ``(I, J, K)``.
+        affine: 4x4 voxel -> RAS mm affine (the kernel's metric); None: voxel indices as mm.
+        downsample: integer coarsening of the evaluation grid ``>= 1`` (1: every voxel exactly).
+
+    Returns:
+        ``(3, I, J, K)`` float32 field.
+
+    Convention: forward Lagrangian field in voxel units along ``i, j, k`` on the grid ``shape``.
+
+    Raises:
+        KeypointError: fewer than 4 keypoints, coplanar keypoints, conflicting duplicates, non-finite values.
+        GeometryError: a bad shape or affine. BrainshiftError: ``downsample`` not a positive integer.
+    """
+    from brainshift.interpolate.tps import upsample_trilinear
+
+    if isinstance(downsample, bool) or not isinstance(downsample, (int, np.integer)) or downsample < 1:
+        raise BrainshiftError(f"expected gp downsample a positive integer, got {downsample!r}")
+    shape = check_shape(shape)
+    pts, disps = check_keypoints(points_vox, disps_vox)
+    a = np.eye(4) if affine is None else check_affine(affine)
+    a3 = a[:3, :3]
+    centres = pts @ a3.T  # world mm (the translation cancels in distances)
+    weights, _ = gp_fit(centres, disps @ a3.T)
+    if downsample == 1:
+        coarse_shape = shape
+    else:
+        coarse_shape = tuple(1 if s == 1 else max(2, math.ceil(s / downsample)) for s in shape)
+    axes = [np.linspace(0.0, s - 1.0, n) if n > 1 else np.zeros(1) for s, n in zip(shape, coarse_shape, strict=True)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    world = gp_evaluate(weights, centres, grid @ a3.T) @ np.linalg.inv(a3).T  # back to voxel units
+    coarse = np.ascontiguousarray(world.T.reshape((3,) + tuple(coarse_shape)), dtype=np.float32)
+    if coarse_shape == shape:
+        return coarse
+    return upsample_trilinear(coarse, shape).astype(np.float32, copy=False)
+
