@@ -44,7 +44,8 @@ def test_dispatch_equals_direct_call(method):
 
 def test_unknown_method_raises_listing_choices():
     pts = grid_keypoints(SHAPE, 5, seed=33)
-    with pytest.raises(BrainshiftError, match=r"expected an interpolator in \['gp', 'linear', 'tps', 'tps3d'.*got 'cubic'"):
+    expected = r"expected an interpolator in \['gp', 'linear', 'tps', 'tps3d'.*got 'cubic'"
+    with pytest.raises(BrainshiftError, match=expected):
         interpolate("cubic", pts, np.zeros_like(pts), SHAPE)
 
 

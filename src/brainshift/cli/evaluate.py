@@ -13,8 +13,8 @@ from brainshift.cli.app import choice, cli_errors
 def evaluate_command(
     data: Path = typer.Option(..., "--data", help="Simulated dataset folder (subjects/ and cases/)."),
     methods: str | None = typer.Option(None, "--methods",
-                                       help="Comma-separated: none, linear, tps, tps3d, gp, net-linear, net-tps, net-gp, "
-                                            "atlas, net-atlas [default: linear,tps,net-linear,net-tps, plus "
+                                       help="Comma-separated: none, linear, tps, tps3d, gp, net-linear, net-tps, "
+                                            "net-gp, atlas, net-atlas [default: linear,tps,net-linear,net-tps, plus "
                                             "atlas,net-atlas with --atlases; the net-* methods only when weights "
                                             "are available]."),
     weights: Path | None = typer.Option(None, "--weights", "-w",

@@ -26,9 +26,9 @@ def infer_command(
                                     help="Interpolator: auto (tps, or linear for keypoints clustered in one region: "
                                          "convex hull < 4 % of the foreground) | linear (Delaunay) | tps (published; "
                                          "ridge 0.1, a smoothing spline: not exact at the keypoints) | tps3d "
-                                         "(biharmonic, exact) | gp (Gaussian-process regression, Matern kernel fitted to the keypoints; "
-                                         "returns to zero away from them) | atlas (the patient's deformation atlas fitted to the "
-                                         "keypoints; needs --atlas)."),
+                                         "(biharmonic, exact) | gp (Gaussian-process regression, Matern kernel "
+                                         "fitted to the keypoints; returns to zero away from them) | atlas (the "
+                                         "patient's deformation atlas fitted to the keypoints; needs --atlas)."),
     tps_lam: str | None = typer.Option(None, "--tps-lam",
                                        help="Ridge of -m tps (and of auto when it takes tps): a number >= 0 "
                                             "(default: the published 0.1) or cv (chosen by 5-fold cross-validation "

@@ -149,8 +149,8 @@ def gp_interpolate(
 ) -> np.ndarray:
     """Gaussian-process regression (Matern 5/2, zero mean, evidence-averaged hyperparameters; module docstring).
 
-    The posterior mean is evaluated exactly on a grid ``downsample`` times coarser and upsampled trilinearly with aligned corners (as ``tps``); the shortest kernel
-    length (10 mm) varies little over a few voxels.
+    The posterior mean is evaluated exactly on a grid ``downsample`` times coarser and upsampled trilinearly
+    with aligned corners (as ``tps``); the shortest kernel length (10 mm) varies little over a few voxels.
 
     Args:
         points_vox: ``(N, 3)`` keypoint positions, continuous 0-based voxel indices, N >= 4, not coplanar.
