@@ -113,14 +113,29 @@ def test_honours_exact_keypoints_and_fades_far_from_them():
     assert np.abs(gp_evaluate(weights, world, world)).max() > 0.5
 
 
-def test_coarse_evaluation_is_close_to_exact():
-    shape = (30, 26, 22)
-    pts = grid_keypoints(shape, 15, seed=6, margin=4)
-    disps = _smooth_disps_mm(_world(pts, OBLIQUE)) @ np.linalg.inv(OBLIQUE[:3, :3]).T
-    exact = gp_interpolate(pts, disps, shape, OBLIQUE, downsample=1)
-    coarse = gp_interpolate(pts, disps, shape, OBLIQUE, downsample=2)
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 3.0), (0.5, 0.5, 3.0), (1.0, 1.0, 5.0)])
+def test_coarse_evaluation_is_close_to_exact(spacing):
+    """The automatic coarse step is chosen per axis in mm: thick slices are not skipped."""
+    shape = (40, 40, 14)
+    aff = OBLIQUE.copy()
+    aff[:3, :3] = OBLIQUE[:3, :3] @ np.diag(np.asarray(spacing) / np.array([2.0, 2.0, 3.0]))
+    pts = grid_keypoints(shape, 30, seed=6, margin=3)
+    disps = _smooth_disps_mm(_world(pts, aff) - _world(pts, aff).mean(0) + [100.0, -110.0, -60.0])
+    disps = disps @ np.linalg.inv(aff[:3, :3]).T
+    exact = gp_interpolate(pts, disps, shape, aff, downsample=1)
+    coarse = gp_interpolate(pts, disps, shape, aff)
     assert np.abs(exact).max() > 0.1
-    assert np.abs(coarse - exact).max() < 0.02 * np.abs(exact).max()
+    assert np.abs(coarse - exact).max() < 0.05 * np.abs(exact).max()
+
+
+def test_refuses_overflow_and_too_many_keypoints():
+    pts = grid_keypoints(SHAPE, 10, seed=7)
+    with pytest.raises(BrainshiftError, match="overflows|finite"):
+        gp_interpolate(pts, np.full_like(pts, 1e160), SHAPE)
+    with pytest.raises(BrainshiftError, match="GB"):
+        gp_interpolate(pts, np.zeros_like(pts), SHAPE, max_memory_gb=1e-4)
+    with pytest.raises(BrainshiftError, match="max_memory_gb"):
+        gp_interpolate(pts, np.zeros_like(pts), SHAPE, max_memory_gb=0)
 
 
 def test_lengths_shorter_than_the_keypoint_spacing_are_left_out():

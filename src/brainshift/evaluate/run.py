@@ -48,12 +48,14 @@ import numpy as np
 
 from brainshift.errors import BrainshiftError, InputFileError, KeypointError
 
-CLASSICAL_METHODS = ("linear", "tps", "tps3d", "gp")
+CLASSICAL_METHODS = ("linear", "tps", "tps3d")
+#: Interpolators evaluated as they are: the classical ones (the baseline of ``summary.md``'s ratio) and ``gp``.
+INTERPOLATOR_METHODS = (*CLASSICAL_METHODS, "gp")
 #: Methods that need the patient's deformation atlas (``brainshift atlas``; ``evaluate --atlases DIR``).
 ATLAS_METHODS = ("atlas", "net-atlas")
 #: Methods that need the network.
 NETWORK_METHODS = ("net-linear", "net-tps", "net-gp", "net-atlas")
-METHODS = ("none", *CLASSICAL_METHODS, "net-linear", "net-tps", "net-gp", *ATLAS_METHODS)
+METHODS = ("none", *INTERPOLATOR_METHODS, "net-linear", "net-tps", "net-gp", *ATLAS_METHODS)
 
 #: Columns of every result row, in CSV order.
 ROW_COLUMNS = (
@@ -303,7 +305,7 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
         step(method)
         if method == "none":
             pred, dt = np.zeros_like(gt), 0.0
-        elif method in CLASSICAL_METHODS or method in ATLAS_METHODS:
+        elif method in INTERPOLATOR_METHODS or method in ATLAS_METHODS:
             pred, dt = initial(method)
         else:
             if loaded is None:
