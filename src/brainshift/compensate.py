@@ -181,7 +181,7 @@ def interpolate_keypoints(image: Volume, points_vox: np.ndarray, disps_vox: np.n
     Args:
         image: the preop image (defines the grid).
         points_vox, disps_vox: ``(N, 3)`` keypoints and their displacements, voxel units (0-based i, j, k).
-        method: interpolator name (``linear``, ``tps``, ``tps3d``; see :mod:`brainshift.interpolate`).
+        method: interpolator name (``linear``, ``tps``, ``tps3d``, ``gp``; see :mod:`brainshift.interpolate`).
         options: interpolator keyword options.
 
     Returns:
@@ -243,7 +243,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             units). Given together with ``keypoints``, the field is used as it is and the keypoints only serve
             the safeguards, whose folds then use the given field without each fold's keypoints' thin-plate
             spline contribution (:func:`brainshift.model.safeguards.given_field_folds`).
-        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``), ``auto`` (``linear`` for
+        method: interpolator of the keypoints (``linear``, ``tps``, ``tps3d``, ``gp``), ``auto`` (``linear`` for
             keypoints clustered in one region, else ``tps``: :func:`choose_interpolator`; recorded in
             :attr:`Result.interpolator_choice`, ``interp_options`` then apply only to ``tps``), or ``atlas``: the
             patient's deformation atlas fitted to the keypoints plus a thin-plate spline of the remaining residuals

@@ -175,6 +175,12 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
                                                           "safeguards": "off"}
     assert math.isnan(net_lin["safeguard_alpha"]) and math.isnan(net_lin["safeguard_beta"])
     assert lin["model"] == "" and lin["safeguards"] == ""
+    # the same for the Gaussian-process interpolator: net-gp (zero residual) == gp, a field of its own
+    gp, net_gp = evaluate_dataset(tiny_dataset, ["gp", "net-gp"], weights=w0, seed=3, n_keypoints=12, cases=1,
+                                  progress=False, overlap=False, safeguards=False)
+    assert (gp["method"], net_gp["method"]) == ("gp", "net-gp") and net_gp["model"] == "zero.safetensors"
+    assert net_gp["mse_mm2"] == pytest.approx(gp["mse_mm2"], rel=1e-6)
+    assert gp["mse_mm2"] != pytest.approx(lin["mse_mm2"], rel=1e-3) and math.isfinite(gp["tre_mm"])
     # a random network changes the field and still gives finite metrics
     w1 = _tiny_weights(tmp_path / "rand.safetensors", zero_residual=False)
     rows = evaluate_dataset(tiny_dataset, ["net-tps"], weights=w1, seed=3, n_keypoints=12, cases=1,

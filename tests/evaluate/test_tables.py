@@ -58,6 +58,16 @@ def test_summarize_mean_std_and_ratio_to_best_classical():
     assert math.isnan(s["linear"]["dice_tumour_mean"])
 
 
+def test_gp_is_reported_but_not_the_classical_baseline():
+    """``gp`` rows get their ratio to the best of linear / tps / tps3d, even when gp has the lowest MSE."""
+    rows = _rows() + [_row("c0", "gp", 0.8, 1.0), _row("c1", "gp", 1.2, 1.0), _net("c0", "net-gp", 0.4, 1.0, 1.0),
+                      _net("c1", "net-gp", 0.6, 1.0, 1.0)]
+    s = {x["method"]: x for x in summarize(rows)}
+    assert s["gp"]["best_classical"] == "linear"
+    assert s["gp"]["mse_ratio_to_best_classical"] == pytest.approx(0.5)
+    assert s["net-gp"]["mse_ratio_to_best_classical"] == pytest.approx(0.25)
+
+
 def test_summary_markdown_lists_methods_and_ratio_and_drops_all_nan_columns():
     md = summary_markdown(_rows(), title="test")
     lines = [x for x in md.splitlines() if x.startswith("| net-linear")]

@@ -39,7 +39,7 @@ class InterpolatorFn(Protocol):
 
 
 #: Registered interpolators by name. Filled by the ``@register_interpolator`` decorators of
-#: ``linear.py``, ``tps.py`` and ``tps3d.py`` when :mod:`brainshift.interpolate` is imported.
+#: ``linear.py``, ``tps.py``, ``tps3d.py`` and ``gp.py`` when :mod:`brainshift.interpolate` is imported.
 INTERPOLATORS: dict[str, InterpolatorFn] = {}
 
 #: Fewest keypoints any interpolator accepts: a 3-D simplex / a unique affine term needs 4.
@@ -70,7 +70,7 @@ def register_interpolator(name: str) -> Callable[[InterpolatorFn], InterpolatorF
 
 
 def available_interpolators() -> list[str]:
-    """Sorted names of the registered interpolators (e.g. ``['linear', 'tps', 'tps3d']``)."""
+    """Sorted names of the registered interpolators (e.g. ``['gp', 'linear', 'tps', 'tps3d']``)."""
     return sorted(INTERPOLATORS)
 
 
@@ -85,13 +85,13 @@ def interpolate(
     """Interpolate sparse keypoint displacements to a dense field with the interpolator named ``method``.
 
     Args:
-        method: a name from :func:`available_interpolators` (``linear``, ``tps``, ``tps3d``).
+        method: a name from :func:`available_interpolators` (``linear``, ``tps``, ``tps3d``, ``gp``).
         points_vox: ``(N, 3)`` keypoint positions, continuous 0-based voxel indices ``(i, j, k)``.
         disps_vox: ``(N, 3)`` keypoint displacements in voxel units along ``i, j, k``.
         shape: grid shape ``(I, J, K)``.
-        affine: optional 4x4 voxel -> RAS mm affine of the grid (used by ``tps3d`` to work in mm).
+        affine: optional 4x4 voxel -> RAS mm affine of the grid (used by ``tps3d`` and ``gp`` to work in mm).
         **options: keyword options of that interpolator (e.g. ``outside="nearest"`` for ``linear``,
-            ``lam=0.1`` for ``tps``, ``smoothing=0.0`` for ``tps3d``).
+            ``lam=0.1`` for ``tps``, ``smoothing=0.0`` for ``tps3d``, ``downsample=1`` for ``gp``).
 
     Returns:
         ``(3, I, J, K)`` float32 displacement field.

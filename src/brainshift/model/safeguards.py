@@ -632,7 +632,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         points_vox, disps_vox: ``(N, 3)`` the keypoints that made ``init_field_vox`` (voxel units).
         init_field_vox: ``(3, I, J, K)`` their classical interpolation by ``method``.
         loaded: the network (:func:`brainshift.model.checkpoint.load_weights`).
-        method: the interpolator of ``init_field_vox`` (``linear``, ``tps``, ``tps3d``), reused for the folds.
+        method: the interpolator of ``init_field_vox`` (``linear``, ``tps``, ``tps3d``, ``gp``), reused for the
+            folds.
         mask: optional brain mask on ``image``'s grid.
         device: ``cpu`` / ``cuda[:N]`` / ``auto``.
         folds: cross-validation folds (at most; fewer when there are few keypoints).
