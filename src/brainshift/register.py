@@ -45,6 +45,10 @@ from brainshift.errors import BrainshiftError, GeometryError, KeypointError
 from brainshift.interpolate.tps import MIN_KEYPOINTS_LAM_CV
 from brainshift.volume import Volume, mask_inside
 
+#: Interpolators of the matches. Not ``gp``: its fit and evaluation grow with the number of keypoints (hundreds to
+#: thousands of matches here; its evaluation step shrinks with the short kernel lengths they allow).
+METHODS = ("linear", "tps", "tps3d")
+
 if TYPE_CHECKING:
     from brainshift.compensate import Result
     from brainshift.model.checkpoint import LoadedModel
@@ -334,14 +338,13 @@ def register(
     Convention: the fields of the result are forward Lagrangian, voxel units along ``i, j, k`` of the preop grid.
     """
     from brainshift.compensate import check_model, compensate
-    from brainshift.interpolate import available_interpolators
     from brainshift.keypoints.describe import describe_keypoints
     from brainshift.keypoints.detect import detect_keypoints
 
     check_model(model)  # before the detection: a path or a name failed only in the refinement
     method = method.strip().lower() if isinstance(method, str) else method  # "TPS" skipped the ridge's choice
-    if method not in available_interpolators():  # before the detection, not after it
-        raise BrainshiftError(f"expected method one of {available_interpolators()}, got {method!r}")
+    if method not in METHODS:  # before the detection, not after it
+        raise BrainshiftError(f"expected method one of {list(METHODS)}, got {method!r}")
     if max_matches is not None and (isinstance(max_matches, bool) or int(max_matches) < MIN_MATCHES):
         raise BrainshiftError(f"expected max_matches >= {MIN_MATCHES} or None, got {max_matches!r}")
     timings: dict[str, float] = {}

@@ -35,7 +35,6 @@ from brainshift.progress import StepTimer
 
 OUTPUT_FORMATS = ("h5", "npz", "nii")
 _EXT = {"h5": ".h5", "npz": ".npz", "nii": ".nii.gz"}
-METHODS = ("linear", "tps", "tps3d")
 MATCHES_NAME = "matches.csv"
 #: Columns of ``matches.csv`` after ``x,y,z,dx,dy,dz``.
 SCORE_COLUMNS = ("descriptor_distance", "ratio", "residual_mm", "scale_mm")
@@ -62,6 +61,7 @@ class RegisterOptions:
 def _plan(opts: RegisterOptions) -> tuple[str, bool, Path | None, list[str]]:
     """``(format, refine, weights, planned file names)``; validates the options that need no file."""
     from brainshift.device import check_device_name
+    from brainshift.register import METHODS
     from brainshift.resources import DEFAULT_WEIGHTS, resolve_weights
 
     fmt = opts.output_fmt.lower()
