@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weights", default=str(ROOT / "weights" / "default.safetensors"))
-    ap.add_argument("--method", default="tps", choices=("linear", "tps"))
+    ap.add_argument("--method", default="tps", choices=("linear", "tps", "gp"))
     ap.add_argument("--before", default=None, help="another source tree (e.g. `git archive` of an older commit) "
                     "run the same way with PYTHONPATH=BEFORE/src, interleaved with this one")
     ap.add_argument("--after", default=None, help="the tree to measure instead of this checkout (PYTHONPATH=AFTER/src)")
