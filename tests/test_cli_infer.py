@@ -75,6 +75,27 @@ def test_infer_linear_writes_all_formats_and_summary(tmp_path, image_path):
         assert summary["fields"]["initial_disp_field"]["pct_jacobian_nonpositive"] == 0.0
 
 
+def test_infer_gp_writes_the_gaussian_process_field(tmp_path, image_path):
+    """-m gp end to end: the same field as the library interpolator, recorded as gp in summary.json."""
+    from brainshift.interpolate import interpolate
+    from brainshift.io.images import read_image
+
+    rows = _good_rows(16)
+    kp = _table(tmp_path / "kp.csv", rows)
+    out = tmp_path / "o"
+    res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-m", "gp", "--no-refine", "-o", str(out),
+                   "-f", "npz", "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interpolation"] == "gp" and summary["keypoint_count"] == 16
+    with np.load(out / "initial_disp_field.npz") as z:
+        field = z["field"]
+    img = read_image(image_path)
+    expected = interpolate("gp", rows[:, :3], rows[:, 3:], img.shape, img.affine)
+    np.testing.assert_allclose(field, expected, atol=1e-5)
+    assert np.abs(field).max() > 0.1
+
+
 def test_infer_npz_field_reproduces_affine_keypoint_field(tmp_path, image_path):
     rows = _good_rows(20)
     rows[:, :3] = np.round(rows[:, :3])  # grid-aligned keypoints: the field at a voxel centre is exact
