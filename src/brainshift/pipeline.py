@@ -204,10 +204,14 @@ def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
     return image, {**given, "keypoints": (points_vox, disps_vox)}
 
 
-def _keypoint_coverage(image: Volume, given: dict, method: str) -> float | None:
+def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = False) -> float | None:
     """The keypoints' convex-hull fraction of the image foreground (:func:`brainshift.keypoints.validate.hull_fraction`;
     None without keypoints); warns when a spline (``tps``, ``tps3d``) interpolated keypoints clustered in one
-    region (:data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`), where ``linear`` is the safer choice."""
+    region (:data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`), where ``linear`` is the safer choice,
+    and when the network refined a field from such keypoints: the safeguards' cross-validation can only check the
+    correction near them, and on 18 validation cases with 20 keypoints at the craniotomy the refined field had
+    1.4 x (0.5 mm noise) and 6.4 x (exact keypoints) the mean MSE of ``linear`` alone, worst 9 x and 57 x
+    (bench/RESULTS.md, "Session 30")."""
     from brainshift.compensate import foreground_mask
     from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION, hull_fraction
 
@@ -219,6 +223,11 @@ def _keypoint_coverage(image: Volume, given: dict, method: str) -> float | None:
                       f"keypoints from one region, e.g. the craniotomy, make -m {method} extrapolate their trend "
                       "across the brain; -m linear had 10-17 x lower error there on our benchmark, best without the "
                       "network (--no-refine; README, Interpolators)", stacklevel=3)
+    if refined and fraction < CLUSTERED_HULL_FRACTION:
+        warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull) and the "
+                      "network refined the field: it never trained on keypoints from one region and the safeguards "
+                      "can only check it near them; on our validation cases it made such fields several times worse "
+                      "than -m linear alone: add --no-refine (README, Interpolators)", stacklevel=3)
     return fraction
 
 
@@ -285,7 +294,7 @@ def run_infer(opts: InferOptions) -> dict:
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)
-    coverage = _keypoint_coverage(image, given, result.method)
+    coverage = _keypoint_coverage(image, given, result.method, refined=result.refined_field is not None)
     if refine:
         from brainshift.device import resolve_device
 
