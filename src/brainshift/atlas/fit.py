@@ -71,6 +71,7 @@ import scipy.linalg
 
 from brainshift.atlas.basis import DeformationAtlas
 from brainshift.errors import BrainshiftError
+from brainshift.interpolate.gp import matern52
 
 #: Candidate values of the noise-to-prior ratio tau (mm^2).
 DEFAULT_TAUS = tuple(float(t) for t in np.logspace(-3, 2, 11))
@@ -170,21 +171,6 @@ def identifiable_lengths(points_mm: np.ndarray, lengths_mm=None) -> tuple[float,
     np.fill_diagonal(d, np.inf)
     spacing = float(np.median(d.min(axis=1)))
     return tuple(float(v) for v in lengths if v >= spacing) or (float(lengths[-1]),)
-
-
-def matern52(dist_mm: np.ndarray, length_mm: float) -> np.ndarray:
-    """Matern 5/2 correlation ``(1 + a + a^2/3) exp(-a)``, ``a = sqrt(5) d / l`` (Rasmussen & Williams 2006,
-    eq. 4.17): twice mean-square differentiable, so the fields it draws are smooth but not analytic.
-
-    Args:
-        dist_mm: distances (mm), any shape.
-        length_mm: length scale ``l`` (mm).
-
-    Returns:
-        Correlations in ``(0, 1]``, same shape.
-    """
-    a = np.sqrt(5.0) * np.asarray(dist_mm, dtype=np.float64) / float(length_mm)
-    return (1.0 + a + a * a / 3.0) * np.exp(-a)
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:

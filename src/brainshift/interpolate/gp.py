@@ -16,8 +16,9 @@ distance are left out (the keypoints cannot tell them from noise).
 Unlike a spline, the zero-mean prior lets the field return to zero away from the keypoints over the fitted
 length instead of extrapolating an affine trend: brain shift is largest near the craniotomy and fades with
 distance from it. Constant and affine fields are therefore *not* reproduced exactly (they are approximated
-within the keypoints' hull when the evidence picks a long length). With exact keypoints the evidence picks a
-small ``tau`` and the field passes through them to within that noise.
+within the keypoints' hull when the evidence picks a long length). With exact keypoints the evidence usually
+picks a small ``tau`` and the field passes within a few hundredths of a mm of them; where it judges part of the
+displacements to be noise (more often with few keypoints) it smooths them (:func:`gp_interpolate`).
 
 The same model without an atlas is the kernel part of the ``atlas`` interpolator's prior
 (:mod:`brainshift.atlas.fit`, ``scaled-atlas+matern``), which there is fitted beside the atlas's components.
@@ -61,10 +62,19 @@ _WORK_ELEMENTS = 1 << 20
 _BYTES = 8
 
 
-def matern52(dist: np.ndarray, length: float) -> np.ndarray:
-    """Matern 5/2 correlation ``(1 + a + a^2 / 3) exp(-a)``, ``a = sqrt(5) r / l`` (Rasmussen & Williams 2006,
-    eq. 4.17); ``dist`` and ``length`` in the same unit."""
-    a = np.sqrt(5.0) * np.asarray(dist, dtype=np.float64) / float(length)
+def matern52(dist_mm: np.ndarray, length_mm: float) -> np.ndarray:
+    """Matern 5/2 correlation ``(1 + a + a^2/3) exp(-a)``, ``a = sqrt(5) d / l`` (Rasmussen & Williams 2006,
+    eq. 4.17): twice mean-square differentiable, so the fields it draws are smooth but not analytic. Shared with
+    the atlas fit's kernel part (:mod:`brainshift.atlas.fit`).
+
+    Args:
+        dist_mm: distances (mm), any shape.
+        length_mm: length scale ``l`` (mm).
+
+    Returns:
+        Correlations in ``(0, 1]``, same shape.
+    """
+    a = np.sqrt(5.0) * np.asarray(dist_mm, dtype=np.float64) / float(length_mm)
     return (1.0 + a + a * a / 3.0) * np.exp(-a)
 
 
