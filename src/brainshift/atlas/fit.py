@@ -71,7 +71,7 @@ import scipy.linalg
 
 from brainshift.atlas.basis import DeformationAtlas
 from brainshift.errors import BrainshiftError
-from brainshift.interpolate.gp import matern52
+from brainshift.interpolate.gp import matern52, usable_lengths
 
 #: Candidate values of the noise-to-prior ratio tau (mm^2).
 DEFAULT_TAUS = tuple(float(t) for t in np.logspace(-3, 2, 11))
@@ -164,13 +164,7 @@ def identifiable_lengths(points_mm: np.ndarray, lengths_mm=None) -> tuple[float,
     Returns:
         The kept lengths, ascending.
     """
-    lengths = sorted(KERNEL_LENGTHS_MM if lengths_mm is None else lengths_mm)
-    if len(points_mm) < 2:
-        return (float(lengths[-1]),)
-    d = _pairwise(points_mm, points_mm)
-    np.fill_diagonal(d, np.inf)
-    spacing = float(np.median(d.min(axis=1)))
-    return tuple(float(v) for v in lengths if v >= spacing) or (float(lengths[-1]),)
+    return usable_lengths(points_mm, KERNEL_LENGTHS_MM if lengths_mm is None else lengths_mm)
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
