@@ -21,7 +21,11 @@ optional ``--noise-mm``, seeded per case; identical for every method and model),
   the floor became the network-alone-only default);
 - ``safe-auto [model]``: what ``infer`` returns by default (``-m auto``:
   :func:`brainshift.compensate.choose_interpolator` takes ``linear`` for clustered keypoints, else ``tps``, and
-  the safeguards refine that field; the same as ``safe-tps`` where it takes ``tps``);
+  the safeguards refine that field, with no learnt correction of a linear field from clustered keypoints since
+  session 31, :func:`brainshift.compensate.learnt_correction_allowed`; the same as ``safe-tps`` where it takes
+  ``tps``);
+- ``safe-linear [model]``: where ``auto`` took ``linear``, that field refined with the learnt correction allowed
+  (``safe-auto`` before session 31);
 
 for each model of ``--weights NAME=PATH ...``. Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family
 and method: mean MSE, mean of per-case ratios to the best classical interpolator of that case and the worst
@@ -74,7 +78,7 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
                     noise_mm: float = 0.0, safe_floor_mm: float = 0.0, local_alphas=(), no_network_alone=False,
                     initials=()) -> list[dict]:
-    from brainshift.compensate import choose_interpolator
+    from brainshift.compensate import choose_interpolator, learnt_correction_allowed
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
     from brainshift.interpolate import interpolate
@@ -141,12 +145,15 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
                 extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
                                             "alpha": 1.0}
             if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
-                t0 = time.perf_counter()
-                res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
-                                    method=auto_method, mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm)
-                fields[f"safe-auto:{name}"] = res_a.field_vox
-                extra[f"safe-auto:{name}"] = {"time_s": time.perf_counter() - t0 + extra[auto_method]["time_s"],
-                                             "alpha": res_a.alpha, "consistency": res_a.info.get("consistency", "")}
+                for key, learnt in ((f"safe-auto:{name}", learnt_correction_allowed(auto_method, hull)),
+                                    (f"safe-{auto_method}:{name}", True)):  # infer's rule; the correction allowed
+                    t0 = time.perf_counter()
+                    res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
+                                        method=auto_method, mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm,
+                                        learnt_correction=learnt)
+                    fields[key] = res_a.field_vox
+                    extra[key] = {"time_s": time.perf_counter() - t0 + extra[auto_method]["time_s"],
+                                  "alpha": res_a.alpha, "consistency": res_a.info.get("consistency", "")}
             else:
                 fields[f"safe-auto:{name}"] = res.field_vox
                 extra[f"safe-auto:{name}"] = extra[f"safe-tps:{name}"]

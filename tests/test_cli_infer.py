@@ -96,25 +96,36 @@ def test_infer_gp_writes_the_gaussian_process_field(tmp_path, image_path):
     assert np.abs(field).max() > 0.1
 
 
-def test_refining_clustered_keypoints_warns(tmp_path, image_path):
-    """The network refining a field from keypoints in one region warns (the safeguards cannot check it away from
-    them); spread keypoints do not, nor clustered ones without refinement (test above)."""
+def test_refining_clustered_keypoints_keeps_no_learnt_correction_or_warns(tmp_path, image_path):
+    """Keypoints in one region: by default (auto: linear, safeguards) the learnt correction is kept out (alpha 0,
+    recorded, no warning); where the network's correction is applied to such keypoints anyway (the network alone,
+    or a tps field) infer warns, naming --no-refine (the safeguards cannot check it away from them); spread
+    keypoints do not warn, nor clustered ones without refinement (test above)."""
     import warnings
 
     rng = np.random.default_rng(3)
     pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(8, 3))
     clustered = _table(tmp_path / "clustered.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (8, 1))]))
-    with pytest.warns(UserWarning, match="network refined the field.*--no-refine"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*network refined.*")
         res = _invoke(["infer", "-p", str(image_path), "-k", str(clustered), "-o", str(tmp_path / "c"), "-f", "npz",
                        "-q"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "c" / "summary.json").read_text())["refined"] is True
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["refined"] is True and summary["interpolation"] == "linear"
+    assert summary["safeguards"]["learnt_correction"] is False and summary["safeguards"]["alpha"] == 0.0
+    for extra, name in ((["--no-safeguards"], "n"), (["-m", "tps"], "t")):
+        with pytest.warns(UserWarning, match="network refined the field.*--no-refine"):
+            res = _invoke(["infer", "-p", str(image_path), "-k", str(clustered), "-o", str(tmp_path / name),
+                           "-f", "npz", "-q", *extra])
+        assert res.exit_code == 0, res.output
     spread = _table(tmp_path / "spread.csv", _good_rows())
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*keypoints span.*")
         res = _invoke(["infer", "-p", str(image_path), "-k", str(spread), "-o", str(tmp_path / "s"), "-f", "npz",
                        "-q"])
     assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["safeguards"]["learnt_correction"] is True
 
 
 def test_infer_npz_field_reproduces_affine_keypoint_field(tmp_path, image_path):

@@ -212,3 +212,28 @@ def test_network_weights_with_nan_are_refused_naming_the_file(tmp_path, tiny_wei
         assert len(errors) == 1 and "expected finite network weights in" in errors[0], res.output
         assert "nan.safetensors" in errors[0] and repr(name) in errors[0]
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_safeguards_keep_no_learnt_correction_for_clustered_keypoints_of_a_linear_field(image, tiny_default_weights):
+    """Keypoints clustered in one region (hull < 4 % of the foreground): under the safeguards a ``linear`` (auto's
+    choice there) or ``gp`` field gets alpha = 0, recorded; a ``tps`` field and spread keypoints keep the
+    cross-validated weight (:func:`brainshift.compensate.learnt_correction_allowed`)."""
+    from brainshift.compensate import learnt_correction_allowed
+    from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+    from brainshift.model.checkpoint import load_weights
+
+    low, high = 0.5 * CLUSTERED_HULL_FRACTION, 2 * CLUSTERED_HULL_FRACTION
+    assert [learnt_correction_allowed(m, f) for m in ("linear", "gp", "tps", "atlas") for f in (low, high)] == \
+        [False, True, False, True, True, True, True, True]
+    rng = np.random.default_rng(4)
+    clustered = np.array([4.0, 5.0, 4.0]) + rng.uniform(0, 2, size=(12, 3))
+    spread = rng.uniform(2, np.array(SHAPE) - 3, size=(12, 3))
+    disps = rng.normal(0, 0.5, size=(12, 3))
+    loaded = load_weights(tiny_default_weights)
+    for pts, method, learnt in ((clustered, "auto", False), (clustered, "linear", False), (clustered, "tps", True),
+                                (spread, "auto", True), (spread, "linear", True)):
+        res = compensate(image, keypoints=(pts, disps), method=method, model=loaded)
+        assert res.safeguards["learnt_correction"] is learnt, (method, learnt)
+        if not learnt:
+            assert res.safeguards["alpha"] == 0.0
+            np.testing.assert_allclose(res.refined_field, res.initial_field, atol=1e-5)

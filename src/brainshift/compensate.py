@@ -225,6 +225,36 @@ def choose_interpolator(image: Volume, points_vox: np.ndarray) -> tuple[str, flo
     return ("linear" if fraction < CLUSTERED_HULL_FRACTION else "tps"), float(fraction)
 
 
+#: initial fields that fall back to zero away from their keypoints: for keypoints clustered in one region the
+#: safeguards keep the network's correction out of them (:func:`learnt_correction_allowed`)
+NO_CORRECTION_WHEN_CLUSTERED = ("linear", "gp")
+
+
+def learnt_correction_allowed(method: str, hull_fraction: float) -> bool:
+    """Whether the safeguards may keep the network's correction of a ``method`` initial field from keypoints whose
+    convex hull spans ``hull_fraction`` of the image foreground (:func:`choose_interpolator`).
+
+    False for ``linear`` and ``gp`` fields (:data:`NO_CORRECTION_WHEN_CLUSTERED`) from keypoints clustered in one
+    region (below :data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`, e.g. on the cortex under the
+    craniotomy): the safeguards' folds hold out keypoints that all lie near the others, so they cannot see a
+    correction that is wrong far from them, and the network never trained on such keypoints. Chosen on validation
+    (bench/clustered_refinement/PROTOCOL.md; 18 cases, 20 keypoints at the craniotomy, shipped model): refined /
+    linear alone, mean per-case MSE ratio 1.43 (0.5 mm noise) and 6.37 (exact), worst 9.2 x and 57 x; for ``gp``
+    3.05 and 1.83. ``tps`` keeps it (refined / tps 0.63 and 0.61 there); the atlas and given fields too.
+
+    Args:
+        method: the interpolator of the initial field (``linear``, ``tps``, ``tps3d``, ``gp``, ``atlas``,
+            ``given``).
+        hull_fraction: :func:`brainshift.keypoints.validate.hull_fraction` of the keypoints, in ``[0, 1]``.
+
+    Returns:
+        True where the learnt correction may be kept (its weight then chosen by the safeguards' folds).
+    """
+    from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+
+    return not (method in NO_CORRECTION_WHEN_CLUSTERED and hull_fraction < CLUSTERED_HULL_FRACTION)
+
+
 def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None = None,
                initial_field: np.ndarray | None = None, method: str = "linear",
                model: LoadedModel | Future | None = None, mask: np.ndarray | None = None, device: str = "cpu",
@@ -264,7 +294,9 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         statistics_mask: region of the statistics (nonzero = inside; default: :func:`foreground_mask`).
         progress: let the network step show a tqdm bar.
         safeguards: with keypoints and a model, refine through :func:`brainshift.model.safeguards.safe_refine`
-            (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes);
+            (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes; no learnt
+            correction of a ``linear`` or ``gp`` field from keypoints clustered in one region:
+            :func:`learnt_correction_allowed`, recorded as ``safeguards["learnt_correction"]``);
             False: the network alone, as published.
         safeguard_seed: seed of the safeguards' keypoint folds (and of the atlas fit's folds).
         atlas: the :class:`~brainshift.atlas.basis.DeformationAtlas` of ``image`` (``brainshift atlas``), for
@@ -370,6 +402,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         result.model = model
         t0 = time.perf_counter()
         if safeguards and keypoints is not None:
+            from brainshift.keypoints.validate import hull_fraction
             from brainshift.model.safeguards import safe_refine
 
             fold_field = None
@@ -384,11 +417,17 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                     return fold_field_on_grid(atlas, points_vox[keep], disps_vox[keep], grid_shape, grid_affine,
                                               seed=safeguard_seed, prior=atlas_prior)
             floor = 0.0 if min_field_rms_mm is None else min_field_rms_mm  # off under the safeguards by default
+            learnt = True
+            if method in NO_CORRECTION_WHEN_CLUSTERED:
+                fraction = (choice["keypoint_hull_fraction"] if choice is not None
+                            else hull_fraction(points_vox, image.affine, foreground_mask(image)))
+                learnt = learnt_correction_allowed(method, fraction)
             safe = safe_refine(image, points_vox, disps_vox, init, model,
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,
                                device=device, seed=safeguard_seed,
                                interpolate_options=(interp_options or {}) if method not in ("given", "atlas")
-                               else {}, fold_field=fold_field, min_field_rms_mm=floor)
+                               else {}, fold_field=fold_field, min_field_rms_mm=floor,
+                               learnt_correction=learnt)
             result.min_field_rms_mm = model_min_field_rms_mm(model, floor)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info

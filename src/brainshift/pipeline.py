@@ -208,10 +208,12 @@ def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = 
     """The keypoints' convex-hull fraction of the image foreground (:func:`brainshift.keypoints.validate.hull_fraction`;
     None without keypoints); warns when a spline (``tps``, ``tps3d``) interpolated keypoints clustered in one
     region (:data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`), where ``linear`` is the safer choice,
-    and when the network refined a field from such keypoints: the safeguards' cross-validation can only check the
-    correction near them, and on 18 validation cases with 20 keypoints at the craniotomy the refined field had
-    1.4 x (0.5 mm noise) and 6.4 x (exact keypoints) the mean MSE of ``linear`` alone, worst 9 x and 57 x
-    (bench/RESULTS.md, "Session 30")."""
+    and when the network's correction was applied (``refined``) to a field from such keypoints: the safeguards'
+    cross-validation can only check the correction near them, and on 18 validation cases with 20 keypoints at the
+    craniotomy the refined field had 1.4 x (0.5 mm noise) and 6.4 x (exact keypoints) the mean MSE of ``linear``
+    alone, worst 9 x and 57 x (bench/RESULTS.md, "Session 30"). Under the safeguards a ``linear`` or ``gp`` field
+    from such keypoints gets no learnt correction (:func:`brainshift.compensate.learnt_correction_allowed`): no
+    warning then; the warning remains for ``tps`` fields and for the network alone (``--no-safeguards``)."""
     from brainshift.compensate import foreground_mask
     from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION, hull_fraction
 
@@ -294,7 +296,8 @@ def run_infer(opts: InferOptions) -> dict:
     del steps.timings_s["interpolate, refine and field statistics"]
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)
-    coverage = _keypoint_coverage(image, given, result.method, refined=result.refined_field is not None)
+    learnt = result.refined_field is not None and (result.safeguards or {}).get("learnt_correction", True)
+    coverage = _keypoint_coverage(image, given, result.method, refined=learnt)
     if refine:
         from brainshift.device import resolve_device
 

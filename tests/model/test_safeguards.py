@@ -508,3 +508,32 @@ def test_local_alpha_keeps_an_oracle_and_drops_a_harmful_network():
     res = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method="tps", local_alpha=(20.0, 1.0))
     assert res.info["local_alpha"]["max"] == 0.0
     np.testing.assert_allclose(res.field_vox, init, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [24, 5])
+def test_without_learnt_correction_the_output_is_the_classical_field_and_sigma_its_distance_term(n):
+    """``learnt_correction=False`` fixes alpha = 0 even for a network that is always right (an oracle) and without
+    folds (few keypoints): the output does not depend on the network (the same for a harmful one), is the linear
+    field plus the keypoint consistency step (no farther from the keypoints than the linear field), and the
+    uncertainty is ``rho d(x)`` alone (no spread term)."""
+    image, gt = _image(), _smooth_field()
+    pts, d = _keypoints(gt, n=n)
+    init = interpolate("linear", pts, d, SHAPE, image.affine)
+    loaded = LoadedModel(_Oracle(image, gt), CFG, {})
+    res = safe_refine(image, pts, d, init, loaded, method="linear", learnt_correction=False)
+    assert res.alpha == 0.0 and res.info["learnt_correction"] is False
+    assert np.abs(res.network_field_vox - init).max() > 0.5  # the oracle did move the field
+    other = safe_refine(image, pts, d, init, LoadedModel(_Shrink(), CFG, {}), method="linear",
+                        learnt_correction=False)
+    np.testing.assert_array_equal(res.field_vox, other.field_vox)
+    np.testing.assert_array_equal(res.uncertainty_mm, other.uncertainty_mm)
+    assert np.abs(res.field_vox - init).max() < 0.25  # only the consistency step's small change
+    assert res.info["keypoint_residual_mean_mm"] <= keypoint_residuals_mm(init, pts, d, image.affine).mean() + 1e-6
+    rho = res.info["rho"]
+    assert (rho > 0) == (n == 24)
+    # sigma = rho * distance to the nearest keypoint (mm): 0 at a keypoint's voxel, growing away from them
+    corner = np.array([2.0, 2.0, 2.0])
+    dist = np.linalg.norm((pts - corner) * 2.0, axis=1).min()
+    assert res.uncertainty_mm[2, 2, 2] == pytest.approx(rho * dist, rel=0.05, abs=1e-4)
+    kept = safe_refine(image, pts, d, init, loaded, method="linear")
+    assert kept.info["learnt_correction"] is True and kept.alpha > 0.5

@@ -30,7 +30,9 @@ learnt, using only what the user gave: the keypoints.
    leave-out idea is the classical one for choosing a regulariser, e.g. Wahba 1990 for splines; here it chooses
    how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than 8 keypoints
    (``2 * min_per_fold``, and every fold must keep :data:`MIN_FOLD_KEPT`) there is nothing to validate on:
-   ``alpha = beta = 1``.
+   ``alpha = beta = 1``. For keypoints clustered in one region the folds can only check the correction near them,
+   not where it acts; there the caller may fix ``alpha = 0`` (``learnt_correction=False``;
+   :func:`brainshift.compensate.learnt_correction_allowed`, bench/clustered_refinement/PROTOCOL.md).
 2. **Keypoint consistency.** The residuals of the blended field against ``target`` at *all* keypoints (trilinear
    sampling) are interpolated and added, so the output honours the driving keypoints at least as well as the
    classical field does (``beta = 0``: as well; ``beta = 1``: as closely as the interpolation fits them), by one
@@ -624,7 +626,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 fold_rule: str = "knndm",
                 interpolate_options: dict | None = None, fold_field=None,
                 min_field_rms_mm: float | None = 0.0,
-                local_alpha: tuple[float, float] | None = None) -> SafeRefinement:
+                local_alpha: tuple[float, float] | None = None,
+                learnt_correction: bool = True) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -662,6 +665,11 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         local_alpha: ``(bandwidth_mm, prior_keypoints)`` for a spatially varying ``alpha`` (:func:`local_alpha_map`:
             the held-out keypoints' least-squares weight, Gaussian-weighted around each voxel, shrunk toward the
             global ``alpha`` with the weight of ``prior_keypoints`` keypoints); None (the default): one ``alpha``.
+        learnt_correction: False fixes ``alpha = 0``: the output is the classical field plus the keypoint
+            consistency step (``beta`` still chosen by the folds) and the uncertainty keeps only its distance term
+            (``rho d(x)``); for keypoints whose folds cannot check the correction where it acts (clustered in one
+            region: :func:`brainshift.compensate.learnt_correction_allowed`). Recorded as ``learnt_correction``
+            in ``info``; the network still runs, so that ``heldout_rmse_network_mm`` shows what it would have done.
 
     Returns:
         :class:`SafeRefinement`.
@@ -710,8 +718,9 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         split, fold_record = knndm_folds(pts @ a3.T, folds, min_per_fold, seed, target)
     else:
         split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
-    alpha, beta, cv = 1.0, 1.0, {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule,
-                                 **fold_record, "field_scale": float(net_input.field_scale)}
+    alpha, beta = (1.0 if learnt_correction else 0.0), 1.0
+    cv = {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule, **fold_record,
+          "field_scale": float(net_input.field_scale), "learnt_correction": bool(learnt_correction)}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
     kernel = "local"
     held_err0, held_dist, held_classical, held_raw, held_idx = [], [], [], [], []
@@ -759,6 +768,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         best = None
         for k in kernels:  # the consistency correction, alpha and beta that predict the held-out keypoints best
             c, t = np.concatenate(held_corr[k]), np.concatenate(held_spline[k])
+            if not learnt_correction:  # alpha fixed at 0: a zero direction gets weight 0 in fit_blend
+                c = np.zeros_like(c)
             a_k, b_k = fit_blend(e0, c, t) if consistency else (fit_blend(e0, c, None)[0], 0.0)
             e_k = e0 + a_k * c + b_k * t
             cost = float((e_k ** 2).sum())
@@ -774,7 +785,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         })
     times["cross_validation_s"] = time.perf_counter() - t1
     alpha_net = None
-    if local_alpha is not None and split:
+    if local_alpha is not None and split and learnt_correction:
         h = np.concatenate(held_idx)
         c_k = np.concatenate(held_corr[kernel])
         r_k = np.concatenate(held_err0) + beta * np.concatenate(held_spline[kernel])
