@@ -24,8 +24,9 @@ optional ``--noise-mm``, seeded per case; identical for every method and model),
   the safeguards refine that field, with no learnt correction of a linear field from clustered keypoints since
   session 31, :func:`brainshift.compensate.learnt_correction_allowed`; the same as ``safe-tps`` where it takes
   ``tps``);
-- ``safe-linear [model]``: where ``auto`` took ``linear``, that field refined with the learnt correction allowed
-  (``safe-auto`` before session 31);
+- ``safe-linear [model]``: only for the cases where ``auto`` took ``linear`` (so its family means may cover fewer
+  cases than the other rows'), that field refined with the learnt correction allowed (``safe-auto`` before
+  session 31);
 
 for each model of ``--weights NAME=PATH ...``. Writes to ``--out``: ``per_case.csv``; ``summary.md`` (per family
 and method: mean MSE, mean of per-case ratios to the best classical interpolator of that case and the worst
@@ -145,8 +146,10 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
                 extra[f"net-tps:{name}"] = {"time_s": time.perf_counter() - t0 + extra["tps"]["time_s"],
                                             "alpha": 1.0}
             if auto_method != "tps":  # -m auto took linear (clustered keypoints): refine that instead
-                for key, learnt in ((f"safe-auto:{name}", learnt_correction_allowed(auto_method, hull)),
-                                    (f"safe-{auto_method}:{name}", True)):  # infer's rule; the correction allowed
+                runs = [(f"safe-auto:{name}", learnt_correction_allowed(auto_method, hull, len(kp.points_vox)))]
+                if auto_method not in initials:  # the correction allowed (safe-auto before session 31)
+                    runs.append((f"safe-{auto_method}:{name}", True))
+                for key, learnt in runs:
                     t0 = time.perf_counter()
                     res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
                                         method=auto_method, mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm,

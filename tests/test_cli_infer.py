@@ -97,28 +97,33 @@ def test_infer_gp_writes_the_gaussian_process_field(tmp_path, image_path):
 
 
 def test_refining_clustered_keypoints_keeps_no_learnt_correction_or_warns(tmp_path, image_path):
-    """Keypoints in one region: by default (auto: linear, safeguards) the learnt correction is kept out (alpha 0,
-    recorded, no warning); where the network's correction is applied to such keypoints anyway (the network alone,
-    or a tps field) infer warns, naming --no-refine (the safeguards cannot check it away from them); spread
-    keypoints do not warn, nor clustered ones without refinement (test above)."""
+    """12 keypoints in one region: by default (auto: linear, safeguards) the learnt correction is kept out (alpha 0,
+    recorded, no warning); where the network's correction is applied to such keypoints anyway (the network alone;
+    fewer than 10 keypoints, not judged) infer warns, naming --no-refine (the safeguards cannot check it away from
+    them); a spline warns that it extrapolates them; spread keypoints do not warn, nor clustered ones without
+    refinement (test above)."""
     import warnings
 
     rng = np.random.default_rng(3)
-    pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(8, 3))
-    clustered = _table(tmp_path / "clustered.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (8, 1))]))
+    pts = np.array([10.0, 12.0, 8.0]) + rng.uniform(0, 3, size=(12, 3))
+    clustered = _table(tmp_path / "clustered.csv", np.hstack([pts, np.tile([0.5, -0.2, 0.1], (12, 1))]))
+    few = _table(tmp_path / "few.csv", np.hstack([pts[:8], np.tile([0.5, -0.2, 0.1], (8, 1))]))
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*network refined.*")
+        warnings.filterwarnings("error", message=".*keypoints span.*")
         res = _invoke(["infer", "-p", str(image_path), "-k", str(clustered), "-o", str(tmp_path / "c"), "-f", "npz",
                        "-q"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["refined"] is True and summary["interpolation"] == "linear"
     assert summary["safeguards"]["learnt_correction"] is False and summary["safeguards"]["alpha"] == 0.0
-    for extra, name in ((["--no-safeguards"], "n"), (["-m", "tps"], "t")):
-        with pytest.warns(UserWarning, match="network refined the field.*--no-refine"):
-            res = _invoke(["infer", "-p", str(image_path), "-k", str(clustered), "-o", str(tmp_path / name),
+    for kp, extra, name, match in ((clustered, ["--no-safeguards"], "n", "network refined the field.*--no-refine"),
+                                   (few, [], "f", "network refined the field.*--no-refine"),
+                                   (clustered, ["-m", "tps"], "t", "make -m tps extrapolate")):
+        with pytest.warns(UserWarning, match=match):
+            res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / name),
                            "-f", "npz", "-q", *extra])
         assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["safeguards"]["learnt_correction"] is True
     spread = _table(tmp_path / "spread.csv", _good_rows())
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*keypoints span.*")

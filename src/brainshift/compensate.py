@@ -229,30 +229,39 @@ def choose_interpolator(image: Volume, points_vox: np.ndarray) -> tuple[str, flo
 #: safeguards keep the network's correction out of them (:func:`learnt_correction_allowed`)
 NO_CORRECTION_WHEN_CLUSTERED = ("linear", "gp")
 
+#: the least keypoint count for which :func:`learnt_correction_allowed` judges clustering: below it a small hull
+#: does not mean one region (4-7 points spread over a ball span < 4 % of it in 31-97 % of draws) and the rule's
+#: evidence (20 keypoints; the 4 % threshold: 10-40 keypoints, README "Interpolators") does not reach
+MIN_KEYPOINTS_CLUSTER_RULE = 10
 
-def learnt_correction_allowed(method: str, hull_fraction: float) -> bool:
-    """Whether the safeguards may keep the network's correction of a ``method`` initial field from keypoints whose
-    convex hull spans ``hull_fraction`` of the image foreground (:func:`choose_interpolator`).
 
-    False for ``linear`` and ``gp`` fields (:data:`NO_CORRECTION_WHEN_CLUSTERED`) from keypoints clustered in one
-    region (below :data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`, e.g. on the cortex under the
-    craniotomy): the safeguards' folds hold out keypoints that all lie near the others, so they cannot see a
-    correction that is wrong far from them, and the network never trained on such keypoints. Chosen on validation
-    (bench/clustered_refinement/PROTOCOL.md; 18 cases, 20 keypoints at the craniotomy, shipped model): refined /
-    linear alone, mean per-case MSE ratio 1.43 (0.5 mm noise) and 6.37 (exact), worst 9.2 x and 57 x; for ``gp``
-    3.05 and 1.83. ``tps`` keeps it (refined / tps 0.63 and 0.61 there); the atlas and given fields too.
+def learnt_correction_allowed(method: str, hull_fraction: float, n_keypoints: int) -> bool:
+    """Whether the safeguards may keep the network's correction of a ``method`` initial field from ``n_keypoints``
+    keypoints whose convex hull spans ``hull_fraction`` of the image foreground (:func:`choose_interpolator`).
+
+    False for ``linear`` and ``gp`` fields (:data:`NO_CORRECTION_WHEN_CLUSTERED`) from at least
+    :data:`MIN_KEYPOINTS_CLUSTER_RULE` keypoints clustered in one region (hull below
+    :data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`, e.g. on the cortex under the craniotomy): the
+    safeguards' folds hold out keypoints that all lie near the others, so they cannot see a correction that is
+    wrong far from them. Chosen on validation (bench/clustered_refinement/PROTOCOL.md; 18 cases, 20 keypoints at
+    the craniotomy, shipped model): refined / linear alone, mean per-case MSE ratio 1.43 (0.5 mm noise) and 6.37
+    (exact), worst 9.2 x and 57 x; for ``gp`` 3.05 and 1.83. ``tps`` keeps it (refined / tps 0.63 and 0.61
+    there); the atlas and given fields too; fewer keypoints are not judged (the safeguards then have no folds
+    and keep the correction, as before).
 
     Args:
         method: the interpolator of the initial field (``linear``, ``tps``, ``tps3d``, ``gp``, ``atlas``,
-            ``given``).
+            ``given``; any case).
         hull_fraction: :func:`brainshift.keypoints.validate.hull_fraction` of the keypoints, in ``[0, 1]``.
+        n_keypoints: how many keypoints made the field.
 
     Returns:
         True where the learnt correction may be kept (its weight then chosen by the safeguards' folds).
     """
     from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
 
-    return not (method in NO_CORRECTION_WHEN_CLUSTERED and hull_fraction < CLUSTERED_HULL_FRACTION)
+    return not (str(method).lower() in NO_CORRECTION_WHEN_CLUSTERED and n_keypoints >= MIN_KEYPOINTS_CLUSTER_RULE
+                and hull_fraction < CLUSTERED_HULL_FRACTION)
 
 
 def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None = None,
@@ -295,7 +304,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
         progress: let the network step show a tqdm bar.
         safeguards: with keypoints and a model, refine through :func:`brainshift.model.safeguards.safe_refine`
             (cross-validated fallback, keypoint consistency, uncertainty; always both mirrored passes; no learnt
-            correction of a ``linear`` or ``gp`` field from keypoints clustered in one region:
+            correction of a ``linear`` or ``gp`` field from 10 or more keypoints clustered in one region:
             :func:`learnt_correction_allowed`, recorded as ``safeguards["learnt_correction"]``);
             False: the network alone, as published.
         safeguard_seed: seed of the safeguards' keypoint folds (and of the atlas fit's folds).
@@ -351,6 +360,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                               f"{type(interp_options).__name__}")
     timings: dict[str, float] = {}
     choice = None  # what method="auto" chose
+    kp_hull = None  # the keypoints' hull fraction, where already computed
     if keypoints is not None:
         from brainshift.keypoints.validate import validate_keypoints
 
@@ -376,6 +386,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
 
         if str(method).lower() == "auto":
             method, fraction = choose_interpolator(image, points_vox)
+            kp_hull = fraction
             from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
 
             choice = {"chosen": method, "keypoint_hull_fraction": round(fraction, 6),
@@ -418,10 +429,10 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                               seed=safeguard_seed, prior=atlas_prior)
             floor = 0.0 if min_field_rms_mm is None else min_field_rms_mm  # off under the safeguards by default
             learnt = True
-            if method in NO_CORRECTION_WHEN_CLUSTERED:
-                fraction = (choice["keypoint_hull_fraction"] if choice is not None
-                            else hull_fraction(points_vox, image.affine, foreground_mask(image)))
-                learnt = learnt_correction_allowed(method, fraction)
+            if str(method).lower() in NO_CORRECTION_WHEN_CLUSTERED and len(points_vox) >= MIN_KEYPOINTS_CLUSTER_RULE:
+                if kp_hull is None:
+                    kp_hull = hull_fraction(points_vox, image.affine, foreground_mask(image))
+                learnt = learnt_correction_allowed(method, kp_hull, len(points_vox))
             safe = safe_refine(image, points_vox, disps_vox, init, model,
                                method=method if method not in ("given", "atlas") else "tps", mask=mask,
                                device=device, seed=safeguard_seed,

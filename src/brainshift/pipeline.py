@@ -212,8 +212,9 @@ def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = 
     cross-validation can only check the correction near them, and on 18 validation cases with 20 keypoints at the
     craniotomy the refined field had 1.4 x (0.5 mm noise) and 6.4 x (exact keypoints) the mean MSE of ``linear``
     alone, worst 9 x and 57 x (bench/RESULTS.md, "Session 30"). Under the safeguards a ``linear`` or ``gp`` field
-    from such keypoints gets no learnt correction (:func:`brainshift.compensate.learnt_correction_allowed`): no
-    warning then; the warning remains for ``tps`` fields and for the network alone (``--no-safeguards``)."""
+    from 10 or more such keypoints gets no learnt correction (:func:`brainshift.compensate.learnt_correction_allowed`):
+    no warning then; it remains for the network alone (``--no-safeguards``), the atlas, a given field and fewer
+    keypoints (for a spline the first warning says it: refinement helps a spline there, ``linear`` more)."""
     from brainshift.compensate import foreground_mask
     from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION, hull_fraction
 
@@ -223,13 +224,13 @@ def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = 
     if method in ("tps", "tps3d") and fraction < CLUSTERED_HULL_FRACTION:
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull): "
                       f"keypoints from one region, e.g. the craniotomy, make -m {method} extrapolate their trend "
-                      "across the brain; -m linear had 10-17 x lower error there on our benchmark, best without the "
-                      "network (--no-refine; README, Interpolators)", stacklevel=3)
-    if refined and fraction < CLUSTERED_HULL_FRACTION:
+                      "across the brain; -m linear had 10-17 x lower error there on our benchmark, refined or not "
+                      "(README, Interpolators)", stacklevel=3)
+    if refined and fraction < CLUSTERED_HULL_FRACTION and method not in ("tps", "tps3d"):  # a spline: warned above
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull) and the "
-                      "network refined the field: it never trained on keypoints from one region and the safeguards "
-                      "can only check it near them; on our validation cases it made such fields several times worse "
-                      "than -m linear alone: add --no-refine (README, Interpolators)", stacklevel=3)
+                      "network refined the field: the safeguards can only check its correction near them, and on our "
+                      "validation cases it made such fields several times worse than -m linear alone: add "
+                      "--no-refine, or keep the safeguards on with -m linear (README, Interpolators)", stacklevel=3)
     return fraction
 
 

@@ -31,7 +31,8 @@ learnt, using only what the user gave: the keypoints.
    how much of the learnt correction and of the keypoints' residuals to keep.) With fewer than 8 keypoints
    (``2 * min_per_fold``, and every fold must keep :data:`MIN_FOLD_KEPT`) there is nothing to validate on:
    ``alpha = beta = 1``. For keypoints clustered in one region the folds can only check the correction near them,
-   not where it acts; there the caller may fix ``alpha = 0`` (``learnt_correction=False``;
+   not where it acts; there the caller may fix ``alpha = 0`` (``learnt_correction=False``: the network does not
+   run and the uncertainty keeps only its distance term;
    :func:`brainshift.compensate.learnt_correction_allowed`, bench/clustered_refinement/PROTOCOL.md).
 2. **Keypoint consistency.** The residuals of the blended field against ``target`` at *all* keypoints (trilinear
    sampling) are interpolated and added, so the output honours the driving keypoints at least as well as the
@@ -669,7 +670,9 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             consistency step (``beta`` still chosen by the folds) and the uncertainty keeps only its distance term
             (``rho d(x)``); for keypoints whose folds cannot check the correction where it acts (clustered in one
             region: :func:`brainshift.compensate.learnt_correction_allowed`). Recorded as ``learnt_correction``
-            in ``info``; the network still runs, so that ``heldout_rmse_network_mm`` shows what it would have done.
+            in ``info``; the network does not run (``network_field_vox`` is then the initial field and
+            ``heldout_rmse_network_mm`` None). Without folds (too few keypoints) ``rho`` is 0 and so is the whole
+            map then: :func:`brainshift.compensate.compensate` asks for it only with 10 or more keypoints.
 
     Returns:
         :class:`SafeRefinement`.
@@ -702,10 +705,14 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
     net_input = to_network_grid(image, init, mask, loaded.config,
                                 min_field_rms_mm=model_min_field_rms_mm(loaded, min_field_rms_mm),
                                 points_ras=pts_ras)
-    pa, pb = _two_passes(loaded, net_input, device)
-    net_field = refined_from_prediction(0.5 * (pa + pb), net_input, init)
-    spread_net = _spread_mm(0.5 * (pa - pb), net_input)
-    del pa, pb
+    if learnt_correction:
+        pa, pb = _two_passes(loaded, net_input, device)
+        net_field = refined_from_prediction(0.5 * (pa + pb), net_input, init)
+        spread_net = _spread_mm(0.5 * (pa - pb), net_input)
+        del pa, pb
+    else:  # alpha is fixed at 0: the network's answer would be weighted by nothing, so it does not run
+        net_field = init
+        spread_net = torch.zeros(tuple(int(s) for s in net_input.net_shape))
     times["network_s"] = time.perf_counter() - t0
 
     # 1. cross-validated shrinkage of the learnt correction, on the network grid
@@ -738,14 +745,17 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 init_c = np.asarray(fold_field(keep, img_c.shape, img_c.affine), dtype=np.float32)
             else:
                 init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
-            ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale,
-                                 points_ras=pts_ras[keep])
-            with torch.inference_mode():
-                from brainshift.device import resolve_device
+            if learnt_correction:
+                ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale,
+                                     points_ras=pts_ras[keep])
+                with torch.inference_mode():
+                    from brainshift.device import resolve_device
 
-                dev = resolve_device(device)
-                pred = loaded.model.to(dev).eval()(ni.tensor.to(dev)).float().cpu()
-            ref_c = refined_from_prediction(pred, ni, init_c)
+                    dev = resolve_device(device)
+                    pred = loaded.model.to(dev).eval()(ni.tensor.to(dev)).float().cpu()
+                ref_c = refined_from_prediction(pred, ni, init_c)
+            else:
+                ref_c = init_c
             at_init = sample_field(init_c, pts_c[held])
             at_ref = sample_field(ref_c, pts_c[held])
             err0, corr = (at_init - dsp_c[held]) @ ac3.T, (at_ref - at_init) @ ac3.T
@@ -779,7 +789,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         dist = np.concatenate(held_dist)
         cv.update({
             "heldout_rmse_classical_mm": float(np.sqrt((np.concatenate(held_classical) ** 2).sum(axis=1).mean())),
-            "heldout_rmse_network_mm": float(np.sqrt((np.concatenate(held_raw) ** 2).sum(axis=1).mean())),
+            "heldout_rmse_network_mm": (float(np.sqrt((np.concatenate(held_raw) ** 2).sum(axis=1).mean()))
+                                        if learnt_correction else None),
             "heldout_rmse_output_mm": float(np.sqrt((e_out ** 2).sum(axis=1).mean())),
             "heldout_rms_distance_mm": float(np.sqrt((dist ** 2).mean())),
         })
