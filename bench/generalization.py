@@ -24,8 +24,6 @@ optional ``--noise-mm``, seeded per case; identical for every method and model),
   the safeguards refine that field, with no learnt correction of a linear field from clustered keypoints since
   session 31, :func:`brainshift.compensate.learnt_correction_allowed`; the same as ``safe-tps`` where it takes
   ``tps``);
-- ``safe-linear-reach [model]`` (``--checked-reach``): as ``safe-linear`` with the correction kept only where the
-  folds checked it (``safe_refine(..., checked_reach=True)``);
 - ``safe-linear [model]``: only for the cases where ``auto`` took ``linear`` (so its family means may cover fewer
   cases than the other rows'), that field refined with the learnt correction allowed (``safe-auto`` before
   session 31);
@@ -80,7 +78,7 @@ def rule_candidates(case, rule: str, seed: int) -> np.ndarray | None:
 def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_keypoints: int, cases: int | None,
                     rng_voxels: np.random.Generator, calib: list, rule: str = "detected",
                     noise_mm: float = 0.0, safe_floor_mm: float = 0.0, local_alphas=(), no_network_alone=False,
-                    initials=(), checked_reach=False) -> list[dict]:
+                    initials=()) -> list[dict]:
     from brainshift.compensate import choose_interpolator, learnt_correction_allowed
     from brainshift.evaluate import metrics
     from brainshift.evaluate.run import case_rng, draw_case_keypoints, evaluation_mask, keypoint_mask
@@ -151,13 +149,11 @@ def evaluate_family(data_dir: Path, family: str, models: dict, *, seed: int, n_k
                 runs = [(f"safe-auto:{name}", learnt_correction_allowed(auto_method, hull, len(kp.points_vox)))]
                 if auto_method not in initials:  # the correction allowed (safe-auto before session 31)
                     runs.append((f"safe-{auto_method}:{name}", True))
-                if checked_reach:  # the correction kept only where the folds checked it
-                    runs.append((f"safe-{auto_method}-reach:{name}", "reach"))
                 for key, learnt in runs:
                     t0 = time.perf_counter()
                     res_a = safe_refine(subject.image, kp.points_vox, kp.disps_vox, fields[auto_method], loaded,
                                         method=auto_method, mask=brain, seed=seed, min_field_rms_mm=safe_floor_mm,
-                                        learnt_correction=bool(learnt), checked_reach=learnt == "reach")
+                                        learnt_correction=learnt)
                     fields[key] = res_a.field_vox
                     extra[key] = {"time_s": time.perf_counter() - t0 + extra[auto_method]["time_s"],
                                   "alpha": res_a.alpha, "consistency": res_a.info.get("consistency", "")}
@@ -332,9 +328,6 @@ def main() -> None:
                     help="also run safe-tps with a spatially varying alpha (safe_refine local_alpha: bandwidth H mm, "
                          "prior weight K keypoints), one row per setting")
     ap.add_argument("--no-network-alone", action="store_true", help="skip the net-tps rows")
-    ap.add_argument("--checked-reach", action="store_true",
-                    help="where auto took linear, also a row with the correction kept only where the folds checked "
-                         "it (safe_refine checked_reach)")
     ap.add_argument("--initial", nargs="*", default=[], metavar="METHOD",
                     help="other initial interpolators (e.g. gp) to report and to refine under the safeguards "
                          "(rows METHOD and safe-METHOD); the baseline stays the better of linear and tps")
@@ -359,8 +352,7 @@ def main() -> None:
                                 rng_voxels=rng_vox, calib=calib, rule=args.keypoint_rule, noise_mm=args.noise_mm,
                                 safe_floor_mm=args.min_field_rms,
                                 local_alphas=[tuple(float(v) for v in la.split(",")) for la in args.local_alpha],
-                                no_network_alone=args.no_network_alone, initials=tuple(args.initial),
-                                checked_reach=args.checked_reach)
+                                no_network_alone=args.no_network_alone, initials=tuple(args.initial))
         write_results(out, rows, calib, args, time.perf_counter() - t0)  # after every family: partial runs count
     print((out / "summary.md").read_text())
     print((out / "reliability.md").read_text())

@@ -207,16 +207,6 @@ def local_alpha_map(held_ras: np.ndarray, r: np.ndarray, c: np.ndarray, alpha: f
     return out.clamp(0.0, 1.0).float().reshape(shape)
 
 
-def checked_reach_weight(distance_mm: np.ndarray, reach_mm: float) -> np.ndarray:
-    """``w(d)``: 1 up to ``reach_mm``, falling linearly to 0 at ``2 reach_mm`` (distances in mm, any shape; float32).
-    The weight of the learnt correction at distance ``d`` from the nearest keypoint with ``safe_refine(...,
-    checked_reach=True)``; ``reach_mm <= 0`` gives 1 at distance 0 and 0 elsewhere."""
-    d = np.asarray(distance_mm, np.float64)
-    if reach_mm <= 0:
-        return (d <= 0).astype(np.float32)
-    return np.clip(2.0 - d / reach_mm, 0.0, 1.0).astype(np.float32)
-
-
 def _scalar_to_input_grid(values: torch.Tensor, net_input) -> np.ndarray:
     """A scalar map on the unpadded network grid resampled (trilinearly) onto the input grid."""
     v = values[None].float()
@@ -638,7 +628,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 interpolate_options: dict | None = None, fold_field=None,
                 min_field_rms_mm: float | None = 0.0,
                 local_alpha: tuple[float, float] | None = None,
-                learnt_correction: bool = True, checked_reach: bool = False) -> SafeRefinement:
+                learnt_correction: bool = True) -> SafeRefinement:
     """Refine ``init_field_vox`` with the network under the safeguards of the module docstring.
 
     Args:
@@ -683,12 +673,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             in ``info``; the network does not run (``network_field_vox`` is then the initial field and
             ``heldout_rmse_network_mm`` None). Without folds (too few keypoints) ``rho`` is 0 and so is the whole
             map then: :func:`brainshift.compensate.compensate` asks for it only with 10 or more keypoints.
-
-        checked_reach: keep the learnt correction only where the folds checked it: its weight is ``alpha w(d)``,
-            ``d`` the distance (mm) to the nearest keypoint, ``w = 1`` up to ``D`` (the held-out keypoints' RMS
-            distance to the nearest kept one, ``heldout_rms_distance_mm``) and falling linearly to 0 at ``2 D``
-            (:func:`checked_reach_weight`); the folds score the correction with ``w`` at the held-out keypoints.
-            Recorded as ``checked_reach_mm`` (``D``) in ``info``. Needs folds (no effect without them).
 
     Returns:
         :class:`SafeRefinement`.
@@ -785,18 +769,12 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                                                        (dsp_c[keep] - sample_field(init_c, pts_c[keep])) @ ac3.T,
                                                        (sample_field(ref_c, pts_c[keep])
                                                         - sample_field(init_c, pts_c[keep])) @ ac3.T, k)
-                held_corr[k].append((corr, c_spline))
+                held_corr[k].append(corr - c_spline)
                 held_spline[k].append(spline)
             d = np.linalg.norm(((pts[held][:, None, :] - pts[keep][None, :, :]) @ a3.T), axis=2).min(axis=1)
             held_dist.append(d)
             held_idx.append(held)
         e0 = np.concatenate(held_err0)
-        dist = np.concatenate(held_dist)
-        reach = float(np.sqrt((dist ** 2).mean())) if checked_reach else None
-        w_held = checked_reach_weight(dist, reach)[:, None] if checked_reach else 1.0
-        for k in kernels:  # the correction as the output will hold it at the held-out keypoints
-            held_corr[k] = [np.concatenate([c for c, _ in held_corr[k]]) * w_held
-                            - np.concatenate([c for _, c in held_corr[k]])]
         best = None
         for k in kernels:  # the consistency correction, alpha and beta that predict the held-out keypoints best
             c, t = np.concatenate(held_corr[k]), np.concatenate(held_spline[k])
@@ -808,8 +786,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
             if best is None or cost < best[0] - 1e-12 * max(1.0, best[0]):
                 best = (cost, k, a_k, b_k, e_k)
         _, kernel, alpha, beta, e_out = best
-        if checked_reach:
-            cv["checked_reach_mm"] = reach
+        dist = np.concatenate(held_dist)
         cv.update({
             "heldout_rmse_classical_mm": float(np.sqrt((np.concatenate(held_classical) ** 2).sum(axis=1).mean())),
             "heldout_rmse_network_mm": (float(np.sqrt((np.concatenate(held_raw) ** 2).sum(axis=1).mean()))
@@ -829,9 +806,6 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                              "min": float(inside.min()) if inside.numel() else alpha,
                              "max": float(inside.max()) if inside.numel() else alpha,
                              "mean": float(inside.mean()) if inside.numel() else alpha}
-        out = (init + _scalar_to_input_grid(alpha_net, net_input)[None] * (net_field - init)).astype(np.float32)
-    elif checked_reach and split and learnt_correction:
-        alpha_net = alpha * torch.from_numpy(checked_reach_weight(dist_net.numpy(), cv["checked_reach_mm"]))
         out = (init + _scalar_to_input_grid(alpha_net, net_input)[None] * (net_field - init)).astype(np.float32)
     else:
         out = (init + alpha * (net_field - init)).astype(np.float32)
