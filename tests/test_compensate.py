@@ -239,7 +239,10 @@ def test_safeguards_keep_no_learnt_correction_for_clustered_keypoints_of_a_linea
                                 (spread, "auto", True), (spread, "linear", True)):
         res = compensate(image, keypoints=(pts, disps[:len(pts)]), method=method, model=loaded)
         assert res.safeguards["learnt_correction"] is learnt, (method, learnt)
-        if not learnt:
+        if learnt:
+            assert "learnt_correction_reason" not in res.safeguards
+        else:
             assert res.safeguards["alpha"] == 0.0
+            assert res.safeguards["learnt_correction_reason"].startswith("12 keypoints clustered in one region")
             if method != "gp":  # gp smooths its keypoints: the consistency step then moves the field towards them
                 np.testing.assert_allclose(res.refined_field, res.initial_field, atol=1e-5)

@@ -442,6 +442,13 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
             result.min_field_rms_mm = model_min_field_rms_mm(model, floor)
             result.refined_field, result.uncertainty = safe.field_vox, safe.uncertainty_mm
             result.safeguards = safe.info
+            if not learnt:
+                from brainshift.keypoints.validate import CLUSTERED_HULL_FRACTION
+
+                result.safeguards["learnt_correction_reason"] = (
+                    f"{len(points_vox)} keypoints clustered in one region (convex hull {100 * kp_hull:.2g} % of the "
+                    f"image foreground, below {100 * CLUSTERED_HULL_FRACTION:g} %): the folds cannot check the "
+                    f"network's correction far from them, so a {method} field keeps none of it")
             result.field_scale = float(safe.info.get("field_scale", 1.0))
             result.mirror_average = True
         else:
