@@ -116,8 +116,10 @@ def test_refining_clustered_keypoints_keeps_no_learnt_correction_or_warns(tmp_pa
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["refined"] is True and summary["interpolation"] == "linear"
     assert summary["safeguards"]["learnt_correction"] is False and summary["safeguards"]["alpha"] == 0.0
-    for kp, extra, name, match in ((clustered, ["--no-safeguards"], "n", "network refined the field.*--no-refine"),
-                                   (few, [], "f", "network refined the field.*--no-refine"),
+    assert "safeguards: no learnt correction: 12 keypoints clustered in one region" in res.output
+    for kp, extra, name, match in ((clustered, ["--no-safeguards"], "n",
+                                    "network refined the field.*--no-refine, or drop --no-safeguards"),
+                                   (few, [], "f", r"network refined the field.*add --no-refine \(README"),
                                    (clustered, ["-m", "tps"], "t", "make -m tps extrapolate")):
         with pytest.warns(UserWarning, match=match):
             res = _invoke(["infer", "-p", str(image_path), "-k", str(kp), "-o", str(tmp_path / name),
@@ -650,3 +652,25 @@ def test_a_model_with_a_keypoint_channel_runs_with_keypoints_and_refuses_a_field
     out2 = tmp_path / "out2"
     _assert_clean_error(_invoke(["infer", "-p", str(image_path), "-i", str(tmp_path / "init.npz"), "-w", str(weights),
                                  "--refine", "-o", str(out2)]), out2, "expected keypoints (-k)")
+
+
+def test_keypoints_mostly_on_the_background_warn_of_the_frame(tmp_path, image_path):
+    """More than half of the keypoints on the image background (intensity at its minimum: here the slabs i < 2 and,
+    for a spread table, none) is the usual sign of a frame mix-up (--coords): one warning naming it; a table with
+    a few such points does not warn. The console names what the safeguards did."""
+    import warnings
+
+    rows = _good_rows(12)
+    rows[:7, 0] = np.random.default_rng(5).uniform(0, 1.4, 7)  # 7 of 12 on the background slab i in {0, 1}
+    bad = _table(tmp_path / "bad.csv", rows)
+    with pytest.warns(UserWarning, match=r"7 of 12 keypoints lie on the image background.*--coords"):
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(bad), "-o", str(tmp_path / "b"), "-f", "npz",
+                       "--no-refine"])
+    assert res.exit_code == 0, res.output
+    rows[5:7, 0] = 6.0  # 5 of 12: a share that points on the brain's surface can have
+    fine = _table(tmp_path / "fine.csv", rows)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*image background.*")
+        res = _invoke(["infer", "-p", str(image_path), "-k", str(fine), "-o", str(tmp_path / "f"), "-f", "npz"])
+    assert res.exit_code == 0, res.output
+    assert "safeguards: kept " in res.output and "of the network's correction" in res.output

@@ -246,8 +246,8 @@ def learnt_correction_allowed(method: str, hull_fraction: float, n_keypoints: in
     wrong far from them. Chosen on validation (bench/clustered_refinement/PROTOCOL.md; 18 cases, 20 keypoints at
     the craniotomy, shipped model): refined / linear alone, mean per-case MSE ratio 1.43 (0.5 mm noise) and 6.37
     (exact), worst 9.2 x and 57 x; for ``gp`` 3.05 and 1.83. ``tps`` keeps it (refined / tps 0.63 and 0.61
-    there); the atlas and given fields too; fewer keypoints are not judged (the safeguards then have no folds
-    and keep the correction, as before).
+    there); the atlas and given fields too; fewer keypoints are not judged (the safeguards then weigh the
+    correction by their folds as before, from 8 keypoints; below that there are no folds and alpha is 1).
 
     Args:
         method: the interpolator of the initial field (``linear``, ``tps``, ``tps3d``, ``gp``, ``atlas``,

@@ -204,7 +204,8 @@ def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
     return image, {**given, "keypoints": (points_vox, disps_vox)}
 
 
-def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = False) -> float | None:
+def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = False,
+                       safeguards: bool = True) -> float | None:
     """The keypoints' convex-hull fraction of the image foreground (:func:`brainshift.keypoints.validate.hull_fraction`;
     None without keypoints); warns when a spline (``tps``, ``tps3d``) interpolated keypoints clustered in one
     region (:data:`~brainshift.keypoints.validate.CLUSTERED_HULL_FRACTION`), where ``linear`` is the safer choice,
@@ -220,18 +221,49 @@ def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = 
 
     if "keypoints" not in given:
         return None
-    fraction = hull_fraction(given["keypoints"][0], image.affine, foreground_mask(image))
+    fg = foreground_mask(image)
+    _keypoints_on_background(given["keypoints"][0], fg)
+    fraction = hull_fraction(given["keypoints"][0], image.affine, fg)
     if method in ("tps", "tps3d") and fraction < CLUSTERED_HULL_FRACTION:
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull): "
                       f"keypoints from one region, e.g. the craniotomy, make -m {method} extrapolate their trend "
                       "across the brain; -m linear had 10-17 x lower error there on our benchmark, refined or not "
                       "(README, Interpolators)", stacklevel=3)
     if refined and fraction < CLUSTERED_HULL_FRACTION and method not in ("tps", "tps3d"):  # a spline: warned above
+        from brainshift.compensate import MIN_KEYPOINTS_CLUSTER_RULE, NO_CORRECTION_WHEN_CLUSTERED
+
+        n = len(given["keypoints"][0])
+        if not safeguards and n >= MIN_KEYPOINTS_CLUSTER_RULE and method in NO_CORRECTION_WHEN_CLUSTERED:
+            advice = "add --no-refine, or drop --no-safeguards (they then keep the correction out)"
+        else:
+            advice = "add --no-refine"
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull) and the "
                       "network refined the field: the safeguards can only check its correction near them, and on our "
-                      "validation cases it made such fields several times worse than -m linear alone: add "
-                      "--no-refine, or keep the safeguards on with -m linear (README, Interpolators)", stacklevel=3)
+                      "validation cases it made such fields several times worse than -m linear alone: "
+                      f"{advice} (README, Interpolators)", stacklevel=3)
     return fraction
+
+
+#: warn when more than this share of the keypoints lies on the image background (intensity at its minimum)
+BACKGROUND_KEYPOINT_SHARE = 0.5
+
+
+def _keypoints_on_background(points_vox, foreground) -> int:
+    """How many keypoints lie on the image background (the nearest voxel outside
+    :func:`brainshift.compensate.foreground_mask`, e.g. outside a skull-stripped brain); warns (one line) when more
+    than :data:`BACKGROUND_KEYPOINT_SHARE` of them do: the usual sign of coordinates in another frame than
+    ``--coords`` says (e.g. LPS rows read as RAS, which mirrors them through the origin's axes), which the range
+    check cannot see when the mirrored points stay inside the grid. Points on the brain's surface can lie just
+    outside it, hence a share and not any."""
+    import numpy as np
+
+    idx = np.clip(np.rint(np.asarray(points_vox, np.float64)).astype(int), 0, np.array(foreground.shape) - 1)
+    outside = int((~foreground[idx[:, 0], idx[:, 1], idx[:, 2]]).sum())
+    if outside > BACKGROUND_KEYPOINT_SHARE * len(idx):
+        warnings.warn(f"{outside} of {len(idx)} keypoints lie on the image background (intensity at its minimum, "
+                      "outside the brain of a skull-stripped image): check that --coords names the frame of the "
+                      "keypoint file (ras, lps or voxel; README, Conventions)", stacklevel=4)
+    return outside
 
 
 def _keypoint_names(path: Path) -> list[str] | None:
@@ -298,7 +330,7 @@ def run_infer(opts: InferOptions) -> dict:
     steps.timings_s.update(result.timings_s)
     _check_result(result, opts)
     learnt = result.refined_field is not None and (result.safeguards or {}).get("learnt_correction", True)
-    coverage = _keypoint_coverage(image, given, result.method, refined=learnt)
+    coverage = _keypoint_coverage(image, given, result.method, refined=learnt, safeguards=opts.safeguards)
     if refine:
         from brainshift.device import resolve_device
 

@@ -100,3 +100,10 @@ def infer_command(
     typer.echo(f"max displacement {final['max_displacement_mm']:.2f} mm, mean {final['mean_displacement_mm']:.2f} mm, "
                f"det J <= 0 in {final['pct_jacobian_nonpositive']:.4f} % of voxels, "
                f"total {summary['timings_s']['total']:.2f} s")
+    guard = summary.get("safeguards")
+    if isinstance(guard, dict) and "alpha" in guard:
+        if guard.get("learnt_correction") is False:
+            typer.echo(f"safeguards: no learnt correction: {guard.get('learnt_correction_reason', '')}")
+        else:
+            typer.echo(f"safeguards: kept {guard['alpha']:.2f} of the network's correction (alpha, chosen by "
+                       f"{guard.get('folds', 0)}-fold cross-validation over the keypoints)")
