@@ -255,6 +255,9 @@ def test_quick_demo_builds_the_atlas_and_lists_the_atlas_methods(quick_run):
     atlas = load_atlas(out / "atlas")
     atlas.check_image(preop.shape, preop.affine, preop.data)  # built on the demo's own preop image
     assert atlas.n_components == summary["atlas"]["n_components"] and not (out / "atlas" / "members").exists()
+    # the size reported is the folder that stays (was measured with the per-solve members the demo removes)
+    kept_mb = sum(f.stat().st_size for f in (out / "atlas").rglob("*") if f.is_file()) / 1e6
+    assert summary["atlas"]["size_mb"] == pytest.approx(kept_mb, abs=0.01)
     field, _ = read_field(out / "field_atlas.h5", reference=preop)
     assert np.isfinite(field).all() and np.abs(field).max() > 0.1
     report = (out / "report.html").read_text()

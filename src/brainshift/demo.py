@@ -396,6 +396,8 @@ def build_demo_atlas(folder: Path, case: DemoCase, config, *, quick: bool = Fals
     kw = {"n_workers": 1, "processes": False} if quick else {}
     report = build_atlas(folder, case.subject, config, progress=progress, **kw)
     shutil.rmtree(folder / MEMBERS_DIR, ignore_errors=True)
+    # the size of what stays (the report measured the folder with the per-solve members the demo does not keep)
+    report.size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
     return load_atlas(folder), report
 
 
@@ -544,6 +546,7 @@ def run_demo(out_dir: str | Path = "demo_output", *, seed: int = 0, weights: str
                             "n_members": report.n_members, "n_components": report.n_components,
                             "retained_energy": round(float(report.retained_energy), 6),
                             "build_s": round(float(report.wall_s), 1),
+                            "size_mb": round(float(report.size_mb), 2),
                             "config": atlas_config_record(atlas_cfg, has_tumour=bool(
                                 case.subject.tumour_mask.data.any()))}
         unc: dict[str, np.ndarray] = {}
