@@ -155,6 +155,7 @@ def test_keypoint_policy_options_parse_and_validate():
     assert cfg.variant_options == {"rules": ("detected", "cortex"), "noise_mm": (0.0, 1.0),
                                    "methods": ("tps", "tps3d")}
     assert TrainConfig().variant_options["rules"] == ("detected",)
+    assert from_dict({"interp_methods": ["GP", "tps"]}).variant_options["methods"] == ("gp", "tps")
     for bad in ({"keypoint_rules": ["everywhere"]}, {"noise_mm": [1.0, 0.5]}, {"interp_methods": ["nearest"]}):
         with pytest.raises(BrainshiftError):
             from_dict(bad)

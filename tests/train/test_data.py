@@ -410,3 +410,20 @@ def test_keypoint_channel_in_variants_samples_and_pools(tiny_dataset, tmp_path):
     assert np.asarray(pool["proximities"]).shape == (2, *v["init_net"].shape[1:])
     s = ds[0]
     assert s["input"].shape[0] == 5 and float(s["input"][4].max()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_gp_variant_starts_from_the_gaussian_process_field(tiny_dataset):
+    """``methods=("gp",)``: the variant's initial field is ``interpolate("gp", ...)`` of its own keypoints, on the
+    network grid as every other initial field (zero outside the brain)."""
+    from brainshift.interpolate import interpolate
+    from brainshift.model.grid import field_to_network_grid
+    from brainshift.train.data import network_input_of
+
+    c = prepare_case(tiny_dataset, "sub00_c0", NET)
+    v = draw_variant(c, np.random.default_rng(3), NET, interp=None, k_range=(8, 8), methods=("gp",))
+    assert v["method"] == "gp"
+    shape = tuple(int(s) for s in np.asarray(c["image"]).shape)
+    gp = interpolate("gp", v["points"], v["disps"], shape, np.asarray(c["affine"]))
+    want = field_to_network_grid(gp, network_input_of(c, NET), zero_outside=True)[0].numpy()
+    np.testing.assert_allclose(v["init_net"], want, atol=1e-5)
+    assert np.abs(want).max() > 0

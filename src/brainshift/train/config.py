@@ -33,6 +33,8 @@ from typing import Any
 
 from brainshift.errors import BrainshiftError, InputFileError
 
+#: the initial-field interpolators a training sample can draw (``interp_methods``)
+TRAIN_INTERPOLATORS = ("linear", "tps", "tps3d", "gp")
 _INTERP_CHOICES = ("linear", "tps", "mixed")
 _JDET_MODES = ("negative", "unit")
 _MODELS = ("res-unet-se", "res-unet")
@@ -106,8 +108,9 @@ class TrainConfig:
             ``cortex``, ``craniotomy`` (:func:`brainshift.train.data.keypoint_candidates`).
         noise_mm: ``[low, high]`` standard deviation (mm) of the Gaussian noise on each world component of the
             driving displacements, drawn per sample (``[0, 0]``: exact displacements).
-        interp_methods: the interpolators ``interp: null`` ("mixed") chooses among (``linear``, ``tps``,
-            ``tps3d``).
+        interp_methods: the interpolators ``interp: null`` ("mixed") chooses among
+            (:data:`TRAIN_INTERPOLATORS`: ``linear``, ``tps``, ``tps3d``, ``gp``; ``gp`` since session 31, which
+            no shipped model has trained on yet).
         flip_axes: network-grid array axes along which each training sample is mirrored with probability 1/2
             (image, initial field, ground truth and mask together; the field's component along a mirrored axis
             changes sign). Mirroring the whole problem (anatomy, tumour, gravity) gives another exact solution
@@ -398,8 +401,8 @@ def validate(cfg: TrainConfig) -> None:
     lo, hi = cfg.noise_mm
     if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi):
         raise BrainshiftError(f"expected noise_mm as [low, high] with 0 <= low <= high, got {list(cfg.noise_mm)}")
-    if not cfg.interp_methods or set(cfg.interp_methods) - {"linear", "tps", "tps3d"}:
-        raise BrainshiftError(f"expected interp_methods among ['linear', 'tps', 'tps3d'], got "
+    if not cfg.interp_methods or set(cfg.interp_methods) - set(TRAIN_INTERPOLATORS):
+        raise BrainshiftError(f"expected interp_methods among {list(TRAIN_INTERPOLATORS)}, got "
                               f"{list(cfg.interp_methods)}")
     if len(set(cfg.val_subjects)) != len(cfg.val_subjects) or not all(str(v).strip() for v in cfg.val_subjects):
         raise BrainshiftError(f"expected val_subjects to be distinct, non-empty subject ids, got "
