@@ -201,6 +201,9 @@ def _read_inputs(opts: InferOptions, steps: StepTimer) -> tuple[Volume, dict]:
             from brainshift.keypoints.validate import validate_keypoints
 
             points_vox, disps_vox = validate_keypoints(points_vox, disps_vox, image.shape, names=names)
+    from brainshift.compensate import foreground_mask
+
+    _keypoints_on_background(points_vox, foreground_mask(image))  # before any work: a frame mix-up warns at once
     return image, {**given, "keypoints": (points_vox, disps_vox)}
 
 
@@ -221,9 +224,7 @@ def _keypoint_coverage(image: Volume, given: dict, method: str, refined: bool = 
 
     if "keypoints" not in given:
         return None
-    fg = foreground_mask(image)
-    _keypoints_on_background(given["keypoints"][0], fg)
-    fraction = hull_fraction(given["keypoints"][0], image.affine, fg)
+    fraction = hull_fraction(given["keypoints"][0], image.affine, foreground_mask(image))
     if method in ("tps", "tps3d") and fraction < CLUSTERED_HULL_FRACTION:
         warnings.warn(f"the keypoints span {100 * fraction:.2g} % of the image foreground (their convex hull): "
                       f"keypoints from one region, e.g. the craniotomy, make -m {method} extrapolate their trend "
@@ -257,12 +258,18 @@ def _keypoints_on_background(points_vox, foreground) -> int:
     outside it, hence a share and not any."""
     import numpy as np
 
-    idx = np.clip(np.rint(np.asarray(points_vox, np.float64)).astype(int), 0, np.array(foreground.shape) - 1)
+    pts = np.asarray(points_vox, np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        return 0  # malformed: the keypoint validation says so, with its own message
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) == 0:
+        return 0
+    idx = np.clip(np.rint(pts).astype(int), 0, np.array(foreground.shape) - 1)
     outside = int((~foreground[idx[:, 0], idx[:, 1], idx[:, 2]]).sum())
     if outside > BACKGROUND_KEYPOINT_SHARE * len(idx):
         warnings.warn(f"{outside} of {len(idx)} keypoints lie on the image background (intensity at its minimum, "
                       "outside the brain of a skull-stripped image): check that --coords names the frame of the "
-                      "keypoint file (ras, lps or voxel; README, Conventions)", stacklevel=4)
+                      "keypoint file (ras, lps or voxel; README, Conventions)", stacklevel=5)
     return outside
 
 
