@@ -59,6 +59,7 @@ def test_rows_are_complete_and_finite(classical_rows):
         # no network refined these rows: its columns are empty
         assert (r["model"], r["weights"], r["safeguards"]) == ("", "", "")
         assert math.isnan(r["safeguard_alpha"]) and math.isnan(r["safeguard_beta"])
+        assert r["safeguard_learnt_correction"] == ""
         assert 0 <= r["dice_brain"] <= 1 and 0 <= r["dice_tumour"] <= 1
     # interpolating the keypoints beats doing nothing on a smooth field
     for case in ("a_000", "a_001", "b_000"):
@@ -174,6 +175,7 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
     assert {k: net_lin[k] for k in MODEL_COLUMNS[:3]} == {"model": "zero.safetensors", "weights": str(w0),
                                                           "safeguards": "off"}
     assert math.isnan(net_lin["safeguard_alpha"]) and math.isnan(net_lin["safeguard_beta"])
+    assert net_lin["safeguard_learnt_correction"] == ""  # safeguards off: the rule does not apply
     assert lin["model"] == "" and lin["safeguards"] == ""
     # the same for the Gaussian-process interpolator: net-gp (zero residual) == gp, a field of its own
     gp, net_gp = evaluate_dataset(tiny_dataset, ["gp", "net-gp"], weights=w0, seed=3, n_keypoints=12, cases=1,
@@ -185,11 +187,14 @@ def test_network_methods_with_a_tiny_network(tiny_dataset, tmp_path, classical_r
     w1 = _tiny_weights(tmp_path / "rand.safetensors", zero_residual=False)
     rows = evaluate_dataset(tiny_dataset, ["net-tps"], weights=w1, seed=3, n_keypoints=12, cases=1,
                             progress=False)
-    assert all(math.isfinite(rows[0][k]) for k in ROW_COLUMNS[7:] if k not in MODEL_COLUMNS[:3])
+    assert all(math.isfinite(rows[0][k]) for k in ROW_COLUMNS[7:]
+               if k not in MODEL_COLUMNS[:3] and k != "safeguard_learnt_correction")
     assert rows[0]["mse_mm2"] != pytest.approx(tps["mse_mm2"], rel=1e-3)
     # under the safeguards (the default): on, with this case's alpha and beta in [0, 1]
     assert (rows[0]["model"], rows[0]["weights"], rows[0]["safeguards"]) == ("rand.safetensors", str(w1), "on")
     assert 0.0 <= rows[0]["safeguard_alpha"] <= 1.0 and 0.0 <= rows[0]["safeguard_beta"] <= 1.0
+    # random keypoints spread over the brain: the learnt correction was allowed
+    assert rows[0]["safeguard_learnt_correction"] == "yes"
 
 
 def test_sweep_over_keypoints_and_noise(tiny_dataset, classical_rows):

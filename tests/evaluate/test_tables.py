@@ -25,15 +25,17 @@ def _row(case: str, method: str, mse: float, tre: float, **extra) -> dict:
     r = {c: 0.0 for c in ROW_COLUMNS}
     r.update(case=case, subject="s", method=method, n_keypoints=20, n_heldout=100, seed=0, mse_mm2=mse,
              tre_mm=tre, dice_tumour=float("nan"), hd95_tumour_mm=float("nan"), model="", weights="", safeguards="",
-             safeguard_alpha=float("nan"), safeguard_beta=float("nan"))
+             safeguard_alpha=float("nan"), safeguard_beta=float("nan"), safeguard_learnt_correction="")
     r.update(extra)
     return r
 
 
-def _net(case: str, method: str, mse: float, alpha: float, beta: float, safeguards: str = "on") -> dict:
+def _net(case: str, method: str, mse: float, alpha: float, beta: float, safeguards: str = "on",
+         learnt: str = "yes") -> dict:
     """A ``net-*`` row as evaluate_case writes it: the model's name and path, the safeguards' blend."""
     return _row(case, method, mse, 1.0, model="default (shipped)", weights="/x/weights/default.safetensors",
-                safeguards=safeguards, safeguard_alpha=alpha, safeguard_beta=beta)
+                safeguards=safeguards, safeguard_alpha=alpha, safeguard_beta=beta,
+                safeguard_learnt_correction=learnt if safeguards == "on" else "")
 
 
 def _rows() -> list[dict]:
@@ -138,6 +140,7 @@ def test_summary_names_the_model_and_the_safeguards_blend(tmp_path):
     """summary.md and summary.json say which model refined the net-* rows, that the safeguards were on, and their
     alpha / beta per method (the mean over the cases; per case in the CSV)."""
     rows = [*_rows()[:2], _net("c0", "net-tps", 0.5, 0.25, 1.0), _net("c1", "net-tps", 0.7, 0.75, 0.5)]
+    rows[2]["safeguard_learnt_correction"] = "no"  # e.g. clustered keypoints: alpha fixed at 0 (not checked here)
     md = summary_markdown(rows, title="data (20 keypoints)")
     assert md.splitlines()[:3] == [
         "### data (20 keypoints)", "",
@@ -148,10 +151,12 @@ def test_summary_names_the_model_and_the_safeguards_blend(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["model"] == {"name": "default (shipped)", "weights": "/x/weights/default.safetensors",
                                 "safeguards": True}
-    assert summary["safeguards"] == {"net-tps": {"alpha_mean": 0.5, "beta_mean": 0.75, "n_cases": 2}}
+    assert summary["safeguards"] == {"net-tps": {"alpha_mean": 0.5, "beta_mean": 0.75, "n_cases": 2,
+                                                 "n_no_learnt_correction": 1}}
     back = read_per_case_csv(paths["csv"])
     assert [(r["model"], r["safeguards"], r["safeguard_alpha"]) for r in back[2:]] == [
         ("default (shipped)", "on", 0.25), ("default (shipped)", "on", 0.75)]
+    assert [r["safeguard_learnt_correction"] for r in back] == ["", "", "no", "yes"]  # text, read back as written
     assert back[0]["model"] == "" and math.isnan(back[0]["safeguard_alpha"])
     # the network alone: said so, no alpha / beta; no network: no model line, model null in summary.json
     off = [_net("c0", "net-tps", 0.5, float("nan"), float("nan"), safeguards="off")]

@@ -64,11 +64,11 @@ ROW_COLUMNS = (
     "pct_jacobian_nonpositive", "std_log_jac",
     "dice_brain", "hd95_brain_mm", "dice_tumour", "hd95_tumour_mm",
     "gt_max_mm", "gt_mean_mm", "time_s",
-    "model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta",
+    "model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta", "safeguard_learnt_correction",
 )
 #: Columns of :data:`ROW_COLUMNS` that say which model refined a ``net-*`` row and how (:func:`model_columns`); ""
 #: (text) or NaN in the other rows.
-MODEL_COLUMNS = ("model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta")
+MODEL_COLUMNS = ("model", "weights", "safeguards", "safeguard_alpha", "safeguard_beta", "safeguard_learnt_correction")
 
 
 @dataclass
@@ -106,7 +106,9 @@ def model_columns(loaded, safeguards: dict | None, *, on: bool) -> dict:
     blend = safeguards or {}
     return {"model": rec["name"], "weights": rec["weights"], "safeguards": "on" if on else "off",
             "safeguard_alpha": float(blend.get("alpha", float("nan"))),
-            "safeguard_beta": float(blend.get("beta", float("nan")))}
+            "safeguard_beta": float(blend.get("beta", float("nan"))),
+            "safeguard_learnt_correction": ("" if not on or "learnt_correction" not in blend
+                                            else ("yes" if blend["learnt_correction"] else "no"))}
 
 
 def model_line(model: dict | None, blend: dict[str, tuple[float, float]] | None = None, *, of: str = "") -> str:
@@ -337,7 +339,7 @@ def evaluate_case(case, methods: list[str], *, seed: int = 0, n_keypoints: int =
             row.update(model_columns(loaded, sg_cache.get(method), on=safeguards))
         else:
             row.update({"model": "", "weights": "", "safeguards": "", "safeguard_alpha": float("nan"),
-                        "safeguard_beta": float("nan")})
+                        "safeguard_beta": float("nan"), "safeguard_learnt_correction": ""})
         rows.append({k: row[k] for k in ROW_COLUMNS})
         done()
     return rows

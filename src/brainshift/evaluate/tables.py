@@ -41,7 +41,7 @@ SUMMARY_METRICS = {
     "hd95_tumour_mm": "HD95 tumour (mm)",
     "time_s": "time (s)",
 }
-_TEXT_COLUMNS = ("case", "subject", "method", "model", "weights", "safeguards")
+_TEXT_COLUMNS = ("case", "subject", "method", "model", "weights", "safeguards", "safeguard_learnt_correction")
 _INT_COLUMNS = ("n_keypoints", "n_heldout", "seed")
 
 
@@ -116,8 +116,10 @@ def read_per_case_csv(path: str | Path) -> list[dict]:
 def models_of_rows(rows: Sequence[dict]) -> list[dict]:
     """The models that refined the ``net-*`` rows (their :data:`~brainshift.evaluate.run.MODEL_COLUMNS`), one
     record per distinct ``(model, weights, safeguards)``, first-seen order: ``name``, ``weights`` (path),
-    ``safeguards`` (bool) and ``methods``: method -> ``{"alpha_mean", "beta_mean", "n_cases"}`` (the safeguards'
-    mean over that method's rows; NaN when off). Empty when no row names a model (no network ran, or rows
+    ``safeguards`` (bool) and ``methods``: method -> ``{"alpha_mean", "beta_mean", "n_cases",
+    "n_no_learnt_correction"}`` (the safeguards' mean over that method's rows, NaN when off; the number of rows where
+    the safeguards kept none of the network's correction without running it, keypoints clustered in one region).
+    Empty when no row names a model (no network ran, or rows
     written before these columns)."""
     groups: dict[tuple, dict] = {}
     for r in rows:
@@ -133,7 +135,8 @@ def models_of_rows(rows: Sequence[dict]) -> list[dict]:
         for method, rs in rec["methods"].items():
             a = _mean_std(_values(rs, method, "safeguard_alpha"))[0]
             b = _mean_std(_values(rs, method, "safeguard_beta"))[0]
-            methods[method] = {"alpha_mean": a, "beta_mean": b, "n_cases": len(rs)}
+            off = sum(r.get("safeguard_learnt_correction") == "no" for r in rs)
+            methods[method] = {"alpha_mean": a, "beta_mean": b, "n_cases": len(rs), "n_no_learnt_correction": off}
         out.append({**rec, "methods": methods})
     return out
 
@@ -311,7 +314,9 @@ def write_tables(rows: Sequence[dict], out_dir: str | Path, title: str | None = 
 def _model_summary(rows: Sequence[dict]) -> dict:
     """``summary.json``'s record of the network methods: ``model`` (``name``, ``weights``, ``safeguards``; None
     without a network; a list when the rows hold several) and ``safeguards``: method -> ``alpha_mean``,
-    ``beta_mean``, ``n_cases`` (the safeguards' mean over the method's cases; None when off)."""
+    ``beta_mean``, ``n_cases`` (the safeguards' mean over the method's cases; None when off),
+    ``n_no_learnt_correction`` (cases where the safeguards kept none of the network's correction without running it:
+    keypoints clustered in one region)."""
     recs = models_of_rows(rows)
     models = [{k: r[k] for k in ("name", "weights", "safeguards")} for r in recs]
     blend = {m: v for r in recs for m, v in r["methods"].items() if r["safeguards"]}
