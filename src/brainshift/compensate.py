@@ -14,7 +14,9 @@ Steps (each timed in ``Result.timings_s``):
    :func:`brainshift.model.safeguards.safe_refine`: the learnt correction is kept only as far as it predicts
    held-out keypoints better than the classical field (cross-validated fallback), the result honours the
    keypoints (a local correction of the residuals) and a per-voxel uncertainty map comes with it; otherwise
-   :func:`brainshift.model.inference.refine_field` (the network alone).
+   :func:`brainshift.model.inference.refine_field` (the network alone). The step keeps its name when the
+   safeguards allow no learnt correction (:func:`learnt_correction_allowed`: the network does not run, the time is
+   the keypoint-consistency step and the uncertainty map's).
 3. ``field statistics``: with ``statistics=True``, :func:`brainshift.field.field_statistics` of every field
    over ``statistics_mask`` (default: the image foreground ``image > min``).
 
