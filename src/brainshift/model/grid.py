@@ -4,9 +4,12 @@ Training (:mod:`brainshift.train`) and inference (:mod:`brainshift.model.inferen
 :func:`to_network_grid` / :func:`field_to_network_grid` / :func:`from_network_grid`, so the two can never
 diverge. Steps, in order:
 
-1. **Network grid**: the input grid's field of view at ``config.spacing_mm`` isotropic, same orientation
-   (:func:`brainshift.volume.grid_with_spacing`). When that grid equals the input grid (1 mm input, 1 mm
-   network) nothing is resampled.
+1. **Network grid**: the input grid's field of view at ``config.spacing_mm`` isotropic, its voxel axes reordered
+   and flipped to run closest to R, A, S (:func:`nearest_ras_grid`, nibabel's ``io_orientation``; then
+   :func:`brainshift.volume.grid_with_spacing`), so the network sees the head as it was trained on it (RAS
+   grids) whether the image is stored RAS, LPS or in a sagittal axis order; an oblique grid keeps its rotation
+   (under 45 degrees from the nearest axes). When that grid equals the input grid (1 mm RAS input, 1 mm network)
+   nothing is resampled; a reordering alone is an exact permutation of the arrays.
 2. **Field units**: the voxel-unit field of the input grid goes to world mm (``A_in @ u``, the convention),
    then into the network grid's axes (``A_net^-1``) and, for ``field_units="mm"``, times the network spacing:
    ``u_net = S A_net^-1 A_in u`` with ``S = diag(spacing)`` (mm) or the identity (voxel).
@@ -111,14 +114,45 @@ class NetworkInput:
         return a
 
 
+def nearest_ras_grid(shape, affine) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The same voxel grid with its axes reordered and flipped so that they run closest to R, A, S.
+
+    The voxel centres are the same points in the world; only their indexing changes (nibabel's
+    ``io_orientation`` / ``ornt_transform`` / ``inv_ornt_aff``, as ``nibabel.as_closest_canonical``). A RAS grid
+    is returned unchanged.
+
+    Args:
+        shape: ``(I, J, K)`` grid shape.
+        affine: 4x4 voxel-to-RAS (mm) affine.
+
+    Returns:
+        ``(shape, affine)`` of the reindexed grid.
+
+    Raises:
+        GeometryError: a singular or non-finite affine.
+    """
+    import nibabel.orientations as nio
+
+    a = check_affine(affine)
+    shape = tuple(int(s) for s in shape)
+    tr = nio.ornt_transform(nio.io_orientation(a), nio.axcodes2ornt(("R", "A", "S")))
+    if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]):
+        return shape, a
+    new_shape = [0, 0, 0]
+    for old_axis, (new_axis, _) in enumerate(tr):
+        new_shape[int(new_axis)] = shape[old_axis]
+    return tuple(new_shape), a @ nio.inv_ornt_aff(tr, shape)
+
+
 def network_grid(shape, affine, config: NetworkConfig) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The network grid for an input grid: same field of view, ``config.spacing_mm`` isotropic.
+    """The network grid for an input grid: same field of view, axes closest to R, A, S
+    (:func:`nearest_ras_grid`), ``config.spacing_mm`` isotropic.
 
     Returns the input grid itself (its exact affine) when they coincide to 1e-6 mm.
     """
     a = check_affine(affine)
     shape = tuple(int(s) for s in shape)
-    new_shape, new_aff = grid_with_spacing(shape, a, float(config.spacing_mm))
+    new_shape, new_aff = grid_with_spacing(*nearest_ras_grid(shape, a), float(config.spacing_mm))
     if new_shape == shape and np.allclose(new_aff, a, atol=1e-6):
         return shape, a
     return new_shape, new_aff
@@ -162,6 +196,9 @@ def resample_channels(data: torch.Tensor, src_affine, dst_shape, dst_affine,
     if data.ndim != 4:
         raise GeometryError(f"expected a (C, I, J, K) tensor to resample, got {tuple(data.shape)}")
     m = np.linalg.inv(check_affine(src_affine)) @ check_affine(dst_affine)
+    reordered = _reorder_source(data, src_affine, m)
+    if reordered is not None:  # the axes map onto each other: permute and flip exactly, then resample
+        return resample_channels(reordered[0], reordered[1], dst_shape, dst_affine, mode=mode)
     dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
     if mode == "bilinear" and np.abs(m[:3, :3] - np.diag(np.diag(m[:3, :3]))).max() < 1e-9:
         fast = _resample_interpolate(data.to(dtype), m, dst_shape)
@@ -176,6 +213,31 @@ def resample_channels(data: torch.Tensor, src_affine, dst_shape, dst_affine,
     grid = voxel_to_grid_sample(torch.stack(coords)[None], data.shape[1:])
     out = F.grid_sample(data[None].to(dtype), grid, mode=mode, padding_mode="border", align_corners=True)
     return out[0]
+
+
+def _reorder_source(data: torch.Tensor, src_affine, m: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The source ``(C, I, J, K)`` with its axes permuted and flipped (exactly) so that each destination axis maps
+    onto the same-numbered source axis in the same direction, and the affine of that reindexed source; None when
+    ``m`` (destination voxel -> source voxel) does not map axes onto axes or already maps them in order."""
+    m3 = np.asarray(m, np.float64)[:3, :3]
+    big = np.abs(m3) > 1e-9 * max(float(np.abs(m3).max()), 1e-300)
+    if not (np.all(big.sum(axis=0) == 1) and np.all(big.sum(axis=1) == 1)):
+        return None
+    src_of = [int(np.flatnonzero(big[:, d])[0]) for d in range(3)]  # destination axis d samples source axis
+    signs = [float(np.sign(m3[src_of[d], d])) for d in range(3)]
+    if src_of == [0, 1, 2] and all(sg > 0 for sg in signs):
+        return None
+    out = data.permute(0, *(1 + s for s in src_of))
+    flips = [1 + d for d in range(3) if signs[d] < 0]
+    if flips:
+        out = torch.flip(out, flips)
+    p = np.zeros((4, 4))  # source voxel = p @ reindexed voxel
+    p[3, 3] = 1.0
+    for d, s_ax in enumerate(src_of):
+        p[s_ax, d] = signs[d]
+        if signs[d] < 0:
+            p[s_ax, 3] = data.shape[1 + s_ax] - 1
+    return out.contiguous(), check_affine(src_affine) @ p
 
 
 def _resample_interpolate(data: torch.Tensor, m: np.ndarray, dst_shape) -> torch.Tensor | None:
