@@ -63,6 +63,40 @@ def test_network_grid_is_input_grid_at_same_spacing():
     np.testing.assert_allclose(np.linalg.norm(a2[:3, :3], axis=0), [2.0, 2.0, 2.0])
 
 
+def _stored_as(data: np.ndarray, affine: np.ndarray, codes: str):
+    """``data`` (first three axes spatial) stored with its voxel axes along ``codes`` (e.g. "LPS"): the same world
+    grid, reindexed (nibabel's orientation tools)."""
+    import nibabel.orientations as nio
+
+    tr = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(codes)))
+    return np.ascontiguousarray(nio.apply_orientation(data, tr)), affine @ nio.inv_ornt_aff(tr, data.shape[:3])
+
+
+@pytest.mark.parametrize("codes", ["LPS", "ASR", "PIL", "SLA"])
+def test_network_grid_runs_closest_to_ras_whatever_the_storage_order(codes):
+    # the network was trained on RAS grids: an image stored LPS or in a sagittal order gets the same network grid
+    # (same voxel centres, same indexing) as the same image stored RAS, and the same resampled channels
+    aff = np.diag([1.0, 1.2, 0.9, 1.0])
+    aff[:3, 3] = [-20.0, 15.0, 3.0]
+    img = _image((14, 12, 16))
+    ras_shape, ras_aff = network_grid(img.shape, aff, FAST)
+    data, aff2 = _stored_as(img, aff, codes)
+    assert data.shape != img.shape or not np.allclose(aff2, aff)  # really another storage
+    shape2, net2 = network_grid(data.shape, aff2, FAST)
+    assert shape2 == ras_shape
+    np.testing.assert_allclose(net2, ras_aff, atol=1e-9)
+    a = resample_channels(torch.from_numpy(img)[None], aff, ras_shape, ras_aff)
+    b = resample_channels(torch.from_numpy(data)[None], aff2, ras_shape, ras_aff)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    # a reordering alone (same spacing) resamples exactly: the arrays are permuted and flipped, not interpolated
+    back = resample_channels(torch.from_numpy(data)[None], aff2, img.shape, aff)
+    assert torch.equal(back[0], torch.from_numpy(img))
+    # at the network's own spacing the RAS storage is the network grid itself
+    full_shape, full_aff = network_grid(data.shape, aff2, NetworkConfig(features=(4, 8, 16, 32), spacing_mm=1.0))
+    assert np.allclose(np.abs(full_aff[:3, :3]), np.diag(np.diag(full_aff[:3, :3])))
+    assert np.all(np.diag(full_aff[:3, :3]) > 0)  # axes run R, A, S
+
+
 def test_field_unit_matrix_goes_through_world_mm():
     aff_in = _oblique_affine((1.0, 1.2, 0.9))
     _, aff_net = network_grid((20, 20, 20), aff_in, FAST)

@@ -133,6 +133,32 @@ def test_bad_device_and_inputs():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("codes", ["LPS", "ASR", "PIL"])
+def test_refinement_is_the_same_world_field_whatever_the_storage_order(codes):
+    # the same problem stored in another voxel order (image and field reindexed, the field's voxel components
+    # permuted and flipped with the axes): a network that is not equivariant to axis reorders (random weights)
+    # still gives the same world field, because the network grid runs closest to R, A, S
+    import nibabel.orientations as nio
+
+    image, field = _case((16, 12, 10), spacing=(1.0, 1.5, 2.0))
+    config = NetworkConfig(features=(4, 8), spacing_mm=2.0)
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_network(config).eval(), config, {})
+    ras = refine_field(image, field, loaded, mirror_average=True)
+    assert np.abs(ras - field).max() > 1e-3  # the network does change the field
+
+    def store(data, affine, target):
+        tr = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(target)))
+        return np.ascontiguousarray(nio.apply_orientation(data, tr)), affine @ nio.inv_ornt_aff(tr, data.shape[:3])
+
+    img2, aff2 = store(image.data, image.affine, codes)
+    m = np.round(np.linalg.inv(image.affine) @ aff2)[:3, :3]  # old voxel = m @ new voxel + t (signed permutation)
+    field2 = np.einsum("ji,j...->i...", m, np.stack([store(c, image.affine, codes)[0] for c in field]))
+    out2 = refine_field(Volume(img2, aff2), field2.astype(np.float32), loaded, mirror_average=True)
+    back = np.stack([store(c, aff2, "RAS")[0] for c in np.einsum("ij,j...->i...", m, out2)])
+    np.testing.assert_allclose(back, ras, rtol=0, atol=1e-5)
+
+
 def test_mirror_average_exact_properties():
     from dataclasses import replace
 
