@@ -2,14 +2,17 @@
 
 The same case (image, ground-truth field, brain mask, keypoints in the world) is presented on grids that differ only
 in how the voxel axes run: RAS (as simulated), LPS (axes i and j reversed: how ITK / DICOM-derived volumes are
-often stored), a sagittal axis order (voxel axes along A, S, R), and optionally an oblique anisotropic grid
-(resampled: `--oblique`). The reorientations are exact (flips and permutations of the arrays, the field's voxel
-components permuted with them; nibabel's orientation tools), so every interpolator that works in world or normalised
-per-axis coordinates gives the same world field on every grid, and any difference in a refined field is the
-network's. Reported per case and grid: world MSE (mm², over the case's evaluation region) of `tps`, the network
-alone on it (`net-tps`, mirror-averaged) and `infer`'s default (`safe-tps`), and the ratio of each to the RAS grid's.
+often stored), sagittal axis orders (voxel axes along A, S, R or P, I, L). These reorientations are exact (flips
+and permutations of the arrays, the field's voxel components permuted with them; nibabel's orientation tools), so
+every interpolator that works in world or normalised per-axis coordinates gives the same world field on each, and
+any difference in a refined field is the network's. `OBLIQUE` adds a resampled oblique anisotropic grid
+(`--oblique`: spacing and rotation), where the image, the ground truth and the published `tps` (normalised voxel
+coordinates) change too. Reported per case and grid: world MSE (mm², over the case's evaluation region) of `tps`,
+the network alone on it (`net-tps`, mirror-averaged) and `infer`'s default (`safe-tps`), and the ratio of each to
+the first grid's.
 
-    python bench/orientation.py --data data/sg_val --cases 4 --out bench/orientation/sg_val
+    python bench/orientation.py --data data/sg_val --cases 6 --out bench/orientation/sg_val_after
+    python bench/orientation.py --data data/sg_val --cases 6 --orientations RAS,OBLIQUE --out ...
 """
 
 from __future__ import annotations
@@ -59,6 +62,48 @@ def reorient_case(image, field, masks: dict, points, disps, hpoints, hdisps, tar
             vec(hdisps))
 
 
+def rotation(deg_x: float, deg_z: float) -> np.ndarray:
+    """Rotation by ``deg_x`` about world x, then ``deg_z`` about world z."""
+    ax, az = np.radians(deg_x), np.radians(deg_z)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def oblique_case(image, field, masks: dict, points, disps, hpoints, hdisps, spacing, deg_x, deg_z):
+    """The case resampled onto an oblique anisotropic grid covering the same field of view: image trilinear, the
+    ground-truth field as world vectors (trilinear per world component, then the new grid's voxel units), masks by
+    nearest neighbour; keypoints and their displacements mapped through the world exactly."""
+    from brainshift.volume import Volume
+
+    a = image.affine
+    rot = rotation(deg_x, deg_z)
+    corners = np.array([[i, j, k] for i in (-0.5, image.shape[0] - 0.5) for j in (-0.5, image.shape[1] - 0.5)
+                        for k in (-0.5, image.shape[2] - 0.5)])
+    world = corners @ a[:3, :3].T + a[:3, 3]
+    local = world @ rot  # coordinates along the rotated axes
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    sp = np.asarray(spacing, np.float64)
+    shape = tuple(int(np.ceil((h - l_) / s_)) for l_, h, s_ in zip(lo, hi, sp, strict=True))
+    new = np.eye(4)
+    new[:3, :3] = rot @ np.diag(sp)
+    new[:3, 3] = rot @ (lo + 0.5 * sp)
+    img = image.resample_to_grid(shape, new).data
+    world_u = np.einsum("ij,j...->i...", a[:3, :3], field)
+    comps = [Volume(world_u[c].astype(np.float32), a).resample_to_grid(shape, new).data for c in range(3)]
+    fld = np.einsum("ij,j...->i...", np.linalg.inv(new[:3, :3]), np.stack(comps)).astype(np.float32)
+    out_masks = {k: Volume(v.astype(np.uint8), a, "label").resample_to_grid(shape, new).data for k, v in masks.items()}
+    to_new = np.linalg.inv(new) @ a
+
+    def pts(p):
+        return p @ to_new[:3, :3].T + to_new[:3, 3]
+
+    def vec(d):
+        return d @ to_new[:3, :3].T
+
+    return (Volume(img, new), fld, out_masks, pts(points), vec(disps), pts(hpoints), vec(hdisps))
+
+
 def main() -> None:
     import torch
 
@@ -75,7 +120,10 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--weights", default=None, help="network weights (default: the shipped model)")
-    ap.add_argument("--orientations", default="RAS,LPS,ASR,PIL")
+    ap.add_argument("--orientations", default="RAS,LPS,ASR,PIL",
+                    help="storage orders (nibabel axis codes), and/or OBLIQUE: the grid of --oblique")
+    ap.add_argument("--oblique", default="1,1,2,15,20",
+                    help="the OBLIQUE grid: spacing i,j,k (mm) and rotations about world x then z (degrees)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -93,9 +141,13 @@ def main() -> None:
         masks = {"region": evaluation_mask(case).astype(np.uint8), "brain": (subject.brain_mask.data > 0)
                  .astype(np.uint8)}
         for target in args.orientations.split(","):
-            image, gt, m, p, d, hp, hd = reorient_case(subject.image, case.field, masks, kp.points_vox,
-                                                       kp.disps_vox, kp.heldout_points_vox, kp.heldout_disps_vox,
-                                                       target)
+            make = reorient_case
+            extra = (target,)
+            if target == "OBLIQUE":
+                ob = [float(v) for v in args.oblique.split(",")]
+                make, extra = oblique_case, (ob[:3], ob[3], ob[4])
+            image, gt, m, p, d, hp, hd = make(subject.image, case.field, masks, kp.points_vox, kp.disps_vox,
+                                              kp.heldout_points_vox, kp.heldout_disps_vox, *extra)
             region, brain = m["region"] > 0, m["brain"] > 0
             tps = interpolate("tps", p, d, image.shape, image.affine)
             net = refine_field(image, tps, loaded, mask=brain, mirror_average=True, points_vox=p)
@@ -113,7 +165,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     ref = {(r["case"], r["method"]): r["mse_mm2"] for r in rows if r["orientation"] == rows[0]["orientation"]}
-    lines = [f"Data `{args.data}`, {args.cases} cases, 20 detected keypoints, seed {args.seed}; weights "
+    lines = [f"Data `{args.data}`, {args.cases} cases, 20 detected keypoints, seed {args.seed}; OBLIQUE grid "
+             f"(spacing i,j,k mm, rotation about x then z, degrees) {args.oblique}; weights "
              f"`{args.weights or 'default (shipped)'}`; machine: {platform.machine()}, no GPU; "
              f"{time.time() - t_start:.0f} s.", "",
              "| orientation | method | mean MSE mm² | mean ratio to the same method on the first grid | worst |",
