@@ -70,19 +70,20 @@ def rotation(deg_x: float, deg_z: float) -> np.ndarray:
     return rz @ rx
 
 
-def oblique_case(image, field, masks: dict, points, disps, hpoints, hdisps, spacing, deg_x, deg_z):
-    """The case resampled onto an oblique anisotropic grid covering the same field of view: image trilinear, the
+def oblique_case(image, field, masks: dict, points, disps, hpoints, hdisps, spacing, deg_x, deg_z,
+                 margin_mm: float = 8.0):
+    """The case resampled onto an oblique anisotropic grid whose field of view is the head's box along its axes (plus
+    ``margin_mm``), as an oblique acquisition would frame it: image trilinear, the
     ground-truth field as world vectors (trilinear per world component, then the new grid's voxel units), masks by
     nearest neighbour; keypoints and their displacements mapped through the world exactly."""
     from brainshift.volume import Volume
 
     a = image.affine
     rot = rotation(deg_x, deg_z)
-    corners = np.array([[i, j, k] for i in (-0.5, image.shape[0] - 0.5) for j in (-0.5, image.shape[1] - 0.5)
-                        for k in (-0.5, image.shape[2] - 0.5)])
-    world = corners @ a[:3, :3].T + a[:3, 3]
+    head = np.argwhere(image.data > image.data.min())  # the field of view is the head's box along the new axes
+    world = head @ a[:3, :3].T + a[:3, 3]
     local = world @ rot  # coordinates along the rotated axes
-    lo, hi = local.min(axis=0), local.max(axis=0)
+    lo, hi = local.min(axis=0) - margin_mm, local.max(axis=0) + margin_mm
     sp = np.asarray(spacing, np.float64)
     shape = tuple(int(np.ceil((h - l_) / s_)) for l_, h, s_ in zip(lo, hi, sp, strict=True))
     new = np.eye(4)
@@ -104,6 +105,20 @@ def oblique_case(image, field, masks: dict, points, disps, hpoints, hdisps, spac
     return (Volume(img, new), fld, out_masks, pts(points), vec(disps), pts(hpoints), vec(hdisps))
 
 
+def padded_case(image, field, masks: dict, points, disps, hpoints, hdisps, pad_vox: int):
+    """The case with ``pad_vox`` voxels of background (the image's minimum; zero field and masks) added on every
+    side: a larger field of view around the same head, nothing resampled."""
+    from brainshift.volume import Volume
+
+    widths = [(pad_vox, pad_vox)] * 3
+    img = np.pad(image.data, widths, constant_values=float(image.data.min()))
+    aff = image.affine.copy()
+    aff[:3, 3] -= aff[:3, :3] @ np.full(3, float(pad_vox))
+    fld = np.pad(field, ((0, 0), *widths))
+    out_masks = {k: np.pad(v, widths) for k, v in masks.items()}
+    return Volume(img, aff), fld, out_masks, points + pad_vox, disps, hpoints + pad_vox, hdisps
+
+
 def main() -> None:
     import torch
 
@@ -121,7 +136,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--weights", default=None, help="network weights (default: the shipped model)")
     ap.add_argument("--orientations", default="RAS,LPS,ASR,PIL",
-                    help="storage orders (nibabel axis codes), and/or OBLIQUE: the grid of --oblique")
+                    help="storage orders (nibabel axis codes), OBLIQUE (the grid of --oblique) and/or PADn (the "
+                         "first grid with n voxels of background added on every side, the same tps field)")
     ap.add_argument("--oblique", default="1,1,2,15,20",
                     help="the OBLIQUE grid: spacing i,j,k (mm) and rotations about world x then z (degrees)")
     ap.add_argument("--seed", type=int, default=0)
@@ -146,10 +162,17 @@ def main() -> None:
             if target == "OBLIQUE":
                 ob = [float(v) for v in args.oblique.split(",")]
                 make, extra = oblique_case, (ob[:3], ob[3], ob[4])
+            pad = int(target[3:]) if target.startswith("PAD") else 0
+            if pad:  # the RAS grid with `pad` mm of background added on every side; the same initial field
+                make, extra = padded_case, (pad,)
             image, gt, m, p, d, hp, hd = make(subject.image, case.field, masks, kp.points_vox, kp.disps_vox,
                                               kp.heldout_points_vox, kp.heldout_disps_vox, *extra)
             region, brain = m["region"] > 0, m["brain"] > 0
-            tps = interpolate("tps", p, d, image.shape, image.affine)
+            if pad:
+                tps0 = interpolate("tps", kp.points_vox, kp.disps_vox, subject.image.shape, subject.image.affine)
+                tps = np.pad(tps0, ((0, 0), *[(pad, pad)] * 3))
+            else:
+                tps = interpolate("tps", p, d, image.shape, image.affine)
             net = refine_field(image, tps, loaded, mask=brain, mirror_average=True, points_vox=p)
             safe = safe_refine(image, p, d, tps, loaded, method="tps", mask=brain, seed=args.seed)
             for name, f in (("tps", tps), ("net-tps", net), ("safe-tps", safe.field_vox)):
