@@ -6,9 +6,11 @@ import torch
 
 from brainshift.errors import BrainshiftError, GeometryError
 from brainshift.model.grid import (
+    FRAME_MARGIN_MM,
     crop_pad,
     field_to_network_grid,
     field_vox_to_network_matrix,
+    framed_network_grid,
     from_network_grid,
     keypoint_proximity,
     mirror_network_tensor,
@@ -95,6 +97,37 @@ def test_network_grid_runs_closest_to_ras_whatever_the_storage_order(codes):
     full_shape, full_aff = network_grid(data.shape, aff2, NetworkConfig(features=(4, 8, 16, 32), spacing_mm=1.0))
     assert np.allclose(np.abs(full_aff[:3, :3]), np.diag(np.diag(full_aff[:3, :3])))
     assert np.all(np.diag(full_aff[:3, :3]) > 0)  # axes run R, A, S
+
+
+def test_network_grid_is_framed_on_the_region_when_the_field_of_view_is_larger():
+    # a 20 mm brain in a 100 mm field of view (1 mm voxels, 2 mm network): the network grid keeps the uncropped
+    # grid's voxels within the brain's box plus FRAME_MARGIN_MM; a tight field of view is not cropped
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [-50.0, -40.0, -30.0]
+    img = np.zeros((100, 100, 100), np.float32)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[40:60, 30:50, 45:65] = 1
+    img[mask > 0] = 1.0
+    full_shape, full_aff = network_grid(img.shape, aff, FAST)
+    shape, a = framed_network_grid(Volume(img, aff), mask, FAST)
+    assert FRAME_MARGIN_MM == 20.0
+    assert shape == (32, 32, 31)  # (20 + 2 x 20) mm / 2 mm = 30 voxels, rounded out to whole network voxels
+    np.testing.assert_allclose(a[:3, :3], full_aff[:3, :3])
+    offset = np.linalg.solve(full_aff[:3, :3], a[:3, 3] - full_aff[:3, 3])
+    np.testing.assert_allclose(offset, np.round(offset), atol=1e-9)  # whole voxels of the uncropped grid
+    box_lo = aff[:3, :3] @ np.array([39.5, 29.5, 44.5]) + aff[:3, 3]  # the brain's box edge (world)
+    first = a[:3, :3] @ np.zeros(3) + a[:3, 3] - 1.0  # the framed grid's edge (centre - half a network voxel)
+    assert np.all(first <= box_lo - FRAME_MARGIN_MM + 1e-9) and np.all(first >= box_lo - FRAME_MARGIN_MM - 2.0)
+    # without a mask the foreground frames it; a field of view within the margin is not cropped
+    fg_shape, fg_aff = framed_network_grid(Volume(img, aff), None, FAST)
+    assert fg_shape == shape and np.array_equal(fg_aff, a)
+    tight = Volume(img[25:75, 15:65, 30:80], aff @ np.array([[1, 0, 0, 25], [0, 1, 0, 15], [0, 0, 1, 30],
+                                                                [0, 0, 0, 1.0]]))
+    t_shape, t_aff = framed_network_grid(tight, mask[25:75, 15:65, 30:80], FAST)
+    assert (t_shape, t_aff.tolist()) == (network_grid(tight.shape, tight.affine, FAST)[0],
+                                         network_grid(tight.shape, tight.affine, FAST)[1].tolist())
+    # an empty region leaves the grid as it is
+    assert framed_network_grid(Volume(img, aff), np.zeros_like(mask), FAST)[0] == full_shape
 
 
 def test_field_unit_matrix_goes_through_world_mm():

@@ -159,6 +159,34 @@ def test_refinement_is_the_same_world_field_whatever_the_storage_order(codes):
     np.testing.assert_allclose(back, ras, rtol=0, atol=1e-5)
 
 
+def test_more_background_around_the_same_head_gives_the_same_refinement():
+    # the network normalises over its whole input, so the field of view used to change the answer; the network grid
+    # is now framed on the brain (FRAME_MARGIN_MM), so adding background (a multiple of the network spacing, so the
+    # voxel phase is kept; 30 mm) gives the same field inside the original image, with a random network
+    rng = np.random.default_rng(1)
+    shape = (80, 80, 80)  # more than FRAME_MARGIN_MM of background already: both grids are framed the same way
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [-32.0, -30.0, -28.0]
+    img = np.zeros(shape, np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[28:52, 26:54, 29:51] = 1
+    img[mask > 0] = rng.uniform(1, 2, size=int(mask.sum()))
+    field = (rng.standard_normal((3, *shape)) * mask).astype(np.float32)
+    config = NetworkConfig(features=(4, 8), spacing_mm=3.0)  # network voxel centres on input voxel centres: no ties
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_network(config).eval(), config, {})
+    out = refine_field(Volume(img, aff), field, loaded, mask=mask)
+    pad = 30
+    w = [(pad, pad)] * 3
+    aff_p = aff.copy()
+    aff_p[:3, 3] -= pad
+    out_p = refine_field(Volume(np.pad(img, w), aff_p), np.pad(field, [(0, 0), *w]), loaded, mask=np.pad(mask, w))
+    inner = out_p[:, pad:-pad, pad:-pad, pad:-pad]
+    brain = mask > 0
+    np.testing.assert_allclose(inner[:, brain], out[:, brain], rtol=0, atol=1e-4)  # float32 resampling noise
+    assert np.abs(out - field)[:, brain].max() > 1e-3  # the network does change the field
+
+
 def test_mirror_average_exact_properties():
     from dataclasses import replace
 

@@ -79,8 +79,8 @@ from brainshift.model.checkpoint import LoadedModel
 from brainshift.model.grid import (
     crop_pad,
     extend_from_region,
+    framed_network_grid,
     mirror_network_tensor,
-    network_grid,
     refined_from_prediction,
     resample_channels,
     to_network_grid,
@@ -555,7 +555,7 @@ def knndm_folds(points_mm: np.ndarray, folds: int, min_per_fold: int, seed: int,
 
 def _coarse_problem(image: Volume, mask: np.ndarray | None, loaded: LoadedModel):
     """The image (and mask) resampled onto the network grid, so cross-validation folds skip the full grid."""
-    net_shape, net_affine = network_grid(image.shape, image.affine, loaded.config)
+    net_shape, net_affine = framed_network_grid(image, mask, loaded.config)
     chans = [torch.from_numpy(np.ascontiguousarray(np.asarray(image.data, np.float32)))[None]]
     if mask is not None:
         chans.append(torch.from_numpy(mask_inside(mask, "brain mask").astype(np.float32))[None])
