@@ -128,6 +128,15 @@ def test_network_grid_is_framed_on_the_region_when_the_field_of_view_is_larger()
                                          network_grid(tight.shape, tight.affine, FAST)[1].tolist())
     # an empty region leaves the grid as it is
     assert framed_network_grid(Volume(img, aff), np.zeros_like(mask), FAST)[0] == full_shape
+    # an image already on the framed grid (the safeguards' coarse problem) is not framed again with frame=False,
+    # even when its coarser region would give a smaller box
+    coarse_img = resample_channels(torch.from_numpy(img)[None], aff, shape, a)[0].numpy()
+    coarse_mask = np.zeros(shape, np.uint8)
+    coarse_mask[12:18, 12:18, 12:18] = 1  # a smaller region than the one that framed the grid
+    ni = to_network_grid(Volume(coarse_img, a), np.zeros((3, *shape), np.float32), coarse_mask, FAST, frame=False)
+    assert ni.net_shape == shape and ni.same_grid
+    assert to_network_grid(Volume(coarse_img, a), np.zeros((3, *shape), np.float32), coarse_mask,
+                           FAST).net_shape != shape  # framed again by default
 
 
 def test_field_unit_matrix_goes_through_world_mm():

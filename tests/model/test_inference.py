@@ -218,6 +218,15 @@ def test_mirror_average_exact_properties():
     # axis choice follows the world x direction, whatever the voxel order
     perm = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [-2.0, 0, 0, 0], [0, 0, 0, 1]])
     assert left_right_axis(perm) == 2
+    # on a very oblique grid (40 degrees about z, then 40 about y) the axes are assigned jointly, as the network
+    # grid orders them: the mirrored axis is the one put first (a per-axis argmax picked another one here)
+    from brainshift.model.grid import network_grid
+
+    cz, sz, cy, sy = np.cos(0.7), np.sin(0.7), np.cos(0.7), np.sin(0.7)
+    rot = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]]) @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot * 2.0
+    assert left_right_axis(network_grid((20, 22, 18), oblique, FAST)[1]) == 0
     assert trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": [0]}}))
     assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {"train_config": {"flip_axes": []}}))
     assert not trained_with_mirroring(LoadedModel(_Identity(), FULL, {}))

@@ -292,6 +292,16 @@ def test_a_one_element_list_is_the_folder_itself(small_dataset, tiny_dataset, tm
     assert split_cases([str(small_dataset)], (0.25, 0.25), 0, ["sub01"]) == split_cases(small_dataset, (0.25, 0.25), 0,
                                                                                          ["sub01"])
     assert config_key([tiny_dataset], NET, {"x": 1}) == config_key(str(tiny_dataset), NET, {"x": 1})
+    # a cache made with another network-grid preprocessing is never reused
+    import brainshift.model.grid as grid_module
+
+    key = config_key(tiny_dataset, NET, {"x": 1})
+    version = grid_module.PREPROCESSING_VERSION
+    try:
+        grid_module.PREPROCESSING_VERSION = version + 1
+        assert config_key(tiny_dataset, NET, {"x": 1}) != key
+    finally:
+        grid_module.PREPROCESSING_VERSION = version
     a, b = (validation_items(d, ["sub00_c0"], NET, seed=0, interp=None, k_range=(6, 6), heldout_kpts=10)
             for d in (tiny_dataset, [tiny_dataset]))
     assert a[0][0]["case_id"] == b[0][0]["case_id"] == "sub00_c0"

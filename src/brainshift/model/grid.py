@@ -160,6 +160,10 @@ def network_grid(shape, affine, config: NetworkConfig) -> tuple[tuple[int, int, 
     return new_shape, new_aff
 
 
+#: Version of the network-grid preprocessing (part of the training cache key, brainshift.train.data.config_key):
+#: 2 since session 32 (axes closest to R, A, S; framed on the region).
+PREPROCESSING_VERSION = 2
+
 #: Background (mm) the network grid keeps around the region's bounding box (:func:`framed_network_grid`): the
 #: training images have 10-18 mm of it, so they are never cropped; larger fields of view are.
 FRAME_MARGIN_MM = 20.0
@@ -444,7 +448,7 @@ def keypoint_proximity(points_ras, shape, affine, scale_mm: float) -> torch.Tens
 
 def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: NetworkConfig, *,
                     min_field_rms_mm: float | None = None, field_scale: float | None = None,
-                    points_ras=None) -> NetworkInput:
+                    points_ras=None, frame: bool = True) -> NetworkInput:
     """Prepare an image and its initial field for the network (steps 1-8 of the module docstring).
 
     Args:
@@ -459,6 +463,9 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
             its cross-validation folds); exclusive with ``min_field_rms_mm``.
         points_ras: ``(N, 3)`` driving keypoints (world RAS mm) for a network with a keypoint channel (step 9);
             ignored by networks without one.
+        frame: crop the network grid to the region (:func:`framed_network_grid`); False: :func:`network_grid`
+            as it is (for an image already on a framed network grid, e.g. the safeguards' coarse problem, so
+            its framing is not redone from a coarser region).
 
     Returns:
         A :class:`NetworkInput` (CPU tensors).
@@ -492,7 +499,10 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     img = np.asarray(image.data, dtype=np.float32)
     if not np.all(np.isfinite(img)):
         raise GeometryError("expected a finite image, found NaN or inf values")
-    net_shape, net_affine = framed_network_grid(image, mask, config)
+    if frame:
+        net_shape, net_affine = framed_network_grid(image, mask, config)
+    else:
+        net_shape, net_affine = network_grid(shape, image.affine, config)
     same = net_shape == shape and np.array_equal(net_affine, image.affine)
     m = field_vox_to_network_matrix(image.affine, net_affine, config.field_units)
     field_t = _apply_matrix(m, torch.from_numpy(np.ascontiguousarray(f)))

@@ -24,9 +24,13 @@ from brainshift.volume import Volume
 
 
 def left_right_axis(net_affine: np.ndarray) -> int:
-    """The network-grid axis closest to the world left-right (RAS x) direction."""
-    a = np.asarray(net_affine, np.float64)[:3, :3]
-    return int(np.argmax(np.abs(a[0]) / np.linalg.norm(a, axis=0)))
+    """The network-grid axis closest to the world left-right (RAS x) direction, as nibabel's ``io_orientation``
+    assigns the axes (jointly, so on a very oblique grid it is the axis :func:`brainshift.model.grid.nearest_ras_grid`
+    put first: 0 on every network grid)."""
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(net_affine, np.float64))
+    return int(np.flatnonzero(ornt[:, 0] == 0)[0])
 
 
 def predict(model: torch.nn.Module, net_input: NetworkInput, device: str | torch.device = "cpu", *,

@@ -46,17 +46,17 @@ learnt, using only what the user gave: the keypoints.
    can leave part of a large learnt correction at the keypoints, so a guard then holds issue 11's contract, mean
    keypoint residual at most the initial field's + :data:`CONSISTENCY_TOLERANCE_MM`, by the least share of a
    ``local`` correction toward the same target (:func:`enforce_keypoint_consistency`; session 28).
-3. **Uncertainty.** A per-voxel standard deviation (mm) of each world component of the output,
-   ``sigma(x) = sqrt((alpha * s(x))^2 + (rho * d(x))^2)``, computed on the network grid and resampled trilinearly
-   to the image grid: ``s`` is the spread of the network's two left-right mirrored passes (the magnitude of half
-   their difference over ``sqrt(3)``, mm; the mirrored problem is an exact solution of the same mechanics, so
-   disagreement means the network is unsure), ``d`` the distance (mm) to the nearest keypoint, and ``rho`` (mm
-   of error per component per mm of distance) fitted per case from the cross-validation: the RMS error of the
-   output at the held-out keypoints per component (3-D RMS over ``sqrt(3)``) over their RMS distance to the
-   nearest kept keypoint. Both terms are 3-D magnitudes spread evenly over the three components (an isotropic
-   error); before session 9 they were not divided by ``sqrt(3)``, which made the map conservative by that factor
-   (measured 0.5-0.7 x in every reliability bin). Its calibration is measured in ``bench/generalization.py``
-   (reliability table).
+3. **Uncertainty.** A per-voxel standard deviation (mm) of each world component of the output, ``sigma(x) =
+   sqrt((alpha * s(x))^2 + (rho * d(x))^2)``, computed on the network grid and resampled trilinearly to the image grid
+   (where the network grid is framed on the brain, voxels beyond it, more than 20 mm outside the brain's box, take the
+   value at its edge): ``s`` is the spread of the network's two left-right mirrored passes (the magnitude of half their
+   difference over ``sqrt(3)``, mm; the mirrored problem is an exact solution of the same mechanics, so disagreement
+   means the network is unsure), ``d`` the distance (mm) to the nearest keypoint, and ``rho`` (mm of error per component
+   per mm of distance) fitted per case from the cross-validation: the RMS error of the output at the held-out keypoints
+   per component (3-D RMS over ``sqrt(3)``) over their RMS distance to the nearest kept keypoint. Both terms are 3-D
+   magnitudes spread evenly over the three components (an isotropic error); before session 9 they were not divided by
+   ``sqrt(3)``, which made the map conservative by that factor (measured 0.5-0.7 x in every reliability bin). Its
+   calibration is measured in ``bench/generalization.py`` (reliability table).
 
 Convention: every field here is float32 ``(3, I, J, K)``, forward Lagrangian (preop voxel ``p`` moves to
 ``p + u(p)``), voxel units along ``i, j, k`` of the image grid; keypoints are 0-based voxel indices with
@@ -747,7 +747,7 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
                 init_c = interpolate(method, pts_c[keep], dsp_c[keep], img_c.shape, img_c.affine, **opts)
             if learnt_correction:
                 ni = to_network_grid(img_c, init_c, mask_c, loaded.config, field_scale=net_input.field_scale,
-                                     points_ras=pts_ras[keep])
+                                     points_ras=pts_ras[keep], frame=False)  # img_c is on the framed grid
                 with torch.inference_mode():
                     from brainshift.device import resolve_device
 

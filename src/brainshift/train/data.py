@@ -629,9 +629,13 @@ def assemble_sample(case: dict[str, Any], variant: dict[str, Any], size: tuple[i
 def config_key(data_dir: DataFolders, net_config, extra: dict[str, Any] | None = None) -> str:
     """Hash naming everything a cached item depends on (so a persistent cache is never reused wrongly): the
     resolved dataset folder (one folder: as before lists were accepted, so earlier caches stay valid; several:
-    the list, in order, since the case keys' indices refer to it), the network config and ``extra``."""
+    the list, in order, since the case keys' indices refer to it), the network config, ``extra`` and the
+    network-grid preprocessing version (:data:`brainshift.model.grid.PREPROCESSING_VERSION`)."""
+    from brainshift.model.grid import PREPROCESSING_VERSION
+
     folders = [str(Path(f).resolve()) for f in data_folders(data_dir)]
-    payload = {"data": folders[0] if len(folders) == 1 else folders, "net": net_config.to_dict(), **(extra or {})}
+    payload = {"data": folders[0] if len(folders) == 1 else folders, "net": net_config.to_dict(), **(extra or {}),
+               "grid": PREPROCESSING_VERSION}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
