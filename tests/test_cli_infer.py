@@ -674,3 +674,10 @@ def test_keypoints_mostly_on_the_background_warn_of_the_frame(tmp_path, image_pa
         res = _invoke(["infer", "-p", str(image_path), "-k", str(fine), "-o", str(tmp_path / "f"), "-f", "npz"])
     assert res.exit_code == 0, res.output
     assert "safeguards: kept " in res.output and "of the network's correction" in res.output
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    beta = summary["safeguards"]["beta"]
+    assert f"beta {beta:.2f} (how closely the output honours the keypoints" in res.output
+    # the network grid as used: RAS axes, not framed (this image has no background beyond the margin)
+    grid = summary["network"]["grid"]
+    assert grid["axes"] == "RAS" and grid["framed_on_region"] is False and len(grid["shape"]) == 3
+    assert "network_grid" not in summary["safeguards"]  # recorded once

@@ -84,6 +84,18 @@ def test_scale_normalisation_floor_applies_to_the_network_alone_not_under_the_sa
     asked = compensate(image, keypoints=(pts, np.tile([0.1, 0.0, 0.0], (12, 1))), method="tps", model=loaded,
                        min_field_rms_mm=2.5)
     assert asked.min_field_rms_mm == 2.5 and asked.safeguards["field_scale"] > 1.0
+    # the network grid as used is recorded (both paths): RAS axes at the model's spacing; framed on the brain only
+    # when the field of view holds more background than FRAME_MARGIN_MM (here 4-5 mm: not framed)
+    for res in (alone, guarded):
+        assert res.network_grid["axes"] == "RAS" and res.network_grid["framed_on_region"] is False
+        assert res.network_grid["spacing_mm"] == loaded.config.spacing_mm
+    wide = Volume(np.pad(image.data, 20), AFFINE @ np.array([[1, 0, 0, -20], [0, 1, 0, -20], [0, 0, 1, -20],
+                                                             [0, 0, 0, 1.0]]))
+    framed = compensate(wide, keypoints=(pts + 20, np.tile([0.1, 0.0, 0.0], (12, 1))), method="tps", model=loaded)
+    assert framed.network_grid["framed_on_region"] is True
+    assert np.prod(framed.network_grid["shape"]) < np.prod(
+        compensate(wide, initial_field=np.zeros((3, *wide.shape), np.float32), model=loaded,
+                   mask=np.ones(wide.shape, bool)).network_grid["shape"])  # the whole field of view as the region
 
 
 def test_bad_calls_raise(image):

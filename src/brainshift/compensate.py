@@ -72,6 +72,8 @@ class Result:
             (``{"chosen", "keypoint_hull_fraction", "threshold"}``); else None.
         min_field_rms_mm: the network's scale normalisation floor (mm) as used (0: none), None without a model.
         field_scale: the factor the network's input field was scaled by (1: none), None without a model.
+        network_grid: the network grid as used (:meth:`brainshift.model.grid.NetworkInput.grid_record`: shape,
+            spacing, axes, whether it was framed on the brain), None without a model.
 
     Convention: fields forward Lagrangian, voxel units along ``i, j, k`` of the image grid.
     """
@@ -90,6 +92,7 @@ class Result:
     interpolator_choice: dict | None = None
     min_field_rms_mm: float | None = None
     field_scale: float | None = None
+    network_grid: dict | None = None
 
     @property
     def field(self) -> np.ndarray:
@@ -452,6 +455,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                     f"image foreground, below {100 * CLUSTERED_HULL_FRACTION:g} %): the folds cannot check the "
                     f"network's correction far from them, so a {method} field keeps none of it")
             result.field_scale = float(safe.info.get("field_scale", 1.0))
+            result.network_grid = result.safeguards.pop("network_grid", None)  # summary.json: network.grid
             result.mirror_average = True
         else:
             result.mirror_average = use_mirror_average(model, mirror_average)
@@ -462,6 +466,7 @@ def compensate(image: Volume, *, keypoints: tuple[np.ndarray, np.ndarray] | None
                                                 min_field_rms_mm=min_field_rms_mm, record=record,
                                                 points_vox=None if keypoints is None else points_vox)
             result.field_scale = record["field_scale"]
+            result.network_grid = record.get("network_grid")
         timings["refine with the network"] = time.perf_counter() - t0
     if statistics:
         t0 = time.perf_counter()

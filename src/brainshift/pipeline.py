@@ -587,7 +587,8 @@ def _summary(opts: InferOptions, image: Volume, result, weights, device: str, wr
     if result.model is not None:
         summary["network"] = {"config": _jsonable(getattr(result.model, "config", None)),
                               "mirror_average": result.mirror_average,
-                              "min_field_rms_mm": result.min_field_rms_mm, "field_scale": result.field_scale}
+                              "min_field_rms_mm": result.min_field_rms_mm, "field_scale": result.field_scale,
+                              "grid": result.network_grid}
         summary["safeguards"] = result.safeguards
     if result.atlas_fit is not None:
         summary["atlas_fit"] = result.atlas_fit

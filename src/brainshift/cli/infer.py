@@ -106,4 +106,6 @@ def infer_command(
             typer.echo(f"safeguards: no learnt correction: {guard.get('learnt_correction_reason', '')}")
         else:
             typer.echo(f"safeguards: kept {guard['alpha']:.2f} of the network's correction (alpha, chosen by "
-                       f"{guard.get('folds', 0)}-fold cross-validation over the keypoints)")
+                       f"{guard.get('folds', 0)}-fold cross-validation over the keypoints); beta "
+                       f"{guard.get('beta', float('nan')):.2f} (how closely the output honours the keypoints: "
+                       f"1 exactly, 0 as the initial field does)")

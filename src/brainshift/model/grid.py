@@ -80,6 +80,7 @@ class NetworkInput:
         same_grid: True when the network grid is the input grid (no resampling).
         field_scale: the factor (>= 1 when chosen by ``min_field_rms_mm``) the field channels were multiplied
             by (step 7); :func:`refined_from_prediction` divides the correction by it.
+        framed: True when the network grid was cropped to the region (:func:`framed_network_grid`).
 
     Convention: the field channels hold a forward Lagrangian field on the network grid in
     ``config.field_units`` along the network grid's axes.
@@ -97,6 +98,14 @@ class NetworkInput:
     image_std: float
     same_grid: bool
     field_scale: float = 1.0
+    framed: bool = False
+
+    def grid_record(self) -> dict:
+        """What ``summary.json`` records of the network grid: ``shape`` (unpadded), ``spacing_mm``, ``axes``
+        (always ``"RAS"``: :func:`nearest_ras_grid`) and ``framed_on_region`` (cropped to the brain's box plus
+        :data:`FRAME_MARGIN_MM`)."""
+        return {"shape": [int(v) for v in self.net_shape], "spacing_mm": float(self.config.spacing_mm),
+                "axes": "RAS", "framed_on_region": bool(self.framed)}
 
     @property
     def field(self) -> torch.Tensor:
@@ -499,10 +508,12 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     img = np.asarray(image.data, dtype=np.float32)
     if not np.all(np.isfinite(img)):
         raise GeometryError("expected a finite image, found NaN or inf values")
+    net_shape, net_affine = network_grid(shape, image.affine, config)
+    framed = False
     if frame:
-        net_shape, net_affine = framed_network_grid(image, mask, config)
-    else:
-        net_shape, net_affine = network_grid(shape, image.affine, config)
+        f_shape, f_affine = framed_network_grid(image, mask, config)
+        framed = f_shape != tuple(net_shape) or not np.array_equal(f_affine, net_affine)
+        net_shape, net_affine = f_shape, f_affine
     same = net_shape == shape and np.array_equal(net_affine, image.affine)
     m = field_vox_to_network_matrix(image.affine, net_affine, config.field_units)
     field_t = _apply_matrix(m, torch.from_numpy(np.ascontiguousarray(f)))
@@ -536,7 +547,7 @@ def to_network_grid(image: Volume, field_vox, mask: np.ndarray | None, config: N
     result = NetworkInput(tensor=torch.empty(0), mask=region_p[0].bool(), pad=pad, net_shape=tuple(net_shape),
                           net_affine=net_affine, input_shape=tuple(shape), input_affine=image.affine.copy(),
                           config=config, image_mean=mean, image_std=std, same_grid=same,
-                          field_scale=float(field_scale))
+                          field_scale=float(field_scale), framed=framed)
     if config.uses_keypoints:
         chans_p.append(keypoint_proximity(points_ras, field_p.shape[1:], result.padded_affine,
                                           config.keypoint_scale_mm)[None])

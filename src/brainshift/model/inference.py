@@ -149,6 +149,7 @@ def refine_field(image: Volume, init_field_vox, loaded: LoadedModel, *, mask=Non
                                         np.asarray(points_vox, np.float64).reshape(-1, 3), image.affine))
         if record is not None:
             record["field_scale"] = float(net_input.field_scale)
+            record["network_grid"] = net_input.grid_record()
         bar.update()
         bar.set_postfix_str(f"network {tuple(net_input.tensor.shape[2:])} on {dev}")
         out = predict(loaded.model, net_input, dev, mirror_average=use_mirror_average(loaded, mirror_average))

@@ -727,7 +727,8 @@ def safe_refine(image: Volume, points_vox: np.ndarray, disps_vox: np.ndarray, in
         split = _folds(pts @ a3.T, folds, min_per_fold, seed, fold_rule)
     alpha, beta = (1.0 if learnt_correction else 0.0), 1.0
     cv = {"folds": len(split), "n_keypoints": int(len(pts)), "fold_rule": fold_rule, **fold_record,
-          "field_scale": float(net_input.field_scale), "learnt_correction": bool(learnt_correction)}
+          "field_scale": float(net_input.field_scale), "learnt_correction": bool(learnt_correction),
+          "network_grid": net_input.grid_record()}
     kernels = CONSISTENCY_KERNELS if consistency else ("local",)
     kernel = "local"
     held_err0, held_dist, held_classical, held_raw, held_idx = [], [], [], [], []
