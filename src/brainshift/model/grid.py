@@ -4,14 +4,14 @@ Training (:mod:`brainshift.train`) and inference (:mod:`brainshift.model.inferen
 :func:`to_network_grid` / :func:`field_to_network_grid` / :func:`from_network_grid`, so the two can never
 diverge. Steps, in order:
 
-1. **Network grid**: the input grid's field of view at ``config.spacing_mm`` isotropic (cropped to the region's
-   bounding box plus :data:`FRAME_MARGIN_MM` where the field of view is larger: :func:`framed_network_grid`, so the
-   network sees the head framed as in training), its voxel axes reordered
+1. **Network grid**: the input grid's field of view at ``config.spacing_mm`` isotropic, its voxel axes reordered
    and flipped to run closest to R, A, S (:func:`nearest_ras_grid`, nibabel's ``io_orientation``; then
-   :func:`brainshift.volume.grid_with_spacing`), so the network sees the head as it was trained on it (RAS
-   grids) whether the image is stored RAS, LPS or in a sagittal axis order; an oblique grid keeps its rotation
-   (under 45 degrees from the nearest axes). When that grid equals the input grid (1 mm RAS input, 1 mm network)
-   nothing is resampled; a reordering alone is an exact permutation of the arrays.
+   :func:`brainshift.volume.grid_with_spacing`), and cropped to the region's bounding box plus
+   :data:`FRAME_MARGIN_MM` where the field of view is larger (:func:`framed_network_grid`): the network sees the
+   head as it was trained on it (RAS grids, 10-18 mm of background) whether the image is stored RAS, LPS or in a
+   sagittal axis order, and whatever its field of view. An oblique grid keeps its rotation from the nearest axes.
+   When that grid equals the input grid (1 mm RAS input, 1 mm network) nothing is resampled; a reordering alone is
+   an exact permutation of the arrays.
 2. **Field units**: the voxel-unit field of the input grid goes to world mm (``A_in @ u``, the convention),
    then into the network grid's axes (``A_net^-1``) and, for ``field_units="mm"``, times the network spacing:
    ``u_net = S A_net^-1 A_in u`` with ``S = diag(spacing)`` (mm) or the identity (voxel).
